@@ -1,0 +1,1 @@
+//! Simulated Flannel cluster for end-to-end tests.
