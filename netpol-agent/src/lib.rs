@@ -1,0 +1,12 @@
+//! netpol-agent: enforces Kubernetes NetworkPolicy on a Flannel node with TC eBPF programs.
+//!
+//! Data flow, one module per stage:
+//! sources ([`manifests`]) -> cluster state ([`model`]) -> pure policy compiler ([`compiler`], with
+//! [`selector`] and [`identity`]) -> datapath ([`datapath`]: maps and attachments, on the veths that
+//! [`discovery`] finds) -> counters -> observers ([`control`]: `status`).
+
+pub mod compiler;
+pub mod identity;
+pub mod manifests;
+pub mod model;
+pub mod selector;
