@@ -10,3 +10,4 @@ pub mod identity;
 pub mod manifests;
 pub mod model;
 pub mod selector;
+pub mod datapath;
