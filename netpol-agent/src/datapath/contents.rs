@@ -1,0 +1,150 @@
+//! What the policy maps hold, as plain data, and the ordered plan that turns one content into another.
+//!
+//! Pure: no syscalls, so the update order (the thing that keeps enforcement tight during a change) is
+//! unit-tested without root.
+
+use std::collections::BTreeMap;
+
+use netpol_common::{EndpointInfo, IpInfo, IpKey, PolicyKey, PolicyValue};
+
+/// The content of the four policy maps. Trie keys carry their prefix length in bits.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Contents {
+    pub endpoints: BTreeMap<u32, EndpointInfo>,
+    pub ipcache: BTreeMap<IpKey, IpInfo>,
+    pub cidrs: BTreeMap<(IpKey, u32), u32>,
+    pub policy: BTreeMap<(PolicyKey, u32), PolicyValue>,
+}
+
+/// Changes to one map: entries to write (new or changed) and keys to delete.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MapChanges<K, V> {
+    pub upserts: Vec<(K, V)>,
+    pub deletes: Vec<K>,
+}
+
+impl<K, V> MapChanges<K, V> {
+    fn is_empty(&self) -> bool {
+        self.upserts.is_empty() && self.deletes.is_empty()
+    }
+}
+
+fn diff<K: Ord + Clone, V: PartialEq + Clone>(
+    current: &BTreeMap<K, V>,
+    desired: &BTreeMap<K, V>,
+) -> MapChanges<K, V> {
+    let upserts = desired
+        .iter()
+        .filter(|(k, v)| current.get(*k) != Some(*v))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let deletes = current.keys().filter(|k| !desired.contains_key(*k)).cloned().collect();
+    MapChanges { upserts, deletes }
+}
+
+/// One step of a plan, in the order it must be applied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    PolicyUpserts,
+    CidrUpserts,
+    IpcacheUpserts,
+    EndpointUpserts,
+    EndpointDeletes,
+    CidrDeletes,
+    IpcacheDeletes,
+    PolicyDeletes,
+    BumpGeneration,
+}
+
+/// The order of a plan's steps. Allows are added before anything that can make them reachable
+/// (identities, isolation), and removed only after nothing points at them any more, so during an
+/// update a packet sees either the old or the new decision for every lookup: traffic that both the
+/// old and the new policy deny never passes. The generation bump comes last, so established flows
+/// are re-checked against the finished state.
+pub const STEP_ORDER: [Step; 9] = [
+    Step::PolicyUpserts,
+    Step::CidrUpserts,
+    Step::IpcacheUpserts,
+    Step::EndpointUpserts,
+    Step::EndpointDeletes,
+    Step::CidrDeletes,
+    Step::IpcacheDeletes,
+    Step::PolicyDeletes,
+    Step::BumpGeneration,
+];
+
+/// The changes that turn the current contents into the desired ones.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Plan {
+    pub endpoints: MapChanges<u32, EndpointInfo>,
+    pub ipcache: MapChanges<IpKey, IpInfo>,
+    pub cidrs: MapChanges<(IpKey, u32), u32>,
+    pub policy: MapChanges<(PolicyKey, u32), PolicyValue>,
+}
+
+impl Plan {
+    /// Computes the plan from `current` to `desired`.
+    pub fn new(current: &Contents, desired: &Contents) -> Self {
+        Plan {
+            endpoints: diff(&current.endpoints, &desired.endpoints),
+            ipcache: diff(&current.ipcache, &desired.ipcache),
+            cidrs: diff(&current.cidrs, &desired.cidrs),
+            policy: diff(&current.policy, &desired.policy),
+        }
+    }
+
+    /// True when nothing changes.
+    pub fn is_empty(&self) -> bool {
+        self.endpoints.is_empty() && self.ipcache.is_empty() && self.cidrs.is_empty() && self.policy.is_empty()
+    }
+
+    /// Number of entries written or deleted.
+    pub fn len(&self) -> usize {
+        fn n<K, V>(c: &MapChanges<K, V>) -> usize {
+            c.upserts.len() + c.deletes.len()
+        }
+        n(&self.endpoints) + n(&self.ipcache) + n(&self.cidrs) + n(&self.policy)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use netpol_common::endpoint_flags::ISOLATED_INGRESS;
+
+    fn key(endpoint: u32, identity: u32) -> (PolicyKey, u32) {
+        (PolicyKey { endpoint, identity, direction: 0, protocol: 6, port_be: 80u16.to_be_bytes() }, 96)
+    }
+
+    #[test]
+    fn diff_finds_new_changed_and_removed() {
+        let mut current = Contents::default();
+        current.policy.insert(key(1, 300), PolicyValue { policy: 1, _pad: 0 });
+        current.policy.insert(key(1, 301), PolicyValue { policy: 1, _pad: 0 });
+        current.endpoints.insert(1, EndpointInfo::default());
+        let mut desired = current.clone();
+        desired.policy.remove(&key(1, 301));
+        desired.policy.insert(key(1, 302), PolicyValue { policy: 2, _pad: 0 });
+        desired.endpoints.insert(1, EndpointInfo { flags: ISOLATED_INGRESS, _pad: 0 });
+
+        let plan = Plan::new(&current, &desired);
+        assert_eq!(plan.policy.upserts, vec![(key(1, 302), PolicyValue { policy: 2, _pad: 0 })]);
+        assert_eq!(plan.policy.deletes, vec![key(1, 301)]);
+        assert_eq!(plan.endpoints.upserts.len(), 1);
+        assert!(plan.endpoints.deletes.is_empty());
+        assert_eq!(plan.len(), 3);
+        assert!(Plan::new(&desired, &desired).is_empty());
+    }
+
+    #[test]
+    fn allows_are_added_first_and_removed_last() {
+        let pos = |s| STEP_ORDER.iter().position(|x| *x == s).unwrap_or(usize::MAX);
+        for s in [Step::CidrUpserts, Step::IpcacheUpserts, Step::EndpointUpserts] {
+            assert!(pos(Step::PolicyUpserts) < pos(s), "{s:?} before policy upserts");
+        }
+        for s in [Step::EndpointDeletes, Step::CidrDeletes, Step::IpcacheDeletes] {
+            assert!(pos(s) < pos(Step::PolicyDeletes), "{s:?} after policy deletes");
+        }
+        assert_eq!(STEP_ORDER.last(), Some(&Step::BumpGeneration));
+    }
+}
