@@ -11,3 +11,4 @@ pub mod manifests;
 pub mod model;
 pub mod selector;
 pub mod datapath;
+pub mod discovery;

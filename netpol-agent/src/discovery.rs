@@ -1,0 +1,215 @@
+//! Finds the local pods' host-side veths from the kernel itself, over rtnetlink.
+//!
+//! A pod veth is a `veth` whose peer lives in another network namespace. Its peer's addresses are read
+//! with an `RTM_GETADDR` dump targeted at the peer's namespace (`IFA_TARGET_NETNSID`, Linux 4.20+),
+//! so the agent never has to enter pod namespaces or know where containerd mounted them. The
+//! agent matches those addresses with the pods the cluster state puts on this node; a veth that
+//! matches no local pod is never touched.
+
+use std::{
+    collections::HashMap,
+    io,
+    net::IpAddr,
+};
+
+use netlink_packet_core::{NLM_F_DUMP, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload};
+use netlink_packet_route::{
+    RouteNetlinkMessage,
+    address::{AddressAttribute, AddressMessage},
+    link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage},
+};
+use netlink_packet_utils::nla::DefaultNla;
+use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
+use thiserror::Error;
+
+/// `IFA_TARGET_NETNSID` from `linux/if_addr.h` (netlink-packet-route has no variant for it).
+const IFA_TARGET_NETNSID: u16 = 10;
+
+/// Errors of discovery.
+#[derive(Debug, Error)]
+pub enum DiscoveryError {
+    #[error("rtnetlink socket")]
+    Socket(#[source] io::Error),
+    #[error("rtnetlink {what} dump")]
+    Dump {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("decoding an rtnetlink {what} message: {message}")]
+    Decode { what: &'static str, message: String },
+}
+
+/// A veth in the agent's namespace whose peer is in another namespace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodVeth {
+    pub ifindex: u32,
+    pub name: String,
+    /// The peer's namespace, as an nsid of the agent's namespace.
+    pub peer_netnsid: i32,
+    pub peer_ifindex: u32,
+    /// Addresses on the peer (the pod's `eth0`), link-local ones excluded.
+    pub peer_addrs: Vec<IpAddr>,
+}
+
+/// What the node looks like now.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeView {
+    pub veths: Vec<PodVeth>,
+    /// The node's own addresses (every interface of the agent's namespace): traffic from them to a
+    /// local pod is the node's (kubelet probes) and always allowed.
+    pub host_addrs: Vec<IpAddr>,
+}
+
+/// An rtnetlink client with a cache of peer addresses.
+pub struct Discovery {
+    socket: Socket,
+    seq: u32,
+    /// Peer addresses by (ifindex, nsid, peer ifindex): a pod's address does not change while its
+    /// veth lives, so only new veths cost a dump. Empty results are not cached (CNI may not have
+    /// configured the address yet).
+    peer_cache: HashMap<(u32, i32, u32), Vec<IpAddr>>,
+}
+
+impl Discovery {
+    /// Opens an rtnetlink socket in the current network namespace, with strict checking on (needed
+    /// for the kernel to honour `IFA_TARGET_NETNSID` and the ifindex filter of address dumps).
+    pub fn new() -> Result<Self, DiscoveryError> {
+        let mut socket = Socket::new(NETLINK_ROUTE).map_err(DiscoveryError::Socket)?;
+        socket.bind_auto().map_err(DiscoveryError::Socket)?;
+        socket.connect(&SocketAddr::new(0, 0)).map_err(DiscoveryError::Socket)?;
+        socket.set_netlink_get_strict_chk(true).map_err(DiscoveryError::Socket)?;
+        Ok(Discovery { socket, seq: 0, peer_cache: HashMap::new() })
+    }
+
+    /// Reads the pod veths and the node's addresses.
+    pub fn scan(&mut self) -> Result<NodeView, DiscoveryError> {
+        let links = self.dump("link", RouteNetlinkMessage::GetLink(LinkMessage::default()))?;
+        let mut veths = Vec::new();
+        for msg in links {
+            let RouteNetlinkMessage::NewLink(link) = msg else { continue };
+            if let Some(v) = pod_veth_of(&link) {
+                veths.push(v);
+            }
+        }
+        let mut live = HashMap::new();
+        for v in &mut veths {
+            let key = (v.ifindex, v.peer_netnsid, v.peer_ifindex);
+            let addrs = match self.peer_cache.get(&key) {
+                Some(a) => a.clone(),
+                None => self.addresses(Some(v.peer_netnsid), Some(v.peer_ifindex))?,
+            };
+            if !addrs.is_empty() {
+                live.insert(key, addrs.clone());
+            }
+            v.peer_addrs = addrs;
+        }
+        self.peer_cache = live;
+        let host_addrs = self.addresses(None, None)?;
+        Ok(NodeView { veths, host_addrs })
+    }
+
+    /// Addresses in the namespace `netnsid` (or our own), of one interface (or all). Link-local IPv6
+    /// addresses are left out: they are not pod or node identities.
+    fn addresses(&mut self, netnsid: Option<i32>, ifindex: Option<u32>) -> Result<Vec<IpAddr>, DiscoveryError> {
+        let mut msg = AddressMessage::default();
+        if let Some(index) = ifindex {
+            msg.header.index = index;
+        }
+        if let Some(id) = netnsid {
+            msg.attributes.push(AddressAttribute::Other(DefaultNla::new(IFA_TARGET_NETNSID, id.to_ne_bytes().to_vec())));
+        }
+        let replies = self.dump("address", RouteNetlinkMessage::GetAddress(msg))?;
+        let mut addrs = Vec::new();
+        for reply in replies {
+            let RouteNetlinkMessage::NewAddress(a) = reply else { continue };
+            if ifindex.is_some_and(|i| a.header.index != i) {
+                continue;
+            }
+            for attr in &a.attributes {
+                if let AddressAttribute::Address(ip) = attr
+                    && !is_link_local(ip)
+                    && !addrs.contains(ip)
+                {
+                    addrs.push(*ip);
+                }
+            }
+        }
+        addrs.sort();
+        Ok(addrs)
+    }
+
+    fn dump(&mut self, what: &'static str, message: RouteNetlinkMessage) -> Result<Vec<RouteNetlinkMessage>, DiscoveryError> {
+        let mut req = NetlinkMessage::from(message);
+        req.header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+        self.seq = self.seq.wrapping_add(1);
+        req.header.sequence_number = self.seq;
+        req.finalize();
+        let mut buf = vec![0u8; req.buffer_len()];
+        req.serialize(&mut buf);
+        let io_err = |source| DiscoveryError::Dump { what, source };
+        self.socket.send(&buf, 0).map_err(io_err)?;
+        let mut out = Vec::new();
+        loop {
+            let (data, _) = self.socket.recv_from_full().map_err(io_err)?;
+            let mut offset = 0;
+            while offset < data.len() {
+                let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&data[offset..])
+                    .map_err(|e| DiscoveryError::Decode { what, message: e.to_string() })?;
+                let len = msg.header.length as usize;
+                if msg.header.sequence_number == self.seq {
+                    match msg.payload {
+                        NetlinkPayload::Done(_) => return Ok(out),
+                        NetlinkPayload::Error(e) => {
+                            if let Some(code) = e.code {
+                                return Err(io_err(io::Error::from_raw_os_error(-code.get())));
+                            }
+                        }
+                        NetlinkPayload::InnerMessage(m) => out.push(m),
+                        _ => {}
+                    }
+                }
+                if len == 0 {
+                    break;
+                }
+                offset += len;
+            }
+        }
+    }
+}
+
+fn is_link_local(ip: &IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_link_local(),
+        IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) == 0xfe80,
+    }
+}
+
+/// The veth description of a link message, when it is a veth with its peer in another namespace.
+fn pod_veth_of(link: &LinkMessage) -> Option<PodVeth> {
+    let mut name = None;
+    let mut is_veth = false;
+    let mut netnsid = None;
+    let mut peer = None;
+    for attr in &link.attributes {
+        match attr {
+            LinkAttribute::IfName(n) => name = Some(n.clone()),
+            LinkAttribute::LinkInfo(infos) => {
+                is_veth = infos.iter().any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth)));
+            }
+            LinkAttribute::LinkNetNsId(id) => netnsid = Some(*id),
+            LinkAttribute::Link(index) => peer = Some(*index),
+            _ => {}
+        }
+    }
+    if !is_veth {
+        return None;
+    }
+    Some(PodVeth {
+        ifindex: link.header.index,
+        name: name?,
+        peer_netnsid: netnsid?,
+        peer_ifindex: peer?,
+        peer_addrs: Vec::new(),
+    })
+}
