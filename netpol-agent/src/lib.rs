@@ -12,3 +12,4 @@ pub mod model;
 pub mod selector;
 pub mod datapath;
 pub mod discovery;
+pub mod control;

@@ -1,0 +1,310 @@
+//! The `run` loop: source -> cluster state -> compiler -> datapath, re-run on every change.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs::File,
+    net::IpAddr,
+    os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context as _, bail};
+use netpol_common::endpoint_flags;
+use notify::Watcher as _;
+use tokio::{net::UnixListener, signal::unix::SignalKind, sync::mpsc};
+
+use crate::{
+    compiler::{self, CompileInput, Compiled},
+    control::{self, EndpointStatus, MapStatus, SharedStatus, Status},
+    datapath::{Contents, Datapath, PinLayout},
+    discovery::{Discovery, NodeView},
+    manifests::ManifestSource,
+    model::{ClusterState, PodKey},
+};
+
+/// How often the node's veths are re-read: pods appear and disappear without any event in the
+/// manifest directory.
+const RESCAN_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Settings of `netpol-agent run`.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub node_name: String,
+    pub manifests: PathBuf,
+    pub layout: PinLayout,
+    pub state_dir: PathBuf,
+}
+
+/// Takes an exclusive `flock` on a directory, so two agents can never share a pin or state directory.
+fn lock_dir(path: &Path, what: &str) -> anyhow::Result<File> {
+    let dir = File::open(path).with_context(|| format!("opening {what} {}", path.display()))?;
+    // SAFETY: flock on a valid, owned file descriptor.
+    let rc = unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        bail!("{what} {} is in use by another netpol-agent (pick another directory or stop that agent)", path.display());
+    }
+    Ok(dir)
+}
+
+fn check_kernel() -> anyhow::Result<()> {
+    let v = aya::util::KernelVersion::current().context("reading the kernel version")?;
+    if v < aya::util::KernelVersion::new(6, 6, 0) {
+        bail!("kernel {v:?} has no TCX (needs Linux 6.6 or newer): netpol-agent cannot attach its programs");
+    }
+    Ok(())
+}
+
+/// Runs the agent until SIGTERM or SIGINT. Enforcement stays in place when it returns.
+pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
+    // Everything that can fail on bad settings fails before anything is attached.
+    check_kernel()?;
+    let mut source = ManifestSource::default();
+    let state = source
+        .load(&cfg.manifests)
+        .with_context(|| format!("reading the manifest directory {}", cfg.manifests.display()))?;
+    std::fs::create_dir_all(&cfg.state_dir)
+        .with_context(|| format!("creating the state directory {}", cfg.state_dir.display()))?;
+    let _state_lock = lock_dir(&cfg.state_dir, "state directory")?;
+    cfg.layout.prepare().with_context(|| format!("preparing the pin directory {}", cfg.layout.root().display()))?;
+    let _pin_lock = lock_dir(cfg.layout.root(), "pin directory")?;
+    let datapath = Datapath::open(cfg.layout.clone()).context("loading the datapath")?;
+    let discovery = Discovery::new().context("opening rtnetlink")?;
+
+    let socket = control::socket_path(&cfg.state_dir);
+    let _ = std::fs::remove_file(&socket);
+    let listener = UnixListener::bind(&socket).with_context(|| format!("binding {}", socket.display()))?;
+    let status: SharedStatus = Arc::new(Mutex::new(Status {
+        node: cfg.node_name.clone(),
+        pin_dir: cfg.layout.root().display().to_string(),
+        source: format!("manifests:{}", cfg.manifests.display()),
+        ..Status::default()
+    }));
+    let server = tokio::spawn(control::serve(listener, status.clone()));
+
+    let (tx, mut changes) = mpsc::unbounded_channel();
+    let mut watcher = notify::recommended_watcher(move |_event| {
+        let _ = tx.send(());
+    })
+    .context("creating the manifest directory watcher")?;
+    watcher
+        .watch(&cfg.manifests, notify::RecursiveMode::NonRecursive)
+        .with_context(|| format!("watching {}", cfg.manifests.display()))?;
+
+    tracing::info!(node = %cfg.node_name, manifests = %cfg.manifests.display(), pin_dir = %cfg.layout.root().display(), "agent started");
+    let mut sync = Sync::new(cfg.clone(), datapath, discovery, status, state);
+    let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut tick = tokio::time::interval(RESCAN_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => sync.reconcile(),
+            Some(()) = changes.recv() => {
+                while changes.try_recv().is_ok() {}
+                sync.reload(&mut source);
+                sync.reconcile();
+            }
+            _ = sigterm.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+        }
+    }
+    server.abort();
+    let _ = std::fs::remove_file(&socket);
+    tracing::info!("agent stopped; the last programmed policy stays enforced");
+    Ok(())
+}
+
+/// The state of the sync loop.
+struct Sync {
+    cfg: AgentConfig,
+    datapath: Datapath,
+    discovery: Discovery,
+    status: SharedStatus,
+    state: ClusterState,
+    state_changed: bool,
+    last_view: Option<NodeView>,
+    /// Veths this process has attached (or adopted) its programs on.
+    attached: BTreeMap<u32, String>,
+    last_errors: Vec<String>,
+}
+
+impl Sync {
+    fn new(cfg: AgentConfig, datapath: Datapath, discovery: Discovery, status: SharedStatus, state: ClusterState) -> Self {
+        Sync {
+            cfg,
+            datapath,
+            discovery,
+            status,
+            state,
+            state_changed: true,
+            last_view: None,
+            attached: BTreeMap::new(),
+            last_errors: Vec::new(),
+        }
+    }
+
+    fn reload(&mut self, source: &mut ManifestSource) {
+        match source.load(&self.cfg.manifests) {
+            Ok(state) => {
+                if state != self.state {
+                    self.state = state;
+                    self.state_changed = true;
+                }
+            }
+            Err(e) => {
+                // The directory went away or became unreadable: keep enforcing the last state.
+                self.report_errors(vec![format!("manifest directory: {e:#}")]);
+            }
+        }
+    }
+
+    fn reconcile(&mut self) {
+        let view = match self.discovery.scan() {
+            Ok(v) => v,
+            Err(e) => {
+                self.report_errors(vec![format!("discovery: {e:#}")]);
+                return;
+            }
+        };
+        if !self.state_changed && self.last_view.as_ref() == Some(&view) {
+            return;
+        }
+        self.state_changed = false;
+        let endpoints = match_endpoints(&self.state, &self.cfg.node_name, &view);
+        let compiled = compiler::compile(&CompileInput {
+            state: &self.state,
+            node_name: &self.cfg.node_name,
+            endpoints: &endpoints,
+            host_addrs: &view.host_addrs,
+        });
+        let mut errors: Vec<String> = self.state.errors.iter().map(|e| e.to_string()).collect();
+        errors.extend(compiled.errors.iter().map(|e| e.to_string()));
+
+        let wanted: BTreeMap<u32, &str> = view
+            .veths
+            .iter()
+            .filter(|v| endpoints.values().any(|i| *i == v.ifindex))
+            .map(|v| (v.ifindex, v.name.as_str()))
+            .collect();
+        // Detach first: a veth that stops being an endpoint loses its programs before its entry.
+        let stale: BTreeSet<u32> = self
+            .datapath
+            .pinned_links()
+            .into_iter()
+            .map(|(ifindex, _)| ifindex)
+            .chain(self.attached.keys().copied())
+            .filter(|i| !wanted.contains_key(i))
+            .collect();
+        for ifindex in stale {
+            match self.datapath.detach(ifindex) {
+                Ok(()) => {
+                    let ifname = self.attached.remove(&ifindex).unwrap_or_default();
+                    tracing::info!(ifindex, ifname, "detached from veth");
+                }
+                Err(e) => errors.push(format!("detach ifindex {ifindex}: {e:#}")),
+            }
+        }
+        let before = self.datapath.generation();
+        let write_errors = self.datapath.apply(&contents_of(&compiled));
+        errors.extend(write_errors.iter().map(|w| format!("map {} write failed: {}", w.map, w.error)));
+        if self.datapath.generation() != before {
+            tracing::info!(
+                generation = self.datapath.generation(),
+                endpoints = compiled.endpoints.len(),
+                policy_entries = self.datapath.contents().policy.len(),
+                "datapath updated"
+            );
+        }
+        for (ifindex, ifname) in &wanted {
+            if self.attached.contains_key(ifindex) {
+                continue;
+            }
+            match self.datapath.attach(*ifindex, ifname) {
+                Ok(()) => {
+                    tracing::info!(ifindex, ifname, "attached to veth");
+                    self.attached.insert(*ifindex, (*ifname).to_owned());
+                }
+                Err(e) => errors.push(format!("{e:#}")),
+            }
+        }
+        self.publish(&view, &endpoints, &compiled);
+        self.report_errors(errors);
+        self.last_view = Some(view);
+    }
+
+    fn report_errors(&mut self, errors: Vec<String>) {
+        if errors != self.last_errors {
+            for e in errors.iter().filter(|e| !self.last_errors.contains(e)) {
+                tracing::error!(error = %e, "problem");
+            }
+            if errors.is_empty() {
+                tracing::info!("all problems resolved");
+            }
+            self.last_errors = errors.clone();
+        }
+        if let Ok(mut s) = self.status.lock() {
+            s.errors = errors;
+        }
+    }
+
+    fn publish(&self, view: &NodeView, endpoints: &BTreeMap<PodKey, u32>, compiled: &Compiled) {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let eps = endpoints
+            .iter()
+            .map(|(pod, ifindex)| {
+                let veth = view.veths.iter().find(|v| v.ifindex == *ifindex);
+                let flags = compiled.endpoints.get(ifindex).map(|e| e.flags).unwrap_or(0);
+                EndpointStatus {
+                    pod: pod.to_string(),
+                    ifname: veth.map(|v| v.name.clone()).unwrap_or_default(),
+                    ifindex: *ifindex,
+                    ips: veth.map(|v| v.peer_addrs.iter().map(|a| a.to_string()).collect()).unwrap_or_default(),
+                    isolated_ingress: flags & endpoint_flags::ISOLATED_INGRESS != 0,
+                    isolated_egress: flags & endpoint_flags::ISOLATED_EGRESS != 0,
+                    attached: self.attached.contains_key(ifindex),
+                }
+            })
+            .collect();
+        let Ok(mut s) = self.status.lock() else { return };
+        s.ready = true;
+        s.last_sync_unix = Some(now);
+        s.generation = self.datapath.generation();
+        s.policies = self.state.policies.len();
+        s.pods = self.state.pods.len();
+        s.namespaces = self.state.namespaces.len();
+        s.endpoints = eps;
+        s.maps = self
+            .datapath
+            .usage()
+            .into_iter()
+            .map(|u| MapStatus { name: u.name.to_owned(), entries: u.entries, capacity: u.capacity })
+            .collect();
+        s.counters = self.datapath.counters().into_iter().map(|(r, n)| (r.name().to_owned(), n)).collect();
+    }
+}
+
+/// The local pods that have a veth here: a pod of this node whose address is on a veth's peer.
+pub fn match_endpoints(state: &ClusterState, node_name: &str, view: &NodeView) -> BTreeMap<PodKey, u32> {
+    let by_ip: BTreeMap<IpAddr, &PodKey> = state
+        .pods
+        .values()
+        .filter(|p| p.node_name.as_deref() == Some(node_name) && p.is_policy_peer())
+        .flat_map(|p| p.ips.iter().map(move |ip| (*ip, &p.key)))
+        .collect();
+    let mut endpoints = BTreeMap::new();
+    for veth in &view.veths {
+        if let Some(pod) = veth.peer_addrs.iter().find_map(|a| by_ip.get(a)) {
+            endpoints.entry((*pod).clone()).or_insert(veth.ifindex);
+        }
+    }
+    endpoints
+}
+
+fn contents_of(compiled: &Compiled) -> Contents {
+    Contents {
+        endpoints: compiled.endpoints.clone(),
+        ipcache: compiled.ipcache.clone(),
+        cidrs: compiled.cidrs.clone(),
+        policy: compiled.policy.clone(),
+    }
+}
