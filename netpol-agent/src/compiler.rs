@@ -1,1 +1,818 @@
-//! TODO
+//! The policy compiler: a pure function from cluster state to the contents of the datapath maps.
+//!
+//! Kubernetes NetworkPolicy v1 semantics: a pod is isolated in a direction when a policy of its
+//! namespace selects it with that policy type; what an isolated pod may do is the union of the
+//! matching rules of every policy that selects it. Peers become identities ([`crate::identity`]);
+//! the datapath looks up a packet's peer identity (from IPCACHE), the identity of the longest CIDR
+//! prefix containing the peer address (from CIDRS), and [`identity::ANY`], each against POLICY.
+//!
+//! Fail closed: a policy with any invalid field allows nothing but still isolates what it selects.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use k8s_openapi::api::networking::v1::{IPBlock, NetworkPolicyPeer, NetworkPolicyPort};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use netpol_common::{
+    Direction, EndpointInfo, IpInfo, IpKey, POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTOCOL,
+    POLICY_PREFIX_FULL, PolicyKey, PolicyValue, endpoint_flags, identity,
+};
+
+use crate::identity::{Identities, PodIdentityKey, Prefix, fnv1a32};
+use crate::model::{ClusterState, Origin, Pod, PodKey, Policy, Protocol};
+use crate::selector::Selector;
+
+/// What the compiler needs besides the cluster state.
+#[derive(Clone, Copy, Debug)]
+pub struct CompileInput<'a> {
+    pub state: &'a ClusterState,
+    /// This node's name, as in `spec.nodeName`.
+    pub node_name: &'a str,
+    /// The local pods that have a datapath endpoint, with its id (the host veth's ifindex).
+    pub endpoints: &'a BTreeMap<PodKey, u32>,
+    /// The node's own addresses: traffic from them is the kubelet's and always reaches local pods.
+    pub host_addrs: &'a [IpAddr],
+}
+
+/// A problem with one policy. The policy then allows nothing (see the module docs).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("NetworkPolicy {policy} ({origin}): {field}: {reason}")]
+pub struct CompileError {
+    pub policy: PodKey,
+    pub origin: Origin,
+    /// Path of the offending field, such as `spec.ingress[0].from[1].ipBlock.cidr`.
+    pub field: String,
+    pub reason: String,
+}
+
+/// Counts for logs and `status`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Policies in the state.
+    pub policies: usize,
+    /// Policies with at least one error.
+    pub invalid_policies: usize,
+    pub pod_identities: usize,
+    pub cidr_identities: usize,
+    /// Endpoints compiled (every entry of [`CompileInput::endpoints`]).
+    pub endpoints: usize,
+    /// Endpoints whose pod is not in the state: isolated by every policy of their namespace.
+    pub unknown_endpoints: usize,
+    /// Peer pods on this node (by `spec.nodeName`) without an endpoint yet.
+    pub local_pods_without_endpoint: usize,
+    pub isolated_ingress: usize,
+    pub isolated_egress: usize,
+    pub policy_entries: usize,
+}
+
+/// The desired contents of the datapath maps.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Compiled {
+    /// ENDPOINTS: every endpoint of the input, with its isolation flags.
+    pub endpoints: BTreeMap<u32, EndpointInfo>,
+    /// IPCACHE: every peer pod address of the cluster, and the node's addresses as [`identity::HOST`].
+    pub ipcache: BTreeMap<IpKey, IpInfo>,
+    /// CIDRS: (network, prefix length in [`IpKey`] bits) -> identity.
+    pub cidrs: BTreeMap<(IpKey, u32), u32>,
+    /// POLICY: (key, prefix length in bits) -> value.
+    pub policy: BTreeMap<(PolicyKey, u32), PolicyValue>,
+    pub errors: Vec<CompileError>,
+    /// The identities behind the numbers, for observability.
+    pub identities: Identities,
+    pub stats: Stats,
+}
+
+/// The [`IpKey`] of an address (IPv4 as IPv4-mapped).
+pub fn ip_key(addr: IpAddr) -> IpKey {
+    match addr {
+        IpAddr::V4(v4) => IpKey::from_v4(v4.octets()),
+        IpAddr::V6(v6) => IpKey { addr: v6.octets() },
+    }
+}
+
+/// The id stored in [`PolicyValue::policy`] for the policy `key`.
+pub fn policy_id(key: &PodKey) -> u32 {
+    fnv1a32(key.to_string().as_bytes())
+}
+
+/// The fewest aligned port blocks covering `lo..=hi`, as (first port, POLICY prefix length): a block
+/// of 2^k ports is a prefix of [`POLICY_PREFIX_FULL`] - k bits, since the port is big-endian last.
+pub fn port_range_prefixes(lo: u16, hi: u16) -> Vec<(u16, u32)> {
+    let (mut lo, hi) = (u32::from(lo), u32::from(hi));
+    let mut out = Vec::new();
+    while lo <= hi {
+        let mut k = lo.trailing_zeros().min(16);
+        while lo + (1 << k) - 1 > hi {
+            k -= 1;
+        }
+        out.push((lo as u16, POLICY_PREFIX_FULL - k));
+        lo += 1 << k;
+    }
+    out
+}
+
+impl Compiled {
+    /// A userspace model of the datapath's policy lookup, for tests and diagnostics: would a new
+    /// connection between the local `endpoint` and `peer` (the source for ingress, the destination for
+    /// egress) to destination `port` be allowed? Conntrack is not modelled.
+    ///
+    /// Unknown endpoints are denied; a direction the endpoint is not isolated in is allowed; at
+    /// ingress the node itself ([`identity::HOST`]) is allowed; otherwise the peer's IPCACHE identity,
+    /// its longest-prefix CIDR identity and [`identity::ANY`] are each looked up, longest prefix
+    /// first, in POLICY.
+    pub fn allows(
+        &self,
+        endpoint: u32,
+        peer: IpAddr,
+        direction: Direction,
+        protocol: u8,
+        port: u16,
+    ) -> bool {
+        let Some(info) = self.endpoints.get(&endpoint) else {
+            return false;
+        };
+        let flag = match direction {
+            Direction::Ingress => endpoint_flags::ISOLATED_INGRESS,
+            Direction::Egress => endpoint_flags::ISOLATED_EGRESS,
+        };
+        if info.flags & flag == 0 {
+            return true;
+        }
+        let peer = ip_key(peer);
+        let pod_identity = self.ipcache.get(&peer).map(|i| i.identity);
+        if direction == Direction::Ingress && pod_identity == Some(identity::HOST) {
+            return true;
+        }
+        let cidr_identity = self
+            .cidrs
+            .iter()
+            .filter(|((net, len), _)| Prefix::new(*net, *len).contains(&Prefix::host(peer)))
+            .max_by_key(|((_, len), _)| *len)
+            .map(|(_, id)| *id);
+        [pod_identity, cidr_identity, Some(identity::ANY)]
+            .into_iter()
+            .flatten()
+            .any(|identity| {
+                let key = PolicyKey {
+                    endpoint,
+                    identity,
+                    direction: direction as u8,
+                    protocol,
+                    port_be: port.to_be_bytes(),
+                };
+                self.policy_lookup(&key).is_some()
+            })
+    }
+
+    /// Longest-prefix match of a full key in POLICY, as the kernel's LPM trie does it.
+    pub fn policy_lookup(&self, key: &PolicyKey) -> Option<&PolicyValue> {
+        let bytes = policy_key_bytes(key);
+        self.policy
+            .iter()
+            .filter(|((k, len), _)| prefix_eq(&policy_key_bytes(k), &bytes, *len))
+            .max_by_key(|((_, len), _)| *len)
+            .map(|(_, v)| v)
+    }
+}
+
+/// The key's bytes in memory order, which is what the trie compares.
+fn policy_key_bytes(k: &PolicyKey) -> [u8; 12] {
+    let mut out = [0u8; 12];
+    out[0..4].copy_from_slice(&k.endpoint.to_ne_bytes());
+    out[4..8].copy_from_slice(&k.identity.to_ne_bytes());
+    out[8] = k.direction;
+    out[9] = k.protocol;
+    out[10..12].copy_from_slice(&k.port_be);
+    out
+}
+
+fn prefix_eq(a: &[u8], b: &[u8], bits: u32) -> bool {
+    (0..bits as usize).all(|i| {
+        let mask = 0x80u8 >> (i % 8);
+        a[i / 8] & mask == b[i / 8] & mask
+    })
+}
+
+/// Which namespaces a pod peer may be in.
+#[derive(Clone, Debug)]
+enum NamespaceMatch {
+    /// The policy's own namespace (no `namespaceSelector`).
+    Same,
+    Selector(Selector),
+}
+
+/// One validated element of `from` / `to`.
+#[derive(Clone, Debug)]
+enum Peer {
+    Pods {
+        namespaces: NamespaceMatch,
+        pods: Selector,
+    },
+    IpBlock {
+        cidr: Prefix,
+        except: Vec<Prefix>,
+    },
+}
+
+/// One validated element of `ports`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum PortMatch {
+    /// No `ports`: every protocol and port.
+    AnyProtocol,
+    /// A protocol without a port.
+    AnyPort(Protocol),
+    /// `port` alone (`lo == hi`) or `port..=endPort`.
+    Range(Protocol, u16, u16),
+    /// A container port name, resolved against the pod receiving the connection.
+    Named(Protocol, String),
+}
+
+/// A validated rule. `peers: None` means every peer.
+#[derive(Clone, Debug)]
+struct Rule {
+    direction: Direction,
+    peers: Option<Vec<Peer>>,
+    ports: Vec<PortMatch>,
+}
+
+/// A validated policy.
+#[derive(Clone, Debug)]
+struct ParsedPolicy<'a> {
+    policy: &'a Policy,
+    id: u32,
+    /// `None` when the pod selector is invalid: the policy then isolates its whole namespace.
+    selector: Option<Selector>,
+    ingress: bool,
+    egress: bool,
+    /// Empty when the policy has an error.
+    rules: Vec<Rule>,
+    valid: bool,
+}
+
+impl ParsedPolicy<'_> {
+    fn isolates(&self, direction: Direction) -> bool {
+        match direction {
+            Direction::Ingress => self.ingress,
+            Direction::Egress => self.egress,
+        }
+    }
+}
+
+/// Collects the errors of one policy.
+struct Errors<'a> {
+    policy: &'a Policy,
+    out: Vec<CompileError>,
+}
+
+impl Errors<'_> {
+    fn push(&mut self, field: impl Into<String>, reason: impl Into<String>) {
+        self.out.push(CompileError {
+            policy: self.policy.key.clone(),
+            origin: self.policy.origin.clone(),
+            field: field.into(),
+            reason: reason.into(),
+        });
+    }
+}
+
+fn parse_policy(policy: &Policy) -> (ParsedPolicy<'_>, Vec<CompileError>) {
+    let mut errs = Errors {
+        policy,
+        out: Vec::new(),
+    };
+    let spec = &policy.spec;
+    let selector = match &spec.pod_selector {
+        None => Some(Selector::everything()),
+        Some(s) => match Selector::parse(s, "spec.podSelector") {
+            Ok(s) => Some(s),
+            Err(e) => {
+                errs.push(e.field, e.reason);
+                None
+            }
+        },
+    };
+
+    let (mut ingress, mut egress) = (false, false);
+    match &spec.policy_types {
+        Some(types) if !types.is_empty() => {
+            for (i, t) in types.iter().enumerate() {
+                match t.as_str() {
+                    "Ingress" => ingress = true,
+                    "Egress" => egress = true,
+                    other => {
+                        errs.push(
+                            format!("spec.policyTypes[{i}]"),
+                            format!("unknown policy type {other:?} (expected Ingress or Egress)"),
+                        );
+                        // Not knowing what was meant, isolate both ways.
+                        ingress = true;
+                        egress = true;
+                    }
+                }
+            }
+        }
+        _ => {
+            ingress = true;
+            egress = spec.egress.is_some();
+        }
+    }
+
+    // Every rule is validated, also those of a direction the policy types leave out: the API server
+    // would reject the whole object, so the policy must not half-apply.
+    let mut rules = Vec::new();
+    for (i, rule) in spec.ingress.iter().flatten().enumerate() {
+        let field = format!("spec.ingress[{i}]");
+        rules.push(Rule {
+            direction: Direction::Ingress,
+            peers: parse_peers(rule.from.as_deref(), &format!("{field}.from"), &mut errs),
+            ports: parse_ports(rule.ports.as_deref(), &format!("{field}.ports"), &mut errs),
+        });
+    }
+    for (i, rule) in spec.egress.iter().flatten().enumerate() {
+        let field = format!("spec.egress[{i}]");
+        rules.push(Rule {
+            direction: Direction::Egress,
+            peers: parse_peers(rule.to.as_deref(), &format!("{field}.to"), &mut errs),
+            ports: parse_ports(rule.ports.as_deref(), &format!("{field}.ports"), &mut errs),
+        });
+    }
+    let valid = errs.out.is_empty();
+    if !valid {
+        rules.clear();
+    }
+    let parsed = ParsedPolicy {
+        policy,
+        id: policy_id(&policy.key),
+        selector,
+        ingress,
+        egress,
+        rules,
+        valid,
+    };
+    (parsed, errs.out)
+}
+
+fn parse_peers(
+    peers: Option<&[NetworkPolicyPeer]>,
+    field: &str,
+    errs: &mut Errors<'_>,
+) -> Option<Vec<Peer>> {
+    let peers = peers.filter(|p| !p.is_empty())?;
+    let mut out = Vec::new();
+    for (i, peer) in peers.iter().enumerate() {
+        let field = format!("{field}[{i}]");
+        match (&peer.pod_selector, &peer.namespace_selector, &peer.ip_block) {
+            (None, None, None) => errs.push(
+                field,
+                "must specify podSelector, namespaceSelector or ipBlock",
+            ),
+            (None, None, Some(block)) => {
+                if let Some(peer) = parse_ip_block(block, &format!("{field}.ipBlock"), errs) {
+                    out.push(peer);
+                }
+            }
+            (_, _, Some(_)) => errs.push(
+                format!("{field}.ipBlock"),
+                "ipBlock cannot be combined with podSelector or namespaceSelector",
+            ),
+            (pods, namespaces, None) => {
+                let mut parse =
+                    |sel, name: &str| match Selector::parse(sel, &format!("{field}.{name}")) {
+                        Ok(s) => Some(s),
+                        Err(e) => {
+                            errs.push(e.field, e.reason);
+                            None
+                        }
+                    };
+                let pods = match pods {
+                    Some(sel) => parse(sel, "podSelector"),
+                    None => Some(Selector::everything()),
+                };
+                let namespaces = match namespaces {
+                    Some(sel) => parse(sel, "namespaceSelector").map(NamespaceMatch::Selector),
+                    None => Some(NamespaceMatch::Same),
+                };
+                if let (Some(pods), Some(namespaces)) = (pods, namespaces) {
+                    out.push(Peer::Pods { namespaces, pods });
+                }
+            }
+        }
+    }
+    Some(out)
+}
+
+fn parse_cidr(s: &str, field: &str, errs: &mut Errors<'_>) -> Option<ipnetwork::IpNetwork> {
+    // ipnetwork takes a bare address as a host prefix; the API requires CIDR notation.
+    let parsed = if s.contains('/') {
+        s.parse().ok()
+    } else {
+        None
+    };
+    if parsed.is_none() {
+        errs.push(field, format!("{s:?} is not a CIDR"));
+    }
+    parsed
+}
+
+fn parse_ip_block(block: &IPBlock, field: &str, errs: &mut Errors<'_>) -> Option<Peer> {
+    let cidr = parse_cidr(&block.cidr, &format!("{field}.cidr"), errs)?;
+    let cidr_prefix = Prefix::from_network(cidr);
+    let mut except = Vec::new();
+    let mut ok = true;
+    for (i, e) in block.except.iter().flatten().enumerate() {
+        let efield = format!("{field}.except[{i}]");
+        let Some(net) = parse_cidr(e, &efield, errs) else {
+            ok = false;
+            continue;
+        };
+        let prefix = Prefix::from_network(net);
+        if net.is_ipv4() != cidr.is_ipv4() {
+            errs.push(
+                efield,
+                format!("{e} is not of the address family of cidr {}", block.cidr),
+            );
+            ok = false;
+        } else if !cidr_prefix.contains(&prefix) {
+            errs.push(efield, format!("{e} is not inside cidr {}", block.cidr));
+            ok = false;
+        } else {
+            except.push(prefix);
+        }
+    }
+    ok.then_some(Peer::IpBlock {
+        cidr: cidr_prefix,
+        except,
+    })
+}
+
+fn parse_ports(
+    ports: Option<&[NetworkPolicyPort]>,
+    field: &str,
+    errs: &mut Errors<'_>,
+) -> Vec<PortMatch> {
+    let Some(ports) = ports.filter(|p| !p.is_empty()) else {
+        return vec![PortMatch::AnyProtocol];
+    };
+    let mut out = Vec::new();
+    for (i, p) in ports.iter().enumerate() {
+        let field = format!("{field}[{i}]");
+        let protocol = match p.protocol.as_deref() {
+            None => Protocol::Tcp,
+            Some(s) => match Protocol::parse(s) {
+                Some(p) => p,
+                None => {
+                    errs.push(
+                        format!("{field}.protocol"),
+                        format!("unsupported protocol {s:?} (expected TCP, UDP or SCTP)"),
+                    );
+                    continue;
+                }
+            },
+        };
+        let port_number = |n: i32, sub: &str, errs: &mut Errors<'_>| {
+            let port = u16::try_from(n).ok().filter(|&n| n != 0);
+            if port.is_none() {
+                errs.push(format!("{field}.{sub}"), format!("{n} is not in 1-65535"));
+            }
+            port
+        };
+        match (&p.port, p.end_port) {
+            (None, None) => out.push(PortMatch::AnyPort(protocol)),
+            (Some(IntOrString::Int(n)), end) => {
+                let Some(lo) = port_number(*n, "port", errs) else {
+                    continue;
+                };
+                let hi = match end {
+                    None => lo,
+                    Some(e) => {
+                        let Some(hi) = port_number(e, "endPort", errs) else {
+                            continue;
+                        };
+                        if hi < lo {
+                            errs.push(
+                                format!("{field}.endPort"),
+                                format!("{hi} is less than port {lo}"),
+                            );
+                            continue;
+                        }
+                        hi
+                    }
+                };
+                out.push(PortMatch::Range(protocol, lo, hi));
+            }
+            (Some(IntOrString::String(name)), None) => {
+                if is_port_name(name) {
+                    out.push(PortMatch::Named(protocol, name.clone()));
+                } else {
+                    errs.push(
+                        format!("{field}.port"),
+                        format!("{name:?} is not a port name"),
+                    );
+                }
+            }
+            (_, Some(_)) => errs.push(format!("{field}.endPort"), "requires a numeric port"),
+        }
+    }
+    out
+}
+
+/// An IANA service name, as container port names are: 1-15 lowercase alphanumerics or '-', with at
+/// least one letter.
+fn is_port_name(s: &str) -> bool {
+    (1..=15).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes().any(|b| b.is_ascii_lowercase())
+}
+
+/// A resolved peer of a rule.
+#[derive(Clone, Copy, Debug)]
+enum Target<'a> {
+    Any,
+    Pod(u32, &'a PodIdentityKey),
+    Cidr(u32),
+}
+
+/// Compiles the state into map contents.
+pub fn compile(input: &CompileInput<'_>) -> Compiled {
+    let state = input.state;
+    let mut out = Compiled::default();
+
+    let mut parsed = Vec::new();
+    for policy in state.policies.values() {
+        let (p, errors) = parse_policy(policy);
+        out.errors.extend(errors);
+        parsed.push(p);
+    }
+
+    let identities = allocate_identities(state, &parsed);
+    for (prefix, id) in &identities.cidrs {
+        out.cidrs.insert((prefix.addr(), prefix.len()), *id);
+    }
+    fill_ipcache(input, &identities, &mut out.ipcache);
+
+    let namespaces: BTreeMap<&str, _> = state
+        .peer_pods()
+        .map(|p| {
+            (
+                p.key.namespace.as_str(),
+                state.namespace_labels(&p.key.namespace),
+            )
+        })
+        .collect();
+    let peer_pods: Vec<(&Pod, u32, &PodIdentityKey)> = state
+        .peer_pods()
+        .filter_map(|pod| {
+            let (key, id) = identities.pods.get_key_value(&PodIdentityKey::of(pod))?;
+            Some((pod, *id, key))
+        })
+        .collect();
+
+    // Peers depend on the policy alone, so they are resolved once per rule.
+    let resolve = |policy: &ParsedPolicy<'_>, peers: &Option<Vec<Peer>>| -> Vec<Target<'_>> {
+        let Some(peers) = peers else {
+            return vec![Target::Any];
+        };
+        let mut targets = BTreeMap::new();
+        for peer in peers {
+            match peer {
+                Peer::Pods {
+                    namespaces: ns,
+                    pods,
+                } => {
+                    for (pod, id, key) in &peer_pods {
+                        let ns_ok = match ns {
+                            NamespaceMatch::Same => {
+                                pod.key.namespace == policy.policy.key.namespace
+                            }
+                            NamespaceMatch::Selector(s) => {
+                                s.matches(&namespaces[pod.key.namespace.as_str()])
+                            }
+                        };
+                        if ns_ok && pods.matches(&pod.labels) {
+                            targets.insert(*id, Target::Pod(*id, key));
+                        }
+                    }
+                }
+                Peer::IpBlock { cidr, except } => {
+                    for (prefix, id) in &identities.cidrs {
+                        if prefix.is_v4() == cidr.is_v4()
+                            && cidr.contains(prefix)
+                            && !except.iter().any(|e| e.contains(prefix))
+                        {
+                            targets.insert(*id, Target::Cidr(*id));
+                        }
+                    }
+                }
+            }
+        }
+        targets.into_values().collect()
+    };
+    let resolved: Vec<Vec<(Direction, Vec<Target<'_>>, &[PortMatch])>> = parsed
+        .iter()
+        .map(|p| {
+            p.rules
+                .iter()
+                .filter(|r| p.isolates(r.direction))
+                .map(|r| (r.direction, resolve(p, &r.peers), r.ports.as_slice()))
+                .collect()
+        })
+        .collect();
+
+    for (key, &endpoint) in input.endpoints {
+        let pod = state.pods.get(key);
+        let mut flags = 0;
+        for (policy, rules) in parsed.iter().zip(&resolved) {
+            if policy.policy.key.namespace != key.namespace {
+                continue;
+            }
+            let Some(selector) = &policy.selector else {
+                flags |= endpoint_flags::ISOLATED_INGRESS | endpoint_flags::ISOLATED_EGRESS;
+                continue;
+            };
+            // A pod not in the state is isolated by every policy of its namespace (its labels are
+            // unknown), but only policies that select all pods grant it anything.
+            let selected = pod.map_or(selector.is_empty(), |p| selector.matches(&p.labels));
+            if !selected && pod.is_some() {
+                continue;
+            }
+            if policy.ingress {
+                flags |= endpoint_flags::ISOLATED_INGRESS;
+            }
+            if policy.egress {
+                flags |= endpoint_flags::ISOLATED_EGRESS;
+            }
+            if !selected {
+                continue;
+            }
+            for (direction, targets, ports) in rules {
+                emit_rule(
+                    &mut out.policy,
+                    Emit {
+                        endpoint,
+                        direction: *direction,
+                        policy: policy.id,
+                        local_pod: pod,
+                    },
+                    targets,
+                    ports,
+                    &identities,
+                );
+            }
+        }
+        if pod.is_none() {
+            out.stats.unknown_endpoints += 1;
+        }
+        out.stats.isolated_ingress += usize::from(flags & endpoint_flags::ISOLATED_INGRESS != 0);
+        out.stats.isolated_egress += usize::from(flags & endpoint_flags::ISOLATED_EGRESS != 0);
+        out.endpoints
+            .insert(endpoint, EndpointInfo { flags, _pad: 0 });
+    }
+
+    out.stats.policies = parsed.len();
+    out.stats.invalid_policies = parsed.iter().filter(|p| !p.valid).count();
+    out.stats.pod_identities = identities.pods.len();
+    out.stats.cidr_identities = identities.cidrs.len();
+    out.stats.endpoints = out.endpoints.len();
+    out.stats.local_pods_without_endpoint = state
+        .peer_pods()
+        .filter(|p| p.node_name.as_deref() == Some(input.node_name))
+        .filter(|p| !input.endpoints.contains_key(&p.key))
+        .count();
+    out.stats.policy_entries = out.policy.len();
+    out.identities = identities;
+    out
+}
+
+fn allocate_identities(state: &ClusterState, parsed: &[ParsedPolicy<'_>]) -> Identities {
+    let mut prefixes = BTreeSet::new();
+    for rule in parsed.iter().flat_map(|p| &p.rules) {
+        for peer in rule.peers.iter().flatten() {
+            if let Peer::IpBlock { cidr, except } = peer {
+                prefixes.insert(*cidr);
+                prefixes.extend(except.iter().copied());
+            }
+        }
+    }
+    // IPv4 addresses are IPv4-mapped IPv6 keys, so a short IPv6 prefix such as ::/0 would be their
+    // longest match; the IPv4 0.0.0.0/0 prefix keeps them apart (IPv6 rules never match it).
+    if prefixes
+        .iter()
+        .any(|p| !p.is_v4() && p.contains(&Prefix::all_v4()))
+    {
+        prefixes.insert(Prefix::all_v4());
+    }
+    Identities::allocate(state.peer_pods().map(PodIdentityKey::of), prefixes)
+}
+
+fn fill_ipcache(
+    input: &CompileInput<'_>,
+    identities: &Identities,
+    ipcache: &mut BTreeMap<IpKey, IpInfo>,
+) {
+    for pod in input.state.peer_pods() {
+        let Some(identity) = identities.pod(pod) else {
+            continue;
+        };
+        let endpoint = input.endpoints.get(&pod.key).copied().unwrap_or(0);
+        for ip in &pod.ips {
+            let info = IpInfo { identity, endpoint };
+            ipcache
+                .entry(ip_key(*ip))
+                // Two pods claiming one address: the local one keeps it, for the anti-spoofing check.
+                .and_modify(|old| {
+                    if old.endpoint == 0 {
+                        *old = info;
+                    }
+                })
+                .or_insert(info);
+        }
+    }
+    for addr in input.host_addrs {
+        // A pod address wins over a host address: HOST is allowed everywhere, the pod is not.
+        ipcache.entry(ip_key(*addr)).or_insert(IpInfo {
+            identity: identity::HOST,
+            endpoint: 0,
+        });
+    }
+}
+
+/// What one rule is being emitted for.
+struct Emit<'a> {
+    endpoint: u32,
+    direction: Direction,
+    policy: u32,
+    /// The endpoint's pod, whose named ports ingress rules resolve against.
+    local_pod: Option<&'a Pod>,
+}
+
+fn emit_rule(
+    policy: &mut BTreeMap<(PolicyKey, u32), PolicyValue>,
+    at: Emit<'_>,
+    targets: &[Target<'_>],
+    ports: &[PortMatch],
+    identities: &Identities,
+) {
+    let mut put = |identity: u32, protocol: u8, port: u16, len: u32| {
+        let key = PolicyKey {
+            endpoint: at.endpoint,
+            identity,
+            direction: at.direction as u8,
+            protocol,
+            port_be: port.to_be_bytes(),
+        };
+        policy.entry((key, len)).or_insert(PolicyValue {
+            policy: at.policy,
+            _pad: 0,
+        });
+    };
+    for port in ports {
+        for target in targets {
+            let identity = match target {
+                Target::Any => identity::ANY,
+                Target::Pod(id, _) | Target::Cidr(id) => *id,
+            };
+            match port {
+                PortMatch::AnyProtocol => put(identity, 0, 0, POLICY_PREFIX_ANY_PROTOCOL),
+                PortMatch::AnyPort(proto) => {
+                    put(identity, proto.number(), 0, POLICY_PREFIX_ANY_PORT)
+                }
+                PortMatch::Range(proto, lo, hi) => {
+                    for (first, len) in port_range_prefixes(*lo, *hi) {
+                        put(identity, proto.number(), first, len);
+                    }
+                }
+                PortMatch::Named(proto, name) => match (at.direction, target) {
+                    // The local pod receives the connection.
+                    (Direction::Ingress, _) => {
+                        if let Some(n) = at.local_pod.and_then(|p| p.named_port(name, *proto)) {
+                            put(identity, proto.number(), n, POLICY_PREFIX_FULL);
+                        }
+                    }
+                    // The peer receives it: each pod identity carries its ports.
+                    (Direction::Egress, Target::Pod(id, key)) => {
+                        if let Some(n) = resolve_named(key, name, *proto) {
+                            put(*id, proto.number(), n, POLICY_PREFIX_FULL);
+                        }
+                    }
+                    (Direction::Egress, Target::Any) => {
+                        for (key, id) in &identities.pods {
+                            if let Some(n) = resolve_named(key, name, *proto) {
+                                put(*id, proto.number(), n, POLICY_PREFIX_FULL);
+                            }
+                        }
+                    }
+                    // Nothing tells which addresses of a CIDR have a port of that name.
+                    (Direction::Egress, Target::Cidr(_)) => {}
+                },
+            }
+        }
+    }
+}
+
+fn resolve_named(key: &PodIdentityKey, name: &str, protocol: Protocol) -> Option<u16> {
+    key.ports
+        .iter()
+        .find(|p| p.name == name && p.protocol == protocol)
+        .map(|p| p.port)
+}
