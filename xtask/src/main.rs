@@ -1,1 +1,64 @@
-fn main() {}
+//! Developer tasks: `cargo xtask setup | test | demo`.
+
+mod setup;
+
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "netpol-agent developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building and testing need (nightly rust-src, bpf-linker, Debian packages).
+    Setup,
+    /// Set up, build, and run every test: unit, classifier (BPF_PROG_TEST_RUN) and end-to-end.
+    Test {
+        /// Extra arguments for `cargo test` (for example a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().task {
+        Task::Setup => setup::run(),
+        Task::Test { args } => test(&args),
+    }
+}
+
+/// Runs `cmd`, failing with its description when it fails.
+pub fn check(cmd: &mut Command) -> anyhow::Result<()> {
+    let desc = format!("{cmd:?}");
+    let status = cmd.status().with_context(|| format!("starting {desc}"))?;
+    if !status.success() {
+        bail!("{desc} failed with {status}");
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+fn test(args: &[String]) -> anyhow::Result<()> {
+    setup::run()?;
+    // One build first, so the test binaries and the agent come from a warm cache.
+    check(cargo().args(["build", "--locked", "--workspace", "--exclude", "netpol-ebpf", "--bins", "--tests"]))?;
+    let mut cmd = cargo();
+    cmd.args(["test", "--locked", "--workspace", "--exclude", "netpol-ebpf"]);
+    if setup::privileged() {
+        // On a machine that can run them, the root/BPF/netns tests must run: a skip is a failure.
+        cmd.env("NETPOL_REQUIRE_PRIVILEGED", "1");
+    } else {
+        eprintln!("xtask: not root or no BPF here: privileged tests will skip (and say so)");
+    }
+    cmd.args(args);
+    check(&mut cmd)
+}

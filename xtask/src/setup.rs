@@ -1,0 +1,62 @@
+//! Installs what the build and the tests need; quick when everything is already there.
+
+use std::process::Command;
+
+use anyhow::Context as _;
+
+use crate::check;
+
+/// The bpf-linker version whose default features use the Rust toolchain's own LLVM.
+const BPF_LINKER_VERSION: &str = "0.10.4";
+
+/// Debian packages the tests and the demo use (commands: ip, bridge, iptables, conntrack, modprobe, bpftool).
+const DEBIAN_PACKAGES: &[&str] = &["iproute2", "iptables", "conntrack", "kmod", "bpftool"];
+
+/// True when this machine can run the privileged tests: root, and a kernel with BTF (BPF-capable).
+pub fn privileged() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    root && std::path::Path::new("/sys/kernel/btf/vmlinux").exists()
+}
+
+fn output(cmd: &mut Command) -> Option<String> {
+    let out = cmd.output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Installs whatever is missing.
+pub fn run() -> anyhow::Result<()> {
+    let installed = output(Command::new("rustup").args(["component", "list", "--toolchain", "nightly", "--installed"]))
+        .unwrap_or_default();
+    if !installed.lines().any(|l| l.starts_with("rust-src")) {
+        eprintln!("xtask: installing nightly with rust-src (eBPF programs need build-std)");
+        check(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal", "--component", "rust-src"]))?;
+    }
+    let linker = output(Command::new("bpf-linker").arg("--version")).unwrap_or_default();
+    if !linker.contains(BPF_LINKER_VERSION) {
+        eprintln!("xtask: installing bpf-linker {BPF_LINKER_VERSION}");
+        check(Command::new("cargo").args(["install", &format!("bpf-linker@{BPF_LINKER_VERSION}"), "--locked"]))?;
+    }
+    let missing: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            !output(Command::new("dpkg-query").args(["-W", "-f=${Status}", p]))
+                .is_some_and(|s| s.contains("install ok installed"))
+        })
+        .collect();
+    if !missing.is_empty() {
+        if !privileged() {
+            eprintln!("xtask: missing Debian packages {missing:?}, and not root: install them to run the privileged tests");
+            return Ok(());
+        }
+        eprintln!("xtask: installing Debian packages {missing:?}");
+        check(Command::new("apt-get").arg("update").env("DEBIAN_FRONTEND", "noninteractive"))
+            .context("apt-get update")?;
+        check(Command::new("apt-get")
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    Ok(())
+}
