@@ -1,1 +1,2 @@
 //! Simulated Flannel cluster for end-to-end tests.
+pub mod cluster;

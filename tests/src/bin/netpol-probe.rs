@@ -1,0 +1,257 @@
+//! Tiny connectivity probe used by the end-to-end harness.
+//!
+//! `netpol-probe serve --ports 80,81`
+//!   binds TCP and UDP on `[::]` (dual-stack, IPV6_V6ONLY off) for every port, prints `READY`
+//!   on stdout once all sockets are bound, then serves forever: TCP accepts, writes one byte and
+//!   closes; UDP echoes every datagram.
+//!
+//! `netpol-probe probe [--timeout-ms 1000] TARGET...`
+//!   TARGET is `tcp/ADDR/PORT` or `udp/ADDR/PORT` (ADDR may be IPv6 without brackets). With no
+//!   TARGET, a JSON array of `{"addr": "...", "port": 80, "proto": "tcp"}` is read from stdin.
+//!   All targets are probed concurrently; a JSON array of results (same order) is printed:
+//!   `{"addr", "port", "proto", "ok", "detail", "millis"}`.
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+use socket2::{Domain, Protocol, Socket, Type};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Target {
+    addr: IpAddr,
+    port: u16,
+    proto: String,
+}
+
+#[derive(Debug, Serialize)]
+struct ProbeResult {
+    addr: IpAddr,
+    port: u16,
+    proto: String,
+    ok: bool,
+    detail: String,
+    millis: u128,
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let res = match args.first().map(String::as_str) {
+        Some("serve") => serve(&args[1..]),
+        Some("probe") => probe(&args[1..]),
+        _ => Err(anyhow::anyhow!(
+            "usage: netpol-probe serve --ports 80,81 | probe [--timeout-ms N] proto/addr/port..."
+        )),
+    };
+    if let Err(e) = res {
+        eprintln!("netpol-probe: {e:#}");
+        std::process::exit(2);
+    }
+}
+
+fn dual_stack_socket(ty: Type, proto: Protocol, port: u16) -> Result<Socket> {
+    let s = Socket::new(Domain::IPV6, ty, Some(proto))?;
+    s.set_only_v6(false)?;
+    s.set_reuse_address(true)?;
+    let addr = SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port);
+    s.bind(&addr.into())
+        .with_context(|| format!("bind {addr} ({proto:?})"))?;
+    Ok(s)
+}
+
+fn serve(args: &[String]) -> Result<()> {
+    let mut ports: Vec<u16> = vec![80, 81];
+    let mut i = 0;
+    while i < args.len() {
+        match args[i].as_str() {
+            "--ports" => {
+                let v = args.get(i + 1).context("--ports needs a value")?;
+                ports = v
+                    .split(',')
+                    .map(|p| p.trim().parse::<u16>())
+                    .collect::<Result<_, _>>()
+                    .context("bad --ports")?;
+                i += 2;
+            }
+            other => bail!("unknown serve argument {other}"),
+        }
+    }
+    let mut handles = Vec::new();
+    for &port in &ports {
+        let tcp = dual_stack_socket(Type::STREAM, Protocol::TCP, port)?;
+        tcp.listen(128)?;
+        let tcp: TcpListener = tcp.into();
+        let udp: UdpSocket = dual_stack_socket(Type::DGRAM, Protocol::UDP, port)?.into();
+        handles.push(std::thread::spawn(move || serve_tcp(tcp)));
+        handles.push(std::thread::spawn(move || serve_udp(udp)));
+    }
+    println!("READY");
+    std::io::stdout().flush()?;
+    for h in handles {
+        let _ = h.join();
+    }
+    Ok(())
+}
+
+fn serve_tcp(l: TcpListener) {
+    for conn in l.incoming() {
+        if let Ok(mut c) = conn {
+            let _ = c.set_write_timeout(Some(Duration::from_secs(1)));
+            let _ = c.write_all(b"x");
+        }
+    }
+}
+
+fn serve_udp(s: UdpSocket) {
+    let mut buf = [0u8; 2048];
+    loop {
+        if let Ok((n, peer)) = s.recv_from(&mut buf) {
+            let _ = s.send_to(&buf[..n], peer);
+        }
+    }
+}
+
+fn parse_target(s: &str) -> Result<Target> {
+    let (proto, rest) = s
+        .split_once('/')
+        .context("target must be proto/addr/port")?;
+    let (addr, port) = rest
+        .rsplit_once('/')
+        .context("target must be proto/addr/port")?;
+    let proto = proto.to_ascii_lowercase();
+    if proto != "tcp" && proto != "udp" {
+        bail!("unknown protocol {proto}");
+    }
+    Ok(Target {
+        addr: addr
+            .parse()
+            .with_context(|| format!("bad address {addr}"))?,
+        port: port.parse().with_context(|| format!("bad port {port}"))?,
+        proto,
+    })
+}
+
+fn probe(args: &[String]) -> Result<()> {
+    let mut timeout = Duration::from_millis(1000);
+    let mut targets = Vec::new();
+    let mut i = 0;
+    while i < args.len() {
+        match args[i].as_str() {
+            "--timeout-ms" => {
+                let v = args.get(i + 1).context("--timeout-ms needs a value")?;
+                timeout = Duration::from_millis(v.parse()?);
+                i += 2;
+            }
+            t => {
+                targets.push(parse_target(t)?);
+                i += 1;
+            }
+        }
+    }
+    if targets.is_empty() {
+        let mut input = String::new();
+        std::io::stdin().read_to_string(&mut input)?;
+        targets = serde_json::from_str(&input).context("parsing targets JSON from stdin")?;
+    }
+    let handles: Vec<_> = targets
+        .into_iter()
+        .map(|t| std::thread::spawn(move || probe_one(t, timeout)))
+        .collect();
+    let results: Vec<ProbeResult> = handles
+        .into_iter()
+        .map(|h| h.join().expect("probe thread panicked"))
+        .collect();
+    println!("{}", serde_json::to_string(&results)?);
+    Ok(())
+}
+
+fn probe_one(t: Target, timeout: Duration) -> ProbeResult {
+    let start = Instant::now();
+    let outcome = if t.proto == "tcp" {
+        probe_tcp(&t, timeout)
+    } else {
+        probe_udp(&t, timeout)
+    };
+    let (ok, detail) = match outcome {
+        Ok(()) => (true, String::new()),
+        Err(e) => (false, format!("{e:#}")),
+    };
+    ProbeResult {
+        addr: t.addr,
+        port: t.port,
+        proto: t.proto,
+        ok,
+        detail,
+        millis: start.elapsed().as_millis(),
+    }
+}
+
+fn probe_tcp(t: &Target, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    let addr = SocketAddr::new(t.addr, t.port);
+    let mut s = TcpStream::connect_timeout(&addr, timeout).context("connect")?;
+    let left = deadline.saturating_duration_since(Instant::now());
+    s.set_read_timeout(Some(left.max(Duration::from_millis(1))))?;
+    let mut b = [0u8; 1];
+    let n = s.read(&mut b).context("read")?;
+    if n == 0 {
+        bail!("connection closed without data");
+    }
+    Ok(())
+}
+
+fn probe_udp(t: &Target, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    let bind: SocketAddr = match t.addr {
+        IpAddr::V4(_) => "0.0.0.0:0".parse()?,
+        IpAddr::V6(_) => "[::]:0".parse()?,
+    };
+    let s = UdpSocket::bind(bind)?;
+    s.connect(SocketAddr::new(t.addr, t.port))?;
+    let nonce = format!(
+        "netpol-probe {} {:?}",
+        std::process::id(),
+        std::time::SystemTime::now()
+    );
+    let tries = 3u32;
+    let slice = timeout / tries;
+    let mut buf = [0u8; 2048];
+    let mut last_err = anyhow::anyhow!("no reply");
+    for _ in 0..tries {
+        let now = Instant::now();
+        if now >= deadline {
+            break;
+        }
+        if let Err(e) = s.send(nonce.as_bytes()) {
+            last_err = anyhow::Error::new(e).context("send");
+        }
+        let wait_until = (now + slice).min(deadline);
+        loop {
+            let left = wait_until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            s.set_read_timeout(Some(left))?;
+            match s.recv(&mut buf) {
+                Ok(n) if &buf[..n] == nonce.as_bytes() => return Ok(()),
+                Ok(_) => continue,
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.kind() == std::io::ErrorKind::TimedOut =>
+                {
+                    last_err = anyhow::anyhow!("timeout waiting for echo");
+                    break;
+                }
+                Err(e) => {
+                    last_err = anyhow::Error::new(e).context("recv");
+                    // ICMP errors (e.g. port unreachable) are reported once; wait out the slice.
+                    std::thread::sleep(wait_until.saturating_duration_since(Instant::now()));
+                    break;
+                }
+            }
+        }
+    }
+    Err(last_err)
+}
