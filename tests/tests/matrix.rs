@@ -85,3 +85,764 @@ fn tx_packets(netns: &str, dev: &str) -> u64 {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     v[0]["stats64"]["tx"]["packets"].as_u64().unwrap()
 }
+
+// ------------------------------------------------------------------------------------------
+// Policy scenarios, modelled on the upstream e2e suite (test/e2e/network/netpol). Every test
+// builds its own cluster (~0.1 s), writes the policies, starts one agent per node and waits for
+// the expected reachability. Upstream semantics: a connection needs the source's egress AND the
+// destination's ingress to allow it; replies of allowed connections pass; loopback (pod to
+// itself) is never policed; a pod's own node can always reach it.
+//
+// Pods: x/a n0, x/b n1, x/c n0, y/a n1, y/b n0, y/c n1, z/a n0, z/b n1, z/c n0.
+// ------------------------------------------------------------------------------------------
+
+use netpol_tests::cluster::{Reachability, default_agent_bin};
+
+const TCP80: (u16, Proto, Family) = (80, Proto::Tcp, Family::V4);
+const TCP81: (u16, Proto, Family) = (81, Proto::Tcp, Family::V4);
+const UDP80: (u16, Proto, Family) = (80, Proto::Udp, Family::V4);
+const UDP81: (u16, Proto, Family) = (81, Proto::Udp, Family::V4);
+const TCP80_V6: (u16, Proto, Family) = (80, Proto::Tcp, Family::V6);
+const TCP81_V6: (u16, Proto, Family) = (81, Proto::Tcp, Family::V6);
+const UDP80_V6: (u16, Proto, Family) = (80, Proto::Udp, Family::V6);
+const UDP81_V6: (u16, Proto, Family) = (81, Proto::Udp, Family::V6);
+
+/// Generous: covers agent start-up (loading BPF, first sync) on a loaded 2-core machine.
+const CONVERGE: Duration = Duration::from_secs(30);
+
+/// A cluster for a scenario, or `None` (after printing SKIP) when not root.
+fn cluster(test: &str) -> Option<Cluster> {
+    if !root_or_skip(test) {
+        return None;
+    }
+    Some(Cluster::new(PROBE_BIN).unwrap_or_else(|e| panic!("cluster setup: {e:#}")))
+}
+
+/// Writes `policies` and starts the agents; panics clearly when the agent binary is missing.
+fn with_agents(test: &str, policies: &str) -> Option<Cluster> {
+    let mut c = cluster(test)?;
+    c.apply_policies(policies).unwrap();
+    start(&mut c);
+    Some(c)
+}
+
+fn start(c: &mut Cluster) {
+    let bin = default_agent_bin();
+    c.start_agents(&bin)
+        .unwrap_or_else(|e| panic!("starting agents: {e:#}"));
+}
+
+fn apply(c: &Cluster, policies: &str) {
+    c.apply_policies(policies).unwrap();
+}
+
+/// Waits for `r` on every case in order (list cases that differ from "all allowed" first, so
+/// a matrix that merely matches the pre-enforcement state is never the first one checked).
+fn expect(c: &mut Cluster, r: &Reachability, cases: &[(u16, Proto, Family)]) {
+    if let Err(e) = c.wait_for_all(r, cases, CONVERGE) {
+        panic!("{e:#}");
+    }
+}
+
+fn expect_all_allowed(c: &mut Cluster, cases: &[(u16, Proto, Family)]) {
+    let r = all(c);
+    expect(c, &r, cases);
+}
+
+fn np(name: &str, ns: &str, spec: &str) -> String {
+    let mut s = format!(
+        "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: {name}\n  namespace: {ns}\nspec:\n"
+    );
+    for l in spec.trim_matches('\n').lines() {
+        s.push_str("  ");
+        s.push_str(l);
+        s.push('\n');
+    }
+    s
+}
+
+fn all(c: &Cluster) -> Reachability {
+    c.reachability(true)
+}
+
+#[test]
+fn default_deny_ingress() {
+    let Some(mut c) = with_agents(
+        "default_deny_ingress",
+        &np(
+            "deny-ingress",
+            "x",
+            "podSelector: {}\npolicyTypes: [Ingress]",
+        ),
+    ) else {
+        return;
+    };
+    let mut r = all(&c);
+    r.expect_all_ingress("x/*", false);
+    expect(&mut c, &r, &[TCP80, UDP81, TCP80_V6, UDP80_V6]);
+    // The pod's own node can always reach it.
+    for (node, pod) in [(0, "x/a"), (1, "x/b")] {
+        for fam in [Family::V4, Family::V6] {
+            assert!(
+                c.probe_from_node(node, pod, 80, Proto::Tcp, fam).unwrap(),
+                "node {node} -> {pod} {fam:?} blocked"
+            );
+        }
+    }
+}
+
+#[test]
+fn default_deny_egress() {
+    let Some(mut c) = with_agents(
+        "default_deny_egress",
+        &np("deny-egress", "x", "podSelector: {}\npolicyTypes: [Egress]"),
+    ) else {
+        return;
+    };
+    let mut r = all(&c);
+    r.expect_all_egress("x/*", false);
+    expect(&mut c, &r, &[TCP80, UDP81, TCP81_V6, UDP80_V6]);
+}
+
+#[test]
+fn default_deny_both_directions() {
+    let Some(mut c) = with_agents(
+        "default_deny_both_directions",
+        &np(
+            "deny-all",
+            "x",
+            "podSelector: {}\npolicyTypes: [Ingress, Egress]",
+        ),
+    ) else {
+        return;
+    };
+    let mut r = all(&c);
+    r.expect_all_egress("x/*", false)
+        .expect_all_ingress("x/*", false);
+    expect(&mut c, &r, &[TCP80, UDP80, TCP80_V6, UDP81_V6]);
+}
+
+#[test]
+fn allow_ingress_from_same_namespace() {
+    let Some(mut c) = with_agents(
+        "allow_ingress_from_same_namespace",
+        &np(
+            "allow-same-ns",
+            "x",
+            "podSelector: {}\npolicyTypes: [Ingress]\ningress:\n- from:\n  - podSelector: {}",
+        ),
+    ) else {
+        return;
+    };
+    let mut r = all(&c);
+    r.expect_all_ingress("x/*", false)
+        .expect_peer("x/*", "x/*", true);
+    expect(&mut c, &r, &[TCP80, UDP81, TCP81_V6]);
+}
+
+#[test]
+fn allow_ingress_by_namespace_selector() {
+    let Some(mut c) = with_agents(
+        "allow_ingress_by_namespace_selector",
+        &np(
+            "allow-from-y",
+            "x",
+            "podSelector:\n  matchLabels:\n    pod: a\ningress:\n- from:\n  - namespaceSelector:\n      matchLabels:\n        ns: y",
+        ),
+    ) else {
+        return;
+    };
+    let mut r = all(&c);
+    r.expect_all_ingress("x/a", false)
+        .expect_peer("y/*", "x/a", true);
+    expect(&mut c, &r, &[TCP80, UDP80, TCP80_V6]);
+}
+
+#[test]
+fn pod_and_namespace_selector_in_one_peer_is_and() {
+    let Some(mut c) = with_agents(
+        "pod_and_namespace_selector_in_one_peer_is_and",
+        &np(
+            "allow-y-b",
+            "x",
+            "podSelector:\n  matchLabels:\n    pod: a\ningress:\n- from:\n  - namespaceSelector:\n      matchLabels:\n        ns: y\n    podSelector:\n      matchLabels:\n        pod: b",
+        ),
+    ) else {
+        return;
+    };
+    let mut r = all(&c);
+    r.expect_all_ingress("x/a", false)
+        .expect_peer("y/b", "x/a", true);
+    expect(&mut c, &r, &[TCP80, UDP81, UDP80_V6]);
+}
+
+#[test]
+fn pod_or_namespace_selector_in_two_peers_is_or() {
+    let Some(mut c) = with_agents(
+        "pod_or_namespace_selector_in_two_peers_is_or",
+        &np(
+            "allow-y-or-b",
+            "x",
+            "podSelector:\n  matchLabels:\n    pod: a\ningress:\n- from:\n  - namespaceSelector:\n      matchLabels:\n        ns: y\n  - podSelector:\n      matchLabels:\n        pod: b",
+        ),
+    ) else {
+        return;
+    };
+    let mut r = all(&c);
+    r.expect_all_ingress("x/a", false)
+        .expect_peer("y/*", "x/a", true)
+        .expect_peer("x/b", "x/a", true);
+    expect(&mut c, &r, &[TCP80, UDP81, TCP80_V6]);
+}
+
+#[test]
+fn match_expressions_in_and_not_in() {
+    let Some(mut c) = with_agents(
+        "match_expressions_in_and_not_in",
+        &np(
+            "exprs",
+            "x",
+            r#"podSelector:
+  matchExpressions:
+  - {key: pod, operator: In, values: [a, b]}
+ingress:
+- from:
+  - namespaceSelector:
+      matchExpressions:
+      - {key: ns, operator: NotIn, values: [y]}
+    podSelector:
+      matchExpressions:
+      - {key: pod, operator: NotIn, values: [c]}"#,
+        ),
+    ) else {
+        return;
+    };
+    let mut r = all(&c);
+    r.expect_all_ingress("x/a", false)
+        .expect_all_ingress("x/b", false);
+    for to in ["x/a", "x/b"] {
+        for from in ["x/a", "x/b", "z/a", "z/b"] {
+            r.expect_peer(from, to, true);
+        }
+    }
+    expect(&mut c, &r, &[TCP80, UDP81, TCP81_V6]);
+}
+
+#[test]
+fn match_expressions_exists_and_does_not_exist_with_namespace_label_change() {
+    let Some(mut c) = with_agents(
+        "match_expressions_exists_and_does_not_exist_with_namespace_label_change",
+        &np(
+            "exists",
+            "x",
+            r#"podSelector:
+  matchLabels: {pod: a}
+ingress:
+- from:
+  - namespaceSelector:
+      matchExpressions:
+      - {key: team, operator: Exists}
+  - namespaceSelector:
+      matchExpressions:
+      - {key: team, operator: DoesNotExist}
+    podSelector:
+      matchLabels: {pod: c}"#,
+        ),
+    ) else {
+        return;
+    };
+    // No namespace has `team`: only the */c pods (second peer) reach x/a.
+    let mut r = all(&c);
+    r.expect_all_ingress("x/a", false)
+        .expect_peer("*/c", "x/a", true);
+    expect(&mut c, &r, &[TCP80, UDP80]);
+    // y gets `team`: all of y matches the first peer.
+    c.set_namespace_labels("y", &[("ns", "y"), ("team", "blue")])
+        .unwrap();
+    r.expect_peer("y/*", "x/a", true);
+    expect(&mut c, &r, &[TCP80, UDP80, TCP80_V6]);
+    // z gets `team` too, z/c now matches through the first peer; take it away from y again.
+    c.set_namespace_labels("z", &[("ns", "z"), ("team", "red")])
+        .unwrap();
+    c.set_namespace_labels("y", &[("ns", "y")]).unwrap();
+    let mut r = all(&c);
+    r.expect_all_ingress("x/a", false)
+        .expect_peer("z/*", "x/a", true)
+        .expect_peer("x/c", "x/a", true)
+        .expect_peer("y/c", "x/a", true);
+    expect(&mut c, &r, &[TCP80, UDP81]);
+}
+
+#[test]
+fn ip_block_egress_with_except() {
+    let Some(mut c) = cluster("ip_block_egress_with_except") else {
+        return;
+    };
+    let except = c.pod("y/a").ipv4;
+    apply(
+        &c,
+        &np(
+            "egress-cidr",
+            "x",
+            &format!(
+                "podSelector:\n  matchLabels: {{pod: a}}\npolicyTypes: [Egress]\negress:\n- to:\n  - ipBlock:\n      cidr: 10.42.1.0/24\n      except: [{except}/32]"
+            ),
+        ),
+    );
+    start(&mut c);
+    // x/a may reach node 1's pods except y/a; nothing on node 0, nothing over IPv6.
+    let mut r = all(&c);
+    r.expect_all_egress("x/a", false);
+    for p in c.pods.clone() {
+        if p.node == 1 && p.id() != "y/a" {
+            r.expect_peer("x/a", &p.id(), true);
+        }
+    }
+    expect(&mut c, &r, &[TCP80, UDP81]);
+    let mut r6 = all(&c);
+    r6.expect_all_egress("x/a", false);
+    expect(&mut c, &r6, &[TCP80_V6, UDP80_V6]);
+}
+
+#[test]
+fn ip_block_ingress_per_family() {
+    let Some(mut c) = with_agents(
+        "ip_block_ingress_per_family",
+        &np(
+            "ingress-cidrs",
+            "x",
+            "podSelector:\n  matchLabels: {pod: a}\ningress:\n- from:\n  - ipBlock: {cidr: 10.42.0.0/24}\n  - ipBlock: {cidr: 'fd00:10:42:1::/64'}",
+        ),
+    ) else {
+        return;
+    };
+    let node_pods = |node: usize| -> Vec<String> {
+        c.pods
+            .iter()
+            .filter(|p| p.node == node)
+            .map(|p| p.id())
+            .collect()
+    };
+    let (n0, n1) = (node_pods(0), node_pods(1));
+    let mut r4 = all(&c);
+    r4.expect_all_ingress("x/a", false);
+    for p in &n0 {
+        r4.expect_peer(p, "x/a", true);
+    }
+    let mut r6 = all(&c);
+    r6.expect_all_ingress("x/a", false);
+    for p in &n1 {
+        r6.expect_peer(p, "x/a", true);
+    }
+    expect(&mut c, &r4, &[TCP80, UDP81]);
+    expect(&mut c, &r6, &[TCP80_V6, UDP81_V6]);
+}
+
+#[test]
+fn ipv6_ip_block_with_except() {
+    let Some(mut c) = with_agents(
+        "ipv6_ip_block_with_except",
+        &np(
+            "ingress-v6",
+            "x",
+            "podSelector:\n  matchLabels: {pod: a}\ningress:\n- from:\n  - ipBlock:\n      cidr: 'fd00:10:42::/48'\n      except: ['fd00:10:42:1::/64']",
+        ),
+    ) else {
+        return;
+    };
+    let mut r6 = all(&c);
+    r6.expect_all_ingress("x/a", false);
+    for p in c.pods.clone() {
+        if p.node == 0 {
+            r6.expect_peer(&p.id(), "x/a", true);
+        }
+    }
+    let mut r4 = all(&c);
+    r4.expect_all_ingress("x/a", false);
+    expect(&mut c, &r6, &[TCP80_V6, UDP80_V6]);
+    expect(&mut c, &r4, &[TCP80, UDP80]);
+}
+
+#[test]
+fn named_port_ingress() {
+    let Some(mut c) = with_agents(
+        "named_port_ingress",
+        &np(
+            "named-port",
+            "x",
+            "podSelector:\n  matchLabels: {pod: a}\ningress:\n- ports:\n  - port: serve-80-tcp",
+        ),
+    ) else {
+        return;
+    };
+    let mut blocked = all(&c);
+    blocked.expect_all_ingress("x/a", false);
+    expect(&mut c, &blocked, &[TCP81, UDP80, TCP81_V6]);
+    expect_all_allowed(&mut c, &[TCP80, TCP80_V6]);
+}
+
+#[test]
+fn named_port_egress() {
+    let Some(mut c) = with_agents(
+        "named_port_egress",
+        &np(
+            "named-port-egress",
+            "x",
+            "podSelector:\n  matchLabels: {pod: a}\npolicyTypes: [Egress]\negress:\n- ports:\n  - port: serve-81-udp\n    protocol: UDP",
+        ),
+    ) else {
+        return;
+    };
+    let mut blocked = all(&c);
+    blocked.expect_all_egress("x/a", false);
+    expect(&mut c, &blocked, &[TCP81, UDP80, TCP80, UDP80_V6]);
+    expect_all_allowed(&mut c, &[UDP81, UDP81_V6]);
+}
+
+#[test]
+fn end_port_range_then_single_port() {
+    let policy = |ports: &str| {
+        np(
+            "ports",
+            "x",
+            &format!("podSelector:\n  matchLabels: {{pod: a}}\ningress:\n- ports:\n{ports}"),
+        )
+    };
+    let Some(mut c) = with_agents(
+        "end_port_range_then_single_port",
+        &policy("  - protocol: TCP\n    port: 80\n    endPort: 81"),
+    ) else {
+        return;
+    };
+    let mut blocked = all(&c);
+    blocked.expect_all_ingress("x/a", false);
+    expect(&mut c, &blocked, &[UDP80, UDP81]);
+    expect_all_allowed(&mut c, &[TCP80, TCP81, TCP81_V6]);
+    // Narrow to port 80 only.
+    apply(&c, &policy("  - protocol: TCP\n    port: 80"));
+    expect(&mut c, &blocked, &[TCP81, TCP81_V6, UDP80]);
+    expect_all_allowed(&mut c, &[TCP80]);
+}
+
+#[test]
+fn udp_only_rule_does_not_allow_tcp() {
+    let Some(mut c) = with_agents(
+        "udp_only_rule_does_not_allow_tcp",
+        &np(
+            "udp-81",
+            "x",
+            "podSelector:\n  matchLabels: {pod: a}\ningress:\n- ports:\n  - protocol: UDP\n    port: 81",
+        ),
+    ) else {
+        return;
+    };
+    let mut blocked = all(&c);
+    blocked.expect_all_ingress("x/a", false);
+    expect(&mut c, &blocked, &[TCP81, UDP80, TCP80, TCP81_V6]);
+    expect_all_allowed(&mut c, &[UDP81, UDP81_V6]);
+}
+
+#[test]
+fn egress_only_policy_to_namespace() {
+    let Some(mut c) = with_agents(
+        "egress_only_policy_to_namespace",
+        &np(
+            "egress-to-y",
+            "x",
+            "podSelector:\n  matchLabels: {pod: a}\npolicyTypes: [Egress]\negress:\n- to:\n  - namespaceSelector:\n      matchLabels: {ns: y}",
+        ),
+    ) else {
+        return;
+    };
+    // Ingress into x/a is untouched by an egress-only policy.
+    let mut r = all(&c);
+    r.expect_all_egress("x/a", false)
+        .expect_peer("x/a", "y/*", true);
+    expect(&mut c, &r, &[TCP80, UDP81, TCP80_V6, UDP81_V6]);
+}
+
+#[test]
+fn ingress_and_egress_in_one_policy() {
+    let Some(mut c) = with_agents(
+        "ingress_and_egress_in_one_policy",
+        &np(
+            "both",
+            "x",
+            r#"podSelector:
+  matchLabels: {pod: a}
+policyTypes: [Ingress, Egress]
+ingress:
+- from:
+  - podSelector:
+      matchLabels: {pod: b}
+egress:
+- to:
+  - namespaceSelector:
+      matchLabels: {ns: y}
+  ports:
+  - port: 80
+    protocol: TCP
+  - port: 81
+    protocol: UDP"#,
+        ),
+    ) else {
+        return;
+    };
+    let mut r = all(&c);
+    r.expect_all_ingress("x/a", false)
+        .expect_all_egress("x/a", false)
+        .expect_peer("x/b", "x/a", true)
+        .expect_peer("x/a", "y/*", true);
+    expect(&mut c, &r, &[TCP80, UDP81, TCP80_V6]);
+    // Egress rule's ports: TCP 81 and UDP 80 are not allowed to y.
+    let mut r = all(&c);
+    r.expect_all_ingress("x/a", false)
+        .expect_all_egress("x/a", false)
+        .expect_peer("x/b", "x/a", true);
+    expect(&mut c, &r, &[TCP81, UDP80]);
+}
+
+#[test]
+fn allow_all_ingress_overrides_deny() {
+    let deny = np(
+        "deny-ingress",
+        "x",
+        "podSelector: {}\npolicyTypes: [Ingress]",
+    );
+    let Some(mut c) = with_agents("allow_all_ingress_overrides_deny", &deny) else {
+        return;
+    };
+    let mut r = all(&c);
+    r.expect_all_ingress("x/*", false);
+    expect(&mut c, &r, &[TCP80]);
+    let allow = np("allow-all", "x", "podSelector: {}\ningress:\n- {}");
+    apply(&c, &format!("{deny}{allow}"));
+    expect_all_allowed(&mut c, &[TCP80, UDP81, TCP80_V6, UDP80_V6]);
+}
+
+#[test]
+fn policy_update_changes_matrix() {
+    let policy = |ns: &str| {
+        np(
+            "allow-from",
+            "x",
+            &format!(
+                "podSelector:\n  matchLabels: {{pod: a}}\ningress:\n- from:\n  - namespaceSelector:\n      matchLabels: {{ns: {ns}}}"
+            ),
+        )
+    };
+    let Some(mut c) = with_agents("policy_update_changes_matrix", &policy("y")) else {
+        return;
+    };
+    let mut r = all(&c);
+    r.expect_all_ingress("x/a", false)
+        .expect_peer("y/*", "x/a", true);
+    expect(&mut c, &r, &[TCP80, UDP80]);
+    apply(&c, &policy("z"));
+    let mut r = all(&c);
+    r.expect_all_ingress("x/a", false)
+        .expect_peer("z/*", "x/a", true);
+    expect(&mut c, &r, &[TCP80, UDP80, TCP80_V6]);
+}
+
+#[test]
+fn policy_delete_restores_connectivity() {
+    let Some(mut c) = with_agents(
+        "policy_delete_restores_connectivity",
+        &np(
+            "deny-all",
+            "x",
+            "podSelector: {}\npolicyTypes: [Ingress, Egress]",
+        ),
+    ) else {
+        return;
+    };
+    let mut r = all(&c);
+    r.expect_all_ingress("x/*", false)
+        .expect_all_egress("x/*", false);
+    expect(&mut c, &r, &[TCP80, UDP81]);
+    apply(&c, "");
+    expect_all_allowed(&mut c, &[TCP80, UDP81, TCP81_V6, UDP80_V6]);
+}
+
+#[test]
+fn pod_label_change_of_peer() {
+    let Some(mut c) = with_agents(
+        "pod_label_change_of_peer",
+        &np(
+            "from-clients",
+            "x",
+            "podSelector:\n  matchLabels: {pod: a}\ningress:\n- from:\n  - podSelector:\n      matchLabels: {role: client}",
+        ),
+    ) else {
+        return;
+    };
+    let mut r = all(&c);
+    r.expect_all_ingress("x/a", false);
+    expect(&mut c, &r, &[TCP80]);
+    c.set_pod_labels("x/b", &[("pod", "b"), ("role", "client")])
+        .unwrap();
+    let mut r2 = r.clone();
+    r2.expect_peer("x/b", "x/a", true);
+    expect(&mut c, &r2, &[TCP80, UDP81, TCP80_V6]);
+    c.set_pod_labels("x/b", &[("pod", "b")]).unwrap();
+    expect(&mut c, &r, &[TCP80, UDP81]);
+}
+
+#[test]
+fn pod_label_change_of_target() {
+    let Some(mut c) = with_agents(
+        "pod_label_change_of_target",
+        &np(
+            "isolate",
+            "x",
+            "podSelector:\n  matchLabels: {isolated: 'true'}\npolicyTypes: [Ingress]",
+        ),
+    ) else {
+        return;
+    };
+    c.set_pod_labels("x/a", &[("pod", "a"), ("isolated", "true")])
+        .unwrap();
+    let mut r = all(&c);
+    r.expect_all_ingress("x/a", false);
+    expect(&mut c, &r, &[TCP80, UDP80, TCP80_V6]);
+    c.set_pod_labels("x/a", &[("pod", "a")]).unwrap();
+    c.set_pod_labels("x/c", &[("pod", "c"), ("isolated", "true")])
+        .unwrap();
+    let mut r = all(&c);
+    r.expect_all_ingress("x/c", false);
+    expect(&mut c, &r, &[TCP80, UDP80]);
+}
+
+#[test]
+fn namespace_label_change() {
+    let Some(mut c) = with_agents(
+        "namespace_label_change",
+        &np(
+            "from-blue",
+            "x",
+            "podSelector:\n  matchLabels: {pod: a}\ningress:\n- from:\n  - namespaceSelector:\n      matchLabels: {team: blue}",
+        ),
+    ) else {
+        return;
+    };
+    let mut r = all(&c);
+    r.expect_all_ingress("x/a", false);
+    expect(&mut c, &r, &[TCP80]);
+    c.set_namespace_labels("y", &[("ns", "y"), ("team", "blue")])
+        .unwrap();
+    r.expect_peer("y/*", "x/a", true);
+    expect(&mut c, &r, &[TCP80, UDP81, UDP81_V6]);
+}
+
+#[test]
+fn multiple_policies_are_a_union() {
+    let from = |name: &str, ns: &str| {
+        np(
+            name,
+            "x",
+            &format!(
+                "podSelector:\n  matchLabels: {{pod: a}}\ningress:\n- from:\n  - namespaceSelector:\n      matchLabels: {{ns: {ns}}}"
+            ),
+        )
+    };
+    let Some(mut c) = with_agents(
+        "multiple_policies_are_a_union",
+        &format!("{}{}", from("from-y", "y"), from("from-z", "z")),
+    ) else {
+        return;
+    };
+    let mut r = all(&c);
+    r.expect_all_ingress("x/a", false)
+        .expect_peer("y/*", "x/a", true)
+        .expect_peer("z/*", "x/a", true);
+    expect(&mut c, &r, &[TCP80, UDP81, TCP81_V6]);
+}
+
+#[test]
+fn egress_deny_still_lets_replies_through() {
+    let Some(mut c) = with_agents(
+        "egress_deny_still_lets_replies_through",
+        &np(
+            "deny-egress-a",
+            "x",
+            "podSelector:\n  matchLabels: {pod: a}\npolicyTypes: [Egress]",
+        ),
+    ) else {
+        return;
+    };
+    // x/a can open nothing, yet everyone can still connect to it: its replies are not egress.
+    let mut r = all(&c);
+    r.expect_all_egress("x/a", false);
+    expect(&mut c, &r, &[TCP80, UDP81, TCP81_V6, UDP80_V6]);
+    // Same for ingress-deny: x/a's own connections get their replies back.
+    apply(
+        &c,
+        &np(
+            "deny-ingress-a",
+            "x",
+            "podSelector:\n  matchLabels: {pod: a}\npolicyTypes: [Ingress]",
+        ),
+    );
+    let mut r = all(&c);
+    r.expect_all_ingress("x/a", false);
+    expect(&mut c, &r, &[TCP80, UDP81, UDP80_V6]);
+}
+
+#[test]
+fn connection_needs_source_egress_and_destination_ingress() {
+    let policies = format!(
+        "{}{}",
+        np(
+            "x-a-from-y",
+            "x",
+            "podSelector:\n  matchLabels: {pod: a}\ningress:\n- from:\n  - namespaceSelector:\n      matchLabels: {ns: y}",
+        ),
+        np(
+            "y-b-no-egress",
+            "y",
+            "podSelector:\n  matchLabels: {pod: b}\npolicyTypes: [Egress]",
+        )
+    );
+    let Some(mut c) = with_agents(
+        "connection_needs_source_egress_and_destination_ingress",
+        &policies,
+    ) else {
+        return;
+    };
+    let mut r = all(&c);
+    r.expect_all_ingress("x/a", false)
+        .expect_peer("y/*", "x/a", true)
+        .expect_all_egress("y/b", false);
+    expect(&mut c, &r, &[TCP80, UDP80, TCP80_V6]);
+}
+
+#[test]
+fn egress_to_pod_in_other_namespace_on_port() {
+    let Some(mut c) = with_agents(
+        "egress_to_pod_in_other_namespace_on_port",
+        &np(
+            "to-y-c-80",
+            "x",
+            r#"podSelector:
+  matchLabels: {pod: a}
+policyTypes: [Egress]
+egress:
+- to:
+  - namespaceSelector:
+      matchLabels: {ns: y}
+    podSelector:
+      matchLabels: {pod: c}
+  ports:
+  - port: 80"#,
+        ),
+    ) else {
+        return;
+    };
+    let mut blocked = all(&c);
+    blocked.expect_all_egress("x/a", false);
+    expect(&mut c, &blocked, &[TCP81, UDP80, TCP81_V6]);
+    let mut r = blocked.clone();
+    r.expect_peer("x/a", "y/c", true);
+    expect(&mut c, &r, &[TCP80, TCP80_V6]);
+}

@@ -96,11 +96,9 @@ fn serve(args: &[String]) -> Result<()> {
 }
 
 fn serve_tcp(l: TcpListener) {
-    for conn in l.incoming() {
-        if let Ok(mut c) = conn {
-            let _ = c.set_write_timeout(Some(Duration::from_secs(1)));
-            let _ = c.write_all(b"x");
-        }
+    for mut c in l.incoming().flatten() {
+        let _ = c.set_write_timeout(Some(Duration::from_secs(1)));
+        let _ = c.write_all(b"x");
     }
 }
 
