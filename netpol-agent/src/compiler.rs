@@ -22,6 +22,9 @@ use crate::identity::{Identities, PodIdentityKey, Prefix, fnv1a32};
 use crate::model::{ClusterState, Origin, Pod, PodKey, Policy, Protocol};
 use crate::selector::Selector;
 
+#[cfg(test)]
+mod tests;
+
 /// What the compiler needs besides the cluster state.
 #[derive(Clone, Copy, Debug)]
 pub struct CompileInput<'a> {
@@ -533,6 +536,13 @@ enum Target<'a> {
     Cidr(u32),
 }
 
+/// A rule of a valid policy with its peers resolved to identities.
+struct ResolvedRule<'a> {
+    direction: Direction,
+    targets: Vec<Target<'a>>,
+    ports: &'a [PortMatch],
+}
+
 /// Compiles the state into map contents.
 pub fn compile(input: &CompileInput<'_>) -> Compiled {
     let state = input.state;
@@ -547,7 +557,7 @@ pub fn compile(input: &CompileInput<'_>) -> Compiled {
 
     let identities = allocate_identities(state, &parsed);
     for (prefix, id) in &identities.cidrs {
-        out.cidrs.insert((prefix.addr(), prefix.len()), *id);
+        out.cidrs.insert((prefix.addr(), prefix.prefix_len()), *id);
     }
     fill_ipcache(input, &identities, &mut out.ipcache);
 
@@ -608,13 +618,17 @@ pub fn compile(input: &CompileInput<'_>) -> Compiled {
         }
         targets.into_values().collect()
     };
-    let resolved: Vec<Vec<(Direction, Vec<Target<'_>>, &[PortMatch])>> = parsed
+    let resolved: Vec<Vec<ResolvedRule<'_>>> = parsed
         .iter()
         .map(|p| {
             p.rules
                 .iter()
                 .filter(|r| p.isolates(r.direction))
-                .map(|r| (r.direction, resolve(p, &r.peers), r.ports.as_slice()))
+                .map(|r| ResolvedRule {
+                    direction: r.direction,
+                    targets: resolve(p, &r.peers),
+                    ports: &r.ports,
+                })
                 .collect()
         })
         .collect();
@@ -645,17 +659,17 @@ pub fn compile(input: &CompileInput<'_>) -> Compiled {
             if !selected {
                 continue;
             }
-            for (direction, targets, ports) in rules {
+            for rule in rules {
                 emit_rule(
                     &mut out.policy,
                     Emit {
                         endpoint,
-                        direction: *direction,
+                        direction: rule.direction,
                         policy: policy.id,
                         local_pod: pod,
                     },
-                    targets,
-                    ports,
+                    &rule.targets,
+                    rule.ports,
                     &identities,
                 );
             }

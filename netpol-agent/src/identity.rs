@@ -122,7 +122,7 @@ impl Prefix {
     }
 
     /// The length in [`IpKey`] bits.
-    pub fn len(&self) -> u32 {
+    pub fn prefix_len(&self) -> u32 {
         self.len
     }
 
@@ -319,7 +319,7 @@ mod tests {
     #[test]
     fn prefixes() {
         let p = v4("10.1.2.3/16");
-        assert_eq!(p.len(), 112);
+        assert_eq!(p.prefix_len(), 112);
         assert_eq!(p.to_string(), "10.1.0.0/16");
         assert!(p.is_v4());
         assert!(v4("10.0.0.0/8").contains(&p));
