@@ -46,10 +46,11 @@ impl fmt::Display for PodKey {
 /// Where an object was read from.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Origin {
-    /// A manifest file: `document` counts YAML documents from 1, `item` counts `List` items from 0.
+    /// A manifest file: `document` counts YAML documents from 1 (`None`: the file as a whole), `item`
+    /// counts `List` items from 0.
     File {
         path: PathBuf,
-        document: usize,
+        document: Option<usize>,
         item: Option<usize>,
     },
     /// The Kubernetes API.
@@ -64,7 +65,10 @@ impl fmt::Display for Origin {
                 document,
                 item,
             } => {
-                write!(f, "{} document {document}", path.display())?;
+                write!(f, "{}", path.display())?;
+                if let Some(document) = document {
+                    write!(f, " document {document}")?;
+                }
                 match item {
                     Some(item) => write!(f, " items[{item}]"),
                     None => Ok(()),
