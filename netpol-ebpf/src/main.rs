@@ -6,6 +6,9 @@
 //! Both call [`try_classify`]; any error drops the packet (fail closed) as `DroppedMalformed`.
 #![no_std]
 #![no_main]
+// Map keys are passed by reference on purpose: by value, each call site would copy the 44-byte
+// `CtKey` onto the 512-byte BPF stack.
+#![allow(clippy::needless_borrows_for_generic_args)]
 
 mod maps;
 mod parse;
@@ -51,9 +54,9 @@ fn verdict(reason: Reason) -> i32 {
         unsafe { *slot += 1 };
     }
     if reason.is_drop() {
-        TC_ACT_SHOT as i32
+        TC_ACT_SHOT
     } else {
-        TC_ACT_OK as i32
+        TC_ACT_OK
     }
 }
 
@@ -108,23 +111,27 @@ fn classify_ip(
     };
 
     // An ICMP error about a flow this endpoint knows is a reply.
-    if pkt.icmp_error && parse::embedded_flow(ctx, pkt, &mut key)? {
-        // The embedded packet went the other way: it is a packet of the flow as first seen...
-        key.direction = dir.opposite() as u8;
-        if CONNTRACK.get_ptr(&key).is_some() {
-            return Ok(Reason::AllowedReply);
+    if pkt.icmp_error {
+        if parse::embedded_flow(ctx, pkt, &mut key)? {
+            // The embedded packet went the other way: it is a packet of the flow as first seen...
+            key.direction = dir.opposite() as u8;
+            if CONNTRACK.get_ptr(&key).is_some() {
+                return Ok(Reason::AllowedReply);
+            }
+            // ... or a reply of a flow first seen in this direction.
+            reverse(&mut key);
+            key.direction = dir as u8;
+            if CONNTRACK.get_ptr(&key).is_some() {
+                return Ok(Reason::AllowedReply);
+            }
         }
-        // ... or a reply of a flow first seen in this direction.
-        reverse(&mut key);
-        key.direction = dir as u8;
-        if CONNTRACK.get_ptr(&key).is_some() {
-            return Ok(Reason::AllowedReply);
-        }
+        // Not about a known flow (or `embedded_flow` gave up half-way): back to the outer packet.
         key.src = pkt.src;
         key.dst = pkt.dst;
         key.src_port = pkt.sport;
         key.dst_port = pkt.dport;
         key.protocol = pkt.proto;
+        key.direction = dir as u8;
     }
 
     let generation = CONFIG.get(CONFIG_GENERATION).copied().unwrap_or(0);

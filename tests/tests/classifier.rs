@@ -356,6 +356,15 @@ fn programs_load_and_verify() {
         assert!(env.ebpf.map(name).is_some(), "map {name} missing");
         assert!(env._fs.dir.join(name).exists(), "map {name} not pinned");
     }
+    // Headroom against the verifier's 1M-instruction budget (printed with --nocapture).
+    for name in [program_names::POD_EGRESS, program_names::POD_INGRESS] {
+        let prog: &SchedClassifier = env.ebpf.program(name).unwrap().try_into().unwrap();
+        let info = prog.info().unwrap();
+        println!(
+            "{name}: {} instructions verified",
+            info.verified_instruction_count().unwrap_or(0)
+        );
+    }
 }
 
 #[test]
@@ -1205,6 +1214,27 @@ fn icmp_errors_about_known_flows() {
         Ingress,
         &Packet::new(b(), a(), L4::icmp_error(3, 3, cut)).build(),
         Reason::DroppedIngressDenied,
+    );
+
+    // An error that is not a reply but is allowed by policy is tracked as itself (outer
+    // addresses, ICMP), not as the flow it quotes, even when the quote is unusable.
+    env.allow(ID_C, Ingress, proto::ICMP, 0, POLICY_PREFIX_ANY_PORT);
+    let mut cut = other.ip_bytes();
+    cut.truncate(22);
+    let from_c = Packet::new(POD_C.into(), a(), L4::icmp_error(3, 3, cut));
+    env.expect(Ingress, &from_c.build(), Reason::AllowedPolicy);
+    let from_c = Packet::new(POD_C.into(), a(), L4::icmp_error(3, 3, other.ip_bytes()));
+    env.expect(Ingress, &from_c.build(), Reason::AllowedEstablished);
+    let tracked: Vec<CtKey> = env.conntrack().into_iter().map(|(k, _)| k).collect();
+    assert!(tracked.iter().any(|k| k.src == ip_key(POD_C.into()).addr
+        && k.dst == ip_key(a()).addr
+        && k.protocol == proto::ICMP
+        && k.direction == Ingress as u8));
+    assert!(
+        !tracked
+            .iter()
+            .any(|k| k.protocol == proto::UDP && k.src_port == 5001),
+        "the quoted flow must not be tracked: {tracked:?}"
     );
 
     // The pod sending an error about a flow allowed in: a reply too.
