@@ -24,6 +24,7 @@ fn harness_connectivity_without_agent() {
     let mut c = Cluster::new(PROBE_BIN).expect("cluster setup");
     let setup = t0.elapsed();
     let prefix = c.prefix.clone();
+    validate_objects(&c);
     let all = c.reachability(true);
     for (port, proto, family) in [
         (80, Proto::Tcp, Family::V4),
@@ -121,7 +122,7 @@ fn cluster(test: &str) -> Option<Cluster> {
 /// Writes `policies` and starts the agents; panics clearly when the agent binary is missing.
 fn with_agents(test: &str, policies: &str) -> Option<Cluster> {
     let mut c = cluster(test)?;
-    c.apply_policies(policies).unwrap();
+    apply(&c, policies);
     start(&mut c);
     Some(c)
 }
@@ -133,7 +134,26 @@ fn start(c: &mut Cluster) {
 }
 
 fn apply(c: &Cluster, policies: &str) {
+    validate_policies(policies);
     c.apply_policies(policies).unwrap();
+}
+
+fn yaml_docs(s: &str) -> Vec<serde_yaml::Value> {
+    use serde::Deserialize as _;
+    serde_yaml::Deserializer::from_str(s)
+        .map(|d| serde_yaml::Value::deserialize(d).unwrap_or_else(|e| panic!("bad YAML: {e}\n{s}")))
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+/// Catches mistakes in the test's own YAML (so a failure points at the agent, not the test).
+fn validate_policies(policies: &str) {
+    use k8s_openapi::api::networking::v1::NetworkPolicy;
+    for doc in yaml_docs(policies) {
+        let p: NetworkPolicy = serde_yaml::from_value(doc.clone())
+            .unwrap_or_else(|e| panic!("not a NetworkPolicy: {e}\n{doc:?}"));
+        assert!(p.metadata.namespace.is_some() && p.metadata.name.is_some());
+    }
 }
 
 /// Waits for `r` on every case in order (list cases that differ from "all allowed" first, so
@@ -845,4 +865,65 @@ egress:
     let mut r = blocked.clone();
     r.expect_peer("x/a", "y/c", true);
     expect(&mut c, &r, &[TCP80, TCP80_V6]);
+}
+
+/// The harness's manifests parse as Kubernetes objects with what the agent needs.
+fn validate_objects(c: &Cluster) {
+    use k8s_openapi::api::core::v1::{Namespace, Pod};
+    let text = std::fs::read_to_string(c.manifest_dir.join("objects.yaml")).unwrap();
+    let (mut namespaces, mut pods) = (0, 0);
+    for doc in yaml_docs(&text) {
+        match doc["kind"].as_str() {
+            Some("Namespace") => {
+                let ns: Namespace = serde_yaml::from_value(doc).unwrap();
+                let labels = ns.metadata.labels.unwrap();
+                assert_eq!(
+                    labels.get("kubernetes.io/metadata.name"),
+                    ns.metadata.name.as_ref()
+                );
+                namespaces += 1;
+            }
+            Some("Pod") => {
+                let pod: Pod = serde_yaml::from_value(doc).unwrap();
+                let id = format!(
+                    "{}/{}",
+                    pod.metadata.namespace.unwrap(),
+                    pod.metadata.name.unwrap()
+                );
+                let want = c.pod(&id);
+                let spec = pod.spec.unwrap();
+                assert_eq!(spec.node_name.unwrap(), c.nodes[want.node].name);
+                let ports: Vec<String> = spec
+                    .containers
+                    .iter()
+                    .flat_map(|k| k.ports.clone().unwrap_or_default())
+                    .map(|p| {
+                        format!(
+                            "{}={}/{}",
+                            p.name.unwrap(),
+                            p.container_port,
+                            p.protocol.unwrap()
+                        )
+                    })
+                    .collect();
+                assert_eq!(
+                    ports,
+                    [
+                        "serve-80-tcp=80/TCP",
+                        "serve-80-udp=80/UDP",
+                        "serve-81-tcp=81/TCP",
+                        "serve-81-udp=81/UDP"
+                    ]
+                );
+                let status = pod.status.unwrap();
+                assert_eq!(status.phase.as_deref(), Some("Running"));
+                assert_eq!(status.pod_ip.unwrap(), want.ipv4.to_string());
+                let ips: Vec<String> = status.pod_ips.unwrap().into_iter().map(|i| i.ip).collect();
+                assert_eq!(ips, [want.ipv4.to_string(), want.ipv6.to_string()]);
+                pods += 1;
+            }
+            other => panic!("unexpected kind {other:?}"),
+        }
+    }
+    assert_eq!((namespaces, pods), (3, 9));
 }
