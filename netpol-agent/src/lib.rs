@@ -5,6 +5,7 @@
 //! [`selector`] and [`identity`]) -> datapath ([`datapath`]: maps and attachments, on the veths that
 //! [`discovery`] finds) -> counters -> observers ([`control`]: `status`).
 
+pub mod agent;
 pub mod compiler;
 pub mod identity;
 pub mod manifests;
