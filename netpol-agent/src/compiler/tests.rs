@@ -1125,3 +1125,36 @@ fn stats() {
     assert_eq!(out.stats.isolated_egress, 1);
     assert_eq!(out.stats.policy_entries, out.policy.len());
 }
+
+#[test]
+fn address_claimed_twice_stays_with_the_local_pod() {
+    let mut c = Cluster::new();
+    // "a-stale" sorts first and is remote; the local pod must keep the address.
+    c.remote("default", "a-stale", &[], &["10.0.0.2"]);
+    let web = c.local("default", "web", &[("app", "web")], &["10.0.0.2"]);
+    let out = c.compile();
+    assert_eq!(out.ipcache[&ip_key(ip("10.0.0.2"))].endpoint, web);
+    // A host address never takes over a pod address.
+    let mut c = Cluster::new();
+    c.host_addrs.push(ip("10.0.1.2"));
+    c.remote("default", "client", &[], &["10.0.1.2"]);
+    let out = c.compile();
+    assert_ne!(
+        out.ipcache[&ip_key(ip("10.0.1.2"))].identity,
+        identity::HOST
+    );
+}
+
+#[test]
+fn named_port_of_an_unknown_endpoint_resolves_to_nothing() {
+    let (mut c, _) = web_and_client();
+    c.endpoints.insert(PodKey::new("default", "ghost"), 99);
+    c.policy(
+        "default",
+        "p",
+        "podSelector: {}\ningress:\n- ports: [{port: http}, {port: 22}]",
+    );
+    let out = c.compile();
+    assert!(tcp_in(&out, 99, "10.0.1.2", 22));
+    assert!(out.policy.keys().filter(|(k, _)| k.endpoint == 99).count() == 1);
+}
