@@ -4,11 +4,16 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 
 fn main() -> anyhow::Result<()> {
-    let manifest_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").context("CARGO_MANIFEST_DIR")?);
+    let manifest_dir =
+        PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").context("CARGO_MANIFEST_DIR")?);
     let root_dir = manifest_dir.join("../netpol-ebpf");
     let root_dir = root_dir.to_str().context("non-UTF-8 path to netpol-ebpf")?;
     aya_build::build_ebpf(
-        [aya_build::Package { name: "netpol-ebpf", root_dir, ..Default::default() }],
+        [aya_build::Package {
+            name: "netpol-ebpf",
+            root_dir,
+            ..Default::default()
+        }],
         aya_build::Toolchain::default(),
     )
 }

@@ -43,7 +43,10 @@ fn lock_dir(path: &Path, what: &str) -> anyhow::Result<File> {
     // SAFETY: flock on a valid, owned file descriptor.
     let rc = unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
     if rc != 0 {
-        bail!("{what} {} is in use by another netpol-agent (pick another directory or stop that agent)", path.display());
+        bail!(
+            "{what} {} is in use by another netpol-agent (pick another directory or stop that agent)",
+            path.display()
+        );
     }
     Ok(dir)
 }
@@ -51,7 +54,9 @@ fn lock_dir(path: &Path, what: &str) -> anyhow::Result<File> {
 fn check_kernel() -> anyhow::Result<()> {
     let v = aya::util::KernelVersion::current().context("reading the kernel version")?;
     if v < aya::util::KernelVersion::new(6, 6, 0) {
-        bail!("kernel {v:?} has no TCX (needs Linux 6.6 or newer): netpol-agent cannot attach its programs");
+        bail!(
+            "kernel {v:?} has no TCX (needs Linux 6.6 or newer): netpol-agent cannot attach its programs"
+        );
     }
     Ok(())
 }
@@ -67,14 +72,20 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cfg.state_dir)
         .with_context(|| format!("creating the state directory {}", cfg.state_dir.display()))?;
     let _state_lock = lock_dir(&cfg.state_dir, "state directory")?;
-    cfg.layout.prepare().with_context(|| format!("preparing the pin directory {}", cfg.layout.root().display()))?;
+    cfg.layout.prepare().with_context(|| {
+        format!(
+            "preparing the pin directory {}",
+            cfg.layout.root().display()
+        )
+    })?;
     let _pin_lock = lock_dir(cfg.layout.root(), "pin directory")?;
     let datapath = Datapath::open(cfg.layout.clone()).context("loading the datapath")?;
     let discovery = Discovery::new().context("opening rtnetlink")?;
 
     let socket = control::socket_path(&cfg.state_dir);
     let _ = std::fs::remove_file(&socket);
-    let listener = UnixListener::bind(&socket).with_context(|| format!("binding {}", socket.display()))?;
+    let listener =
+        UnixListener::bind(&socket).with_context(|| format!("binding {}", socket.display()))?;
     let status: SharedStatus = Arc::new(Mutex::new(Status {
         node: cfg.node_name.clone(),
         pin_dir: cfg.layout.root().display().to_string(),
@@ -94,7 +105,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
 
     tracing::info!(node = %cfg.node_name, manifests = %cfg.manifests.display(), pin_dir = %cfg.layout.root().display(), "agent started");
     let mut sync = Sync::new(cfg.clone(), datapath, discovery, status, state);
-    let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())
+        .context("installing SIGTERM handler")?;
     let mut tick = tokio::time::interval(RESCAN_INTERVAL);
     loop {
         tokio::select! {
@@ -129,7 +141,13 @@ struct Sync {
 }
 
 impl Sync {
-    fn new(cfg: AgentConfig, datapath: Datapath, discovery: Discovery, status: SharedStatus, state: ClusterState) -> Self {
+    fn new(
+        cfg: AgentConfig,
+        datapath: Datapath,
+        discovery: Discovery,
+        status: SharedStatus,
+        state: ClusterState,
+    ) -> Self {
         Sync {
             cfg,
             datapath,
@@ -206,7 +224,11 @@ impl Sync {
         }
         let before = self.datapath.generation();
         let write_errors = self.datapath.apply(&contents_of(&compiled));
-        errors.extend(write_errors.iter().map(|w| format!("map {} write failed: {}", w.map, w.error)));
+        errors.extend(
+            write_errors
+                .iter()
+                .map(|w| format!("map {} write failed: {}", w.map, w.error)),
+        );
         if self.datapath.generation() != before {
             tracing::info!(
                 generation = self.datapath.generation(),
@@ -248,24 +270,35 @@ impl Sync {
     }
 
     fn publish(&self, view: &NodeView, endpoints: &BTreeMap<PodKey, u32>, compiled: &Compiled) {
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
         let eps = endpoints
             .iter()
             .map(|(pod, ifindex)| {
                 let veth = view.veths.iter().find(|v| v.ifindex == *ifindex);
-                let flags = compiled.endpoints.get(ifindex).map(|e| e.flags).unwrap_or(0);
+                let flags = compiled
+                    .endpoints
+                    .get(ifindex)
+                    .map(|e| e.flags)
+                    .unwrap_or(0);
                 EndpointStatus {
                     pod: pod.to_string(),
                     ifname: veth.map(|v| v.name.clone()).unwrap_or_default(),
                     ifindex: *ifindex,
-                    ips: veth.map(|v| v.peer_addrs.iter().map(|a| a.to_string()).collect()).unwrap_or_default(),
+                    ips: veth
+                        .map(|v| v.peer_addrs.iter().map(|a| a.to_string()).collect())
+                        .unwrap_or_default(),
                     isolated_ingress: flags & endpoint_flags::ISOLATED_INGRESS != 0,
                     isolated_egress: flags & endpoint_flags::ISOLATED_EGRESS != 0,
                     attached: self.attached.contains_key(ifindex),
                 }
             })
             .collect();
-        let Ok(mut s) = self.status.lock() else { return };
+        let Ok(mut s) = self.status.lock() else {
+            return;
+        };
         s.ready = true;
         s.last_sync_unix = Some(now);
         s.generation = self.datapath.generation();
@@ -277,14 +310,27 @@ impl Sync {
             .datapath
             .usage()
             .into_iter()
-            .map(|u| MapStatus { name: u.name.to_owned(), entries: u.entries, capacity: u.capacity })
+            .map(|u| MapStatus {
+                name: u.name.to_owned(),
+                entries: u.entries,
+                capacity: u.capacity,
+            })
             .collect();
-        s.counters = self.datapath.counters().into_iter().map(|(r, n)| (r.name().to_owned(), n)).collect();
+        s.counters = self
+            .datapath
+            .counters()
+            .into_iter()
+            .map(|(r, n)| (r.name().to_owned(), n))
+            .collect();
     }
 }
 
 /// The local pods that have a veth here: a pod of this node whose address is on a veth's peer.
-pub fn match_endpoints(state: &ClusterState, node_name: &str, view: &NodeView) -> BTreeMap<PodKey, u32> {
+pub fn match_endpoints(
+    state: &ClusterState,
+    node_name: &str,
+    view: &NodeView,
+) -> BTreeMap<PodKey, u32> {
     let by_ip: BTreeMap<IpAddr, &PodKey> = state
         .pods
         .values()

@@ -74,7 +74,9 @@ pub type SharedStatus = Arc<Mutex<Status>>;
 /// Serves `status` requests on `path` until the task is dropped.
 pub async fn serve(listener: UnixListener, status: SharedStatus) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
         let status = status.clone();
         tokio::spawn(async move {
             if let Err(e) = answer(stream, status).await {
@@ -93,7 +95,9 @@ async fn answer(stream: UnixStream, status: SharedStatus) -> anyhow::Result<()> 
             let snapshot = status.lock().map(|s| s.clone()).unwrap_or_default();
             serde_json::to_vec(&snapshot)?
         }
-        other => serde_json::to_vec(&serde_json::json!({ "error": format!("unknown request {other:?}") }))?,
+        other => serde_json::to_vec(
+            &serde_json::json!({ "error": format!("unknown request {other:?}") }),
+        )?,
     };
     write.write_all(&body).await?;
     write.shutdown().await?;
@@ -103,12 +107,21 @@ async fn answer(stream: UnixStream, status: SharedStatus) -> anyhow::Result<()> 
 /// Asks the agent behind `state_dir` for its status.
 pub async fn request_status(state_dir: &Path) -> anyhow::Result<Status> {
     let path = socket_path(state_dir);
-    let mut stream = UnixStream::connect(&path)
+    let mut stream = UnixStream::connect(&path).await.with_context(|| {
+        format!(
+            "connecting to the agent at {} (is `netpol-agent run` running with this --state-dir?)",
+            path.display()
+        )
+    })?;
+    stream
+        .write_all(b"status\n")
         .await
-        .with_context(|| format!("connecting to the agent at {} (is `netpol-agent run` running with this --state-dir?)", path.display()))?;
-    stream.write_all(b"status\n").await.context("sending the status request")?;
+        .context("sending the status request")?;
     let mut body = Vec::new();
-    stream.read_to_end(&mut body).await.context("reading the status answer")?;
+    stream
+        .read_to_end(&mut body)
+        .await
+        .context("reading the status answer")?;
     serde_json::from_slice(&body).context("decoding the status answer")
 }
 

@@ -6,11 +6,7 @@
 //! agent matches those addresses with the pods the cluster state puts on this node; a veth that
 //! matches no local pod is never touched.
 
-use std::{
-    collections::HashMap,
-    io,
-    net::IpAddr,
-};
+use std::{collections::HashMap, io, net::IpAddr};
 
 use netlink_packet_core::{NLM_F_DUMP, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload};
 use netlink_packet_route::{
@@ -77,9 +73,17 @@ impl Discovery {
     pub fn new() -> Result<Self, DiscoveryError> {
         let mut socket = Socket::new(NETLINK_ROUTE).map_err(DiscoveryError::Socket)?;
         socket.bind_auto().map_err(DiscoveryError::Socket)?;
-        socket.connect(&SocketAddr::new(0, 0)).map_err(DiscoveryError::Socket)?;
-        socket.set_netlink_get_strict_chk(true).map_err(DiscoveryError::Socket)?;
-        Ok(Discovery { socket, seq: 0, peer_cache: HashMap::new() })
+        socket
+            .connect(&SocketAddr::new(0, 0))
+            .map_err(DiscoveryError::Socket)?;
+        socket
+            .set_netlink_get_strict_chk(true)
+            .map_err(DiscoveryError::Socket)?;
+        Ok(Discovery {
+            socket,
+            seq: 0,
+            peer_cache: HashMap::new(),
+        })
     }
 
     /// Reads the pod veths and the node's addresses.
@@ -87,7 +91,9 @@ impl Discovery {
         let links = self.dump("link", RouteNetlinkMessage::GetLink(LinkMessage::default()))?;
         let mut veths = Vec::new();
         for msg in links {
-            let RouteNetlinkMessage::NewLink(link) = msg else { continue };
+            let RouteNetlinkMessage::NewLink(link) = msg else {
+                continue;
+            };
             if let Some(v) = pod_veth_of(&link) {
                 veths.push(v);
             }
@@ -111,18 +117,27 @@ impl Discovery {
 
     /// Addresses in the namespace `netnsid` (or our own), of one interface (or all). Link-local IPv6
     /// addresses are left out: they are not pod or node identities.
-    fn addresses(&mut self, netnsid: Option<i32>, ifindex: Option<u32>) -> Result<Vec<IpAddr>, DiscoveryError> {
+    fn addresses(
+        &mut self,
+        netnsid: Option<i32>,
+        ifindex: Option<u32>,
+    ) -> Result<Vec<IpAddr>, DiscoveryError> {
         let mut msg = AddressMessage::default();
         if let Some(index) = ifindex {
             msg.header.index = index;
         }
         if let Some(id) = netnsid {
-            msg.attributes.push(AddressAttribute::Other(DefaultNla::new(IFA_TARGET_NETNSID, id.to_ne_bytes().to_vec())));
+            msg.attributes.push(AddressAttribute::Other(DefaultNla::new(
+                IFA_TARGET_NETNSID,
+                id.to_ne_bytes().to_vec(),
+            )));
         }
         let replies = self.dump("address", RouteNetlinkMessage::GetAddress(msg))?;
         let mut addrs = Vec::new();
         for reply in replies {
-            let RouteNetlinkMessage::NewAddress(a) = reply else { continue };
+            let RouteNetlinkMessage::NewAddress(a) = reply else {
+                continue;
+            };
             if ifindex.is_some_and(|i| a.header.index != i) {
                 continue;
             }
@@ -139,7 +154,11 @@ impl Discovery {
         Ok(addrs)
     }
 
-    fn dump(&mut self, what: &'static str, message: RouteNetlinkMessage) -> Result<Vec<RouteNetlinkMessage>, DiscoveryError> {
+    fn dump(
+        &mut self,
+        what: &'static str,
+        message: RouteNetlinkMessage,
+    ) -> Result<Vec<RouteNetlinkMessage>, DiscoveryError> {
         let mut req = NetlinkMessage::from(message);
         req.header.flags = NLM_F_REQUEST | NLM_F_DUMP;
         self.seq = self.seq.wrapping_add(1);
@@ -155,7 +174,10 @@ impl Discovery {
             let mut offset = 0;
             while offset < data.len() {
                 let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&data[offset..])
-                    .map_err(|e| DiscoveryError::Decode { what, message: e.to_string() })?;
+                    .map_err(|e| DiscoveryError::Decode {
+                        what,
+                        message: e.to_string(),
+                    })?;
                 let len = msg.header.length as usize;
                 if msg.header.sequence_number == self.seq {
                     match msg.payload {
@@ -195,7 +217,9 @@ fn pod_veth_of(link: &LinkMessage) -> Option<PodVeth> {
         match attr {
             LinkAttribute::IfName(n) => name = Some(n.clone()),
             LinkAttribute::LinkInfo(infos) => {
-                is_veth = infos.iter().any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth)));
+                is_veth = infos
+                    .iter()
+                    .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth)));
             }
             LinkAttribute::LinkNetNsId(id) => netnsid = Some(*id),
             LinkAttribute::Link(index) => peer = Some(*index),

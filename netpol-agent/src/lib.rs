@@ -7,10 +7,10 @@
 
 pub mod agent;
 pub mod compiler;
+pub mod control;
+pub mod datapath;
+pub mod discovery;
 pub mod identity;
 pub mod manifests;
 pub mod model;
 pub mod selector;
-pub mod datapath;
-pub mod discovery;
-pub mod control;

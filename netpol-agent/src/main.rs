@@ -125,12 +125,23 @@ fn print_status(s: &Status) {
         println!("last sync:   {}s ago (unix {t})", now.saturating_sub(t));
     }
     println!("generation:  {}", s.generation);
-    println!("cluster:     {} namespaces, {} pods, {} policies", s.namespaces, s.pods, s.policies);
-    println!("\nENDPOINT                        VETH             IFINDEX  IN-ISOLATED  EG-ISOLATED  ATTACHED  IPS");
+    println!(
+        "cluster:     {} namespaces, {} pods, {} policies",
+        s.namespaces, s.pods, s.policies
+    );
+    println!(
+        "\nENDPOINT                        VETH             IFINDEX  IN-ISOLATED  EG-ISOLATED  ATTACHED  IPS"
+    );
     for e in &s.endpoints {
         println!(
             "{:<31} {:<16} {:<8} {:<12} {:<12} {:<9} {}",
-            e.pod, e.ifname, e.ifindex, e.isolated_ingress, e.isolated_egress, e.attached, e.ips.join(",")
+            e.pod,
+            e.ifname,
+            e.ifindex,
+            e.isolated_ingress,
+            e.isolated_egress,
+            e.attached,
+            e.ips.join(",")
         );
     }
     println!("\nMAP                ENTRIES  CAPACITY");

@@ -6,7 +6,11 @@ use netpol_agent::discovery::Discovery;
 
 fn ip(args: &[&str]) {
     let out = Command::new("ip").args(args).output().expect("run ip");
-    assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Deletes the namespaces when the test ends, also on failure.
@@ -46,14 +50,60 @@ fn finds_pod_veths_and_peer_addresses_only() {
         ip(&["netns", "add", ns]);
     }
     // A pod veth: peer in the pod namespace with IPv4 and IPv6 addresses.
-    ip(&["-n", &node, "link", "add", "veth0a1b2c3d", "type", "veth", "peer", "name", "eth0", "netns", &pod]);
+    ip(&[
+        "-n",
+        &node,
+        "link",
+        "add",
+        "veth0a1b2c3d",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        &pod,
+    ]);
     ip(&["-n", &pod, "addr", "add", "10.42.0.5/24", "dev", "eth0"]);
-    ip(&["-n", &pod, "addr", "add", "fd00:10:42::5/64", "dev", "eth0", "nodad"]);
+    ip(&[
+        "-n",
+        &pod,
+        "addr",
+        "add",
+        "fd00:10:42::5/64",
+        "dev",
+        "eth0",
+        "nodad",
+    ]);
     ip(&["-n", &pod, "link", "set", "eth0", "up"]);
     // A veth with both ends in the node namespace: not a pod veth.
-    ip(&["-n", &node, "link", "add", "vethlocal0", "type", "veth", "peer", "name", "vethlocal1"]);
+    ip(&[
+        "-n",
+        &node,
+        "link",
+        "add",
+        "vethlocal0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "vethlocal1",
+    ]);
     // A pod veth whose peer has no address yet.
-    ip(&["-n", &node, "link", "add", "veth99999999", "type", "veth", "peer", "name", "eth0", "netns", &other]);
+    ip(&[
+        "-n",
+        &node,
+        "link",
+        "add",
+        "veth99999999",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        &other,
+    ]);
     ip(&["-n", &node, "link", "add", "cni0", "type", "bridge"]);
     ip(&["-n", &node, "addr", "add", "10.42.0.1/24", "dev", "cni0"]);
 
@@ -70,12 +120,33 @@ fn finds_pod_veths_and_peer_addresses_only() {
     let names: Vec<&str> = view.veths.iter().map(|v| v.name.as_str()).collect();
     assert!(names.contains(&"veth0a1b2c3d"), "{names:?}");
     assert!(names.contains(&"veth99999999"), "{names:?}");
-    assert!(!names.iter().any(|n| n.starts_with("vethlocal")), "same-namespace veths are not pod veths: {names:?}");
-    let pod_veth = view.veths.iter().find(|v| v.name == "veth0a1b2c3d").expect("pod veth");
+    assert!(
+        !names.iter().any(|n| n.starts_with("vethlocal")),
+        "same-namespace veths are not pod veths: {names:?}"
+    );
+    let pod_veth = view
+        .veths
+        .iter()
+        .find(|v| v.name == "veth0a1b2c3d")
+        .expect("pod veth");
     let addrs: Vec<String> = pod_veth.peer_addrs.iter().map(|a| a.to_string()).collect();
-    assert_eq!(addrs, vec!["10.42.0.5".to_owned(), "fd00:10:42::5".to_owned()]);
-    let empty = view.veths.iter().find(|v| v.name == "veth99999999").expect("empty veth");
+    assert_eq!(
+        addrs,
+        vec!["10.42.0.5".to_owned(), "fd00:10:42::5".to_owned()]
+    );
+    let empty = view
+        .veths
+        .iter()
+        .find(|v| v.name == "veth99999999")
+        .expect("empty veth");
     assert!(empty.peer_addrs.is_empty());
-    assert!(view.host_addrs.iter().any(|a| a.to_string() == "10.42.0.1"), "{:?}", view.host_addrs);
-    assert!(!view.host_addrs.iter().any(|a| a.to_string() == "10.42.0.5"), "pod address is not a host address");
+    assert!(
+        view.host_addrs.iter().any(|a| a.to_string() == "10.42.0.1"),
+        "{:?}",
+        view.host_addrs
+    );
+    assert!(
+        !view.host_addrs.iter().any(|a| a.to_string() == "10.42.0.5"),
+        "pod address is not a host address"
+    );
 }

@@ -50,9 +50,23 @@ fn cargo() -> Command {
 fn test(args: &[String]) -> anyhow::Result<()> {
     setup::run()?;
     // One build first, so the test binaries and the agent come from a warm cache.
-    check(cargo().args(["build", "--locked", "--workspace", "--exclude", "netpol-ebpf", "--bins", "--tests"]))?;
+    check(cargo().args([
+        "build",
+        "--locked",
+        "--workspace",
+        "--exclude",
+        "netpol-ebpf",
+        "--bins",
+        "--tests",
+    ]))?;
     let mut cmd = cargo();
-    cmd.args(["test", "--locked", "--workspace", "--exclude", "netpol-ebpf"]);
+    cmd.args([
+        "test",
+        "--locked",
+        "--workspace",
+        "--exclude",
+        "netpol-ebpf",
+    ]);
     if setup::privileged() {
         // On a machine that can run them, the root/BPF/netns tests must run: a skip is a failure.
         cmd.env("NETPOL_REQUIRE_PRIVILEGED", "1");

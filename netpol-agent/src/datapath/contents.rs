@@ -38,7 +38,11 @@ fn diff<K: Ord + Clone, V: PartialEq + Clone>(
         .filter(|(k, v)| current.get(*k) != Some(*v))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    let deletes = current.keys().filter(|k| !desired.contains_key(*k)).cloned().collect();
+    let deletes = current
+        .keys()
+        .filter(|k| !desired.contains_key(*k))
+        .cloned()
+        .collect();
     MapChanges { upserts, deletes }
 }
 
@@ -95,7 +99,10 @@ impl Plan {
 
     /// True when nothing changes.
     pub fn is_empty(&self) -> bool {
-        self.endpoints.is_empty() && self.ipcache.is_empty() && self.cidrs.is_empty() && self.policy.is_empty()
+        self.endpoints.is_empty()
+            && self.ipcache.is_empty()
+            && self.cidrs.is_empty()
+            && self.policy.is_empty()
     }
 
     /// Number of entries written or deleted.
@@ -113,22 +120,46 @@ mod tests {
     use netpol_common::endpoint_flags::ISOLATED_INGRESS;
 
     fn key(endpoint: u32, identity: u32) -> (PolicyKey, u32) {
-        (PolicyKey { endpoint, identity, direction: 0, protocol: 6, port_be: 80u16.to_be_bytes() }, 96)
+        (
+            PolicyKey {
+                endpoint,
+                identity,
+                direction: 0,
+                protocol: 6,
+                port_be: 80u16.to_be_bytes(),
+            },
+            96,
+        )
     }
 
     #[test]
     fn diff_finds_new_changed_and_removed() {
         let mut current = Contents::default();
-        current.policy.insert(key(1, 300), PolicyValue { policy: 1, _pad: 0 });
-        current.policy.insert(key(1, 301), PolicyValue { policy: 1, _pad: 0 });
+        current
+            .policy
+            .insert(key(1, 300), PolicyValue { policy: 1, _pad: 0 });
+        current
+            .policy
+            .insert(key(1, 301), PolicyValue { policy: 1, _pad: 0 });
         current.endpoints.insert(1, EndpointInfo::default());
         let mut desired = current.clone();
         desired.policy.remove(&key(1, 301));
-        desired.policy.insert(key(1, 302), PolicyValue { policy: 2, _pad: 0 });
-        desired.endpoints.insert(1, EndpointInfo { flags: ISOLATED_INGRESS, _pad: 0 });
+        desired
+            .policy
+            .insert(key(1, 302), PolicyValue { policy: 2, _pad: 0 });
+        desired.endpoints.insert(
+            1,
+            EndpointInfo {
+                flags: ISOLATED_INGRESS,
+                _pad: 0,
+            },
+        );
 
         let plan = Plan::new(&current, &desired);
-        assert_eq!(plan.policy.upserts, vec![(key(1, 302), PolicyValue { policy: 2, _pad: 0 })]);
+        assert_eq!(
+            plan.policy.upserts,
+            vec![(key(1, 302), PolicyValue { policy: 2, _pad: 0 })]
+        );
         assert_eq!(plan.policy.deletes, vec![key(1, 301)]);
         assert_eq!(plan.endpoints.upserts.len(), 1);
         assert!(plan.endpoints.deletes.is_empty());
@@ -138,12 +169,31 @@ mod tests {
 
     #[test]
     fn allows_are_added_first_and_removed_last() {
-        let pos = |s| STEP_ORDER.iter().position(|x| *x == s).unwrap_or(usize::MAX);
-        for s in [Step::CidrUpserts, Step::IpcacheUpserts, Step::EndpointUpserts] {
-            assert!(pos(Step::PolicyUpserts) < pos(s), "{s:?} before policy upserts");
+        let pos = |s| {
+            STEP_ORDER
+                .iter()
+                .position(|x| *x == s)
+                .unwrap_or(usize::MAX)
+        };
+        for s in [
+            Step::CidrUpserts,
+            Step::IpcacheUpserts,
+            Step::EndpointUpserts,
+        ] {
+            assert!(
+                pos(Step::PolicyUpserts) < pos(s),
+                "{s:?} before policy upserts"
+            );
         }
-        for s in [Step::EndpointDeletes, Step::CidrDeletes, Step::IpcacheDeletes] {
-            assert!(pos(s) < pos(Step::PolicyDeletes), "{s:?} after policy deletes");
+        for s in [
+            Step::EndpointDeletes,
+            Step::CidrDeletes,
+            Step::IpcacheDeletes,
+        ] {
+            assert!(
+                pos(s) < pos(Step::PolicyDeletes),
+                "{s:?} after policy deletes"
+            );
         }
         assert_eq!(STEP_ORDER.last(), Some(&Step::BumpGeneration));
     }

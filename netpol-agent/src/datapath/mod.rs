@@ -17,8 +17,8 @@ use aya::{
     },
 };
 use netpol_common::{
-    CONFIG_GENERATION, EndpointInfo, IpInfo, IpKey, PolicyKey, PolicyValue, REASON_SLOTS, Reason, capacity,
-    map_names,
+    CONFIG_GENERATION, EndpointInfo, IpInfo, IpKey, PolicyKey, PolicyValue, REASON_SLOTS, Reason,
+    capacity, map_names,
 };
 use thiserror::Error;
 
@@ -40,7 +40,10 @@ pub enum DatapathError {
         source: Box<aya::EbpfError>,
     },
     #[error("the eBPF object has no {kind} named {name}")]
-    Missing { kind: &'static str, name: &'static str },
+    Missing {
+        kind: &'static str,
+        name: &'static str,
+    },
     #[error("opening map {name}")]
     Map {
         name: &'static str,
@@ -110,7 +113,9 @@ fn take_map<T: TryFrom<aya::maps::Map, Error = MapError>>(
     ebpf: &mut Ebpf,
     name: &'static str,
 ) -> Result<T, DatapathError> {
-    let map = ebpf.take_map(name).ok_or(DatapathError::Missing { kind: "map", name })?;
+    let map = ebpf
+        .take_map(name)
+        .ok_or(DatapathError::Missing { kind: "map", name })?;
     T::try_from(map).map_err(|source| DatapathError::Map { name, source })
 }
 
@@ -193,19 +198,28 @@ impl Datapath {
         let mut errors = Vec::new();
         let mut note = |map: &'static str, r: Result<(), MapError>| {
             if let Err(e) = r {
-                errors.push(WriteError { map, error: e.to_string() });
+                errors.push(WriteError {
+                    map,
+                    error: e.to_string(),
+                });
             }
         };
         for step in STEP_ORDER {
             match step {
                 Step::PolicyUpserts => {
                     for ((k, len), v) in &plan.policy.upserts {
-                        note(map_names::POLICY, self.policy.insert(&Key::new(*len, *k), *v, 0));
+                        note(
+                            map_names::POLICY,
+                            self.policy.insert(&Key::new(*len, *k), *v, 0),
+                        );
                     }
                 }
                 Step::CidrUpserts => {
                     for ((k, len), v) in &plan.cidrs.upserts {
-                        note(map_names::CIDRS, self.cidrs.insert(&Key::new(*len, *k), *v, 0));
+                        note(
+                            map_names::CIDRS,
+                            self.cidrs.insert(&Key::new(*len, *k), *v, 0),
+                        );
                     }
                 }
                 Step::IpcacheUpserts => {
@@ -220,12 +234,18 @@ impl Datapath {
                 }
                 Step::EndpointDeletes => {
                     for k in &plan.endpoints.deletes {
-                        note(map_names::ENDPOINTS, ignore_missing(self.endpoints.remove(k)));
+                        note(
+                            map_names::ENDPOINTS,
+                            ignore_missing(self.endpoints.remove(k)),
+                        );
                     }
                 }
                 Step::CidrDeletes => {
                     for (k, len) in &plan.cidrs.deletes {
-                        note(map_names::CIDRS, ignore_missing(self.cidrs.remove(&Key::new(*len, *k))));
+                        note(
+                            map_names::CIDRS,
+                            ignore_missing(self.cidrs.remove(&Key::new(*len, *k))),
+                        );
                     }
                 }
                 Step::IpcacheDeletes => {
@@ -235,12 +255,18 @@ impl Datapath {
                 }
                 Step::PolicyDeletes => {
                     for (k, len) in &plan.policy.deletes {
-                        note(map_names::POLICY, ignore_missing(self.policy.remove(&Key::new(*len, *k))));
+                        note(
+                            map_names::POLICY,
+                            ignore_missing(self.policy.remove(&Key::new(*len, *k))),
+                        );
                     }
                 }
                 Step::BumpGeneration => {
                     let next = self.generation().wrapping_add(1);
-                    note(map_names::CONFIG, self.config.set(CONFIG_GENERATION, next, 0));
+                    note(
+                        map_names::CONFIG,
+                        self.config.set(CONFIG_GENERATION, next, 0),
+                    );
                 }
             }
         }
@@ -260,7 +286,11 @@ impl Datapath {
             .into_iter()
             .filter(|r| (*r as u32) < REASON_SLOTS)
             .map(|r| {
-                let sum = self.counters.get(&(r as u32), 0).map(|v| v.iter().sum()).unwrap_or(0);
+                let sum = self
+                    .counters
+                    .get(&(r as u32), 0)
+                    .map(|v| v.iter().sum())
+                    .unwrap_or(0);
                 (r, sum)
             })
             .collect()
@@ -269,10 +299,26 @@ impl Datapath {
     /// Entries and capacity of each policy map.
     pub fn usage(&self) -> Vec<MapUsage> {
         vec![
-            MapUsage { name: map_names::ENDPOINTS, entries: self.current.endpoints.len(), capacity: capacity::ENDPOINTS },
-            MapUsage { name: map_names::IPCACHE, entries: self.current.ipcache.len(), capacity: capacity::IPCACHE },
-            MapUsage { name: map_names::CIDRS, entries: self.current.cidrs.len(), capacity: capacity::CIDRS },
-            MapUsage { name: map_names::POLICY, entries: self.current.policy.len(), capacity: capacity::POLICY },
+            MapUsage {
+                name: map_names::ENDPOINTS,
+                entries: self.current.endpoints.len(),
+                capacity: capacity::ENDPOINTS,
+            },
+            MapUsage {
+                name: map_names::IPCACHE,
+                entries: self.current.ipcache.len(),
+                capacity: capacity::IPCACHE,
+            },
+            MapUsage {
+                name: map_names::CIDRS,
+                entries: self.current.cidrs.len(),
+                capacity: capacity::CIDRS,
+            },
+            MapUsage {
+                name: map_names::POLICY,
+                entries: self.current.policy.len(),
+                capacity: capacity::POLICY,
+            },
         ]
     }
 
@@ -295,20 +341,33 @@ impl Datapath {
         for hook in Hook::ALL {
             let path = self.layout.link(ifindex, hook);
             let program = hook.program();
-            let attach_err = |source| DatapathError::Attach { program, ifname: ifname.to_owned(), ifindex, source };
-            let link_err = |source| DatapathError::Link { ifname: ifname.to_owned(), ifindex, source };
+            let attach_err = |source| DatapathError::Attach {
+                program,
+                ifname: ifname.to_owned(),
+                ifindex,
+                source,
+            };
+            let link_err = |source| DatapathError::Link {
+                ifname: ifname.to_owned(),
+                ifindex,
+                source,
+            };
             let prog = program_mut(&mut self.ebpf, program)?;
             match PinnedLink::from_pin(&path) {
                 Ok(pinned) => {
-                    let link = SchedClassifierLink::try_from(FdLink::from(pinned))
-                        .map_err(link_err)?;
+                    let link =
+                        SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(link_err)?;
                     let id = prog.attach_to_link(link).map_err(attach_err)?;
                     // The pin keeps the link; our fd can go.
                     drop(prog.take_link(id).map_err(attach_err)?);
                 }
                 Err(_) => {
                     let id = prog
-                        .attach_with_options(ifname, hook.tc_attach_type(), TcAttachOptions::TcxOrder(LinkOrder::default()))
+                        .attach_with_options(
+                            ifname,
+                            hook.tc_attach_type(),
+                            TcAttachOptions::TcxOrder(LinkOrder::default()),
+                        )
                         .map_err(attach_err)?;
                     let link = prog.take_link(id).map_err(attach_err)?;
                     let fd_link = FdLink::try_from(link).map_err(link_err)?;
@@ -330,16 +389,28 @@ impl Datapath {
             match std::fs::remove_file(&path) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(source) => return Err(DatapathError::LinkPin { path: path.display().to_string(), source }),
+                Err(source) => {
+                    return Err(DatapathError::LinkPin {
+                        path: path.display().to_string(),
+                        source,
+                    });
+                }
             }
         }
         Ok(())
     }
 }
 
-fn program_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SchedClassifier, DatapathError> {
-    let prog = ebpf.program_mut(name).ok_or(DatapathError::Missing { kind: "program", name })?;
-    prog.try_into().map_err(|source| DatapathError::Program { name, source })
+fn program_mut<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut SchedClassifier, DatapathError> {
+    let prog = ebpf.program_mut(name).ok_or(DatapathError::Missing {
+        kind: "program",
+        name,
+    })?;
+    prog.try_into()
+        .map_err(|source| DatapathError::Program { name, source })
 }
 
 fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {

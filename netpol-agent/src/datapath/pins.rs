@@ -130,7 +130,10 @@ impl PinLayout {
 }
 
 fn create_dir(path: &Path) -> Result<(), PinError> {
-    std::fs::create_dir_all(path).map_err(|source| PinError::CreateDir { path: path.to_owned(), source })
+    std::fs::create_dir_all(path).map_err(|source| PinError::CreateDir {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 fn c_path(path: &Path) -> CString {
@@ -145,7 +148,10 @@ pub fn is_bpffs(path: &Path) -> Result<bool, PinError> {
     // SAFETY: `c` is a valid NUL-terminated path and `st` a valid out-pointer.
     let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
     if rc != 0 {
-        return Err(PinError::Statfs { path: path.to_owned(), source: io::Error::last_os_error() });
+        return Err(PinError::Statfs {
+            path: path.to_owned(),
+            source: io::Error::last_os_error(),
+        });
     }
     Ok(st.f_type as i64 == BPF_FS_MAGIC)
 }
@@ -155,10 +161,19 @@ fn mount_bpffs(path: &Path) -> Result<(), PinError> {
     let fstype = c"bpf";
     // SAFETY: every pointer is a valid NUL-terminated string; data may be null.
     let rc = unsafe {
-        libc::mount(fstype.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null())
+        libc::mount(
+            fstype.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
     };
     if rc != 0 {
-        return Err(PinError::Mount { path: path.to_owned(), source: io::Error::last_os_error() });
+        return Err(PinError::Mount {
+            path: path.to_owned(),
+            source: io::Error::last_os_error(),
+        });
     }
     tracing::info!(path = %path.display(), "mounted a bpffs for the pin directory");
     Ok(())
@@ -173,7 +188,10 @@ mod tests {
         let layout = PinLayout::new("/run/x");
         for hook in Hook::ALL {
             let path = layout.link(42, hook);
-            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default();
             assert_eq!(PinLayout::parse_link_name(name), Some((42, hook)));
         }
         assert_eq!(PinLayout::parse_link_name("42-sideways"), None);
