@@ -28,6 +28,7 @@ fn privileged() -> bool {
     if unsafe { libc::geteuid() } == 0 {
         return true;
     }
+    // Same rule as netpol_tests::privileged_or_skip (this crate cannot depend on the tests crate).
     assert!(
         std::env::var_os("NETPOL_REQUIRE_PRIVILEGED").is_none(),
         "NETPOL_REQUIRE_PRIVILEGED is set but the test is not root"

@@ -1,3 +1,22 @@
-//! Simulated Flannel cluster for end-to-end tests.
+//! Test support for netpol-agent: the simulated Flannel cluster ([`cluster`]), crafted packets
+//! ([`packets`]), and the rule that privileged tests may only skip where they cannot run.
 pub mod cluster;
 pub mod packets;
+
+/// Environment variable set by `cargo xtask test` on machines that can run privileged tests (root, BPF,
+/// network namespaces): there a test that would skip fails instead, so a green run means they ran.
+pub const REQUIRE_PRIVILEGED: &str = "NETPOL_REQUIRE_PRIVILEGED";
+
+/// True when the test can run (root). Otherwise prints `SKIP: <test>: <why>` and returns false, or
+/// panics when [`REQUIRE_PRIVILEGED`] says this machine must run it.
+pub fn privileged_or_skip(test: &str, why: &str) -> bool {
+    if cluster::is_root() {
+        return true;
+    }
+    assert!(
+        std::env::var_os(REQUIRE_PRIVILEGED).is_none(),
+        "{test} would skip ({why}), but {REQUIRE_PRIVILEGED} is set: this machine must run it"
+    );
+    println!("SKIP: {test}: {why}");
+    false
+}

@@ -131,9 +131,10 @@ macro_rules! env {
 impl Env {
     /// Loads the programs; `None` (after printing why) when this machine cannot run them.
     fn new() -> Option<Env> {
-        // SAFETY: no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            println!("SKIP: classifier tests need root (BPF_PROG_LOAD, BPF_PROG_TEST_RUN, mount)");
+        if !netpol_tests::privileged_or_skip(
+            "classifier",
+            "needs root (BPF_PROG_LOAD, BPF_PROG_TEST_RUN, mount)",
+        ) {
             return None;
         }
         let fs = Bpffs::mount();

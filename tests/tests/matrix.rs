@@ -7,12 +7,7 @@ use netpol_tests::cluster::{Cluster, Family, Proto, RUN_ROOT};
 const PROBE_BIN: &str = env!("CARGO_BIN_EXE_netpol-probe");
 
 fn root_or_skip(test: &str) -> bool {
-    if netpol_tests::cluster::is_root() {
-        true
-    } else {
-        eprintln!("SKIP: {test} needs root (network namespaces, bpffs)");
-        false
-    }
+    netpol_tests::privileged_or_skip(test, "needs root (network namespaces, bpffs)")
 }
 
 #[test]
