@@ -12,16 +12,15 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use netpol_common::endpoint_flags;
-use notify::Watcher as _;
-use tokio::{net::UnixListener, signal::unix::SignalKind, sync::mpsc};
+use tokio::{net::UnixListener, signal::unix::SignalKind};
 
 use crate::{
     compiler::{self, CompileInput, Compiled},
     control::{self, EndpointStatus, MapStatus, SharedStatus, Status},
     datapath::{Contents, Datapath, PinLayout},
     discovery::{Discovery, NodeView},
-    manifests::ManifestSource,
     model::{ClusterState, PodKey},
+    source::{self, Snapshot, SourceConfig},
 };
 
 /// How often the node's veths are re-read: pods appear and disappear without any event in the
@@ -32,7 +31,7 @@ const RESCAN_INTERVAL: Duration = Duration::from_millis(250);
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
     pub node_name: String,
-    pub manifests: PathBuf,
+    pub source: SourceConfig,
     pub layout: PinLayout,
     pub state_dir: PathBuf,
 }
@@ -65,10 +64,7 @@ fn check_kernel() -> anyhow::Result<()> {
 pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     // Everything that can fail on bad settings fails before anything is attached.
     check_kernel()?;
-    let mut source = ManifestSource::default();
-    let state = source
-        .load(&cfg.manifests)
-        .with_context(|| format!("reading the manifest directory {}", cfg.manifests.display()))?;
+    let mut snapshots = source::spawn(&cfg.source)?;
     std::fs::create_dir_all(&cfg.state_dir)
         .with_context(|| format!("creating the state directory {}", cfg.state_dir.display()))?;
     let _state_lock = lock_dir(&cfg.state_dir, "state directory")?;
@@ -89,31 +85,25 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let status: SharedStatus = Arc::new(Mutex::new(Status {
         node: cfg.node_name.clone(),
         pin_dir: cfg.layout.root().display().to_string(),
-        source: format!("manifests:{}", cfg.manifests.display()),
+        source: cfg.source.describe(),
         ..Status::default()
     }));
     let server = tokio::spawn(control::serve(listener, status.clone()));
 
-    let (tx, mut changes) = mpsc::unbounded_channel();
-    let mut watcher = notify::recommended_watcher(move |_event| {
-        let _ = tx.send(());
-    })
-    .context("creating the manifest directory watcher")?;
-    watcher
-        .watch(&cfg.manifests, notify::RecursiveMode::NonRecursive)
-        .with_context(|| format!("watching {}", cfg.manifests.display()))?;
-
-    tracing::info!(node = %cfg.node_name, manifests = %cfg.manifests.display(), pin_dir = %cfg.layout.root().display(), "agent started");
-    let mut sync = Sync::new(cfg.clone(), datapath, discovery, status, state);
+    tracing::info!(node = %cfg.node_name, source = %cfg.source.describe(), pin_dir = %cfg.layout.root().display(), "agent started");
+    let mut sync = Sync::new(cfg.clone(), datapath, discovery, status);
+    sync.take_snapshot(&snapshots.borrow_and_update());
     let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())
         .context("installing SIGTERM handler")?;
     let mut tick = tokio::time::interval(RESCAN_INTERVAL);
     loop {
         tokio::select! {
             _ = tick.tick() => sync.reconcile(),
-            Some(()) = changes.recv() => {
-                while changes.try_recv().is_ok() {}
-                sync.reload(&mut source);
+            changed = snapshots.changed() => {
+                if changed.is_err() {
+                    bail!("the cluster-state source stopped");
+                }
+                sync.take_snapshot(&snapshots.borrow_and_update());
                 sync.reconcile();
             }
             _ = sigterm.recv() => break,
@@ -132,7 +122,9 @@ struct Sync {
     datapath: Datapath,
     discovery: Discovery,
     status: SharedStatus,
-    state: ClusterState,
+    /// None until the source has read the whole cluster once: until then nothing is changed.
+    state: Option<Arc<ClusterState>>,
+    source_problem: Option<String>,
     state_changed: bool,
     last_view: Option<NodeView>,
     /// Veths this process has attached (or adopted) its programs on.
@@ -146,14 +138,14 @@ impl Sync {
         datapath: Datapath,
         discovery: Discovery,
         status: SharedStatus,
-        state: ClusterState,
     ) -> Self {
         Sync {
             cfg,
             datapath,
             discovery,
             status,
-            state,
+            state: None,
+            source_problem: None,
             state_changed: true,
             last_view: None,
             attached: BTreeMap::new(),
@@ -161,18 +153,19 @@ impl Sync {
         }
     }
 
-    fn reload(&mut self, source: &mut ManifestSource) {
-        match source.load(&self.cfg.manifests) {
-            Ok(state) => {
-                if state != self.state {
-                    self.state = state;
-                    self.state_changed = true;
-                }
+    fn take_snapshot(&mut self, snapshot: &Snapshot) {
+        if snapshot.problem != self.source_problem {
+            match &snapshot.problem {
+                Some(p) => tracing::error!(problem = %p, "source problem; keeping the last state"),
+                None => tracing::info!("source recovered"),
             }
-            Err(e) => {
-                // The directory went away or became unreadable: keep enforcing the last state.
-                self.report_errors(vec![format!("manifest directory: {e:#}")]);
-            }
+            self.source_problem = snapshot.problem.clone();
+        }
+        if let Some(state) = &snapshot.state
+            && self.state.as_ref().is_none_or(|s| !Arc::ptr_eq(s, state))
+        {
+            self.state = Some(state.clone());
+            self.state_changed = true;
         }
     }
 
@@ -184,18 +177,22 @@ impl Sync {
                 return;
             }
         };
+        let Some(state) = self.state.clone() else {
+            return;
+        };
         if !self.state_changed && self.last_view.as_ref() == Some(&view) {
             return;
         }
         self.state_changed = false;
-        let endpoints = match_endpoints(&self.state, &self.cfg.node_name, &view);
+        let endpoints = match_endpoints(&state, &self.cfg.node_name, &view);
         let compiled = compiler::compile(&CompileInput {
-            state: &self.state,
+            state: &state,
             node_name: &self.cfg.node_name,
             endpoints: &endpoints,
             host_addrs: &view.host_addrs,
         });
-        let mut errors: Vec<String> = self.state.errors.iter().map(|e| e.to_string()).collect();
+        let mut errors: Vec<String> = self.source_problem.iter().cloned().collect();
+        errors.extend(state.errors.iter().map(|e| e.to_string()));
         errors.extend(compiled.errors.iter().map(|e| e.to_string()));
 
         let wanted: BTreeMap<u32, &str> = view
@@ -249,7 +246,7 @@ impl Sync {
                 Err(e) => errors.push(format!("{e:#}")),
             }
         }
-        self.publish(&view, &endpoints, &compiled);
+        self.publish(&state, &view, &endpoints, &compiled);
         self.report_errors(errors);
         self.last_view = Some(view);
     }
@@ -269,7 +266,13 @@ impl Sync {
         }
     }
 
-    fn publish(&self, view: &NodeView, endpoints: &BTreeMap<PodKey, u32>, compiled: &Compiled) {
+    fn publish(
+        &self,
+        state: &ClusterState,
+        view: &NodeView,
+        endpoints: &BTreeMap<PodKey, u32>,
+        compiled: &Compiled,
+    ) {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -302,9 +305,9 @@ impl Sync {
         s.ready = true;
         s.last_sync_unix = Some(now);
         s.generation = self.datapath.generation();
-        s.policies = self.state.policies.len();
-        s.pods = self.state.pods.len();
-        s.namespaces = self.state.namespaces.len();
+        s.policies = state.policies.len();
+        s.pods = state.pods.len();
+        s.namespaces = state.namespaces.len();
         s.endpoints = eps;
         s.maps = self
             .datapath

@@ -14,3 +14,4 @@ pub mod identity;
 pub mod manifests;
 pub mod model;
 pub mod selector;
+pub mod source;

@@ -8,6 +8,7 @@ use netpol_agent::{
     agent::{self, AgentConfig},
     control::{self, Status},
     datapath::{self, PinLayout},
+    source::SourceConfig,
 };
 
 /// Enforces Kubernetes NetworkPolicy on a K3s/Flannel node with TC eBPF programs on pod veths.
@@ -80,7 +81,7 @@ fn main() -> anyhow::Result<()> {
             Command::Run { node_name, manifests, dirs } => {
                 agent::run(AgentConfig {
                     node_name,
-                    manifests,
+                    source: SourceConfig::Manifests(manifests),
                     layout: PinLayout::new(dirs.pin_dir),
                     state_dir: dirs.state_dir,
                 })
