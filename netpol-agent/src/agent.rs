@@ -181,6 +181,7 @@ impl Sync {
             return;
         };
         if !self.state_changed && self.last_view.as_ref() == Some(&view) {
+            self.refresh_counters();
             return;
         }
         self.state_changed = false;
@@ -249,6 +250,19 @@ impl Sync {
         self.publish(&state, &view, &endpoints, &compiled);
         self.report_errors(errors);
         self.last_view = Some(view);
+    }
+
+    /// Counters change with traffic, not with state: refreshed on every tick.
+    fn refresh_counters(&self) {
+        let counters = self
+            .datapath
+            .counters()
+            .into_iter()
+            .map(|(r, n)| (r.name().to_owned(), n))
+            .collect();
+        if let Ok(mut s) = self.status.lock() {
+            s.counters = counters;
+        }
     }
 
     fn report_errors(&mut self, errors: Vec<String>) {

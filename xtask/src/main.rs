@@ -1,5 +1,6 @@
 //! Developer tasks: `cargo xtask setup | test | demo`.
 
+mod demo;
 mod setup;
 
 use std::process::Command;
@@ -18,6 +19,8 @@ struct Cli {
 enum Task {
     /// Install what building and testing need (nightly rust-src, bpf-linker, Debian packages).
     Setup,
+    /// Build everything and show the agent enforcing example policies on a simulated Flannel cluster.
+    Demo,
     /// Set up, build, and run every test: unit, classifier (BPF_PROG_TEST_RUN) and end-to-end.
     Test {
         /// Extra arguments for `cargo test` (for example a test name filter).
@@ -29,6 +32,7 @@ enum Task {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
         Task::Setup => setup::run(),
+        Task::Demo => demo::run(),
         Task::Test { args } => test(&args),
     }
 }
