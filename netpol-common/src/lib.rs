@@ -24,6 +24,23 @@ pub mod map_names {
     pub const CONFIG: &str = "NP_CONFIG_V1";
     /// `PerCpuArray<u64>` indexed by [`super::Reason`]: packets per verdict reason.
     pub const COUNTERS: &str = "NP_COUNTERS_V1";
+    /// `LruPerCpuHashMap<FlowKey, FlowValue>`: recent flows per endpoint and direction, with their
+    /// verdict and packet and byte counts (per CPU: summed by userspace).
+    pub const FLOWS: &str = "NP_FLOWS_V1";
+    /// `PerCpuHashMap<DropKey, DropValue>`: dropped packets and bytes per endpoint, direction,
+    /// reason and protocol. Not LRU: these survive flow eviction; the agent removes the entries of
+    /// endpoints that are gone.
+    pub const DROPS: &str = "NP_DROPS_V1";
+    /// `RingBuf` of [`super::DropEvent`]s, rate-limited per CPU.
+    pub const EVENTS: &str = "NP_EVENTS_V1";
+    /// `PerCpuArray<TokenBucket>` of length 1: the drop-event rate limiter of each CPU.
+    pub const EVENT_BUDGET: &str = "NP_EVENT_BUDGET_V1";
+    /// `PerCpuArray<u64>` of length [`super::LOST_SLOTS`] indexed by [`super::lost`]: what could
+    /// not be recorded (events rate-limited or not fitting the ring, full drop counters).
+    pub const LOST: &str = "NP_LOST_V1";
+    /// `PerCpuArray<u64>` of length [`super::VERDICT_SLOTS`]: policy decisions of new flows per
+    /// direction, action and [`super::PolicyMatch`]; see [`super::verdict_slot`].
+    pub const VERDICTS: &str = "NP_VERDICTS_V1";
 }
 
 /// Names of the two classifier programs, from the pod's point of view.
@@ -42,12 +59,23 @@ pub mod capacity {
     pub const CIDRS: u32 = 16_384;
     pub const POLICY: u32 = 262_144;
     pub const CONNTRACK: u32 = 262_144;
+    /// Per-CPU LRU: about `FLOWS * (100 + 48 * CPUs)` bytes (26 MiB on 32 CPUs).
+    pub const FLOWS: u32 = 16_384;
+    /// (endpoint, direction, reason, protocol) drop counters.
+    pub const DROPS: u32 = 16_384;
+    /// Bytes of the drop-event ring buffer (a power of two, a multiple of the page size).
+    pub const EVENTS_BYTES: u32 = 256 * 1024;
 }
 
 /// Index of the policy generation in the CONFIG map. The agent bumps it after every update that removed
 /// an allow; a conntrack entry created under an older generation is re-checked against policy on its next
 /// forward packet, so a revoked allow also ends established connections.
 pub const CONFIG_GENERATION: u32 = 0;
+/// Index of the drop-event rate in the CONFIG map: events per second and CPU (also the burst);
+/// 0 means [`DEFAULT_EVENT_RATE`].
+pub const CONFIG_EVENT_RATE: u32 = 1;
+/// Drop events per second and CPU when [`CONFIG_EVENT_RATE`] is 0.
+pub const DEFAULT_EVENT_RATE: u32 = 1_000;
 /// Length of the CONFIG array.
 pub const CONFIG_LEN: u32 = 4;
 
@@ -301,6 +329,190 @@ pub mod proto {
     pub const SCTP: u8 = 132;
 }
 
+/// Key of the FLOWS map: a packet's 5-tuple as seen at one endpoint in one direction. Ports are
+/// host byte order; for ICMP echo, `src_port`/`dst_port` carry the echo id as in [`CtKey`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct FlowKey {
+    pub src: IpKey,
+    pub dst: IpKey,
+    pub src_port: u16,
+    pub dst_port: u16,
+    /// Endpoint id (host veth ifindex).
+    pub endpoint: u32,
+    pub protocol: u8,
+    /// [`Direction`] of the packets of this record.
+    pub direction: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(size_of::<FlowKey>() == 44);
+
+/// [`FlowValue::verdict`] and [`DropEvent`] verdicts.
+pub mod verdict {
+    pub const ALLOWED: u8 = 0;
+    pub const DROPPED: u8 = 1;
+}
+
+/// What kind of policy rule decided a new flow (Hubble's `match` label).
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum PolicyMatch {
+    /// No rule: the pod is not isolated, the peer is the node, or nothing allowed it.
+    None = 0,
+    /// A rule with peers and no ports.
+    L3 = 1,
+    /// A rule with ports (with peers, or for every peer).
+    L3L4 = 2,
+    /// A rule with neither peers nor ports: allows everything.
+    All = 3,
+}
+
+impl PolicyMatch {
+    /// Every match kind.
+    pub const ALL: [PolicyMatch; 4] = [
+        PolicyMatch::None,
+        PolicyMatch::L3,
+        PolicyMatch::L3L4,
+        PolicyMatch::All,
+    ];
+
+    /// The label value used in metrics.
+    pub const fn name(self) -> &'static str {
+        match self {
+            PolicyMatch::None => "none",
+            PolicyMatch::L3 => "l3",
+            PolicyMatch::L3L4 => "l3-l4",
+            PolicyMatch::All => "all",
+        }
+    }
+
+    /// The kind of a code, [`PolicyMatch::None`] for unknown codes.
+    pub const fn from_code(code: u8) -> Self {
+        match code {
+            1 => PolicyMatch::L3,
+            2 => PolicyMatch::L3L4,
+            3 => PolicyMatch::All,
+            _ => PolicyMatch::None,
+        }
+    }
+}
+
+/// Length of the VERDICTS array.
+pub const VERDICT_SLOTS: u32 = 16;
+
+/// Slot of VERDICTS counting decisions in `direction` with `verdict` ([`verdict`]) and `matched`.
+pub const fn verdict_slot(direction: u8, verdict: u8, matched: u8) -> u32 {
+    ((direction as u32 & 1) << 3) | ((verdict as u32 & 1) << 2) | (matched as u32 & 3)
+}
+
+/// Value of the FLOWS map, one per CPU: userspace adds `packets` and `bytes` over CPUs, takes the
+/// earliest `first_seen_ns` and the latest `last_seen_ns` of the CPUs that saw packets
+/// (`packets > 0`), and the decision of the CPU that last took one (see [`FlowValue::decided_ns`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FlowValue {
+    pub packets: u64,
+    pub bytes: u64,
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) of the first packet on this CPU.
+    pub first_seen_ns: u64,
+    /// `bpf_ktime_get_ns` of the last packet on this CPU.
+    pub last_seen_ns: u64,
+    /// When this CPU last took a decision for the flow (a policy evaluation rather than a
+    /// conntrack hit); 0 when it only saw established packets or replies.
+    pub decided_ns: u64,
+    /// The [`PolicyValue::policy`] of the POLICY entry that allowed the flow, 0 if none did.
+    pub policy: u32,
+    /// [`Reason`] code of the last packet's verdict (of the decision, when `decided_ns` is set).
+    pub reason: u8,
+    /// [`verdict`] of that reason.
+    pub verdict: u8,
+    /// [`PolicyMatch`] code of the decision.
+    pub matched: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(size_of::<FlowValue>() == 48);
+
+/// Key of the DROPS map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct DropKey {
+    /// Endpoint id (host veth ifindex).
+    pub endpoint: u32,
+    /// [`Direction`].
+    pub direction: u8,
+    /// [`Reason`] code.
+    pub reason: u8,
+    /// IP protocol number, 0 when the packet was not parsed that far.
+    pub protocol: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(size_of::<DropKey>() == 8);
+
+/// Value of the DROPS map, one per CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct DropValue {
+    pub packets: u64,
+    /// Bytes of the dropped frames (`skb->len`, Ethernet header included).
+    pub bytes: u64,
+}
+const _: () = assert!(size_of::<DropValue>() == 16);
+
+/// One dropped packet, as streamed through the EVENTS ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct DropEvent {
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC).
+    pub timestamp_ns: u64,
+    /// The packet's flow; only `endpoint` and `direction` are set when it was not parsed
+    /// (`protocol` 0).
+    pub key: FlowKey,
+    /// Bytes of the frame.
+    pub len: u32,
+    /// [`Reason`] code.
+    pub reason: u8,
+    pub _pad: [u8; 7],
+}
+const _: () = assert!(size_of::<DropEvent>() == 64);
+
+/// The per-CPU drop-event rate limiter: a token bucket refilled at the configured rate, holding at
+/// most one second's worth. Tokens are scaled by 1e9 (one event costs 1e9).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct TokenBucket {
+    pub tokens: u64,
+    pub last_ns: u64,
+}
+const _: () = assert!(size_of::<TokenBucket>() == 16);
+
+/// Slots of the LOST array.
+pub mod lost {
+    /// Drop events not sent because the CPU's token bucket was empty.
+    pub const RATE_LIMITED: u32 = 0;
+    /// Drop events not sent because the ring buffer was full.
+    pub const RING_FULL: u32 = 1;
+    /// Drops not counted in DROPS because that map was full (they are still in COUNTERS).
+    pub const DROPS_FULL: u32 = 2;
+    /// Flow records that could not be created.
+    pub const FLOWS_FULL: u32 = 3;
+}
+/// Length of the LOST array.
+pub const LOST_SLOTS: u32 = 4;
+
+impl Reason {
+    /// The reason of a code, if it is one.
+    pub const fn from_code(code: u32) -> Option<Reason> {
+        let mut i = 0;
+        while i < Reason::ALL.len() {
+            if Reason::ALL[i] as u32 == code {
+                return Some(Reason::ALL[i]);
+            }
+            i += 1;
+        }
+        None
+    }
+}
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: every type is `repr(C)`, `Copy`, and has no implicit padding (sizes asserted above).
@@ -311,4 +523,10 @@ mod user {
     unsafe impl aya::Pod for super::PolicyValue {}
     unsafe impl aya::Pod for super::CtKey {}
     unsafe impl aya::Pod for super::CtValue {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowValue {}
+    unsafe impl aya::Pod for super::DropKey {}
+    unsafe impl aya::Pod for super::DropValue {}
+    unsafe impl aya::Pod for super::DropEvent {}
+    unsafe impl aya::Pod for super::TokenBucket {}
 }

@@ -3,7 +3,9 @@
 //! - `pod_egress` on TC ingress of the host veth: packets the pod sends ([`Direction::Egress`]);
 //! - `pod_ingress` on TC egress of the host veth: packets delivered to the pod ([`Direction::Ingress`]).
 //!
-//! Both call [`try_classify`]; any error drops the packet (fail closed) as `DroppedMalformed`.
+//! Both call [`classify`]; any error drops the packet (fail closed) as `DroppedMalformed`. Every
+//! verdict is counted (COUNTERS), recorded in the packet's flow (FLOWS) and, for drops, in DROPS
+//! and the EVENTS ring buffer (rate-limited).
 #![no_std]
 #![no_main]
 // Map keys are passed by reference on purpose: by value, each call site would copy the 44-byte
@@ -14,46 +16,65 @@ mod maps;
 mod parse;
 
 use aya_ebpf::{
-    bindings::{BPF_ANY, TC_ACT_OK, TC_ACT_SHOT},
+    bindings::{BPF_ANY, BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT},
     helpers::bpf_ktime_get_ns,
     macros::classifier,
     maps::lpm_trie::Key,
     programs::TcContext,
 };
 use netpol_common::{
-    CONFIG_GENERATION, CtKey, CtValue, Direction, IpKey, POLICY_PREFIX_FULL, PolicyKey, Reason,
-    endpoint_flags, identity,
+    CONFIG_EVENT_RATE, CONFIG_GENERATION, CtKey, CtValue, DEFAULT_EVENT_RATE, Direction, DropEvent,
+    DropKey, DropValue, FlowKey, FlowValue, IpKey, POLICY_PREFIX_ANY_PROTOCOL, POLICY_PREFIX_FULL,
+    PolicyKey, PolicyMatch, Reason, endpoint_flags, identity, lost, verdict_slot,
 };
 
 use crate::{
-    maps::{CIDRS, CONFIG, CONNTRACK, COUNTERS, ENDPOINTS, IPCACHE, POLICY},
+    maps::{
+        CIDRS, CONFIG, CONNTRACK, COUNTERS, DROPS, ENDPOINTS, EVENT_BUDGET, EVENTS, FLOWS, IPCACHE,
+        LOST, POLICY, VERDICTS,
+    },
     parse::{Malformed, Packet, Parsed},
 };
 
+// A decision travels as one u64 (a BPF function returns one register):
+// bits 0-7 the `Reason` code, 8-15 the `PolicyMatch` code, bit 16 `FLOW` (the packet's 5-tuple was
+// parsed: record a flow), bit 17 `DECIDED` (policy was evaluated, not a conntrack hit), bits 32-63
+// the id of the policy that allowed it.
+const FLOW: u64 = 1 << 16;
+const DECIDED: u64 = 1 << 17;
+const NS_PER_SEC: u64 = 1_000_000_000;
+
+#[inline(always)]
+const fn reason_only(reason: Reason) -> u64 {
+    reason as u64
+}
+
 #[classifier]
 pub fn pod_egress(ctx: TcContext) -> i32 {
-    match try_classify(&ctx, Direction::Egress) {
-        Ok(action) => action,
-        Err(Malformed) => verdict(Reason::DroppedMalformed),
-    }
+    classify(&ctx, Direction::Egress)
 }
 
 #[classifier]
 pub fn pod_ingress(ctx: TcContext) -> i32 {
-    match try_classify(&ctx, Direction::Ingress) {
-        Ok(action) => action,
-        Err(Malformed) => verdict(Reason::DroppedMalformed),
-    }
+    classify(&ctx, Direction::Ingress)
 }
 
-/// Counts `reason` and turns it into a TC action.
 #[inline(always)]
-fn verdict(reason: Reason) -> i32 {
-    if let Some(slot) = COUNTERS.get_ptr_mut(reason as u32) {
+fn classify(ctx: &TcContext, dir: Direction) -> i32 {
+    // SAFETY: the context pointer handed to a classifier is a valid `__sk_buff`.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let len = ctx.len();
+    let mut pkt = Packet::zeroed();
+    // Any error drops the packet (fail closed) as malformed.
+    let decision =
+        try_classify(ctx, &mut pkt, ifindex, dir).unwrap_or(reason_only(Reason::DroppedMalformed));
+    record(&pkt, ifindex, dir as u8, decision, len);
+    let code = (decision & 0xff) as u32;
+    if let Some(slot) = COUNTERS.get_ptr_mut(code) {
         // SAFETY: a per-CPU slot: nothing else writes it while this program runs on this CPU.
         unsafe { *slot += 1 };
     }
-    if reason.is_drop() {
+    if code >= Reason::DroppedIngressDenied as u32 {
         TC_ACT_SHOT
     } else {
         TC_ACT_OK
@@ -61,21 +82,174 @@ fn verdict(reason: Reason) -> i32 {
 }
 
 #[inline(always)]
-fn try_classify(ctx: &TcContext, dir: Direction) -> Result<i32, Malformed> {
-    // SAFETY: the context pointer handed to a classifier is a valid `__sk_buff`.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+fn try_classify(
+    ctx: &TcContext,
+    pkt: &mut Packet,
+    ifindex: u32,
+    dir: Direction,
+) -> Result<u64, Malformed> {
     let Some(ep) = ENDPOINTS.get_ptr(ifindex) else {
-        return Ok(verdict(Reason::DroppedUnknownEndpoint));
+        return Ok(reason_only(Reason::DroppedUnknownEndpoint));
     };
     // SAFETY: map values are valid for the duration of the program.
     let ep_flags = unsafe { (*ep).flags };
 
-    let mut pkt = Packet::zeroed();
-    if let Parsed::NotPoliced = parse::parse(ctx, &mut pkt)? {
-        return Ok(verdict(Reason::AllowedNotPoliced));
+    if let Parsed::NotPoliced = parse::parse(ctx, pkt)? {
+        return Ok(reason_only(Reason::AllowedNotPoliced));
     }
-    let reason = classify_ip(ctx, &pkt, ifindex, ep_flags, dir)?;
-    Ok(verdict(reason))
+    Ok(classify_ip(ctx, pkt, ifindex, ep_flags, dir)? | FLOW)
+}
+
+/// Records the packet's verdict: the flow record (one update of FLOWS), and for a drop the DROPS
+/// counter and a rate-limited event; for a policy decision the VERDICTS counter.
+#[inline(never)]
+fn record(pkt: &Packet, ifindex: u32, dir: u8, decision: u64, len: u32) {
+    let reason = (decision & 0xff) as u8;
+    let dropped = reason >= Reason::DroppedIngressDenied as u8;
+    let matched = ((decision >> 8) & 0xff) as u8;
+    // SAFETY: a helper without preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if decision & DECIDED != 0 {
+        count(&VERDICTS, verdict_slot(dir, dropped as u8, matched));
+    }
+    let mut key = FlowKey {
+        endpoint: ifindex,
+        direction: dir,
+        ..FlowKey::default()
+    };
+    if decision & FLOW != 0 {
+        key.src.addr = pkt.src;
+        key.dst.addr = pkt.dst;
+        key.src_port = pkt.sport;
+        key.dst_port = pkt.dport;
+        key.protocol = pkt.proto;
+        record_flow(&key, decision, now, len);
+    }
+    if dropped {
+        count_drop(&key, reason, len);
+        send_event(&key, reason, len, now);
+    }
+}
+
+#[inline(always)]
+fn count(map: &aya_ebpf::maps::PerCpuArray<u64>, slot: u32) {
+    if let Some(n) = map.get_ptr_mut(slot) {
+        // SAFETY: a per-CPU slot: nothing else writes it while this program runs on this CPU.
+        unsafe { *n += 1 };
+    }
+}
+
+#[inline(always)]
+fn record_flow(key: &FlowKey, decision: u64, now: u64, len: u32) {
+    let mut ptr = FLOWS.get_ptr_mut(key);
+    if ptr.is_none() {
+        // A new flow (a per-CPU map creates the other CPUs' copies zeroed). NOEXIST so that two
+        // CPUs creating the same flow at once never reset each other's count.
+        let _ = FLOWS.insert(key, &FlowValue::default(), BPF_NOEXIST as u64);
+        ptr = FLOWS.get_ptr_mut(key);
+    }
+    let Some(ptr) = ptr else {
+        count(&LOST, lost::FLOWS_FULL);
+        return;
+    };
+    let reason = (decision & 0xff) as u8;
+    // SAFETY: this CPU's copy of the value: nothing else writes it while this program runs here.
+    unsafe {
+        let v = &mut *ptr;
+        if v.packets == 0 {
+            v.first_seen_ns = now;
+        }
+        v.packets += 1;
+        v.bytes += len as u64;
+        v.last_seen_ns = now;
+        // A conntrack hit keeps the decision this CPU took for the flow.
+        if decision & DECIDED != 0 || v.decided_ns == 0 {
+            v.reason = reason;
+            v.verdict = (reason >= Reason::DroppedIngressDenied as u8) as u8;
+            v.matched = ((decision >> 8) & 0xff) as u8;
+            v.policy = (decision >> 32) as u32;
+        }
+        if decision & DECIDED != 0 {
+            v.decided_ns = now;
+        }
+    }
+}
+
+#[inline(always)]
+fn count_drop(key: &FlowKey, reason: u8, len: u32) {
+    let dkey = DropKey {
+        endpoint: key.endpoint,
+        direction: key.direction,
+        reason,
+        protocol: key.protocol,
+        _pad: 0,
+    };
+    let mut ptr = DROPS.get_ptr_mut(&dkey);
+    if ptr.is_none() {
+        // NOEXIST: a concurrent creation on another CPU must not wipe the count made there.
+        let _ = DROPS.insert(&dkey, &DropValue::default(), BPF_NOEXIST as u64);
+        ptr = DROPS.get_ptr_mut(&dkey);
+    }
+    match ptr {
+        // SAFETY: this CPU's copy of the value.
+        Some(v) => unsafe {
+            (*v).packets += 1;
+            (*v).bytes += len as u64;
+        },
+        None => count(&LOST, lost::DROPS_FULL),
+    }
+}
+
+/// Takes a token from this CPU's bucket: at most `rate` events per second and CPU, with a burst of
+/// one second's worth.
+#[inline(always)]
+fn take_token(now: u64) -> bool {
+    let Some(bucket) = EVENT_BUDGET.get_ptr_mut(0) else {
+        return false;
+    };
+    let rate = match CONFIG.get(CONFIG_EVENT_RATE).copied().unwrap_or(0) {
+        0 => DEFAULT_EVENT_RATE,
+        r => r,
+    } as u64;
+    // SAFETY: this CPU's bucket.
+    unsafe {
+        let b = &mut *bucket;
+        let mut elapsed = now.wrapping_sub(b.last_ns);
+        if elapsed > NS_PER_SEC {
+            elapsed = NS_PER_SEC;
+        }
+        b.last_ns = now;
+        let cap = rate * NS_PER_SEC;
+        let tokens = b.tokens + elapsed * rate;
+        b.tokens = if tokens > cap { cap } else { tokens };
+        if b.tokens >= NS_PER_SEC {
+            b.tokens -= NS_PER_SEC;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[inline(always)]
+fn send_event(key: &FlowKey, reason: u8, len: u32, now: u64) {
+    if !take_token(now) {
+        count(&LOST, lost::RATE_LIMITED);
+        return;
+    }
+    match EVENTS.reserve::<DropEvent>(0) {
+        Some(mut entry) => {
+            entry.write(DropEvent {
+                timestamp_ns: now,
+                key: *key,
+                len,
+                reason,
+                _pad: [0; 7],
+            });
+            entry.submit(0);
+        }
+        None => count(&LOST, lost::RING_FULL),
+    }
 }
 
 #[inline(always)]
@@ -85,7 +259,7 @@ fn classify_ip(
     ifindex: u32,
     ep_flags: u32,
     dir: Direction,
-) -> Result<Reason, Malformed> {
+) -> Result<u64, Malformed> {
     // Anti-spoofing: a pod may only send from its own addresses. (Plain integers with a sentinel
     // rather than `Option<u32>`: LLVM leaves the payload of `None` undefined, and the verifier
     // rejects the read of the uninitialised register that results.)
@@ -95,7 +269,7 @@ fn classify_ip(
             // SAFETY: map values are valid for the duration of the program.
             .map_or(0, |info| unsafe { (*info).endpoint });
         if owner != ifindex {
-            return Ok(Reason::DroppedSpoofedSource);
+            return Ok(reason_only(Reason::DroppedSpoofedSource));
         }
     }
 
@@ -116,13 +290,13 @@ fn classify_ip(
             // The embedded packet went the other way: it is a packet of the flow as first seen...
             key.direction = dir.opposite() as u8;
             if CONNTRACK.get_ptr(&key).is_some() {
-                return Ok(Reason::AllowedReply);
+                return Ok(reason_only(Reason::AllowedReply));
             }
             // ... or a reply of a flow first seen in this direction.
             reverse(&mut key);
             key.direction = dir as u8;
             if CONNTRACK.get_ptr(&key).is_some() {
-                return Ok(Reason::AllowedReply);
+                return Ok(reason_only(Reason::AllowedReply));
             }
         }
         // Not about a known flow (or `embedded_flow` gave up half-way): back to the outer packet.
@@ -142,12 +316,12 @@ fn classify_ip(
             unsafe {
                 if (*entry).generation == generation {
                     (*entry).last_seen_ns = bpf_ktime_get_ns();
-                    return Ok(Reason::AllowedEstablished);
+                    return Ok(reason_only(Reason::AllowedEstablished));
                 }
             }
             // Policy changed since the flow was allowed: check it again.
-            let reason = policy(pkt, ifindex, ep_flags, dir);
-            if reason.is_drop() {
+            let decision = policy(pkt, ifindex, ep_flags, dir);
+            if is_drop(decision) {
                 let _ = CONNTRACK.remove(&key);
             } else {
                 // SAFETY: as above.
@@ -156,21 +330,21 @@ fn classify_ip(
                     (*entry).last_seen_ns = bpf_ktime_get_ns();
                 }
             }
-            return Ok(reason);
+            return Ok(decision);
         }
         reverse(&mut key);
         key.direction = dir.opposite() as u8;
         if let Some(entry) = CONNTRACK.get_ptr_mut(&key) {
             // SAFETY: as above.
             unsafe { (*entry).last_seen_ns = bpf_ktime_get_ns() };
-            return Ok(Reason::AllowedReply);
+            return Ok(reason_only(Reason::AllowedReply));
         }
         reverse(&mut key);
         key.direction = dir as u8;
     }
 
-    let reason = policy(pkt, ifindex, ep_flags, dir);
-    if !reason.is_drop() && pkt.first_frag {
+    let decision = policy(pkt, ifindex, ep_flags, dir);
+    if !is_drop(decision) && pkt.first_frag {
         let value = CtValue {
             generation,
             _pad: 0,
@@ -180,7 +354,12 @@ fn classify_ip(
         // A full table only costs the reply its fast path; the LRU evicts the oldest flow anyway.
         let _ = CONNTRACK.insert(&key, &value, BPF_ANY as u64);
     }
-    Ok(reason)
+    Ok(decision)
+}
+
+#[inline(always)]
+fn is_drop(decision: u64) -> bool {
+    (decision & 0xff) >= Reason::DroppedIngressDenied as u64
 }
 
 /// Turns a flow key into the key of its replies (direction left to the caller).
@@ -190,9 +369,9 @@ fn reverse(key: &mut CtKey) {
     core::mem::swap(&mut key.src_port, &mut key.dst_port);
 }
 
-/// What policy says about `pkt` (conntrack aside).
+/// What policy says about `pkt` (conntrack aside), as a decision (see [`FLOW`]) with `DECIDED` set.
 #[inline(never)]
-fn policy(pkt: &Packet, ifindex: u32, ep_flags: u32, dir: Direction) -> Reason {
+fn policy(pkt: &Packet, ifindex: u32, ep_flags: u32, dir: Direction) -> u64 {
     let (isolated, peer, denied) = match dir {
         Direction::Ingress => (
             ep_flags & endpoint_flags::ISOLATED_INGRESS != 0,
@@ -210,10 +389,10 @@ fn policy(pkt: &Packet, ifindex: u32, ep_flags: u32, dir: Direction) -> Reason {
         // SAFETY: map values are valid for the duration of the program.
         .map_or(identity::NONE, |info| unsafe { (*info).identity });
     if dir == Direction::Ingress && peer_identity == identity::HOST {
-        return Reason::AllowedHost;
+        return reason_only(Reason::AllowedHost) | DECIDED;
     }
     if !isolated {
-        return Reason::AllowedNotIsolated;
+        return reason_only(Reason::AllowedNotIsolated) | DECIDED;
     }
 
     let mut key = Key::new(
@@ -228,21 +407,39 @@ fn policy(pkt: &Packet, ifindex: u32, ep_flags: u32, dir: Direction) -> Reason {
     );
     if peer_identity != identity::NONE {
         key.data.identity = peer_identity;
-        if POLICY.get(&key).is_some() {
-            return Reason::AllowedPolicy;
+        if let Some(v) = POLICY.get(&key) {
+            return allowed(&mut key, v.policy);
         }
     }
     if let Some(id) = CIDRS.get(Key::new(128, IpKey { addr: peer })) {
         key.data.identity = *id;
-        if POLICY.get(&key).is_some() {
-            return Reason::AllowedPolicy;
+        if let Some(v) = POLICY.get(&key) {
+            return allowed(&mut key, v.policy);
         }
     }
     key.data.identity = identity::ANY;
-    if POLICY.get(&key).is_some() {
-        return Reason::AllowedPolicy;
+    if let Some(v) = POLICY.get(&key) {
+        return allowed(&mut key, v.policy);
     }
-    denied
+    reason_only(denied) | DECIDED
+}
+
+/// The decision for a packet that the POLICY entry of `key` (whose value names `policy_id`) allows.
+/// What kind of rule it was (for metrics) costs one more lookup, on new flows only: whether a rule
+/// without ports also matches.
+#[inline(always)]
+fn allowed(key: &mut Key<PolicyKey>, policy_id: u32) -> u64 {
+    let any_identity = key.data.identity == identity::ANY;
+    key.prefix_len = POLICY_PREFIX_ANY_PROTOCOL;
+    let matched = match (POLICY.get(&*key).is_some(), any_identity) {
+        (true, true) => PolicyMatch::All,
+        (true, false) => PolicyMatch::L3,
+        (false, _) => PolicyMatch::L3L4,
+    };
+    reason_only(Reason::AllowedPolicy)
+        | ((matched as u64) << 8)
+        | DECIDED
+        | ((policy_id as u64) << 32)
 }
 
 #[cfg(not(test))]

@@ -5,11 +5,14 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{
+        Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap, RingBuf,
+    },
 };
 use netpol_common::{
-    CONFIG_LEN, CtKey, CtValue, EndpointInfo, IpInfo, IpKey, PolicyKey, PolicyValue, REASON_SLOTS,
-    capacity, map_names,
+    CONFIG_LEN, CtKey, CtValue, DropKey, DropValue, EndpointInfo, FlowKey, FlowValue, IpInfo,
+    IpKey, LOST_SLOTS, PolicyKey, PolicyValue, REASON_SLOTS, TokenBucket, VERDICT_SLOTS, capacity,
+    map_names,
 };
 
 /// Local endpoints keyed by host veth ifindex.
@@ -41,6 +44,33 @@ pub static CONFIG: Array<u32> = Array::pinned(CONFIG_LEN, 0);
 #[map(name = "NP_COUNTERS_V1")]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(REASON_SLOTS, 0);
 
+/// Recent flows and their counts. Per-CPU LRU: a packet only ever writes its own CPU's copy of the
+/// value, so counting needs neither atomics nor a shared cache line, and a hot flow spread over
+/// several CPUs (RSS, several senders) never contends; userspace adds the copies up.
+#[map(name = "NP_FLOWS_V1")]
+pub static FLOWS: LruPerCpuHashMap<FlowKey, FlowValue> =
+    LruPerCpuHashMap::pinned(capacity::FLOWS, 0);
+
+/// Drops per endpoint, direction, reason and protocol, per CPU; survive flow eviction.
+#[map(name = "NP_DROPS_V1")]
+pub static DROPS: PerCpuHashMap<DropKey, DropValue> = PerCpuHashMap::pinned(capacity::DROPS, 0);
+
+/// Drop events for the agent.
+#[map(name = "NP_EVENTS_V1")]
+pub static EVENTS: RingBuf = RingBuf::pinned(capacity::EVENTS_BYTES, 0);
+
+/// Per-CPU token bucket limiting drop events.
+#[map(name = "NP_EVENT_BUDGET_V1")]
+pub static EVENT_BUDGET: PerCpuArray<TokenBucket> = PerCpuArray::pinned(1, 0);
+
+/// What could not be recorded, per CPU; see `netpol_common::lost`.
+#[map(name = "NP_LOST_V1")]
+pub static LOST: PerCpuArray<u64> = PerCpuArray::pinned(LOST_SLOTS, 0);
+
+/// Policy decisions of new flows, per CPU; see `netpol_common::verdict_slot`.
+#[map(name = "NP_VERDICTS_V1")]
+pub static VERDICTS: PerCpuArray<u64> = PerCpuArray::pinned(VERDICT_SLOTS, 0);
+
 const fn str_eq(a: &str, b: &str) -> bool {
     let (a, b) = (a.as_bytes(), b.as_bytes());
     if a.len() != b.len() {
@@ -63,3 +93,9 @@ const _: () = assert!(str_eq("NP_POLICY_V1", map_names::POLICY));
 const _: () = assert!(str_eq("NP_CT_V1", map_names::CONNTRACK));
 const _: () = assert!(str_eq("NP_CONFIG_V1", map_names::CONFIG));
 const _: () = assert!(str_eq("NP_COUNTERS_V1", map_names::COUNTERS));
+const _: () = assert!(str_eq("NP_FLOWS_V1", map_names::FLOWS));
+const _: () = assert!(str_eq("NP_DROPS_V1", map_names::DROPS));
+const _: () = assert!(str_eq("NP_EVENTS_V1", map_names::EVENTS));
+const _: () = assert!(str_eq("NP_EVENT_BUDGET_V1", map_names::EVENT_BUDGET));
+const _: () = assert!(str_eq("NP_LOST_V1", map_names::LOST));
+const _: () = assert!(str_eq("NP_VERDICTS_V1", map_names::VERDICTS));

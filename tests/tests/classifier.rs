@@ -1,5 +1,6 @@
 //! The TC classifiers run with `BPF_PROG_TEST_RUN` on crafted frames: each case checks the TC
-//! verdict and the COUNTERS slot of the reason.
+//! verdict and the COUNTERS slot of the reason; the observability maps (FLOWS, DROPS, VERDICTS,
+//! LOST and the EVENTS ring buffer) are checked by the `flow_*`, `drop_*` and `event_*` tests.
 //!
 //! Needs root and BPF; prints `SKIP: ...` and returns otherwise. Each test loads its own copy of the
 //! object with its maps pinned in a fresh bpffs, so tests are independent and may run in parallel.
@@ -15,14 +16,15 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap, RingBuf, lpm_trie::Key},
     programs::{SchedClassifier, TestRun as _, TestRunOptions},
 };
 use netpol_common::{
-    CONFIG_GENERATION, CtKey, CtValue, Direction, EndpointInfo, IpInfo, IpKey,
-    POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTOCOL, POLICY_PREFIX_FULL, PolicyKey, PolicyValue,
-    REASON_SLOTS, Reason, V4_MAPPED_PREFIX, endpoint_flags, identity, map_names, program_names,
-    proto,
+    CONFIG_EVENT_RATE, CONFIG_GENERATION, CtKey, CtValue, Direction, DropEvent, DropKey, DropValue,
+    EndpointInfo, FlowKey, FlowValue, IpInfo, IpKey, LOST_SLOTS, POLICY_PREFIX_ANY_PORT,
+    POLICY_PREFIX_ANY_PROTOCOL, POLICY_PREFIX_FULL, PolicyKey, PolicyMatch, PolicyValue,
+    REASON_SLOTS, Reason, V4_MAPPED_PREFIX, VERDICT_SLOTS, endpoint_flags, identity, lost,
+    map_names, program_names, proto, verdict, verdict_slot,
 };
 use netpol_tests::packets::{self, Ext, L4, Packet};
 
@@ -265,6 +267,93 @@ impl Env {
             .collect()
     }
 
+    fn set_event_rate(&mut self, rate: u32) {
+        let mut m: Array<_, u32> =
+            Array::try_from(self.ebpf.map_mut(map_names::CONFIG).unwrap()).unwrap();
+        m.set(CONFIG_EVENT_RATE, rate, 0).unwrap();
+    }
+
+    /// FLOWS with the per-CPU values merged as the agent does: counts added, the decision of the
+    /// CPU that took the latest one.
+    fn flows(&self) -> Vec<(FlowKey, FlowValue)> {
+        let m: PerCpuHashMap<_, FlowKey, FlowValue> =
+            PerCpuHashMap::try_from(self.ebpf.map(map_names::FLOWS).unwrap()).unwrap();
+        m.iter()
+            .map(Result::unwrap)
+            .map(|(k, per_cpu)| {
+                let mut merged = FlowValue::default();
+                let mut decided = None::<FlowValue>;
+                for v in per_cpu.iter().filter(|v| v.packets > 0) {
+                    merged.packets += v.packets;
+                    merged.bytes += v.bytes;
+                    if decided.is_none_or(|d| v.decided_ns > d.decided_ns) {
+                        decided = Some(*v);
+                    }
+                }
+                let d = decided.unwrap_or_default();
+                merged.reason = d.reason;
+                merged.verdict = d.verdict;
+                merged.matched = d.matched;
+                merged.policy = d.policy;
+                (k, merged)
+            })
+            .collect()
+    }
+
+    fn flow(&self, key: FlowKey) -> FlowValue {
+        let flows = self.flows();
+        flows
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| *v)
+            .unwrap_or_else(|| panic!("no flow {key:?} in {flows:#?}"))
+    }
+
+    fn drops(&self) -> Vec<(DropKey, DropValue)> {
+        let m: PerCpuHashMap<_, DropKey, DropValue> =
+            PerCpuHashMap::try_from(self.ebpf.map(map_names::DROPS).unwrap()).unwrap();
+        let mut v: Vec<_> = m
+            .iter()
+            .map(Result::unwrap)
+            .map(|(k, per_cpu)| {
+                let sum = per_cpu.iter().fold(DropValue::default(), |a, v| DropValue {
+                    packets: a.packets + v.packets,
+                    bytes: a.bytes + v.bytes,
+                });
+                (k, sum)
+            })
+            .collect();
+        v.sort_by_key(|(k, _)| *k);
+        v
+    }
+
+    fn per_cpu_sums(&self, name: &str, len: u32) -> Vec<u64> {
+        let m: PerCpuArray<_, u64> = PerCpuArray::try_from(self.ebpf.map(name).unwrap()).unwrap();
+        (0..len)
+            .map(|i| m.get(&i, 0).unwrap().iter().sum())
+            .collect()
+    }
+
+    fn verdicts(&self) -> Vec<u64> {
+        self.per_cpu_sums(map_names::VERDICTS, VERDICT_SLOTS)
+    }
+
+    fn lost(&self) -> Vec<u64> {
+        self.per_cpu_sums(map_names::LOST, LOST_SLOTS)
+    }
+
+    /// Drains the EVENTS ring buffer.
+    fn events(&mut self) -> Vec<DropEvent> {
+        let mut ring = RingBuf::try_from(self.ebpf.map_mut(map_names::EVENTS).unwrap()).unwrap();
+        let mut out = Vec::new();
+        while let Some(item) = ring.next() {
+            assert_eq!(item.len(), std::mem::size_of::<DropEvent>());
+            // SAFETY: the datapath writes whole `DropEvent`s; read unaligned from the ring.
+            out.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<DropEvent>()) });
+        }
+        out
+    }
+
     /// Runs the program of `dir` on `frame`: the TC action and the one reason counted.
     fn run(&self, dir: Direction, frame: &[u8]) -> (u32, Reason) {
         self.try_run(dir, frame)
@@ -353,6 +442,12 @@ fn programs_load_and_verify() {
         map_names::CONNTRACK,
         map_names::CONFIG,
         map_names::COUNTERS,
+        map_names::FLOWS,
+        map_names::DROPS,
+        map_names::EVENTS,
+        map_names::EVENT_BUDGET,
+        map_names::LOST,
+        map_names::VERDICTS,
     ] {
         assert!(env.ebpf.map(name).is_some(), "map {name} missing");
         assert!(env._fs.dir.join(name).exists(), "map {name} not pinned");
@@ -1262,4 +1357,208 @@ fn icmp_errors_about_known_flows() {
     env.expect(Egress, &ping.build(), Reason::AllowedPolicy);
     let err = Packet::new(router, a(), L4::icmp_error(3, 1, ping.ip_bytes()));
     env.expect(Ingress, &err.build(), Reason::AllowedReply);
+}
+
+fn flow_key(
+    src: IpAddr,
+    dst: IpAddr,
+    sport: u16,
+    dport: u16,
+    protocol: u8,
+    dir: Direction,
+) -> FlowKey {
+    FlowKey {
+        src: ip_key(src),
+        dst: ip_key(dst),
+        src_port: sport,
+        dst_port: dport,
+        endpoint: EP,
+        protocol,
+        direction: dir as u8,
+        _pad: [0; 2],
+    }
+}
+
+#[test]
+fn flow_records_count_packets_and_keep_the_decision() {
+    let Some(mut env) = env!() else { return };
+    env.isolate(true, false);
+    env.allow(ID_B, Ingress, proto::TCP, 80, POLICY_PREFIX_FULL);
+    let allowed = Packet::tcp(b(), a(), 40000, 80).build();
+    let denied = Packet::tcp(b(), a(), 40001, 81).build();
+    env.expect(Ingress, &allowed, Reason::AllowedPolicy);
+    env.expect(Ingress, &allowed, Reason::AllowedEstablished);
+    env.expect(Ingress, &allowed, Reason::AllowedEstablished);
+    for _ in 0..4 {
+        env.expect(Ingress, &denied, Reason::DroppedIngressDenied);
+    }
+    // The reply of the allowed flow, at the same endpoint in the other direction.
+    let reply = Packet::tcp(a(), b(), 80, 40000).build();
+    env.expect(Egress, &reply, Reason::AllowedReply);
+
+    let f = env.flow(flow_key(b(), a(), 40000, 80, proto::TCP, Ingress));
+    assert_eq!((f.packets, f.bytes), (3, 3 * allowed.len() as u64));
+    assert_eq!(
+        f.reason,
+        Reason::AllowedPolicy as u8,
+        "established packets keep the decision"
+    );
+    assert_eq!(f.verdict, verdict::ALLOWED);
+    assert_eq!(
+        f.policy, 7,
+        "the PolicyValue.policy of the entry that allowed it"
+    );
+    assert_eq!(f.matched, PolicyMatch::L3L4 as u8);
+
+    let f = env.flow(flow_key(b(), a(), 40001, 81, proto::TCP, Ingress));
+    assert_eq!((f.packets, f.bytes), (4, 4 * denied.len() as u64));
+    assert_eq!(f.reason, Reason::DroppedIngressDenied as u8);
+    assert_eq!(f.verdict, verdict::DROPPED);
+    assert_eq!(f.policy, 0);
+
+    let f = env.flow(flow_key(a(), b(), 80, 40000, proto::TCP, Egress));
+    assert_eq!((f.packets, f.reason), (1, Reason::AllowedReply as u8));
+    assert_eq!(
+        env.flows().len(),
+        3,
+        "one record per (tuple, endpoint, direction)"
+    );
+
+    // Drop counters: one key per (endpoint, direction, reason, protocol).
+    assert_eq!(
+        env.drops(),
+        vec![(
+            DropKey {
+                endpoint: EP,
+                direction: Ingress as u8,
+                reason: Reason::DroppedIngressDenied as u8,
+                protocol: proto::TCP,
+                _pad: 0
+            },
+            DropValue {
+                packets: 4,
+                bytes: 4 * denied.len() as u64
+            }
+        )]
+    );
+    // Policy decisions of new flows: one allow (an l3-l4 rule), four denies; conntrack hits are no
+    // decisions.
+    let v = env.verdicts();
+    let slot = |dir: Direction, action: u8, m: PolicyMatch| {
+        v[verdict_slot(dir as u8, action, m as u8) as usize]
+    };
+    assert_eq!(slot(Ingress, verdict::ALLOWED, PolicyMatch::L3L4), 1);
+    assert_eq!(slot(Ingress, verdict::DROPPED, PolicyMatch::None), 4);
+    assert_eq!(v.iter().sum::<u64>(), 5, "{v:?}");
+
+    // Every drop was streamed (well under the rate limit).
+    let events = env.events();
+    assert_eq!(events.len(), 4);
+    for e in &events {
+        assert_eq!(e.key, flow_key(b(), a(), 40001, 81, proto::TCP, Ingress));
+        assert_eq!(e.reason, Reason::DroppedIngressDenied as u8);
+        assert_eq!(e.len as usize, denied.len());
+        assert!(e.timestamp_ns > 0);
+    }
+    assert_eq!(env.lost(), vec![0; LOST_SLOTS as usize]);
+}
+
+#[test]
+fn flow_match_kinds() {
+    let Some(mut env) = env!() else { return };
+    env.isolate(true, false);
+    // Peers without ports (l3), and a rule allowing everything (all) that B's rule shadows.
+    env.allow(ID_B, Ingress, 0, 0, POLICY_PREFIX_ANY_PROTOCOL);
+    env.expect(
+        Ingress,
+        &Packet::udp(b(), a(), 5000, 53).build(),
+        Reason::AllowedPolicy,
+    );
+    env.allow(identity::ANY, Ingress, 0, 0, POLICY_PREFIX_ANY_PROTOCOL);
+    env.expect(
+        Ingress,
+        &Packet::udp(POD_C.into(), a(), 5000, 53).build(),
+        Reason::AllowedPolicy,
+    );
+    // Egress is not isolated: allowed, decided by no rule.
+    env.expect(
+        Egress,
+        &Packet::udp(a(), b(), 5000, 53).build(),
+        Reason::AllowedNotIsolated,
+    );
+    let f = env.flow(flow_key(b(), a(), 5000, 53, proto::UDP, Ingress));
+    assert_eq!(f.matched, PolicyMatch::L3 as u8);
+    let f = env.flow(flow_key(POD_C.into(), a(), 5000, 53, proto::UDP, Ingress));
+    assert_eq!(f.matched, PolicyMatch::All as u8);
+    let f = env.flow(flow_key(a(), b(), 5000, 53, proto::UDP, Egress));
+    assert_eq!(
+        (f.reason, f.matched, f.policy),
+        (Reason::AllowedNotIsolated as u8, PolicyMatch::None as u8, 0)
+    );
+    let v = env.verdicts();
+    assert_eq!(
+        v[verdict_slot(Ingress as u8, verdict::ALLOWED, PolicyMatch::L3 as u8) as usize],
+        1
+    );
+    assert_eq!(
+        v[verdict_slot(Ingress as u8, verdict::ALLOWED, PolicyMatch::All as u8) as usize],
+        1
+    );
+    assert_eq!(
+        v[verdict_slot(Egress as u8, verdict::ALLOWED, PolicyMatch::None as u8) as usize],
+        1
+    );
+}
+
+#[test]
+fn drop_counters_without_a_flow() {
+    let Some(mut env) = env!() else { return };
+    // Unknown endpoint: dropped before parsing, so no flow, but counted and streamed.
+    env.remove_endpoint(EP);
+    let frame = Packet::tcp(b(), a(), 40000, 80).build();
+    env.expect(Ingress, &frame, Reason::DroppedUnknownEndpoint);
+    env.expect(Egress, &frame, Reason::DroppedUnknownEndpoint);
+    assert!(env.flows().is_empty());
+    let drops = env.drops();
+    assert_eq!(drops.len(), 2, "{drops:?}");
+    for (k, v) in &drops {
+        assert_eq!(
+            (k.endpoint, k.reason, k.protocol),
+            (EP, Reason::DroppedUnknownEndpoint as u8, 0)
+        );
+        assert_eq!((v.packets, v.bytes), (1, frame.len() as u64));
+    }
+    let events = env.events();
+    assert_eq!(events.len(), 2);
+    assert!(
+        events
+            .iter()
+            .all(|e| e.key.endpoint == EP && e.key.protocol == 0)
+    );
+}
+
+#[test]
+fn event_rate_limit_counts_what_it_does_not_send() {
+    let Some(mut env) = env!() else { return };
+    env.isolate(true, false);
+    env.set_event_rate(5);
+    let frame = Packet::udp(b(), a(), 40000, 9).build();
+    const SENT: u64 = 50;
+    for _ in 0..SENT {
+        env.expect(Ingress, &frame, Reason::DroppedIngressDenied);
+    }
+    let events = env.events().len() as u64;
+    let lost = env.lost();
+    let cpus = aya::util::nr_cpus().unwrap() as u64;
+    // Each CPU's bucket starts full (5 events) and barely refills during the test.
+    assert!((5..=5 * cpus + 1).contains(&events), "{events} events");
+    assert_eq!(events + lost[lost::RATE_LIMITED as usize], SENT, "{lost:?}");
+    assert_eq!(lost[lost::RING_FULL as usize], 0);
+    // The counters themselves are exact whatever the event rate.
+    assert_eq!(env.drops()[0].1.packets, SENT);
+    assert_eq!(
+        env.flow(flow_key(b(), a(), 40000, 9, proto::UDP, Ingress))
+            .packets,
+        SENT
+    );
 }
