@@ -759,6 +759,106 @@ impl Cluster {
         self.write_objects()
     }
 
+    // ---------------------------------------------------------------- pod lifecycle
+
+    /// Removes pod `id` the way a dying sandbox does: kills its probe server and deletes its netns,
+    /// so its host veth disappears. `objects.yaml` is not rewritten (the Pod object outlives its
+    /// sandbox, as in Kubernetes); the pod leaves [`Cluster::pods`] and so the matrices.
+    pub fn remove_pod(&mut self, id: &str) -> Result<Pod> {
+        let i = self
+            .pods
+            .iter()
+            .position(|p| p.id() == id)
+            .ok_or_else(|| anyhow!("no pod {id}"))?;
+        if let Some(s) = self.servers.iter().position(|(sid, _)| sid == id) {
+            let (_, mut child) = self.servers.remove(s);
+            terminate(&mut child, libc::SIGKILL, Duration::from_secs(2));
+        }
+        let pod = self.pods.remove(i);
+        run(Command::new("ip").args(["netns", "del", &pod.netns]))?;
+        Ok(pod)
+    }
+
+    /// Adds pod `namespace/name` on node `node` after the cluster (and maybe agents) started: a
+    /// new netns and veth wired like the others, the next free addresses (`10.42.N.(10+k)`), a
+    /// running probe server, then its Pod object in `objects.yaml`.
+    pub fn add_pod(&mut self, namespace: &str, name: &str, node: usize) -> Result<Pod> {
+        let id = format!("{namespace}/{name}");
+        if self.pods.iter().any(|p| p.id() == id) {
+            bail!("pod {id} exists");
+        }
+        let host = self
+            .pods
+            .iter()
+            .map(|p| p.ipv4.octets()[3])
+            .max()
+            .unwrap_or(9)
+            + 1;
+        let seg6 = u16::from_str_radix(&host.to_string(), 16).context("pod number")?;
+        let prefix = &self.prefix;
+        let pod = Pod {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+            node,
+            netns: format!("{prefix}-{namespace}-{name}"),
+            host_veth: format!("veth{:08x}", fnv(&format!("{prefix}/{id}"))),
+            ipv4: Ipv4Addr::new(10, 42, node as u8, host),
+            ipv6: Ipv6Addr::new(0xfd00, 0x10, 0x42, node as u16, 0, 0, 0, seg6),
+            labels: BTreeMap::from([("pod".to_string(), name.to_string())]),
+            uid: format!(
+                "{:08x}-0000-4000-8000-{:012x}",
+                fnv(&format!("{prefix}/{id}/uid")),
+                host
+            ),
+        };
+        let n = &self.nodes[node];
+        self.netns.push(pod.netns.clone());
+        run(Command::new("ip").args(["netns", "add", &pod.netns]))?;
+        let mut b = String::new();
+        writeln!(
+            b,
+            "link add {} mtu 1450 type veth peer name eth0 mtu 1450 netns {}",
+            pod.host_veth, pod.netns
+        )?;
+        writeln!(b, "link set {} master cni0", pod.host_veth)?;
+        writeln!(b, "link set {} type bridge_slave hairpin on", pod.host_veth)?;
+        writeln!(b, "link set {} up", pod.host_veth)?;
+        run_batch("ip", &["-n", &n.name], &b)?;
+        let mut b = String::new();
+        writeln!(b, "link set lo up")?;
+        writeln!(b, "addr add {}/24 dev eth0", pod.ipv4)?;
+        writeln!(b, "addr add {}/64 dev eth0 nodad", pod.ipv6)?;
+        writeln!(b, "link set eth0 up")?;
+        writeln!(b, "route add default via {}", n.gateway_v4())?;
+        writeln!(b, "route add default via {}", n.gateway_v6())?;
+        run_batch("ip", &["-n", &pod.netns], &b)?;
+        let log = self
+            .tmp_dir
+            .join("logs")
+            .join(format!("server-{namespace}-{name}.log"));
+        let f = fs::File::create(&log)?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", &pod.netns])
+            .arg(&self.probe_bin)
+            .args(["serve", "--ports", "80,81"])
+            .stdin(Stdio::null())
+            .stdout(f.try_clone()?)
+            .stderr(f)
+            .spawn()
+            .context("spawning probe server")?;
+        self.servers.push((id.clone(), child));
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !fs::read_to_string(&log).is_ok_and(|s| s.lines().any(|l| l == "READY")) {
+            if Instant::now() > deadline {
+                bail!("probe server of {id} not ready in time");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.pods.push(pod.clone());
+        self.write_objects()?;
+        Ok(pod)
+    }
+
     // ---------------------------------------------------------------- agents
 
     /// Starts one agent per node (see module docs).

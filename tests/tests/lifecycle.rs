@@ -1,0 +1,1011 @@
+//! End-to-end lifecycle of the agent on the simulated two-node Flannel cluster: SIGTERM and restart,
+//! `cleanup`, following pod veths as they come and go, failing closed on bad input, CLI failures,
+//! `status`, and anti-spoofing.
+//!
+//! Pods: x/a n0, x/b n1, x/c n0, y/a n1, y/b n0, y/c n1, z/a n0, z/b n1, z/c n0.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd as _;
+use std::os::unix::fs::MetadataExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use netpol_agent::control::Status;
+use netpol_tests::cluster::{Cluster, Family, Proto, Reachability, default_agent_bin};
+
+const PROBE_BIN: &str = env!("CARGO_BIN_EXE_netpol-probe");
+
+const TCP80: (u16, Proto, Family) = (80, Proto::Tcp, Family::V4);
+const UDP81: (u16, Proto, Family) = (81, Proto::Udp, Family::V4);
+const TCP80_V6: (u16, Proto, Family) = (80, Proto::Tcp, Family::V6);
+const UDP80_V6: (u16, Proto, Family) = (80, Proto::Udp, Family::V6);
+const CASES: &[(u16, Proto, Family)] = &[TCP80, UDP81, TCP80_V6, UDP80_V6];
+
+/// Generous: covers agent start-up (loading BPF, first sync) on a loaded 2-core machine.
+const CONVERGE: Duration = Duration::from_secs(30);
+/// How long a CLI invocation that must fail may take.
+const CLI_DEADLINE: Duration = Duration::from_secs(30);
+
+fn cluster(test: &str) -> Option<Cluster> {
+    if !netpol_tests::privileged_or_skip(test, "needs root (network namespaces, bpffs)") {
+        return None;
+    }
+    Some(Cluster::new(PROBE_BIN).unwrap_or_else(|e| panic!("cluster setup: {e:#}")))
+}
+
+fn agent_bin() -> PathBuf {
+    let bin = default_agent_bin();
+    assert!(
+        bin.is_file(),
+        "agent binary {} not found: `cargo build -p netpol-agent` first",
+        bin.display()
+    );
+    bin
+}
+
+fn start(c: &mut Cluster) {
+    c.start_agents(&agent_bin())
+        .unwrap_or_else(|e| panic!("starting agents: {e:#}"));
+}
+
+fn np(name: &str, ns: &str, spec: &str) -> String {
+    let mut s = format!(
+        "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: {name}\n  namespace: {ns}\nspec:\n"
+    );
+    for l in spec.trim_matches('\n').lines() {
+        s.push_str("  ");
+        s.push_str(l);
+        s.push('\n');
+    }
+    s
+}
+
+fn deny_ingress(ns: &str) -> String {
+    np(
+        &format!("deny-ingress-{ns}"),
+        ns,
+        "podSelector: {}\npolicyTypes: [Ingress]",
+    )
+}
+
+fn expect(c: &mut Cluster, r: &Reachability, cases: &[(u16, Proto, Family)], timeout: Duration) {
+    if let Err(e) = c.wait_for_all(r, cases, timeout) {
+        panic!("{e:#}");
+    }
+}
+
+/// Polls `f` every 50 ms until it returns `Ok(Some(_))`; panics with `what` and the last answer at
+/// the deadline.
+fn wait_until<T>(
+    what: &str,
+    timeout: Duration,
+    mut f: impl FnMut() -> Result<Option<T>, String>,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let last = match f() {
+            Ok(Some(v)) => return v,
+            Ok(None) => "condition not met".to_string(),
+            Err(e) => e,
+        };
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}: {last}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Runs `netpol-agent ARGS` inside the netns of node `node` and waits for it (killed at `deadline`).
+fn agent_cli(c: &Cluster, node: usize, args: &[OsString], deadline: Duration) -> Output {
+    let child = Command::new("ip")
+        .args(["netns", "exec", &c.nodes[node].name])
+        .arg(agent_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning netpol-agent");
+    let pid = child.id() as i32;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(deadline) {
+        Ok(out) => out.expect("waiting for netpol-agent"),
+        Err(_) => {
+            // SAFETY: the child has not been reaped (its waiter has not returned).
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            let out = rx
+                .recv()
+                .expect("waiter")
+                .expect("waiting for netpol-agent");
+            panic!(
+                "netpol-agent {args:?} did not exit within {deadline:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+}
+
+fn os(args: &[&str]) -> Vec<OsString> {
+    args.iter().map(OsString::from).collect()
+}
+
+fn dirs_args(pin_dir: &Path, state_dir: &Path) -> Vec<OsString> {
+    vec![
+        "--pin-dir".into(),
+        pin_dir.into(),
+        "--state-dir".into(),
+        state_dir.into(),
+    ]
+}
+
+fn node_cli(c: &Cluster, node: usize, args: &[&str]) -> Output {
+    let n = &c.nodes[node];
+    let mut a = os(args);
+    a.extend(dirs_args(&n.pin_dir, &n.state_dir));
+    agent_cli(c, node, &a, CLI_DEADLINE)
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// `netpol-agent status -o json` of node `node`.
+fn status(c: &Cluster, node: usize) -> Result<Status, String> {
+    let out = node_cli(c, node, &["status", "-o", "json"]);
+    if !out.status.success() {
+        return Err(format!(
+            "status failed ({}): {}",
+            out.status,
+            text(&out.stderr)
+        ));
+    }
+    serde_json::from_slice(&out.stdout)
+        .map_err(|e| format!("status JSON: {e}: {}", text(&out.stdout)))
+}
+
+fn local_pods(c: &Cluster, node: usize) -> Vec<String> {
+    c.pods
+        .iter()
+        .filter(|p| p.node == node)
+        .map(|p| p.id())
+        .collect()
+}
+
+/// Waits until the agent of `node` is ready and lists exactly its local pods, all attached.
+fn wait_synced(c: &Cluster, node: usize) -> Status {
+    let mut want = local_pods(c, node);
+    want.sort();
+    wait_until(
+        &format!("agent on node {node} to attach {want:?}"),
+        CONVERGE,
+        || {
+            let s = status(c, node)?;
+            let mut have: Vec<String> = s.endpoints.iter().map(|e| e.pod.clone()).collect();
+            have.sort();
+            let ok = s.ready && have == want && s.endpoints.iter().all(|e| e.attached);
+            Ok(ok.then_some(s))
+        },
+    )
+}
+
+fn counter(s: &Status, reason: &str) -> u64 {
+    s.counters
+        .iter()
+        .find(|(r, _)| r == reason)
+        .map(|(_, n)| *n)
+        .unwrap_or_else(|| panic!("no counter {reason} in {:?}", s.counters))
+}
+
+/// Pin file name -> inode, for every pin under `dir/{maps,links}`.
+fn pins(dir: &Path) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    for sub in ["maps", "links"] {
+        let Ok(entries) = std::fs::read_dir(dir.join(sub)) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let ino = e.metadata().map(|m| m.ino()).unwrap_or(0);
+            out.insert(format!("{sub}/{}", e.file_name().to_string_lossy()), ino);
+        }
+    }
+    out
+}
+
+fn link_pins(dir: &Path) -> Vec<String> {
+    pins(dir)
+        .into_keys()
+        .filter(|k| k.starts_with("links/"))
+        .collect()
+}
+
+fn ifindex(netns: &str, dev: &str) -> u32 {
+    let out = Command::new("ip")
+        .args(["-n", netns, "-j", "link", "show", "dev", dev])
+        .output()
+        .expect("ip link show");
+    assert!(
+        out.status.success(),
+        "ip link show {dev}: {}",
+        text(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ip -j");
+    v[0]["ifindex"].as_u64().expect("ifindex") as u32
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("ip");
+    assert!(out.status.success(), "ip {args:?}: {}", text(&out.stderr));
+}
+
+fn is_mountpoint(dir: &Path) -> bool {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let d = dir.to_string_lossy();
+    mounts
+        .lines()
+        .any(|l| l.split(' ').nth(4).is_some_and(|m| m == d))
+}
+
+/// Unmounts (if the agent mounted a bpffs there) and removes a directory a test made.
+struct ScratchDir(PathBuf);
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        if is_mountpoint(&self.0) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A netns the test made outside the harness; deleted on drop (its veths go with it).
+struct ScratchNetns(String);
+
+impl Drop for ScratchNetns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// 1. SIGTERM leaves enforcement in place; a new agent adopts the pins.
+// ------------------------------------------------------------------------------------------------
+
+#[test]
+fn sigterm_keeps_enforcement_and_restart_adopts_pins() {
+    let Some(mut c) = cluster("sigterm_keeps_enforcement_and_restart_adopts_pins") else {
+        return;
+    };
+    c.apply_policies(&deny_ingress("x")).unwrap();
+    start(&mut c);
+    let mut denied_x = c.reachability(true);
+    denied_x.expect_all_ingress("x/*", false);
+    expect(&mut c, &denied_x, CASES, CONVERGE);
+    let before: Vec<Status> = (0..2).map(|n| wait_synced(&c, n)).collect();
+    let pins_before: Vec<_> = c.nodes.iter().map(|n| pins(&n.pin_dir)).collect();
+    for (n, p) in pins_before.iter().enumerate() {
+        assert_eq!(
+            link_pins(&c.nodes[n].pin_dir).len(),
+            2 * local_pods(&c, n).len(),
+            "two link pins per local pod on node {n}: {p:?}"
+        );
+    }
+
+    let t = Instant::now();
+    for n in 0..2 {
+        let st = c.stop_agent(n).expect("agent was running");
+        assert!(
+            st.success(),
+            "agent on node {n} exited with {st} on SIGTERM"
+        );
+    }
+    eprintln!("SIGTERM to exit, both agents: {:?}", t.elapsed());
+    for (n, pins_before) in pins_before.iter().enumerate() {
+        assert_eq!(
+            &pins(&c.nodes[n].pin_dir),
+            pins_before,
+            "SIGTERM changed pins on node {n}"
+        );
+        let out = node_cli(&c, n, &["status"]);
+        assert!(
+            !out.status.success(),
+            "status answered with the agent stopped"
+        );
+    }
+    // With no agent at all: denied stays denied, allowed still flows.
+    expect(&mut c, &denied_x, CASES, Duration::from_secs(10));
+    for (node, pod) in [(0, "x/a"), (1, "x/b")] {
+        assert!(
+            c.probe_from_node(node, pod, 80, Proto::Tcp, Family::V4)
+                .unwrap(),
+            "node {node} -> {pod} blocked with the agent down"
+        );
+    }
+
+    let log_len: Vec<usize> = (0..2).map(|n| c.agent_log(n).len()).collect();
+    let t = Instant::now();
+    start(&mut c);
+    let after: Vec<Status> = (0..2).map(|n| wait_synced(&c, n)).collect();
+    eprintln!("restart to synced: {:?}", t.elapsed());
+    for n in 0..2 {
+        assert_eq!(
+            pins(&c.nodes[n].pin_dir),
+            pins_before[n],
+            "the new agent on node {n} re-created pins instead of adopting them"
+        );
+        assert_eq!(
+            after[n].generation, before[n].generation,
+            "the new agent on node {n} rewrote maps that already held its policy"
+        );
+        let log = c.agent_log(n);
+        let new = &log[log_len[n]..];
+        assert!(new.contains("agent started"), "node {n} log:\n{new}");
+        assert!(
+            !new.contains("datapath updated"),
+            "the new agent on node {n} reprogrammed the datapath on adoption:\n{new}"
+        );
+    }
+    // Enforcement continued through the restart, and a change after it is enforced.
+    expect(&mut c, &denied_x, &[TCP80], Duration::from_secs(10));
+    c.apply_policies(&deny_ingress("y")).unwrap();
+    let mut denied_y = c.reachability(true);
+    denied_y.expect_all_ingress("y/*", false);
+    expect(&mut c, &denied_y, CASES, CONVERGE);
+    for (n, before) in before.iter().enumerate() {
+        let s = status(&c, n).unwrap();
+        assert!(
+            s.generation > before.generation,
+            "generation did not move on node {n}"
+        );
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// 2. `cleanup`: refused while the agent runs; afterwards every pin is gone and nothing is enforced.
+// ------------------------------------------------------------------------------------------------
+
+#[test]
+fn cleanup_refuses_while_running_then_removes_everything() {
+    let Some(mut c) = cluster("cleanup_refuses_while_running_then_removes_everything") else {
+        return;
+    };
+    c.apply_policies(&deny_ingress("x")).unwrap();
+    start(&mut c);
+    let mut denied_x = c.reachability(true);
+    denied_x.expect_all_ingress("x/*", false);
+    expect(&mut c, &denied_x, CASES, CONVERGE);
+    for n in 0..2 {
+        wait_synced(&c, n);
+    }
+
+    for n in 0..2 {
+        let before = pins(&c.nodes[n].pin_dir);
+        let out = node_cli(&c, n, &["cleanup"]);
+        let err = text(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "cleanup with a running agent succeeded: {err}"
+        );
+        assert!(
+            err.contains("agent is running")
+                && err.contains(&*c.nodes[n].state_dir.to_string_lossy()),
+            "unclear refusal: {err}"
+        );
+        assert_eq!(
+            pins(&c.nodes[n].pin_dir),
+            before,
+            "refused cleanup touched pins"
+        );
+    }
+    c.check_agents().unwrap();
+    expect(&mut c, &denied_x, &[TCP80], Duration::from_secs(10));
+
+    for n in 0..2 {
+        c.stop_agent(n).expect("agent was running");
+    }
+    for n in 0..2 {
+        let node = &c.nodes[n];
+        let had = pins(&node.pin_dir).len();
+        let out = node_cli(&c, n, &["cleanup"]);
+        assert!(
+            out.status.success(),
+            "cleanup on node {n} failed: {}",
+            text(&out.stderr)
+        );
+        let said = text(&out.stdout);
+        assert!(said.contains(&format!("removed {had} pins")), "{said}");
+        for sub in ["maps", "links"] {
+            let d = node.pin_dir.join(sub);
+            let left: Vec<_> = std::fs::read_dir(&d)
+                .map(|r| r.flatten().map(|e| e.file_name()).collect())
+                .unwrap_or_default();
+            assert!(left.is_empty(), "{} still holds {left:?}", d.display());
+        }
+        assert!(!node.state_dir.join("agent.sock").exists());
+    }
+    let t = Instant::now();
+    let all = c.reachability(true);
+    // TCP80 was denied a moment ago, so this cannot pass by looking at a stale state.
+    expect(&mut c, &all, CASES, Duration::from_secs(15));
+    eprintln!("cleanup to all-allowed: {:?}", t.elapsed());
+}
+
+// ------------------------------------------------------------------------------------------------
+// 3. Following veths: pods go, pods come, stray veths are left alone.
+// ------------------------------------------------------------------------------------------------
+
+#[test]
+fn follows_pod_veths_and_ignores_unknown_ones() {
+    let Some(mut c) = cluster("follows_pod_veths_and_ignores_unknown_ones") else {
+        return;
+    };
+    c.apply_policies(&deny_ingress("x")).unwrap();
+    start(&mut c);
+    let mut r = c.reachability(true);
+    r.expect_all_ingress("x/*", false);
+    expect(&mut c, &r, &[TCP80, UDP81], CONVERGE);
+    let s0 = wait_synced(&c, 0);
+
+    // A pod whose sandbox dies: its veth goes, and with it the pins and the status entry.
+    let gone = s0
+        .endpoints
+        .iter()
+        .find(|e| e.pod == "z/a")
+        .expect("z/a in status")
+        .clone();
+    let pin_dir = c.nodes[0].pin_dir.clone();
+    let gone_pins = [
+        format!("links/{}-egress", gone.ifindex),
+        format!("links/{}-ingress", gone.ifindex),
+    ];
+    assert!(gone_pins.iter().all(|p| pins(&pin_dir).contains_key(p)));
+    let t = Instant::now();
+    c.remove_pod("z/a").unwrap();
+    wait_until(
+        "z/a's pins and status entry to go",
+        Duration::from_secs(10),
+        || {
+            let p = pins(&pin_dir);
+            let s = status(&c, 0)?;
+            let done = gone_pins.iter().all(|g| !p.contains_key(g))
+                && s.endpoints.iter().all(|e| e.pod != "z/a");
+            Ok(done.then_some(()))
+        },
+    );
+    eprintln!(
+        "veth deleted -> pins and status entry gone: {:?}",
+        t.elapsed()
+    );
+
+    // A pod created after the agent started is attached and enforced by the existing policy.
+    let t = Instant::now();
+    let new = c.add_pod("x", "d", 1).unwrap();
+    let ep = wait_until(
+        "x/d to be attached on node 1",
+        Duration::from_secs(10),
+        || {
+            let s = status(&c, 1)?;
+            Ok(s.endpoints
+                .into_iter()
+                .find(|e| e.pod == "x/d" && e.attached))
+        },
+    );
+    eprintln!("pod added -> attached: {:?}", t.elapsed());
+    assert_eq!(ep.ifname, new.host_veth);
+    assert!(ep.isolated_ingress && !ep.isolated_egress, "{ep:?}");
+    assert_eq!(ep.ifindex, ifindex(&c.nodes[1].name, &new.host_veth));
+    let mut r = c.reachability(true);
+    r.expect_all_ingress("x/*", false);
+    assert!(!r.get("y/a", "x/d"));
+    expect(&mut c, &r, &[TCP80, UDP81, TCP80_V6], CONVERGE);
+    eprintln!("pod added -> enforced: {:?}", t.elapsed());
+
+    // A veth whose peer carries no pod's address is never attached.
+    let stray = ScratchNetns(format!("{}-stray", c.prefix));
+    let node0 = c.nodes[0].name.clone();
+    ip(&["netns", "add", &stray.0]);
+    ip(&[
+        "-n", &node0, "link", "add", "vstray0", "type", "veth", "peer", "name", "eth0", "netns",
+        &stray.0,
+    ]);
+    ip(&["-n", &node0, "link", "set", "vstray0", "master", "cni0"]);
+    ip(&["-n", &node0, "link", "set", "vstray0", "up"]);
+    ip(&[
+        "-n",
+        &stray.0,
+        "addr",
+        "add",
+        "10.42.0.250/24",
+        "dev",
+        "eth0",
+    ]);
+    ip(&[
+        "-n",
+        &stray.0,
+        "addr",
+        "add",
+        "fd00:10:42::250/64",
+        "dev",
+        "eth0",
+        "nodad",
+    ]);
+    ip(&["-n", &stray.0, "link", "set", "eth0", "up"]);
+    let stray_ifindex = ifindex(&node0, "vstray0");
+    let stray_pins = [
+        format!("links/{stray_ifindex}-egress"),
+        format!("links/{stray_ifindex}-ingress"),
+    ];
+    // Two policy changes, each a full reconcile that re-reads the veths (stray one included).
+    let mut generation = status(&c, 0).unwrap().generation;
+    for (round, policies) in [
+        format!("{}{}", deny_ingress("x"), deny_ingress("z")),
+        deny_ingress("x"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        c.apply_policies(policies).unwrap();
+        generation = wait_until(
+            &format!("reconcile round {round} on node 0"),
+            CONVERGE,
+            || {
+                let p = pins(&pin_dir);
+                if let Some(bad) = stray_pins.iter().find(|s| p.contains_key(*s)) {
+                    panic!("the stray veth was attached: {bad}");
+                }
+                let s = status(&c, 0)?;
+                Ok((s.generation > generation).then_some(s.generation))
+            },
+        );
+    }
+    let s = status(&c, 0).unwrap();
+    assert!(
+        s.endpoints.iter().all(|e| e.ifindex != stray_ifindex),
+        "stray veth listed: {:?}",
+        s.endpoints
+    );
+    assert!(stray_pins.iter().all(|p| !pins(&pin_dir).contains_key(p)));
+    let out = Command::new("ip")
+        .args([
+            "netns", "exec", &node0, "bpftool", "net", "show", "dev", "vstray0",
+        ])
+        .output()
+        .unwrap();
+    let shown = text(&out.stdout);
+    assert!(
+        !shown.contains("pod_"),
+        "programs on the stray veth:\n{shown}"
+    );
+    drop(stray);
+}
+
+// ------------------------------------------------------------------------------------------------
+// 4. Bad input fails closed and reports where; a file that stops parsing keeps its last good objects.
+// ------------------------------------------------------------------------------------------------
+
+#[test]
+fn bad_input_fails_closed_and_keeps_last_good() {
+    let Some(mut c) = cluster("bad_input_fails_closed_and_keeps_last_good") else {
+        return;
+    };
+    let broken = np(
+        "broken",
+        "x",
+        "podSelector:\n  matchLabels:\n    pod: a\npolicyTypes: [Ingress]\ningress:\n- from:\n  - ipBlock:\n      cidr: 10.42.0.0/33\n- ports:\n  - protocol: QUIC\n    port: 80",
+    );
+    c.apply_policies(&format!("{}{broken}", deny_ingress("y")))
+        .unwrap();
+    start(&mut c);
+    let mut r = c.reachability(true);
+    r.expect_all_ingress("y/*", false)
+        .expect_all_ingress("x/a", false);
+    expect(&mut c, &r, CASES, CONVERGE);
+    // x/a's own node still reaches it.
+    assert!(
+        c.probe_from_node(0, "x/a", 80, Proto::Tcp, Family::V4)
+            .unwrap()
+    );
+    for n in 0..2 {
+        let s = wait_synced(&c, n);
+        let e = s
+            .errors
+            .iter()
+            .find(|e| e.contains("policies.yaml") && e.contains("x/broken"))
+            .unwrap_or_else(|| panic!("no error naming the file and x/broken: {:?}", s.errors));
+        assert!(
+            e.contains("ipBlock") && e.contains("cidr"),
+            "no field in {e}"
+        );
+        let e = s
+            .errors
+            .iter()
+            .find(|e| e.contains("x/broken") && e.contains("protocol"))
+            .unwrap_or_else(|| panic!("no error naming the protocol field: {:?}", s.errors));
+        assert!(e.contains("policies.yaml") && e.contains("QUIC"), "{e}");
+        if n == 0 {
+            eprintln!("reported: {:#?}", s.errors);
+        }
+        if n == 0 {
+            let ep = s.endpoints.iter().find(|e| e.pod == "x/a").unwrap();
+            assert!(ep.isolated_ingress && !ep.isolated_egress, "{ep:?}");
+        }
+    }
+
+    // Fixed: x/a now admits its own namespace.
+    let fixed = np(
+        "broken",
+        "x",
+        "podSelector:\n  matchLabels:\n    pod: a\npolicyTypes: [Ingress]\ningress:\n- from:\n  - podSelector: {}",
+    );
+    c.apply_policies(&format!("{}{fixed}", deny_ingress("y")))
+        .unwrap();
+    let mut good = c.reachability(true);
+    good.expect_all_ingress("y/*", false)
+        .expect_all_ingress("x/a", false)
+        .expect_peer("x/*", "x/a", true);
+    expect(&mut c, &good, &[TCP80, UDP81, TCP80_V6], CONVERGE);
+    let good_gen: Vec<u32> = (0..2)
+        .map(|n| {
+            wait_until(&format!("no errors on node {n}"), CONVERGE, || {
+                let s = status(&c, n)?;
+                Ok(s.errors.is_empty().then_some(s.generation))
+            })
+        })
+        .collect();
+
+    // Garbage: the last good objects stay enforced, and the file is reported.
+    c.apply_policies("{{{ this is: not [ YAML\n").unwrap();
+    for (n, good_gen) in good_gen.iter().enumerate() {
+        let s = wait_until(
+            &format!("node {n} to report the bad file"),
+            CONVERGE,
+            || {
+                let s = status(&c, n)?;
+                Ok(s.errors
+                    .iter()
+                    .any(|e| e.contains("policies.yaml") && e.contains("last good"))
+                    .then_some(s))
+            },
+        );
+        assert_eq!(
+            s.generation, *good_gen,
+            "node {n} changed its maps on a bad file"
+        );
+        assert_eq!(s.policies, 2, "node {n} dropped policies: {:?}", s.errors);
+    }
+    expect(
+        &mut c,
+        &good,
+        &[TCP80, UDP81, TCP80_V6],
+        Duration::from_secs(10),
+    );
+}
+
+// ------------------------------------------------------------------------------------------------
+// 5. CLI failures: fail before touching anything, and leave a running agent alone.
+// ------------------------------------------------------------------------------------------------
+
+#[test]
+fn run_failures_exit_non_zero_before_attaching() {
+    let Some(mut c) = cluster("run_failures_exit_non_zero_before_attaching") else {
+        return;
+    };
+    // A missing manifest directory.
+    let pin = ScratchDir(c.tmp_dir.join("pins-missing"));
+    let state = ScratchDir(c.tmp_dir.join("state-missing"));
+    let missing = c.tmp_dir.join("no-such-manifests");
+    let mut args = os(&[
+        "run",
+        "--node-name",
+        &c.nodes[0].name.clone(),
+        "--manifests",
+    ]);
+    args.push(missing.clone().into());
+    args.extend(dirs_args(&pin.0, &state.0));
+    let out = agent_cli(&c, 0, &args, CLI_DEADLINE);
+    let err = text(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "run with a missing manifest dir succeeded"
+    );
+    assert!(
+        err.contains(&*missing.to_string_lossy()),
+        "does not name the dir: {err}"
+    );
+    assert!(!is_mountpoint(&pin.0), "mounted a bpffs before failing");
+    assert!(pins(&pin.0).is_empty(), "left pins: {:?}", pins(&pin.0));
+    for p in c.pods.iter().filter(|p| p.node == 0) {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &c.nodes[0].name,
+                "bpftool",
+                "net",
+                "show",
+                "dev",
+                &p.host_veth,
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            !text(&out.stdout).contains("pod_"),
+            "attached to {}",
+            p.host_veth
+        );
+    }
+
+    // A second agent on the same pin directory.
+    c.apply_policies(&deny_ingress("x")).unwrap();
+    start(&mut c);
+    let mut r = c.reachability(true);
+    r.expect_all_ingress("x/*", false);
+    expect(&mut c, &r, &[TCP80], CONVERGE);
+    wait_synced(&c, 0);
+    let pins_before = pins(&c.nodes[0].pin_dir);
+    let state2 = ScratchDir(c.tmp_dir.join("state-second"));
+    let mut args = os(&[
+        "run",
+        "--node-name",
+        &c.nodes[0].name.clone(),
+        "--manifests",
+    ]);
+    args.push(c.manifest_dir.clone().into());
+    args.extend(dirs_args(&c.nodes[0].pin_dir, &state2.0));
+    let t = Instant::now();
+    let out = agent_cli(&c, 0, &args, CLI_DEADLINE);
+    let err = text(&out.stderr);
+    eprintln!("second agent refused in {:?}", t.elapsed());
+    assert!(
+        !out.status.success(),
+        "a second agent on the same pin dir ran: {err}"
+    );
+    assert!(
+        err.contains(&*c.nodes[0].pin_dir.to_string_lossy()) && err.contains("in use"),
+        "does not name the pin dir clash: {err}"
+    );
+    assert!(!state2.0.join("agent.sock").exists());
+    c.check_agents().unwrap();
+    let s = status(&c, 0).unwrap();
+    assert!(s.ready && s.endpoints.iter().all(|e| e.attached));
+    assert_eq!(
+        pins(&c.nodes[0].pin_dir),
+        pins_before,
+        "the refused agent touched pins"
+    );
+    expect(&mut c, &r, &[TCP80, UDP81], Duration::from_secs(10));
+}
+
+// ------------------------------------------------------------------------------------------------
+// 6. status: endpoints, isolation, maps and live counters, as JSON and as a table.
+// ------------------------------------------------------------------------------------------------
+
+#[test]
+fn status_reports_endpoints_maps_and_counters() {
+    let Some(mut c) = cluster("status_reports_endpoints_maps_and_counters") else {
+        return;
+    };
+    let deny_egress_zc = np(
+        "deny-egress-c",
+        "z",
+        "podSelector:\n  matchLabels:\n    pod: c\npolicyTypes: [Egress]",
+    );
+    c.apply_policies(&format!("{}{deny_egress_zc}", deny_ingress("x")))
+        .unwrap();
+    start(&mut c);
+    let mut r = c.reachability(true);
+    r.expect_all_ingress("x/*", false)
+        .expect_all_egress("z/c", false);
+    expect(&mut c, &r, &[TCP80, UDP81], CONVERGE);
+
+    for n in 0..2 {
+        let s = wait_synced(&c, n);
+        assert_eq!(s.node, c.nodes[n].name);
+        assert!(s.errors.is_empty(), "{:?}", s.errors);
+        assert_eq!((s.namespaces, s.pods, s.policies), (3, 9, 2));
+        for p in c.pods.iter().filter(|p| p.node == n) {
+            let e = s.endpoints.iter().find(|e| e.pod == p.id()).unwrap();
+            assert_eq!(e.ifname, p.host_veth, "{}", p.id());
+            assert_eq!(e.ifindex, ifindex(&c.nodes[n].name, &p.host_veth));
+            assert!(e.attached);
+            assert!(e.ips.contains(&p.ipv4.to_string()) && e.ips.contains(&p.ipv6.to_string()));
+            assert_eq!(e.isolated_ingress, p.namespace == "x", "{e:?}");
+            assert_eq!(e.isolated_egress, p.id() == "z/c", "{e:?}");
+        }
+        let map = |name: &str| {
+            s.maps
+                .iter()
+                .find(|m| m.name == name)
+                .unwrap_or_else(|| panic!("no map {name} in {:?}", s.maps))
+                .clone()
+        };
+        use netpol_common::{capacity, map_names};
+        let eps = map(map_names::ENDPOINTS);
+        assert_eq!(
+            (eps.entries, eps.capacity),
+            (local_pods(&c, n).len(), capacity::ENDPOINTS)
+        );
+        let ipc = map(map_names::IPCACHE);
+        assert!(
+            ipc.entries >= 18 && ipc.capacity == capacity::IPCACHE,
+            "{ipc:?}"
+        );
+        assert_eq!(map(map_names::POLICY).capacity, capacity::POLICY);
+        assert_eq!(map(map_names::CIDRS).capacity, capacity::CIDRS);
+    }
+
+    // Denied probes show up in the counters of the receiving node, without any other change.
+    let before = status(&c, 0).unwrap();
+    let denied_before = counter(&before, "ingress-denied");
+    for _ in 0..3 {
+        assert!(
+            !c.probe_matrix(80, Proto::Tcp, Family::V4)
+                .unwrap()
+                .get("y/a", "x/a")
+        );
+    }
+    let after = wait_until(
+        "ingress-denied to increase on node 0",
+        Duration::from_secs(10),
+        || {
+            let s = status(&c, 0)?;
+            Ok((counter(&s, "ingress-denied") > denied_before).then_some(s))
+        },
+    );
+    assert_eq!(after.generation, before.generation);
+    assert!(counter(&after, "policy") + counter(&after, "not-isolated") > 0);
+
+    let out = node_cli(&c, 0, &["status"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let table = text(&out.stdout);
+    assert!(table.contains("ready:       true"), "{table}");
+    for p in c.pods.iter().filter(|p| p.node == 0) {
+        let line = table
+            .lines()
+            .find(|l| l.starts_with(&p.id()))
+            .unwrap_or_else(|| panic!("no line for {}:\n{table}", p.id()));
+        assert!(
+            line.contains(&p.host_veth) && line.contains(&p.ipv4.to_string()),
+            "{line}"
+        );
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(
+            fields[3..6],
+            [
+                (p.namespace == "x").to_string().as_str(),
+                (p.id() == "z/c").to_string().as_str(),
+                "true"
+            ],
+            "{line}"
+        );
+    }
+    let denied_line = table
+        .lines()
+        .find(|l| l.starts_with("ingress-denied"))
+        .unwrap_or_else(|| panic!("no ingress-denied line:\n{table}"));
+    let shown: u64 = denied_line
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(shown > denied_before, "{denied_line}");
+    assert!(table.contains(netpol_common::map_names::POLICY) && table.contains("no problems"));
+}
+
+// ------------------------------------------------------------------------------------------------
+// 7. Anti-spoofing, IPv4 and IPv6.
+// ------------------------------------------------------------------------------------------------
+
+/// Sends one UDP datagram from `src` (an address on an interface of `netns`) to `dst` and waits
+/// `timeout` for the probe server's echo.
+fn udp_echo_from(
+    netns: &str,
+    src: IpAddr,
+    dst: SocketAddr,
+    timeout: Duration,
+) -> Result<bool, String> {
+    let ns = std::fs::File::open(Path::new("/run/netns").join(netns)).map_err(|e| e.to_string())?;
+    std::thread::spawn(move || {
+        // SAFETY: setns on a valid fd; only this short-lived thread changes namespace.
+        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(format!("setns: {}", std::io::Error::last_os_error()));
+        }
+        let s = UdpSocket::bind(SocketAddr::new(src, 0)).map_err(|e| format!("bind {src}: {e}"))?;
+        s.connect(dst).map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(timeout))
+            .map_err(|e| e.to_string())?;
+        let msg = format!("spoof-test {src} {:?}", Instant::now());
+        s.send(msg.as_bytes()).map_err(|e| format!("send: {e}"))?;
+        let mut buf = [0u8; 512];
+        match s.recv(&mut buf) {
+            Ok(n) => Ok(&buf[..n] == msg.as_bytes()),
+            Err(_) => Ok(false),
+        }
+    })
+    .join()
+    .map_err(|_| "sender thread panicked".to_string())?
+}
+
+#[test]
+fn spoofed_source_is_dropped_dual_stack() {
+    let Some(mut c) = cluster("spoofed_source_is_dropped_dual_stack") else {
+        return;
+    };
+    let from = c.pod("x/a").clone();
+    let to = c.pod("x/b").clone();
+    // (spoofed source, its prefix on x/a's eth0, real source, destination) per family.
+    let cases: [(IpAddr, &str, IpAddr, SocketAddr); 2] = [
+        (
+            "10.42.0.200".parse().unwrap(),
+            "10.42.0.200/32",
+            IpAddr::V4(from.ipv4),
+            SocketAddr::new(IpAddr::V4(to.ipv4), 80),
+        ),
+        (
+            "fd00:10:42::200".parse().unwrap(),
+            "fd00:10:42::200/128",
+            IpAddr::V6(from.ipv6),
+            SocketAddr::new(IpAddr::V6(to.ipv6), 80),
+        ),
+    ];
+    let echo = |src: IpAddr, dst: SocketAddr| {
+        udp_echo_from(&from.netns, src, dst, Duration::from_millis(500))
+    };
+    for (spoofed, prefix, _, dst) in cases {
+        ip(&[
+            "-n",
+            &from.netns,
+            "addr",
+            "add",
+            prefix,
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
+        // Without the agent the spoofed source gets through: the setup itself does not drop it.
+        wait_until(
+            &format!("spoofed {spoofed} -> {dst} to pass without the agent"),
+            Duration::from_secs(10),
+            || Ok(echo(spoofed, dst)?.then_some(())),
+        );
+    }
+
+    c.apply_policies("").unwrap();
+    start(&mut c);
+    for n in 0..2 {
+        wait_synced(&c, n);
+    }
+    let before = counter(&status(&c, 0).unwrap(), "spoofed-source");
+    for (spoofed, _, real, dst) in cases {
+        wait_until(
+            &format!("real {real} -> {dst} to pass with the agent"),
+            Duration::from_secs(10),
+            || Ok(echo(real, dst)?.then_some(())),
+        );
+        for attempt in 0..3 {
+            assert!(
+                !echo(spoofed, dst).unwrap(),
+                "spoofed {spoofed} reached {dst} (attempt {attempt})"
+            );
+        }
+    }
+    let after = wait_until(
+        "spoofed-source to count both families",
+        Duration::from_secs(10),
+        || {
+            let n = counter(&status(&c, 0)?, "spoofed-source");
+            Ok((n >= before + 6).then_some(n))
+        },
+    );
+    eprintln!("spoofed-source: {before} -> {after}");
+    c.check_agents().unwrap();
+}
