@@ -44,8 +44,18 @@ enum Command {
         #[arg(long, env = "NODE_NAME")]
         node_name: String,
         /// Directory of Kubernetes manifests (*.yaml, *.yml, *.json) holding the cluster state.
+        /// Without it the agent watches the Kubernetes API.
+        #[arg(long, conflicts_with = "kubeconfig")]
+        manifests: Option<PathBuf>,
+        /// kubeconfig for the Kubernetes API. Default: kube's inference (in-cluster service
+        /// account, then KUBECONFIG, then ~/.kube/config).
         #[arg(long)]
-        manifests: PathBuf,
+        kubeconfig: Option<PathBuf>,
+        /// Address for /healthz and /readyz ("off" to not serve them). Loopback by default: the
+        /// agent runs with hostNetwork and the kubelet probes it on 127.0.0.1; 9101 is free on K3s
+        /// nodes.
+        #[arg(long, default_value = netpol_agent::health::DEFAULT_HEALTH_ADDR)]
+        health_addr: String,
         #[command(flatten)]
         dirs: NodeDirs,
     },
@@ -62,12 +72,27 @@ enum Command {
         #[command(flatten)]
         dirs: NodeDirs,
     },
+    /// Check, with evidence, whether NetworkPolicy is really enforced on this node and by what.
+    /// Exit status: 0 every check passed, 1 a check failed, 2 only warnings.
+    Verify {
+        #[command(flatten)]
+        dirs: NodeDirs,
+        /// Also load the programs in scratch namespaces and prove, with real packets, that a deny-all
+        /// drops and an allow rule passes.
+        #[arg(long)]
+        self_test: bool,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            // netlink-packet-route warns on every dump about attributes newer kernels add.
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,netlink_packet_route=error".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -78,10 +103,26 @@ fn main() -> anyhow::Result<()> {
         .context("starting the tokio runtime")?;
     runtime.block_on(async {
         match cli.command {
-            Command::Run { node_name, manifests, dirs } => {
+            Command::Run {
+                node_name,
+                manifests,
+                kubeconfig,
+                health_addr,
+                dirs,
+            } => {
+                let health_addr = match health_addr.as_str() {
+                    "off" | "" => None,
+                    a => Some(a.parse().with_context(|| {
+                        format!("--health-addr {a:?} is not an address such as 127.0.0.1:9101")
+                    })?),
+                };
                 agent::run(AgentConfig {
                     node_name,
-                    source: SourceConfig::Manifests(manifests),
+                    source: match manifests {
+                        Some(dir) => SourceConfig::Manifests(dir),
+                        None => SourceConfig::Kubernetes { kubeconfig },
+                    },
+                    health_addr,
                     layout: PinLayout::new(dirs.pin_dir),
                     state_dir: dirs.state_dir,
                 })
@@ -94,6 +135,19 @@ fn main() -> anyhow::Result<()> {
                     Output::Table => print_status(&status),
                 }
                 Ok(())
+            }
+            Command::Verify { dirs, self_test, output } => {
+                let report = netpol_agent::verify::verify(&netpol_agent::verify::VerifyOptions {
+                    layout: PinLayout::new(dirs.pin_dir),
+                    state_dir: dirs.state_dir,
+                    self_test,
+                })
+                .await;
+                match output {
+                    Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+                    Output::Table => print!("{}", report.render_text()),
+                }
+                std::process::exit(report.exit_code());
             }
             Command::Cleanup { dirs } => {
                 if control::agent_is_running(&dirs.state_dir).await {
