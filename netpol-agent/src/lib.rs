@@ -15,3 +15,4 @@ pub mod manifests;
 pub mod model;
 pub mod selector;
 pub mod source;
+pub mod verify;
