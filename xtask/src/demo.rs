@@ -22,23 +22,53 @@ fn target_dir() -> PathBuf {
 pub fn run() -> anyhow::Result<()> {
     setup::run()?;
     if !setup::privileged() {
-        bail!("the demo builds network namespaces and loads BPF programs: run it as root on a BPF-capable kernel");
+        bail!(
+            "the demo builds network namespaces and loads BPF programs: run it as root on a BPF-capable kernel"
+        );
     }
-    check(cargo().args(["build", "--locked", "--release", "-p", "netpol-agent", "-p", "netpol-tests", "--bins"]))?;
+    check(cargo().args([
+        "build",
+        "--locked",
+        "--release",
+        "-p",
+        "netpol-agent",
+        "-p",
+        "netpol-tests",
+        "--bins",
+    ]))?;
     let release = target_dir().join("release");
     let agent = release.join("netpol-agent");
-    let mut cluster = Cluster::new(release.join("netpol-probe")).context("building the simulated cluster")?;
-    println!("\n== Simulated K3s/Flannel cluster {}: 2 nodes, namespaces x y z, pods a b c in each", cluster.prefix);
+    let mut cluster =
+        Cluster::new(release.join("netpol-probe")).context("building the simulated cluster")?;
+    println!(
+        "\n== Simulated K3s/Flannel cluster {}: 2 nodes, namespaces x y z, pods a b c in each",
+        cluster.prefix
+    );
     for pod in &cluster.pods {
-        println!("   {:<4} node {}  {}  {}", pod.id(), pod.node, pod.ip(Family::V4), pod.ip(Family::V6));
+        println!(
+            "   {:<4} node {}  {}  {}",
+            pod.id(),
+            pod.node,
+            pod.ip(Family::V4),
+            pod.ip(Family::V6)
+        );
     }
 
-    cluster.start_agents(&agent).context("starting the agents")?;
-    println!("\n== Agents running, no NetworkPolicy yet: TCP port 80, IPv4 (rows: from, columns: to)");
-    println!("{}", render(&cluster.probe_matrix(80, Proto::Tcp, Family::V4)?));
+    cluster
+        .start_agents(&agent)
+        .context("starting the agents")?;
+    println!(
+        "\n== Agents running, no NetworkPolicy yet: TCP port 80, IPv4 (rows: from, columns: to)"
+    );
+    println!(
+        "{}",
+        render(&cluster.probe_matrix(80, Proto::Tcp, Family::V4)?)
+    );
 
     println!("== Applying the example policies (xtask/demo/policies.yaml):");
-    println!("   x: default-deny-ingress; x/a accepts TCP 80 from namespace y and from x; z/c may only reach z");
+    println!(
+        "   x: default-deny-ingress; x/a accepts TCP 80 from namespace y and from x; z/c may only reach z"
+    );
     cluster.apply_policies(POLICIES)?;
     let mut expected = cluster.reachability(true);
     expected
@@ -50,14 +80,29 @@ pub fn run() -> anyhow::Result<()> {
         .expect_peer("z/c", "x/a", false)
         .allow_loopback();
     cluster
-        .wait_for_matrix(&expected, 80, Proto::Tcp, Family::V4, Duration::from_secs(30))
+        .wait_for_matrix(
+            &expected,
+            80,
+            Proto::Tcp,
+            Family::V4,
+            Duration::from_secs(30),
+        )
         .context("the example policies were not enforced as expected")?;
     println!("\n== Enforced, TCP port 80, IPv4:");
-    println!("{}", render(&cluster.probe_matrix(80, Proto::Tcp, Family::V4)?));
+    println!(
+        "{}",
+        render(&cluster.probe_matrix(80, Proto::Tcp, Family::V4)?)
+    );
     println!("== The same over IPv6:");
-    println!("{}", render(&cluster.probe_matrix(80, Proto::Tcp, Family::V6)?));
+    println!(
+        "{}",
+        render(&cluster.probe_matrix(80, Proto::Tcp, Family::V6)?)
+    );
     println!("== TCP port 81 (x/a only allows 80, so y -> x/a is dropped here):");
-    println!("{}", render(&cluster.probe_matrix(81, Proto::Tcp, Family::V4)?));
+    println!(
+        "{}",
+        render(&cluster.probe_matrix(81, Proto::Tcp, Family::V4)?)
+    );
 
     let node = &cluster.nodes[0];
     println!("== `netpol-agent status` on {}:", node.name);
