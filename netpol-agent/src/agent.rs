@@ -34,6 +34,8 @@ pub struct AgentConfig {
     pub source: SourceConfig,
     pub layout: PinLayout,
     pub state_dir: PathBuf,
+    /// Where `/healthz` and `/readyz` are served (`None`: not served).
+    pub health_addr: Option<std::net::SocketAddr>,
 }
 
 /// Takes an exclusive `flock` on a directory, so two agents can never share a pin or state directory.
@@ -64,7 +66,7 @@ fn check_kernel() -> anyhow::Result<()> {
 pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     // Everything that can fail on bad settings fails before anything is attached.
     check_kernel()?;
-    let mut snapshots = source::spawn(&cfg.source)?;
+    let mut snapshots = source::spawn(&cfg.source).await?;
     std::fs::create_dir_all(&cfg.state_dir)
         .with_context(|| format!("creating the state directory {}", cfg.state_dir.display()))?;
     let _state_lock = lock_dir(&cfg.state_dir, "state directory")?;
@@ -89,6 +91,15 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         ..Status::default()
     }));
     let server = tokio::spawn(control::serve(listener, status.clone()));
+    let heartbeat = crate::health::Heartbeat::default();
+    let health = match cfg.health_addr {
+        Some(addr) => Some(tokio::spawn(
+            crate::health::bind(addr, status.clone(), heartbeat.clone()).await?,
+        )),
+        None => None,
+    };
+    // One look at the node's iptables for kube-router's rules, off the sync loop's thread.
+    tokio::task::spawn_blocking(crate::kube_router::warn_if_present);
 
     tracing::info!(node = %cfg.node_name, source = %cfg.source.describe(), pin_dir = %cfg.layout.root().display(), "agent started");
     let mut sync = Sync::new(cfg.clone(), datapath, discovery, status);
@@ -98,7 +109,10 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let mut tick = tokio::time::interval(RESCAN_INTERVAL);
     loop {
         tokio::select! {
-            _ = tick.tick() => sync.reconcile(),
+            _ = tick.tick() => {
+                sync.reconcile();
+                heartbeat.beat();
+            }
             changed = snapshots.changed() => {
                 if changed.is_err() {
                     bail!("the cluster-state source stopped");
@@ -111,6 +125,9 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         }
     }
     server.abort();
+    if let Some(health) = health {
+        health.abort();
+    }
     let _ = std::fs::remove_file(&socket);
     tracing::info!("agent stopped; the last programmed policy stays enforced");
     Ok(())
@@ -178,6 +195,8 @@ impl Sync {
             }
         };
         let Some(state) = self.state.clone() else {
+            // Nothing is enforced or changed yet, but a source that cannot read is a problem to show.
+            self.report_errors(self.source_problem.iter().cloned().collect());
             return;
         };
         if !self.state_changed && self.last_view.as_ref() == Some(&view) {

@@ -1,7 +1,7 @@
 //! netpol-agent: enforces Kubernetes NetworkPolicy on a Flannel node with TC eBPF programs.
 //!
 //! Data flow, one module per stage:
-//! sources ([`manifests`]) -> cluster state ([`model`]) -> pure policy compiler ([`compiler`], with
+//! sources ([`manifests`], [`kube_source`]) -> cluster state ([`model`]) -> pure policy compiler ([`compiler`], with
 //! [`selector`] and [`identity`]) -> datapath ([`datapath`]: maps and attachments, on the veths that
 //! [`discovery`] finds) -> counters -> observers ([`control`]: `status`).
 
@@ -10,7 +10,10 @@ pub mod compiler;
 pub mod control;
 pub mod datapath;
 pub mod discovery;
+pub mod health;
 pub mod identity;
+pub mod kube_router;
+pub mod kube_source;
 pub mod manifests;
 pub mod model;
 pub mod selector;

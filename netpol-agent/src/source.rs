@@ -18,6 +18,9 @@ use crate::{manifests::ManifestSource, model::ClusterState};
 pub enum SourceConfig {
     /// A directory of manifests (`--manifests`).
     Manifests(PathBuf),
+    /// The Kubernetes API, with this kubeconfig or kube's inference (in-cluster, `KUBECONFIG`,
+    /// `~/.kube/config`) when `None`.
+    Kubernetes { kubeconfig: Option<PathBuf> },
 }
 
 impl SourceConfig {
@@ -25,6 +28,10 @@ impl SourceConfig {
     pub fn describe(&self) -> String {
         match self {
             SourceConfig::Manifests(dir) => format!("manifests:{}", dir.display()),
+            SourceConfig::Kubernetes { kubeconfig: None } => "kubernetes".to_owned(),
+            SourceConfig::Kubernetes {
+                kubeconfig: Some(path),
+            } => format!("kubernetes:{}", path.display()),
         }
     }
 }
@@ -41,11 +48,16 @@ pub struct Snapshot {
     pub seen_at: Instant,
 }
 
-/// Starts the source. Fails at once when the source cannot be read at all (a missing directory),
-/// before the agent touches the datapath.
-pub fn spawn(config: &SourceConfig) -> anyhow::Result<watch::Receiver<Snapshot>> {
+/// Starts the source. Fails at once when the source cannot be read at all (a missing directory, no
+/// usable kubeconfig), before the agent touches the datapath. An API server that does not answer is
+/// not such a failure: the source retries and says so in [`Snapshot::problem`].
+pub async fn spawn(config: &SourceConfig) -> anyhow::Result<watch::Receiver<Snapshot>> {
     match config {
         SourceConfig::Manifests(dir) => spawn_manifests(dir.clone()),
+        SourceConfig::Kubernetes { kubeconfig } => {
+            let client = crate::kube_source::client(kubeconfig.as_ref()).await?;
+            Ok(crate::kube_source::spawn(client))
+        }
     }
 }
 
