@@ -1,5 +1,7 @@
-//! Test support for netpol-agent: the simulated Flannel cluster ([`cluster`]), crafted packets
+//! Test support for netpol-agent: the simulated Flannel cluster ([`cluster`]), a test double of the
+//! Kubernetes API server ([`apiserver_double`]), crafted packets
 //! ([`packets`]), and the rule that privileged tests may only skip where they cannot run.
+pub mod apiserver_double;
 pub mod cluster;
 pub mod packets;
 
