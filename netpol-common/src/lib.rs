@@ -513,6 +513,50 @@ impl Reason {
     }
 }
 
+/// Services: what a local pod's egress may do through a Service's virtual IP (ClusterIP), which
+/// kube-proxy rewrites to a backend only after the packet left the pod's veth.
+pub mod service {
+    /// Name of the `HashMap<SvcKey, SvcValue>` map.
+    pub const MAP_NAME: &str = "NP_SERVICES_V1";
+    /// Capacity: (egress-isolated local pod, service frontend) pairs whose verdict is not a plain deny.
+    pub const CAPACITY: u32 = 65_536;
+    /// Every backend of the frontend is allowed: the connection is allowed at the pod's veth.
+    pub const VERDICT_ALLOW: u32 = 1;
+    /// Some backends are allowed, some not: allowed at the pod's veth with [`DEFER_MARK`] set on the
+    /// packet, and decided after kube-proxy's DNAT where the backend is known (the backend's veth for a
+    /// local backend, the Flannel VXLAN device for a remote one).
+    pub const VERDICT_DEFER: u32 = 2;
+    /// `skb->mark` bit of a packet whose egress check is deferred to after DNAT. Chosen clear of
+    /// kube-proxy's 0x4000 (masquerade) and 0x8000 (drop) bits and of Flannel's marks.
+    pub const DEFER_MARK: u32 = 1 << 25;
+}
+
+/// Key of the SERVICES map: a local pod and a service frontend (virtual IP, protocol, port).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct SvcKey {
+    /// Endpoint id (host veth ifindex) of the client pod.
+    pub endpoint: u32,
+    /// The frontend address (ClusterIP), IPv4-mapped for IPv4.
+    pub vip: IpKey,
+    /// Frontend port in network byte order.
+    pub port_be: [u8; 2],
+    pub protocol: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(size_of::<SvcKey>() == 24);
+
+/// Value of the SERVICES map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SvcValue {
+    /// [`service::VERDICT_ALLOW`] or [`service::VERDICT_DEFER`].
+    pub verdict: u32,
+    /// Id of (one of) the policies that allow a backend, for observability.
+    pub policy: u32,
+}
+const _: () = assert!(size_of::<SvcValue>() == 8);
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: every type is `repr(C)`, `Copy`, and has no implicit padding (sizes asserted above).
@@ -529,4 +573,6 @@ mod user {
     unsafe impl aya::Pod for super::DropValue {}
     unsafe impl aya::Pod for super::DropEvent {}
     unsafe impl aya::Pod for super::TokenBucket {}
+    unsafe impl aya::Pod for super::SvcKey {}
+    unsafe impl aya::Pod for super::SvcValue {}
 }
