@@ -118,7 +118,7 @@ impl fmt::Display for Kind {
 /// One item of the merged watch streams.
 enum Update {
     Namespace(watcher::Result<watcher::Event<core::Namespace>>),
-    Pod(watcher::Result<watcher::Event<core::Pod>>),
+    Pod(Box<watcher::Result<watcher::Event<core::Pod>>>),
     Policy(watcher::Result<watcher::Event<networking::NetworkPolicy>>),
 }
 
@@ -131,7 +131,7 @@ fn watch_all(client: &Client) -> Updates {
         .map(Update::Namespace);
     let pods = watcher(Api::<core::Pod>::all(client.clone()), config.clone())
         .default_backoff()
-        .map(Update::Pod);
+        .map(|u| Update::Pod(Box::new(u)));
     let policies = watcher(
         Api::<networking::NetworkPolicy>::all(client.clone()),
         config,
@@ -392,11 +392,14 @@ struct PodEntry {
     claimed: u64,
 }
 
+/// A converted object, or why it could not be.
+type Entry<V> = Result<V, Box<SourceError>>;
+
 /// The objects of one kind: converted objects (or why one could not be), plus the buffer of a
 /// relist in progress.
 struct Objects<V> {
-    live: BTreeMap<PodKey, Result<V, SourceError>>,
-    relist: Option<BTreeMap<PodKey, Result<V, SourceError>>>,
+    live: BTreeMap<PodKey, Entry<V>>,
+    relist: Option<BTreeMap<PodKey, Entry<V>>>,
     synced: bool,
 }
 
@@ -430,8 +433,8 @@ fn key_of(meta: &ObjectMeta, namespaced: bool) -> PodKey {
     )
 }
 
-fn source_error(kind: &str, key: &PodKey, e: ConvertError) -> SourceError {
-    SourceError {
+fn source_error(kind: &str, key: &PodKey, e: ConvertError) -> Box<SourceError> {
+    Box::new(SourceError {
         origin: Origin::Api,
         object: Some(ObjectRef {
             kind: Some(kind.to_owned()),
@@ -440,7 +443,7 @@ fn source_error(kind: &str, key: &PodKey, e: ConvertError) -> SourceError {
         }),
         field: Some(e.field),
         reason: e.reason,
-    }
+    })
 }
 
 /// Applies one watcher event to `objects`; `convert` turns an API object into the model, given the
@@ -449,8 +452,8 @@ fn apply_event<K, V>(
     objects: &mut Objects<V>,
     event: watcher::Event<K>,
     key: impl Fn(&K) -> PodKey,
-    mut convert: impl FnMut(&K, Option<&Result<V, SourceError>>) -> Result<V, SourceError>,
-    same: impl Fn(&Result<V, SourceError>, &Result<V, SourceError>) -> bool,
+    mut convert: impl FnMut(&K, Option<&Entry<V>>) -> Entry<V>,
+    same: impl Fn(&Entry<V>, &Entry<V>) -> bool,
 ) -> Outcome {
     match event {
         watcher::Event::Init => {
@@ -490,11 +493,11 @@ fn apply_event<K, V>(
     }
 }
 
-fn same_value<V: PartialEq>(a: &Result<V, SourceError>, b: &Result<V, SourceError>) -> bool {
+fn same_value<V: PartialEq>(a: &Entry<V>, b: &Entry<V>) -> bool {
     a == b
 }
 
-fn same_pod(a: &Result<PodEntry, SourceError>, b: &Result<PodEntry, SourceError>) -> bool {
+fn same_pod(a: &Entry<PodEntry>, b: &Entry<PodEntry>) -> bool {
     match (a, b) {
         (Ok(a), Ok(b)) => a.pod == b.pod && a.created == b.created,
         (Err(a), Err(b)) => a == b,
@@ -510,7 +513,10 @@ impl Store {
     fn apply(&mut self, update: Update) -> (Kind, Outcome) {
         match update {
             Update::Namespace(Err(e)) => (Kind::Namespaces, classify(Kind::Namespaces, &e)),
-            Update::Pod(Err(e)) => (Kind::Pods, classify(Kind::Pods, &e)),
+            Update::Pod(update) => match *update {
+                Err(e) => (Kind::Pods, classify(Kind::Pods, &e)),
+                Ok(event) => self.apply_pod(event),
+            },
             Update::Policy(Err(e)) => (Kind::NetworkPolicies, classify(Kind::NetworkPolicies, &e)),
             Update::Namespace(Ok(event)) => {
                 let outcome = apply_event(
@@ -524,33 +530,6 @@ impl Store {
                     same_value,
                 );
                 (Kind::Namespaces, outcome)
-            }
-            Update::Pod(Ok(event)) => {
-                let claims = &mut self.claims;
-                let outcome = apply_event(
-                    &mut self.pods,
-                    event,
-                    |p: &core::Pod| key_of(&p.metadata, true),
-                    |p, previous| {
-                        let pod = Pod::from_k8s(p)
-                            .map_err(|e| source_error("Pod", &key_of(&p.metadata, true), e))?;
-                        // A pod keeps its place in the claim order while its addresses stay.
-                        let claimed = match previous {
-                            Some(Ok(old)) if old.pod.ips == pod.ips => old.claimed,
-                            _ => {
-                                *claims += 1;
-                                *claims
-                            }
-                        };
-                        Ok(PodEntry {
-                            pod,
-                            created: p.metadata.creation_timestamp.clone(),
-                            claimed,
-                        })
-                    },
-                    same_pod,
-                );
-                (Kind::Pods, outcome)
             }
             Update::Policy(Ok(event)) => {
                 let outcome = apply_event(
@@ -569,6 +548,34 @@ impl Store {
         }
     }
 
+    fn apply_pod(&mut self, event: watcher::Event<core::Pod>) -> (Kind, Outcome) {
+        let claims = &mut self.claims;
+        let outcome = apply_event(
+            &mut self.pods,
+            event,
+            |p: &core::Pod| key_of(&p.metadata, true),
+            |p, previous| {
+                let pod = Pod::from_k8s(p)
+                    .map_err(|e| source_error("Pod", &key_of(&p.metadata, true), e))?;
+                // A pod keeps its place in the claim order while its addresses stay.
+                let claimed = match previous {
+                    Some(Ok(old)) if old.pod.ips == pod.ips => old.claimed,
+                    _ => {
+                        *claims += 1;
+                        *claims
+                    }
+                };
+                Ok(PodEntry {
+                    pod,
+                    created: p.metadata.creation_timestamp.clone(),
+                    claimed,
+                })
+            },
+            same_pod,
+        );
+        (Kind::Pods, outcome)
+    }
+
     /// The cluster state of the live objects, with every pod address held by one pod at most.
     fn cluster_state(&self) -> ClusterState {
         let mut state = ClusterState::default();
@@ -577,7 +584,7 @@ impl Store {
                 Ok(ns) => {
                     state.namespaces.insert(ns.name.clone(), ns.clone());
                 }
-                Err(e) => state.errors.push(e.clone()),
+                Err(e) => state.errors.push((**e).clone()),
             }
         }
         for entry in self.policies.live.values() {
@@ -585,7 +592,7 @@ impl Store {
                 Ok(p) => {
                     state.policies.insert(p.key.clone(), p.clone());
                 }
-                Err(e) => state.errors.push(e.clone()),
+                Err(e) => state.errors.push((**e).clone()),
             }
         }
         // Address -> the pod holding it: the newest claim among pods that can be peers.
@@ -619,7 +626,7 @@ impl Store {
                     }
                     state.pods.insert(pod.key.clone(), pod);
                 }
-                Err(e) => state.errors.push(e.clone()),
+                Err(e) => state.errors.push((**e).clone()),
             }
         }
         state
@@ -649,13 +656,17 @@ mod tests {
             .collect()
     }
 
+    fn pod_update(event: watcher::Event<core::Pod>) -> Update {
+        Update::Pod(Box::new(Ok(event)))
+    }
+
     fn synced_store() -> Store {
         let mut s = Store::default();
         for u in [
             Update::Namespace(Ok(watcher::Event::Init)),
             Update::Namespace(Ok(watcher::Event::InitDone)),
-            Update::Pod(Ok(watcher::Event::Init)),
-            Update::Pod(Ok(watcher::Event::InitDone)),
+            pod_update(watcher::Event::Init),
+            pod_update(watcher::Event::InitDone),
             Update::Policy(Ok(watcher::Event::Init)),
             Update::Policy(Ok(watcher::Event::InitDone)),
         ] {
@@ -671,11 +682,11 @@ mod tests {
         let new = pod("zzz-new", "10.0.0.5", "2024-01-01T00:05:00Z", "new");
         // The new pod's add arrives before the old pod's delete.
         let mut s = synced_store();
-        s.apply(Update::Pod(Ok(watcher::Event::Apply(old.clone()))));
+        s.apply(pod_update(watcher::Event::Apply(old.clone())));
         assert_eq!(holder_labels(&s.cluster_state(), "10.0.0.5"), ["old"]);
-        s.apply(Update::Pod(Ok(watcher::Event::Apply(new.clone()))));
+        s.apply(pod_update(watcher::Event::Apply(new.clone())));
         assert_eq!(holder_labels(&s.cluster_state(), "10.0.0.5"), ["new"]);
-        s.apply(Update::Pod(Ok(watcher::Event::Delete(old.clone()))));
+        s.apply(pod_update(watcher::Event::Delete(old.clone())));
         assert_eq!(holder_labels(&s.cluster_state(), "10.0.0.5"), ["new"]);
 
         // A relist that returns both (the old one terminating) in name order: still the newer.
@@ -686,7 +697,7 @@ mod tests {
             watcher::Event::InitApply(old.clone()),
             watcher::Event::InitDone,
         ] {
-            s.apply(Update::Pod(Ok(u)));
+            s.apply(pod_update(u));
         }
         assert_eq!(holder_labels(&s.cluster_state(), "10.0.0.5"), ["new"]);
 
@@ -694,8 +705,8 @@ mod tests {
         let a = pod("a", "10.0.0.6", "2024-01-01T00:00:00Z", "first");
         let b = pod("b", "10.0.0.6", "2024-01-01T00:00:00Z", "second");
         let mut s = synced_store();
-        s.apply(Update::Pod(Ok(watcher::Event::Apply(b))));
-        s.apply(Update::Pod(Ok(watcher::Event::Apply(a))));
+        s.apply(pod_update(watcher::Event::Apply(b)));
+        s.apply(pod_update(watcher::Event::Apply(a)));
         assert_eq!(holder_labels(&s.cluster_state(), "10.0.0.6"), ["first"]);
     }
 
@@ -704,17 +715,17 @@ mod tests {
         let mut s = synced_store();
         let a = pod("a", "10.0.0.1", "2024-01-01T00:00:00Z", "a");
         let b = pod("b", "10.0.0.2", "2024-01-01T00:00:00Z", "b");
-        s.apply(Update::Pod(Ok(watcher::Event::Apply(a.clone()))));
-        s.apply(Update::Pod(Ok(watcher::Event::Apply(b.clone()))));
+        s.apply(pod_update(watcher::Event::Apply(a.clone())));
+        s.apply(pod_update(watcher::Event::Apply(b.clone())));
         assert_eq!(s.cluster_state().pods.len(), 2);
         // While a relist is under way the live objects stay.
         assert_eq!(
-            s.apply(Update::Pod(Ok(watcher::Event::Init))).1,
+            s.apply(pod_update(watcher::Event::Init)).1,
             Outcome::Restarted
         );
-        s.apply(Update::Pod(Ok(watcher::Event::InitApply(b.clone()))));
+        s.apply(pod_update(watcher::Event::InitApply(b.clone())));
         assert_eq!(s.cluster_state().pods.len(), 2);
-        let (_, done) = s.apply(Update::Pod(Ok(watcher::Event::InitDone)));
+        let (_, done) = s.apply(pod_update(watcher::Event::InitDone));
         assert_eq!(done, Outcome::Progress { changed: true });
         let state = s.cluster_state();
         assert_eq!(
@@ -726,9 +737,9 @@ mod tests {
             ["b"]
         );
         // An identical relist changes nothing.
-        s.apply(Update::Pod(Ok(watcher::Event::Init)));
-        s.apply(Update::Pod(Ok(watcher::Event::InitApply(b))));
-        let (_, done) = s.apply(Update::Pod(Ok(watcher::Event::InitDone)));
+        s.apply(pod_update(watcher::Event::Init));
+        s.apply(pod_update(watcher::Event::InitApply(b)));
+        let (_, done) = s.apply(pod_update(watcher::Event::InitDone));
         assert_eq!(done, Outcome::Progress { changed: false });
     }
 
@@ -736,11 +747,11 @@ mod tests {
     fn status_only_updates_are_not_changes() {
         let mut s = synced_store();
         let a = pod("a", "10.0.0.1", "2024-01-01T00:00:00Z", "a");
-        s.apply(Update::Pod(Ok(watcher::Event::Apply(a.clone()))));
+        s.apply(pod_update(watcher::Event::Apply(a.clone())));
         let mut b = a.clone();
         b.metadata.resource_version = Some("2".into());
         b.status.as_mut().unwrap().conditions = Some(vec![]);
-        let (_, o) = s.apply(Update::Pod(Ok(watcher::Event::Apply(b))));
+        let (_, o) = s.apply(pod_update(watcher::Event::Apply(b)));
         assert_eq!(o, Outcome::Progress { changed: false });
     }
 
