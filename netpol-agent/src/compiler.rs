@@ -22,6 +22,7 @@ use crate::identity::{Identities, PodIdentityKey, Prefix, fnv1a32};
 use crate::model::{ClusterState, Origin, Pod, PodKey, Policy, Protocol};
 use crate::selector::Selector;
 
+mod services;
 #[cfg(test)]
 mod tests;
 
@@ -79,6 +80,8 @@ pub struct Compiled {
     pub cidrs: BTreeMap<(IpKey, u32), u32>,
     /// POLICY: (key, prefix length in bits) -> value.
     pub policy: BTreeMap<(PolicyKey, u32), PolicyValue>,
+    /// SERVICES: egress verdicts of egress-isolated endpoints through Service frontends.
+    pub services: BTreeMap<netpol_common::SvcKey, netpol_common::SvcValue>,
     pub errors: Vec<CompileError>,
     /// The identities behind the numbers, for observability.
     pub identities: Identities,
@@ -695,6 +698,7 @@ pub fn compile(input: &CompileInput<'_>) -> Compiled {
         .count();
     out.stats.policy_entries = out.policy.len();
     out.identities = identities;
+    out.services = services::compile(&out, &crate::service::frontends(state));
     out
 }
 

@@ -17,5 +17,6 @@ pub mod kube_source;
 pub mod manifests;
 pub mod model;
 pub mod selector;
+pub mod service;
 pub mod source;
 pub mod verify;

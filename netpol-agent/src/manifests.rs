@@ -284,6 +284,10 @@ fn read_object(
         }
         Some("NetworkPolicy") => typed::<networking::NetworkPolicy>(value)
             .and_then(|p| Ok(Object::Policy(Policy::from_k8s(&p, origin.clone())?))),
+        Some("Service") => typed::<core::Service>(value)
+            .and_then(|s| Ok(Object::Service(crate::service::Service::from_k8s(&s)?))),
+        Some("EndpointSlice") => typed::<k8s_openapi::api::discovery::v1::EndpointSlice>(value)
+            .and_then(|s| Ok(Object::EndpointSlice(crate::service::EndpointSlice::from_k8s(&s)?))),
         Some(_) => {
             contents.ignored.push(IgnoredObject {
                 origin: origin.clone(),
@@ -369,7 +373,7 @@ status: {podIP: 10.0.0.2}
         dir.write("a.yaml", &format!("{POLICY}---\n{POD}---\n"));
         dir.write(
             "b.yml",
-            "apiVersion: v1\nkind: List\nitems:\n- {apiVersion: v1, kind: Namespace, metadata: {name: app, labels: {team: x}}}\n- {apiVersion: v1, kind: Service, metadata: {name: s}}\n",
+            "apiVersion: v1\nkind: List\nitems:\n- {apiVersion: v1, kind: Namespace, metadata: {name: app, labels: {team: x}}}\n- {apiVersion: v1, kind: ConfigMap, metadata: {name: s}}\n",
         );
         dir.write(
             "c.json",
@@ -395,7 +399,7 @@ status: {podIP: 10.0.0.2}
         assert_eq!(state.pods[&PodKey::new("app", "web")].ports.len(), 1);
         assert_eq!(state.namespaces["app"].labels["team"], "x");
         assert_eq!(state.ignored.len(), 1);
-        assert_eq!(state.ignored[0].object.kind.as_deref(), Some("Service"));
+        assert_eq!(state.ignored[0].object.kind.as_deref(), Some("ConfigMap"));
         let policy = &state.policies[&PodKey::new("app", "deny")];
         assert_eq!(
             policy.origin.to_string(),

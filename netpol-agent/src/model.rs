@@ -120,7 +120,8 @@ pub struct ConvertError {
 }
 
 impl ConvertError {
-    fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
+    /// An error at `field`.
+    pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
         ConvertError {
             field: field.into(),
             reason: reason.into(),
@@ -333,6 +334,8 @@ pub enum Object {
     Namespace(Namespace),
     Pod(Pod),
     Policy(Policy),
+    Service(crate::service::Service),
+    EndpointSlice(crate::service::EndpointSlice),
 }
 
 impl Object {
@@ -342,6 +345,8 @@ impl Object {
             Object::Namespace(ns) => ("Namespace", None, &ns.name),
             Object::Pod(pod) => ("Pod", Some(&pod.key.namespace), &pod.key.name),
             Object::Policy(p) => ("NetworkPolicy", Some(&p.key.namespace), &p.key.name),
+            Object::Service(svc) => ("Service", Some(&svc.key.namespace), &svc.key.name),
+            Object::EndpointSlice(s) => ("EndpointSlice", Some(&s.key.namespace), &s.key.name),
         };
         ObjectRef {
             kind: Some(kind.to_owned()),
@@ -364,6 +369,8 @@ pub struct ClusterState {
     pub namespaces: BTreeMap<String, Namespace>,
     pub pods: BTreeMap<PodKey, Pod>,
     pub policies: BTreeMap<PodKey, Policy>,
+    pub services: BTreeMap<PodKey, crate::service::Service>,
+    pub endpoint_slices: BTreeMap<PodKey, crate::service::EndpointSlice>,
     /// Objects and files that could not be used.
     pub errors: Vec<SourceError>,
     /// Objects of other kinds.
@@ -377,6 +384,8 @@ impl ClusterState {
             Object::Namespace(ns) => self.namespaces.insert(ns.name.clone(), ns).is_some(),
             Object::Pod(pod) => self.pods.insert(pod.key.clone(), pod).is_some(),
             Object::Policy(p) => self.policies.insert(p.key.clone(), p).is_some(),
+            Object::Service(svc) => self.services.insert(svc.key.clone(), svc).is_some(),
+            Object::EndpointSlice(s) => self.endpoint_slices.insert(s.key.clone(), s).is_some(),
         }
     }
 
@@ -393,6 +402,13 @@ impl ClusterState {
     pub fn peer_pods(&self) -> impl Iterator<Item = &Pod> {
         self.pods.values().filter(|p| p.is_policy_peer())
     }
+}
+
+/// The namespace and name of a namespaced object.
+pub fn required_key(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> Result<PodKey, ConvertError> {
+    Ok(PodKey::new(namespace_of(meta), required_name(meta)?))
 }
 
 fn namespace_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {

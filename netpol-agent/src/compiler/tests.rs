@@ -1158,3 +1158,218 @@ fn named_port_of_an_unknown_endpoint_resolves_to_nothing() {
     assert!(tcp_in(&out, 99, "10.0.1.2", 22));
     assert!(out.policy.keys().filter(|(k, _)| k.endpoint == 99).count() == 1);
 }
+
+// ---- Egress through Services (ClusterIP frontends) ----
+
+use netpol_common::{SvcKey, service};
+
+impl Cluster {
+    fn service(&mut self, yaml: &str) {
+        let svc: k8s_openapi::api::core::v1::Service = serde_yaml::from_str(yaml).unwrap();
+        self.state.insert(Object::Service(
+            crate::service::Service::from_k8s(&svc).unwrap(),
+        ));
+    }
+
+    fn endpoint_slice(&mut self, yaml: &str) {
+        let s: k8s_openapi::api::discovery::v1::EndpointSlice = serde_yaml::from_str(yaml).unwrap();
+        self.state.insert(Object::EndpointSlice(
+            crate::service::EndpointSlice::from_k8s(&s).unwrap(),
+        ));
+    }
+}
+
+fn svc_verdict(c: &Compiled, ep: u32, vip: &str, protocol: u8, port: u16) -> Option<u32> {
+    let key = SvcKey {
+        endpoint: ep,
+        vip: ip_key(ip(vip)),
+        port_be: port.to_be_bytes(),
+        protocol,
+        _pad: 0,
+    };
+    c.services.get(&key).map(|v| v.verdict)
+}
+
+const KUBE_DNS: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: kube-dns, namespace: kube-system}
+spec:
+  clusterIP: 10.43.0.10
+  selector: {k8s-app: kube-dns}
+  ports:
+    - {name: dns, port: 53, protocol: UDP, targetPort: 53}
+    - {name: dns-tcp, port: 53, protocol: TCP, targetPort: 53}
+"#;
+
+const DNS_ONLY_EGRESS: &str = r#"
+podSelector: {}
+policyTypes: [Egress]
+egress:
+  - to:
+      - namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: kube-system}}
+        podSelector: {matchLabels: {k8s-app: kube-dns}}
+    ports: [{port: 53, protocol: UDP}, {port: 53, protocol: TCP}]
+"#;
+
+#[test]
+fn dns_policy_allows_the_kube_dns_cluster_ip_and_nothing_else() {
+    let mut c = Cluster::new();
+    c.namespace("kube-system", &[]);
+    let client = c.local("default", "client", &[], &["10.42.0.5"]);
+    c.remote(
+        "kube-system",
+        "coredns",
+        &[("k8s-app", "kube-dns")],
+        &["10.42.1.9"],
+    );
+    c.remote("default", "web", &[("app", "web")], &["10.42.1.20"]);
+    c.service(KUBE_DNS);
+    c.service(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec: {clusterIP: 10.43.0.80, selector: {app: web}, ports: [{port: 80}]}
+"#,
+    );
+    c.policy("default", "dns-only", DNS_ONLY_EGRESS);
+    let out = c.compile();
+    assert_eq!(
+        svc_verdict(&out, client, "10.43.0.10", UDP, 53),
+        Some(service::VERDICT_ALLOW)
+    );
+    assert_eq!(
+        svc_verdict(&out, client, "10.43.0.10", TCP, 53),
+        Some(service::VERDICT_ALLOW)
+    );
+    assert_eq!(
+        svc_verdict(&out, client, "10.43.0.80", TCP, 80),
+        None,
+        "web is not allowed"
+    );
+    // The ClusterIP itself is not a pod: the ordinary lookup denies it.
+    assert!(!out.allows(client, ip("10.43.0.10"), Egress, UDP, 53));
+}
+
+#[test]
+fn service_with_some_backends_allowed_is_deferred() {
+    let mut c = Cluster::new();
+    let client = c.local("default", "client", &[], &["10.42.0.5"]);
+    c.remote(
+        "default",
+        "db-1",
+        &[("app", "db"), ("tier", "gold")],
+        &["10.42.1.7"],
+    );
+    c.remote("default", "db-2", &[("app", "db")], &["10.42.1.8"]);
+    c.service(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: default}
+spec: {clusterIP: 10.43.0.54, selector: {app: db}, ports: [{port: 5432}]}
+"#,
+    );
+    c.policy(
+        "default",
+        "to-gold",
+        "{podSelector: {}, policyTypes: [Egress], egress: [{to: [{podSelector: {matchLabels: {tier: gold}}}], ports: [{port: 5432}]}]}",
+    );
+    let out = c.compile();
+    assert_eq!(
+        svc_verdict(&out, client, "10.43.0.54", TCP, 5432),
+        Some(service::VERDICT_DEFER)
+    );
+    // Both backends allowed -> plain allow.
+    c.policy(
+        "default",
+        "to-gold",
+        "{podSelector: {}, policyTypes: [Egress], egress: [{to: [{podSelector: {matchLabels: {app: db}}}], ports: [{port: 5432}]}]}",
+    );
+    let out = c.compile();
+    assert_eq!(
+        svc_verdict(&out, client, "10.43.0.54", TCP, 5432),
+        Some(service::VERDICT_ALLOW)
+    );
+}
+
+#[test]
+fn named_target_port_is_the_port_matched() {
+    let mut c = Cluster::new();
+    let client = c.local("default", "client", &[], &["10.42.0.5"]);
+    c.remote("default", "api", &[("app", "api")], &["10.42.1.7"]);
+    c.ports("default", "api", &[("http", Protocol::Tcp, 8080)]);
+    c.service(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {name: api, namespace: default}
+spec: {clusterIP: 10.43.0.8, selector: {app: api}, ports: [{port: 80, targetPort: http}]}
+"#,
+    );
+    c.policy(
+        "default",
+        "p",
+        "{podSelector: {}, policyTypes: [Egress], egress: [{to: [{podSelector: {}}], ports: [{port: 8080}]}]}",
+    );
+    assert_eq!(
+        svc_verdict(&c.compile(), client, "10.43.0.8", TCP, 80),
+        Some(service::VERDICT_ALLOW),
+        "the rule for the backend's 8080 allows the frontend's 80"
+    );
+    c.policy(
+        "default",
+        "p",
+        "{podSelector: {}, policyTypes: [Egress], egress: [{to: [{podSelector: {}}], ports: [{port: 80}]}]}",
+    );
+    assert_eq!(
+        svc_verdict(&c.compile(), client, "10.43.0.8", TCP, 80),
+        None,
+        "80 is the frontend port only"
+    );
+}
+
+#[test]
+fn endpoint_slices_decide_the_backends_and_clients_without_egress_isolation_need_nothing() {
+    let mut c = Cluster::new();
+    let client = c.local("default", "client", &[], &["10.42.0.5"]);
+    let free = c.local("other", "free", &[], &["10.42.0.6"]);
+    c.remote("default", "a", &[("app", "x"), ("ok", "y")], &["10.42.1.7"]);
+    c.remote("default", "b", &[("app", "x")], &["10.42.1.8"]);
+    c.service(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {name: x, namespace: default}
+spec: {clusterIP: 10.43.0.9, selector: {app: x}, ports: [{name: web, port: 80}]}
+"#,
+    );
+    // kube-proxy only sends to the slice's ready endpoint, which is the allowed one.
+    c.endpoint_slice(
+        r#"
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: x-1, namespace: default, labels: {kubernetes.io/service-name: x}}
+addressType: IPv4
+endpoints:
+  - {addresses: [10.42.1.7], conditions: {ready: true}}
+  - {addresses: [10.42.1.8], conditions: {ready: false}}
+ports: [{name: web, port: 80, protocol: TCP}]
+"#,
+    );
+    c.policy(
+        "default",
+        "p",
+        "{podSelector: {}, policyTypes: [Egress], egress: [{to: [{podSelector: {matchLabels: {ok: y}}}]}]}",
+    );
+    let out = c.compile();
+    assert_eq!(
+        svc_verdict(&out, client, "10.43.0.9", TCP, 80),
+        Some(service::VERDICT_ALLOW)
+    );
+    assert!(
+        out.services.keys().all(|k| k.endpoint != free),
+        "not egress-isolated: nothing to precompute"
+    );
+}

@@ -1,0 +1,139 @@
+//! Egress through Services. A pod's packet to a ClusterIP leaves its veth before kube-proxy picks a
+//! backend, so the verdict per (pod, frontend) is precomputed from the backends: every backend allowed
+//! -> allow at the veth; none -> the ordinary lookup (which denies); some -> defer the decision to
+//! after DNAT, where the backend is known (see `netpol_common::service`).
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use netpol_common::{
+    Direction, IpKey, POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTOCOL, POLICY_PREFIX_FULL,
+    PolicyKey, SvcKey, SvcValue, endpoint_flags, identity, service,
+};
+
+use super::{Compiled, ip_key};
+use crate::service::Frontend;
+
+/// Zeroes every bit of `bytes` after the first `bits`.
+fn mask<const N: usize>(mut bytes: [u8; N], bits: u32) -> [u8; N] {
+    for (i, b) in bytes.iter_mut().enumerate() {
+        let start = (i as u32) * 8;
+        if start >= bits {
+            *b = 0;
+        } else if bits - start < 8 {
+            *b &= 0xffu8 << (8 - (bits - start));
+        }
+    }
+    bytes
+}
+
+/// The datapath's egress decision for a new connection, computed on the compiled contents with exact
+/// lookups per prefix length (instead of [`Compiled::allows`]'s scan). Returns the id of an allowing
+/// policy.
+fn egress_allows(
+    c: &Compiled,
+    endpoint: u32,
+    peer: IpAddr,
+    protocol: u8,
+    port: u16,
+) -> Option<u32> {
+    let key = ip_key(peer);
+    let mut ids = Vec::with_capacity(3);
+    if let Some(info) = c.ipcache.get(&key) {
+        ids.push(info.identity);
+    }
+    if let Some(id) = (0..=128u32).rev().find_map(|len| {
+        c.cidrs.get(&(
+            IpKey {
+                addr: mask(key.addr, len),
+            },
+            len,
+        ))
+    }) {
+        ids.push(*id);
+    }
+    ids.push(identity::ANY);
+    let lens = std::iter::once(POLICY_PREFIX_FULL)
+        .chain((POLICY_PREFIX_ANY_PORT + 1..POLICY_PREFIX_FULL).rev())
+        .chain([POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTOCOL]);
+    for id in ids {
+        let full = PolicyKey {
+            endpoint,
+            identity: id,
+            direction: Direction::Egress as u8,
+            protocol,
+            port_be: port.to_be_bytes(),
+        };
+        for len in lens.clone() {
+            // Only direction, protocol and port (the last 32 bits) are ever cut by a prefix.
+            let tail = mask(
+                [
+                    full.direction,
+                    full.protocol,
+                    full.port_be[0],
+                    full.port_be[1],
+                ],
+                len - 64,
+            );
+            let k = PolicyKey {
+                direction: tail[0],
+                protocol: tail[1],
+                port_be: [tail[2], tail[3]],
+                ..full
+            };
+            if let Some(v) = c.policy.get(&(k, len)) {
+                return Some(v.policy);
+            }
+        }
+    }
+    None
+}
+
+/// The SERVICES entries for the egress-isolated endpoints of `c`.
+pub(super) fn compile(c: &Compiled, frontends: &[Frontend]) -> BTreeMap<SvcKey, SvcValue> {
+    let mut out = BTreeMap::new();
+    for (&endpoint, info) in &c.endpoints {
+        if info.flags & endpoint_flags::ISOLATED_EGRESS == 0 {
+            continue;
+        }
+        for f in frontends.iter().filter(|f| !f.backends.is_empty()) {
+            let protocol = f.protocol.number();
+            let verdicts: Vec<Option<u32>> = f
+                .backends
+                .iter()
+                .map(|(ip, port)| egress_allows(c, endpoint, *ip, protocol, *port))
+                .collect();
+            let allowed = verdicts.iter().flatten().count();
+            let verdict = if allowed == verdicts.len() {
+                service::VERDICT_ALLOW
+            } else if allowed > 0 {
+                service::VERDICT_DEFER
+            } else {
+                continue;
+            };
+            let key = SvcKey {
+                endpoint,
+                vip: ip_key(f.vip),
+                port_be: f.port.to_be_bytes(),
+                protocol,
+                _pad: 0,
+            };
+            let policy = verdicts.iter().flatten().next().copied().unwrap_or(0);
+            out.insert(key, SvcValue { verdict, policy });
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mask_keeps_leading_bits() {
+        assert_eq!(mask([0xff, 0xff], 0), [0, 0]);
+        assert_eq!(mask([0xff, 0xff], 4), [0xf0, 0]);
+        assert_eq!(mask([0xff, 0xff], 12), [0xff, 0xf0]);
+        assert_eq!(mask([0xab, 0xcd], 16), [0xab, 0xcd]);
+    }
+}
