@@ -1,0 +1,86 @@
+//! `netpol-bench`: runs the benchmark (see the library docs), writes the JSON report and prints the
+//! table. `cargo xtask bench [--quick]` builds everything and runs it.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use netpol_bench::{Options, control, control_spec, traffic};
+
+#[derive(Parser)]
+#[command(about = "netpol-agent benchmark: datapath, iptables, pod traffic, control plane")]
+struct Cli {
+    /// Smallest sizes only (about a minute).
+    #[arg(long)]
+    quick: bool,
+    /// Where to write the JSON report.
+    #[arg(long, default_value = "target/bench/report.json")]
+    out: PathBuf,
+    /// The agent binary for the pod-traffic part.
+    #[arg(long, env = "NETPOL_AGENT_BIN")]
+    agent_bin: Option<PathBuf>,
+    /// The netpol-probe binary for the pod-traffic part.
+    #[arg(long, env = "NETPOL_PROBE_BIN")]
+    probe_bin: Option<PathBuf>,
+    #[command(subcommand)]
+    internal: Option<Internal>,
+}
+
+#[derive(Subcommand)]
+enum Internal {
+    /// (internal) The control-plane part, in a process of its own; prints JSON.
+    #[command(hide = true)]
+    ControlPlane {
+        #[arg(long)]
+        quick: bool,
+    },
+    /// (internal) Connect/read/close loop; prints JSON.
+    #[command(hide = true)]
+    ConnectLoop {
+        #[arg(long)]
+        addr: IpAddr,
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        secs: f64,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.internal {
+        Some(Internal::ControlPlane { quick }) => {
+            let (spec, changes) = control_spec(quick);
+            let part = control::run(spec, changes)?;
+            println!("{}", serde_json::to_string(&part)?);
+            return Ok(());
+        }
+        Some(Internal::ConnectLoop { addr, port, secs }) => {
+            println!("{}", traffic::connect_loop(addr, port, secs));
+            return Ok(());
+        }
+        None => {}
+    }
+    let bench_bin = std::env::current_exe().context("locating this binary")?;
+    let dir = bench_bin.parent().map(PathBuf::from).unwrap_or_default();
+    let o = Options {
+        quick: cli.quick,
+        agent_bin: cli.agent_bin.unwrap_or_else(|| dir.join("netpol-agent")),
+        probe_bin: cli.probe_bin.unwrap_or_else(|| dir.join("netpol-probe")),
+        bench_bin,
+    };
+    let report = netpol_bench::run(&o);
+    if let Some(parent) = cli.out.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(&cli.out, serde_json::to_string_pretty(&report)?)
+        .with_context(|| format!("writing {}", cli.out.display()))?;
+    println!("{}", report.table());
+    println!("report: {}", cli.out.display());
+    let missing = report.missing();
+    if !missing.is_empty() {
+        anyhow::bail!("the report is incomplete: {missing:?}");
+    }
+    Ok(())
+}
