@@ -1,4 +1,4 @@
-//! Developer tasks: `cargo xtask setup | test | demo`.
+//! Developer tasks: `cargo xtask setup | test | demo | bench`.
 
 mod demo;
 mod setup;
@@ -27,6 +27,12 @@ enum Task {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
+    /// Set up, build release, and run the benchmark: prints a table, writes target/bench/report.json.
+    Bench {
+        /// Smallest sizes only (about a minute).
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -34,6 +40,7 @@ fn main() -> anyhow::Result<()> {
         Task::Setup => setup::run(),
         Task::Demo => demo::run(),
         Task::Test { args } => test(&args),
+        Task::Bench { quick } => bench(quick),
     }
 }
 
@@ -78,5 +85,36 @@ fn test(args: &[String]) -> anyhow::Result<()> {
         eprintln!("xtask: not root or no BPF here: privileged tests will skip (and say so)");
     }
     cmd.args(args);
+    check(&mut cmd)
+}
+
+fn bench(quick: bool) -> anyhow::Result<()> {
+    setup::run()?;
+    check(cargo().args([
+        "build",
+        "--locked",
+        "--release",
+        "-p",
+        "netpol-agent",
+        "-p",
+        "netpol-tests",
+        "-p",
+        "netpol-bench",
+        "--bins",
+    ]))?;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("workspace root")?
+        .to_owned();
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    let mut cmd = Command::new(target.join("release/netpol-bench"));
+    cmd.current_dir(&root)
+        .arg("--out")
+        .arg(target.join("bench/report.json"));
+    if quick {
+        cmd.arg("--quick");
+    }
     check(&mut cmd)
 }

@@ -9,8 +9,16 @@ use crate::check;
 /// The bpf-linker version whose default features use the Rust toolchain's own LLVM.
 const BPF_LINKER_VERSION: &str = "0.10.4";
 
-/// Debian packages the tests and the demo use (commands: ip, bridge, iptables, conntrack, modprobe, bpftool).
-const DEBIAN_PACKAGES: &[&str] = &["iproute2", "iptables", "conntrack", "kmod", "bpftool"];
+/// Debian packages the tests, the demo and the bench use (commands: ip, bridge, iptables, conntrack,
+/// modprobe, bpftool, iperf3).
+const DEBIAN_PACKAGES: &[&str] = &[
+    "iproute2",
+    "iptables",
+    "conntrack",
+    "kmod",
+    "bpftool",
+    "iperf3",
+];
 
 /// True when this machine can run the privileged tests: root, and a kernel with BTF (BPF-capable).
 pub fn privileged() -> bool {
