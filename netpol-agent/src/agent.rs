@@ -4,10 +4,11 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fs::File,
     net::IpAddr,
+    net::SocketAddr,
     os::fd::AsRawFd as _,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{Context as _, bail};
@@ -19,7 +20,9 @@ use crate::{
     control::{self, EndpointStatus, MapStatus, SharedStatus, Status},
     datapath::{Contents, Datapath, PinLayout},
     discovery::{Discovery, NodeView},
+    metrics,
     model::{ClusterState, PodKey},
+    observe::{self, Observer},
     source::{self, Snapshot, SourceConfig},
 };
 
@@ -36,6 +39,8 @@ pub struct AgentConfig {
     pub state_dir: PathBuf,
     /// Where `/healthz` and `/readyz` are served (`None`: not served).
     pub health_addr: Option<std::net::SocketAddr>,
+    /// Where `/metrics` is served (`--metrics-addr`); None: not served.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 /// Takes an exclusive `flock` on a directory, so two agents can never share a pin or state directory.
@@ -90,7 +95,19 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         source: cfg.source.describe(),
         ..Status::default()
     }));
-    let server = tokio::spawn(control::serve(listener, status.clone()));
+    let observer = Observer::new(cfg.layout.clone());
+    let metrics_server = match cfg.metrics_addr {
+        Some(addr) => Some(tokio::spawn(
+            metrics::bind(addr, metrics::registry(observer.clone(), status.clone())).await?,
+        )),
+        None => None,
+    };
+    let drain = tokio::spawn(observe::run(observer.clone()));
+    let server = tokio::spawn(control::serve(
+        listener,
+        status.clone(),
+        Some(observer.clone()),
+    ));
     let heartbeat = crate::health::Heartbeat::default();
     let health = match cfg.health_addr {
         Some(addr) => Some(tokio::spawn(
@@ -103,6 +120,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
 
     tracing::info!(node = %cfg.node_name, source = %cfg.source.describe(), pin_dir = %cfg.layout.root().display(), "agent started");
     let mut sync = Sync::new(cfg.clone(), datapath, discovery, status);
+    sync.observer = Some(observer);
     sync.take_snapshot(&snapshots.borrow_and_update());
     let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())
         .context("installing SIGTERM handler")?;
@@ -125,6 +143,10 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         }
     }
     server.abort();
+    drain.abort();
+    if let Some(m) = metrics_server {
+        m.abort();
+    }
     if let Some(health) = health {
         health.abort();
     }
@@ -147,6 +169,10 @@ struct Sync {
     /// Veths this process has attached (or adopted) its programs on.
     attached: BTreeMap<u32, String>,
     last_errors: Vec<String>,
+    /// Flows and metrics: what was programmed, and when the source saw it.
+    observer: Option<Arc<Observer>>,
+    /// When the source saw the oldest change not yet programmed.
+    unprogrammed_since: Option<Instant>,
 }
 
 impl Sync {
@@ -167,6 +193,8 @@ impl Sync {
             last_view: None,
             attached: BTreeMap::new(),
             last_errors: Vec::new(),
+            observer: None,
+            unprogrammed_since: None,
         }
     }
 
@@ -183,6 +211,7 @@ impl Sync {
         {
             self.state = Some(state.clone());
             self.state_changed = true;
+            self.unprogrammed_since.get_or_insert(snapshot.seen_at);
         }
     }
 
@@ -267,6 +296,12 @@ impl Sync {
             }
         }
         self.publish(&state, &view, &endpoints, &compiled);
+        if let Some(observer) = &self.observer {
+            observer.publish(&state, &endpoints);
+            if let Some(seen_at) = self.unprogrammed_since.take() {
+                observer.programmed(seen_at);
+            }
+        }
         self.report_errors(errors);
         self.last_view = Some(view);
     }

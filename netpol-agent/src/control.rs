@@ -1,7 +1,8 @@
 //! The agent's local control socket (`<state-dir>/agent.sock`) and the status it reports.
 //!
 //! Protocol: the client writes one request line (`status`), the agent answers with one JSON document
-//! and closes the connection.
+//! and closes the connection. `flows <filter>` and `follow <filter>` are answered by
+//! [`crate::observe::answer_flows`].
 
 use std::{
     path::{Path, PathBuf},
@@ -72,24 +73,37 @@ pub struct Status {
 pub type SharedStatus = Arc<Mutex<Status>>;
 
 /// Serves `status` requests on `path` until the task is dropped.
-pub async fn serve(listener: UnixListener, status: SharedStatus) {
+pub async fn serve(
+    listener: UnixListener,
+    status: SharedStatus,
+    observer: Option<Arc<crate::observe::Observer>>,
+) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
         let status = status.clone();
+        let observer = observer.clone();
         tokio::spawn(async move {
-            if let Err(e) = answer(stream, status).await {
+            if let Err(e) = answer(stream, status, observer).await {
                 tracing::debug!(error = %e, "control request failed");
             }
         });
     }
 }
 
-async fn answer(stream: UnixStream, status: SharedStatus) -> anyhow::Result<()> {
+async fn answer(
+    stream: UnixStream,
+    status: SharedStatus,
+    observer: Option<Arc<crate::observe::Observer>>,
+) -> anyhow::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     BufReader::new(read).read_line(&mut line).await?;
+    let (verb, arg) = line.trim().split_once(' ').unwrap_or((line.trim(), ""));
+    if let ("flows" | "follow", Some(observer)) = (verb, observer) {
+        return crate::observe::answer_flows(verb == "follow", arg, observer, write).await;
+    }
     let body = match line.trim() {
         "status" => {
             let snapshot = status.lock().map(|s| s.clone()).unwrap_or_default();

@@ -8,6 +8,8 @@ use netpol_agent::{
     agent::{self, AgentConfig},
     control::{self, Status},
     datapath::{self, PinLayout},
+    flows::{self, Filter, VerdictFilter},
+    metrics, observe,
     source::SourceConfig,
 };
 
@@ -58,6 +60,10 @@ enum Command {
         health_addr: String,
         #[command(flatten)]
         dirs: NodeDirs,
+        /// Address of the Prometheus `/metrics` endpoint ("off" to not serve it). Every interface by
+        /// default, for Prometheus to scrape the node (hostNetwork); 9102 is free on K3s nodes.
+        #[arg(long, default_value = metrics::DEFAULT_METRICS_ADDR)]
+        metrics_addr: String,
     },
     /// Show the running agent's endpoints, map use, counters and problems.
     Status {
@@ -66,6 +72,13 @@ enum Command {
         /// Output format.
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
+    },
+    /// Show recent flows through the local pods (allowed and dropped), or follow new drops.
+    Flows {
+        #[command(flatten)]
+        dirs: NodeDirs,
+        #[command(flatten)]
+        args: FlowsArgs,
     },
     /// Remove everything the agent attached and pinned (stops enforcement on this node).
     Cleanup {
@@ -87,12 +100,170 @@ enum Command {
     },
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum FlowsOutput {
+    Table,
+    Json,
+    Jsonl,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum VerdictArg {
+    Allowed,
+    Dropped,
+}
+
+/// Filters and output of `flows`.
+#[derive(Args)]
+struct FlowsArgs {
+    /// Flows with a pod of this namespace on either side (also the namespace of --pod, --from, --to
+    /// given without one).
+    #[arg(short, long)]
+    namespace: Option<String>,
+    /// Flows with this pod (`namespace/name` or `name`) on either side.
+    #[arg(long)]
+    pod: Option<String>,
+    /// Flows from this pod (`namespace/name` or `name`) or CIDR.
+    #[arg(long)]
+    from: Option<String>,
+    /// Flows to this pod (`namespace/name` or `name`) or CIDR.
+    #[arg(long)]
+    to: Option<String>,
+    /// Flows with this source or destination port.
+    #[arg(long)]
+    port: Option<u16>,
+    /// tcp, udp, sctp, icmp, icmpv6 or a protocol number.
+    #[arg(long)]
+    protocol: Option<String>,
+    #[arg(long, value_enum)]
+    verdict: Option<VerdictArg>,
+    /// Flows seen within this long (`30s`, `5m`, `2h`).
+    #[arg(long)]
+    since: Option<String>,
+    /// Only the last N flows.
+    #[arg(long)]
+    last: Option<usize>,
+    /// Stream new drops as they happen (after the --last N flows, when given).
+    #[arg(short, long)]
+    follow: bool,
+    #[arg(short, long, value_enum, default_value = "table")]
+    output: FlowsOutput,
+}
+
+impl FlowsArgs {
+    fn filter(&self) -> anyhow::Result<Filter> {
+        let filter = Filter {
+            namespace: self.namespace.clone(),
+            pod: self.pod.clone(),
+            from: self.from.clone(),
+            to: self.to.clone(),
+            port: self.port,
+            protocol: self.protocol.clone(),
+            verdict: self.verdict.map(|v| match v {
+                VerdictArg::Allowed => VerdictFilter::Allowed,
+                VerdictArg::Dropped => VerdictFilter::Dropped,
+            }),
+            since_ms: self
+                .since
+                .as_deref()
+                .map(flows::parse_duration)
+                .transpose()
+                .map_err(anyhow::Error::msg)?
+                .map(|d| d.as_millis() as u64),
+            last: self.last,
+        };
+        filter.validate().map_err(anyhow::Error::msg)?;
+        Ok(filter)
+    }
+
+    fn format(&self) -> flows::Format {
+        match self.output {
+            FlowsOutput::Table => flows::Format::Table,
+            FlowsOutput::Json => flows::Format::Json,
+            FlowsOutput::Jsonl => flows::Format::Jsonl,
+        }
+    }
+}
+
+async fn run_flows(dirs: NodeDirs, args: FlowsArgs) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let filter = args.filter()?;
+    let format = args.format();
+    let running = control::agent_is_running(&dirs.state_dir).await;
+    if !running {
+        eprintln!(
+            "note: no agent answers at {}; reading the pinned maps under {} directly: addresses are not \
+             resolved to pods and policies are not named",
+            control::socket_path(&dirs.state_dir).display(),
+            dirs.pin_dir.display()
+        );
+    }
+    let layout = PinLayout::new(&dirs.pin_dir);
+    // Streaming prints one flow per line: JSON becomes JSON lines.
+    let print = |flow: flows::Flow| -> anyhow::Result<()> {
+        let line = match format {
+            flows::Format::Table => flows::table_row(&flow),
+            _ => serde_json::to_string(&flow)?,
+        };
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{line}")?;
+        out.flush()?;
+        Ok(())
+    };
+    if args.follow {
+        if matches!(format, flows::Format::Table) {
+            println!("{}", flows::table_header());
+        }
+        if filter.last.is_some() {
+            let recent = if running {
+                observe::request_flows(&dirs.state_dir, &filter).await?
+            } else {
+                pinned_flows(&layout, &filter)?
+            };
+            for f in recent {
+                print(f)?;
+            }
+        }
+        let live = Filter {
+            since_ms: None,
+            last: None,
+            ..filter
+        };
+        return if running {
+            observe::follow_flows(&dirs.state_dir, &live, print).await
+        } else {
+            observe::follow_pinned(&layout, &live, print).await
+        };
+    }
+    let found = if running {
+        observe::request_flows(&dirs.state_dir, &filter).await?
+    } else {
+        pinned_flows(&layout, &filter)?
+    };
+    print!("{}", flows::render(&found, format));
+    Ok(())
+}
+
+fn pinned_flows(layout: &PinLayout, filter: &Filter) -> anyhow::Result<Vec<flows::Flow>> {
+    let maps = observe::ObserveMaps::open(layout)
+        .context("no agent is running and the pinned maps cannot be read")?;
+    Ok(flows::select(
+        &maps.flows(),
+        &flows::Resolver::default(),
+        &observe::clock(),
+        filter,
+    ))
+}
+
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            // netlink-packet-route warns on every dump about attributes newer kernels add.
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,netlink_packet_route=error".into()),
+            // netlink-packet-route warns on every dump about attributes newer kernels add; kube's
+            // client and watchers log every failed request and retry, while the API source reports
+            // faults itself, once per change.
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                "info,netlink_packet_route=error,kube_client=off,kube_runtime=off".into()
+            }),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -108,12 +279,19 @@ fn main() -> anyhow::Result<()> {
                 manifests,
                 kubeconfig,
                 health_addr,
+                metrics_addr,
                 dirs,
             } => {
                 let health_addr = match health_addr.as_str() {
                     "off" | "" => None,
                     a => Some(a.parse().with_context(|| {
                         format!("--health-addr {a:?} is not an address such as 127.0.0.1:9101")
+                    })?),
+                };
+                let metrics_addr = match metrics_addr.as_str() {
+                    "off" | "" => None,
+                    a => Some(a.parse().with_context(|| {
+                        format!("--metrics-addr {a:?} is not an address such as 0.0.0.0:9102")
                     })?),
                 };
                 agent::run(AgentConfig {
@@ -125,9 +303,11 @@ fn main() -> anyhow::Result<()> {
                     health_addr,
                     layout: PinLayout::new(dirs.pin_dir),
                     state_dir: dirs.state_dir,
+                    metrics_addr,
                 })
                 .await
             }
+            Command::Flows { dirs, args } => run_flows(dirs, args).await,
             Command::Status { dirs, output } => {
                 let status = control::request_status(&dirs.state_dir).await?;
                 match output {

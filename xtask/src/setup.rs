@@ -10,7 +10,7 @@ use crate::check;
 const BPF_LINKER_VERSION: &str = "0.10.4";
 
 /// Debian packages the tests, the demo and the bench use (commands: ip, bridge, iptables, conntrack,
-/// modprobe, bpftool, iperf3).
+/// modprobe, bpftool, iperf3, prometheus, promtool).
 const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
     "iptables",
@@ -18,6 +18,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "kmod",
     "bpftool",
     "iperf3",
+    // prometheus and promtool, for the metrics tests.
+    "prometheus",
 ];
 
 /// True when this machine can run the privileged tests: root, and a kernel with BTF (BPF-capable).

@@ -5,6 +5,11 @@
 //!   on stdout once all sockets are bound, then serves forever: TCP accepts, writes one byte and
 //!   closes; UDP echoes every datagram.
 //!
+//! `netpol-probe flood --count N [--sport P] [--size B] [--burst K] udp/ADDR/PORT`
+//!   sends N UDP datagrams of B payload bytes (default 16) from source port P (default: any) to the
+//!   target, in bursts of K (default 64) with a short pause between bursts so that no queue on the
+//!   way overflows; prints `{"sent": N, "millis": T}` (datagrams the kernel accepted).
+//!
 //! `netpol-probe probe [--timeout-ms 1000] TARGET...`
 //!   TARGET is `tcp/ADDR/PORT` or `udp/ADDR/PORT` (ADDR may be IPv6 without brackets). With no
 //!   TARGET, a JSON array of `{"addr": "...", "port": 80, "proto": "tcp"}` is read from stdin.
@@ -41,6 +46,7 @@ fn main() {
     let res = match args.first().map(String::as_str) {
         Some("serve") => serve(&args[1..]),
         Some("probe") => probe(&args[1..]),
+        Some("flood") => flood(&args[1..]),
         _ => Err(anyhow::anyhow!(
             "usage: netpol-probe serve --ports 80,81 | probe [--timeout-ms N] proto/addr/port..."
         )),
@@ -109,6 +115,56 @@ fn serve_udp(s: UdpSocket) {
             let _ = s.send_to(&buf[..n], peer);
         }
     }
+}
+
+fn flood(args: &[String]) -> Result<()> {
+    let (mut count, mut sport, mut size, mut burst) = (1u64, 0u16, 16usize, 64u64);
+    let mut target = None;
+    let mut i = 0;
+    while i < args.len() {
+        let value = || args.get(i + 1).context("missing value");
+        match args[i].as_str() {
+            "--count" => count = value()?.parse()?,
+            "--sport" => sport = value()?.parse()?,
+            "--size" => size = value()?.parse()?,
+            "--burst" => burst = value()?.parse()?,
+            t => {
+                target = Some(parse_target(t)?);
+                i += 1;
+                continue;
+            }
+        }
+        i += 2;
+    }
+    let target = target.context("flood needs a udp/ADDR/PORT target")?;
+    if target.proto != "udp" {
+        bail!("flood only sends UDP");
+    }
+    let bind: SocketAddr = if target.addr.is_ipv4() {
+        SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), sport)
+    } else {
+        SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), sport)
+    };
+    let s = UdpSocket::bind(bind).with_context(|| format!("bind {bind}"))?;
+    s.connect(SocketAddr::new(target.addr, target.port))?;
+    let payload = vec![0x5au8; size];
+    let start = Instant::now();
+    let mut sent = 0u64;
+    while sent < count {
+        match s.send(&payload) {
+            Ok(_) => sent += 1,
+            // A full socket buffer (or a refused port reported back): retry after a pause.
+            Err(_) => std::thread::sleep(Duration::from_micros(200)),
+        }
+        if sent.is_multiple_of(burst) {
+            std::thread::sleep(Duration::from_micros(100));
+        }
+    }
+    println!(
+        "{}",
+        serde_json::json!({ "sent": sent, "millis": start.elapsed().as_millis() as u64 })
+    );
+    Ok(())
 }
 
 fn parse_target(s: &str) -> Result<Target> {

@@ -1,0 +1,842 @@
+//! Flows, as `netpol-agent flows` shows them: pure functions from the raw datapath records (FLOWS
+//! entries and drop events) to resolved, filtered and formatted flows. Reading the maps is
+//! [`crate::observe`]'s job; nothing here touches the kernel.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    fmt::Write as _,
+    net::{IpAddr, Ipv6Addr},
+    time::Duration,
+};
+
+use ipnetwork::IpNetwork;
+use netpol_common::{Direction, DropEvent, FlowKey, FlowValue, IpKey, Reason, proto, verdict};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    compiler::policy_id,
+    model::{ClusterState, PodKey},
+    selector::Selector,
+};
+
+/// A flow record with its per-CPU values merged, or one drop event. Times are CLOCK_MONOTONIC ns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RawFlow {
+    pub key: FlowKey,
+    pub packets: u64,
+    pub bytes: u64,
+    pub first_seen_ns: u64,
+    pub last_seen_ns: u64,
+    /// [`Reason`] code.
+    pub reason: u8,
+    /// [`verdict`] code.
+    pub verdict: u8,
+    /// [`netpol_common::PolicyMatch`] code.
+    pub matched: u8,
+    /// Id of the policy that allowed the flow, 0 if none.
+    pub policy: u32,
+}
+
+/// Merges the per-CPU copies of a FLOWS value: counts add up, first/last seen are the extremes over
+/// the CPUs that saw packets, and the decision is the latest one taken (a CPU that only saw
+/// established packets counts only when no CPU took a decision). `None` when no CPU saw a packet.
+pub fn merge(key: FlowKey, per_cpu: &[FlowValue]) -> Option<RawFlow> {
+    let seen: Vec<&FlowValue> = per_cpu.iter().filter(|v| v.packets > 0).collect();
+    let decision = seen
+        .iter()
+        .copied()
+        .max_by_key(|v| (v.decided_ns, v.last_seen_ns))?;
+    Some(RawFlow {
+        key,
+        packets: seen.iter().map(|v| v.packets).sum(),
+        bytes: seen.iter().map(|v| v.bytes).sum(),
+        first_seen_ns: seen.iter().map(|v| v.first_seen_ns).min().unwrap_or(0),
+        last_seen_ns: seen.iter().map(|v| v.last_seen_ns).max().unwrap_or(0),
+        reason: decision.reason,
+        verdict: decision.verdict,
+        matched: decision.matched,
+        policy: decision.policy,
+    })
+}
+
+/// A drop event as a one-packet flow.
+pub fn from_event(e: &DropEvent) -> RawFlow {
+    RawFlow {
+        key: e.key,
+        packets: 1,
+        bytes: u64::from(e.len),
+        first_seen_ns: e.timestamp_ns,
+        last_seen_ns: e.timestamp_ns,
+        reason: e.reason,
+        verdict: verdict::DROPPED,
+        matched: 0,
+        policy: 0,
+    }
+}
+
+/// A CLOCK_MONOTONIC and a wall-clock reading taken together, to turn datapath times into dates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Clock {
+    pub mono_ns: u64,
+    pub unix_ns: u64,
+}
+
+impl Clock {
+    /// Unix time (ns) of a CLOCK_MONOTONIC time.
+    pub fn unix_ns(&self, mono_ns: u64) -> u64 {
+        (self.unix_ns + mono_ns).saturating_sub(self.mono_ns)
+    }
+}
+
+/// Names for addresses, endpoints and policy ids, from the cluster state the agent enforces.
+#[derive(Clone, Debug, Default)]
+pub struct Resolver {
+    pods_by_ip: HashMap<IpAddr, PodKey>,
+    endpoints: BTreeMap<u32, PodKey>,
+    policies: HashMap<u32, String>,
+    /// (endpoint, direction) -> `namespace/name` of the policies that isolate it that way.
+    isolating: HashMap<(u32, u8), Vec<String>>,
+}
+
+impl Resolver {
+    /// A resolver for `state`, with the local `endpoints` (pod -> host veth ifindex).
+    pub fn new(state: &ClusterState, endpoints: &BTreeMap<PodKey, u32>) -> Self {
+        let pods_by_ip = state
+            .pods
+            .values()
+            .filter(|p| !p.host_network)
+            .flat_map(|p| p.ips.iter().map(move |ip| (*ip, p.key.clone())))
+            .collect();
+        let policies = state
+            .policies
+            .keys()
+            .map(|k| (policy_id(k), k.to_string()))
+            .collect();
+        let mut isolating = HashMap::new();
+        for (pod_key, ifindex) in endpoints {
+            let labels = state.pods.get(pod_key).map(|p| &p.labels);
+            for dir in [Direction::Ingress, Direction::Egress] {
+                let names: Vec<String> = state
+                    .policies
+                    .values()
+                    .filter(|p| p.key.namespace == pod_key.namespace)
+                    .filter(|p| isolates(&p.spec, dir))
+                    .filter(|p| match (&p.spec.pod_selector, labels) {
+                        (None, _) => true,
+                        // A pod the agent does not know is isolated by every policy of its
+                        // namespace; so is every pod by a policy whose selector is broken.
+                        (Some(_), None) => true,
+                        (Some(sel), Some(labels)) => Selector::parse(sel, "spec.podSelector")
+                            .map(|s| s.matches(labels))
+                            .unwrap_or(true),
+                    })
+                    .map(|p| p.key.to_string())
+                    .collect();
+                isolating.insert((*ifindex, dir as u8), names);
+            }
+        }
+        Resolver {
+            pods_by_ip,
+            endpoints: endpoints.iter().map(|(k, v)| (*v, k.clone())).collect(),
+            policies,
+            isolating,
+        }
+    }
+
+    /// The pod that has `ip`, if any.
+    pub fn pod(&self, ip: IpAddr) -> Option<&PodKey> {
+        self.pods_by_ip.get(&ip)
+    }
+
+    /// The local pod of an endpoint id.
+    pub fn endpoint(&self, ifindex: u32) -> Option<&PodKey> {
+        self.endpoints.get(&ifindex)
+    }
+
+    /// The local endpoints.
+    pub fn endpoints(&self) -> &BTreeMap<u32, PodKey> {
+        &self.endpoints
+    }
+
+    /// `namespace/name` of a policy id, or `#<id>` when no known policy has it.
+    pub fn policy(&self, id: u32) -> String {
+        self.policies
+            .get(&id)
+            .cloned()
+            .unwrap_or_else(|| format!("#{id:08x}"))
+    }
+
+    /// The policies isolating `endpoint` in `direction`.
+    pub fn isolating(&self, endpoint: u32, direction: u8) -> &[String] {
+        self.isolating
+            .get(&(endpoint, direction))
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+    }
+}
+
+/// Whether a policy spec isolates its pods in `dir` (`policyTypes`, defaulting as the compiler does).
+fn isolates(spec: &k8s_openapi::api::networking::v1::NetworkPolicySpec, dir: Direction) -> bool {
+    match &spec.policy_types {
+        Some(types) if !types.is_empty() => types.iter().any(|t| match t.as_str() {
+            "Ingress" => dir == Direction::Ingress,
+            "Egress" => dir == Direction::Egress,
+            _ => true,
+        }),
+        _ => dir == Direction::Ingress || spec.egress.is_some(),
+    }
+}
+
+/// One flow as `flows` prints it. The JSON fields are a stable interface.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Flow {
+    /// RFC 3339 (UTC, milliseconds) of the last packet.
+    pub time: String,
+    pub src_ip: String,
+    pub src_port: u16,
+    pub dst_ip: String,
+    pub dst_port: u16,
+    /// `tcp`, `udp`, `sctp`, `icmp`, `icmpv6` or the protocol number.
+    pub protocol: String,
+    /// `ingress` (to the local pod) or `egress` (from it).
+    pub direction: String,
+    /// `allowed` or `dropped`.
+    pub verdict: String,
+    /// The reason code's name (`policy`, `established`, `ingress-denied`, ...).
+    pub reason: String,
+    /// For an allow by policy: the policy that allowed it. For a drop by isolation: the policies that
+    /// isolate the pod in that direction. Otherwise empty.
+    pub policies: Vec<String>,
+    pub packets: u64,
+    pub bytes: u64,
+    /// `namespace/name`, or null when the address is not a known pod's.
+    pub src_pod: Option<String>,
+    pub dst_pod: Option<String>,
+}
+
+/// The address of an [`IpKey`] (IPv4-mapped addresses as IPv4).
+pub fn ip_of(key: &IpKey) -> IpAddr {
+    let v6 = Ipv6Addr::from(key.addr);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
+    }
+}
+
+/// Name of an IP protocol number.
+pub fn protocol_name(p: u8) -> String {
+    match p {
+        proto::TCP => "tcp".into(),
+        proto::UDP => "udp".into(),
+        proto::SCTP => "sctp".into(),
+        proto::ICMP => "icmp".into(),
+        proto::ICMPV6 => "icmpv6".into(),
+        0 => "unknown".into(),
+        n => n.to_string(),
+    }
+}
+
+/// Name of a reason code.
+pub fn reason_name(code: u8) -> String {
+    Reason::from_code(u32::from(code)).map_or_else(|| format!("reason-{code}"), |r| r.name().into())
+}
+
+/// Name of a direction code.
+pub fn direction_name(code: u8) -> &'static str {
+    if code == Direction::Ingress as u8 {
+        "ingress"
+    } else {
+        "egress"
+    }
+}
+
+/// RFC 3339 (UTC, milliseconds) of a Unix time in ns.
+pub fn rfc3339(unix_ns: u64) -> String {
+    let secs = unix_ns / 1_000_000_000;
+    let millis = (unix_ns / 1_000_000) % 1000;
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{millis:03}Z",
+        rem / 3600,
+        (rem / 60) % 60,
+        rem % 60
+    )
+}
+
+/// Resolves a raw flow into what `flows` shows.
+pub fn resolve(raw: &RawFlow, resolver: &Resolver, clock: &Clock) -> Flow {
+    let (src, dst) = (ip_of(&raw.key.src), ip_of(&raw.key.dst));
+    let dropped = raw.verdict == verdict::DROPPED;
+    let policies = match Reason::from_code(u32::from(raw.reason)) {
+        Some(Reason::AllowedPolicy) if raw.policy != 0 => vec![resolver.policy(raw.policy)],
+        Some(Reason::DroppedIngressDenied | Reason::DroppedEgressDenied) => resolver
+            .isolating(raw.key.endpoint, raw.key.direction)
+            .to_vec(),
+        _ => Vec::new(),
+    };
+    Flow {
+        time: rfc3339(clock.unix_ns(raw.last_seen_ns)),
+        src_ip: src.to_string(),
+        src_port: raw.key.src_port,
+        dst_ip: dst.to_string(),
+        dst_port: raw.key.dst_port,
+        protocol: protocol_name(raw.key.protocol),
+        direction: direction_name(raw.key.direction).into(),
+        verdict: if dropped { "dropped" } else { "allowed" }.into(),
+        reason: reason_name(raw.reason),
+        policies,
+        packets: raw.packets,
+        bytes: raw.bytes,
+        src_pod: resolver.pod(src).map(ToString::to_string),
+        dst_pod: resolver.pod(dst).map(ToString::to_string),
+    }
+}
+
+/// `--verdict`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VerdictFilter {
+    Allowed,
+    Dropped,
+}
+
+/// The filters of `flows`. Every set filter must match.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Filter {
+    /// Either side is a pod of this namespace.
+    pub namespace: Option<String>,
+    /// Either side is this pod: `namespace/name`, or `name` (in `namespace` when set).
+    pub pod: Option<String>,
+    /// The source: a pod (as `pod`) or a CIDR / address.
+    pub from: Option<String>,
+    /// The destination: a pod (as `pod`) or a CIDR / address.
+    pub to: Option<String>,
+    /// Either port.
+    pub port: Option<u16>,
+    /// Protocol name or number.
+    pub protocol: Option<String>,
+    pub verdict: Option<VerdictFilter>,
+    /// Only flows seen in the last this many milliseconds.
+    pub since_ms: Option<u64>,
+    /// Only the last N flows (by time of the last packet).
+    pub last: Option<usize>,
+}
+
+/// A peer given to `--from`/`--to`.
+enum PeerMatch {
+    Net(IpNetwork),
+    Pod(String),
+}
+
+impl Filter {
+    /// Checks the filter's syntax (CIDRs, protocol names) without matching anything.
+    pub fn validate(&self) -> Result<(), String> {
+        for peer in [&self.from, &self.to].into_iter().flatten() {
+            if looks_like_address(peer) {
+                peer.parse::<IpNetwork>()
+                    .map_err(|e| format!("bad CIDR or address {peer:?}: {e}"))?;
+            }
+        }
+        if let Some(p) = &self.protocol {
+            parse_protocol(p).ok_or_else(|| format!("unknown protocol {p:?}"))?;
+        }
+        Ok(())
+    }
+
+    fn peer(&self, s: &str) -> PeerMatch {
+        if looks_like_address(s)
+            && let Ok(net) = s.parse::<IpNetwork>()
+        {
+            return PeerMatch::Net(net);
+        }
+        PeerMatch::Pod(self.qualify(s))
+    }
+
+    fn qualify(&self, pod: &str) -> String {
+        match (&self.namespace, pod.contains('/')) {
+            (Some(ns), false) => format!("{ns}/{pod}"),
+            _ => pod.to_owned(),
+        }
+    }
+
+    fn pod_matches(&self, want: &str, pod: Option<&String>) -> bool {
+        let Some(pod) = pod else { return false };
+        if want.contains('/') {
+            pod == want
+        } else {
+            pod.rsplit('/').next() == Some(want)
+        }
+    }
+
+    fn peer_matches(&self, want: &str, ip: &str, pod: Option<&String>) -> bool {
+        match self.peer(want) {
+            PeerMatch::Net(net) => ip.parse::<IpAddr>().is_ok_and(|ip| net.contains(ip)),
+            PeerMatch::Pod(p) => self.pod_matches(&p, pod),
+        }
+    }
+
+    /// Whether `flow`, last seen `age` ago, passes every filter but `last`.
+    pub fn matches(&self, flow: &Flow, age: Duration) -> bool {
+        let (sp, dp) = (flow.src_pod.as_ref(), flow.dst_pod.as_ref());
+        if let Some(ns) = &self.namespace {
+            let in_ns = |p: Option<&String>| p.is_some_and(|p| p.split('/').next() == Some(ns));
+            if !in_ns(sp) && !in_ns(dp) {
+                return false;
+            }
+        }
+        if let Some(pod) = &self.pod {
+            let pod = self.qualify(pod);
+            if !self.pod_matches(&pod, sp) && !self.pod_matches(&pod, dp) {
+                return false;
+            }
+        }
+        if let Some(from) = &self.from
+            && !self.peer_matches(from, &flow.src_ip, sp)
+        {
+            return false;
+        }
+        if let Some(to) = &self.to
+            && !self.peer_matches(to, &flow.dst_ip, dp)
+        {
+            return false;
+        }
+        if let Some(port) = self.port
+            && flow.src_port != port
+            && flow.dst_port != port
+        {
+            return false;
+        }
+        if let Some(p) = &self.protocol
+            && parse_protocol(p).map(protocol_name).as_deref() != Some(flow.protocol.as_str())
+        {
+            return false;
+        }
+        if let Some(v) = self.verdict {
+            let want = match v {
+                VerdictFilter::Allowed => "allowed",
+                VerdictFilter::Dropped => "dropped",
+            };
+            if flow.verdict != want {
+                return false;
+            }
+        }
+        if let Some(ms) = self.since_ms
+            && age > Duration::from_millis(ms)
+        {
+            return false;
+        }
+        true
+    }
+}
+
+fn looks_like_address(s: &str) -> bool {
+    s.contains(':')
+        || s.split('/')
+            .next()
+            .is_some_and(|a| a.parse::<IpAddr>().is_ok())
+}
+
+/// A protocol given by name or number.
+pub fn parse_protocol(s: &str) -> Option<u8> {
+    match s.to_ascii_lowercase().as_str() {
+        "tcp" => Some(proto::TCP),
+        "udp" => Some(proto::UDP),
+        "sctp" => Some(proto::SCTP),
+        "icmp" => Some(proto::ICMP),
+        "icmpv6" | "ipv6-icmp" => Some(proto::ICMPV6),
+        n => n.parse().ok(),
+    }
+}
+
+/// Resolves, filters and orders raw flows: oldest first, the last `filter.last` of them.
+pub fn select(raw: &[RawFlow], resolver: &Resolver, clock: &Clock, filter: &Filter) -> Vec<Flow> {
+    let mut picked: Vec<(u64, Flow)> = raw
+        .iter()
+        .map(|r| (r.last_seen_ns, resolve(r, resolver, clock)))
+        .filter(|(t, f)| {
+            let age = Duration::from_nanos(clock.mono_ns.saturating_sub(*t));
+            filter.matches(f, age)
+        })
+        .collect();
+    picked.sort_by(|a, b| (a.0, &a.1.src_ip, a.1.src_port).cmp(&(b.0, &b.1.src_ip, b.1.src_port)));
+    if let Some(n) = filter.last {
+        let skip = picked.len().saturating_sub(n);
+        picked.drain(..skip);
+    }
+    picked.into_iter().map(|(_, f)| f).collect()
+}
+
+/// Output format of `flows`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Table,
+    Json,
+    Jsonl,
+}
+
+fn endpoint_label(pod: Option<&String>, ip: &str, port: u16, protocol: &str) -> String {
+    let host = match pod {
+        Some(p) => p.clone(),
+        None if ip.contains(':') => format!("[{ip}]"),
+        None => ip.to_owned(),
+    };
+    if port == 0 && !matches!(protocol, "tcp" | "udp" | "sctp") {
+        host
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+/// The header line of the table format.
+pub fn table_header() -> String {
+    format!(
+        "{:<24} {:<30} {:<30} {:<6} {:<9} {:<8} {:<16} {:<30} {:>8} {:>10}",
+        "TIME",
+        "SOURCE",
+        "DESTINATION",
+        "PROTO",
+        "DIRECTION",
+        "VERDICT",
+        "REASON",
+        "POLICY",
+        "PACKETS",
+        "BYTES"
+    )
+}
+
+/// One row of the table format.
+pub fn table_row(f: &Flow) -> String {
+    let policies: BTreeSet<&str> = f.policies.iter().map(String::as_str).collect();
+    let policies = if policies.is_empty() {
+        "-".to_owned()
+    } else {
+        policies.into_iter().collect::<Vec<_>>().join(",")
+    };
+    format!(
+        "{:<24} {:<30} {:<30} {:<6} {:<9} {:<8} {:<16} {:<30} {:>8} {:>10}",
+        f.time,
+        endpoint_label(f.src_pod.as_ref(), &f.src_ip, f.src_port, &f.protocol),
+        endpoint_label(f.dst_pod.as_ref(), &f.dst_ip, f.dst_port, &f.protocol),
+        f.protocol,
+        f.direction,
+        f.verdict,
+        f.reason,
+        policies,
+        f.packets,
+        f.bytes
+    )
+}
+
+/// Renders flows in `format` (table with a header line; JSON array; one JSON object per line).
+pub fn render(flows: &[Flow], format: Format) -> String {
+    let mut out = String::new();
+    match format {
+        Format::Table => {
+            let _ = writeln!(out, "{}", table_header());
+            for f in flows {
+                let _ = writeln!(out, "{}", table_row(f));
+            }
+        }
+        Format::Json => {
+            out = serde_json::to_string_pretty(flows).unwrap_or_default();
+            out.push('\n');
+        }
+        Format::Jsonl => {
+            for f in flows {
+                let _ = writeln!(out, "{}", serde_json::to_string(f).unwrap_or_default());
+            }
+        }
+    }
+    out
+}
+
+/// Parses `--since` durations: `30s`, `5m`, `2h`, `1d`, `500ms`, or plain seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n.parse().map_err(|_| format!("bad duration {s:?}"))?;
+    let ms = match unit {
+        "ms" => n,
+        "" | "s" => n * 1000,
+        "m" => n * 60_000,
+        "h" => n * 3_600_000,
+        "d" => n * 86_400_000,
+        _ => return Err(format!("bad duration unit in {s:?} (use ms, s, m, h or d)")),
+    };
+    Ok(Duration::from_millis(ms))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Pod, Policy};
+
+    fn key(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, dir: Direction) -> FlowKey {
+        FlowKey {
+            src: IpKey::from_v4(src),
+            dst: IpKey::from_v4(dst),
+            src_port: sport,
+            dst_port: dport,
+            endpoint: 7,
+            protocol: proto::TCP,
+            direction: dir as u8,
+            _pad: [0; 2],
+        }
+    }
+
+    fn state() -> ClusterState {
+        let mut s = ClusterState::default();
+        for (name, ip) in [("a", [10, 42, 0, 10]), ("b", [10, 42, 1, 11])] {
+            let key = PodKey::new("x", name);
+            s.pods.insert(
+                key.clone(),
+                Pod {
+                    key,
+                    labels: [("pod".to_owned(), name.to_owned())].into(),
+                    node_name: Some("n0".into()),
+                    host_network: false,
+                    phase: Some("Running".into()),
+                    ips: vec![IpAddr::from(ip)],
+                    ports: Vec::new(),
+                },
+            );
+        }
+        let policy: k8s_openapi::api::networking::v1::NetworkPolicySpec =
+            serde_json::from_value(serde_json::json!({
+                "podSelector": {"matchLabels": {"pod": "a"}},
+                "policyTypes": ["Ingress"]
+            }))
+            .unwrap();
+        let key = PodKey::new("x", "deny-a");
+        s.policies.insert(
+            key.clone(),
+            Policy {
+                key,
+                origin: crate::model::Origin::Api,
+                spec: policy,
+            },
+        );
+        s
+    }
+
+    #[test]
+    fn merge_adds_counts_and_keeps_the_latest_decision() {
+        let k = key(
+            [10, 42, 1, 11],
+            [10, 42, 0, 10],
+            4000,
+            80,
+            Direction::Ingress,
+        );
+        let cpu0 = FlowValue {
+            packets: 2,
+            bytes: 200,
+            first_seen_ns: 10,
+            last_seen_ns: 50,
+            decided_ns: 10,
+            policy: 9,
+            reason: Reason::AllowedPolicy as u8,
+            verdict: verdict::ALLOWED,
+            matched: 2,
+            _pad: 0,
+        };
+        let cpu1 = FlowValue {
+            packets: 3,
+            bytes: 300,
+            first_seen_ns: 20,
+            last_seen_ns: 90,
+            decided_ns: 0,
+            reason: Reason::AllowedEstablished as u8,
+            ..FlowValue::default()
+        };
+        let m = merge(k, &[cpu0, FlowValue::default(), cpu1]).unwrap();
+        assert_eq!((m.packets, m.bytes), (5, 500));
+        assert_eq!((m.first_seen_ns, m.last_seen_ns), (10, 90));
+        assert_eq!((m.reason, m.policy), (Reason::AllowedPolicy as u8, 9));
+        assert_eq!(merge(k, &[FlowValue::default()]), None);
+    }
+
+    #[test]
+    fn resolves_pods_policies_and_isolation() {
+        let s = state();
+        let endpoints = BTreeMap::from([(PodKey::new("x", "a"), 7)]);
+        let r = Resolver::new(&s, &endpoints);
+        let clock = Clock {
+            mono_ns: 1_000_000_000,
+            unix_ns: 1_700_000_000_000_000_000,
+        };
+        let raw = RawFlow {
+            key: key(
+                [10, 42, 1, 11],
+                [10, 42, 0, 10],
+                4000,
+                81,
+                Direction::Ingress,
+            ),
+            packets: 1,
+            bytes: 60,
+            first_seen_ns: 500_000_000,
+            last_seen_ns: 500_000_000,
+            reason: Reason::DroppedIngressDenied as u8,
+            verdict: verdict::DROPPED,
+            matched: 0,
+            policy: 0,
+        };
+        let f = resolve(&raw, &r, &clock);
+        assert_eq!(f.time, "2023-11-14T22:13:19.500Z");
+        assert_eq!(f.src_ip, "10.42.1.11");
+        assert_eq!(f.src_pod.as_deref(), Some("x/b"));
+        assert_eq!(f.dst_pod.as_deref(), Some("x/a"));
+        assert_eq!(f.verdict, "dropped");
+        assert_eq!(f.reason, "ingress-denied");
+        assert_eq!(f.policies, vec!["x/deny-a".to_owned()]);
+        let allowed = RawFlow {
+            reason: Reason::AllowedPolicy as u8,
+            verdict: verdict::ALLOWED,
+            policy: policy_id(&PodKey::new("x", "deny-a")),
+            ..raw
+        };
+        assert_eq!(resolve(&allowed, &r, &clock).policies, vec!["x/deny-a"]);
+        let json = serde_json::to_value(&f).unwrap();
+        let fields: Vec<&str> = json
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        let mut want = vec![
+            "time",
+            "src_ip",
+            "src_port",
+            "dst_ip",
+            "dst_port",
+            "protocol",
+            "direction",
+            "verdict",
+            "reason",
+            "policies",
+            "packets",
+            "bytes",
+            "src_pod",
+            "dst_pod",
+        ];
+        want.sort_unstable();
+        let mut fields = fields;
+        fields.sort_unstable();
+        assert_eq!(fields, want);
+    }
+
+    #[test]
+    fn filters() {
+        let f = Flow {
+            time: String::new(),
+            src_ip: "10.42.1.11".into(),
+            src_port: 4000,
+            dst_ip: "10.42.0.10".into(),
+            dst_port: 80,
+            protocol: "tcp".into(),
+            direction: "ingress".into(),
+            verdict: "dropped".into(),
+            reason: "ingress-denied".into(),
+            policies: vec![],
+            packets: 1,
+            bytes: 1,
+            src_pod: Some("x/b".into()),
+            dst_pod: Some("y/a".into()),
+        };
+        let age = Duration::from_secs(10);
+        let m = |filter: Filter| filter.matches(&f, age);
+        assert!(m(Filter::default()));
+        assert!(m(Filter {
+            namespace: Some("y".into()),
+            ..Filter::default()
+        }));
+        assert!(!m(Filter {
+            namespace: Some("z".into()),
+            ..Filter::default()
+        }));
+        assert!(m(Filter {
+            pod: Some("a".into()),
+            ..Filter::default()
+        }));
+        assert!(m(Filter {
+            pod: Some("x/b".into()),
+            ..Filter::default()
+        }));
+        assert!(!m(Filter {
+            namespace: Some("x".into()),
+            pod: Some("a".into()),
+            ..Filter::default()
+        }));
+        assert!(m(Filter {
+            from: Some("10.42.1.0/24".into()),
+            ..Filter::default()
+        }));
+        assert!(!m(Filter {
+            to: Some("10.42.1.0/24".into()),
+            ..Filter::default()
+        }));
+        assert!(m(Filter {
+            to: Some("y/a".into()),
+            ..Filter::default()
+        }));
+        assert!(!m(Filter {
+            from: Some("y/a".into()),
+            ..Filter::default()
+        }));
+        assert!(m(Filter {
+            port: Some(4000),
+            ..Filter::default()
+        }));
+        assert!(!m(Filter {
+            port: Some(81),
+            ..Filter::default()
+        }));
+        assert!(m(Filter {
+            protocol: Some("6".into()),
+            ..Filter::default()
+        }));
+        assert!(!m(Filter {
+            protocol: Some("udp".into()),
+            ..Filter::default()
+        }));
+        assert!(m(Filter {
+            verdict: Some(VerdictFilter::Dropped),
+            ..Filter::default()
+        }));
+        assert!(!m(Filter {
+            verdict: Some(VerdictFilter::Allowed),
+            ..Filter::default()
+        }));
+        assert!(m(Filter {
+            since_ms: Some(60_000),
+            ..Filter::default()
+        }));
+        assert!(!m(Filter {
+            since_ms: Some(5_000),
+            ..Filter::default()
+        }));
+        assert!(
+            Filter {
+                from: Some("10.0.0.0/99".into()),
+                ..Filter::default()
+            }
+            .validate()
+            .is_err()
+        );
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert!(parse_duration("5x").is_err());
+    }
+}

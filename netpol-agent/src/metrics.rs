@@ -1,0 +1,284 @@
+//! Prometheus metrics on `--metrics-addr` (default [`DEFAULT_METRICS_ADDR`]), `GET /metrics`, in the
+//! Prometheus text format (0.0.4) through `prometheus-client`.
+//!
+//! The datapath keeps the counters (DROPS, VERDICTS, LOST, per CPU); they are read at scrape time, so
+//! no packet ever waits for the agent. Labels follow Hubble's metrics, and only name local pods:
+//! cardinality is bounded by (local pods x reasons x protocols x directions), and a pod's series go
+//! away [`crate::observe::GONE_GRACE`] after the pod does.
+//!
+//! Port 9102: the health endpoints use 9101, node-exporter 9100, and K3s none of 9100-9102. The
+//! address defaults to every interface (the agent runs with `hostNetwork`, and Prometheus scrapes the
+//! node's address); the series name namespaces and pods, so restrict it (`127.0.0.1:9102`) or firewall
+//! it where that matters.
+
+use std::{collections::BTreeMap, net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode, body::Bytes, server::conn::http1, service::service_fn};
+use hyper_util::rt::TokioIo;
+use netpol_common::{Direction, PolicyMatch, capacity, lost, map_names, verdict, verdict_slot};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric as _},
+    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
+    registry::Registry,
+};
+use tokio::net::TcpListener;
+
+use crate::{
+    control::SharedStatus,
+    flows::{direction_name, protocol_name, reason_name},
+    observe::{ObserveMaps, Observer},
+};
+
+/// Default `--metrics-addr`.
+pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:9102";
+
+/// The registry: the implementation-delay histogram, and a collector reading the maps and status.
+pub fn registry(observer: Arc<Observer>, status: SharedStatus) -> Registry {
+    let mut registry = Registry::default();
+    registry.register(
+        "netpol_policy_implementation_delay_seconds",
+        "Time from a change seen by the cluster-state source to the datapath programmed with it",
+        observer.implementation_delay.clone(),
+    );
+    registry.register_collector(Box::new(DatapathCollector { observer, status }));
+    registry
+}
+
+/// The registry rendered in the Prometheus text format.
+pub fn render(registry: &Registry) -> String {
+    let mut out = String::new();
+    if let Err(e) = prometheus_client::encoding::prometheus_text::encode(&mut out, registry) {
+        tracing::error!(error = %e, "encoding metrics");
+    }
+    out
+}
+
+#[derive(Debug)]
+struct DatapathCollector {
+    observer: Arc<Observer>,
+    status: SharedStatus,
+}
+
+type Labels = Vec<(&'static str, String)>;
+
+fn counter_family(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    series: &BTreeMap<Labels, u64>,
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (labels, v) in series {
+        ConstCounter::new(*v).encode(family.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
+fn gauge_family(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    series: &[(Labels, i64)],
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (labels, v) in series {
+        ConstGauge::new(*v).encode(family.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
+impl Collector for DatapathCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let maps = ObserveMaps::open(self.observer.layout());
+        let mut drops: BTreeMap<Labels, u64> = BTreeMap::new();
+        let mut drop_bytes: BTreeMap<Labels, u64> = BTreeMap::new();
+        let mut verdicts: BTreeMap<Labels, u64> = BTreeMap::new();
+        let mut lost_events: BTreeMap<Labels, u64> = BTreeMap::new();
+        let mut entries = Vec::new();
+        if let Ok(maps) = &maps {
+            for (k, v) in maps.drops() {
+                // Only local pods (and, for a grace period, pods that just went away).
+                let Some(pod) = self.observer.endpoint_name(k.endpoint) else {
+                    continue;
+                };
+                let labels = vec![
+                    ("reason", reason_name(k.reason)),
+                    ("protocol", protocol_name(k.protocol)),
+                    ("direction", direction_name(k.direction).to_owned()),
+                    ("namespace", pod.namespace.clone()),
+                    ("pod", pod.name.clone()),
+                ];
+                *drops.entry(labels.clone()).or_default() += v.packets;
+                *drop_bytes.entry(labels).or_default() += v.bytes;
+            }
+            let counts = maps.verdicts();
+            for dir in [Direction::Ingress, Direction::Egress] {
+                for (action, code) in [("allowed", verdict::ALLOWED), ("dropped", verdict::DROPPED)]
+                {
+                    for m in PolicyMatch::ALL {
+                        let n = counts[verdict_slot(dir as u8, code, m as u8) as usize];
+                        let labels = vec![
+                            ("direction", direction_name(dir as u8).to_owned()),
+                            ("action", action.to_owned()),
+                            ("match", m.name().to_owned()),
+                        ];
+                        verdicts.insert(labels, n);
+                    }
+                }
+            }
+            let l = maps.lost();
+            for (source, slot) in [
+                ("rate-limit", lost::RATE_LIMITED),
+                ("ring-full", lost::RING_FULL),
+                ("drop-counters-full", lost::DROPS_FULL),
+                ("flow-table-full", lost::FLOWS_FULL),
+            ] {
+                lost_events.insert(vec![("source", source.to_owned())], l[slot as usize]);
+            }
+            entries = maps.entries().to_vec();
+        }
+        lost_events.insert(
+            vec![("source", "follow-client".to_owned())],
+            self.observer
+                .follow_lost
+                .load(std::sync::atomic::Ordering::Relaxed),
+        );
+        counter_family(
+            &mut encoder,
+            "netpol_drop",
+            "Packets dropped by NetworkPolicy enforcement, by local pod",
+            &drops,
+        )?;
+        counter_family(
+            &mut encoder,
+            "netpol_drop_bytes",
+            "Bytes dropped by NetworkPolicy enforcement, by local pod",
+            &drop_bytes,
+        )?;
+        counter_family(
+            &mut encoder,
+            "netpol_policy_verdicts",
+            "Policy decisions on new flows, by direction, action and what kind of rule decided",
+            &verdicts,
+        )?;
+        counter_family(
+            &mut encoder,
+            "netpol_lost_events",
+            "Drop events (or counts) that could not be delivered or recorded, by where they were lost",
+            &lost_events,
+        )?;
+
+        let status = self.status.lock().map(|s| s.clone()).unwrap_or_default();
+        gauge_family(
+            &mut encoder,
+            "netpol_policies",
+            "NetworkPolicies in the cluster state",
+            &[(vec![], status.policies as i64)],
+        )?;
+        gauge_family(
+            &mut encoder,
+            "netpol_endpoints",
+            "Local pods enforced on this node",
+            &[(vec![], status.endpoints.len() as i64)],
+        )?;
+        gauge_family(
+            &mut encoder,
+            "netpol_errors",
+            "Current problems (bad input, failed map writes, attach failures), as `status` lists them",
+            &[(vec![], status.errors.len() as i64)],
+        )?;
+        gauge_family(
+            &mut encoder,
+            "netpol_ready",
+            "1 once the datapath has been programmed from a full read of the cluster state",
+            &[(vec![], i64::from(status.ready))],
+        )?;
+        let mut map_entries: Vec<(Labels, i64)> = status
+            .maps
+            .iter()
+            .map(|m| (vec![("map", m.name.clone())], m.entries as i64))
+            .collect();
+        let mut map_capacity: Vec<(Labels, i64)> = status
+            .maps
+            .iter()
+            .map(|m| (vec![("map", m.name.clone())], i64::from(m.capacity)))
+            .collect();
+        for (name, n) in entries {
+            map_entries.push((vec![("map", name.to_owned())], n as i64));
+            let cap = match name {
+                map_names::FLOWS => capacity::FLOWS,
+                map_names::DROPS => capacity::DROPS,
+                _ => capacity::CONNTRACK,
+            };
+            map_capacity.push((vec![("map", name.to_owned())], i64::from(cap)));
+        }
+        gauge_family(
+            &mut encoder,
+            "netpol_map_entries",
+            "Entries in each datapath map",
+            &map_entries,
+        )?;
+        gauge_family(
+            &mut encoder,
+            "netpol_map_capacity",
+            "Capacity (max entries) of each datapath map",
+            &map_capacity,
+        )?;
+        gauge_family(
+            &mut encoder,
+            "netpol_build_info",
+            "Build information; always 1",
+            &[(vec![("version", env!("CARGO_PKG_VERSION").to_owned())], 1)],
+        )?;
+        Ok(())
+    }
+}
+
+/// Binds `addr`; the returned future serves `/metrics` until dropped.
+pub async fn bind(
+    addr: SocketAddr,
+    registry: Registry,
+) -> anyhow::Result<impl Future<Output = ()>> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the metrics address {addr} (--metrics-addr)"))?;
+    Ok(serve(listener, Arc::new(registry)))
+}
+
+async fn serve(listener: TcpListener, registry: Arc<Registry>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let registry = registry.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+                let registry = registry.clone();
+                async move {
+                    let (code, body) = if req.uri().path() == "/metrics" {
+                        // Reading the maps is a few syscalls per entry: off the runtime thread.
+                        let body = tokio::task::spawn_blocking(move || render(&registry))
+                            .await
+                            .unwrap_or_default();
+                        (StatusCode::OK, body)
+                    } else {
+                        (StatusCode::NOT_FOUND, "see /metrics\n".to_owned())
+                    };
+                    Response::builder()
+                        .status(code)
+                        .header(
+                            "content-type",
+                            prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
+                        )
+                        .body(Full::new(Bytes::from(body)))
+                }
+            });
+            let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(Duration::from_secs(30), conn).await;
+        });
+    }
+}

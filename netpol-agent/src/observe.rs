@@ -1,0 +1,457 @@
+//! The observability side of the datapath: reading the pinned FLOWS, DROPS, VERDICTS and LOST maps,
+//! draining the EVENTS ring buffer, and what the sync loop publishes for flows and metrics
+//! ([`Observer`]). Pure decoding and formatting live in [`crate::flows`].
+//!
+//! Every map is opened from its pin (`<pin-dir>/maps/<NAME>`), so the same code serves the running
+//! agent and `netpol-agent flows` when no agent runs.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::Context as _;
+use aya::maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
+use netpol_common::{
+    CtKey, CtValue, DropEvent, DropKey, DropValue, FlowKey, FlowValue, LOST_SLOTS, VERDICT_SLOTS,
+    map_names,
+};
+use prometheus_client::metrics::histogram::Histogram;
+use tokio::{io::unix::AsyncFd, sync::broadcast};
+
+use crate::{
+    datapath::PinLayout,
+    flows::{self, Clock, RawFlow, Resolver},
+    model::{ClusterState, PodKey},
+};
+
+/// How long the drop counters (and metric series) of a pod that is gone are kept.
+pub const GONE_GRACE: Duration = Duration::from_secs(60);
+
+/// Opens the pinned map `name` under `layout`.
+fn open(layout: &PinLayout, name: &'static str) -> anyhow::Result<Map> {
+    let path = layout.maps_dir().join(name);
+    let data = MapData::from_pin(&path)
+        .with_context(|| format!("opening the pinned map {}", path.display()))?;
+    Map::from_map_data(data).with_context(|| format!("map {name}"))
+}
+
+/// The observability maps, opened from their pins.
+pub struct ObserveMaps {
+    flows: PerCpuHashMap<MapData, FlowKey, FlowValue>,
+    drops: PerCpuHashMap<MapData, DropKey, DropValue>,
+    verdicts: PerCpuArray<MapData, u64>,
+    lost: PerCpuArray<MapData, u64>,
+    conntrack: BpfHashMap<MapData, CtKey, CtValue>,
+}
+
+impl ObserveMaps {
+    /// Opens the pinned maps of `layout`.
+    pub fn open(layout: &PinLayout) -> anyhow::Result<Self> {
+        Ok(ObserveMaps {
+            flows: open(layout, map_names::FLOWS)?.try_into()?,
+            drops: open(layout, map_names::DROPS)?.try_into()?,
+            verdicts: open(layout, map_names::VERDICTS)?.try_into()?,
+            lost: open(layout, map_names::LOST)?.try_into()?,
+            conntrack: open(layout, map_names::CONNTRACK)?.try_into()?,
+        })
+    }
+
+    /// Every flow record, per-CPU values merged.
+    pub fn flows(&self) -> Vec<RawFlow> {
+        self.flows
+            .iter()
+            .filter_map(Result::ok)
+            .filter_map(|(k, v)| flows::merge(k, &v))
+            .collect()
+    }
+
+    /// The drop counters, summed over CPUs.
+    pub fn drops(&self) -> Vec<(DropKey, DropValue)> {
+        self.drops
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, per_cpu)| {
+                let sum = per_cpu.iter().fold(DropValue::default(), |a, v| DropValue {
+                    packets: a.packets + v.packets,
+                    bytes: a.bytes + v.bytes,
+                });
+                (k, sum)
+            })
+            .collect()
+    }
+
+    fn sums(map: &PerCpuArray<MapData, u64>, len: u32) -> Vec<u64> {
+        (0..len)
+            .map(|i| map.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0))
+            .collect()
+    }
+
+    /// VERDICTS, summed over CPUs (see `netpol_common::verdict_slot`).
+    pub fn verdicts(&self) -> Vec<u64> {
+        Self::sums(&self.verdicts, VERDICT_SLOTS)
+    }
+
+    /// LOST, summed over CPUs (see `netpol_common::lost`).
+    pub fn lost(&self) -> Vec<u64> {
+        Self::sums(&self.lost, LOST_SLOTS)
+    }
+
+    /// Entries of FLOWS, DROPS and CONNTRACK.
+    pub fn entries(&self) -> [(&'static str, usize); 3] {
+        [
+            (map_names::FLOWS, self.flows.keys().count()),
+            (map_names::DROPS, self.drops.keys().count()),
+            (map_names::CONNTRACK, self.conntrack.keys().count()),
+        ]
+    }
+
+    /// Removes the drop counters of `endpoint`.
+    pub fn remove_drops(&mut self, endpoint: u32) {
+        let keys: Vec<DropKey> = self
+            .drops
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.endpoint == endpoint)
+            .collect();
+        for k in keys {
+            let _ = self.drops.remove(&k);
+        }
+    }
+}
+
+/// A CLOCK_MONOTONIC (what `bpf_ktime_get_ns` reads) and a wall-clock reading, taken together.
+pub fn clock() -> Clock {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    Clock {
+        mono_ns: ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64,
+        unix_ns: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0),
+    }
+}
+
+/// What the sync loop publishes for `flows` and the metrics, and the drop-event stream.
+#[derive(Debug)]
+pub struct Observer {
+    layout: PinLayout,
+    resolver: RwLock<Arc<Resolver>>,
+    /// Every endpoint seen, with when it went away (None while it is there): metric labels for drop
+    /// counters of pods that are gone, until [`GONE_GRACE`] has passed.
+    names: Mutex<HashMap<u32, (PodKey, Option<Instant>)>>,
+    events: broadcast::Sender<DropEvent>,
+    /// Drop events a `follow` client was too slow to take.
+    pub follow_lost: AtomicU64,
+    /// From a change seen by the source to the datapath programmed.
+    pub implementation_delay: Histogram,
+}
+
+impl Observer {
+    /// An observer of the maps pinned under `layout`.
+    pub fn new(layout: PinLayout) -> Arc<Self> {
+        let (events, _) = broadcast::channel(4096);
+        Arc::new(Observer {
+            layout,
+            resolver: RwLock::new(Arc::new(Resolver::default())),
+            names: Mutex::new(HashMap::new()),
+            events,
+            follow_lost: AtomicU64::new(0),
+            implementation_delay: Histogram::new([
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ]),
+        })
+    }
+
+    /// The pin layout.
+    pub fn layout(&self) -> &PinLayout {
+        &self.layout
+    }
+
+    /// Publishes the cluster state and local endpoints the datapath was just programmed with.
+    pub fn publish(&self, state: &ClusterState, endpoints: &BTreeMap<PodKey, u32>) {
+        let resolver = Resolver::new(state, endpoints);
+        if let Ok(mut names) = self.names.lock() {
+            let now = Instant::now();
+            for (ifindex, (_, gone)) in names.iter_mut() {
+                if !resolver.endpoints().contains_key(ifindex) && gone.is_none() {
+                    *gone = Some(now);
+                }
+            }
+            for (ifindex, pod) in resolver.endpoints() {
+                names.insert(*ifindex, (pod.clone(), None));
+            }
+        }
+        if let Ok(mut r) = self.resolver.write() {
+            *r = Arc::new(resolver);
+        }
+    }
+
+    /// Records that a change the source saw at `seen_at` is now in the datapath.
+    pub fn programmed(&self, seen_at: Instant) {
+        self.implementation_delay
+            .observe(seen_at.elapsed().as_secs_f64());
+    }
+
+    /// The current resolver.
+    pub fn resolver(&self) -> Arc<Resolver> {
+        self.resolver.read().map(|r| r.clone()).unwrap_or_default()
+    }
+
+    /// The pod an endpoint belongs (or, within [`GONE_GRACE`], belonged) to.
+    pub fn endpoint_name(&self, ifindex: u32) -> Option<PodKey> {
+        let names = self.names.lock().ok()?;
+        match names.get(&ifindex)? {
+            (pod, None) => Some(pod.clone()),
+            (pod, Some(gone)) if gone.elapsed() < GONE_GRACE => Some(pod.clone()),
+            _ => None,
+        }
+    }
+
+    /// A receiver of drop events from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<DropEvent> {
+        self.events.subscribe()
+    }
+
+    /// Removes the drop counters of endpoints gone for longer than [`GONE_GRACE`] (or never known
+    /// for that long), so their metric series end and a reused ifindex starts from zero.
+    fn reap(&self, maps: &mut ObserveMaps, unknown_since: &mut HashMap<u32, Instant>) {
+        let current = self.resolver().endpoints().clone();
+        let mut stale: Vec<u32> = maps
+            .drops()
+            .into_iter()
+            .map(|(k, _)| k.endpoint)
+            .filter(|e| !current.contains_key(e))
+            .collect();
+        stale.sort_unstable();
+        stale.dedup();
+        unknown_since.retain(|e, _| stale.contains(e));
+        for e in stale {
+            let since = *unknown_since.entry(e).or_insert_with(Instant::now);
+            if since.elapsed() >= GONE_GRACE && self.endpoint_name(e).is_none() {
+                maps.remove_drops(e);
+                unknown_since.remove(&e);
+                if let Ok(mut names) = self.names.lock() {
+                    names.remove(&e);
+                }
+            }
+        }
+    }
+}
+
+/// Decodes one ring-buffer record.
+pub fn decode_event(bytes: &[u8]) -> Option<DropEvent> {
+    (bytes.len() >= size_of::<DropEvent>())
+        // SAFETY: the datapath writes whole `DropEvent`s (plain integers); read unaligned.
+        .then(|| unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<DropEvent>()) })
+}
+
+/// Opens the EVENTS ring buffer for reading. Only one reader should drain it at a time.
+pub fn open_events(layout: &PinLayout) -> anyhow::Result<AsyncFd<RingBuf<MapData>>> {
+    let ring: RingBuf<MapData> = open(layout, map_names::EVENTS)?.try_into()?;
+    // SAFETY: the ring buffer owns its map fd, which stays open and the same until it is dropped
+    // together with the `AsyncFd`.
+    unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+        .map_err(|e| anyhow::anyhow!("polling the drop-event ring buffer: {e}"))
+}
+
+/// Waits for the next batch of drop events.
+pub async fn next_events(ring: &mut AsyncFd<RingBuf<MapData>>) -> anyhow::Result<Vec<DropEvent>> {
+    loop {
+        let mut guard = ring.readable_mut().await?;
+        let mut out = Vec::new();
+        let inner = guard.get_inner_mut();
+        while let Some(item) = inner.next() {
+            out.extend(decode_event(&item));
+        }
+        guard.clear_ready();
+        if !out.is_empty() {
+            return Ok(out);
+        }
+    }
+}
+
+/// The agent's drain task: streams drop events to subscribers and reaps the drop counters of
+/// endpoints that are gone. Runs until dropped.
+pub async fn run(observer: Arc<Observer>) {
+    let mut ring = match open_events(observer.layout()) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "drop events are not available");
+            return;
+        }
+    };
+    let mut reap = tokio::time::interval(Duration::from_secs(10));
+    let mut unknown_since = HashMap::new();
+    loop {
+        tokio::select! {
+            events = next_events(&mut ring) => match events {
+                Ok(events) => {
+                    for e in events {
+                        // No subscriber is fine: events only matter to `follow`.
+                        let _ = observer.events.send(e);
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), "reading drop events");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            },
+            _ = reap.tick() => {
+                match ObserveMaps::open(observer.layout()) {
+                    Ok(mut maps) => observer.reap(&mut maps, &mut unknown_since),
+                    Err(e) => tracing::debug!(error = %format!("{e:#}"), "reaping drop counters"),
+                }
+            }
+        }
+    }
+}
+
+/// Answers a `flows` or `follow` request on the control socket. The argument is a JSON
+/// [`flows::Filter`] (empty: no filter). `flows` answers `{"flows": [...]}` (or `{"error": ...}`);
+/// `follow` streams one JSON [`flows::Flow`] per line, for every new drop that matches, until the
+/// client goes away.
+pub async fn answer_flows(
+    follow: bool,
+    arg: &str,
+    observer: Arc<Observer>,
+    mut write: tokio::net::unix::OwnedWriteHalf,
+) -> anyhow::Result<()> {
+    use tokio::io::AsyncWriteExt as _;
+    let filter: flows::Filter = if arg.trim().is_empty() {
+        flows::Filter::default()
+    } else {
+        match serde_json::from_str(arg) {
+            Ok(f) => f,
+            Err(e) => flows::Filter {
+                // Reported below through validate().
+                from: Some(format!("bad filter: {e}")),
+                ..flows::Filter::default()
+            },
+        }
+    };
+    if let Err(e) = filter.validate() {
+        let body = serde_json::json!({ "error": e });
+        write.write_all(body.to_string().as_bytes()).await?;
+        write.write_all(b"\n").await?;
+        return Ok(());
+    }
+    if !follow {
+        let obs = observer.clone();
+        let result = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<flows::Flow>> {
+            let maps = ObserveMaps::open(obs.layout())?;
+            Ok(flows::select(
+                &maps.flows(),
+                &obs.resolver(),
+                &clock(),
+                &filter,
+            ))
+        })
+        .await?;
+        let body = match result {
+            Ok(f) => serde_json::json!({ "flows": f }),
+            Err(e) => serde_json::json!({ "error": format!("{e:#}") }),
+        };
+        write.write_all(body.to_string().as_bytes()).await?;
+        write.shutdown().await?;
+        return Ok(());
+    }
+    let mut rx = observer.subscribe();
+    loop {
+        match rx.recv().await {
+            Ok(event) => {
+                let flow =
+                    flows::resolve(&flows::from_event(&event), &observer.resolver(), &clock());
+                if filter.matches(&flow, Duration::ZERO) {
+                    let mut line = serde_json::to_vec(&flow)?;
+                    line.push(b'\n');
+                    write.write_all(&line).await?;
+                }
+            }
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                observer.follow_lost.fetch_add(n, Ordering::Relaxed);
+            }
+            Err(broadcast::error::RecvError::Closed) => return Ok(()),
+        }
+    }
+}
+
+/// Client side of `flows`: the agent's flows matching `filter`.
+pub async fn request_flows(
+    state_dir: &std::path::Path,
+    filter: &flows::Filter,
+) -> anyhow::Result<Vec<flows::Flow>> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = connect(state_dir).await?;
+    let req = format!("flows {}\n", serde_json::to_string(filter)?);
+    stream.write_all(req.as_bytes()).await?;
+    let mut body = Vec::new();
+    stream.read_to_end(&mut body).await?;
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        flows: Option<Vec<flows::Flow>>,
+        error: Option<String>,
+    }
+    let a: Answer = serde_json::from_slice(&body).context("decoding the flows answer")?;
+    match (a.flows, a.error) {
+        (_, Some(e)) => anyhow::bail!("{e}"),
+        (Some(f), None) => Ok(f),
+        (None, None) => anyhow::bail!("the agent does not serve flows (an older agent?)"),
+    }
+}
+
+/// Client side of `flows --follow`: calls `each` for every new matching drop until the agent goes.
+pub async fn follow_flows(
+    state_dir: &std::path::Path,
+    filter: &flows::Filter,
+    mut each: impl FnMut(flows::Flow) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
+    let stream = connect(state_dir).await?;
+    let (read, mut write) = stream.into_split();
+    let req = format!("follow {}\n", serde_json::to_string(filter)?);
+    write.write_all(req.as_bytes()).await?;
+    let mut lines = tokio::io::BufReader::new(read).lines();
+    while let Some(line) = lines.next_line().await? {
+        let v: serde_json::Value = serde_json::from_str(&line)?;
+        if let Some(e) = v.get("error") {
+            anyhow::bail!("{e}");
+        }
+        each(serde_json::from_value(v)?)?;
+    }
+    anyhow::bail!("the agent closed the stream")
+}
+
+/// Without an agent: follows the EVENTS ring buffer directly (raw addresses).
+pub async fn follow_pinned(
+    layout: &PinLayout,
+    filter: &flows::Filter,
+    mut each: impl FnMut(flows::Flow) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let mut ring = open_events(layout)?;
+    let resolver = Resolver::default();
+    loop {
+        for e in next_events(&mut ring).await? {
+            let flow = flows::resolve(&flows::from_event(&e), &resolver, &clock());
+            if filter.matches(&flow, Duration::ZERO) {
+                each(flow)?;
+            }
+        }
+    }
+}
+
+async fn connect(state_dir: &std::path::Path) -> anyhow::Result<tokio::net::UnixStream> {
+    let path = crate::control::socket_path(state_dir);
+    tokio::net::UnixStream::connect(&path)
+        .await
+        .with_context(|| format!("connecting to the agent at {}", path.display()))
+}

@@ -1,0 +1,600 @@
+//! Flows, drop events and metrics end to end, on the simulated two-node cluster: traffic of known
+//! size and count, then `netpol-agent flows`, `flows --follow`, `/metrics`, `promtool check metrics`
+//! and a real Prometheus server scraping the agent.
+//!
+//! Pods: x/a on n0 (isolated for ingress: only x/b may send to UDP 80), x/b on n1, x/c on n0.
+//! Senders use fixed source ports outside the ephemeral range, so their flows are told apart from
+//! the probes that wait for enforcement.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use netpol_tests::cluster::{Cluster, Family, Proto, default_agent_bin};
+use serde_json::Value;
+
+const PROBE_BIN: &str = env!("CARGO_BIN_EXE_netpol-probe");
+const METRICS: &str = "127.0.0.1:9102";
+/// UDP payload bytes of every datagram sent: frames are 14 + 20 + 8 + 16 = 58 bytes.
+const PAYLOAD: usize = 16;
+const FRAME: u64 = 58;
+
+/// The tests load the machine (a flood, timing assertions): one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+const POLICY: &str = "---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata:
+  name: allow-b
+  namespace: x
+spec:
+  podSelector:
+    matchLabels:
+      pod: a
+  policyTypes: [Ingress]
+  ingress:
+  - from:
+    - podSelector:
+        matchLabels:
+          pod: b
+    ports:
+    - protocol: UDP
+      port: 80
+";
+
+fn cluster(test: &str) -> Option<Cluster> {
+    if !netpol_tests::privileged_or_skip(test, "needs root (network namespaces, bpffs)") {
+        return None;
+    }
+    let mut c = Cluster::new(PROBE_BIN).unwrap_or_else(|e| panic!("cluster setup: {e:#}"));
+    c.apply_policies(POLICY).unwrap();
+    c.start_agents(&default_agent_bin())
+        .unwrap_or_else(|e| panic!("starting agents: {e:#}"));
+    let mut r = c.reachability(true);
+    r.expect_all_ingress("x/a", false);
+    r.expect_peer("x/b", "x/a", true);
+    c.wait_for_all(&r, &[(80, Proto::Udp, Family::V4)], Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    Some(c)
+}
+
+/// `netpol-probe flood` from pod `from`: `count` datagrams from `sport` to `to`:`port`.
+fn flood(c: &Cluster, from: &str, sport: u16, to: &str, port: u16, count: u64) -> u64 {
+    let target = format!("udp/{}/{port}", c.pod(to).ip(Family::V4));
+    let out = Command::new("ip")
+        .args(["netns", "exec", &c.pod(from).netns, PROBE_BIN, "flood"])
+        .args(["--count", &count.to_string(), "--sport", &sport.to_string()])
+        .args(["--size", &PAYLOAD.to_string(), &target])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "flood: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["sent"].as_u64().unwrap()
+}
+
+fn agent_cmd(c: &Cluster, node: usize) -> Command {
+    let n = &c.nodes[node];
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &n.name])
+        .arg(default_agent_bin())
+        .args(["flows", "--pin-dir"])
+        .arg(&n.pin_dir)
+        .arg("--state-dir")
+        .arg(&n.state_dir);
+    cmd
+}
+
+/// `netpol-agent flows -o json ARGS` on `node`.
+fn flows(c: &Cluster, node: usize, args: &[&str]) -> (Vec<Value>, String) {
+    let out = agent_cmd(c, node)
+        .args(["-o", "json"])
+        .args(args)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "flows failed: {stderr}");
+    let v: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+    (v.as_array().unwrap().clone(), stderr)
+}
+
+/// The fields that identify and count a flow, for whole-set comparisons.
+fn summary(f: &Value) -> String {
+    format!(
+        "{} {}:{} -> {} {}:{} {} {} {} {} {:?} packets={} bytes={}",
+        f["src_pod"].as_str().unwrap_or("-"),
+        f["src_ip"].as_str().unwrap(),
+        f["src_port"],
+        f["dst_pod"].as_str().unwrap_or("-"),
+        f["dst_ip"].as_str().unwrap(),
+        f["dst_port"],
+        f["protocol"].as_str().unwrap(),
+        f["direction"].as_str().unwrap(),
+        f["verdict"].as_str().unwrap(),
+        f["reason"].as_str().unwrap(),
+        f["policies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p.as_str().unwrap().to_owned())
+            .collect::<Vec<_>>(),
+        f["packets"],
+        f["bytes"],
+    )
+}
+
+fn sorted(mut v: Vec<String>) -> Vec<String> {
+    v.sort();
+    v
+}
+
+#[test]
+fn flows_report_exactly_the_traffic_and_follow_sees_new_drops() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut c) = cluster("flows_report_exactly_the_traffic_and_follow_sees_new_drops") else {
+        return;
+    };
+    let (a, b, cc) = (
+        c.pod("x/a").ip(Family::V4).to_string(),
+        c.pod("x/b").ip(Family::V4).to_string(),
+        c.pod("x/c").ip(Family::V4).to_string(),
+    );
+    // Allowed: x/b (n1) to x/a UDP 80, echoed back. Denied: x/c (n0) to x/a UDP 81.
+    assert_eq!(flood(&c, "x/b", 20001, "x/a", 80, 20), 20);
+    assert_eq!(flood(&c, "x/c", 20002, "x/a", 81, 30), 30);
+    std::thread::sleep(Duration::from_millis(300));
+    c.check_agents().unwrap();
+
+    let (got, _) = flows(&c, 0, &["--port", "20001"]);
+    let got = sorted(got.iter().map(summary).collect());
+    let want = sorted(vec![
+        format!(
+            "x/b {b}:20001 -> x/a {a}:80 udp ingress allowed policy [\"x/allow-b\"] packets=20 bytes={}",
+            20 * FRAME
+        ),
+        format!(
+            "x/a {a}:80 -> x/b {b}:20001 udp egress allowed reply [] packets=20 bytes={}",
+            20 * FRAME
+        ),
+    ]);
+    assert_eq!(got, want, "node 0, the allowed flow");
+
+    let (got, _) = flows(&c, 0, &["--port", "20002"]);
+    let got = sorted(got.iter().map(summary).collect());
+    let want = sorted(vec![
+        // Leaving x/c (not isolated)...
+        format!(
+            "x/c {cc}:20002 -> x/a {a}:81 udp egress allowed not-isolated [] packets=30 bytes={}",
+            30 * FRAME
+        ),
+        // ... and dropped on its way into x/a, naming the policy that isolates x/a.
+        format!(
+            "x/c {cc}:20002 -> x/a {a}:81 udp ingress dropped ingress-denied [\"x/allow-b\"] packets=30 bytes={}",
+            30 * FRAME
+        ),
+    ]);
+    assert_eq!(got, want, "node 0, the denied flow");
+
+    // The sender's node saw its side of the allowed flow.
+    let (got, _) = flows(&c, 1, &["--port", "20001", "--from", "x/b"]);
+    assert_eq!(
+        got.iter().map(summary).collect::<Vec<_>>(),
+        vec![format!(
+            "x/b {b}:20001 -> x/a {a}:80 udp egress allowed not-isolated [] packets=20 bytes={}",
+            20 * FRAME
+        )]
+    );
+
+    // Filters.
+    let (got, _) = flows(
+        &c,
+        0,
+        &["--verdict", "dropped", "--to", "x/a", "--port", "20002"],
+    );
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0]["verdict"], "dropped");
+    let (got, _) = flows(
+        &c,
+        0,
+        &[
+            "-n",
+            "x",
+            "--pod",
+            "c",
+            "--protocol",
+            "udp",
+            "--last",
+            "1",
+            "--since",
+            "5m",
+            "--port",
+            "20002",
+        ],
+    );
+    assert_eq!(got.len(), 1);
+    let (got, _) = flows(
+        &c,
+        0,
+        &[
+            "--from",
+            &format!("{cc}/32"),
+            "--to",
+            "10.42.0.0/24",
+            "--port",
+            "20002",
+        ],
+    );
+    assert_eq!(got.len(), 2, "CIDR filters: {got:?}");
+    let (got, _) = flows(&c, 0, &["--port", "20002", "--protocol", "tcp"]);
+    assert!(got.is_empty());
+    // Every documented field, and nothing else.
+    let mut keys: Vec<&str> = got_fields();
+    keys.sort_unstable();
+    let (one, _) = flows(&c, 0, &["--port", "20002", "--last", "1"]);
+    let mut have: Vec<&str> = one[0]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    have.sort_unstable();
+    assert_eq!(have, keys);
+    assert!(one[0]["time"].as_str().unwrap().ends_with('Z'));
+
+    // --follow: a new drop shows within a second.
+    let mut follow = agent_cmd(&c, 0)
+        .args(["-f", "-o", "jsonl", "--verdict", "dropped", "--to", "x/a"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = follow.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send((Instant::now(), line)).is_err() {
+                break;
+            }
+        }
+    });
+    // Let the client subscribe.
+    std::thread::sleep(Duration::from_millis(700));
+    let sent_at = Instant::now();
+    assert_eq!(flood(&c, "x/c", 20003, "x/a", 81, 1), 1);
+    let (seen_at, line) = rx
+        .recv_timeout(Duration::from_secs(3))
+        .expect("follow printed nothing for a new drop");
+    let _ = follow.kill();
+    let _ = follow.wait();
+    let f: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(
+        summary(&f),
+        format!(
+            "x/c {cc}:20003 -> x/a {a}:81 udp ingress dropped ingress-denied [\"x/allow-b\"] packets=1 bytes={FRAME}"
+        )
+    );
+    let latency = seen_at.duration_since(sent_at);
+    assert!(latency < Duration::from_secs(1), "follow took {latency:?}");
+
+    // With the agent stopped, flows still come from the pinned maps, unresolved, saying so.
+    c.stop_agent(0);
+    let (got, stderr) = flows(&c, 0, &["--port", "20002", "--verdict", "dropped"]);
+    assert!(stderr.contains("reading the pinned maps"), "{stderr}");
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0]["src_pod"], Value::Null);
+    assert_eq!(got[0]["src_ip"], cc.as_str());
+    assert_eq!(got[0]["packets"], 30);
+}
+
+fn got_fields() -> Vec<&'static str> {
+    vec![
+        "time",
+        "src_ip",
+        "src_port",
+        "dst_ip",
+        "dst_port",
+        "protocol",
+        "direction",
+        "verdict",
+        "reason",
+        "policies",
+        "packets",
+        "bytes",
+        "src_pod",
+        "dst_pod",
+    ]
+}
+
+/// `curl` in the network namespace `netns`.
+fn curl(netns: &str, url: &str) -> Option<String> {
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            netns,
+            "curl",
+            "-sf",
+            "--max-time",
+            "5",
+            url,
+        ])
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The value of the series of `name` whose labels include every `labels` pair.
+fn sample(metrics: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    metrics
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        .find(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+/// A Prometheus server in `netns`, scraping the agent every second; killed on drop.
+struct Prometheus {
+    child: std::process::Child,
+    dir: PathBuf,
+}
+
+impl Prometheus {
+    fn start(netns: &str, dir: &Path) -> Prometheus {
+        std::fs::create_dir_all(dir.join("data")).unwrap();
+        let config = dir.join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n- job_name: netpol-agent\n  static_configs:\n  - targets: ['{METRICS}']\n"
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(dir.join("prometheus.log")).unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", netns, "prometheus"])
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg("--web.listen-address=127.0.0.1:9090")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect(
+                "starting prometheus (Debian package `prometheus`; `cargo xtask test` installs it)",
+            );
+        Prometheus {
+            child,
+            dir: dir.to_owned(),
+        }
+    }
+
+    /// The value of an instant query with one result, once it has one.
+    fn query(&self, netns: &str, q: &str) -> Option<f64> {
+        let url = format!(
+            "http://127.0.0.1:9090/api/v1/query?query={}",
+            q.replace('"', "%22")
+                .replace('{', "%7B")
+                .replace('}', "%7D")
+                .replace(' ', "%20")
+                .replace(',', "%2C")
+                .replace('=', "%3D")
+        );
+        let v: Value = serde_json::from_str(&curl(netns, &url)?).ok()?;
+        let r = v["data"]["result"].as_array()?;
+        (r.len() == 1).then(|| r[0]["value"][1].as_str()?.parse().ok())?
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("prometheus.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn drop_counters_are_exact_under_a_flood_and_prometheus_scrapes_them() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut c) = cluster("drop_counters_are_exact_under_a_flood_and_prometheus_scrapes_them")
+    else {
+        return;
+    };
+    let node = c.nodes[0].name.clone();
+    let prom = Prometheus::start(&node, &c.tmp_dir.join("prometheus"));
+
+    let labels = [
+        ("reason", "ingress-denied"),
+        ("protocol", "udp"),
+        ("direction", "ingress"),
+        ("namespace", "x"),
+        ("pod", "a"),
+    ];
+    // The probes that waited for enforcement were dropped too: the flood comes on top of them.
+    let before = curl(&node, &format!("http://{METRICS}/metrics")).expect("scraping /metrics");
+    let base = sample(&before, "netpol_drop_total", &labels).unwrap_or(0.0) as u64;
+    let base_bytes = sample(&before, "netpol_drop_bytes_total", &labels).unwrap_or(0.0) as u64;
+
+    // The flood: 100k denied datagrams from x/c to x/a, while `status` keeps answering.
+    const FLOOD: u64 = 100_000;
+    let target = format!("udp/{}/81", c.pod("x/a").ip(Family::V4));
+    let mut flooder = Command::new("ip")
+        .args(["netns", "exec", &c.pod("x/c").netns, PROBE_BIN, "flood"])
+        .args(["--count", &FLOOD.to_string(), "--sport", "20010"])
+        .args(["--size", &PAYLOAD.to_string(), &target])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let n = &c.nodes[0];
+    let mut status_times = Vec::new();
+    let flood_start = Instant::now();
+    let out = loop {
+        let t = Instant::now();
+        let st = Command::new("ip")
+            .args(["netns", "exec", &n.name])
+            .arg(default_agent_bin())
+            .args(["status", "-o", "json", "--pin-dir"])
+            .arg(&n.pin_dir)
+            .arg("--state-dir")
+            .arg(&n.state_dir)
+            .output()
+            .unwrap();
+        assert!(
+            st.status.success(),
+            "status during the flood: {}",
+            String::from_utf8_lossy(&st.stderr)
+        );
+        status_times.push(t.elapsed());
+        if flooder.try_wait().unwrap().is_some() {
+            break flooder.wait_with_output().unwrap();
+        }
+        assert!(
+            flood_start.elapsed() < Duration::from_secs(120),
+            "the flood did not finish in 120 s"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let sent: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let sent = sent["sent"].as_u64().unwrap();
+    assert_eq!(sent, FLOOD);
+    let slowest = status_times.iter().max().copied().unwrap_or_default();
+    eprintln!(
+        "flood of {FLOOD} took {:?}; {} status answers during it, slowest {slowest:?}",
+        flood_start.elapsed(),
+        status_times.len()
+    );
+    assert!(
+        status_times.len() >= 2,
+        "status was not asked during the flood"
+    );
+    assert!(
+        slowest < Duration::from_secs(2),
+        "status took {slowest:?} during the flood"
+    );
+    c.check_agents().unwrap();
+
+    // Counted exactly: the drop counter, the flow record.
+    let metrics = curl(&node, &format!("http://{METRICS}/metrics")).expect("scraping /metrics");
+    assert_eq!(
+        sample(&metrics, "netpol_drop_total", &labels),
+        Some((base + FLOOD) as f64),
+        "{metrics}"
+    );
+    assert_eq!(
+        sample(&metrics, "netpol_drop_bytes_total", &labels),
+        Some((base_bytes + FLOOD * FRAME) as f64)
+    );
+    let (f, _) = flows(&c, 0, &["--port", "20010", "--verdict", "dropped"]);
+    assert_eq!(f.len(), 1);
+    assert_eq!(f[0]["packets"], FLOOD);
+    // Each new flow (here: one) is a policy decision; the flood's other packets too (no conntrack
+    // for drops), so the verdict counter has at least the flood.
+    let denied = sample(
+        &metrics,
+        "netpol_policy_verdicts_total",
+        &[
+            ("direction", "ingress"),
+            ("action", "dropped"),
+            ("match", "none"),
+        ],
+    )
+    .unwrap();
+    assert!(denied >= FLOOD as f64, "{denied}");
+    // Far more drops than the event rate: the rest is counted as lost, not silently gone.
+    let rate_limited = sample(
+        &metrics,
+        "netpol_lost_events_total",
+        &[("source", "rate-limit")],
+    )
+    .unwrap();
+    assert!(rate_limited > 0.0, "{metrics}");
+    for name in [
+        "netpol_policy_implementation_delay_seconds_count",
+        "netpol_policies",
+        "netpol_endpoints",
+        "netpol_errors",
+        "netpol_build_info",
+    ] {
+        assert!(
+            sample(&metrics, name, &[]).is_some(),
+            "{name} missing:\n{metrics}"
+        );
+    }
+    assert!(
+        sample(
+            &metrics,
+            "netpol_policy_implementation_delay_seconds_count",
+            &[]
+        )
+        .unwrap()
+            >= 1.0
+    );
+    assert_eq!(sample(&metrics, "netpol_policies", &[]), Some(1.0));
+    assert_eq!(
+        sample(&metrics, "netpol_endpoints", &[]),
+        Some(5.0),
+        "x/a, x/c, y/b, z/a, z/c"
+    );
+    assert!(sample(&metrics, "netpol_map_capacity", &[("map", "NP_FLOWS_V1")]).is_some());
+    // Only local pods: x/b lives on n1.
+    assert!(!metrics.contains("namespace=\"x\",pod=\"b\""));
+
+    // promtool accepts the exposition.
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package `prometheus`)");
+    std::io::Write::write_all(&mut promtool.stdin.take().unwrap(), metrics.as_bytes()).unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Prometheus scraped the same numbers.
+    let q = "sum(netpol_drop_total{namespace=\"x\",pod=\"a\",reason=\"ingress-denied\"})";
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if prom.query(&node, q) == Some((base + FLOOD) as f64) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Prometheus never returned {base} + {FLOOD} for {q} (last: {:?}); log:\n{}",
+            prom.query(&node, q),
+            prom.log()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let bytes = prom.query(
+        &node,
+        "sum(netpol_drop_bytes_total{namespace=\"x\",pod=\"a\",direction=\"ingress\"})",
+    );
+    assert_eq!(bytes, Some((base_bytes + FLOOD * FRAME) as f64));
+}
