@@ -205,6 +205,8 @@ impl Sync {
                 None => tracing::info!("source recovered"),
             }
             self.source_problem = snapshot.problem.clone();
+            // Re-run the sync so that status (and /readyz) list the problem, or stop listing it.
+            self.state_changed = true;
         }
         if let Some(state) = &snapshot.state
             && self.state.as_ref().is_none_or(|s| !Arc::ptr_eq(s, state))
