@@ -458,6 +458,40 @@ fn enter_netns(name: &str) -> Result<()> {
     Ok(())
 }
 
+/// Runs `f` on a thread inside network namespace `netns` (`/run/netns/<name>`).
+pub fn in_netns<T: Send + 'static>(
+    netns: &str,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let name = netns.to_owned();
+    std::thread::spawn(move || {
+        enter_netns(&name)?;
+        f()
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("thread in {netns:?} panicked"))?
+}
+
+/// `GET path` on `addr` from inside `netns`: (status code, body). HTTP/1.0, so the server closes.
+pub fn http_get_in_netns(netns: &str, addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    let path = path.to_owned();
+    in_netns(netns, move || {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+            .with_context(|| format!("connecting to {addr}"))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+        let mut out = String::new();
+        std::io::Read::read_to_string(&mut s, &mut out)?;
+        let code = out
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .context("no status line")?;
+        let body = out.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
+        Ok((code, body.to_owned()))
+    })
+}
+
 fn timestamp() -> String {
     // RFC 3339 in UTC, seconds precision, as the API server writes it.
     let secs = std::time::SystemTime::now()

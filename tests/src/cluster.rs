@@ -869,8 +869,23 @@ impl Cluster {
         Ok(())
     }
 
-    /// Starts (or restarts) the agent of node `index`.
+    /// Starts (or restarts) the agent of node `index`, reading the manifest dir.
     pub fn start_agent(&mut self, index: usize, agent_bin: &Path) -> Result<()> {
+        let source = [
+            std::ffi::OsString::from("--manifests"),
+            self.manifest_dir.clone().into(),
+        ];
+        self.start_agent_with_source(index, agent_bin, &source)
+    }
+
+    /// Starts (or restarts) the agent of node `index` with `source` as its source arguments
+    /// (`--manifests DIR`, or `--kubeconfig FILE` for the API server double).
+    pub fn start_agent_with_source(
+        &mut self,
+        index: usize,
+        agent_bin: &Path,
+        source: &[std::ffi::OsString],
+    ) -> Result<()> {
         if !agent_bin.is_file() {
             bail!(
                 "agent binary {} not found: build it (`cargo build -p netpol-agent`) or set NETPOL_AGENT_BIN",
@@ -879,7 +894,6 @@ impl Cluster {
         }
         let agent_bin = fs::canonicalize(agent_bin)?;
         self.agent_bin = Some(agent_bin.clone());
-        let manifest_dir = self.manifest_dir.clone();
         let node = &mut self.nodes[index];
         if let Some(mut old) = node.agent.take() {
             terminate(&mut old, libc::SIGTERM, Duration::from_secs(10));
@@ -900,8 +914,8 @@ impl Cluster {
         let child = Command::new("ip")
             .args(["netns", "exec", &node.name])
             .arg(&agent_bin)
-            .args(["run", "--node-name", &node.name, "--manifests"])
-            .arg(&manifest_dir)
+            .args(["run", "--node-name", &node.name])
+            .args(source)
             .arg("--pin-dir")
             .arg(&node.pin_dir)
             .arg("--state-dir")

@@ -1,0 +1,188 @@
+//! End to end through the Kubernetes API source: agents on the simulated two-node cluster started
+//! with `--kubeconfig` pointing at the API server double (a listener on each node's own loopback,
+//! since `ip netns exec` nodes cannot reach the host's 127.0.0.1), a NetworkPolicy created and
+//! deleted through the double is enforced and lifted, an outage is reported (status, /readyz) while
+//! enforcement stays, a restarted agent that cannot reach the API keeps the pinned policy and is not
+//! ready, and kube-router's leftover chains draw the start-up warning.
+
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use netpol_agent::control::Status;
+use netpol_tests::apiserver_double::{
+    ApiServerDouble, Resource, http_get_in_netns, load_manifest_file,
+};
+use netpol_tests::cluster::{Cluster, Family, Proto, default_agent_bin};
+
+const PROBE_BIN: &str = env!("CARGO_BIN_EXE_netpol-probe");
+const CONVERGE: Duration = Duration::from_secs(30);
+const HEALTH: &str = "127.0.0.1:9101";
+
+fn status(c: &Cluster, node: usize) -> Option<Status> {
+    let n = &c.nodes[node];
+    let out = Command::new("ip")
+        .args(["netns", "exec", &n.name])
+        .arg(default_agent_bin())
+        .args(["status", "-o", "json", "--state-dir"])
+        .arg(&n.state_dir)
+        .arg("--pin-dir")
+        .arg(&n.pin_dir)
+        .output()
+        .ok()?;
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+fn wait_status(c: &mut Cluster, node: usize, what: &str, f: impl Fn(&Status) -> bool) -> Status {
+    let deadline = Instant::now() + CONVERGE;
+    loop {
+        c.check_agents().unwrap_or_else(|e| panic!("{e:#}"));
+        let s = status(c, node);
+        if let Some(s) = &s
+            && f(s)
+        {
+            return s.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {node}: timed out waiting for {what}; status {s:#?}\nlog:\n{}",
+            c.agent_log(node)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn health(c: &Cluster, node: usize, path: &str) -> (u16, String) {
+    let addr: SocketAddr = HEALTH.parse().unwrap();
+    http_get_in_netns(&c.nodes[node].name, addr, path)
+        .unwrap_or_else(|e| panic!("GET {path} on node {node}: {e:#}"))
+}
+
+const DENY_X_INGRESS: &str = "\
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata:
+  name: deny-ingress
+  namespace: x
+spec:
+  podSelector: {}
+  policyTypes: [Ingress]
+";
+
+#[test]
+fn policy_created_through_the_api_double_is_enforced() {
+    if !netpol_tests::privileged_or_skip(
+        "policy_created_through_the_api_double_is_enforced",
+        "needs root (network namespaces, bpffs, BPF)",
+    ) {
+        return;
+    }
+    let mut c = Cluster::new(PROBE_BIN).unwrap_or_else(|e| panic!("cluster setup: {e:#}"));
+    let nodes: Vec<String> = c.nodes.iter().map(|n| n.name.clone()).collect();
+    let node_refs: Vec<&str> = nodes.iter().map(String::as_str).collect();
+    let double = ApiServerDouble::start_in_netns(&node_refs).expect("API server double");
+    // The Namespaces and Pods the harness writes for the manifest source, served by the double.
+    let n = load_manifest_file(&double, &c.manifest_dir.join("objects.yaml")).unwrap();
+    assert_eq!(n, 3 + 9);
+    // kube-router's chains (as K3s leaves them) on node 1 only.
+    for chain in ["KUBE-ROUTER-INPUT", "KUBE-NWPLCY-DEFAULT"] {
+        let st = Command::new("ip")
+            .args(["netns", "exec", &nodes[1], "iptables", "-N", chain])
+            .status()
+            .unwrap();
+        assert!(st.success(), "iptables -N {chain}");
+    }
+    let bin = default_agent_bin();
+    for i in 0..nodes.len() {
+        let kc = double
+            .write_kubeconfig(i, &c.tmp_dir.join(format!("kubeconfig-n{i}")))
+            .unwrap();
+        c.start_agent_with_source(i, &bin, &[OsString::from("--kubeconfig"), kc.into()])
+            .unwrap_or_else(|e| panic!("starting agent {i}: {e:#}"));
+    }
+    for i in 0..nodes.len() {
+        let s = wait_status(&mut c, i, "ready", |s| s.ready && s.pods == 9);
+        assert!(s.source.starts_with("kubernetes:"), "{}", s.source);
+        assert!(s.errors.is_empty(), "{:?}", s.errors);
+        let (code, body) = health(&c, i, "/readyz");
+        assert_eq!(code, 200, "{body}");
+        let (code, body) = health(&c, i, "/healthz");
+        assert_eq!(code, 200, "{body}");
+    }
+    let all = c.reachability(true);
+    c.wait_for_matrix(&all, 80, Proto::Tcp, Family::V4, CONVERGE)
+        .unwrap_or_else(|e| panic!("{e:#}"));
+
+    // A policy created through the API is enforced on both nodes.
+    double.apply_yaml(DENY_X_INGRESS).unwrap();
+    let mut denied = c.reachability(true);
+    denied.expect_all_ingress("x/*", false);
+    for (port, proto, family) in [(80, Proto::Tcp, Family::V4), (81, Proto::Udp, Family::V6)] {
+        c.wait_for_matrix(&denied, port, proto, family, CONVERGE)
+            .unwrap_or_else(|e| panic!("{e:#}"));
+    }
+
+    // The API server goes away: reported (status, /readyz body), enforcement unchanged.
+    double.set_unreachable(true);
+    for i in 0..nodes.len() {
+        wait_status(&mut c, i, "the outage", |s| {
+            s.errors
+                .iter()
+                .any(|e| e.contains("cannot reach the API server"))
+        });
+        let (code, body) = health(&c, i, "/readyz");
+        assert_eq!(code, 200, "stays ready once synced: {body}");
+        assert!(body.contains("cannot reach the API server"), "{body}");
+    }
+    c.wait_for_matrix(&denied, 80, Proto::Tcp, Family::V4, CONVERGE)
+        .unwrap_or_else(|e| panic!("{e:#}"));
+
+    // A restarted agent that cannot reach the API changes nothing (the pinned policy stays) and is
+    // not ready.
+    c.start_agent_with_source(
+        0,
+        &bin,
+        &[
+            OsString::from("--kubeconfig"),
+            c.tmp_dir.join("kubeconfig-n0").into(),
+        ],
+    )
+    .unwrap();
+    let s = wait_status(&mut c, 0, "the restarted agent's problem", |s| {
+        !s.errors.is_empty()
+    });
+    assert!(!s.ready);
+    let (code, body) = health(&c, 0, "/readyz");
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("cannot reach the API server"), "{body}");
+    c.wait_for_matrix(&denied, 80, Proto::Tcp, Family::V4, CONVERGE)
+        .unwrap_or_else(|e| panic!("{e:#}"));
+
+    // Back: the policy deleted through the API is lifted everywhere.
+    double.set_unreachable(false);
+    for i in 0..nodes.len() {
+        wait_status(&mut c, i, "recovery", |s| s.ready && s.errors.is_empty());
+    }
+    assert!(
+        double
+            .delete(Resource::NetworkPolicies, "x", "deny-ingress")
+            .unwrap()
+    );
+    c.wait_for_matrix(&all, 80, Proto::Tcp, Family::V4, CONVERGE)
+        .unwrap_or_else(|e| panic!("{e:#}"));
+
+    // kube-router's chains were found on node 1, and only there.
+    let warning = "kube-router's NetworkPolicy rules are on this node";
+    assert!(
+        c.agent_log(1).contains(warning),
+        "no kube-router warning on node 1:\n{}",
+        c.agent_log(1)
+    );
+    assert!(!c.agent_log(0).contains(warning));
+    assert_eq!(
+        c.agent_log(1).matches(warning).count(),
+        1,
+        "warned once per start"
+    );
+}
