@@ -22,3 +22,12 @@ pub fn privileged_or_skip(test: &str, why: &str) -> bool {
     println!("SKIP: {test}: {why}");
     false
 }
+
+/// The venv where `cargo xtask setup` installs Python tools (kubernetes-validate):
+/// `<target dir>/tools/venv`.
+pub fn tools_venv() -> std::path::PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    target.join("tools").join("venv")
+}

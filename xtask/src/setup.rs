@@ -20,7 +20,17 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "iperf3",
     // prometheus and promtool, for the metrics tests.
     "prometheus",
+    // A venv for kubernetes-validate (deploy manifest tests).
+    "python3-venv",
 ];
+
+/// Debian's kubectl (`kubectl kustomize deploy/` in the deploy tests), installed only when no
+/// `kubectl` is on PATH (another package may provide it).
+const KUBECTL_PACKAGE: &str = "kubernetes-client";
+
+/// kubernetes-validate from PyPI validates the rendered deploy manifests against the Kubernetes
+/// schemas offline; it goes into a venv under the target directory.
+const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
 
 /// True when this machine can run the privileged tests: root, and a kernel with BTF (BPF-capable).
 pub fn privileged() -> bool {
@@ -67,7 +77,7 @@ pub fn run() -> anyhow::Result<()> {
             "--locked",
         ]))?;
     }
-    let missing: Vec<&str> = DEBIAN_PACKAGES
+    let mut missing: Vec<&str> = DEBIAN_PACKAGES
         .iter()
         .copied()
         .filter(|p| {
@@ -75,6 +85,9 @@ pub fn run() -> anyhow::Result<()> {
                 .is_some_and(|s| s.contains("install ok installed"))
         })
         .collect();
+    if output(Command::new("kubectl").args(["version", "--client"])).is_none() {
+        missing.push(KUBECTL_PACKAGE);
+    }
     if !missing.is_empty() {
         if !privileged() {
             eprintln!(
@@ -96,5 +109,33 @@ pub fn run() -> anyhow::Result<()> {
                 .env("DEBIAN_FRONTEND", "noninteractive"),
         )?;
     }
-    Ok(())
+    install_kubernetes_validate()
+}
+
+/// The venv holding kubernetes-validate: `<target dir>/tools/venv` (the deploy tests look there).
+pub fn tools_venv() -> std::path::PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    target.join("tools").join("venv")
+}
+
+fn install_kubernetes_validate() -> anyhow::Result<()> {
+    let venv = tools_venv();
+    let bin = venv.join("bin").join("kubernetes-validate");
+    if output(Command::new(&bin).arg("--version")).is_some() {
+        return Ok(());
+    }
+    eprintln!(
+        "xtask: installing {KUBERNETES_VALIDATE} into {}",
+        venv.display()
+    );
+    check(Command::new("python3").args(["-m", "venv"]).arg(&venv))
+        .context("creating the tools venv (python3-venv)")?;
+    check(Command::new(venv.join("bin").join("pip")).args([
+        "install",
+        "--quiet",
+        KUBERNETES_VALIDATE,
+    ]))
+    .context("pip install kubernetes-validate")
 }
