@@ -18,7 +18,7 @@ use tokio::{net::UnixListener, signal::unix::SignalKind};
 use crate::{
     compiler::{self, CompileInput, Compiled},
     control::{self, EndpointStatus, MapStatus, SharedStatus, Status},
-    datapath::{Contents, Datapath, PinLayout},
+    datapath::{Contents, Datapath, Hook, PinLayout},
     discovery::{Discovery, NodeView},
     metrics,
     model::{ClusterState, PodKey},
@@ -168,6 +168,8 @@ struct Sync {
     last_view: Option<NodeView>,
     /// Veths this process has attached (or adopted) its programs on.
     attached: BTreeMap<u32, String>,
+    /// Tunnel devices this process has attached (or adopted) `tunnel_egress` on.
+    tunnels: BTreeSet<u32>,
     last_errors: Vec<String>,
     /// Flows and metrics: what was programmed, and when the source saw it.
     observer: Option<Arc<Observer>>,
@@ -192,6 +194,7 @@ impl Sync {
             state_changed: true,
             last_view: None,
             attached: BTreeMap::new(),
+            tunnels: BTreeSet::new(),
             last_errors: Vec::new(),
             observer: None,
             unprogrammed_since: None,
@@ -259,13 +262,15 @@ impl Sync {
             .into_iter()
             .map(|(ifindex, _)| ifindex)
             .chain(self.attached.keys().copied())
-            .filter(|i| !wanted.contains_key(i))
+            .chain(self.tunnels.iter().copied())
+            .filter(|i| !wanted.contains_key(i) && !view.tunnels.iter().any(|t| t.ifindex == *i))
             .collect();
         for ifindex in stale {
             match self.datapath.detach(ifindex) {
                 Ok(()) => {
                     let ifname = self.attached.remove(&ifindex).unwrap_or_default();
-                    tracing::info!(ifindex, ifname, "detached from veth");
+                    self.tunnels.remove(&ifindex);
+                    tracing::info!(ifindex, ifname, "detached");
                 }
                 Err(e) => errors.push(format!("detach ifindex {ifindex}: {e:#}")),
             }
@@ -284,6 +289,19 @@ impl Sync {
                 policy_entries = self.datapath.contents().policy.len(),
                 "datapath updated"
             );
+        }
+        // Flannel's VXLAN devices decide egress through Services to remote backends.
+        for t in &view.tunnels {
+            if self.tunnels.contains(&t.ifindex) {
+                continue;
+            }
+            match self.datapath.attach_hook(t.ifindex, &t.name, Hook::Tunnel) {
+                Ok(()) => {
+                    tracing::info!(ifindex = t.ifindex, ifname = %t.name, "attached to tunnel device");
+                    self.tunnels.insert(t.ifindex);
+                }
+                Err(e) => errors.push(format!("{e:#}")),
+            }
         }
         for (ifindex, ifname) in &wanted {
             if self.attached.contains_key(ifindex) {
@@ -425,5 +443,6 @@ fn contents_of(compiled: &Compiled) -> Contents {
         ipcache: compiled.ipcache.clone(),
         cidrs: compiled.cidrs.clone(),
         policy: compiled.policy.clone(),
+        services: compiled.services.clone(),
     }
 }

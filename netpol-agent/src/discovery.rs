@@ -48,10 +48,21 @@ pub struct PodVeth {
     pub peer_addrs: Vec<IpAddr>,
 }
 
+/// A Flannel VXLAN device (`flannel.1`, `flannel-v6.1`): where pod traffic leaves for other nodes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tunnel {
+    pub ifindex: u32,
+    pub name: String,
+}
+
+/// Name prefix of Flannel's VXLAN devices.
+const FLANNEL_PREFIX: &str = "flannel";
+
 /// What the node looks like now.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodeView {
     pub veths: Vec<PodVeth>,
+    pub tunnels: Vec<Tunnel>,
     /// The node's own addresses (every interface of the agent's namespace): traffic from them to a
     /// local pod is the node's (kubelet probes) and always allowed.
     pub host_addrs: Vec<IpAddr>,
@@ -90,12 +101,15 @@ impl Discovery {
     pub fn scan(&mut self) -> Result<NodeView, DiscoveryError> {
         let links = self.dump("link", RouteNetlinkMessage::GetLink(LinkMessage::default()))?;
         let mut veths = Vec::new();
+        let mut tunnels = Vec::new();
         for msg in links {
             let RouteNetlinkMessage::NewLink(link) = msg else {
                 continue;
             };
             if let Some(v) = pod_veth_of(&link) {
                 veths.push(v);
+            } else if let Some(t) = tunnel_of(&link) {
+                tunnels.push(t);
             }
         }
         let mut live = HashMap::new();
@@ -112,7 +126,11 @@ impl Discovery {
         }
         self.peer_cache = live;
         let host_addrs = self.addresses(None, None)?;
-        Ok(NodeView { veths, host_addrs })
+        Ok(NodeView {
+            veths,
+            tunnels,
+            host_addrs,
+        })
     }
 
     /// Addresses in the namespace `netnsid` (or our own), of one interface (or all). Link-local IPv6
@@ -205,6 +223,28 @@ fn is_link_local(ip: &IpAddr) -> bool {
         IpAddr::V4(v4) => v4.is_link_local(),
         IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) == 0xfe80,
     }
+}
+
+/// The Flannel VXLAN device a link message describes, if it is one.
+fn tunnel_of(link: &LinkMessage) -> Option<Tunnel> {
+    let mut name = None;
+    let mut is_vxlan = false;
+    for attr in &link.attributes {
+        match attr {
+            LinkAttribute::IfName(n) => name = Some(n.clone()),
+            LinkAttribute::LinkInfo(infos) => {
+                is_vxlan = infos
+                    .iter()
+                    .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Vxlan)));
+            }
+            _ => {}
+        }
+    }
+    let name = name.filter(|n| n.starts_with(FLANNEL_PREFIX))?;
+    is_vxlan.then_some(Tunnel {
+        ifindex: link.header.index,
+        name,
+    })
 }
 
 /// The veth description of a link message, when it is a veth with its peer in another namespace.

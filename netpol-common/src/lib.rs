@@ -49,6 +49,9 @@ pub mod program_names {
     pub const POD_EGRESS: &str = "pod_egress";
     /// Attached to TC egress of the host-side veth: packets delivered to the pod.
     pub const POD_INGRESS: &str = "pod_ingress";
+    /// Attached to TC egress of Flannel's VXLAN devices: decides egress through a Service to a
+    /// backend on another node (see [`super::service`]).
+    pub const TUNNEL_EGRESS: &str = "tunnel_egress";
 }
 
 /// Capacities of the maps (max_entries). Sized for 5,000 cluster pods (dual-stack), 110 local pods and
@@ -237,14 +240,21 @@ pub struct CtKey {
 }
 const _: () = assert!(size_of::<CtKey>() == 44);
 
+/// Bits of [`CtValue::flags`].
+pub mod ct_flags {
+    /// The flow goes to a Service frontend whose egress verdict is decided after DNAT: every packet
+    /// gets [`super::service::DEFER_MARK`].
+    pub const SERVICE_DEFERRED: u32 = 1 << 0;
+}
+
 /// Value of the CONNTRACK map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct CtValue {
     /// Policy generation ([`CONFIG_GENERATION`]) under which the flow was last allowed.
     pub generation: u32,
-    /// Reserved, zero.
-    pub _pad: u32,
+    /// [`ct_flags`].
+    pub flags: u32,
     /// `bpf_ktime_get_ns` of the last packet.
     pub last_seen_ns: u64,
 }
@@ -266,6 +276,11 @@ pub enum Reason {
     AllowedReply = 4,
     /// Allowed: from the pod's own node (kubelet probes).
     AllowedHost = 5,
+    /// Allowed: to a Service frontend whose every backend the pod's egress policy allows.
+    AllowedService = 6,
+    /// Allowed at the pod's veth to a Service frontend with some allowed backends; decided after
+    /// kube-proxy's DNAT (see [`service`]).
+    AllowedServiceDeferred = 7,
     /// Dropped: the pod is isolated for ingress and no rule allows it.
     DroppedIngressDenied = 16,
     /// Dropped: the pod is isolated for egress and no rule allows it.
@@ -283,13 +298,15 @@ pub const REASON_SLOTS: u32 = 32;
 
 impl Reason {
     /// Every reason, for userspace reporting.
-    pub const ALL: [Reason; 11] = [
+    pub const ALL: [Reason; 13] = [
         Reason::AllowedNotPoliced,
         Reason::AllowedNotIsolated,
         Reason::AllowedPolicy,
         Reason::AllowedEstablished,
         Reason::AllowedReply,
         Reason::AllowedHost,
+        Reason::AllowedService,
+        Reason::AllowedServiceDeferred,
         Reason::DroppedIngressDenied,
         Reason::DroppedEgressDenied,
         Reason::DroppedSpoofedSource,
@@ -311,6 +328,8 @@ impl Reason {
             Reason::AllowedEstablished => "established",
             Reason::AllowedReply => "reply",
             Reason::AllowedHost => "host",
+            Reason::AllowedService => "service",
+            Reason::AllowedServiceDeferred => "service-deferred",
             Reason::DroppedIngressDenied => "ingress-denied",
             Reason::DroppedEgressDenied => "egress-denied",
             Reason::DroppedSpoofedSource => "spoofed-source",

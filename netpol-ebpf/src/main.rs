@@ -25,13 +25,14 @@ use aya_ebpf::{
 use netpol_common::{
     CONFIG_EVENT_RATE, CONFIG_GENERATION, CtKey, CtValue, DEFAULT_EVENT_RATE, Direction, DropEvent,
     DropKey, DropValue, FlowKey, FlowValue, IpKey, POLICY_PREFIX_ANY_PROTOCOL, POLICY_PREFIX_FULL,
-    PolicyKey, PolicyMatch, Reason, endpoint_flags, identity, lost, verdict_slot,
+    PolicyKey, PolicyMatch, Reason, SvcKey, ct_flags, endpoint_flags, identity, lost, service,
+    verdict_slot,
 };
 
 use crate::{
     maps::{
         CIDRS, CONFIG, CONNTRACK, COUNTERS, DROPS, ENDPOINTS, EVENT_BUDGET, EVENTS, FLOWS, IPCACHE,
-        LOST, POLICY, VERDICTS,
+        LOST, POLICY, SERVICES, VERDICTS,
     },
     parse::{Malformed, Packet, Parsed},
 };
@@ -57,6 +58,76 @@ pub fn pod_egress(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn pod_ingress(ctx: TcContext) -> i32 {
     classify(&ctx, Direction::Ingress)
+}
+
+/// On Flannel's VXLAN devices: a pod's packet to a Service frontend whose egress verdict was deferred
+/// ([`service::DEFER_MARK`]) is decided here, after kube-proxy's DNAT chose a backend on another node.
+/// Everything else passes untouched.
+#[classifier]
+pub fn tunnel_egress(ctx: TcContext) -> i32 {
+    // SAFETY: the context pointer handed to a classifier is a valid `__sk_buff`.
+    let mark = unsafe { (*ctx.skb.skb).mark };
+    if mark & service::DEFER_MARK == 0 {
+        return TC_ACT_OK;
+    }
+    ctx.set_mark(mark & !service::DEFER_MARK);
+    let mut pkt = Packet::zeroed();
+    let decision = match parse::parse(&ctx, &mut pkt) {
+        Ok(Parsed::NotPoliced) => return TC_ACT_OK,
+        Ok(_) => deferred_egress(&pkt, 0),
+        Err(Malformed) => reason_only(Reason::DroppedMalformed),
+    };
+    if decision == 0 {
+        return TC_ACT_OK;
+    }
+    let code = (decision & 0xff) as u32;
+    count(&COUNTERS, code);
+    if code >= Reason::DroppedIngressDenied as u32 {
+        let client = client_of(&pkt, 0);
+        record(
+            &pkt,
+            client,
+            Direction::Egress as u8,
+            decision | FLOW,
+            ctx.len(),
+        );
+        TC_ACT_SHOT
+    } else {
+        TC_ACT_OK
+    }
+}
+
+/// The local pod that sent a packet whose egress was deferred: the owner of its source address, or,
+/// when kube-proxy masqueraded a hairpin connection to the node's address, the pod at `hairpin`.
+#[inline(always)]
+fn client_of(pkt: &Packet, hairpin: u32) -> u32 {
+    match IPCACHE.get_ptr(IpKey { addr: pkt.src }) {
+        // SAFETY: map values are valid for the duration of the program.
+        Some(info) => unsafe {
+            if (*info).identity == identity::HOST {
+                hairpin
+            } else {
+                (*info).endpoint
+            }
+        },
+        None => 0,
+    }
+}
+
+/// The egress decision of the pod that sent `pkt` towards its (post-DNAT) destination, or 0 when the
+/// sender is not a local pod (nothing to decide).
+#[inline(never)]
+fn deferred_egress(pkt: &Packet, hairpin: u32) -> u64 {
+    let client = client_of(pkt, hairpin);
+    if client == 0 {
+        return 0;
+    }
+    let Some(ep) = ENDPOINTS.get_ptr(client) else {
+        return reason_only(Reason::DroppedUnknownEndpoint);
+    };
+    // SAFETY: map values are valid for the duration of the program.
+    let flags = unsafe { (*ep).flags };
+    policy(pkt, client, flags, Direction::Egress)
 }
 
 #[inline(always)]
@@ -273,6 +344,20 @@ fn classify_ip(
         }
     }
 
+    // A Service connection whose egress verdict waited for kube-proxy's DNAT, now delivered to a
+    // local backend: the client's egress policy decides first.
+    if dir == Direction::Ingress {
+        // SAFETY: the context pointer handed to a classifier is a valid `__sk_buff`.
+        let mark = unsafe { (*ctx.skb.skb).mark };
+        if mark & service::DEFER_MARK != 0 {
+            ctx.set_mark(mark & !service::DEFER_MARK);
+            let decision = deferred_egress(pkt, ifindex);
+            if is_drop(decision) {
+                return Ok(decision);
+            }
+        }
+    }
+
     let mut key = CtKey {
         src: pkt.src,
         dst: pkt.dst,
@@ -314,19 +399,24 @@ fn classify_ip(
             // SAFETY: map values stay valid for the duration of the program; racing writers only
             // touch these plain integers.
             unsafe {
+                if (*entry).flags & ct_flags::SERVICE_DEFERRED != 0 {
+                    defer(ctx);
+                }
                 if (*entry).generation == generation {
                     (*entry).last_seen_ns = bpf_ktime_get_ns();
                     return Ok(reason_only(Reason::AllowedEstablished));
                 }
             }
             // Policy changed since the flow was allowed: check it again.
-            let decision = policy(pkt, ifindex, ep_flags, dir);
+            let decision =
+                through_service(ctx, pkt, ifindex, dir, policy(pkt, ifindex, ep_flags, dir));
             if is_drop(decision) {
                 let _ = CONNTRACK.remove(&key);
             } else {
                 // SAFETY: as above.
                 unsafe {
                     (*entry).generation = generation;
+                    (*entry).flags = ct_flags_of(decision);
                     (*entry).last_seen_ns = bpf_ktime_get_ns();
                 }
             }
@@ -343,11 +433,11 @@ fn classify_ip(
         key.direction = dir as u8;
     }
 
-    let decision = policy(pkt, ifindex, ep_flags, dir);
+    let decision = through_service(ctx, pkt, ifindex, dir, policy(pkt, ifindex, ep_flags, dir));
     if !is_drop(decision) && pkt.first_frag {
         let value = CtValue {
             generation,
-            _pad: 0,
+            flags: ct_flags_of(decision),
             // SAFETY: a helper without preconditions.
             last_seen_ns: unsafe { bpf_ktime_get_ns() },
         };
@@ -355,6 +445,59 @@ fn classify_ip(
         let _ = CONNTRACK.insert(&key, &value, BPF_ANY as u64);
     }
     Ok(decision)
+}
+
+/// Sets [`service::DEFER_MARK`] on the packet.
+#[inline(always)]
+fn defer(ctx: &TcContext) {
+    // SAFETY: the context pointer handed to a classifier is a valid `__sk_buff`.
+    let mark = unsafe { (*ctx.skb.skb).mark };
+    ctx.set_mark(mark | service::DEFER_MARK);
+}
+
+#[inline(always)]
+fn ct_flags_of(decision: u64) -> u32 {
+    if decision & 0xff == Reason::AllowedServiceDeferred as u64 {
+        ct_flags::SERVICE_DEFERRED
+    } else {
+        0
+    }
+}
+
+/// A denied egress packet to a Service frontend gets the frontend's precomputed verdict: allowed
+/// when every backend is, deferred (marked, decided after DNAT) when some are.
+#[inline(always)]
+fn through_service(
+    ctx: &TcContext,
+    pkt: &Packet,
+    ifindex: u32,
+    dir: Direction,
+    decision: u64,
+) -> u64 {
+    if dir != Direction::Egress || decision & 0xff != Reason::DroppedEgressDenied as u64 {
+        return decision;
+    }
+    let key = SvcKey {
+        endpoint: ifindex,
+        vip: IpKey { addr: pkt.dst },
+        port_be: pkt.dport.to_be_bytes(),
+        protocol: pkt.proto,
+        _pad: 0,
+    };
+    let Some(v) = SERVICES.get_ptr(&key) else {
+        return decision;
+    };
+    // SAFETY: map values are valid for the duration of the program.
+    let (verdict, policy_id) = unsafe { ((*v).verdict, (*v).policy) };
+    let reason = match verdict {
+        service::VERDICT_ALLOW => Reason::AllowedService,
+        service::VERDICT_DEFER => {
+            defer(ctx);
+            Reason::AllowedServiceDeferred
+        }
+        _ => return decision,
+    };
+    reason_only(reason) | ((PolicyMatch::L3L4 as u64) << 8) | DECIDED | ((policy_id as u64) << 32)
 }
 
 #[inline(always)]

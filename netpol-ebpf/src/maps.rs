@@ -71,6 +71,11 @@ pub static LOST: PerCpuArray<u64> = PerCpuArray::pinned(LOST_SLOTS, 0);
 #[map(name = "NP_VERDICTS_V1")]
 pub static VERDICTS: PerCpuArray<u64> = PerCpuArray::pinned(VERDICT_SLOTS, 0);
 
+/// Egress verdicts of local pods through Service frontends; see `netpol_common::service`.
+#[map(name = "NP_SERVICES_V1")]
+pub static SERVICES: HashMap<netpol_common::SvcKey, netpol_common::SvcValue> =
+    HashMap::pinned(netpol_common::service::CAPACITY, 0);
+
 const fn str_eq(a: &str, b: &str) -> bool {
     let (a, b) = (a.as_bytes(), b.as_bytes());
     if a.len() != b.len() {
@@ -99,3 +104,4 @@ const _: () = assert!(str_eq("NP_EVENTS_V1", map_names::EVENTS));
 const _: () = assert!(str_eq("NP_EVENT_BUDGET_V1", map_names::EVENT_BUDGET));
 const _: () = assert!(str_eq("NP_LOST_V1", map_names::LOST));
 const _: () = assert!(str_eq("NP_VERDICTS_V1", map_names::VERDICTS));
+const _: () = assert!(str_eq("NP_SERVICES_V1", netpol_common::service::MAP_NAME));

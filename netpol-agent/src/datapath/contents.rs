@@ -5,15 +5,16 @@
 
 use std::collections::BTreeMap;
 
-use netpol_common::{EndpointInfo, IpInfo, IpKey, PolicyKey, PolicyValue};
+use netpol_common::{EndpointInfo, IpInfo, IpKey, PolicyKey, PolicyValue, SvcKey, SvcValue};
 
-/// The content of the four policy maps. Trie keys carry their prefix length in bits.
+/// The content of the policy maps. Trie keys carry their prefix length in bits.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Contents {
     pub endpoints: BTreeMap<u32, EndpointInfo>,
     pub ipcache: BTreeMap<IpKey, IpInfo>,
     pub cidrs: BTreeMap<(IpKey, u32), u32>,
     pub policy: BTreeMap<(PolicyKey, u32), PolicyValue>,
+    pub services: BTreeMap<SvcKey, SvcValue>,
 }
 
 /// Changes to one map: entries to write (new or changed) and keys to delete.
@@ -50,12 +51,14 @@ fn diff<K: Ord + Clone, V: PartialEq + Clone>(
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Step {
     PolicyUpserts,
+    ServiceUpserts,
     CidrUpserts,
     IpcacheUpserts,
     EndpointUpserts,
     EndpointDeletes,
     CidrDeletes,
     IpcacheDeletes,
+    ServiceDeletes,
     PolicyDeletes,
     BumpGeneration,
 }
@@ -65,14 +68,16 @@ pub enum Step {
 /// update a packet sees either the old or the new decision for every lookup: traffic that both the
 /// old and the new policy deny never passes. The generation bump comes last, so established flows
 /// are re-checked against the finished state.
-pub const STEP_ORDER: [Step; 9] = [
+pub const STEP_ORDER: [Step; 11] = [
     Step::PolicyUpserts,
+    Step::ServiceUpserts,
     Step::CidrUpserts,
     Step::IpcacheUpserts,
     Step::EndpointUpserts,
     Step::EndpointDeletes,
     Step::CidrDeletes,
     Step::IpcacheDeletes,
+    Step::ServiceDeletes,
     Step::PolicyDeletes,
     Step::BumpGeneration,
 ];
@@ -84,6 +89,7 @@ pub struct Plan {
     pub ipcache: MapChanges<IpKey, IpInfo>,
     pub cidrs: MapChanges<(IpKey, u32), u32>,
     pub policy: MapChanges<(PolicyKey, u32), PolicyValue>,
+    pub services: MapChanges<SvcKey, SvcValue>,
 }
 
 impl Plan {
@@ -94,6 +100,7 @@ impl Plan {
             ipcache: diff(&current.ipcache, &desired.ipcache),
             cidrs: diff(&current.cidrs, &desired.cidrs),
             policy: diff(&current.policy, &desired.policy),
+            services: diff(&current.services, &desired.services),
         }
     }
 
@@ -103,6 +110,7 @@ impl Plan {
             && self.ipcache.is_empty()
             && self.cidrs.is_empty()
             && self.policy.is_empty()
+            && self.services.is_empty()
     }
 
     /// Number of entries written or deleted.
@@ -110,7 +118,7 @@ impl Plan {
         fn n<K, V>(c: &MapChanges<K, V>) -> usize {
             c.upserts.len() + c.deletes.len()
         }
-        n(&self.endpoints) + n(&self.ipcache) + n(&self.cidrs) + n(&self.policy)
+        n(&self.endpoints) + n(&self.ipcache) + n(&self.cidrs) + n(&self.policy) + n(&self.services)
     }
 }
 

@@ -18,7 +18,7 @@ use aya::{
 };
 use netpol_common::{
     CONFIG_GENERATION, EndpointInfo, IpInfo, IpKey, PolicyKey, PolicyValue, REASON_SLOTS, Reason,
-    capacity, map_names,
+    SvcKey, SvcValue, capacity, map_names, service,
 };
 use thiserror::Error;
 
@@ -103,6 +103,7 @@ pub struct Datapath {
     ipcache: HashMap<MapData, IpKey, IpInfo>,
     cidrs: LpmTrie<MapData, IpKey, u32>,
     policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
+    services: HashMap<MapData, SvcKey, SvcValue>,
     config: Array<MapData, u32>,
     counters: PerCpuArray<MapData, u64>,
     /// Mirror of what the four policy maps hold.
@@ -132,7 +133,7 @@ impl Datapath {
                 dir: maps_dir.display().to_string(),
                 source: Box::new(source),
             })?;
-        for hook in Hook::ALL {
+        for hook in [Hook::PodEgress, Hook::PodIngress, Hook::Tunnel] {
             let name = hook.program();
             program_mut(&mut ebpf, name)?
                 .load()
@@ -142,6 +143,7 @@ impl Datapath {
         let ipcache = take_map(&mut ebpf, map_names::IPCACHE)?;
         let cidrs = take_map(&mut ebpf, map_names::CIDRS)?;
         let policy = take_map(&mut ebpf, map_names::POLICY)?;
+        let services = take_map(&mut ebpf, service::MAP_NAME)?;
         let config = take_map(&mut ebpf, map_names::CONFIG)?;
         let counters = take_map(&mut ebpf, map_names::COUNTERS)?;
         let mut datapath = Datapath {
@@ -151,6 +153,7 @@ impl Datapath {
             ipcache,
             cidrs,
             policy,
+            services,
             config,
             counters,
             current: Contents::default(),
@@ -185,6 +188,7 @@ impl Datapath {
                 .filter_map(Result::ok)
                 .map(|(k, v)| ((k.data(), k.prefix_len()), v))
                 .collect(),
+            services: self.services.iter().filter_map(Result::ok).collect(),
         }
     }
 
@@ -206,6 +210,16 @@ impl Datapath {
         };
         for step in STEP_ORDER {
             match step {
+                Step::ServiceUpserts => {
+                    for (k, v) in &plan.services.upserts {
+                        note(service::MAP_NAME, self.services.insert(k, v, 0));
+                    }
+                }
+                Step::ServiceDeletes => {
+                    for k in &plan.services.deletes {
+                        note(service::MAP_NAME, ignore_missing(self.services.remove(k)));
+                    }
+                }
                 Step::PolicyUpserts => {
                     for ((k, len), v) in &plan.policy.upserts {
                         note(
@@ -319,6 +333,11 @@ impl Datapath {
                 entries: self.current.policy.len(),
                 capacity: capacity::POLICY,
             },
+            MapUsage {
+                name: service::MAP_NAME,
+                entries: self.current.services.len(),
+                capacity: service::CAPACITY,
+            },
         ]
     }
 
@@ -335,56 +354,67 @@ impl Datapath {
         links
     }
 
-    /// Attaches both programs to the veth `ifname`/`ifindex`, or atomically replaces the programs of
-    /// links a previous agent pinned for it. The links are pinned, so enforcement outlives this process.
+    /// Attaches both programs to the pod veth `ifname`/`ifindex`, or atomically replaces the programs
+    /// of links a previous agent pinned for it. The links are pinned, so enforcement outlives this
+    /// process.
     pub fn attach(&mut self, ifindex: u32, ifname: &str) -> Result<(), DatapathError> {
         for hook in Hook::ALL {
-            let path = self.layout.link(ifindex, hook);
-            let program = hook.program();
-            let attach_err = |source| DatapathError::Attach {
-                program,
-                ifname: ifname.to_owned(),
-                ifindex,
-                source,
-            };
-            let link_err = |source| DatapathError::Link {
-                ifname: ifname.to_owned(),
-                ifindex,
-                source,
-            };
-            let prog = program_mut(&mut self.ebpf, program)?;
-            match PinnedLink::from_pin(&path) {
-                Ok(pinned) => {
-                    let link =
-                        SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(link_err)?;
-                    let id = prog.attach_to_link(link).map_err(attach_err)?;
-                    // The pin keeps the link; our fd can go.
-                    drop(prog.take_link(id).map_err(attach_err)?);
-                }
-                Err(_) => {
-                    let id = prog
-                        .attach_with_options(
-                            ifname,
-                            hook.tc_attach_type(),
-                            TcAttachOptions::TcxOrder(LinkOrder::default()),
-                        )
-                        .map_err(attach_err)?;
-                    let link = prog.take_link(id).map_err(attach_err)?;
-                    let fd_link = FdLink::try_from(link).map_err(link_err)?;
-                    fd_link.pin(&path).map_err(|e| DatapathError::LinkPin {
-                        path: path.display().to_string(),
-                        source: io::Error::other(e),
-                    })?;
-                }
+            self.attach_hook(ifindex, ifname, hook)?;
+        }
+        Ok(())
+    }
+
+    /// Attaches (or adopts) one program at `hook` of the device `ifname`/`ifindex`.
+    pub fn attach_hook(
+        &mut self,
+        ifindex: u32,
+        ifname: &str,
+        hook: Hook,
+    ) -> Result<(), DatapathError> {
+        let path = self.layout.link(ifindex, hook);
+        let program = hook.program();
+        let attach_err = |source| DatapathError::Attach {
+            program,
+            ifname: ifname.to_owned(),
+            ifindex,
+            source,
+        };
+        let link_err = |source| DatapathError::Link {
+            ifname: ifname.to_owned(),
+            ifindex,
+            source,
+        };
+        let prog = program_mut(&mut self.ebpf, program)?;
+        match PinnedLink::from_pin(&path) {
+            Ok(pinned) => {
+                let link = SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(link_err)?;
+                let id = prog.attach_to_link(link).map_err(attach_err)?;
+                // The pin keeps the link; our fd can go.
+                drop(prog.take_link(id).map_err(attach_err)?);
+            }
+            Err(_) => {
+                let id = prog
+                    .attach_with_options(
+                        ifname,
+                        hook.tc_attach_type(),
+                        TcAttachOptions::TcxOrder(LinkOrder::default()),
+                    )
+                    .map_err(attach_err)?;
+                let link = prog.take_link(id).map_err(attach_err)?;
+                let fd_link = FdLink::try_from(link).map_err(link_err)?;
+                fd_link.pin(&path).map_err(|e| DatapathError::LinkPin {
+                    path: path.display().to_string(),
+                    source: io::Error::other(e),
+                })?;
             }
         }
         Ok(())
     }
 
-    /// Detaches both programs from the veth with `ifindex` by removing their pins (a veth that is gone
-    /// has already lost its links; this removes the stale pins).
+    /// Detaches every program from the device with `ifindex` by removing their pins (a device that is
+    /// gone has already lost its links; this removes the stale pins).
     pub fn detach(&mut self, ifindex: u32) -> Result<(), DatapathError> {
-        for hook in Hook::ALL {
+        for hook in [Hook::PodEgress, Hook::PodIngress, Hook::Tunnel] {
             let path = self.layout.link(ifindex, hook);
             match std::fs::remove_file(&path) {
                 Ok(()) => {}

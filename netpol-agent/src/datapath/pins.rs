@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! <pin-dir>/maps/<MAP_NAME>            pinned maps (names from netpol_common::map_names)
-//! <pin-dir>/links/<ifindex>-<hook>     pinned TCX links, one per hook of a pod veth
+//! <pin-dir>/links/<ifindex>-<hook>     pinned TCX links: two per pod veth, one per Flannel VXLAN device
 //! ```
 
 use std::{
@@ -40,17 +40,21 @@ pub enum PinError {
     },
 }
 
-/// The TC hook of a pod's host-side veth, named for the pod's direction.
+/// A TC hook the agent attaches to: the two of a pod's host-side veth, named for the pod's
+/// direction, and the egress of a Flannel VXLAN device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Hook {
     /// TC ingress of the host veth: what the pod sends.
     PodEgress,
     /// TC egress of the host veth: what the pod receives.
     PodIngress,
+    /// TC egress of `flannel.1` / `flannel-v6.1`: pod traffic to other nodes, after kube-proxy's
+    /// DNAT, where egress through a Service to a remote backend is decided.
+    Tunnel,
 }
 
 impl Hook {
-    /// Both hooks.
+    /// The hooks of a pod veth.
     pub const ALL: [Hook; 2] = [Hook::PodEgress, Hook::PodIngress];
 
     /// The name used in pin paths and in `status`.
@@ -58,6 +62,7 @@ impl Hook {
         match self {
             Hook::PodEgress => "egress",
             Hook::PodIngress => "ingress",
+            Hook::Tunnel => "tunnel",
         }
     }
 
@@ -66,14 +71,15 @@ impl Hook {
         match self {
             Hook::PodEgress => netpol_common::program_names::POD_EGRESS,
             Hook::PodIngress => netpol_common::program_names::POD_INGRESS,
+            Hook::Tunnel => netpol_common::program_names::TUNNEL_EGRESS,
         }
     }
 
-    /// The TC attach point of the host veth.
+    /// The TC attach point on the device.
     pub fn tc_attach_type(self) -> aya::programs::TcAttachType {
         match self {
             Hook::PodEgress => aya::programs::TcAttachType::Ingress,
-            Hook::PodIngress => aya::programs::TcAttachType::Egress,
+            Hook::PodIngress | Hook::Tunnel => aya::programs::TcAttachType::Egress,
         }
     }
 }
@@ -113,7 +119,9 @@ impl PinLayout {
     /// Parses a link pin file name back into its ifindex and hook.
     pub fn parse_link_name(name: &str) -> Option<(u32, Hook)> {
         let (ifindex, hook) = name.split_once('-')?;
-        let hook = Hook::ALL.into_iter().find(|h| h.name() == hook)?;
+        let hook = [Hook::PodEgress, Hook::PodIngress, Hook::Tunnel]
+            .into_iter()
+            .find(|h| h.name() == hook)?;
         Some((ifindex.parse().ok()?, hook))
     }
 
@@ -186,7 +194,7 @@ mod tests {
     #[test]
     fn link_names_round_trip() {
         let layout = PinLayout::new("/run/x");
-        for hook in Hook::ALL {
+        for hook in [Hook::PodEgress, Hook::PodIngress, Hook::Tunnel] {
             let path = layout.link(42, hook);
             let name = path
                 .file_name()

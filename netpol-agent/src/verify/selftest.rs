@@ -655,6 +655,7 @@ fn policy_contents(ifindex: u32) -> anyhow::Result<Contents> {
         ipcache: compiled.ipcache,
         cidrs: compiled.cidrs,
         policy: compiled.policy,
+        services: compiled.services,
     })
 }
 
