@@ -347,11 +347,17 @@ pub struct Cluster {
     pub namespaces: Vec<Namespace>,
     pub tmp_dir: PathBuf,
     pub manifest_dir: PathBuf,
-    probe_bin: PathBuf,
+    pub(crate) probe_bin: PathBuf,
     agent_bin: Option<PathBuf>,
-    netns: Vec<String>,
+    /// Every network namespace made for this cluster (deleted on drop).
+    pub(crate) netns: Vec<String>,
     servers: Vec<(String, Child)>,
     claim_dir: PathBuf,
+    /// Ports served by pods that do not serve [`PORTS`] (pod id -> ports), see
+    /// [`Cluster::add_pod_with`].
+    pub(crate) serve_ports: BTreeMap<String, Vec<u16>>,
+    /// The kube-proxy simulation, once [`Cluster::enable_kube_proxy`] ran.
+    pub(crate) kube_proxy: Option<crate::kube_proxy::KubeProxy>,
     /// Probe timeout per target.
     pub probe_timeout: Duration,
 }
@@ -403,6 +409,8 @@ impl Cluster {
             netns: Vec::new(),
             servers: Vec::new(),
             claim_dir,
+            serve_ports: BTreeMap::new(),
+            kube_proxy: None,
             probe_timeout: Duration::from_millis(1000),
         };
         // From here on, Drop cleans up whatever was made.
@@ -607,22 +615,9 @@ impl Cluster {
 
     fn start_servers(&mut self) -> Result<()> {
         let mut logs = Vec::new();
-        for p in &self.pods {
-            let log = self
-                .tmp_dir
-                .join("logs")
-                .join(format!("server-{}-{}.log", p.namespace, p.name));
-            let f = fs::File::create(&log)?;
-            let child = Command::new("ip")
-                .args(["netns", "exec", &p.netns])
-                .arg(&self.probe_bin)
-                .args(["serve", "--ports", "80,81"])
-                .stdin(Stdio::null())
-                .stdout(f.try_clone()?)
-                .stderr(f)
-                .spawn()
-                .context("spawning probe server")?;
-            self.servers.push((p.id(), child));
+        for i in 0..self.pods.len() {
+            let (child, log) = self.spawn_server(&self.pods[i])?;
+            self.servers.push((self.pods[i].id(), child));
             logs.push(log);
         }
         let deadline = Instant::now() + Duration::from_secs(15);
@@ -649,6 +644,36 @@ impl Cluster {
             std::thread::sleep(Duration::from_millis(10));
         }
         Ok(())
+    }
+
+    /// Starts `netpol-probe serve --ports <the pod's ports> --name <ns/pod>` in the pod's netns,
+    /// logging to `logs/server-<ns>-<pod>.log`.
+    fn spawn_server(&self, p: &Pod) -> Result<(Child, PathBuf)> {
+        let log = self
+            .tmp_dir
+            .join("logs")
+            .join(format!("server-{}-{}.log", p.namespace, p.name));
+        let f = fs::File::create(&log)?;
+        let ports: Vec<String> = self.pod_ports(&p.id()).iter().map(u16::to_string).collect();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &p.netns])
+            .arg(&self.probe_bin)
+            .args(["serve", "--ports", &ports.join(","), "--name", &p.id()])
+            .stdin(Stdio::null())
+            .stdout(f.try_clone()?)
+            .stderr(f)
+            .spawn()
+            .context("spawning probe server")?;
+        Ok((child, log))
+    }
+
+    /// The ports pod `id` serves on TCP and UDP ([`PORTS`] unless added with other ports); its
+    /// container ports are named `serve-<port>-tcp` / `serve-<port>-udp`.
+    pub fn pod_ports(&self, id: &str) -> Vec<u16> {
+        self.serve_ports
+            .get(id)
+            .cloned()
+            .unwrap_or_else(|| PORTS.to_vec())
     }
 
     /// Pod ids (`"x/a"`, ...) in matrix order.
@@ -696,7 +721,7 @@ impl Cluster {
             y.push_str("spec:\n");
             let _ = writeln!(y, "  nodeName: {}", yaml_str(&node.name));
             y.push_str("  containers:\n");
-            for port in PORTS {
+            for port in self.pod_ports(&p.id()) {
                 for proto in ["TCP", "UDP"] {
                     let lp = proto.to_ascii_lowercase();
                     let _ = writeln!(y, "  - name: cont-{port}-{lp}");
@@ -720,7 +745,9 @@ impl Cluster {
         write_atomic(
             &self.manifest_dir.join("objects.yaml"),
             &self.objects_yaml(),
-        )
+        )?;
+        // Pods changed: kube-proxy follows their endpoints.
+        self.sync_kube_proxy()
     }
 
     /// Replaces `policies.yaml` in the manifest dir with `yaml` (may be multi-document or empty).
@@ -739,6 +766,24 @@ impl Cluster {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
+        self.write_objects()
+    }
+
+    /// Adds namespace `name` (labels plus `kubernetes.io/metadata.name`, as the API server sets it)
+    /// and rewrites `objects.yaml`.
+    pub fn add_namespace(&mut self, name: &str, labels: &[(&str, &str)]) -> Result<()> {
+        if self.namespaces.iter().any(|n| n.name == name) {
+            bail!("namespace {name} exists");
+        }
+        let mut l: BTreeMap<String, String> = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        l.insert("kubernetes.io/metadata.name".to_string(), name.to_string());
+        self.namespaces.push(Namespace {
+            name: name.to_string(),
+            labels: l,
+        });
         self.write_objects()
     }
 
@@ -776,6 +821,8 @@ impl Cluster {
         }
         let pod = self.pods.remove(i);
         run(Command::new("ip").args(["netns", "del", &pod.netns]))?;
+        // Its endpoints go (the Pod object stays, as the sandbox died).
+        self.sync_kube_proxy()?;
         Ok(pod)
     }
 
@@ -783,7 +830,24 @@ impl Cluster {
     /// new netns and veth wired like the others, the next free addresses (`10.42.N.(10+k)`), a
     /// running probe server, then its Pod object in `objects.yaml`.
     pub fn add_pod(&mut self, namespace: &str, name: &str, node: usize) -> Result<Pod> {
+        self.add_pod_with(namespace, name, node, &[("pod", name)], &PORTS)
+    }
+
+    /// [`Cluster::add_pod`] with the pod's labels and the ports its server listens on (TCP and UDP,
+    /// container ports `serve-<port>-<proto>`). The namespace must exist
+    /// ([`Cluster::add_namespace`] for a new one).
+    pub fn add_pod_with(
+        &mut self,
+        namespace: &str,
+        name: &str,
+        node: usize,
+        labels: &[(&str, &str)],
+        ports: &[u16],
+    ) -> Result<Pod> {
         let id = format!("{namespace}/{name}");
+        if !self.namespaces.iter().any(|n| n.name == namespace) {
+            bail!("no namespace {namespace}");
+        }
         if self.pods.iter().any(|p| p.id() == id) {
             bail!("pod {id} exists");
         }
@@ -804,13 +868,19 @@ impl Cluster {
             host_veth: format!("veth{:08x}", fnv(&format!("{prefix}/{id}"))),
             ipv4: Ipv4Addr::new(10, 42, node as u8, host),
             ipv6: Ipv6Addr::new(0xfd00, 0x10, 0x42, node as u16, 0, 0, 0, seg6),
-            labels: BTreeMap::from([("pod".to_string(), name.to_string())]),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             uid: format!(
                 "{:08x}-0000-4000-8000-{:012x}",
                 fnv(&format!("{prefix}/{id}/uid")),
                 host
             ),
         };
+        if ports != PORTS {
+            self.serve_ports.insert(id.clone(), ports.to_vec());
+        }
         let n = &self.nodes[node];
         self.netns.push(pod.netns.clone());
         run(Command::new("ip").args(["netns", "add", &pod.netns]))?;
@@ -832,20 +902,7 @@ impl Cluster {
         writeln!(b, "route add default via {}", n.gateway_v4())?;
         writeln!(b, "route add default via {}", n.gateway_v6())?;
         run_batch("ip", &["-n", &pod.netns], &b)?;
-        let log = self
-            .tmp_dir
-            .join("logs")
-            .join(format!("server-{namespace}-{name}.log"));
-        let f = fs::File::create(&log)?;
-        let child = Command::new("ip")
-            .args(["netns", "exec", &pod.netns])
-            .arg(&self.probe_bin)
-            .args(["serve", "--ports", "80,81"])
-            .stdin(Stdio::null())
-            .stdout(f.try_clone()?)
-            .stderr(f)
-            .spawn()
-            .context("spawning probe server")?;
+        let (child, log) = self.spawn_server(&pod)?;
         self.servers.push((id.clone(), child));
         let deadline = Instant::now() + Duration::from_secs(15);
         while !fs::read_to_string(&log).is_ok_and(|s| s.lines().any(|l| l == "READY")) {

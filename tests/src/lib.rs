@@ -1,8 +1,10 @@
-//! Test support for netpol-agent: the simulated Flannel cluster ([`cluster`]), a test double of the
-//! Kubernetes API server ([`apiserver_double`]), crafted packets
+//! Test support for netpol-agent: the simulated Flannel cluster ([`cluster`]) with kube-proxy's
+//! Service rules ([`kube_proxy`]), a test double of the Kubernetes API server ([`apiserver_double`]),
+//! crafted packets
 //! ([`packets`]), and the rule that privileged tests may only skip where they cannot run.
 pub mod apiserver_double;
 pub mod cluster;
+pub mod kube_proxy;
 pub mod packets;
 
 /// Environment variable set by `cargo xtask test` on machines that can run privileged tests (root, BPF,

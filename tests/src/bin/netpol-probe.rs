@@ -1,9 +1,12 @@
 //! Tiny connectivity probe used by the end-to-end harness.
 //!
-//! `netpol-probe serve --ports 80,81`
+//! `netpol-probe serve --ports 80,81 [--name NAME]`
 //!   binds TCP and UDP on `[::]` (dual-stack, IPV6_V6ONLY off) for every port, prints `READY`
 //!   on stdout once all sockets are bound, then serves forever: TCP accepts, writes one byte and
-//!   closes; UDP echoes every datagram.
+//!   closes; UDP echoes every datagram. With `--name`, the server says who answered, where and
+//!   whom it saw: TCP writes `NAME at LOCAL from PEER` (LOCAL the server's `addr:port` of the
+//!   connection, PEER the client's as the server sees it; IPv4-mapped addresses shown as IPv4)
+//!   instead of one byte, and UDP echoes the datagram followed by ` NAME at :PORT from PEER`.
 //!
 //! `netpol-probe flood --count N [--sport P] [--size B] [--burst K] udp/ADDR/PORT`
 //!   sends N UDP datagrams of B payload bytes (default 16) from source port P (default: any) to the
@@ -14,7 +17,10 @@
 //!   TARGET is `tcp/ADDR/PORT` or `udp/ADDR/PORT` (ADDR may be IPv6 without brackets). With no
 //!   TARGET, a JSON array of `{"addr": "...", "port": 80, "proto": "tcp"}` is read from stdin.
 //!   All targets are probed concurrently; a JSON array of results (same order) is printed:
-//!   `{"addr", "port", "proto", "ok", "detail", "millis"}`.
+//!   `{"addr", "port", "proto", "ok", "detail", "millis", "reply"}`. `ok` means a TCP connection
+//!   that delivered at least one byte, or a UDP echo of the probe's nonce; `reply` is what a
+//!   `--name` server said (the TCP stream up to its close or the timeout, or what followed the
+//!   nonce in the UDP echo), trimmed: empty for a server without `--name`.
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -39,6 +45,7 @@ struct ProbeResult {
     ok: bool,
     detail: String,
     millis: u128,
+    reply: String,
 }
 
 fn main() {
@@ -69,9 +76,14 @@ fn dual_stack_socket(ty: Type, proto: Protocol, port: u16) -> Result<Socket> {
 
 fn serve(args: &[String]) -> Result<()> {
     let mut ports: Vec<u16> = vec![80, 81];
+    let mut name: Option<String> = None;
     let mut i = 0;
     while i < args.len() {
         match args[i].as_str() {
+            "--name" => {
+                name = Some(args.get(i + 1).context("--name needs a value")?.clone());
+                i += 2;
+            }
             "--ports" => {
                 let v = args.get(i + 1).context("--ports needs a value")?;
                 ports = v
@@ -90,8 +102,9 @@ fn serve(args: &[String]) -> Result<()> {
         tcp.listen(128)?;
         let tcp: TcpListener = tcp.into();
         let udp: UdpSocket = dual_stack_socket(Type::DGRAM, Protocol::UDP, port)?.into();
-        handles.push(std::thread::spawn(move || serve_tcp(tcp)));
-        handles.push(std::thread::spawn(move || serve_udp(udp)));
+        let (n1, n2) = (name.clone(), name.clone());
+        handles.push(std::thread::spawn(move || serve_tcp(tcp, n1)));
+        handles.push(std::thread::spawn(move || serve_udp(udp, n2)));
     }
     println!("READY");
     std::io::stdout().flush()?;
@@ -101,18 +114,44 @@ fn serve(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-fn serve_tcp(l: TcpListener) {
-    for mut c in l.incoming().flatten() {
-        let _ = c.set_write_timeout(Some(Duration::from_secs(1)));
-        let _ = c.write_all(b"x");
+/// The peer as the server sees it, IPv4-mapped IPv6 shown as IPv4.
+fn peer_text(peer: SocketAddr) -> String {
+    match peer {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(IpAddr::V4(v4), v6.port()).to_string(),
+            None => peer.to_string(),
+        },
+        SocketAddr::V4(_) => peer.to_string(),
     }
 }
 
-fn serve_udp(s: UdpSocket) {
+fn serve_tcp(l: TcpListener, name: Option<String>) {
+    for mut c in l.incoming().flatten() {
+        let _ = c.set_write_timeout(Some(Duration::from_secs(1)));
+        match (&name, c.local_addr(), c.peer_addr()) {
+            (Some(n), Ok(local), Ok(peer)) => {
+                let msg = format!("{n} at {} from {}", peer_text(local), peer_text(peer));
+                let _ = c.write_all(msg.as_bytes());
+            }
+            _ => {
+                let _ = c.write_all(b"x");
+            }
+        }
+    }
+}
+
+fn serve_udp(s: UdpSocket, name: Option<String>) {
+    let port = s.local_addr().map(|a| a.port()).unwrap_or(0);
     let mut buf = [0u8; 2048];
     loop {
         if let Ok((n, peer)) = s.recv_from(&mut buf) {
-            let _ = s.send_to(&buf[..n], peer);
+            let mut reply = buf[..n].to_vec();
+            if let Some(name) = &name {
+                reply.extend_from_slice(
+                    format!(" {name} at :{port} from {}", peer_text(peer)).as_bytes(),
+                );
+            }
+            let _ = s.send_to(&reply, peer);
         }
     }
 }
@@ -228,9 +267,9 @@ fn probe_one(t: Target, timeout: Duration) -> ProbeResult {
     } else {
         probe_udp(&t, timeout)
     };
-    let (ok, detail) = match outcome {
-        Ok(()) => (true, String::new()),
-        Err(e) => (false, format!("{e:#}")),
+    let (ok, detail, reply) = match outcome {
+        Ok(reply) => (true, String::new(), reply.trim().to_string()),
+        Err(e) => (false, format!("{e:#}"), String::new()),
     };
     ProbeResult {
         addr: t.addr,
@@ -239,10 +278,12 @@ fn probe_one(t: Target, timeout: Duration) -> ProbeResult {
         ok,
         detail,
         millis: start.elapsed().as_millis(),
+        reply,
     }
 }
 
-fn probe_tcp(t: &Target, timeout: Duration) -> Result<()> {
+/// Ok with what the server sent after its first byte.
+fn probe_tcp(t: &Target, timeout: Duration) -> Result<String> {
     let deadline = Instant::now() + timeout;
     let addr = SocketAddr::new(t.addr, t.port);
     let mut s = TcpStream::connect_timeout(&addr, timeout).context("connect")?;
@@ -253,10 +294,26 @@ fn probe_tcp(t: &Target, timeout: Duration) -> Result<()> {
     if n == 0 {
         bail!("connection closed without data");
     }
-    Ok(())
+    // The rest, up to the server's close (or the deadline): best effort, the byte above decided.
+    let mut rest = vec![b[0]];
+    let mut chunk = [0u8; 256];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || s.set_read_timeout(Some(left)).is_err() {
+            break;
+        }
+        match s.read(&mut chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => rest.extend_from_slice(&chunk[..n]),
+        }
+    }
+    let text = String::from_utf8_lossy(&rest).into_owned();
+    // A server without --name sends one byte, which says nothing.
+    Ok(if text == "x" { String::new() } else { text })
 }
 
-fn probe_udp(t: &Target, timeout: Duration) -> Result<()> {
+/// Ok with what followed the nonce in the echo.
+fn probe_udp(t: &Target, timeout: Duration) -> Result<String> {
     let deadline = Instant::now() + timeout;
     let bind: SocketAddr = match t.addr {
         IpAddr::V4(_) => "0.0.0.0:0".parse()?,
@@ -289,7 +346,9 @@ fn probe_udp(t: &Target, timeout: Duration) -> Result<()> {
             }
             s.set_read_timeout(Some(left))?;
             match s.recv(&mut buf) {
-                Ok(n) if &buf[..n] == nonce.as_bytes() => return Ok(()),
+                Ok(n) if buf[..n].starts_with(nonce.as_bytes()) => {
+                    return Ok(String::from_utf8_lossy(&buf[nonce.len()..n]).into_owned());
+                }
                 Ok(_) => continue,
                 Err(e)
                     if e.kind() == std::io::ErrorKind::WouldBlock
