@@ -14,7 +14,7 @@ use netpol_agent::datapath::{Datapath, PinLayout};
 use serde::{Deserialize, Serialize};
 
 use crate::bpf::{self, Scratch};
-use crate::synth::{Spec, Synthetic, contents_of};
+use crate::synth::{Spec, Synthetic};
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Latency {
@@ -74,7 +74,7 @@ pub fn run(spec: Spec, changes: usize) -> anyhow::Result<Part> {
     let compiled = syn.compile();
     let compile_ms = t.elapsed().as_secs_f64() * 1e3;
     let t = Instant::now();
-    let errors = dp.apply(&contents_of(&compiled));
+    let errors = dp.apply(&compiled.contents());
     let apply_ms = t.elapsed().as_secs_f64() * 1e3;
     if !errors.is_empty() {
         bail!("{} map writes failed, first: {:?}", errors.len(), errors[0]);
@@ -85,7 +85,7 @@ pub fn run(spec: Spec, changes: usize) -> anyhow::Result<Part> {
     let step = |syn: &Synthetic, dp: &mut Datapath| -> anyhow::Result<(f64, f64)> {
         let t = Instant::now();
         let c = syn.compile();
-        let contents = contents_of(&c);
+        let contents = c.contents();
         let compile = t.elapsed().as_secs_f64() * 1e3;
         let t = Instant::now();
         let errors = dp.apply(&contents);

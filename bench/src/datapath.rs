@@ -188,7 +188,7 @@ pub fn measure_size(n: usize, s: &Settings, floor: &Floor) -> anyhow::Result<Siz
     let layout = PinLayout::new(scratch.dir.join("pins"));
     let mut dp = Datapath::open(layout.clone()).context("opening the datapath")?;
     let t = Instant::now();
-    let errors = dp.apply(&crate::synth::contents_of(&compiled));
+    let errors = dp.apply(&compiled.contents());
     let apply_ms = t.elapsed().as_secs_f64() * 1e3;
     if !errors.is_empty() {
         bail!("{} map writes failed, first: {:?}", errors.len(), errors[0]);

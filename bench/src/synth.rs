@@ -12,7 +12,6 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use k8s_openapi::api::networking::v1::NetworkPolicySpec;
 use netpol_agent::compiler::{self, CompileInput, Compiled};
-use netpol_agent::datapath::Contents;
 use netpol_agent::model::{ClusterState, Namespace, Origin, Pod, PodKey, Policy};
 
 /// The node name of the local pods.
@@ -178,19 +177,6 @@ impl Synthetic {
             endpoints: &self.endpoints,
             host_addrs: &[IpAddr::V4(Ipv4Addr::new(10, 64, 255, 254))],
         })
-    }
-}
-
-/// The policy-map contents of a compilation, as the agent writes them (maps other parts of the
-/// agent own, if any, left empty).
-#[allow(clippy::needless_update)]
-pub fn contents_of(c: &Compiled) -> Contents {
-    Contents {
-        endpoints: c.endpoints.clone(),
-        ipcache: c.ipcache.clone(),
-        cidrs: c.cidrs.clone(),
-        policy: c.policy.clone(),
-        ..Contents::default()
     }
 }
 

@@ -18,7 +18,7 @@ use tokio::{net::UnixListener, signal::unix::SignalKind};
 use crate::{
     compiler::{self, CompileInput, Compiled},
     control::{self, EndpointStatus, MapStatus, SharedStatus, Status},
-    datapath::{Contents, Datapath, Hook, PinLayout},
+    datapath::{Datapath, Hook, PinLayout},
     discovery::{Discovery, NodeView},
     metrics,
     model::{ClusterState, PodKey},
@@ -276,7 +276,7 @@ impl Sync {
             }
         }
         let before = self.datapath.generation();
-        let write_errors = self.datapath.apply(&contents_of(&compiled));
+        let write_errors = self.datapath.apply(&compiled.contents());
         errors.extend(
             write_errors
                 .iter()
@@ -435,14 +435,4 @@ pub fn match_endpoints(
         }
     }
     endpoints
-}
-
-fn contents_of(compiled: &Compiled) -> Contents {
-    Contents {
-        endpoints: compiled.endpoints.clone(),
-        ipcache: compiled.ipcache.clone(),
-        cidrs: compiled.cidrs.clone(),
-        policy: compiled.policy.clone(),
-        services: compiled.services.clone(),
-    }
 }

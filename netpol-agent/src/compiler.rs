@@ -118,6 +118,17 @@ pub fn port_range_prefixes(lo: u16, hi: u16) -> Vec<(u16, u32)> {
 }
 
 impl Compiled {
+    /// What the datapath maps must hold for this compilation.
+    pub fn contents(&self) -> crate::datapath::Contents {
+        crate::datapath::Contents {
+            endpoints: self.endpoints.clone(),
+            ipcache: self.ipcache.clone(),
+            cidrs: self.cidrs.clone(),
+            policy: self.policy.clone(),
+            services: self.services.clone(),
+        }
+    }
+
     /// A userspace model of the datapath's policy lookup, for tests and diagnostics: would a new
     /// connection between the local `endpoint` and `peer` (the source for ingress, the destination for
     /// egress) to destination `port` be allowed? Conntrack is not modelled.

@@ -650,13 +650,7 @@ fn policy_contents(ifindex: u32) -> anyhow::Result<Contents> {
     if !compiled.errors.is_empty() {
         bail!("compiling the self-test policies: {:?}", compiled.errors);
     }
-    Ok(Contents {
-        endpoints: compiled.endpoints,
-        ipcache: compiled.ipcache,
-        cidrs: compiled.cidrs,
-        policy: compiled.policy,
-        services: compiled.services,
-    })
+    Ok(compiled.contents())
 }
 
 #[cfg(test)]
