@@ -104,9 +104,17 @@ pub(super) fn compile(c: &Compiled, frontends: &[Frontend]) -> BTreeMap<SvcKey, 
                 .map(|(ip, port)| egress_allows(c, endpoint, *ip, protocol, *port))
                 .collect();
             let allowed = verdicts.iter().flatten().count();
+            // A denied backend on this node's own addresses ends in local delivery, where no hook runs
+            // after DNAT to catch it: such a frontend cannot be deferred, so it fails closed.
+            let denied_local_host = f.backends.iter().zip(&verdicts).any(|((ip, _), v)| {
+                v.is_none()
+                    && c.ipcache
+                        .get(&ip_key(*ip))
+                        .is_some_and(|i| i.identity == identity::HOST)
+            });
             let verdict = if allowed == verdicts.len() {
                 service::VERDICT_ALLOW
-            } else if allowed > 0 {
+            } else if allowed > 0 && !denied_local_host {
                 service::VERDICT_DEFER
             } else {
                 continue;

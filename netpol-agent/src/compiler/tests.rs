@@ -1373,3 +1373,44 @@ ports: [{name: web, port: 80, protocol: TCP}]
         "not egress-isolated: nothing to precompute"
     );
 }
+
+#[test]
+fn partial_allow_with_a_denied_backend_on_this_node_fails_closed() {
+    let mut c = Cluster::new();
+    let client = c.local("default", "client", &[], &["10.42.0.5"]);
+    c.remote(
+        "default",
+        "db-1",
+        &[("app", "db"), ("tier", "gold")],
+        &["10.42.1.7"],
+    );
+    c.service(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: default}
+spec: {clusterIP: 10.43.0.54, ports: [{name: pg, port: 5432}]}
+"#,
+    );
+    // The second backend is this node's own address (a hostNetwork pod): a deferred packet kube-proxy
+    // sends there is delivered locally, past every hook, so the frontend must not be deferred.
+    c.endpoint_slice(
+        r#"
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: db-1, namespace: default, labels: {kubernetes.io/service-name: db}}
+addressType: IPv4
+endpoints: [{addresses: [10.42.1.7]}, {addresses: [192.168.1.10]}]
+ports: [{name: pg, port: 5432, protocol: TCP}]
+"#,
+    );
+    c.policy(
+        "default",
+        "to-gold",
+        "{podSelector: {}, policyTypes: [Egress], egress: [{to: [{podSelector: {matchLabels: {tier: gold}}}], ports: [{port: 5432}]}]}",
+    );
+    assert_eq!(
+        svc_verdict(&c.compile(), client, "10.43.0.54", TCP, 5432),
+        None
+    );
+}
