@@ -19,8 +19,12 @@
 //!   ..., z/c=8) lives on node i%2 with `10.42.N.(10+i)` and `fd00:10:42:N::(10+i)` (the
 //!   decimal digits reused as hex, so `10.42.0.10` <-> `fd00:10:42::10`). Each pod has its own
 //!   netns `<prefix>-<ns>-<pod>` with `eth0`, whose host peer `veth<8 hex>` sits in the node
-//!   netns, is a `cni0` port with hairpin on. Every pod runs `netpol-probe serve` on TCP and
-//!   UDP 80 and 81, dual-stack.
+//!   netns, is a `cni0` port with hairpin on. Every pod runs `netpol-probe serve --name <ns>/<pod>`
+//!   on TCP and UDP 80 and 81 (other ports with [`Cluster::add_pod_with`]), dual-stack; its
+//!   answers say which pod answered, on which port, and whom it saw as the client.
+//! * Services (opt-in, [`Cluster::enable_kube_proxy`], see [`crate::kube_proxy`]): kube-proxy's
+//!   iptables rules in every node, `services.yaml` in the manifest dir, CoreDNS and a host
+//!   outside the cluster.
 //! * Manifests (multi-document YAML) in a temp dir: `objects.yaml` (Namespaces and Pods with
 //!   `spec.nodeName`, container ports `serve-80-tcp`.., `status.podIP(s)`, phase Running) and
 //!   `policies.yaml` (whatever the test applies). Files are replaced atomically (write a
