@@ -287,7 +287,11 @@ fn read_object(
         Some("Service") => typed::<core::Service>(value)
             .and_then(|s| Ok(Object::Service(crate::service::Service::from_k8s(&s)?))),
         Some("EndpointSlice") => typed::<k8s_openapi::api::discovery::v1::EndpointSlice>(value)
-            .and_then(|s| Ok(Object::EndpointSlice(crate::service::EndpointSlice::from_k8s(&s)?))),
+            .and_then(|s| {
+                Ok(Object::EndpointSlice(
+                    crate::service::EndpointSlice::from_k8s(&s)?,
+                ))
+            }),
         Some(_) => {
             contents.ignored.push(IgnoredObject {
                 origin: origin.clone(),
