@@ -7,10 +7,14 @@
 //!    the agent enforcing an allow policy against no agent.
 //! 4. [`control`]: full sync, change-to-enforced latency and peak RSS for 5,000 pods, 1,000 policies
 //!    and 110 local pods.
+//! 5. [`api_memory`]: the real agent process on the Kubernetes API source (against the API server
+//!    test double serving 5,000 pods and 1,000 policies, ~110 of the pods local): first sync time and
+//!    peak RSS (`VmHWM`) after the sync and after churn.
 //!
 //! The report goes to `target/bench/report.json`; [`Report::table`] renders it. Timed numbers are only
 //! reported, never asserted: [`Report::missing`] says whether every part produced its numbers.
 
+pub mod api_memory;
 pub mod bpf;
 pub mod control;
 pub mod datapath;
@@ -94,6 +98,8 @@ pub struct Report {
     pub crossover: Vec<Crossover>,
     pub traffic: Option<traffic::Part>,
     pub control_plane: Option<control::Part>,
+    #[serde(default)]
+    pub api_memory: Option<api_memory::Part>,
     pub targets: Vec<Target>,
     /// Parts that failed, with why.
     pub errors: Vec<String>,
@@ -192,6 +198,13 @@ pub fn run(o: &Options) -> Report {
     match control_in_child(o) {
         Ok(p) => r.control_plane = Some(p),
         Err(e) => r.errors.push(format!("control plane: {e:#}")),
+    }
+    eprintln!("bench: 5/5 agent memory on the API source");
+    match api_memory::run(&o.agent_bin, api_memory::Spec::new(o.quick)) {
+        Ok(p) => r.api_memory = Some(p),
+        Err(e) => r
+            .errors
+            .push(format!("agent memory on the API source: {e:#}")),
     }
     r.crossover = crossover(&r);
     r.targets = targets(&r);
@@ -358,6 +371,17 @@ fn targets(r: &Report) -> Vec<Target> {
             "< 100 MiB",
             format!("{:.1} MiB", cp.peak_rss_mib),
             cp.peak_rss_mib < 100.0,
+        );
+    }
+    if let Some(am) = &r.api_memory {
+        push(
+            "agent peak RSS, API source",
+            "< 100 MiB",
+            format!(
+                "{:.1} MiB ({} pods, {} policies)",
+                am.peak_rss_after_churn_mib, am.spec.pods, am.spec.policies
+            ),
+            am.peak_rss_after_churn_mib < 100.0,
         );
     }
     t
@@ -579,6 +603,31 @@ impl Report {
                 );
             }
             let _ = writeln!(o, "| peak RSS (VmHWM) | {:.1} MiB |\n", c.peak_rss_mib);
+        }
+        if let Some(a) = &self.api_memory {
+            let _ = writeln!(
+                o,
+                "The agent process on the API source (API server double), {} pods, {} policies, {} local pods:\n",
+                a.spec.pods, a.spec.policies, a.local_pods
+            );
+            let _ = writeln!(o, "| measure | value |");
+            let _ = writeln!(o, "| --- | ---: |");
+            let _ = writeln!(
+                o,
+                "| start to first ready sync | {:.0} ms |",
+                a.first_sync_ms
+            );
+            let _ = writeln!(
+                o,
+                "| peak RSS (VmHWM) after the first sync | {:.1} MiB |",
+                a.peak_rss_after_sync_mib
+            );
+            let _ = writeln!(
+                o,
+                "| peak RSS (VmHWM) after {} changes | {:.1} MiB |",
+                a.churn_changes, a.peak_rss_after_churn_mib
+            );
+            let _ = writeln!(o, "| RSS at the end (VmRSS) | {:.1} MiB |\n", a.rss_end_mib);
         }
         if !self.targets.is_empty() {
             let _ = writeln!(o, "| target | wanted | measured | met |");

@@ -35,6 +35,12 @@ enum Internal {
         #[arg(long)]
         quick: bool,
     },
+    /// Only the agent-memory part (agent on the API source against the API server double); prints
+    /// JSON.
+    ApiMemory {
+        #[arg(long)]
+        quick: bool,
+    },
     /// (internal) Connect/read/close loop; prints JSON.
     #[command(hide = true)]
     ConnectLoop {
@@ -54,6 +60,17 @@ fn main() -> anyhow::Result<()> {
             let (spec, changes) = control_spec(quick);
             let part = control::run(spec, changes)?;
             println!("{}", serde_json::to_string(&part)?);
+            return Ok(());
+        }
+        Some(Internal::ApiMemory { quick }) => {
+            let dir = std::env::current_exe()?
+                .parent()
+                .map(PathBuf::from)
+                .unwrap_or_default();
+            let agent = cli.agent_bin.unwrap_or_else(|| dir.join("netpol-agent"));
+            let part =
+                netpol_bench::api_memory::run(&agent, netpol_bench::api_memory::Spec::new(quick))?;
+            println!("{}", serde_json::to_string_pretty(&part)?);
             return Ok(());
         }
         Some(Internal::ConnectLoop { addr, port, secs }) => {
