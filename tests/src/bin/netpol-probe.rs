@@ -140,13 +140,21 @@ fn serve_tcp(l: TcpListener, name: Option<String>) {
     }
 }
 
+/// How the probe's UDP nonces start.
+const PROBE_NONCE_PREFIX: &[u8] = b"netpol-probe";
+
 fn serve_udp(s: UdpSocket, name: Option<String>) {
     let port = s.local_addr().map(|a| a.port()).unwrap_or(0);
     let mut buf = [0u8; 2048];
     loop {
         if let Ok((n, peer)) = s.recv_from(&mut buf) {
             let mut reply = buf[..n].to_vec();
-            if let Some(name) = &name {
+            // Only the probe's own datagrams are told who answered: other senders (flow-accounting
+            // tests) get a plain echo, so a reply is exactly as long as its request.
+            if let Some(name) = name
+                .as_ref()
+                .filter(|_| reply.starts_with(PROBE_NONCE_PREFIX))
+            {
                 reply.extend_from_slice(
                     format!(" {name} at :{port} from {}", peer_text(peer)).as_bytes(),
                 );
@@ -322,7 +330,8 @@ fn probe_udp(t: &Target, timeout: Duration) -> Result<String> {
     let s = UdpSocket::bind(bind)?;
     s.connect(SocketAddr::new(t.addr, t.port))?;
     let nonce = format!(
-        "netpol-probe {} {:?}",
+        "{} {} {:?}",
+        std::str::from_utf8(PROBE_NONCE_PREFIX).unwrap_or_default(),
         std::process::id(),
         std::time::SystemTime::now()
     );
