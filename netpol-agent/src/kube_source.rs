@@ -1,12 +1,17 @@
-//! The Kubernetes API source: Namespaces, Pods and NetworkPolicies of the whole cluster, watched with
-//! kube-runtime watchers and published as [`ClusterState`] snapshots, like the manifest directory.
+//! The Kubernetes API source: Namespaces, Pods, NetworkPolicies, Services and EndpointSlices
+//! (`discovery.k8s.io/v1`) of the whole cluster, watched with kube-runtime watchers and published as
+//! [`ClusterState`] snapshots, like the manifest directory. Services and EndpointSlices give the
+//! compiler the ClusterIP frontends and their backends, so that egress through a Service (kube-dns
+//! at `10.43.0.10`, say) is decided against the backends (see `docs/services.md`).
 //!
 //! Memory: every watch event is converted at once into the model ([`Namespace`], [`Pod`],
-//! [`Policy`]), which keeps only what the compiler uses (labels, addresses, node name, named ports,
-//! phase, the policy spec); the API objects themselves (managed fields, container specs, conditions)
-//! are dropped as soon as they are converted. No reflector store of full objects is kept.
+//! [`Policy`], [`service::Service`], [`service::EndpointSlice`]), which keeps only what the compiler
+//! uses (labels, addresses, node name, named ports, phase, the policy spec, cluster IPs and ports,
+//! ready endpoint addresses); the API objects themselves (managed fields, container specs,
+//! conditions, endpoint topology) are dropped as soon as they are converted. No reflector store of
+//! full objects is kept.
 //!
-//! Start-up: nothing is published (`state: None`) until each of the three watches has listed once.
+//! Start-up: nothing is published (`state: None`) until each of the five watches has listed once.
 //! A relist (after `410 Gone` or any failed watch) is buffered and replaces the kind's objects only
 //! when complete, so objects deleted while the watch was down disappear, and the last good state
 //! stays in force while the relist is under way or failing.
@@ -34,7 +39,7 @@ use std::{
 use anyhow::Context as _;
 use futures::{Stream, StreamExt as _, stream::FuturesUnordered};
 use k8s_openapi::{
-    api::{core::v1 as core, networking::v1 as networking},
+    api::{core::v1 as core, discovery::v1 as discovery, networking::v1 as networking},
     apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time},
 };
 use kube::{
@@ -49,6 +54,7 @@ use crate::{
     model::{
         ClusterState, ConvertError, Namespace, ObjectRef, Origin, Pod, PodKey, Policy, SourceError,
     },
+    service,
     source::Snapshot,
 };
 
@@ -95,10 +101,21 @@ enum Kind {
     Namespaces,
     Pods,
     NetworkPolicies,
+    Services,
+    EndpointSlices,
 }
 
+/// How many kinds the source watches.
+const KINDS: usize = 5;
+
 impl Kind {
-    const ALL: [Kind; 3] = [Kind::Namespaces, Kind::Pods, Kind::NetworkPolicies];
+    const ALL: [Kind; KINDS] = [
+        Kind::Namespaces,
+        Kind::Pods,
+        Kind::NetworkPolicies,
+        Kind::Services,
+        Kind::EndpointSlices,
+    ];
 
     fn index(self) -> usize {
         self as usize
@@ -111,6 +128,8 @@ impl fmt::Display for Kind {
             Kind::Namespaces => "namespaces",
             Kind::Pods => "pods",
             Kind::NetworkPolicies => "networkpolicies",
+            Kind::Services => "services",
+            Kind::EndpointSlices => "endpointslices",
         })
     }
 }
@@ -120,6 +139,8 @@ enum Update {
     Namespace(watcher::Result<watcher::Event<core::Namespace>>),
     Pod(Box<watcher::Result<watcher::Event<core::Pod>>>),
     Policy(watcher::Result<watcher::Event<networking::NetworkPolicy>>),
+    Service(Box<watcher::Result<watcher::Event<core::Service>>>),
+    EndpointSlice(Box<watcher::Result<watcher::Event<discovery::EndpointSlice>>>),
 }
 
 type Updates = Pin<Box<dyn Stream<Item = Update> + Send>>;
@@ -134,14 +155,22 @@ fn watch_all(client: &Client) -> Updates {
         .map(|u| Update::Pod(Box::new(u)));
     let policies = watcher(
         Api::<networking::NetworkPolicy>::all(client.clone()),
-        config,
+        config.clone(),
     )
     .default_backoff()
     .map(Update::Policy);
+    let services = watcher(Api::<core::Service>::all(client.clone()), config.clone())
+        .default_backoff()
+        .map(|u| Update::Service(Box::new(u)));
+    let slices = watcher(Api::<discovery::EndpointSlice>::all(client.clone()), config)
+        .default_backoff()
+        .map(|u| Update::EndpointSlice(Box::new(u)));
     Box::pin(futures::stream::select_all([
         namespaces.boxed(),
         pods.boxed(),
         policies.boxed(),
+        services.boxed(),
+        slices.boxed(),
     ]))
 }
 
@@ -153,6 +182,10 @@ async fn probe(client: Client, kind: Kind) -> (Kind, Result<(), String>) {
             Kind::Pods => list_and_watch(Api::<core::Pod>::all(client)).await,
             Kind::NetworkPolicies => {
                 list_and_watch(Api::<networking::NetworkPolicy>::all(client)).await
+            }
+            Kind::Services => list_and_watch(Api::<core::Service>::all(client)).await,
+            Kind::EndpointSlices => {
+                list_and_watch(Api::<discovery::EndpointSlice>::all(client)).await
             }
         }
     };
@@ -182,7 +215,7 @@ type Probe = Pin<Box<dyn Future<Output = (Kind, Result<(), String>)> + Send>>;
 async fn run(client: Client, tx: watch::Sender<Snapshot>) {
     let mut updates = watch_all(&client);
     let mut store = Store::default();
-    let mut health: [KindHealth; 3] = Default::default();
+    let mut health: [KindHealth; KINDS] = Default::default();
     let mut probes: FuturesUnordered<Probe> = FuturesUnordered::new();
     let mut publish_at: Option<tokio::time::Instant> = None;
     let mut first_seen: Option<Instant> = None;
@@ -292,7 +325,7 @@ impl KindHealth {
     }
 }
 
-fn combined_problem(health: &[KindHealth; 3]) -> Option<String> {
+fn combined_problem(health: &[KindHealth; KINDS]) -> Option<String> {
     let parts: Vec<String> = Kind::ALL
         .iter()
         .filter_map(|k| {
@@ -419,6 +452,8 @@ struct Store {
     namespaces: Objects<Namespace>,
     pods: Objects<PodEntry>,
     policies: Objects<Policy>,
+    services: Objects<service::Service>,
+    endpoint_slices: Objects<service::EndpointSlice>,
     claims: u64,
 }
 
@@ -507,7 +542,11 @@ fn same_pod(a: &Entry<PodEntry>, b: &Entry<PodEntry>) -> bool {
 
 impl Store {
     fn synced(&self) -> bool {
-        self.namespaces.synced && self.pods.synced && self.policies.synced
+        self.namespaces.synced
+            && self.pods.synced
+            && self.policies.synced
+            && self.services.synced
+            && self.endpoint_slices.synced
     }
 
     fn apply(&mut self, update: Update) -> (Kind, Outcome) {
@@ -545,6 +584,39 @@ impl Store {
                 );
                 (Kind::NetworkPolicies, outcome)
             }
+            Update::Service(update) => match *update {
+                Err(e) => (Kind::Services, classify(Kind::Services, &e)),
+                Ok(event) => {
+                    let outcome = apply_event(
+                        &mut self.services,
+                        event,
+                        |s: &core::Service| key_of(&s.metadata, true),
+                        |s, _| {
+                            service::Service::from_k8s(s)
+                                .map_err(|e| source_error("Service", &key_of(&s.metadata, true), e))
+                        },
+                        same_value,
+                    );
+                    (Kind::Services, outcome)
+                }
+            },
+            Update::EndpointSlice(update) => match *update {
+                Err(e) => (Kind::EndpointSlices, classify(Kind::EndpointSlices, &e)),
+                Ok(event) => {
+                    let outcome = apply_event(
+                        &mut self.endpoint_slices,
+                        event,
+                        |s: &discovery::EndpointSlice| key_of(&s.metadata, true),
+                        |s, _| {
+                            service::EndpointSlice::from_k8s(s).map_err(|e| {
+                                source_error("EndpointSlice", &key_of(&s.metadata, true), e)
+                            })
+                        },
+                        same_value,
+                    );
+                    (Kind::EndpointSlices, outcome)
+                }
+            },
         }
     }
 
@@ -591,6 +663,22 @@ impl Store {
             match entry {
                 Ok(p) => {
                     state.policies.insert(p.key.clone(), p.clone());
+                }
+                Err(e) => state.errors.push((**e).clone()),
+            }
+        }
+        for entry in self.services.live.values() {
+            match entry {
+                Ok(s) => {
+                    state.services.insert(s.key.clone(), s.clone());
+                }
+                Err(e) => state.errors.push((**e).clone()),
+            }
+        }
+        for entry in self.endpoint_slices.live.values() {
+            match entry {
+                Ok(s) => {
+                    state.endpoint_slices.insert(s.key.clone(), s.clone());
                 }
                 Err(e) => state.errors.push((**e).clone()),
             }
@@ -669,9 +757,16 @@ mod tests {
             pod_update(watcher::Event::InitDone),
             Update::Policy(Ok(watcher::Event::Init)),
             Update::Policy(Ok(watcher::Event::InitDone)),
+            Update::Service(Box::new(Ok(watcher::Event::Init))),
+            Update::Service(Box::new(Ok(watcher::Event::InitDone))),
+            Update::EndpointSlice(Box::new(Ok(watcher::Event::Init))),
         ] {
             s.apply(u);
+            assert!(!s.synced(), "synced before every kind listed once");
         }
+        s.apply(Update::EndpointSlice(Box::new(Ok(
+            watcher::Event::InitDone,
+        ))));
         assert!(s.synced());
         s
     }
@@ -753,6 +848,80 @@ mod tests {
         b.status.as_mut().unwrap().conditions = Some(vec![]);
         let (_, o) = s.apply(pod_update(watcher::Event::Apply(b)));
         assert_eq!(o, Outcome::Progress { changed: false });
+    }
+
+    #[test]
+    fn services_and_slices_reach_the_state_slim_and_bad_ones_are_errors() {
+        let svc: core::Service = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "kube-dns", "namespace": "kube-system", "resourceVersion": "1"},
+            "spec": {"clusterIP": "10.43.0.10", "clusterIPs": ["10.43.0.10"],
+                     "selector": {"k8s-app": "kube-dns"},
+                     "ports": [{"name": "dns", "protocol": "UDP", "port": 53, "targetPort": 53}]},
+        }))
+        .unwrap();
+        let slice: discovery::EndpointSlice = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "kube-dns-abc", "namespace": "kube-system", "resourceVersion": "1",
+                         "labels": {"kubernetes.io/service-name": "kube-dns"}},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": ["10.42.0.19"], "conditions": {"ready": true}},
+                          {"addresses": ["10.42.1.20"], "conditions": {"ready": false}}],
+            "ports": [{"name": "dns", "protocol": "UDP", "port": 53}],
+        }))
+        .unwrap();
+        let mut s = synced_store();
+        let (kind, o) = s.apply(Update::Service(Box::new(Ok(watcher::Event::Apply(
+            svc.clone(),
+        )))));
+        assert_eq!(
+            (kind, o),
+            (Kind::Services, Outcome::Progress { changed: true })
+        );
+        let (kind, o) = s.apply(Update::EndpointSlice(Box::new(Ok(watcher::Event::Apply(
+            slice.clone(),
+        )))));
+        assert_eq!(
+            (kind, o),
+            (Kind::EndpointSlices, Outcome::Progress { changed: true })
+        );
+        let state = s.cluster_state();
+        let key = PodKey::new("kube-system", "kube-dns");
+        assert_eq!(
+            state.services[&key].cluster_ips,
+            ["10.43.0.10".parse::<IpAddr>().unwrap()]
+        );
+        let sl = &state.endpoint_slices[&PodKey::new("kube-system", "kube-dns-abc")];
+        assert_eq!(sl.service, "kube-dns");
+        assert_eq!(
+            sl.addresses,
+            ["10.42.0.19".parse::<IpAddr>().unwrap()],
+            "not-ready endpoints dropped"
+        );
+        let fronts = service::frontends(&state);
+        assert_eq!(fronts.len(), 1);
+        assert_eq!(
+            fronts[0].backends,
+            [("10.42.0.19".parse::<IpAddr>().unwrap(), 53)]
+        );
+
+        // A Service that cannot be converted is an error naming it, not a frontend.
+        let mut bad = svc.clone();
+        bad.spec.as_mut().unwrap().cluster_ips = Some(vec!["not-an-ip".into()]);
+        s.apply(Update::Service(Box::new(Ok(watcher::Event::Apply(bad)))));
+        let state = s.cluster_state();
+        assert!(state.services.is_empty());
+        assert_eq!(state.errors.len(), 1);
+        let e = &state.errors[0];
+        assert_eq!(e.object.as_ref().unwrap().kind.as_deref(), Some("Service"));
+        assert_eq!(e.field.as_deref(), Some("spec.clusterIPs[0]"));
+
+        // Deletes of both kinds flow through.
+        s.apply(Update::Service(Box::new(Ok(watcher::Event::Delete(svc)))));
+        s.apply(Update::EndpointSlice(Box::new(Ok(watcher::Event::Delete(
+            slice,
+        )))));
+        let state = s.cluster_state();
+        assert!(state.services.is_empty() && state.endpoint_slices.is_empty());
+        assert!(state.errors.is_empty());
     }
 
     #[test]
