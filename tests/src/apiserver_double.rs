@@ -2,8 +2,9 @@
 //! HTTP/1.1, for the agent's API source (kube-runtime watchers) to run against.
 //!
 //! What it speaks, as the API server does:
-//! - `GET /api/v1/namespaces`, `/api/v1/pods`, `/apis/networking.k8s.io/v1/networkpolicies`
-//!   (cluster-wide; anything else is a 404 `Status`).
+//! - `GET /api/v1/namespaces`, `/api/v1/pods`, `/apis/networking.k8s.io/v1/networkpolicies`,
+//!   `/api/v1/services`, `/apis/discovery.k8s.io/v1/endpointslices` (cluster-wide; anything else is
+//!   a 404 `Status`).
 //! - Lists: `{"kind":"PodList","metadata":{"resourceVersion":"N","continue":..},"items":[..]}`,
 //!   paged by `limit`/`continue`; items carry no kind/apiVersion, as in the real API.
 //! - Watches (`?watch=1&resourceVersion=N`): a chunked stream of JSON lines
@@ -43,13 +44,17 @@ pub enum Resource {
     Namespaces,
     Pods,
     NetworkPolicies,
+    Services,
+    EndpointSlices,
 }
 
 impl Resource {
-    pub const ALL: [Resource; 3] = [
+    pub const ALL: [Resource; 5] = [
         Resource::Namespaces,
         Resource::Pods,
         Resource::NetworkPolicies,
+        Resource::Services,
+        Resource::EndpointSlices,
     ];
 
     /// The collection path.
@@ -58,6 +63,8 @@ impl Resource {
             Resource::Namespaces => "/api/v1/namespaces",
             Resource::Pods => "/api/v1/pods",
             Resource::NetworkPolicies => "/apis/networking.k8s.io/v1/networkpolicies",
+            Resource::Services => "/api/v1/services",
+            Resource::EndpointSlices => "/apis/discovery.k8s.io/v1/endpointslices",
         }
     }
 
@@ -67,6 +74,8 @@ impl Resource {
             Resource::Namespaces => "namespaces",
             Resource::Pods => "pods",
             Resource::NetworkPolicies => "networkpolicies",
+            Resource::Services => "services",
+            Resource::EndpointSlices => "endpointslices",
         }
     }
 
@@ -75,14 +84,24 @@ impl Resource {
             Resource::Namespaces => "Namespace",
             Resource::Pods => "Pod",
             Resource::NetworkPolicies => "NetworkPolicy",
+            Resource::Services => "Service",
+            Resource::EndpointSlices => "EndpointSlice",
         }
     }
 
     pub fn api_version(self) -> &'static str {
         match self {
             Resource::NetworkPolicies => "networking.k8s.io/v1",
+            Resource::EndpointSlices => "discovery.k8s.io/v1",
             _ => "v1",
         }
+    }
+
+    /// The API group ("" for the core group), as in RBAC rules.
+    pub fn group(self) -> &'static str {
+        self.api_version()
+            .rsplit_once('/')
+            .map_or("", |(group, _)| group)
     }
 
     fn namespaced(self) -> bool {
@@ -667,11 +686,7 @@ fn handle(mut stream: TcpStream, shared: &Shared) -> Result<()> {
                     "{} is forbidden: User \"system:serviceaccount:netpol-system:netpol-agent\" cannot {verb} resource \"{}\" in API group \"{}\" at the cluster scope",
                     resource.plural(),
                     resource.plural(),
-                    if resource == Resource::NetworkPolicies {
-                        "networking.k8s.io"
-                    } else {
-                        ""
-                    }
+                    resource.group()
                 ),
             ),
         )?);

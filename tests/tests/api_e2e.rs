@@ -3,10 +3,12 @@
 //! since `ip netns exec` nodes cannot reach the host's 127.0.0.1), a NetworkPolicy created and
 //! deleted through the double is enforced and lifted, an outage is reported (status, /readyz) while
 //! enforcement stays, a restarted agent that cannot reach the API keeps the pinned policy and is not
-//! ready, and kube-router's leftover chains draw the start-up warning.
+//! ready, and kube-router's leftover chains draw the start-up warning. With the kube-proxy
+//! simulation, the DNS egress policy works through kube-dns's ClusterIP only once the Service and
+//! its EndpointSlices come through the API, and stops when the Service is deleted.
 
 use std::ffi::OsString;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -15,6 +17,7 @@ use netpol_tests::apiserver_double::{
     ApiServerDouble, Resource, http_get_in_netns, load_manifest_file,
 };
 use netpol_tests::cluster::{Cluster, Family, Proto, default_agent_bin};
+use netpol_tests::kube_proxy::{COREDNS_POD, KUBE_DNS_IP, ProbeReport, Service};
 
 const PROBE_BIN: &str = env!("CARGO_BIN_EXE_netpol-probe");
 const CONVERGE: Duration = Duration::from_secs(30);
@@ -185,4 +188,219 @@ fn policy_created_through_the_api_double_is_enforced() {
         1,
         "warned once per start"
     );
+}
+
+const DNS_POLICIES: &str = "\
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata:
+  name: default-deny-egress
+  namespace: x
+spec:
+  podSelector: {}
+  policyTypes: [Egress]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata:
+  name: allow-dns
+  namespace: x
+spec:
+  podSelector: {}
+  policyTypes: [Egress]
+  egress:
+  - to:
+    - namespaceSelector:
+        matchLabels:
+          kubernetes.io/metadata.name: kube-system
+      podSelector:
+        matchLabels:
+          k8s-app: kube-dns
+    ports:
+    - port: 53
+      protocol: UDP
+    - port: 53
+      protocol: TCP
+";
+
+/// y/web: ClusterIP 10.43.1.1, TCP and UDP 80 -> y/b (node 0).
+const WEB: Ipv4Addr = Ipv4Addr::new(10, 43, 1, 1);
+
+/// What a probe must see.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Want {
+    Blocked,
+    /// Answered by this pod, on this port (after DNAT).
+    ByOn(&'static str, u16),
+}
+
+/// (from pod, protocol, address, port, want).
+type Case = (&'static str, Proto, Ipv4Addr, u16, Want);
+
+fn judge(want: Want, r: &ProbeReport) -> bool {
+    match want {
+        Want::Blocked => !r.ok,
+        Want::ByOn(p, port) => r.ok && r.answered_by() == Some(p) && r.answered_on() == Some(port),
+    }
+}
+
+/// Probes until every case holds in one round, or fails after [`CONVERGE`] listing every case.
+fn expect(c: &mut Cluster, what: &str, cases: &[Case]) {
+    let start = Instant::now();
+    loop {
+        c.check_agents().unwrap_or_else(|e| panic!("{what}: {e:#}"));
+        let reports: Vec<ProbeReport> = cases
+            .iter()
+            .map(|(from, proto, addr, port, _)| {
+                c.probe_pod(from, *proto, *addr, *port)
+                    .unwrap_or_else(|e| panic!("probing from {from}: {e:#}"))
+            })
+            .collect();
+        let ok = cases.iter().zip(&reports).all(|(k, r)| judge(k.4, r));
+        if ok || start.elapsed() > CONVERGE {
+            let table: String = cases
+                .iter()
+                .zip(&reports)
+                .map(|(k, r)| {
+                    format!(
+                        "  {} {} -> {}/{}:{} want {:?}, got ok={} reply={:?} {}\n",
+                        if judge(k.4, r) { "ok  " } else { "FAIL" },
+                        k.0,
+                        k.1.as_str(),
+                        k.2,
+                        k.3,
+                        k.4,
+                        r.ok,
+                        r.reply,
+                        r.detail
+                    )
+                })
+                .collect();
+            assert!(
+                ok,
+                "{what}: not as expected after {:.1?}:\n{table}node 0 log:\n{}",
+                start.elapsed(),
+                c.agent_log(0)
+            );
+            eprintln!(
+                "{what}: as expected after {:.1?}:\n{table}",
+                start.elapsed()
+            );
+            return;
+        }
+    }
+}
+
+#[test]
+fn dns_policy_through_kube_dns_with_services_from_the_api_double() {
+    if !netpol_tests::privileged_or_skip(
+        "dns_policy_through_kube_dns_with_services_from_the_api_double",
+        "needs root (network namespaces, iptables, bpffs, BPF)",
+    ) {
+        return;
+    }
+    let mut c = Cluster::new(PROBE_BIN).unwrap_or_else(|e| panic!("cluster setup: {e:#}"));
+    c.enable_kube_proxy().unwrap();
+    c.add_coredns(0).unwrap();
+    c.add_service(
+        Service::new("y", "web", WEB)
+            .select("pod", "b")
+            .port("http", Proto::Tcp, 80, 80)
+            .port("http-udp", Proto::Udp, 80, 80),
+    )
+    .unwrap();
+    let dns_ip = c.pod(COREDNS_POD).ipv4;
+    let yb = c.pod("y/b").ipv4;
+    let ya = c.pod("y/a").ipv4;
+    let nodes: Vec<String> = c.nodes.iter().map(|n| n.name.clone()).collect();
+    let node_refs: Vec<&str> = nodes.iter().map(String::as_str).collect();
+    let double = ApiServerDouble::start_in_netns(&node_refs).expect("API server double");
+    // Namespaces and Pods (CoreDNS included) and the policies, but no Services yet: what an agent
+    // that does not watch Services and EndpointSlices sees.
+    let n = load_manifest_file(&double, &c.manifest_dir.join("objects.yaml")).unwrap();
+    assert_eq!(
+        n,
+        4 + 10,
+        "namespaces x, y, z, kube-system; 9 pods and CoreDNS"
+    );
+    assert_eq!(double.apply_yaml(DNS_POLICIES).unwrap(), 2);
+    let bin = default_agent_bin();
+    for i in 0..nodes.len() {
+        let kc = double
+            .write_kubeconfig(i, &c.tmp_dir.join(format!("kubeconfig-n{i}")))
+            .unwrap();
+        c.start_agent_with_source(i, &bin, &[OsString::from("--kubeconfig"), kc.into()])
+            .unwrap_or_else(|e| panic!("starting agent {i}: {e:#}"));
+    }
+    for i in 0..nodes.len() {
+        let s = wait_status(&mut c, i, "ready", |s| s.ready && s.pods == 10);
+        assert!(s.errors.is_empty(), "{:?}", s.errors);
+    }
+    // x/a shares CoreDNS's node, x/b does not.
+    let mut without: Vec<Case> = Vec::new();
+    for from in ["x/a", "x/b"] {
+        without.extend([
+            // No frontend known: the ClusterIP is just an address the policy does not allow.
+            (from, Proto::Udp, KUBE_DNS_IP, 53, Want::Blocked),
+            (from, Proto::Tcp, KUBE_DNS_IP, 53, Want::Blocked),
+            // The policy names the pod: its own address works.
+            (from, Proto::Udp, dns_ip, 53, Want::ByOn(COREDNS_POD, 53)),
+        ]);
+    }
+    // kube-proxy works: an unisolated pod reaches y/web's backend.
+    without.push(("y/c", Proto::Tcp, WEB, 80, Want::ByOn("y/b", 80)));
+    expect(&mut c, "no Services in the API", &without);
+
+    // The Services and their EndpointSlices, as the harness wrote them for the manifest source.
+    let n = load_manifest_file(&double, &c.manifest_dir.join("services.yaml")).unwrap();
+    assert_eq!(n, 4, "kube-dns and y/web, one EndpointSlice each");
+    let mut cases: Vec<Case> = Vec::new();
+    for from in ["x/a", "x/b"] {
+        cases.extend([
+            (
+                from,
+                Proto::Udp,
+                KUBE_DNS_IP,
+                53,
+                Want::ByOn(COREDNS_POD, 53),
+            ),
+            (
+                from,
+                Proto::Tcp,
+                KUBE_DNS_IP,
+                53,
+                Want::ByOn(COREDNS_POD, 53),
+            ),
+            (from, Proto::Udp, dns_ip, 53, Want::ByOn(COREDNS_POD, 53)),
+            // Nothing else: CoreDNS's other ports, another ClusterIP, other pods.
+            (from, Proto::Tcp, dns_ip, 80, Want::Blocked),
+            (from, Proto::Udp, dns_ip, 81, Want::Blocked),
+            (from, Proto::Tcp, WEB, 80, Want::Blocked),
+            (from, Proto::Udp, WEB, 80, Want::Blocked),
+            (from, Proto::Tcp, yb, 80, Want::Blocked),
+            (from, Proto::Udp, ya, 53, Want::Blocked),
+        ]);
+    }
+    cases.push(("y/c", Proto::Tcp, WEB, 80, Want::ByOn("y/b", 80)));
+    expect(&mut c, "Services from the API", &cases);
+    for i in 0..nodes.len() {
+        let s = wait_status(&mut c, i, "no errors", |s| s.ready);
+        assert!(s.errors.is_empty(), "{:?}", s.errors);
+    }
+
+    // kube-dns deleted through the API (kube-proxy's rules stay): the ClusterIP is denied again.
+    assert!(
+        double
+            .delete(Resource::Services, "kube-system", "kube-dns")
+            .unwrap()
+    );
+    let mut gone: Vec<Case> = Vec::new();
+    for from in ["x/a", "x/b"] {
+        gone.extend([
+            (from, Proto::Udp, KUBE_DNS_IP, 53, Want::Blocked),
+            (from, Proto::Tcp, KUBE_DNS_IP, 53, Want::Blocked),
+            (from, Proto::Udp, dns_ip, 53, Want::ByOn(COREDNS_POD, 53)),
+        ]);
+    }
+    expect(&mut c, "kube-dns deleted", &gone);
 }

@@ -291,18 +291,41 @@ fn security_fields() {
             }
         }
     }
-    for res in Resource::ALL {
-        let group = res
-            .api_version()
-            .rsplit_once('/')
-            .map(|(g, _)| g.to_owned())
-            .unwrap_or_default();
-        assert!(
-            granted.contains(&(group.clone(), res.plural().to_owned())),
-            "the agent watches {group}/{} but may not list+watch it",
-            res.plural()
-        );
-    }
+    // What kube_source.rs watches (and the API server double serves for its tests).
+    let watched = [
+        Resource::Namespaces,
+        Resource::Pods,
+        Resource::NetworkPolicies,
+        Resource::Services,
+        Resource::EndpointSlices,
+    ];
+    let expected: BTreeSet<(String, String)> = watched
+        .iter()
+        .map(|r| (r.group().to_owned(), r.plural().to_owned()))
+        .collect();
+    assert!(
+        expected.contains(&("".to_owned(), "services".to_owned()))
+            && expected.contains(&("discovery.k8s.io".to_owned(), "endpointslices".to_owned()))
+    );
+    assert_eq!(
+        granted, expected,
+        "the ClusterRole must grant list+watch on exactly what the agent watches"
+    );
+    let with_get: BTreeSet<(String, String)> = rules
+        .iter()
+        .filter(|r| r.verbs.iter().any(|v| v == "get"))
+        .flat_map(|r| {
+            let groups = r.api_groups.clone().unwrap_or_default();
+            let resources = r.resources.clone().unwrap_or_default();
+            groups.into_iter().flat_map(move |g| {
+                resources
+                    .clone()
+                    .into_iter()
+                    .map(move |res| (g.clone(), res))
+            })
+        })
+        .collect();
+    assert!(expected.is_subset(&with_get), "get too: {with_get:?}");
     let bindings: Vec<ClusterRoleBinding> = of_kind(&d, "ClusterRoleBinding");
     assert_eq!(bindings.len(), 1);
     assert_eq!(
@@ -317,5 +340,74 @@ fn security_fields() {
             subject.namespace.as_deref()
         ),
         ("ServiceAccount", "netpol-agent", Some("netpol-system"))
+    );
+}
+
+/// `deploy/podmonitor.yaml` (not in the kustomize base: it needs prometheus-operator's CRD) selects
+/// the DaemonSet's pods where the base installs them, and scrapes the port the agent serves metrics
+/// on.
+#[test]
+fn podmonitor_scrapes_the_agents_metrics_port() {
+    let read = |f: &str| -> serde_yaml::Value {
+        let text = std::fs::read_to_string(root().join("deploy").join(f)).unwrap();
+        serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{f}: {e}"))
+    };
+    let pm = read("podmonitor.yaml");
+    let kustomization = read("kustomization.yaml");
+    let ds: DaemonSet = serde_yaml::from_value(read("daemonset.yaml")).unwrap();
+    assert_eq!(pm["kind"].as_str(), Some("PodMonitor"));
+    let namespace = kustomization["namespace"].as_str().expect("namespace");
+    assert_eq!(namespace, "netpol-system");
+    assert_eq!(ds.metadata.namespace.as_deref(), Some(namespace));
+    assert_eq!(pm["metadata"]["namespace"].as_str(), Some(namespace));
+    let names: Vec<&str> = pm["spec"]["namespaceSelector"]["matchNames"]
+        .as_sequence()
+        .expect("namespaceSelector.matchNames")
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    assert_eq!(names, [namespace], "selects the agent's namespace");
+    assert!(
+        pm["spec"]["namespaceSelector"]["any"].as_bool() != Some(true),
+        "namespaceSelector.any would scrape every namespace"
+    );
+
+    // The pod selector matches the DaemonSet's pod template.
+    let spec = ds.spec.unwrap();
+    let pod_labels = spec.template.metadata.unwrap().labels.unwrap_or_default();
+    let selector = pm["spec"]["selector"]["matchLabels"]
+        .as_mapping()
+        .expect("selector.matchLabels");
+    assert!(!selector.is_empty());
+    for (k, v) in selector {
+        let (k, v) = (k.as_str().unwrap(), v.as_str().unwrap());
+        assert_eq!(
+            pod_labels.get(k).map(String::as_str),
+            Some(v),
+            "the PodMonitor selects {k}={v}, the DaemonSet's pods are labelled {pod_labels:?}"
+        );
+    }
+
+    // Every endpoint names the container port `metrics`, 9102, where --metrics-addr listens.
+    let container = &spec.template.spec.unwrap().containers[0];
+    let endpoints = pm["spec"]["podMetricsEndpoints"]
+        .as_sequence()
+        .expect("podMetricsEndpoints");
+    assert_eq!(endpoints.len(), 1);
+    for e in endpoints {
+        assert_eq!(e["port"].as_str(), Some("metrics"));
+        assert_eq!(e["path"].as_str(), Some("/metrics"));
+    }
+    let port = container
+        .ports
+        .iter()
+        .flatten()
+        .find(|p| p.name.as_deref() == Some("metrics"))
+        .expect("a container port named metrics");
+    assert_eq!(port.container_port, 9102);
+    let args = container.args.clone().unwrap_or_default();
+    assert!(
+        args.contains(&"--metrics-addr=0.0.0.0:9102".to_owned()),
+        "{args:?}"
     );
 }

@@ -1,6 +1,7 @@
 //! The Kubernetes API source (kube-runtime watchers) against the API server test double: initial
 //! sync gating, updates and deletes, 410 Gone relists, disconnects, RBAC 403 and an unreachable API
-//! server (problem reported, last state kept, recovery), and pod address reuse.
+//! server (problem reported, last state kept, recovery), pod address reuse, and Services and
+//! EndpointSlices (gating, updates, deletes, endpoint readiness, the frontends they make).
 //!
 //! No root needed: the double listens on 127.0.0.1 of the test's own network namespace.
 
@@ -8,13 +9,16 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use netpol_agent::model::{ClusterState, PodKey};
+use netpol_agent::model::{ClusterState, PodKey, Protocol};
+use netpol_agent::service::{Frontend, frontends};
 use netpol_agent::source::{self, Snapshot, SourceConfig};
 use netpol_tests::apiserver_double::{ApiServerDouble, Resource};
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
 const WAIT: Duration = Duration::from_secs(20);
+/// Namespaces, Pods, NetworkPolicies, Services, EndpointSlices: one watch each.
+const WATCHES: usize = 5;
 
 fn namespace(name: &str, labels: Value) -> Value {
     json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}})
@@ -26,6 +30,36 @@ fn pod(ns: &str, name: &str, ip: &str, app: &str) -> Value {
         "spec": {"nodeName": "node-0", "containers": [{"name": "c", "image": "i",
             "ports": [{"name": "http", "containerPort": 8080}]}]},
         "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}})
+}
+
+/// A ClusterIP Service selecting `app=<app>`, ports `dns` 53/UDP and `dns-tcp` 53/TCP.
+fn service(ns: &str, name: &str, ip: &str, app: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {"type": "ClusterIP", "clusterIP": ip, "clusterIPs": [ip],
+            "selector": {"app": app},
+            "ports": [{"name": "dns", "protocol": "UDP", "port": 53, "targetPort": 53},
+                      {"name": "dns-tcp", "protocol": "TCP", "port": 53, "targetPort": 53}]}})
+}
+
+/// An EndpointSlice of Service `svc`: (address, ready) endpoints on ports `dns`/`dns-tcp` `port`.
+fn slice(ns: &str, name: &str, svc: &str, endpoints: &[(&str, bool)], port: u16) -> Value {
+    let endpoints: Vec<Value> = endpoints
+        .iter()
+        .map(|(ip, ready)| {
+            json!({"addresses": [ip],
+                "conditions": {"ready": ready, "serving": ready, "terminating": false},
+                "nodeName": "node-0"})
+        })
+        .collect();
+    json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": name, "namespace": ns,
+            "labels": {"kubernetes.io/service-name": svc,
+                       "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io"}},
+        "addressType": "IPv4",
+        "endpoints": endpoints,
+        "ports": [{"name": "dns", "protocol": "UDP", "port": port},
+                  {"name": "dns-tcp", "protocol": "TCP", "port": port}]})
 }
 
 fn deny_all(ns: &str, name: &str) -> Value {
@@ -241,13 +275,13 @@ fn expired_watch_relists_and_drops_what_was_deleted_meanwhile() {
     runtime().block_on(async {
         let mut rx = start(&kc).await;
         wait_for(&mut rx, "the first state", |s| has_pod(s, "x", "b")).await;
-        wait_double(&double, "three watches", |d| d.open_watches() == 3).await;
+        wait_double(&double, "every watch", |d| d.open_watches() == WATCHES).await;
         let lists = double.list_count(Resource::Pods);
 
         // 410 on an open watch: the source lists again; the state stays.
         double.expire_watches();
         wait_double(&double, "a pod relist", |d| {
-            d.list_count(Resource::Pods) > lists && d.open_watches() == 3
+            d.list_count(Resource::Pods) > lists && d.open_watches() == WATCHES
         })
         .await;
         let s = rx.borrow().clone();
@@ -328,7 +362,7 @@ fn disconnect_resumes_the_watch_without_relisting() {
     runtime().block_on(async {
         let mut rx = start(&kc).await;
         wait_for(&mut rx, "the first state", |s| has_pod(s, "x", "a")).await;
-        wait_double(&double, "three watches", |d| d.open_watches() == 3).await;
+        wait_double(&double, "every watch", |d| d.open_watches() == WATCHES).await;
         let lists = double.list_count(Resource::Pods);
         double.cut_watches();
         double.apply(pod("x", "c", "10.42.0.12", "c")).unwrap();
@@ -407,5 +441,268 @@ fn bad_kubeconfig_fails_at_start() {
             format!("{err:#}").contains("/nonexistent/kubeconfig"),
             "{err:#}"
         );
+    });
+}
+
+/// The backends of frontend `vip`:53/`protocol` in the snapshot, sorted; `None` without the frontend.
+fn backends(s: &Snapshot, vip: &str, protocol: Protocol) -> Option<Vec<(IpAddr, u16)>> {
+    let vip: IpAddr = vip.parse().unwrap();
+    let st = s.state.as_deref()?;
+    frontends(st)
+        .into_iter()
+        .find(|f: &Frontend| f.vip == vip && f.protocol == protocol && f.port == 53)
+        .map(|f| {
+            let mut b = f.backends;
+            b.sort();
+            b
+        })
+}
+
+fn ep(ip: &str, port: u16) -> (IpAddr, u16) {
+    (ip.parse().unwrap(), port)
+}
+
+#[test]
+fn services_and_endpoint_slices_gate_the_first_state_and_flow_through() {
+    let double = ApiServerDouble::start().unwrap();
+    base(&double);
+    double.apply(namespace("kube-system", json!({}))).unwrap();
+    double
+        .apply(pod("kube-system", "coredns", "10.42.0.19", "dns"))
+        .unwrap();
+    double
+        .apply(service("kube-system", "kube-dns", "10.43.0.10", "dns"))
+        .unwrap();
+    double
+        .apply(slice(
+            "kube-system",
+            "kube-dns-a",
+            "kube-dns",
+            &[("10.42.0.19", true)],
+            53,
+        ))
+        .unwrap();
+    // Neither Services nor EndpointSlices can be listed: nothing is published, both are named.
+    double.set_forbidden(Resource::Services, true);
+    double.set_forbidden(Resource::EndpointSlices, true);
+    let kc = Kubeconfig::new(&double, "services");
+    runtime().block_on(async {
+        let mut rx = start(&kc).await;
+        let s = wait_for(&mut rx, "both 403 problems", |s| {
+            problem_has(s, "services: forbidden (403)")
+                && problem_has(s, "endpointslices: forbidden (403)")
+        })
+        .await;
+        assert!(s.state.is_none(), "published before every watch listed");
+        assert!(
+            problem_has(&s, "in API group \"discovery.k8s.io\""),
+            "{:?}",
+            s.problem
+        );
+        // Services may be listed now, EndpointSlices still not: still nothing published.
+        double.set_forbidden(Resource::Services, false);
+        let s = wait_for(&mut rx, "the services problem to clear", |s| {
+            !problem_has(s, "services: forbidden")
+        })
+        .await;
+        assert!(
+            problem_has(&s, "endpointslices: forbidden (403)"),
+            "{:?}",
+            s.problem
+        );
+        // The Services watch has listed (its problem is gone); give the source a moment to (not)
+        // publish, then check it did not.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            rx.borrow().state.is_none(),
+            "published before the EndpointSlices watch listed"
+        );
+        double.set_forbidden(Resource::EndpointSlices, false);
+        let s = wait_for(&mut rx, "the first full state", |s| {
+            s.state.is_some() && s.problem.is_none()
+        })
+        .await;
+        let st = state(&s);
+        let dns = &st.services[&PodKey::new("kube-system", "kube-dns")];
+        assert_eq!(dns.cluster_ips, ["10.43.0.10".parse::<IpAddr>().unwrap()]);
+        assert_eq!(dns.ports.len(), 2);
+        let sl = &st.endpoint_slices[&PodKey::new("kube-system", "kube-dns-a")];
+        assert_eq!(sl.service, "kube-dns");
+        assert_eq!(sl.addresses, ["10.42.0.19".parse::<IpAddr>().unwrap()]);
+        assert!(st.errors.is_empty(), "{:?}", st.errors);
+        assert_eq!(
+            backends(&s, "10.43.0.10", Protocol::Udp),
+            Some(vec![ep("10.42.0.19", 53)])
+        );
+        assert_eq!(
+            backends(&s, "10.43.0.10", Protocol::Tcp),
+            Some(vec![ep("10.42.0.19", 53)])
+        );
+
+        // A second slice with a ready and a not-ready endpoint: only the ready one is a backend.
+        double
+            .apply(slice(
+                "kube-system",
+                "kube-dns-b",
+                "kube-dns",
+                &[("10.42.1.20", true), ("10.42.1.21", false)],
+                53,
+            ))
+            .unwrap();
+        wait_for(&mut rx, "the second slice", |s| {
+            backends(s, "10.43.0.10", Protocol::Udp)
+                == Some(vec![ep("10.42.0.19", 53), ep("10.42.1.20", 53)])
+        })
+        .await;
+        // Readiness flips: 10.42.1.20 goes not-ready, 10.42.1.21 becomes ready.
+        double
+            .apply(slice(
+                "kube-system",
+                "kube-dns-b",
+                "kube-dns",
+                &[("10.42.1.20", false), ("10.42.1.21", true)],
+                53,
+            ))
+            .unwrap();
+        wait_for(&mut rx, "the readiness change", |s| {
+            backends(s, "10.43.0.10", Protocol::Udp)
+                == Some(vec![ep("10.42.0.19", 53), ep("10.42.1.21", 53)])
+        })
+        .await;
+        // The target port moves (slice update) and the ClusterIP changes (Service update).
+        double
+            .apply(slice(
+                "kube-system",
+                "kube-dns-a",
+                "kube-dns",
+                &[("10.42.0.19", true)],
+                5353,
+            ))
+            .unwrap();
+        double
+            .apply(service("kube-system", "kube-dns", "10.43.0.11", "dns"))
+            .unwrap();
+        wait_for(&mut rx, "the Service and slice updates", |s| {
+            backends(s, "10.43.0.10", Protocol::Tcp).is_none()
+                && backends(s, "10.43.0.11", Protocol::Tcp)
+                    == Some(vec![ep("10.42.0.19", 5353), ep("10.42.1.21", 53)])
+        })
+        .await;
+        // Deleting slices: with none left, the selector over the pods decides (targetPort 53).
+        double
+            .delete(Resource::EndpointSlices, "kube-system", "kube-dns-b")
+            .unwrap();
+        wait_for(&mut rx, "the slice delete", |s| {
+            backends(s, "10.43.0.11", Protocol::Udp) == Some(vec![ep("10.42.0.19", 5353)])
+        })
+        .await;
+        double
+            .delete(Resource::EndpointSlices, "kube-system", "kube-dns-a")
+            .unwrap();
+        let s = wait_for(&mut rx, "the last slice delete", |s| {
+            s.state
+                .as_ref()
+                .is_some_and(|st| st.endpoint_slices.is_empty())
+        })
+        .await;
+        assert_eq!(
+            backends(&s, "10.43.0.11", Protocol::Udp),
+            Some(vec![ep("10.42.0.19", 53)])
+        );
+        // A Service that cannot be converted is an error naming it; deleting it clears the error.
+        let mut bad = service("x", "bad", "10.43.9.9", "a");
+        bad["spec"]["ports"][0]["protocol"] = json!("ICMP");
+        double.apply(bad).unwrap();
+        let s = wait_for(&mut rx, "the bad Service's error", |s| {
+            s.state.as_ref().is_some_and(|st| !st.errors.is_empty())
+        })
+        .await;
+        let e = &state(&s).errors[0];
+        assert!(
+            e.to_string().contains("Service x/bad")
+                && e.field.as_deref() == Some("spec.ports[0].protocol"),
+            "{e}"
+        );
+        assert!(!state(&s).services.contains_key(&PodKey::new("x", "bad")));
+        double.delete(Resource::Services, "x", "bad").unwrap();
+        double
+            .delete(Resource::Services, "kube-system", "kube-dns")
+            .unwrap();
+        let s = wait_for(&mut rx, "the Service deletes", |s| {
+            s.state
+                .as_ref()
+                .is_some_and(|st| st.services.is_empty() && st.errors.is_empty())
+        })
+        .await;
+        assert!(frontends(state(&s)).is_empty());
+    });
+}
+
+#[test]
+fn services_and_slices_relist_after_410_and_drop_what_was_deleted_meanwhile() {
+    let double = ApiServerDouble::start().unwrap();
+    base(&double);
+    double.apply(service("x", "one", "10.43.1.1", "a")).unwrap();
+    double.apply(service("x", "two", "10.43.1.2", "b")).unwrap();
+    double
+        .apply(slice("x", "one-a", "one", &[("10.42.0.10", true)], 53))
+        .unwrap();
+    double
+        .apply(slice("x", "two-a", "two", &[("10.42.0.11", true)], 53))
+        .unwrap();
+    let kc = Kubeconfig::new(&double, "services-gone");
+    runtime().block_on(async {
+        let mut rx = start(&kc).await;
+        wait_for(&mut rx, "the first state", |s| {
+            s.state
+                .as_ref()
+                .is_some_and(|st| st.services.len() == 2 && st.endpoint_slices.len() == 2)
+        })
+        .await;
+        wait_double(&double, "every watch", |d| d.open_watches() == WATCHES).await;
+        // While the API server is away, Service two and its slice go, and Service one's slice is
+        // replaced by another; history is compacted, so the relist must drop, not merge.
+        let (svc_lists, slice_lists) = (
+            double.list_count(Resource::Services),
+            double.list_count(Resource::EndpointSlices),
+        );
+        double.set_unreachable(true);
+        wait_for(&mut rx, "the outage", |s| {
+            problem_has(s, "cannot reach the API server")
+        })
+        .await;
+        double.delete(Resource::Services, "x", "two").unwrap();
+        double
+            .delete(Resource::EndpointSlices, "x", "two-a")
+            .unwrap();
+        double
+            .delete(Resource::EndpointSlices, "x", "one-a")
+            .unwrap();
+        double
+            .apply(slice("x", "one-b", "one", &[("10.42.0.12", true)], 53))
+            .unwrap();
+        double.compact();
+        double.set_unreachable(false);
+        let s = wait_for(&mut rx, "the relisted state", |s| {
+            s.state.as_ref().is_some_and(|st| {
+                st.services.len() == 1 && st.endpoint_slices.keys().eq([&PodKey::new("x", "one-b")])
+            })
+        })
+        .await;
+        assert!(state(&s).services.contains_key(&PodKey::new("x", "one")));
+        assert_eq!(
+            backends(&s, "10.43.1.1", Protocol::Udp),
+            Some(vec![ep("10.42.0.12", 53)])
+        );
+        assert!(backends(&s, "10.43.1.2", Protocol::Udp).is_none());
+        assert!(
+            double.list_count(Resource::Services) > svc_lists,
+            "relisted"
+        );
+        assert!(
+            double.list_count(Resource::EndpointSlices) > slice_lists,
+            "relisted"
+        );
+        wait_for(&mut rx, "recovery", |s| s.problem.is_none()).await;
     });
 }
