@@ -4,7 +4,11 @@
 //! What it speaks, as the API server does:
 //! - `GET /api/v1/namespaces`, `/api/v1/pods`, `/apis/networking.k8s.io/v1/networkpolicies`,
 //!   `/api/v1/services`, `/apis/discovery.k8s.io/v1/endpointslices` (cluster-wide; anything else is
-//!   a 404 `Status`).
+//!   a 404 `Status`), and `/api/v1/nodes` (cluster-scoped, for `verify --cluster`; not in
+//!   [`Resource::ALL`], which is what the agent watches).
+//! - Lists of one namespace, `<group-version>/namespaces/<ns>/<plural>` (such as
+//!   `/api/v1/namespaces/netpol-system/pods`), and lists filtered by an equality-based
+//!   `labelSelector` (`k=v`, `k!=v`, `k`, `!k`); watches are of whole collections only.
 //! - Lists: `{"kind":"PodList","metadata":{"resourceVersion":"N","continue":..},"items":[..]}`,
 //!   paged by `limit`/`continue`; items carry no kind/apiVersion, as in the real API.
 //! - Watches (`?watch=1&resourceVersion=N`): a chunked stream of JSON lines
@@ -46,9 +50,12 @@ pub enum Resource {
     NetworkPolicies,
     Services,
     EndpointSlices,
+    /// Cluster-scoped; served for `verify --cluster`, not watched by the agent.
+    Nodes,
 }
 
 impl Resource {
+    /// What the agent watches (and its ClusterRole must allow).
     pub const ALL: [Resource; 5] = [
         Resource::Namespaces,
         Resource::Pods,
@@ -56,6 +63,14 @@ impl Resource {
         Resource::Services,
         Resource::EndpointSlices,
     ];
+
+    /// Served too, but not watched by the agent: read by `verify --cluster`.
+    pub const NOT_WATCHED: [Resource; 1] = [Resource::Nodes];
+
+    /// Every resource the double serves.
+    pub fn served() -> impl Iterator<Item = Resource> {
+        Resource::ALL.into_iter().chain(Resource::NOT_WATCHED)
+    }
 
     /// The collection path.
     pub fn path(self) -> &'static str {
@@ -65,6 +80,7 @@ impl Resource {
             Resource::NetworkPolicies => "/apis/networking.k8s.io/v1/networkpolicies",
             Resource::Services => "/api/v1/services",
             Resource::EndpointSlices => "/apis/discovery.k8s.io/v1/endpointslices",
+            Resource::Nodes => "/api/v1/nodes",
         }
     }
 
@@ -76,6 +92,7 @@ impl Resource {
             Resource::NetworkPolicies => "networkpolicies",
             Resource::Services => "services",
             Resource::EndpointSlices => "endpointslices",
+            Resource::Nodes => "nodes",
         }
     }
 
@@ -86,6 +103,7 @@ impl Resource {
             Resource::NetworkPolicies => "NetworkPolicy",
             Resource::Services => "Service",
             Resource::EndpointSlices => "EndpointSlice",
+            Resource::Nodes => "Node",
         }
     }
 
@@ -105,16 +123,29 @@ impl Resource {
     }
 
     fn namespaced(self) -> bool {
-        self != Resource::Namespaces
+        !matches!(self, Resource::Namespaces | Resource::Nodes)
     }
 
     /// The resource of a manifest's `kind`.
     pub fn of_kind(kind: &str) -> Option<Resource> {
-        Resource::ALL.into_iter().find(|r| r.kind() == kind)
+        Resource::served().find(|r| r.kind() == kind)
     }
 
     fn from_path(path: &str) -> Option<Resource> {
-        Resource::ALL.into_iter().find(|r| r.path() == path)
+        Resource::served().find(|r| r.path() == path)
+    }
+
+    /// The resource of a collection path and, for `<group-version>/namespaces/<ns>/<plural>`, the
+    /// namespace.
+    fn route(path: &str) -> Option<(Resource, Option<String>)> {
+        if let Some(r) = Resource::from_path(path) {
+            return Some((r, None));
+        }
+        let (base, rest) = path.split_once("/namespaces/")?;
+        let (ns, plural) = rest.split_once('/')?;
+        Resource::served()
+            .find(|r| r.namespaced() && r.path() == format!("{base}/{plural}"))
+            .map(|r| (r, Some(ns.to_owned())))
     }
 }
 
@@ -657,7 +688,7 @@ fn handle(mut stream: TcpStream, shared: &Shared) -> Result<()> {
             &status(405, "MethodNotAllowed", "the double only serves GET"),
         )?);
     }
-    let Some(resource) = Resource::from_path(path) else {
+    let Some((resource, namespace)) = Resource::route(path) else {
         return Ok(respond(
             &mut stream,
             404,
@@ -691,11 +722,115 @@ fn handle(mut stream: TcpStream, shared: &Shared) -> Result<()> {
             ),
         )?);
     }
+    let selector = match query_param(&query, "labelSelector").map(parse_label_selector) {
+        None => None,
+        Some(Ok(sel)) => Some(sel),
+        Some(Err(e)) => {
+            return Ok(respond(&mut stream, 400, &status(400, "BadRequest", &e))?);
+        }
+    };
+    if watch && (namespace.is_some() || selector.is_some()) {
+        return Ok(respond(
+            &mut stream,
+            400,
+            &status(
+                400,
+                "BadRequest",
+                "the double watches whole collections only (no namespace, no labelSelector)",
+            ),
+        )?);
+    }
     if watch {
         serve_watch(stream, shared, resource, &query)
     } else {
-        serve_list(&mut stream, shared, resource, &query)
+        let filter = ListFilter {
+            namespace,
+            selector: selector.unwrap_or_default(),
+        };
+        serve_list(&mut stream, shared, resource, &query, &filter)
     }
+}
+
+/// One requirement of an equality-based label selector.
+enum LabelRequirement {
+    Equals(String, String),
+    NotEquals(String, String),
+    Exists(String),
+    DoesNotExist(String),
+}
+
+/// What a list keeps: objects of one namespace (a namespaced path), matching a `labelSelector`.
+struct ListFilter {
+    namespace: Option<String>,
+    selector: Vec<LabelRequirement>,
+}
+
+impl ListFilter {
+    fn keeps(&self, object: &Value) -> bool {
+        let meta = &object["metadata"];
+        if let Some(ns) = &self.namespace
+            && meta["namespace"].as_str() != Some(ns.as_str())
+        {
+            return false;
+        }
+        let label = |k: &str| meta["labels"][k].as_str();
+        self.selector.iter().all(|r| match r {
+            LabelRequirement::Equals(k, v) => label(k) == Some(v.as_str()),
+            LabelRequirement::NotEquals(k, v) => label(k) != Some(v.as_str()),
+            LabelRequirement::Exists(k) => label(k).is_some(),
+            LabelRequirement::DoesNotExist(k) => label(k).is_none(),
+        })
+    }
+}
+
+/// Parses an equality-based `labelSelector` (URL-encoded): `k=v`, `k==v`, `k!=v`, `k`, `!k`,
+/// comma-separated. Set-based requirements (`in`, `notin`) are refused.
+fn parse_label_selector(raw: &str) -> std::result::Result<Vec<LabelRequirement>, String> {
+    let decoded = percent_decode(raw);
+    let mut out = Vec::new();
+    for part in decoded.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let req = if let Some((k, v)) = part.split_once("!=") {
+            LabelRequirement::NotEquals(k.trim().into(), v.trim().into())
+        } else if let Some((k, v)) = part.split_once("==").or_else(|| part.split_once('=')) {
+            LabelRequirement::Equals(k.trim().into(), v.trim().into())
+        } else if let Some(k) = part.strip_prefix('!') {
+            LabelRequirement::DoesNotExist(k.trim().into())
+        } else if part.contains(' ') || part.contains('(') {
+            return Err(format!(
+                "the double takes equality-based label selectors only: {part:?}"
+            ));
+        } else {
+            LabelRequirement::Exists(part.into())
+        };
+        out.push(req);
+    }
+    Ok(out)
+}
+
+/// `%XX` escapes and `+` (a space in form encoding) decoded.
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("");
+                match u8::from_str_radix(hex, 16) {
+                    Ok(b) => {
+                        out.push(b);
+                        i += 3;
+                        continue;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn serve_list(
@@ -703,6 +838,7 @@ fn serve_list(
     shared: &Shared,
     resource: Resource,
     query: &str,
+    filter: &ListFilter,
 ) -> Result<()> {
     let limit = query_param(query, "limit")
         .and_then(|l| l.parse::<usize>().ok())
@@ -715,7 +851,13 @@ fn serve_list(
     let items: Vec<Value> = s
         .collections
         .get(&resource)
-        .map(|c| c.objects.values().cloned().collect())
+        .map(|c| {
+            c.objects
+                .values()
+                .filter(|o| filter.keeps(o))
+                .cloned()
+                .collect()
+        })
         .unwrap_or_default();
     drop(s);
     let end = limit.map_or(items.len(), |l| (offset + l).min(items.len()));
