@@ -85,15 +85,25 @@ enum Command {
         #[command(flatten)]
         dirs: NodeDirs,
     },
-    /// Check, with evidence, whether NetworkPolicy is really enforced on this node and by what.
-    /// Exit status: 0 every check passed, 1 a check failed, 2 only warnings.
+    /// Check, with evidence, whether NetworkPolicy is really enforced on this node and by what
+    /// (or, with --cluster, on every node). Exit status: 0 every check passed, 1 a check failed, 2
+    /// only warnings.
     Verify {
         #[command(flatten)]
         dirs: NodeDirs,
         /// Also load the programs in scratch namespaces and prove, with real packets, that a deny-all
         /// drops and an allow rule passes.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "cluster")]
         self_test: bool,
+        /// Instead of this node, every node of the cluster through the Kubernetes API: whether a
+        /// Ready agent pod is on it, and the nodes where NetworkPolicies exist but no agent enforces
+        /// them.
+        #[arg(long)]
+        cluster: bool,
+        /// kubeconfig for --cluster. Default: kube's inference (in-cluster service account, then
+        /// KUBECONFIG, then ~/.kube/config).
+        #[arg(long, requires = "cluster")]
+        kubeconfig: Option<PathBuf>,
         /// Output format.
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
@@ -316,13 +326,23 @@ fn main() -> anyhow::Result<()> {
                 }
                 Ok(())
             }
-            Command::Verify { dirs, self_test, output } => {
-                let report = netpol_agent::verify::verify(&netpol_agent::verify::VerifyOptions {
-                    layout: PinLayout::new(dirs.pin_dir),
-                    state_dir: dirs.state_dir,
-                    self_test,
-                })
-                .await;
+            Command::Verify {
+                dirs,
+                self_test,
+                cluster,
+                kubeconfig,
+                output,
+            } => {
+                let report = if cluster {
+                    netpol_agent::verify::verify_cluster(kubeconfig.as_ref()).await
+                } else {
+                    netpol_agent::verify::verify(&netpol_agent::verify::VerifyOptions {
+                        layout: PinLayout::new(dirs.pin_dir),
+                        state_dir: dirs.state_dir,
+                        self_test,
+                    })
+                    .await
+                };
                 match output {
                     Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
                     Output::Table => print!("{}", report.render_text()),

@@ -6,10 +6,11 @@
 //! one line: PASS, WARN or FAIL, with the evidence it rests on.
 
 pub mod checks;
+pub mod cluster;
 pub mod gather;
 pub mod selftest;
 
-use std::{fmt::Write as _, path::PathBuf};
+use std::{borrow::Cow, fmt::Write as _, path::PathBuf};
 
 use serde::Serialize;
 
@@ -39,8 +40,9 @@ impl Outcome {
 /// offending objects, what to do) and machine-readable data for `-o json`.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Check {
-    /// Stable dotted name, such as `kernel.tcx` or `agent.attachments`.
-    pub name: &'static str,
+    /// Stable dotted name, such as `kernel.tcx` or `agent.attachments`; `node/<node name>` for the
+    /// per-node checks of `verify --cluster`.
+    pub name: Cow<'static, str>,
     pub outcome: Outcome,
     /// The verdict's evidence, one line.
     pub summary: String,
@@ -51,9 +53,13 @@ pub struct Check {
 }
 
 impl Check {
-    pub fn new(name: &'static str, outcome: Outcome, summary: impl Into<String>) -> Self {
+    pub fn new(
+        name: impl Into<Cow<'static, str>>,
+        outcome: Outcome,
+        summary: impl Into<String>,
+    ) -> Self {
         Check {
-            name,
+            name: name.into(),
             outcome,
             summary: summary.into(),
             details: Vec::new(),
@@ -61,15 +67,15 @@ impl Check {
         }
     }
 
-    pub fn pass(name: &'static str, summary: impl Into<String>) -> Self {
+    pub fn pass(name: impl Into<Cow<'static, str>>, summary: impl Into<String>) -> Self {
         Self::new(name, Outcome::Pass, summary)
     }
 
-    pub fn warn(name: &'static str, summary: impl Into<String>) -> Self {
+    pub fn warn(name: impl Into<Cow<'static, str>>, summary: impl Into<String>) -> Self {
         Self::new(name, Outcome::Warn, summary)
     }
 
-    pub fn fail(name: &'static str, summary: impl Into<String>) -> Self {
+    pub fn fail(name: impl Into<Cow<'static, str>>, summary: impl Into<String>) -> Self {
         Self::new(name, Outcome::Fail, summary)
     }
 
@@ -84,10 +90,21 @@ impl Check {
     }
 }
 
+/// What a report is about: this node, or every node of the cluster (`--cluster`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Scope {
+    #[default]
+    Node,
+    Cluster,
+}
+
 /// Every check of one run.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct Report {
     pub checks: Vec<Check>,
+    /// Only words the closing line of the text form.
+    #[serde(skip)]
+    pub scope: Scope,
 }
 
 impl Report {
@@ -129,10 +146,16 @@ impl Report {
         let _ = writeln!(
             s,
             "\n{}: {} passed, {} warnings, {} failed",
-            match self.outcome() {
-                Outcome::Pass => "NetworkPolicy is enforced by netpol-agent on this node",
-                Outcome::Warn => "enforced, with warnings",
-                Outcome::Fail => "NOT proven enforced on this node",
+            match (self.scope, self.outcome()) {
+                (Scope::Node, Outcome::Pass) => {
+                    "NetworkPolicy is enforced by netpol-agent on this node"
+                }
+                (Scope::Cluster, Outcome::Pass) => {
+                    "a Ready netpol-agent enforces NetworkPolicy on every node"
+                }
+                (_, Outcome::Warn) => "enforced, with warnings",
+                (Scope::Node, Outcome::Fail) => "NOT proven enforced on this node",
+                (Scope::Cluster, Outcome::Fail) => "NOT proven enforced on every node",
             },
             count(Outcome::Pass),
             count(Outcome::Warn),
@@ -174,7 +197,29 @@ pub async fn verify(opts: &VerifyOptions) -> Report {
         let evidence = selftest::run();
         checks.push(checks::self_test(&evidence));
     }
-    Report { checks }
+    Report {
+        checks,
+        scope: Scope::Node,
+    }
+}
+
+/// `verify --cluster`: every node, through the Kubernetes API (`kubeconfig`, or kube's inference).
+/// A client that cannot be built is a `cluster.api` FAIL, like an API that does not answer.
+pub async fn verify_cluster(kubeconfig: Option<&PathBuf>) -> Report {
+    let checks = match crate::kube_source::client(kubeconfig).await {
+        Ok(client) => {
+            let api = match kubeconfig {
+                Some(path) => format!("the kubeconfig {}", path.display()),
+                None => "kube's inferred configuration".to_owned(),
+            };
+            cluster::judge(&cluster::gather(&client, api).await)
+        }
+        Err(e) => vec![Check::fail("cluster.api", format!("{e:#}"))],
+    };
+    Report {
+        checks,
+        scope: Scope::Cluster,
+    }
 }
 
 #[cfg(test)]
@@ -201,6 +246,7 @@ mod tests {
     fn json_shape() {
         let r = Report {
             checks: vec![Check::fail("kernel.tcx", "old").with_details(vec!["x".into()])],
+            ..Report::default()
         };
         let v = serde_json::to_value(&r).unwrap();
         assert_eq!(v["checks"][0]["outcome"], "FAIL");

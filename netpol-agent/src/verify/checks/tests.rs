@@ -22,8 +22,11 @@ fn kernel_ok() -> KernelEvidence {
     }
 }
 
-fn outcomes(checks: &[Check]) -> Vec<(&'static str, Outcome)> {
-    checks.iter().map(|c| (c.name, c.outcome)).collect()
+fn outcomes(checks: &[Check]) -> Vec<(&str, Outcome)> {
+    checks
+        .iter()
+        .map(|c| (c.name.as_ref(), c.outcome))
+        .collect()
 }
 
 #[test]
