@@ -225,55 +225,63 @@ fn is_link_local(ip: &IpAddr) -> bool {
     }
 }
 
+/// The attributes of a link message that discovery looks at.
+struct LinkAttrs<'a> {
+    name: Option<&'a str>,
+    kind: Option<&'a InfoKind>,
+    /// The peer's namespace (veths) as an nsid of ours.
+    netnsid: Option<i32>,
+    /// `IFLA_LINK`: the peer's ifindex for a veth.
+    peer: Option<u32>,
+}
+
+impl<'a> LinkAttrs<'a> {
+    fn of(link: &'a LinkMessage) -> Self {
+        let mut a = LinkAttrs {
+            name: None,
+            kind: None,
+            netnsid: None,
+            peer: None,
+        };
+        for attr in &link.attributes {
+            match attr {
+                LinkAttribute::IfName(n) => a.name = Some(n),
+                LinkAttribute::LinkInfo(infos) => {
+                    a.kind = infos.iter().find_map(|i| match i {
+                        LinkInfo::Kind(k) => Some(k),
+                        _ => None,
+                    });
+                }
+                LinkAttribute::LinkNetNsId(id) => a.netnsid = Some(*id),
+                LinkAttribute::Link(index) => a.peer = Some(*index),
+                _ => {}
+            }
+        }
+        a
+    }
+}
+
 /// The Flannel VXLAN device a link message describes, if it is one.
 fn tunnel_of(link: &LinkMessage) -> Option<Tunnel> {
-    let mut name = None;
-    let mut is_vxlan = false;
-    for attr in &link.attributes {
-        match attr {
-            LinkAttribute::IfName(n) => name = Some(n.clone()),
-            LinkAttribute::LinkInfo(infos) => {
-                is_vxlan = infos
-                    .iter()
-                    .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Vxlan)));
-            }
-            _ => {}
-        }
-    }
-    let name = name.filter(|n| n.starts_with(FLANNEL_PREFIX))?;
-    is_vxlan.then_some(Tunnel {
+    let a = LinkAttrs::of(link);
+    let name = a.name.filter(|n| n.starts_with(FLANNEL_PREFIX))?;
+    matches!(a.kind, Some(InfoKind::Vxlan)).then(|| Tunnel {
         ifindex: link.header.index,
-        name,
+        name: name.to_owned(),
     })
 }
 
 /// The veth description of a link message, when it is a veth with its peer in another namespace.
 fn pod_veth_of(link: &LinkMessage) -> Option<PodVeth> {
-    let mut name = None;
-    let mut is_veth = false;
-    let mut netnsid = None;
-    let mut peer = None;
-    for attr in &link.attributes {
-        match attr {
-            LinkAttribute::IfName(n) => name = Some(n.clone()),
-            LinkAttribute::LinkInfo(infos) => {
-                is_veth = infos
-                    .iter()
-                    .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth)));
-            }
-            LinkAttribute::LinkNetNsId(id) => netnsid = Some(*id),
-            LinkAttribute::Link(index) => peer = Some(*index),
-            _ => {}
-        }
-    }
-    if !is_veth {
+    let a = LinkAttrs::of(link);
+    if !matches!(a.kind, Some(InfoKind::Veth)) {
         return None;
     }
     Some(PodVeth {
         ifindex: link.header.index,
-        name: name?,
-        peer_netnsid: netnsid?,
-        peer_ifindex: peer?,
+        name: a.name?.to_owned(),
+        peer_netnsid: a.netnsid?,
+        peer_ifindex: a.peer?,
         peer_addrs: Vec::new(),
     })
 }

@@ -2,21 +2,15 @@
 //! simulated two-node Flannel cluster (network namespaces, cni0 bridges, veths, VXLAN), runs one agent
 //! per node, and shows real connections before and after the example policies.
 
-use std::{path::PathBuf, process::Command, time::Duration};
+use std::{process::Command, time::Duration};
 
 use anyhow::{Context as _, bail};
 use netpol_tests::cluster::{Cluster, Family, Matrix, Proto};
 
-use crate::{cargo, check, setup};
+use crate::{build_release, check, setup};
 
 /// The example policies, embedded so the demo needs nothing but the checkout.
 const POLICIES: &str = include_str!("../demo/policies.yaml");
-
-fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"))
-}
 
 /// Runs the demo.
 pub fn run() -> anyhow::Result<()> {
@@ -26,17 +20,7 @@ pub fn run() -> anyhow::Result<()> {
             "the demo builds network namespaces and loads BPF programs: run it as root on a BPF-capable kernel"
         );
     }
-    check(cargo().args([
-        "build",
-        "--locked",
-        "--release",
-        "-p",
-        "netpol-agent",
-        "-p",
-        "netpol-tests",
-        "--bins",
-    ]))?;
-    let release = target_dir().join("release");
+    let release = build_release(&["netpol-agent", "netpol-tests"])?;
     let agent = release.join("netpol-agent");
     let mut cluster =
         Cluster::new(release.join("netpol-probe")).context("building the simulated cluster")?;

@@ -3,7 +3,10 @@
 mod demo;
 mod setup;
 
-use std::process::Command;
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
@@ -88,31 +91,36 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     check(&mut cmd)
 }
 
+/// The workspace root.
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The workspace's target directory (honouring `CARGO_TARGET_DIR`).
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
+}
+
+/// Builds the binaries of `packages` in release mode; returns the directory they are in.
+pub fn build_release(packages: &[&str]) -> anyhow::Result<PathBuf> {
+    let mut cmd = cargo();
+    cmd.args(["build", "--locked", "--release", "--bins"]);
+    for p in packages {
+        cmd.args(["-p", p]);
+    }
+    check(&mut cmd)?;
+    Ok(target_dir().join("release"))
+}
+
 fn bench(quick: bool) -> anyhow::Result<()> {
     setup::run()?;
-    check(cargo().args([
-        "build",
-        "--locked",
-        "--release",
-        "-p",
-        "netpol-agent",
-        "-p",
-        "netpol-tests",
-        "-p",
-        "netpol-bench",
-        "--bins",
-    ]))?;
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .context("workspace root")?
-        .to_owned();
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| root.join("target"));
-    let mut cmd = Command::new(target.join("release/netpol-bench"));
-    cmd.current_dir(&root)
+    let release = build_release(&["netpol-agent", "netpol-tests", "netpol-bench"])?;
+    let mut cmd = Command::new(release.join("netpol-bench"));
+    cmd.current_dir(workspace_root())
         .arg("--out")
-        .arg(target.join("bench/report.json"));
+        .arg(target_dir().join("bench/report.json"));
     if quick {
         cmd.arg("--quick");
     }
