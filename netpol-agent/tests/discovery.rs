@@ -108,6 +108,24 @@ fn finds_pod_veths_and_peer_addresses_only() {
     ip(&["-n", &node, "link", "add", "cni0", "type", "bridge"]);
     ip(&["-n", &node, "addr", "add", "10.42.0.1/24", "dev", "cni0"]);
 
+    // Flannel's VXLAN device is a tunnel; another VXLAN device is not.
+    ip(&[
+        "-n",
+        &node,
+        "link",
+        "add",
+        "flannel.1",
+        "type",
+        "vxlan",
+        "id",
+        "1",
+        "dstport",
+        "8472",
+    ]);
+    ip(&[
+        "-n", &node, "link", "add", "vxlan7", "type", "vxlan", "id", "7", "dstport", "4789",
+    ]);
+
     let netns = File::open(format!("/var/run/netns/{node}")).expect("open node netns");
     let view = std::thread::spawn(move || {
         // SAFETY: setns on this thread only, with a valid namespace fd.
@@ -150,4 +168,6 @@ fn finds_pod_veths_and_peer_addresses_only() {
         !view.host_addrs.iter().any(|a| a.to_string() == "10.42.0.5"),
         "pod address is not a host address"
     );
+    let tunnels: Vec<&str> = view.tunnels.iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(tunnels, vec!["flannel.1"], "only Flannel's VXLAN devices are tunnels");
 }
