@@ -169,5 +169,9 @@ fn finds_pod_veths_and_peer_addresses_only() {
         "pod address is not a host address"
     );
     let tunnels: Vec<&str> = view.tunnels.iter().map(|t| t.name.as_str()).collect();
-    assert_eq!(tunnels, vec!["flannel.1"], "only Flannel's VXLAN devices are tunnels");
+    assert_eq!(
+        tunnels,
+        vec!["flannel.1"],
+        "only Flannel's VXLAN devices are tunnels"
+    );
 }
