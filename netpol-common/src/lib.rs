@@ -34,13 +34,35 @@ pub mod map_names {
     /// `RingBuf` of [`super::DropEvent`]s, rate-limited per CPU.
     pub const EVENTS: &str = "NP_EVENTS_V1";
     /// `PerCpuArray<TokenBucket>` of length 1: the drop-event rate limiter of each CPU.
-    pub const EVENT_BUDGET: &str = "NP_EVENT_BUDGET_V1";
+    pub const EVENT_BUDGET: &str = "NP_EVBUDGET_V1";
     /// `PerCpuArray<u64>` of length [`super::LOST_SLOTS`] indexed by [`super::lost`]: what could
     /// not be recorded (events rate-limited or not fitting the ring, full drop counters).
     pub const LOST: &str = "NP_LOST_V1";
     /// `PerCpuArray<u64>` of length [`super::VERDICT_SLOTS`]: policy decisions of new flows per
     /// direction, action and [`super::PolicyMatch`]; see [`super::verdict_slot`].
     pub const VERDICTS: &str = "NP_VERDICTS_V1";
+
+    /// The kernel keeps 15 bytes of an object name (`BPF_OBJ_NAME_LEN` is 16 with the NUL): a longer
+    /// name would show truncated in `bpftool` while its pin keeps the full one.
+    const fn fits(name: &str) -> bool {
+        name.len() <= 15
+    }
+    const _: () = assert!(
+        fits(ENDPOINTS)
+            && fits(IPCACHE)
+            && fits(CIDRS)
+            && fits(POLICY)
+            && fits(CONNTRACK)
+            && fits(CONFIG)
+            && fits(COUNTERS)
+            && fits(FLOWS)
+            && fits(DROPS)
+            && fits(EVENTS)
+            && fits(EVENT_BUDGET)
+            && fits(LOST)
+            && fits(VERDICTS)
+            && fits(super::service::MAP_NAME)
+    );
 }
 
 /// Names of the two classifier programs, from the pod's point of view.

@@ -60,7 +60,7 @@ pub static DROPS: PerCpuHashMap<DropKey, DropValue> = PerCpuHashMap::pinned(capa
 pub static EVENTS: RingBuf = RingBuf::pinned(capacity::EVENTS_BYTES, 0);
 
 /// Per-CPU token bucket limiting drop events.
-#[map(name = "NP_EVENT_BUDGET_V1")]
+#[map(name = "NP_EVBUDGET_V1")]
 pub static EVENT_BUDGET: PerCpuArray<TokenBucket> = PerCpuArray::pinned(1, 0);
 
 /// What could not be recorded, per CPU; see `netpol_common::lost`.
@@ -101,7 +101,7 @@ const _: () = assert!(str_eq("NP_COUNTERS_V1", map_names::COUNTERS));
 const _: () = assert!(str_eq("NP_FLOWS_V1", map_names::FLOWS));
 const _: () = assert!(str_eq("NP_DROPS_V1", map_names::DROPS));
 const _: () = assert!(str_eq("NP_EVENTS_V1", map_names::EVENTS));
-const _: () = assert!(str_eq("NP_EVENT_BUDGET_V1", map_names::EVENT_BUDGET));
+const _: () = assert!(str_eq("NP_EVBUDGET_V1", map_names::EVENT_BUDGET));
 const _: () = assert!(str_eq("NP_LOST_V1", map_names::LOST));
 const _: () = assert!(str_eq("NP_VERDICTS_V1", map_names::VERDICTS));
 const _: () = assert!(str_eq("NP_SERVICES_V1", netpol_common::service::MAP_NAME));

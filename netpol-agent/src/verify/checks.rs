@@ -490,7 +490,7 @@ pub enum Engine {
 impl Engine {
     /// The engine a chain name belongs to.
     pub fn of_chain(name: &str) -> Option<Engine> {
-        if ["KUBE-ROUTER-", "KUBE-NWPLCY-", "KUBE-POD-FW-"]
+        if crate::kube_router::CHAIN_PREFIXES
             .iter()
             .any(|p| name.starts_with(p))
         {
