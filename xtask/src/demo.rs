@@ -89,15 +89,25 @@ pub fn run() -> anyhow::Result<()> {
     );
 
     let node = &cluster.nodes[0];
+    let agent_cli = |args: &[&str]| {
+        check(
+            Command::new("ip")
+                .args(["netns", "exec", &node.name])
+                .arg(&agent)
+                .args(args)
+                .arg("--pin-dir")
+                .arg(&node.pin_dir)
+                .arg("--state-dir")
+                .arg(&node.state_dir),
+        )
+    };
     println!("== `netpol-agent status` on {}:", node.name);
-    check(
-        Command::new("ip")
-            .args(["netns", "exec", &node.name])
-            .arg(&agent)
-            .arg("status")
-            .arg("--state-dir")
-            .arg(&node.state_dir),
-    )?;
+    agent_cli(&["status"])?;
+    println!(
+        "\n== `netpol-agent flows --verdict dropped --last 10` on {}: what was dropped, and why",
+        node.name
+    );
+    agent_cli(&["flows", "--verdict", "dropped", "--last", "10"])?;
     println!("\n== Done: the cluster, the agents and their pins are removed now.");
     Ok(())
 }
