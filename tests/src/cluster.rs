@@ -204,30 +204,33 @@ fn run(cmd: &mut Command) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Runs `prog args... -batch -` feeding `batch` on stdin.
-fn run_batch(prog: &str, args: &[&str], batch: &str) -> Result<()> {
-    let mut child = Command::new(prog)
-        .args(args)
-        .args(["-batch", "-"])
+/// Runs `cmd` with `input` on its stdin; fails with its stderr and the input when it fails.
+pub(crate) fn run_stdin(cmd: &mut Command, input: &str) -> Result<()> {
+    let mut child = cmd
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .with_context(|| format!("spawning {prog}"))?;
+        .with_context(|| format!("spawning {cmd:?}"))?;
     child
         .stdin
         .take()
         .expect("piped stdin")
-        .write_all(batch.as_bytes())?;
+        .write_all(input.as_bytes())?;
     let out = child.wait_with_output()?;
     if !out.status.success() {
         bail!(
-            "{prog} {args:?} -batch failed ({}): {}\nbatch was:\n{batch}",
+            "{cmd:?} failed ({}): {}\ninput was:\n{input}",
             out.status,
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
     Ok(())
+}
+
+/// Runs `prog args... -batch -` feeding `batch` on stdin.
+fn run_batch(prog: &str, args: &[&str], batch: &str) -> Result<()> {
+    run_stdin(Command::new(prog).args(args).args(["-batch", "-"]), batch)
 }
 
 fn fnv(s: &str) -> u32 {
