@@ -204,6 +204,30 @@ fn run(cmd: &mut Command) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// The results of a `netpol-probe probe` run for `n` targets.
+pub(crate) fn parse_probe<T: serde::de::DeserializeOwned>(
+    out: std::process::Output,
+    n: usize,
+) -> Result<Vec<T>> {
+    if !out.status.success() {
+        bail!(
+            "probe failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let rs: Vec<T> = serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "parsing probe output {:?}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })?;
+    if rs.len() != n {
+        bail!("probe returned {} results for {n} targets", rs.len());
+    }
+    Ok(rs)
+}
+
 /// Runs `cmd` with `input` on its stdin; fails with its stderr and the input when it fails.
 pub(crate) fn run_stdin(cmd: &mut Command, input: &str) -> Result<()> {
     let mut child = cmd
@@ -1023,7 +1047,7 @@ impl Cluster {
 
     // ---------------------------------------------------------------- probing
 
-    fn probe_cmd(&self, netns: &str, targets: &[String]) -> Command {
+    pub(crate) fn probe_cmd(&self, netns: &str, targets: &[String]) -> Command {
         let mut c = Command::new("ip");
         c.args(["netns", "exec", netns])
             .arg(&self.probe_bin)
@@ -1042,23 +1066,7 @@ impl Cluster {
         struct R {
             ok: bool,
         }
-        let out = child.wait_with_output()?;
-        if !out.status.success() {
-            bail!(
-                "probe failed ({}): {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        let rs: Vec<R> = serde_json::from_slice(&out.stdout).with_context(|| {
-            format!(
-                "parsing probe output {:?}",
-                String::from_utf8_lossy(&out.stdout)
-            )
-        })?;
-        if rs.len() != n {
-            bail!("probe returned {} results for {n} targets", rs.len());
-        }
+        let rs: Vec<R> = parse_probe(child.wait_with_output()?, n)?;
         Ok(rs.into_iter().map(|r| r.ok).collect())
     }
 

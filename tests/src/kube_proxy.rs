@@ -55,7 +55,7 @@ use std::process::{Command, Stdio};
 use anyhow::{Context, Result, anyhow, bail};
 use serde::Deserialize;
 
-use crate::cluster::{Cluster, Pod, Proto, run_stdin};
+use crate::cluster::{Cluster, Pod, Proto, parse_probe, run_stdin};
 
 /// The service CIDR (K3s's default `--service-cidr`).
 pub const SERVICE_CIDR: &str = "10.43.0.0/16";
@@ -781,37 +781,11 @@ impl Cluster {
     /// Probes `targets` (`"tcp/ADDR/PORT"`, `"udp/ADDR/PORT"`) from network namespace `netns`
     /// concurrently, with [`Cluster::probe_timeout`] each; reports who answered.
     pub fn probe_from(&self, netns: &str, targets: &[String]) -> Result<Vec<ProbeReport>> {
-        let out = Command::new("ip")
-            .args(["netns", "exec", netns])
-            .arg(&self.probe_bin)
-            .arg("probe")
-            .arg("--timeout-ms")
-            .arg(self.probe_timeout.as_millis().to_string())
-            .args(targets)
-            .stdin(Stdio::null())
+        let out = self
+            .probe_cmd(netns, targets)
             .output()
-            .context("running probe")?;
-        if !out.status.success() {
-            bail!(
-                "probe in {netns} failed ({}): {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        let rs: Vec<ProbeReport> = serde_json::from_slice(&out.stdout).with_context(|| {
-            format!(
-                "parsing probe output {:?}",
-                String::from_utf8_lossy(&out.stdout)
-            )
-        })?;
-        if rs.len() != targets.len() {
-            bail!(
-                "probe returned {} results for {} targets",
-                rs.len(),
-                targets.len()
-            );
-        }
-        Ok(rs)
+            .with_context(|| format!("running probe in {netns}"))?;
+        parse_probe(out, targets.len())
     }
 
     /// One probe from pod `from` (`"ns/name"`) to `addr:port`.
