@@ -1,6 +1,5 @@
 //! Developer tasks: `cargo xtask setup | test | demo | bench`.
 
-mod demo;
 mod setup;
 
 use std::{
@@ -20,8 +19,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install what building and testing need (nightly rust-src, bpf-linker, Debian packages).
-    Setup,
+    /// Install what building and testing need (pinned nightly with rust-src, bpf-linker, Debian
+    /// packages, kubernetes-validate).
+    Setup {
+        /// Only what building the agent needs (the pinned nightly with rust-src, bpf-linker).
+        #[arg(long)]
+        build_only: bool,
+    },
     /// Build everything and show the agent enforcing example policies on a simulated Flannel cluster.
     Demo,
     /// Set up, build, and run every test: unit, classifier (BPF_PROG_TEST_RUN) and end-to-end.
@@ -40,8 +44,9 @@ enum Task {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
-        Task::Setup => setup::run(),
-        Task::Demo => demo::run(),
+        Task::Setup { build_only: true } => setup::install_ebpf_toolchain(),
+        Task::Setup { build_only: false } => setup::run(),
+        Task::Demo => demo(),
         Task::Test { args } => test(&args),
         Task::Bench { quick } => bench(quick),
     }
@@ -112,6 +117,23 @@ pub fn build_release(packages: &[&str]) -> anyhow::Result<PathBuf> {
     }
     check(&mut cmd)?;
     Ok(target_dir().join("release"))
+}
+
+/// Sets up, builds, and runs the demo binary (it lives in the test crate, with the simulated
+/// cluster, so that xtask itself links nothing that builds eBPF).
+fn demo() -> anyhow::Result<()> {
+    setup::run()?;
+    if !setup::privileged() {
+        bail!(
+            "the demo builds network namespaces and loads BPF programs: run it as root on a BPF-capable kernel"
+        );
+    }
+    let release = build_release(&["netpol-agent", "netpol-tests"])?;
+    check(
+        Command::new(release.join("netpol-demo"))
+            .arg(release.join("netpol-agent"))
+            .arg(release.join("netpol-probe")),
+    )
 }
 
 fn bench(quick: bool) -> anyhow::Result<()> {

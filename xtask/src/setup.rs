@@ -4,10 +4,9 @@ use std::process::Command;
 
 use anyhow::Context as _;
 
-use crate::check;
+use netpol_toolchain::{BPF_LINKER_VERSION, EBPF_NIGHTLY, Missing};
 
-/// The bpf-linker version whose default features use the Rust toolchain's own LLVM.
-const BPF_LINKER_VERSION: &str = "0.10.4";
+use crate::check;
 
 /// Debian packages the tests, the demo and the bench use (commands: ip, bridge, iptables, conntrack,
 /// modprobe, bpftool, iperf3, prometheus, promtool).
@@ -48,35 +47,47 @@ fn output(cmd: &mut Command) -> Option<String> {
 
 /// Installs whatever is missing.
 pub fn run() -> anyhow::Result<()> {
-    let installed = output(Command::new("rustup").args([
-        "component",
-        "list",
-        "--toolchain",
-        "nightly",
-        "--installed",
-    ]))
-    .unwrap_or_default();
-    if !installed.lines().any(|l| l.starts_with("rust-src")) {
-        eprintln!("xtask: installing nightly with rust-src (eBPF programs need build-std)");
-        check(Command::new("rustup").args([
-            "toolchain",
-            "install",
-            "nightly",
-            "--profile",
-            "minimal",
-            "--component",
-            "rust-src",
-        ]))?;
+    install_ebpf_toolchain()?;
+    install_debian_packages()?;
+    install_kubernetes_validate()
+}
+
+/// Installs the pinned nightly with rust-src and bpf-linker, whatever of them is missing: all that
+/// the agent's build script needs to build the eBPF programs.
+pub fn install_ebpf_toolchain() -> anyhow::Result<()> {
+    for missing in netpol_toolchain::missing() {
+        eprintln!("xtask: {missing}: installing it");
+        match missing {
+            Missing::Rustup => anyhow::bail!(
+                "rustup is needed to install {EBPF_NIGHTLY} (the eBPF programs build with it)"
+            ),
+            // `toolchain install` also adds the component to an installed toolchain.
+            Missing::Nightly | Missing::RustSrc => check(Command::new("rustup").args([
+                "toolchain",
+                "install",
+                EBPF_NIGHTLY,
+                "--profile",
+                "minimal",
+                "--component",
+                "rust-src",
+            ]))?,
+            Missing::BpfLinker(_) => check(Command::new("cargo").args([
+                "install",
+                &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+                "--locked",
+            ]))?,
+        }
     }
-    let linker = output(Command::new("bpf-linker").arg("--version")).unwrap_or_default();
-    if !linker.contains(BPF_LINKER_VERSION) {
-        eprintln!("xtask: installing bpf-linker {BPF_LINKER_VERSION}");
-        check(Command::new("cargo").args([
-            "install",
-            &format!("bpf-linker@{BPF_LINKER_VERSION}"),
-            "--locked",
-        ]))?;
-    }
+    let left = netpol_toolchain::missing();
+    anyhow::ensure!(
+        left.is_empty(),
+        "still missing after installing: {}",
+        netpol_toolchain::explain(&left)
+    );
+    Ok(())
+}
+
+fn install_debian_packages() -> anyhow::Result<()> {
     let mut missing: Vec<&str> = DEBIAN_PACKAGES
         .iter()
         .copied()
@@ -109,7 +120,7 @@ pub fn run() -> anyhow::Result<()> {
                 .env("DEBIAN_FRONTEND", "noninteractive"),
         )?;
     }
-    install_kubernetes_validate()
+    Ok(())
 }
 
 /// The venv holding kubernetes-validate: `<target dir>/tools/venv` (the deploy tests look there).

@@ -1,29 +1,29 @@
-//! `cargo xtask demo`: the agent's main job on an embedded default. Builds everything, brings up a
+//! The demo that `cargo xtask demo` runs once it has set up and built everything: brings up a
 //! simulated two-node Flannel cluster (network namespaces, cni0 bridges, veths, VXLAN), runs one agent
 //! per node, and shows real connections before and after the example policies.
+//!
+//! Usage: `netpol-demo AGENT PROBE` (the paths of the `netpol-agent` and `netpol-probe` binaries).
+//! It lives here rather than in xtask so that xtask depends on nothing that builds eBPF.
 
-use std::{process::Command, time::Duration};
+use std::{path::PathBuf, process::Command, time::Duration};
 
 use anyhow::{Context as _, bail};
 use netpol_tests::cluster::{Cluster, Family, Matrix, Proto};
 
-use crate::{build_release, check, setup};
-
 /// The example policies, embedded so the demo needs nothing but the checkout.
-const POLICIES: &str = include_str!("../demo/policies.yaml");
+const POLICIES: &str = include_str!("../../demo/policies.yaml");
 
-/// Runs the demo.
-pub fn run() -> anyhow::Result<()> {
-    setup::run()?;
-    if !setup::privileged() {
+fn main() -> anyhow::Result<()> {
+    let mut args = std::env::args_os().skip(1).map(PathBuf::from);
+    let (Some(agent), Some(probe), None) = (args.next(), args.next(), args.next()) else {
+        bail!("usage: netpol-demo AGENT PROBE");
+    };
+    if !netpol_tests::cluster::is_root() {
         bail!(
             "the demo builds network namespaces and loads BPF programs: run it as root on a BPF-capable kernel"
         );
     }
-    let release = build_release(&["netpol-agent", "netpol-tests"])?;
-    let agent = release.join("netpol-agent");
-    let mut cluster =
-        Cluster::new(release.join("netpol-probe")).context("building the simulated cluster")?;
+    let mut cluster = Cluster::new(probe).context("building the simulated cluster")?;
     println!(
         "\n== Simulated K3s/Flannel cluster {}: 2 nodes, namespaces x y z, pods a b c in each",
         cluster.prefix
@@ -49,7 +49,7 @@ pub fn run() -> anyhow::Result<()> {
         render(&cluster.probe_matrix(80, Proto::Tcp, Family::V4)?)
     );
 
-    println!("== Applying the example policies (xtask/demo/policies.yaml):");
+    println!("== Applying the example policies (tests/demo/policies.yaml):");
     println!(
         "   x: default-deny-ingress; x/a accepts TCP 80 from namespace y and from x; z/c may only reach z"
     );
@@ -90,16 +90,14 @@ pub fn run() -> anyhow::Result<()> {
 
     let node = &cluster.nodes[0];
     let agent_cli = |args: &[&str]| {
-        check(
-            Command::new("ip")
-                .args(["netns", "exec", &node.name])
-                .arg(&agent)
-                .args(args)
-                .arg("--pin-dir")
-                .arg(&node.pin_dir)
-                .arg("--state-dir")
-                .arg(&node.state_dir),
-        )
+        run(Command::new("ip")
+            .args(["netns", "exec", &node.name])
+            .arg(&agent)
+            .args(args)
+            .arg("--pin-dir")
+            .arg(&node.pin_dir)
+            .arg("--state-dir")
+            .arg(&node.state_dir))
     };
     println!("== `netpol-agent status` on {}:", node.name);
     agent_cli(&["status"])?;
@@ -109,6 +107,15 @@ pub fn run() -> anyhow::Result<()> {
     );
     agent_cli(&["flows", "--verdict", "dropped", "--last", "10"])?;
     println!("\n== Done: the cluster, the agents and their pins are removed now.");
+    Ok(())
+}
+
+/// Runs `cmd` (its output goes to ours), failing when it fails.
+fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
     Ok(())
 }
 
