@@ -33,6 +33,8 @@ use crate::bpf::{self, Scratch};
 use crate::synth::{Spec, Synthetic};
 
 const TC_ACT_OK: u32 = 0;
+/// What the classifiers return for an allowed packet (`TC_ACT_UNSPEC`: on to the next program).
+const TCX_NEXT: u32 = u32::MAX;
 const TC_ACT_SHOT: u32 = 2;
 
 /// Settings of part 1.
@@ -217,7 +219,7 @@ pub fn measure_size(n: usize, s: &Settings, floor: &Floor) -> anyhow::Result<Siz
         let mut ok = true;
         for _ in 0..s.samples {
             let (ret, ns) = bpf::test_run(fd, &allowed, 1)?;
-            ok &= ret == TC_ACT_OK;
+            ok &= ret == TCX_NEXT;
             ok &= ct.remove(&key).is_ok();
             v.push(f64::from(ns));
         }
@@ -230,7 +232,7 @@ pub fn measure_size(n: usize, s: &Settings, floor: &Floor) -> anyhow::Result<Siz
             verdict_ok: ok,
         });
         // Established: the first run inserts, the rest hit.
-        let (ns, ok) = repeat_ns(fd, &allowed, s.repeat, s.rounds, TC_ACT_OK)?;
+        let (ns, ok) = repeat_ns(fd, &allowed, s.repeat, s.rounds, TCX_NEXT)?;
         let ok = ok && ct.get(&key, 0).is_ok();
         cases.push(Case {
             packet: name.into(),

@@ -176,6 +176,7 @@ impl Synthetic {
             node_name: NODE,
             endpoints: &self.endpoints,
             host_addrs: &[IpAddr::V4(Ipv4Addr::new(10, 64, 255, 254))],
+            links: &BTreeMap::new(),
         })
     }
 }

@@ -239,11 +239,13 @@ impl Sync {
         }
         self.state_changed = false;
         let endpoints = match_endpoints(&state, &self.cfg.node_name, &view);
+        let links = view.endpoint_links();
         let compiled = compiler::compile(&CompileInput {
             state: &state,
             node_name: &self.cfg.node_name,
             endpoints: &endpoints,
             host_addrs: &view.host_addrs,
+            links: &links,
         });
         let mut errors: Vec<String> = self.source_problem.iter().cloned().collect();
         errors.extend(state.errors.iter().map(|e| e.to_string()));

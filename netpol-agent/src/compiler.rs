@@ -36,6 +36,18 @@ pub struct CompileInput<'a> {
     pub endpoints: &'a BTreeMap<PodKey, u32>,
     /// The node's own addresses: traffic from them is the kubelet's and always reaches local pods.
     pub host_addrs: &'a [IpAddr],
+    /// The link identity of each endpoint's pod interface, by endpoint id. An endpoint without one
+    /// gets an all-zero MAC, so everything its pod sends is dropped (fail closed).
+    pub links: &'a BTreeMap<u32, EndpointLink>,
+}
+
+/// The link identity of a local pod's interface (the veth peer), as the kernel reports it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EndpointLink {
+    /// MAC address.
+    pub mac: [u8; 6],
+    /// IPv6 link-local address, if any.
+    pub link_local: Option<std::net::Ipv6Addr>,
 }
 
 /// A problem with one policy. The policy then allows nothing (see the module docs).
@@ -693,8 +705,10 @@ pub fn compile(input: &CompileInput<'_>) -> Compiled {
         }
         out.stats.isolated_ingress += usize::from(flags & endpoint_flags::ISOLATED_INGRESS != 0);
         out.stats.isolated_egress += usize::from(flags & endpoint_flags::ISOLATED_EGRESS != 0);
+        let link = input.links.get(&endpoint).copied().unwrap_or_default();
+        let link_local = link.link_local.map_or([0; 16], |a| a.octets());
         out.endpoints
-            .insert(endpoint, EndpointInfo { flags, _pad: 0 });
+            .insert(endpoint, EndpointInfo::new(flags, link.mac, link_local));
     }
 
     out.stats.policies = parsed.len();

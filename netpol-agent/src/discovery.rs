@@ -6,7 +6,11 @@
 //! agent matches those addresses with the pods the cluster state puts on this node; a veth that
 //! matches no local pod is never touched.
 
-use std::{collections::HashMap, io, net::IpAddr};
+use std::{
+    collections::{BTreeMap, HashMap},
+    io,
+    net::{IpAddr, Ipv6Addr},
+};
 
 use netlink_packet_core::{NLM_F_DUMP, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload};
 use netlink_packet_route::{
@@ -17,6 +21,8 @@ use netlink_packet_route::{
 use netlink_packet_utils::nla::DefaultNla;
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 use thiserror::Error;
+
+use crate::compiler::EndpointLink;
 
 /// `IFA_TARGET_NETNSID` from `linux/if_addr.h` (netlink-packet-route has no variant for it).
 const IFA_TARGET_NETNSID: u16 = 10;
@@ -46,6 +52,33 @@ pub struct PodVeth {
     pub peer_ifindex: u32,
     /// Addresses on the peer (the pod's `eth0`), link-local ones excluded.
     pub peer_addrs: Vec<IpAddr>,
+    /// What the peer really is at layer 2: the datapath holds the pod to it.
+    pub peer_link: PeerLink,
+}
+
+/// The link identity of a veth's peer (the pod's interface).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerLink {
+    /// Its MAC address, when the kernel reported one.
+    pub mac: Option<[u8; 6]>,
+    /// Its IPv6 link-local address, if it has one.
+    pub link_local: Option<Ipv6Addr>,
+}
+
+/// What discovery learns about a veth's peer, cached while the veth lives.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Peer {
+    addrs: Vec<IpAddr>,
+    link: PeerLink,
+}
+
+impl Peer {
+    /// Whether CNI is done with the peer, so it can be cached: it has its addresses, its MAC, and,
+    /// with IPv6, its link-local address (configured once the link has carrier).
+    fn is_complete(&self) -> bool {
+        let v6 = self.addrs.iter().any(IpAddr::is_ipv6);
+        !self.addrs.is_empty() && self.link.mac.is_some() && (!v6 || self.link.link_local.is_some())
+    }
 }
 
 /// A Flannel VXLAN device (`flannel.1`, `flannel-v6.1`): where pod traffic leaves for other nodes.
@@ -68,14 +101,31 @@ pub struct NodeView {
     pub host_addrs: Vec<IpAddr>,
 }
 
+impl NodeView {
+    /// The link identity of every pod veth's peer, by host-side ifindex (the endpoint id). A peer
+    /// whose MAC the kernel did not report is left out: its endpoint then fails closed.
+    pub fn endpoint_links(&self) -> BTreeMap<u32, EndpointLink> {
+        self.veths
+            .iter()
+            .filter_map(|v| {
+                let link = EndpointLink {
+                    mac: v.peer_link.mac?,
+                    link_local: v.peer_link.link_local,
+                };
+                Some((v.ifindex, link))
+            })
+            .collect()
+    }
+}
+
 /// An rtnetlink client with a cache of peer addresses.
 pub struct Discovery {
     socket: Socket,
     seq: u32,
-    /// Peer addresses by (ifindex, nsid, peer ifindex): a pod's address does not change while its
-    /// veth lives, so only new veths cost a dump. Empty results are not cached (CNI may not have
-    /// configured the address yet).
-    peer_cache: HashMap<(u32, i32, u32), Vec<IpAddr>>,
+    /// Peers by (ifindex, nsid, peer ifindex): a pod's addresses and MAC do not change while its
+    /// veth lives, so only new veths cost a dump. Peers without addresses are not cached (CNI may
+    /// not have configured them yet).
+    peer_cache: HashMap<(u32, i32, u32), Peer>,
 }
 
 impl Discovery {
@@ -115,17 +165,18 @@ impl Discovery {
         let mut live = HashMap::new();
         for v in &mut veths {
             let key = (v.ifindex, v.peer_netnsid, v.peer_ifindex);
-            let addrs = match self.peer_cache.get(&key) {
-                Some(a) => a.clone(),
-                None => self.addresses(Some(v.peer_netnsid), Some(v.peer_ifindex))?,
+            let peer = match self.peer_cache.get(&key) {
+                Some(p) => p.clone(),
+                None => self.peer(v.peer_netnsid, v.peer_ifindex)?,
             };
-            if !addrs.is_empty() {
-                live.insert(key, addrs.clone());
+            if peer.is_complete() {
+                live.insert(key, peer.clone());
             }
-            v.peer_addrs = addrs;
+            v.peer_addrs = peer.addrs;
+            v.peer_link = peer.link;
         }
         self.peer_cache = live;
-        let host_addrs = self.addresses(None, None)?;
+        let host_addrs = without_link_local(self.addresses(None, None)?);
         Ok(NodeView {
             veths,
             tunnels,
@@ -133,8 +184,40 @@ impl Discovery {
         })
     }
 
-    /// Addresses in the namespace `netnsid` (or our own), of one interface (or all). Link-local IPv6
-    /// addresses are left out: they are not pod or node identities.
+    /// The addresses and link identity of interface `ifindex` in the namespace `netnsid`.
+    fn peer(&mut self, netnsid: i32, ifindex: u32) -> Result<Peer, DiscoveryError> {
+        let all = self.addresses(Some(netnsid), Some(ifindex))?;
+        let link_local = all.iter().find_map(|a| match a {
+            IpAddr::V6(v6) if is_link_local(a) => Some(*v6),
+            _ => None,
+        });
+        Ok(Peer {
+            addrs: without_link_local(all),
+            link: PeerLink {
+                mac: self.mac(netnsid, ifindex)?,
+                link_local,
+            },
+        })
+    }
+
+    /// The MAC address of interface `ifindex` in the namespace `netnsid`: a link dump targeted at
+    /// that namespace (`IFLA_TARGET_NETNSID`), which holds a pod's `lo` and `eth0`.
+    fn mac(&mut self, netnsid: i32, ifindex: u32) -> Result<Option<[u8; 6]>, DiscoveryError> {
+        let mut msg = LinkMessage::default();
+        msg.attributes.push(LinkAttribute::IfNetnsId(netnsid));
+        let links = self.dump("peer link", RouteNetlinkMessage::GetLink(msg))?;
+        Ok(links.iter().find_map(|m| match m {
+            RouteNetlinkMessage::NewLink(l) if l.header.index == ifindex => {
+                l.attributes.iter().find_map(|a| match a {
+                    LinkAttribute::Address(mac) => mac.as_slice().try_into().ok(),
+                    _ => None,
+                })
+            }
+            _ => None,
+        }))
+    }
+
+    /// Addresses in the namespace `netnsid` (or our own), of one interface (or all).
     fn addresses(
         &mut self,
         netnsid: Option<i32>,
@@ -161,7 +244,6 @@ impl Discovery {
             }
             for attr in &a.attributes {
                 if let AddressAttribute::Address(ip) = attr
-                    && !is_link_local(ip)
                     && !addrs.contains(ip)
                 {
                     addrs.push(*ip);
@@ -216,6 +298,12 @@ impl Discovery {
             }
         }
     }
+}
+
+/// Link-local addresses are not pod or node identities.
+fn without_link_local(mut addrs: Vec<IpAddr>) -> Vec<IpAddr> {
+    addrs.retain(|a| !is_link_local(a));
+    addrs
 }
 
 fn is_link_local(ip: &IpAddr) -> bool {
@@ -283,5 +371,6 @@ fn pod_veth_of(link: &LinkMessage) -> Option<PodVeth> {
         peer_netnsid: a.netnsid?,
         peer_ifindex: a.peer?,
         peer_addrs: Vec::new(),
+        peer_link: PeerLink::default(),
     })
 }

@@ -76,7 +76,18 @@ fn finds_pod_veths_and_peer_addresses_only() {
         "eth0",
         "nodad",
     ]);
+    ip(&[
+        "-n",
+        &pod,
+        "link",
+        "set",
+        "eth0",
+        "address",
+        "0a:58:0a:2a:00:05",
+    ]);
     ip(&["-n", &pod, "link", "set", "eth0", "up"]);
+    // Carrier on both ends, as CNI leaves it: the pod's link-local address is configured then.
+    ip(&["-n", &node, "link", "set", "veth0a1b2c3d", "up"]);
     // A veth with both ends in the node namespace: not a pod veth.
     ip(&[
         "-n",
@@ -152,6 +163,21 @@ fn finds_pod_veths_and_peer_addresses_only() {
     assert_eq!(
         addrs,
         vec!["10.42.0.5".to_owned(), "fd00:10:42::5".to_owned()]
+    );
+    // The pod's link identity, which the datapath holds its frames, ARP and ND to.
+    assert_eq!(
+        pod_veth.peer_link.mac,
+        Some([0x0a, 0x58, 0x0a, 0x2a, 0x00, 0x05])
+    );
+    assert_eq!(
+        pod_veth.peer_link.link_local,
+        Some("fe80::858:aff:fe2a:5".parse().unwrap()),
+        "the EUI-64 link-local address of the pod's MAC"
+    );
+    let links = view.endpoint_links();
+    assert_eq!(
+        links[&pod_veth.ifindex].mac,
+        [0x0a, 0x58, 0x0a, 0x2a, 0x00, 0x05]
     );
     let empty = view
         .veths

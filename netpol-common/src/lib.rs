@@ -134,6 +134,9 @@ pub mod endpoint_flags {
 
 /// Value of the ENDPOINTS map, keyed by the host veth's ifindex (which is also the endpoint id used
 /// in [`PolicyKey`], [`IpInfo`] and [`CtKey`]).
+///
+/// The link identity (`mac`, `link_local`) is what the pod's interface really has, read by the agent
+/// from the kernel; the datapath drops frames, ARP and neighbour discovery that claim any other.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct EndpointInfo {
@@ -141,8 +144,29 @@ pub struct EndpointInfo {
     pub flags: u32,
     /// Reserved, zero.
     pub _pad: u32,
+    /// The MAC address of the pod's interface (the veth peer). All zero when unknown: then every
+    /// frame the pod sends fails the source MAC check (fail closed).
+    pub mac: [u8; 6],
+    /// Reserved, zero.
+    pub _pad2: [u8; 2],
+    /// The pod interface's IPv6 link-local address, all zero when it has none: the one source besides
+    /// `::` and the pod's own addresses that its neighbour discovery may use.
+    pub link_local: [u8; 16],
 }
-const _: () = assert!(size_of::<EndpointInfo>() == 8);
+const _: () = assert!(size_of::<EndpointInfo>() == 32);
+
+impl EndpointInfo {
+    /// An endpoint with `flags` and the given link identity.
+    pub const fn new(flags: u32, mac: [u8; 6], link_local: [u8; 16]) -> Self {
+        EndpointInfo {
+            flags,
+            _pad: 0,
+            mac,
+            _pad2: [0; 2],
+            link_local,
+        }
+    }
+}
 
 /// An address as 16 bytes in network order: IPv6 as is, IPv4 as an IPv4-mapped IPv6 address
 /// (`::ffff:a.b.c.d`), so one map and one trie serve both families. An IPv4 prefix of length L is an
@@ -313,6 +337,18 @@ pub enum Reason {
     DroppedMalformed = 19,
     /// Dropped: seen on a veth that has programs attached but no endpoint entry (fail closed).
     DroppedUnknownEndpoint = 20,
+    /// Dropped: a pod's frame claims a link identity that is not its own (Ethernet source MAC, ARP
+    /// sender, neighbour discovery source, target or link-layer option), or is a router's message
+    /// (Router Advertisement, Redirect) that a pod has no business sending.
+    DroppedSpoofedLink = 21,
+    /// Dropped: an EtherType other than IPv4, IPv6 and ARP at a pod isolated in that direction.
+    DroppedEtherType = 22,
+    /// Dropped: a unicast IP packet delivered to a pod whose addresses do not include its
+    /// destination (a poisoned neighbour or bridge entry handing one pod another's traffic).
+    DroppedNotForPod = 23,
+    /// Dropped: a packet whose Service egress verdict was deferred to after DNAT, but whose client
+    /// pod cannot be identified there (masqueraded, or not a local pod): never left undecided.
+    DroppedServiceUnresolved = 24,
 }
 
 /// Length of the COUNTERS array: one slot per [`Reason`] code.
@@ -320,7 +356,7 @@ pub const REASON_SLOTS: u32 = 32;
 
 impl Reason {
     /// Every reason, for userspace reporting.
-    pub const ALL: [Reason; 13] = [
+    pub const ALL: [Reason; 17] = [
         Reason::AllowedNotPoliced,
         Reason::AllowedNotIsolated,
         Reason::AllowedPolicy,
@@ -334,6 +370,10 @@ impl Reason {
         Reason::DroppedSpoofedSource,
         Reason::DroppedMalformed,
         Reason::DroppedUnknownEndpoint,
+        Reason::DroppedSpoofedLink,
+        Reason::DroppedEtherType,
+        Reason::DroppedNotForPod,
+        Reason::DroppedServiceUnresolved,
     ];
 
     /// True for the reasons that drop the packet.
@@ -357,6 +397,10 @@ impl Reason {
             Reason::DroppedSpoofedSource => "spoofed-source",
             Reason::DroppedMalformed => "malformed",
             Reason::DroppedUnknownEndpoint => "unknown-endpoint",
+            Reason::DroppedSpoofedLink => "spoofed-link",
+            Reason::DroppedEtherType => "ethertype",
+            Reason::DroppedNotForPod => "not-for-pod",
+            Reason::DroppedServiceUnresolved => "service-unresolved",
         }
     }
 }

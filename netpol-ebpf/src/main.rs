@@ -12,11 +12,12 @@
 // `CtKey` onto the 512-byte BPF stack.
 #![allow(clippy::needless_borrows_for_generic_args)]
 
+mod link;
 mod maps;
 mod parse;
 
 use aya_ebpf::{
-    bindings::{BPF_ANY, BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT},
+    bindings::{BPF_ANY, BPF_NOEXIST, TC_ACT_SHOT, TC_ACT_UNSPEC},
     helpers::bpf_ktime_get_ns,
     macros::classifier,
     maps::lpm_trie::Key,
@@ -24,9 +25,9 @@ use aya_ebpf::{
 };
 use netpol_common::{
     CONFIG_EVENT_RATE, CONFIG_GENERATION, CtKey, CtValue, DEFAULT_EVENT_RATE, Direction, DropEvent,
-    DropKey, DropValue, FlowKey, FlowValue, IpKey, POLICY_PREFIX_ANY_PROTOCOL, POLICY_PREFIX_FULL,
-    PolicyKey, PolicyMatch, Reason, SvcKey, ct_flags, endpoint_flags, identity, lost, service,
-    verdict_slot,
+    DropKey, DropValue, EndpointInfo, FlowKey, FlowValue, IpKey, POLICY_PREFIX_ANY_PROTOCOL,
+    POLICY_PREFIX_FULL, PolicyKey, PolicyMatch, Reason, SvcKey, ct_flags, endpoint_flags, identity,
+    lost, service, verdict_slot,
 };
 
 use crate::{
@@ -34,7 +35,7 @@ use crate::{
         CIDRS, CONFIG, CONNTRACK, COUNTERS, DROPS, ENDPOINTS, EVENT_BUDGET, EVENTS, FLOWS, IPCACHE,
         LOST, POLICY, SERVICES, VERDICTS,
     },
-    parse::{Malformed, Packet, Parsed},
+    parse::{Malformed, Packet, Parsed, same},
 };
 
 // A decision travels as one u64 (a BPF function returns one register):
@@ -44,6 +45,9 @@ use crate::{
 const FLOW: u64 = 1 << 16;
 const DECIDED: u64 = 1 << 17;
 const NS_PER_SEC: u64 = 1_000_000_000;
+/// What an allowed packet returns: `TCX_NEXT` (`TC_ACT_UNSPEC`), so that TCX programs after ours and
+/// legacy clsact filters (K3s's `bandwidth` plugin) still see it; `TC_ACT_OK` would end the chain.
+const PASS: i32 = TC_ACT_UNSPEC;
 
 #[inline(always)]
 const fn reason_only(reason: Reason) -> u64 {
@@ -68,18 +72,17 @@ pub fn tunnel_egress(ctx: TcContext) -> i32 {
     // SAFETY: the context pointer handed to a classifier is a valid `__sk_buff`.
     let mark = unsafe { (*ctx.skb.skb).mark };
     if mark & service::DEFER_MARK == 0 {
-        return TC_ACT_OK;
+        return PASS;
     }
     ctx.set_mark(mark & !service::DEFER_MARK);
     let mut pkt = Packet::zeroed();
     let decision = match parse::parse(&ctx, &mut pkt) {
-        Ok(Parsed::NotPoliced) => return TC_ACT_OK,
-        Ok(_) => deferred_egress(&pkt, 0),
+        Ok(Parsed::Ip) => deferred_egress(&pkt, 0),
+        // Only our programs set the mark, and only on IP packets (marks are scrubbed when a
+        // packet leaves a pod's namespace, so a pod cannot set it).
+        Ok(_) => return PASS,
         Err(Malformed) => reason_only(Reason::DroppedMalformed),
     };
-    if decision == 0 {
-        return TC_ACT_OK;
-    }
     let code = (decision & 0xff) as u32;
     count(&COUNTERS, code);
     if code >= Reason::DroppedIngressDenied as u32 {
@@ -93,7 +96,7 @@ pub fn tunnel_egress(ctx: TcContext) -> i32 {
         );
         TC_ACT_SHOT
     } else {
-        TC_ACT_OK
+        PASS
     }
 }
 
@@ -114,20 +117,40 @@ fn client_of(pkt: &Packet, hairpin: u32) -> u32 {
     }
 }
 
-/// The egress decision of the pod that sent `pkt` towards its (post-DNAT) destination, or 0 when the
-/// sender is not a local pod (nothing to decide).
+/// The egress decision of the pod that sent `pkt` towards its (post-DNAT) destination. A sender
+/// that is not a local pod (a masqueraded client, say) cannot be decided for: dropped, since only
+/// some backends were allowed.
 #[inline(never)]
 fn deferred_egress(pkt: &Packet, hairpin: u32) -> u64 {
     let client = client_of(pkt, hairpin);
     if client == 0 {
-        return 0;
+        return reason_only(Reason::DroppedServiceUnresolved);
     }
     let Some(ep) = ENDPOINTS.get_ptr(client) else {
         return reason_only(Reason::DroppedUnknownEndpoint);
     };
     // SAFETY: map values are valid for the duration of the program.
     let flags = unsafe { (*ep).flags };
-    policy(pkt, client, flags, Direction::Egress)
+    policy(pkt, client, flags, Direction::Egress, Ask::Packet)
+}
+
+/// How [`policy`] reads a packet.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Ask {
+    /// As itself: its peer, its destination port, its direction.
+    Packet,
+    /// As a reply: the flow it answers has the same peer, goes the other way, and goes to the port
+    /// this packet comes from.
+    Answered,
+}
+
+/// The peer of the local endpoint in a packet going `dir`.
+#[inline(always)]
+fn peer_of(pkt: &Packet, dir: Direction) -> &[u8; 16] {
+    match dir {
+        Direction::Ingress => &pkt.src,
+        Direction::Egress => &pkt.dst,
+    }
 }
 
 #[inline(always)]
@@ -148,7 +171,7 @@ fn classify(ctx: &TcContext, dir: Direction) -> i32 {
     if code >= Reason::DroppedIngressDenied as u32 {
         TC_ACT_SHOT
     } else {
-        TC_ACT_OK
+        PASS
     }
 }
 
@@ -163,12 +186,53 @@ fn try_classify(
         return Ok(reason_only(Reason::DroppedUnknownEndpoint));
     };
     // SAFETY: map values are valid for the duration of the program.
-    let ep_flags = unsafe { (*ep).flags };
-
-    if let Parsed::NotPoliced = parse::parse(ctx, pkt)? {
-        return Ok(reason_only(Reason::AllowedNotPoliced));
+    let ep = unsafe { &*ep };
+    let egress = dir == Direction::Egress;
+    if egress && !link::source_mac_is_own(ctx, ep)? {
+        return Ok(reason_only(Reason::DroppedSpoofedLink));
     }
-    Ok(classify_ip(ctx, pkt, ifindex, ep_flags, dir)? | FLOW)
+    let reason = match parse::parse(ctx, pkt)? {
+        Parsed::Ip => return Ok(classify_ip(ctx, pkt, ifindex, ep.flags, dir)? | FLOW),
+        Parsed::Arp if egress => link::arp_from_pod(ctx, ifindex, ep)?,
+        Parsed::Arp => Reason::AllowedNotPoliced,
+        Parsed::Neighbour => link::neighbour(ctx, pkt, ifindex, ep, egress)?,
+        // NetworkPolicy speaks of IP only: a pod isolated in this direction gets nothing else.
+        Parsed::OtherEtherType if isolated(ep, dir) => Reason::DroppedEtherType,
+        Parsed::OtherEtherType => Reason::AllowedNotPoliced,
+    };
+    Ok(reason_only(reason))
+}
+
+#[inline(always)]
+fn isolated(ep: &EndpointInfo, dir: Direction) -> bool {
+    let flag = match dir {
+        Direction::Ingress => endpoint_flags::ISOLATED_INGRESS,
+        Direction::Egress => endpoint_flags::ISOLATED_EGRESS,
+    };
+    ep.flags & flag != 0
+}
+
+/// Multicast or limited broadcast: delivered to whoever listens, not to one pod's address.
+#[inline(always)]
+fn is_group_address(addr: &[u8; 16]) -> bool {
+    let mut zeros = 0;
+    for i in 0..10 {
+        zeros |= addr[i];
+    }
+    let v4_mapped = zeros == 0 && addr[10] == 0xff && addr[11] == 0xff;
+    if v4_mapped {
+        addr[12] & 0xf0 == 0xe0 || (addr[12] & addr[13] & addr[14] & addr[15]) == 0xff
+    } else {
+        addr[0] == 0xff
+    }
+}
+
+/// An ICMP error whose quoted packet `quoted` fits the outer packet: the error goes back to the
+/// quoted packet's sender, and when the pod sends one, it comes from the quoted packet's receiver.
+/// (Errors from routers on the way have other sources, so ingress does not check the source.)
+#[inline(always)]
+fn quote_fits(pkt: &Packet, quoted: &CtKey, dir: Direction) -> bool {
+    same(&quoted.src, &pkt.dst) && (dir == Direction::Ingress || same(&quoted.dst, &pkt.src))
 }
 
 /// Records the packet's verdict: the flow record (one update of FLOWS), and for a drop the DROPS
@@ -331,22 +395,21 @@ fn classify_ip(
     ep_flags: u32,
     dir: Direction,
 ) -> Result<u64, Malformed> {
-    // Anti-spoofing: a pod may only send from its own addresses. (Plain integers with a sentinel
-    // rather than `Option<u32>`: LLVM leaves the payload of `None` undefined, and the verifier
-    // rejects the read of the uninitialised register that results.)
     if dir == Direction::Egress {
-        let owner = IPCACHE
-            .get_ptr(IpKey { addr: pkt.src })
-            // SAFETY: map values are valid for the duration of the program.
-            .map_or(0, |info| unsafe { (*info).endpoint });
-        if owner != ifindex {
+        if link::is_router_message(pkt) {
+            return Ok(reason_only(Reason::DroppedSpoofedLink));
+        }
+        // Anti-spoofing: a pod may only send from its own addresses.
+        if !link::owned_by(&pkt.src, ifindex) {
             return Ok(reason_only(Reason::DroppedSpoofedSource));
         }
-    }
-
-    // A Service connection whose egress verdict waited for kube-proxy's DNAT, now delivered to a
-    // local backend: the client's egress policy decides first.
-    if dir == Direction::Ingress {
+    } else {
+        // A unicast packet is only for the pod that has its destination address.
+        if !is_group_address(&pkt.dst) && !link::owned_by(&pkt.dst, ifindex) {
+            return Ok(reason_only(Reason::DroppedNotForPod));
+        }
+        // A Service connection whose egress verdict waited for kube-proxy's DNAT, now delivered to
+        // a local backend: the client's egress policy decides first.
         // SAFETY: the context pointer handed to a classifier is a valid `__sk_buff`.
         let mark = unsafe { (*ctx.skb.skb).mark };
         if mark & service::DEFER_MARK != 0 {
@@ -368,72 +431,18 @@ fn classify_ip(
         direction: dir as u8,
         _pad: [0; 2],
     };
-
-    // An ICMP error about a flow this endpoint knows is a reply.
-    if pkt.icmp_error {
-        if parse::embedded_flow(ctx, pkt, &mut key)? {
-            // The embedded packet went the other way: it is a packet of the flow as first seen...
-            key.direction = dir.opposite() as u8;
-            if CONNTRACK.get_ptr(&key).is_some() {
-                return Ok(reason_only(Reason::AllowedReply));
-            }
-            // ... or a reply of a flow first seen in this direction.
-            reverse(&mut key);
-            key.direction = dir as u8;
-            if CONNTRACK.get_ptr(&key).is_some() {
-                return Ok(reason_only(Reason::AllowedReply));
-            }
-        }
-        // Not about a known flow (or `embedded_flow` gave up half-way): back to the outer packet.
-        key.src = pkt.src;
-        key.dst = pkt.dst;
-        key.src_port = pkt.sport;
-        key.dst_port = pkt.dport;
-        key.protocol = pkt.proto;
-        key.direction = dir as u8;
+    if pkt.icmp_error && icmp_error_of_known_flow(ctx, pkt, &mut key, dir)? {
+        return Ok(reason_only(Reason::AllowedReply));
     }
 
     let generation = CONFIG.get(CONFIG_GENERATION).copied().unwrap_or(0);
     if pkt.first_frag {
-        if let Some(entry) = CONNTRACK.get_ptr_mut(&key) {
-            // SAFETY: map values stay valid for the duration of the program; racing writers only
-            // touch these plain integers.
-            unsafe {
-                if (*entry).flags & ct_flags::SERVICE_DEFERRED != 0 {
-                    defer(ctx);
-                }
-                if (*entry).generation == generation {
-                    (*entry).last_seen_ns = bpf_ktime_get_ns();
-                    return Ok(reason_only(Reason::AllowedEstablished));
-                }
-            }
-            // Policy changed since the flow was allowed: check it again.
-            let decision =
-                through_service(ctx, pkt, ifindex, dir, policy(pkt, ifindex, ep_flags, dir));
-            if is_drop(decision) {
-                let _ = CONNTRACK.remove(&key);
-            } else {
-                // SAFETY: as above.
-                unsafe {
-                    (*entry).generation = generation;
-                    (*entry).flags = ct_flags_of(decision);
-                    (*entry).last_seen_ns = bpf_ktime_get_ns();
-                }
-            }
+        if let Some(decision) = tracked(ctx, pkt, &mut key, ep_flags, dir, generation) {
             return Ok(decision);
         }
-        reverse(&mut key);
-        key.direction = dir.opposite() as u8;
-        if let Some(entry) = CONNTRACK.get_ptr_mut(&key) {
-            // SAFETY: as above.
-            unsafe { (*entry).last_seen_ns = bpf_ktime_get_ns() };
-            return Ok(reason_only(Reason::AllowedReply));
-        }
-        reverse(&mut key);
-        key.direction = dir as u8;
     }
 
-    let decision = through_service(ctx, pkt, ifindex, dir, policy(pkt, ifindex, ep_flags, dir));
+    let decision = through_service(ctx, pkt, ifindex, dir, decide(pkt, ifindex, ep_flags, dir));
     if !is_drop(decision) && pkt.first_frag {
         let value = CtValue {
             generation,
@@ -445,6 +454,126 @@ fn classify_ip(
         let _ = CONNTRACK.insert(&key, &value, BPF_ANY as u64);
     }
     Ok(decision)
+}
+
+/// An ICMP error about a flow this endpoint knows, and consistent with it ([`quote_fits`]), is a
+/// reply. Leaves `key` as the outer packet's flow whatever the answer.
+#[inline(always)]
+fn icmp_error_of_known_flow(
+    ctx: &TcContext,
+    pkt: &Packet,
+    key: &mut CtKey,
+    dir: Direction,
+) -> Result<bool, Malformed> {
+    if parse::embedded_flow(ctx, pkt, key)? && quote_fits(pkt, key, dir) {
+        // The embedded packet went the other way: it is a packet of the flow as first seen...
+        key.direction = dir.opposite() as u8;
+        if CONNTRACK.get_ptr(&*key).is_some() {
+            return Ok(true);
+        }
+        // ... or a reply of a flow first seen in this direction.
+        reverse(key);
+        key.direction = dir as u8;
+        if CONNTRACK.get_ptr(&*key).is_some() {
+            return Ok(true);
+        }
+    }
+    // Not about a known flow (or `embedded_flow` gave up half-way): back to the outer packet.
+    key.src = pkt.src;
+    key.dst = pkt.dst;
+    key.src_port = pkt.sport;
+    key.dst_port = pkt.dport;
+    key.protocol = pkt.proto;
+    key.direction = dir as u8;
+    Ok(false)
+}
+
+/// The decision for a packet of a tracked flow, forward or reply; `None` when the flow is not
+/// tracked. A flow allowed under an older policy generation is checked again, in the direction it
+/// was allowed in, whichever way this packet goes: a revoked allow ends the flow both ways.
+#[inline(always)]
+fn tracked(
+    ctx: &TcContext,
+    pkt: &Packet,
+    key: &mut CtKey,
+    ep_flags: u32,
+    dir: Direction,
+    generation: u32,
+) -> Option<u64> {
+    let ifindex = key.endpoint;
+    if let Some(entry) = CONNTRACK.get_ptr_mut(&*key) {
+        // SAFETY: map values stay valid for the duration of the program; racing writers only touch
+        // these plain integers.
+        unsafe {
+            if (*entry).flags & ct_flags::SERVICE_DEFERRED != 0 {
+                defer(ctx);
+            }
+            if (*entry).generation == generation {
+                (*entry).last_seen_ns = bpf_ktime_get_ns();
+                return Some(reason_only(Reason::AllowedEstablished));
+            }
+        }
+        let decision = through_service(ctx, pkt, ifindex, dir, decide(pkt, ifindex, ep_flags, dir));
+        return Some(revalidated(key, entry, decision, generation));
+    }
+    reverse(key);
+    key.direction = dir.opposite() as u8;
+    if let Some(entry) = CONNTRACK.get_ptr_mut(&*key) {
+        // SAFETY: as above.
+        if unsafe { (*entry).generation } == generation {
+            // SAFETY: as above.
+            unsafe { (*entry).last_seen_ns = bpf_ktime_get_ns() };
+            return Some(reason_only(Reason::AllowedReply));
+        }
+        let decision = reply_recheck(pkt, ifindex, ep_flags, dir);
+        let decision = revalidated(key, entry, decision, generation);
+        return Some(if is_drop(decision) {
+            decision
+        } else {
+            reason_only(Reason::AllowedReply)
+        });
+    }
+    reverse(key);
+    key.direction = dir as u8;
+    None
+}
+
+/// Applies a re-check of a tracked flow: a denied flow is forgotten, an allowed one moves to the
+/// current generation.
+#[inline(always)]
+fn revalidated(key: &CtKey, entry: *mut CtValue, decision: u64, generation: u32) -> u64 {
+    if is_drop(decision) {
+        let _ = CONNTRACK.remove(key);
+    } else {
+        // SAFETY: map values stay valid for the duration of the program.
+        unsafe {
+            (*entry).generation = generation;
+            (*entry).flags = ct_flags_of(decision);
+            (*entry).last_seen_ns = bpf_ktime_get_ns();
+        }
+    }
+    decision
+}
+
+/// The policy decision for the flow that a reply packet `pkt` answers: the same peer, in the other
+/// direction, to the port the reply comes from. Through a Service frontend, a deferred verdict
+/// counts as allowed here: the flow's forward packets are decided after DNAT.
+#[inline(never)]
+fn reply_recheck(pkt: &Packet, ifindex: u32, ep_flags: u32, dir: Direction) -> u64 {
+    let decision = policy(pkt, ifindex, ep_flags, dir, Ask::Answered);
+    if dir.opposite() != Direction::Egress || !is_denied_egress(decision) {
+        return decision;
+    }
+    match service_verdict(ifindex, peer_of(pkt, dir), pkt.sport, pkt.proto) {
+        Some((_, policy_id)) => service_decision(Reason::AllowedService, policy_id),
+        None => decision,
+    }
+}
+
+/// What policy says about `pkt` in `dir` (conntrack aside).
+#[inline(always)]
+fn decide(pkt: &Packet, ifindex: u32, ep_flags: u32, dir: Direction) -> u64 {
+    policy(pkt, ifindex, ep_flags, dir, Ask::Packet)
 }
 
 /// Sets [`service::DEFER_MARK`] on the packet.
@@ -474,29 +603,47 @@ fn through_service(
     dir: Direction,
     decision: u64,
 ) -> u64 {
-    if dir != Direction::Egress || decision & 0xff != Reason::DroppedEgressDenied as u64 {
+    if dir != Direction::Egress || !is_denied_egress(decision) {
         return decision;
     }
+    match service_verdict(ifindex, &pkt.dst, pkt.dport, pkt.proto) {
+        Some((service::VERDICT_ALLOW, policy_id)) => {
+            service_decision(Reason::AllowedService, policy_id)
+        }
+        Some((_, policy_id)) => {
+            defer(ctx);
+            service_decision(Reason::AllowedServiceDeferred, policy_id)
+        }
+        None => decision,
+    }
+}
+
+#[inline(always)]
+fn is_denied_egress(decision: u64) -> bool {
+    decision & 0xff == Reason::DroppedEgressDenied as u64
+}
+
+/// The SERVICES verdict (allow or defer) and policy of `endpoint` towards the frontend `vip`:`port`.
+#[inline(always)]
+fn service_verdict(endpoint: u32, vip: &[u8; 16], port: u16, protocol: u8) -> Option<(u32, u32)> {
     let key = SvcKey {
-        endpoint: ifindex,
-        vip: IpKey { addr: pkt.dst },
-        port_be: pkt.dport.to_be_bytes(),
-        protocol: pkt.proto,
+        endpoint,
+        vip: IpKey { addr: *vip },
+        port_be: port.to_be_bytes(),
+        protocol,
         _pad: 0,
     };
-    let Some(v) = SERVICES.get_ptr(&key) else {
-        return decision;
-    };
+    let v = SERVICES.get_ptr(&key)?;
     // SAFETY: map values are valid for the duration of the program.
     let (verdict, policy_id) = unsafe { ((*v).verdict, (*v).policy) };
-    let reason = match verdict {
-        service::VERDICT_ALLOW => Reason::AllowedService,
-        service::VERDICT_DEFER => {
-            defer(ctx);
-            Reason::AllowedServiceDeferred
-        }
-        _ => return decision,
-    };
+    match verdict {
+        service::VERDICT_ALLOW | service::VERDICT_DEFER => Some((verdict, policy_id)),
+        _ => None,
+    }
+}
+
+#[inline(always)]
+fn service_decision(reason: Reason, policy_id: u32) -> u64 {
     reason_only(reason) | ((PolicyMatch::L3L4 as u64) << 8) | DECIDED | ((policy_id as u64) << 32)
 }
 
@@ -512,23 +659,27 @@ fn reverse(key: &mut CtKey) {
     core::mem::swap(&mut key.src_port, &mut key.dst_port);
 }
 
-/// What policy says about `pkt` (conntrack aside), as a decision (see [`FLOW`]) with `DECIDED` set.
+/// What policy says about `pkt`, going `dir` at the local endpoint `ifindex` and read as `ask` says
+/// (conntrack aside), as a decision (see [`FLOW`]) with `DECIDED` set.
 #[inline(never)]
-fn policy(pkt: &Packet, ifindex: u32, ep_flags: u32, dir: Direction) -> u64 {
-    let (isolated, peer, denied) = match dir {
+fn policy(pkt: &Packet, ifindex: u32, ep_flags: u32, dir: Direction, ask: Ask) -> u64 {
+    let peer = peer_of(pkt, dir);
+    let (dir, port) = match ask {
+        Ask::Packet => (dir, pkt.dport),
+        Ask::Answered => (dir.opposite(), pkt.sport),
+    };
+    let (isolated, denied) = match dir {
         Direction::Ingress => (
             ep_flags & endpoint_flags::ISOLATED_INGRESS != 0,
-            pkt.src,
             Reason::DroppedIngressDenied,
         ),
         Direction::Egress => (
             ep_flags & endpoint_flags::ISOLATED_EGRESS != 0,
-            pkt.dst,
             Reason::DroppedEgressDenied,
         ),
     };
     let peer_identity = IPCACHE
-        .get_ptr(IpKey { addr: peer })
+        .get_ptr(IpKey { addr: *peer })
         // SAFETY: map values are valid for the duration of the program.
         .map_or(identity::NONE, |info| unsafe { (*info).identity });
     if dir == Direction::Ingress && peer_identity == identity::HOST {
@@ -545,7 +696,7 @@ fn policy(pkt: &Packet, ifindex: u32, ep_flags: u32, dir: Direction) -> u64 {
             identity: identity::ANY,
             direction: dir as u8,
             protocol: pkt.proto,
-            port_be: pkt.dport.to_be_bytes(),
+            port_be: port.to_be_bytes(),
         },
     );
     if peer_identity != identity::NONE {
@@ -554,7 +705,7 @@ fn policy(pkt: &Packet, ifindex: u32, ep_flags: u32, dir: Direction) -> u64 {
             return allowed(&mut key, v.policy);
         }
     }
-    if let Some(id) = CIDRS.get(Key::new(128, IpKey { addr: peer })) {
+    if let Some(id) = CIDRS.get(Key::new(128, IpKey { addr: *peer })) {
         key.data.identity = *id;
         if let Some(v) = POLICY.get(&key) {
             return allowed(&mut key, v.policy);

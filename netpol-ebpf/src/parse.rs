@@ -8,6 +8,7 @@ use netpol_common::{CtKey, proto};
 pub const ETH_HLEN: u32 = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
+const ETH_P_ARP: u16 = 0x0806;
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88A8;
 
@@ -41,6 +42,10 @@ pub struct Packet {
     pub first_frag: bool,
     /// An ICMP/ICMPv6 error: the embedded packet starts at `l4_off + 8`.
     pub icmp_error: bool,
+    /// IPv4 TTL or IPv6 hop limit (neighbour discovery must carry 255, MLD 1).
+    pub hop_limit: u8,
+    /// ICMP/ICMPv6 type, 0 for other protocols.
+    pub icmp_type: u8,
 }
 
 impl Packet {
@@ -56,6 +61,8 @@ impl Packet {
             is_v6: false,
             first_frag: true,
             icmp_error: false,
+            hop_limit: 0,
+            icmp_type: 0,
         }
     }
 }
@@ -63,18 +70,32 @@ impl Packet {
 pub enum Parsed {
     /// An IPv4/IPv6 packet to police, described by the `Packet`.
     Ip,
-    /// Not IP (ARP, ...) or IPv6 neighbour discovery / MLD: always passes.
-    NotPoliced,
+    /// ARP: the sender must be the pod itself.
+    Arp,
+    /// IPv6 neighbour discovery (RS, NS, NA) or MLD (`Packet::icmp_type` says which): link-scoped
+    /// control traffic, checked for its link identity instead of policed.
+    Neighbour,
+    /// An EtherType other than IPv4, IPv6 and ARP.
+    OtherEtherType,
+}
+
+/// ICMPv6 types of the link-scoped control messages ([`Parsed::Neighbour`]).
+pub mod icmp6 {
+    pub const MLD_QUERY: u8 = 130;
+    pub const ROUTER_SOLICIT: u8 = 133;
+    pub const NEIGHBOUR_SOLICIT: u8 = 135;
+    pub const NEIGHBOUR_ADVERT: u8 = 136;
+    pub const MLD2_REPORT: u8 = 143;
 }
 
 #[inline(always)]
-fn load<T>(ctx: &TcContext, off: u32) -> Result<T, Malformed> {
+pub fn load<T>(ctx: &TcContext, off: u32) -> Result<T, Malformed> {
     ctx.load::<T>(off as usize).map_err(|_| Malformed)
 }
 
 /// Reads `size_of::<T>()` bytes at `off` straight into `dst` (no stack temporary).
 #[inline(always)]
-fn load_into<T>(ctx: &TcContext, off: u32, dst: &mut T) -> Result<(), Malformed> {
+pub fn load_into<T>(ctx: &TcContext, off: u32, dst: &mut T) -> Result<(), Malformed> {
     // SAFETY: `dst` is valid for `size_of::<T>()` bytes of writes; callers only use plain byte
     // arrays, for which every bit pattern is valid.
     let ret = unsafe {
@@ -86,6 +107,19 @@ fn load_into<T>(ctx: &TcContext, off: u32, dst: &mut T) -> Result<(), Malformed>
         )
     };
     if ret == 0 { Ok(()) } else { Err(Malformed) }
+}
+
+/// Byte-wise equality without `bcmp`: BPF has no such function to call, and array or slice `==`
+/// may compile to one.
+#[inline(always)]
+pub fn same<const N: usize>(a: &[u8; N], b: &[u8; N]) -> bool {
+    let mut diff = 0u8;
+    let mut i = 0;
+    while i < N {
+        diff |= a[i] ^ b[i];
+        i += 1;
+    }
+    diff == 0
 }
 
 #[inline(always)]
@@ -109,7 +143,8 @@ pub fn parse(ctx: &TcContext, pkt: &mut Packet) -> Result<Parsed, Malformed> {
         ETH_P_IPV6 => parse_ipv6(ctx, pkt)?,
         // VLAN-tagged frames would carry IP past the policy unseen: pods have no business sending them.
         ETH_P_8021Q | ETH_P_8021AD => return Err(Malformed),
-        _ => return Ok(Parsed::NotPoliced),
+        ETH_P_ARP => return Ok(Parsed::Arp),
+        _ => return Ok(Parsed::OtherEtherType),
     }
     if !pkt.first_frag {
         return Ok(Parsed::Ip);
@@ -142,6 +177,7 @@ fn parse_ipv4(ctx: &TcContext, pkt: &mut Packet) -> Result<(), Malformed> {
     pkt.l4_off = ETH_HLEN + hlen;
     pkt.first_frag = be16(h[6], h[7]) & 0x1fff == 0;
     pkt.proto = h[9];
+    pkt.hop_limit = h[8];
     pkt.src = v4_mapped([h[12], h[13], h[14], h[15]]);
     pkt.dst = v4_mapped([h[16], h[17], h[18], h[19]]);
     pkt.is_v6 = false;
@@ -169,6 +205,7 @@ fn parse_ipv6(ctx: &TcContext, pkt: &mut Packet) -> Result<(), Malformed> {
     load_into(ctx, ETH_HLEN + 24, &mut pkt.dst)?;
     pkt.is_v6 = true;
     pkt.l3_end = l3_end;
+    pkt.hop_limit = h[7];
 
     let mut nexthdr = h[6];
     let mut off = ETH_HLEN + IPV6_HLEN;
@@ -244,6 +281,10 @@ fn parse_l4(ctx: &TcContext, pkt: &mut Packet) -> Result<Parsed, Malformed> {
     }
     let h: [u8; 8] = load(ctx, off)?;
     match pkt.proto {
+        proto::ICMP | proto::ICMPV6 => pkt.icmp_type = h[0],
+        _ => {}
+    }
+    match pkt.proto {
         proto::ICMP => {
             let id = be16(h[4], h[5]);
             match h[0] {
@@ -259,7 +300,13 @@ fn parse_l4(ctx: &TcContext, pkt: &mut Packet) -> Result<Parsed, Malformed> {
                 128 => pkt.sport = id,
                 129 => pkt.dport = id,
                 1..=4 => pkt.icmp_error = true,
-                130..=137 | 143 => return Ok(Parsed::NotPoliced),
+                // MLD query, report and done (130-132), router solicitation (133).
+                icmp6::MLD_QUERY..=icmp6::ROUTER_SOLICIT
+                | icmp6::NEIGHBOUR_SOLICIT
+                | icmp6::NEIGHBOUR_ADVERT
+                | icmp6::MLD2_REPORT => return Ok(Parsed::Neighbour),
+                // Router Advertisements and Redirects (134, 137) are policed like any packet (and
+                // dropped at a pod's egress, see `link::neighbour`).
                 _ => {}
             }
         }

@@ -181,6 +181,10 @@ pub struct Packet {
     pub truncate: Option<usize>,
     /// Overrides the first byte of the IP header (version/IHL), for malformed headers.
     pub version_ihl: Option<u8>,
+    /// IPv4 TTL or IPv6 hop limit (64 unless set).
+    pub hop_limit: u8,
+    /// Ethernet source MAC ([`POD_MAC`] unless set).
+    pub src_mac: [u8; 6],
 }
 
 impl Packet {
@@ -195,7 +199,19 @@ impl Packet {
             ipv6_ext: Vec::new(),
             truncate: None,
             version_ihl: None,
+            hop_limit: 64,
+            src_mac: POD_MAC,
         }
+    }
+
+    pub fn hop_limit(mut self, hop_limit: u8) -> Self {
+        self.hop_limit = hop_limit;
+        self
+    }
+
+    pub fn src_mac(mut self, mac: [u8; 6]) -> Self {
+        self.src_mac = mac;
+        self
     }
 
     pub fn tcp(src: IpAddr, dst: IpAddr, sport: u16, dport: u16) -> Self {
@@ -253,7 +269,7 @@ impl Packet {
                 let (off, more) = self.ipv4_frag;
                 let frag = (off & 0x1fff) | if more { 0x2000 } else { 0 };
                 h[6..8].copy_from_slice(&frag.to_be_bytes());
-                h[8] = 64;
+                h[8] = self.hop_limit;
                 h[9] = self.l4.protocol(false);
                 h[12..16].copy_from_slice(&src.octets());
                 h[16..20].copy_from_slice(&dst.octets());
@@ -275,7 +291,7 @@ impl Packet {
                 h[0] = 0x60;
                 h[4..6].copy_from_slice(&((exts.len() + payload.len()) as u16).to_be_bytes());
                 h[6] = first;
-                h[7] = 64;
+                h[7] = self.hop_limit;
                 h[8..24].copy_from_slice(&src.octets());
                 h[24..40].copy_from_slice(&dst.octets());
                 h.extend_from_slice(&exts);
@@ -297,7 +313,7 @@ impl Packet {
         } else {
             ETH_P_IPV6
         };
-        let mut frame = ethernet(ethertype);
+        let mut frame = ethernet_from(self.src_mac, ethertype);
         frame.extend_from_slice(&self.ip_bytes());
         if let Some(len) = self.truncate {
             frame.truncate(len);
@@ -306,24 +322,67 @@ impl Packet {
     }
 }
 
-/// Ethernet header from a pod MAC to the gateway MAC.
+/// The MAC of the crafted frames' sender (the local pod in the classifier tests).
+pub const POD_MAC: [u8; 6] = [0x0a, 0x58, 0x0a, 0x2a, 0x00, 0x05];
+/// The gateway's MAC, the crafted frames' destination.
+pub const GATEWAY_MAC: [u8; 6] = [0x02, 0x42, 0x0a, 0x2a, 0x00, 0x01];
+
+/// Ethernet header from [`POD_MAC`] to the gateway MAC.
 pub fn ethernet(ethertype: u16) -> Vec<u8> {
-    let mut f = vec![
-        0x02, 0x42, 0x0a, 0x2a, 0x00, 0x01, 0x0a, 0x58, 0x0a, 0x2a, 0x00, 0x05,
-    ];
+    ethernet_from(POD_MAC, ethertype)
+}
+
+/// Ethernet header from `src` to the gateway MAC.
+pub fn ethernet_from(src: [u8; 6], ethertype: u16) -> Vec<u8> {
+    let mut f = GATEWAY_MAC.to_vec();
+    f.extend_from_slice(&src);
     f.extend_from_slice(&ethertype.to_be_bytes());
     f
 }
 
-/// An ARP request "who has `target`, tell `sender`".
+/// An ARP request "who has `target`, tell `sender`", from [`POD_MAC`].
 pub fn arp_request(sender: [u8; 4], target: [u8; 4]) -> Vec<u8> {
-    let mut f = ethernet(ETH_P_ARP);
+    arp(POD_MAC, POD_MAC, sender, target)
+}
+
+/// An ARP request in a frame from `frame_src`, whose sender hardware address is `sender_mac`.
+pub fn arp(frame_src: [u8; 6], sender_mac: [u8; 6], sender: [u8; 4], target: [u8; 4]) -> Vec<u8> {
+    let mut f = ethernet_from(frame_src, ETH_P_ARP);
     f.extend_from_slice(&[0, 1, 0x08, 0x00, 6, 4, 0, 1]);
-    f.extend_from_slice(&[0x0a, 0x58, 0x0a, 0x2a, 0x00, 0x05]);
+    f.extend_from_slice(&sender_mac);
     f.extend_from_slice(&sender);
     f.extend_from_slice(&[0; 6]);
     f.extend_from_slice(&target);
     f
+}
+
+/// A neighbour solicitation (135) or advertisement (136) about `target`, with hop limit 255 and
+/// the given link-layer address option (type 1 source, 2 target) when `lladdr` is set.
+pub fn neighbour(
+    src: IpAddr,
+    dst: IpAddr,
+    kind: u8,
+    target: std::net::Ipv6Addr,
+    lladdr: Option<[u8; 6]>,
+) -> Packet {
+    let mut body = target.octets().to_vec();
+    if let Some(mac) = lladdr {
+        body.push(if kind == 135 { 1 } else { 2 });
+        body.push(1);
+        body.extend_from_slice(&mac);
+    }
+    let flags = if kind == 136 { 0x60 } else { 0 }; // solicited, override
+    Packet::new(
+        src,
+        dst,
+        L4::Icmp {
+            kind,
+            code: 0,
+            rest: [flags, 0, 0, 0],
+            body,
+        },
+    )
+    .hop_limit(255)
 }
 
 /// The Internet checksum.

@@ -28,7 +28,9 @@ use netpol_common::{
 };
 use netpol_tests::packets::{self, Ext, L4, Packet};
 
-const TC_ACT_OK: u32 = 0;
+/// What an allowed packet returns: `TCX_NEXT` (`TC_ACT_UNSPEC`, -1), so later TCX programs and
+/// legacy clsact filters still run.
+const TCX_NEXT: u32 = u32::MAX;
 const TC_ACT_SHOT: u32 = 2;
 
 /// The endpoint id the test runs see (loopback's ifindex).
@@ -42,6 +44,10 @@ const POD_C: Ipv4Addr = Ipv4Addr::new(10, 42, 1, 8);
 const NODE: Ipv4Addr = Ipv4Addr::new(10, 42, 0, 1);
 const EXTERNAL: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 9);
 const EXTERNAL_EXCEPT: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 200);
+/// The local pod's IPv6 link-local address (EUI-64 of [`packets::POD_MAC`]).
+const POD_A_LL: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0x0858, 0x0aff, 0xfe2a, 0x0005);
+/// Another pod's MAC on the same bridge.
+const OTHER_MAC: [u8; 6] = [0x0a, 0x58, 0x0a, 0x2a, 0x00, 0x09];
 
 const ID_A: u32 = identity::FIRST_POD;
 const ID_B: u32 = identity::FIRST_POD + 44;
@@ -144,7 +150,11 @@ impl Env {
             .default_map_pin_directory(&fs.dir)
             .load(netpol_agent::datapath::EBPF_OBJECT)
             .expect("load eBPF object");
-        for name in [program_names::POD_EGRESS, program_names::POD_INGRESS] {
+        for name in [
+            program_names::POD_EGRESS,
+            program_names::POD_INGRESS,
+            program_names::TUNNEL_EGRESS,
+        ] {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .unwrap_or_else(|| panic!("program {name} missing"))
@@ -173,8 +183,8 @@ impl Env {
     fn endpoint(&mut self, ifindex: u32, flags: u32) {
         let mut m: HashMap<_, u32, EndpointInfo> =
             HashMap::try_from(self.ebpf.map_mut(map_names::ENDPOINTS).unwrap()).unwrap();
-        m.insert(ifindex, EndpointInfo { flags, _pad: 0 }, 0)
-            .unwrap();
+        let info = EndpointInfo::new(flags, packets::POD_MAC, POD_A_LL.octets());
+        m.insert(ifindex, info, 0).unwrap();
     }
 
     fn isolate(&mut self, ingress: bool, egress: bool) {
@@ -370,10 +380,27 @@ impl Env {
             Direction::Ingress => program_names::POD_INGRESS,
             Direction::Egress => program_names::POD_EGRESS,
         };
+        self.try_run_program(name, frame, None)
+    }
+
+    /// Runs the program `name` on `frame`, with `skb->mark` set to `mark` when given.
+    fn try_run_program(
+        &self,
+        name: &str,
+        frame: &[u8],
+        mark: Option<u32>,
+    ) -> Result<(u32, Reason), aya::programs::ProgramError> {
         let prog: &SchedClassifier = self.ebpf.program(name).unwrap().try_into().unwrap();
+        // A `struct __sk_buff` with only `mark` (offset 8) set.
+        let mut skb = [0u8; 192];
+        let ctx_in = mark.map(|m| {
+            skb[8..12].copy_from_slice(&m.to_ne_bytes());
+            &skb[..]
+        });
         let before = self.counters();
         let result = prog.test_run(TestRunOptions {
             data_in: Some(frame),
+            ctx_in,
             ..Default::default()
         })?;
         let after = self.counters();
@@ -420,7 +447,7 @@ fn check(dir: Direction, (action, reason): (u32, Reason), want: Reason) {
     let want_action = if want.is_drop() {
         TC_ACT_SHOT
     } else {
-        TC_ACT_OK
+        TCX_NEXT
     };
     assert_eq!(
         action, want_action,
@@ -1231,39 +1258,72 @@ fn icmpv6(src: IpAddr, dst: IpAddr, kind: u8) -> Packet {
 }
 
 #[test]
-fn neighbour_discovery_always_passes() {
+fn neighbour_discovery_of_the_pod_itself_passes() {
     let Some(mut env) = env!() else { return };
     env.isolate(true, true);
+    let ll: IpAddr = POD_A_LL.into();
     let unspecified: IpAddr = Ipv6Addr::UNSPECIFIED.into();
-    let link_local: IpAddr = "fe80::858:aff:fe2a:5".parse().unwrap();
-    let solicited: IpAddr = "ff02::1:ff00:5".parse().unwrap();
-    // DAD: neighbour solicitation from ::, no IPCACHE entry, isolated pod.
+    let solicited: IpAddr = "ff02::1:ff00:7".parse().unwrap();
+    let all_nodes: IpAddr = "ff02::1".parse().unwrap();
+    let gateway: IpAddr = "fd00:10:42::1".parse().unwrap();
+    env.ip(gateway, identity::HOST, 0);
+    let nd = |src, dst, kind, target: IpAddr, ll| match target {
+        IpAddr::V6(t) => packets::neighbour(src, dst, kind, t, ll).build(),
+        IpAddr::V4(_) => unreachable!(),
+    };
+    let own = Some(packets::POD_MAC);
+    // Solicitations for the gateway or a neighbour, from its link-local or global address.
     env.expect(
         Egress,
-        &icmpv6(unspecified, solicited, 135).build(),
+        &nd(ll, solicited, 135, gateway, own),
         Reason::AllowedNotPoliced,
     );
-    for kind in [133, 134, 135, 136, 137] {
-        env.expect(
-            Egress,
-            &icmpv6(link_local, solicited, kind).build(),
-            Reason::AllowedNotPoliced,
-        );
-        env.expect(
-            Ingress,
-            &icmpv6(link_local, a6(), kind).build(),
-            Reason::AllowedNotPoliced,
-        );
-    }
-    // MLD (v1 130-132, v2 report 143) behind a hop-by-hop header with router alert.
-    for kind in [130, 131, 132, 143] {
-        let mld = icmpv6(link_local, "ff02::16".parse().unwrap(), kind).ext(Ext::HopByHop);
+    env.expect(
+        Egress,
+        &nd(a6(), gateway, 135, gateway, own),
+        Reason::AllowedNotPoliced,
+    );
+    // Duplicate address detection of its own address, from ::.
+    env.expect(
+        Egress,
+        &nd(unspecified, solicited, 135, a6(), None),
+        Reason::AllowedNotPoliced,
+    );
+    // Advertisements of its own addresses, solicited or to all nodes.
+    env.expect(
+        Egress,
+        &nd(a6(), gateway, 136, a6(), own),
+        Reason::AllowedNotPoliced,
+    );
+    env.expect(
+        Egress,
+        &nd(ll, all_nodes, 136, ll, own),
+        Reason::AllowedNotPoliced,
+    );
+    // MLD reports (hop limit 1, behind a hop-by-hop header with router alert).
+    for kind in [131, 132, 143] {
+        let mld = icmpv6(ll, "ff02::16".parse().unwrap(), kind)
+            .ext(Ext::HopByHop)
+            .hop_limit(1);
         env.expect(Egress, &mld.build(), Reason::AllowedNotPoliced);
     }
+    // Delivered to the pod: the node's solicitations and advertisements, link-scoped or to it.
+    env.expect(
+        Ingress,
+        &nd(gateway, solicited, 135, a6(), None),
+        Reason::AllowedNotPoliced,
+    );
+    env.expect(
+        Ingress,
+        &nd(gateway, a6(), 136, gateway, None),
+        Reason::AllowedNotPoliced,
+    );
+    let query = icmpv6("fe80::1".parse().unwrap(), all_nodes, 130).hop_limit(1);
+    env.expect(Ingress, &query.build(), Reason::AllowedNotPoliced);
     // Other ICMPv6 is policed: an echo request from the isolated pod, link-local source -> spoofed.
     env.expect(
         Egress,
-        &Packet::new(link_local, b6(), L4::echo(true, true, 1)).build(),
+        &Packet::new(ll, b6(), L4::echo(true, true, 1)).build(),
         Reason::DroppedSpoofedSource,
     );
     env.expect(
@@ -1283,6 +1343,124 @@ fn neighbour_discovery_always_passes() {
         },
     );
     env.expect(Ingress, &fake.build(), Reason::DroppedIngressDenied);
+}
+
+/// A hostile pod's neighbour discovery: impersonating another pod or the gateway, acting as a
+/// router, or using ND-typed ICMPv6 as a channel past its egress policy. None of it is isolated
+/// traffic: these checks hold for a pod that no policy selects, too.
+#[test]
+fn neighbour_discovery_cannot_impersonate_or_carry_data() {
+    let Some(env) = env!() else { return };
+    let ll: IpAddr = POD_A_LL.into();
+    let unspecified: IpAddr = Ipv6Addr::UNSPECIFIED.into();
+    let solicited: IpAddr = "ff02::1:ff00:7".parse().unwrap();
+    let all_nodes: IpAddr = "ff02::1".parse().unwrap();
+    let outside: IpAddr = "2001:db8::99".parse().unwrap();
+    let other_ll: IpAddr = "fe80::858:aff:fe2a:9".parse().unwrap();
+    let nd = |src, dst, kind, target: IpAddr, ll| match target {
+        IpAddr::V6(t) => packets::neighbour(src, dst, kind, t, ll),
+        IpAddr::V4(_) => unreachable!(),
+    };
+    let own = Some(packets::POD_MAC);
+    let spoofed = |p: Packet| env.expect(Egress, &p.build(), Reason::DroppedSpoofedLink);
+    // Advertising another pod's address (cache poisoning), with its own or another MAC.
+    spoofed(nd(a6(), all_nodes, 136, b6(), own));
+    spoofed(nd(ll, all_nodes, 136, other_ll, own));
+    // Advertising its own address with another pod's MAC in the target link-layer option.
+    spoofed(nd(a6(), all_nodes, 136, a6(), Some(OTHER_MAC)));
+    // Soliciting with another MAC in the source link-layer option, or from another's address.
+    spoofed(nd(ll, solicited, 135, b6(), Some(OTHER_MAC)));
+    spoofed(nd(b6(), solicited, 135, a6(), own));
+    spoofed(nd(other_ll, solicited, 135, a6(), own));
+    // DAD probes for someone else's address (to make their DAD fail).
+    spoofed(nd(unspecified, solicited, 135, b6(), None));
+    // Hop limit other than 255: forged or forwarded.
+    spoofed(nd(ll, solicited, 135, b6(), own).hop_limit(64));
+    // ND-typed packets to an address off the link: the node would forward them (exfiltration).
+    spoofed(nd(a6(), outside, 135, outside, own));
+    spoofed(nd(a6(), outside, 136, a6(), own));
+    // MLD that could be forwarded, or from another address.
+    spoofed(icmpv6(ll, "ff0e::1".parse().unwrap(), 143).hop_limit(64));
+    spoofed(icmpv6(a6(), "ff02::16".parse().unwrap(), 143).hop_limit(1));
+    // A pod is not a router: Router Advertisements and Redirects are dropped, from any source.
+    spoofed(icmpv6(ll, all_nodes, 134).hop_limit(255));
+    spoofed(icmpv6(a6(), b6(), 137).hop_limit(255));
+    // A frame from another MAC is dropped whatever it carries.
+    let other = Packet::tcp(a(), b(), 40000, 80).src_mac(OTHER_MAC);
+    env.expect(Egress, &other.build(), Reason::DroppedSpoofedLink);
+    // Delivered to the pod: an ND message that could only have been forwarded or is not for it.
+    let to_pod = |p: Packet| env.expect(Ingress, &p.build(), Reason::DroppedSpoofedLink);
+    to_pod(nd(b6(), a6(), 136, b6(), None).hop_limit(64));
+    to_pod(nd(b6(), outside, 135, outside, None));
+}
+
+#[test]
+fn arp_only_for_the_pod_itself() {
+    let Some(env) = env!() else { return };
+    let mac = packets::POD_MAC;
+    let arp = |frame_src, sender_mac, sender: Ipv4Addr| {
+        packets::arp(frame_src, sender_mac, sender.octets(), NODE.octets())
+    };
+    env.expect(Egress, &arp(mac, mac, POD_A), Reason::AllowedNotPoliced);
+    // An RFC 5227 probe (sender 0.0.0.0) teaches nobody anything.
+    env.expect(
+        Egress,
+        &arp(mac, mac, Ipv4Addr::UNSPECIFIED),
+        Reason::AllowedNotPoliced,
+    );
+    // Claiming another pod's address or the gateway's (ARP spoofing), or another MAC.
+    env.expect(Egress, &arp(mac, mac, POD_C), Reason::DroppedSpoofedLink);
+    env.expect(Egress, &arp(mac, mac, NODE), Reason::DroppedSpoofedLink);
+    env.expect(
+        Egress,
+        &arp(mac, OTHER_MAC, POD_A),
+        Reason::DroppedSpoofedLink,
+    );
+    env.expect(
+        Egress,
+        &arp(OTHER_MAC, OTHER_MAC, POD_A),
+        Reason::DroppedSpoofedLink,
+    );
+    // What the node asks the pod passes.
+    env.expect(
+        Ingress,
+        &arp(OTHER_MAC, OTHER_MAC, NODE),
+        Reason::AllowedNotPoliced,
+    );
+}
+
+#[test]
+fn other_ethertypes_reach_only_pods_not_isolated_that_way() {
+    let Some(mut env) = env!() else { return };
+    let mut lldp = packets::ethernet(0x88cc);
+    lldp.extend_from_slice(&[0; 46]);
+    env.expect(Egress, &lldp, Reason::AllowedNotPoliced);
+    env.expect(Ingress, &lldp, Reason::AllowedNotPoliced);
+    env.isolate(false, true);
+    env.expect(Egress, &lldp, Reason::DroppedEtherType);
+    env.expect(Ingress, &lldp, Reason::AllowedNotPoliced);
+    env.isolate(true, false);
+    env.expect(Egress, &lldp, Reason::AllowedNotPoliced);
+    env.expect(Ingress, &lldp, Reason::DroppedEtherType);
+}
+
+#[test]
+fn unicast_for_another_address_is_not_delivered() {
+    let Some(env) = env!() else { return };
+    // A poisoned neighbour entry or bridge FDB hands the pod another pod's traffic.
+    let for_c = Packet::tcp(b(), POD_C.into(), 40000, 80);
+    env.expect(Ingress, &for_c.build(), Reason::DroppedNotForPod);
+    let unknown = Packet::udp(b(), EXTERNAL.into(), 5000, 53);
+    env.expect(Ingress, &unknown.build(), Reason::DroppedNotForPod);
+    let for_b6 = Packet::tcp(b6(), b6(), 40000, 80);
+    env.expect(Ingress, &for_b6.build(), Reason::DroppedNotForPod);
+    // Broadcast and multicast are for whoever listens: policed as usual.
+    let broadcast = Packet::udp(b(), Ipv4Addr::BROADCAST.into(), 68, 67);
+    env.expect(Ingress, &broadcast.build(), Reason::AllowedNotIsolated);
+    let mdns = Packet::udp(b(), Ipv4Addr::new(224, 0, 0, 251).into(), 5353, 5353);
+    env.expect(Ingress, &mdns.build(), Reason::AllowedNotIsolated);
+    let mdns6 = Packet::udp(b6(), "ff02::fb".parse().unwrap(), 5353, 5353);
+    env.expect(Ingress, &mdns6.build(), Reason::AllowedNotIsolated);
 }
 
 #[test]
@@ -1561,4 +1739,115 @@ fn event_rate_limit_counts_what_it_does_not_send() {
             .packets,
         SENT
     );
+}
+
+/// An ICMP error is a reply only when it fits the flow it quotes: the quoted packet's sender gets
+/// it, and a pod only sends errors about packets it received. Otherwise it is a packet like any
+/// other, so a known flow cannot be quoted to reach a peer that policy denies.
+#[test]
+fn icmp_errors_must_fit_the_flow_they_quote() {
+    let Some(mut env) = env!() else { return };
+    env.isolate(true, true);
+    env.allow(ID_B, Ingress, proto::UDP, 9999, POLICY_PREFIX_FULL);
+    let inbound = Packet::udp(b(), a(), 6000, 9999);
+    env.expect(Ingress, &inbound.build(), Reason::AllowedPolicy);
+    // Exfiltration: an "error" about B's flow, sent to C (denied), with data after the quote.
+    let mut quote = inbound.ip_bytes();
+    quote.extend_from_slice(b"secret data riding on a quoted flow");
+    let to_c = Packet::new(a(), POD_C.into(), L4::icmp_error(3, 3, quote.clone()));
+    env.expect(Egress, &to_c.build(), Reason::DroppedEgressDenied);
+    let to_outside = Packet::new(a(), EXTERNAL.into(), L4::icmp_error(3, 3, quote));
+    env.expect(Egress, &to_outside.build(), Reason::DroppedEgressDenied);
+    // The same error to B, who sent the quoted packet, is a reply.
+    let to_b = Packet::new(a(), b(), L4::icmp_error(3, 3, inbound.ip_bytes()));
+    env.expect(Egress, &to_b.build(), Reason::AllowedReply);
+
+    // Delivered to the pod: an error about the pod's own flow, but addressed to a group.
+    env.allow(ID_B, Egress, proto::UDP, 53, POLICY_PREFIX_FULL);
+    let query = Packet::udp(a(), b(), 5000, 53);
+    env.expect(Egress, &query.build(), Reason::AllowedPolicy);
+    let broadcast = Packet::new(
+        POD_C.into(),
+        Ipv4Addr::BROADCAST.into(),
+        L4::icmp_error(3, 3, query.ip_bytes()),
+    );
+    env.expect(Ingress, &broadcast.build(), Reason::DroppedIngressDenied);
+    // To the pod, from a router on the way: a reply.
+    let router: IpAddr = Ipv4Addr::new(10, 42, 1, 0).into();
+    let ttl = Packet::new(router, a(), L4::icmp_error(11, 0, query.ip_bytes()));
+    env.expect(Ingress, &ttl.build(), Reason::AllowedReply);
+}
+
+/// A revoked allow ends the connection both ways: the peer's packets on an established flow are
+/// re-checked against the pod's egress policy after the change, not passed as replies forever.
+#[test]
+fn revoked_allow_ends_replies_too() {
+    let Some(mut env) = env!() else { return };
+    env.isolate(true, true);
+    env.allow(ID_B, Egress, proto::TCP, 80, POLICY_PREFIX_FULL);
+    let syn = Packet::tcp(a(), b(), 40000, 80);
+    let reply = Packet::tcp(b(), a(), 80, 40000);
+    env.expect(Egress, &syn.build(), Reason::AllowedPolicy);
+    env.expect(Ingress, &reply.build(), Reason::AllowedReply);
+    // A change that keeps the allow: replies go on after the re-check.
+    env.set_generation(1);
+    env.expect(Ingress, &reply.build(), Reason::AllowedReply);
+    env.expect(Egress, &syn.build(), Reason::AllowedEstablished);
+    // The allow is revoked: the peer's next packet is dropped and the flow forgotten.
+    env.revoke(ID_B, Egress, proto::TCP, 80, POLICY_PREFIX_FULL);
+    env.set_generation(2);
+    env.expect(Ingress, &reply.build(), Reason::DroppedEgressDenied);
+    assert!(env.conntrack().is_empty(), "{:?}", env.conntrack());
+    env.expect(Egress, &syn.build(), Reason::DroppedEgressDenied);
+
+    // The same for a flow the pod accepted: its own replies stop after the revocation.
+    env.allow(ID_B, Ingress, proto::TCP, 8080, POLICY_PREFIX_FULL);
+    let inbound = Packet::tcp(b(), a(), 50000, 8080);
+    let answer = Packet::tcp(a(), b(), 8080, 50000);
+    env.expect(Ingress, &inbound.build(), Reason::AllowedPolicy);
+    env.expect(Egress, &answer.build(), Reason::AllowedReply);
+    env.revoke(ID_B, Ingress, proto::TCP, 8080, POLICY_PREFIX_FULL);
+    env.set_generation(3);
+    env.expect(Egress, &answer.build(), Reason::DroppedIngressDenied);
+}
+
+/// `tunnel_egress` decides deferred Service packets; one whose client it cannot identify (a
+/// masqueraded or unknown source) is dropped, never passed undecided. Unmarked packets pass on.
+#[test]
+fn tunnel_egress_never_leaves_a_deferred_packet_undecided() {
+    let Some(mut env) = env!() else { return };
+    env.isolate(false, true);
+    fn run(env: &Env, frame: &[u8]) -> (u32, Reason) {
+        let mark = Some(netpol_common::service::DEFER_MARK);
+        env.try_run_program(program_names::TUNNEL_EGRESS, frame, mark)
+            .expect("test run")
+    }
+    // Unmarked: not ours to decide; passes on without a counter (so no `try_run` bookkeeping).
+    let prog: &SchedClassifier = env
+        .ebpf
+        .program(program_names::TUNNEL_EGRESS)
+        .unwrap()
+        .try_into()
+        .unwrap();
+    let plain = Packet::tcp(EXTERNAL.into(), b(), 40000, 80).build();
+    let out = prog
+        .test_run(TestRunOptions {
+            data_in: Some(&plain),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(out.return_value, TCX_NEXT);
+    // Marked, from a source that is no local pod (masqueraded to an outside address, say).
+    let (action, reason) = run(&env, &plain);
+    assert_eq!(
+        (action, reason),
+        (TC_ACT_SHOT, Reason::DroppedServiceUnresolved)
+    );
+    // Marked, from the local pod, to a backend its egress policy denies / allows.
+    let from_a = Packet::tcp(a(), b(), 40000, 80).build();
+    let (action, reason) = run(&env, &from_a);
+    assert_eq!((action, reason), (TC_ACT_SHOT, Reason::DroppedEgressDenied));
+    env.allow(ID_B, Egress, proto::TCP, 80, POLICY_PREFIX_FULL);
+    let (action, reason) = run(&env, &from_a);
+    assert_eq!((action, reason), (TCX_NEXT, Reason::AllowedPolicy));
 }

@@ -112,6 +112,7 @@ impl Cluster {
             node_name: NODE,
             endpoints: &self.endpoints,
             host_addrs: &self.host_addrs,
+            links: &BTreeMap::new(),
         });
         check_invariants(&c);
         c

@@ -155,13 +155,9 @@ mod tests {
         desired
             .policy
             .insert(key(1, 302), PolicyValue { policy: 2, _pad: 0 });
-        desired.endpoints.insert(
-            1,
-            EndpointInfo {
-                flags: ISOLATED_INGRESS,
-                _pad: 0,
-            },
-        );
+        desired
+            .endpoints
+            .insert(1, EndpointInfo::new(ISOLATED_INGRESS, [0; 6], [0; 16]));
 
         let plan = Plan::new(&current, &desired);
         assert_eq!(

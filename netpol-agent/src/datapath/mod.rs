@@ -3,6 +3,7 @@
 //! Everything here is a side effect (bpf syscalls); what to write comes from [`contents`], which is pure.
 
 pub mod contents;
+pub mod pinned_maps;
 pub mod pins;
 
 use std::{collections::BTreeMap, io};
@@ -33,6 +34,8 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 pub enum DatapathError {
     #[error(transparent)]
     Pins(#[from] pins::PinError),
+    #[error(transparent)]
+    PinnedMap(#[from] pinned_maps::PinnedMapError),
     #[error("loading the eBPF object with maps pinned under {dir}")]
     Load {
         dir: String,
@@ -108,6 +111,10 @@ pub struct Datapath {
     counters: PerCpuArray<MapData, u64>,
     /// Mirror of what the four policy maps hold.
     current: Contents,
+    /// The policy generation still has to be bumped: set at start-up (a previous agent may have
+    /// been killed between its map writes and its bump) and by every change, cleared only once a
+    /// bump succeeded, so revoked flows always get re-checked.
+    bump_pending: bool,
 }
 
 fn take_map<T: TryFrom<aya::maps::Map, Error = MapError>>(
@@ -126,6 +133,7 @@ impl Datapath {
     pub fn open(layout: PinLayout) -> Result<Self, DatapathError> {
         layout.prepare()?;
         let maps_dir = layout.maps_dir();
+        pinned_maps::check(&maps_dir, EBPF_OBJECT)?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&maps_dir)
             .load(EBPF_OBJECT)
@@ -157,6 +165,7 @@ impl Datapath {
             config,
             counters,
             current: Contents::default(),
+            bump_pending: true,
         };
         datapath.current = datapath.read_contents();
         Ok(datapath)
@@ -196,9 +205,10 @@ impl Datapath {
     /// the rest is applied regardless.
     pub fn apply(&mut self, desired: &Contents) -> Vec<WriteError> {
         let plan = Plan::new(&self.current, desired);
-        if plan.is_empty() {
+        if plan.is_empty() && !self.bump_pending {
             return Vec::new();
         }
+        self.bump_pending = true;
         let mut errors = Vec::new();
         let mut note = |map: &'static str, r: Result<(), MapError>| {
             if let Err(e) = r {
@@ -277,10 +287,9 @@ impl Datapath {
                 }
                 Step::BumpGeneration => {
                     let next = self.generation().wrapping_add(1);
-                    note(
-                        map_names::CONFIG,
-                        self.config.set(CONFIG_GENERATION, next, 0),
-                    );
+                    let bumped = self.config.set(CONFIG_GENERATION, next, 0);
+                    self.bump_pending = bumped.is_err();
+                    note(map_names::CONFIG, bumped);
                 }
             }
         }
@@ -397,7 +406,9 @@ impl Datapath {
                     .attach_with_options(
                         ifname,
                         hook.tc_attach_type(),
-                        TcAttachOptions::TcxOrder(LinkOrder::default()),
+                        // First in the chain: policy decides before any other TCX program;
+                        // allowed packets go on to the rest (TCX_NEXT).
+                        TcAttachOptions::TcxOrder(LinkOrder::first()),
                     )
                     .map_err(attach_err)?;
                 let link = prog.take_link(id).map_err(attach_err)?;

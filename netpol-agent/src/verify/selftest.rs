@@ -46,8 +46,9 @@ use netpol_common::Reason;
 use serde::Serialize;
 
 use crate::{
-    compiler::{self, CompileInput},
+    compiler::{self, CompileInput, EndpointLink},
     datapath::{self, Contents, Datapath, Hook, PinLayout, pins},
+    discovery::Discovery,
     model::{ClusterState, Namespace, Origin, Pod, PodKey, Policy},
 };
 
@@ -350,7 +351,7 @@ impl Scratch {
         let opened = Datapath::open(layout.clone());
         let mut dp = opened.context("loading the embedded programs")?;
         let ifindex = ifindex(HOST_VETH)?;
-        let contents = policy_contents(ifindex)?;
+        let contents = policy_contents(ifindex, pod_link(ifindex)?)?;
         let errors = dp.apply(&contents);
         if !errors.is_empty() {
             bail!("writing the maps: {errors:?}");
@@ -588,9 +589,18 @@ fn start_listener(pod_netns: OwnedFd) -> anyhow::Result<(Arc<AtomicBool>, JoinHa
     }
 }
 
+/// The scratch pod's link identity, read as the agent reads it (discovery, in the scratch node).
+fn pod_link(ifindex: u32) -> anyhow::Result<EndpointLink> {
+    let view = Discovery::new()?.scan()?;
+    view.endpoint_links()
+        .get(&ifindex)
+        .copied()
+        .context("discovery found no MAC on the scratch veth's peer")
+}
+
 /// The compiler's map contents for one pod behind `ifindex` with a deny-all ingress policy and an
 /// allow rule for [`ALLOWED_PORT`]/TCP: the same path the agent's policies take.
-fn policy_contents(ifindex: u32) -> anyhow::Result<Contents> {
+fn policy_contents(ifindex: u32, link: EndpointLink) -> anyhow::Result<Contents> {
     let key = PodKey::new(NAMESPACE, "probe");
     let mut state = ClusterState::default();
     state
@@ -646,6 +656,7 @@ fn policy_contents(ifindex: u32) -> anyhow::Result<Contents> {
         // The scratch node's own address is deliberately not a host address: host traffic is always
         // allowed, and the probes must be policed.
         host_addrs: &[],
+        links: &BTreeMap::from([(ifindex, link)]),
     });
     if !compiled.errors.is_empty() {
         bail!("compiling the self-test policies: {:?}", compiled.errors);
@@ -659,7 +670,7 @@ mod tests {
 
     #[test]
     fn self_test_policy_compiles_to_an_isolated_endpoint_with_one_port() {
-        let c = policy_contents(7).unwrap();
+        let c = policy_contents(7, EndpointLink::default()).unwrap();
         let ep = c.endpoints.get(&7).expect("endpoint");
         assert_eq!(
             ep.flags & netpol_common::endpoint_flags::ISOLATED_INGRESS,

@@ -1,0 +1,158 @@
+//! Pinned maps are checked before they are adopted. aya reuses a pinned map by name without looking
+//! at it, so a map pinned by a build with another layout (a different value size, say) would be
+//! read and written with the wrong layout. Every pin is compared with this build's definition of
+//! the map, read from the embedded object itself, and a mismatch stops the agent with a clear error.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
+
+use aya::maps::MapData;
+use aya_obj::{EbpfSectionKind, maps::PinningType};
+use thiserror::Error;
+
+/// The shape of a map: what must match for a pinned map to be adopted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapShape {
+    /// `bpf_map_type`.
+    pub map_type: u32,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+    pub flags: u32,
+}
+
+/// A pinned map this build cannot adopt.
+#[derive(Debug, Error)]
+pub enum PinnedMapError {
+    #[error("reading the map definitions of the embedded eBPF object: {0}")]
+    Object(String),
+    #[error("reading the pinned map {path}: {reason}")]
+    Read { path: PathBuf, reason: String },
+    #[error(
+        "the pinned map {name} at {path} was made by an incompatible build ({differences}); this \
+         agent cannot adopt it. To upgrade, run `netpol-agent cleanup` with the same --pin-dir \
+         (it detaches the programs: the node's pods are not policed until this agent has started), \
+         then start this agent"
+    )]
+    Incompatible {
+        name: String,
+        path: PathBuf,
+        differences: String,
+    },
+}
+
+/// The shapes of the maps this build pins, by name, from the object's own definitions.
+pub fn expected(object: &[u8]) -> Result<BTreeMap<String, MapShape>, PinnedMapError> {
+    let obj = aya_obj::Object::parse(object).map_err(|e| PinnedMapError::Object(e.to_string()))?;
+    Ok(obj
+        .maps
+        .iter()
+        .filter(|(_, m)| {
+            m.pinning() == PinningType::ByName && m.section_kind() == EbpfSectionKind::Maps
+        })
+        .map(|(name, m)| {
+            let shape = MapShape {
+                map_type: m.map_type(),
+                key_size: m.key_size(),
+                value_size: m.value_size(),
+                max_entries: m.max_entries(),
+                flags: m.map_flags(),
+            };
+            (name.clone(), shape)
+        })
+        .collect())
+}
+
+/// How `pinned` differs from `expected`, for people; empty when it may be adopted.
+pub fn differences(expected: &MapShape, pinned: &MapShape) -> Vec<String> {
+    let fields = [
+        ("type", expected.map_type, pinned.map_type),
+        ("key size", expected.key_size, pinned.key_size),
+        ("value size", expected.value_size, pinned.value_size),
+        ("max entries", expected.max_entries, pinned.max_entries),
+        ("flags", expected.flags, pinned.flags),
+    ];
+    fields
+        .into_iter()
+        .filter(|(_, want, have)| want != have)
+        .map(|(what, want, have)| format!("{what} {have}, this build expects {want}"))
+        .collect()
+}
+
+/// Checks every map pinned under `maps_dir` that this build would adopt.
+pub fn check(maps_dir: &Path, object: &[u8]) -> Result<(), PinnedMapError> {
+    for (name, want) in expected(object)? {
+        let path = maps_dir.join(&name);
+        if !path.exists() {
+            continue;
+        }
+        let have = pinned_shape(&path)?;
+        let diff = differences(&want, &have);
+        if !diff.is_empty() {
+            return Err(PinnedMapError::Incompatible {
+                name,
+                path,
+                differences: diff.join(", "),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn pinned_shape(path: &Path) -> Result<MapShape, PinnedMapError> {
+    let read_err = |reason: String| PinnedMapError::Read {
+        path: path.to_owned(),
+        reason,
+    };
+    let info = MapData::from_pin(path)
+        .and_then(|m| m.info())
+        .map_err(|e| read_err(e.to_string()))?;
+    let map_type = info.map_type().map_err(|e| read_err(e.to_string()))? as u32;
+    Ok(MapShape {
+        map_type,
+        key_size: info.key_size(),
+        value_size: info.value_size(),
+        max_entries: info.max_entries(),
+        flags: info.map_flags(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use netpol_common::{EndpointInfo, capacity, map_names};
+
+    use super::*;
+
+    #[test]
+    fn the_object_defines_every_pinned_map_with_the_shared_layouts() {
+        let maps = expected(crate::datapath::EBPF_OBJECT).unwrap();
+        let ep = maps[map_names::ENDPOINTS];
+        assert_eq!(ep.key_size, 4);
+        assert_eq!(ep.value_size as usize, size_of::<EndpointInfo>());
+        assert_eq!(ep.max_entries, capacity::ENDPOINTS);
+        assert!(maps.contains_key(map_names::CONNTRACK));
+        assert!(maps.contains_key(netpol_common::service::MAP_NAME));
+    }
+
+    #[test]
+    fn differences_name_each_field_that_differs() {
+        let want = MapShape {
+            map_type: 1,
+            key_size: 4,
+            value_size: 32,
+            max_entries: 1024,
+            flags: 0,
+        };
+        assert!(differences(&want, &want).is_empty());
+        let old = MapShape {
+            value_size: 8,
+            ..want
+        };
+        assert_eq!(
+            differences(&want, &old),
+            ["value size 8, this build expects 32"]
+        );
+    }
+}

@@ -1,0 +1,119 @@
+//! The datapath's adoption of pins left by a previous agent (root only): the generation bump after
+//! start-up, and the refusal of maps pinned by a build with another layout.
+
+use std::{ffi::CString, os::unix::ffi::OsStrExt as _, path::PathBuf, process::Command};
+
+use netpol_agent::datapath::{Contents, Datapath, DatapathError, PinLayout};
+use netpol_common::{EndpointInfo, map_names};
+
+fn privileged() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    // Same rule as netpol_tests::privileged_or_skip (this crate cannot depend on the tests crate).
+    assert!(
+        std::env::var_os("NETPOL_REQUIRE_PRIVILEGED").is_none(),
+        "NETPOL_REQUIRE_PRIVILEGED is set but the test is not root"
+    );
+    eprintln!("SKIP: datapath test needs root and BPF");
+    false
+}
+
+/// A pin directory of its own (the datapath mounts a bpffs there), unmounted and removed on drop,
+/// also when the test fails.
+struct PinDir(PathBuf);
+
+impl PinDir {
+    fn new(test: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("netpol-dp-{test}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        PinDir(dir)
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        if let Ok(path) = CString::new(self.0.as_os_str().as_bytes()) {
+            // SAFETY: a valid NUL-terminated path.
+            unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
+        }
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn one_endpoint() -> Contents {
+    let mut c = Contents::default();
+    c.endpoints
+        .insert(7, EndpointInfo::new(0, [2, 0, 0, 0, 0, 7], [0; 16]));
+    c
+}
+
+/// An agent killed between its map writes and its generation bump leaves revoked flows marked
+/// current. The next agent finds nothing to write, yet must bump once, or they live forever.
+#[test]
+fn a_new_agent_bumps_the_generation_even_with_nothing_to_write() {
+    if !privileged() {
+        return;
+    }
+    let dir = PinDir::new("gen");
+    let layout = PinLayout::new(&dir.0);
+    let mut first = Datapath::open(layout.clone()).expect("open");
+    assert!(first.apply(&one_endpoint()).is_empty());
+    let after_first = first.generation();
+    assert!(after_first > 0);
+    // Nothing changes: nothing to write, no bump.
+    assert!(first.apply(&one_endpoint()).is_empty());
+    assert_eq!(first.generation(), after_first);
+    drop(first);
+
+    let mut second = Datapath::open(layout).expect("adopt");
+    assert_eq!(
+        second.contents(),
+        &one_endpoint(),
+        "adopted the pinned contents"
+    );
+    assert!(second.apply(&one_endpoint()).is_empty());
+    assert_eq!(
+        second.generation(),
+        after_first.wrapping_add(1),
+        "the adopting agent bumps once"
+    );
+    assert!(second.apply(&one_endpoint()).is_empty());
+    assert_eq!(second.generation(), after_first.wrapping_add(1));
+}
+
+/// aya would reuse a pinned map of the same name whatever its layout; the agent refuses one that
+/// does not match this build, naming the map, the difference and the way out.
+#[test]
+fn a_map_pinned_with_another_layout_is_refused() {
+    if !privileged() {
+        return;
+    }
+    let dir = PinDir::new("layout");
+    let layout = PinLayout::new(&dir.0);
+    layout.prepare().expect("prepare the pin directory");
+    // The endpoints map as an older build pinned it: an 8-byte value.
+    let pin = layout.maps_dir().join(map_names::ENDPOINTS);
+    let out = Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&pin)
+        .args(["type", "hash", "key", "4", "value", "8", "entries", "1024"])
+        .args(["name", map_names::ENDPOINTS])
+        .output()
+        .expect("run bpftool");
+    assert!(
+        out.status.success(),
+        "bpftool map create: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let err = match Datapath::open(layout) {
+        Ok(_) => panic!("an incompatible pinned map was adopted"),
+        Err(e) => e,
+    };
+    assert!(matches!(err, DatapathError::PinnedMap(_)), "{err:?}");
+    let msg = err.to_string();
+    assert!(msg.contains(map_names::ENDPOINTS), "{msg}");
+    assert!(msg.contains("value size 8, this build expects 32"), "{msg}");
+    assert!(msg.contains("netpol-agent cleanup"), "{msg}");
+}
