@@ -41,6 +41,9 @@ pub mod map_names {
     /// `PerCpuArray<u64>` of length [`super::VERDICT_SLOTS`]: policy decisions of new flows per
     /// direction, action and [`super::PolicyMatch`]; see [`super::verdict_slot`].
     pub const VERDICTS: &str = "NP_VERDICTS_V1";
+    /// `LruHashMap<FragKey, FragValue>`: fragmented datagrams whose first fragment was allowed, so
+    /// their later fragments (which carry no ports) pass with it.
+    pub const FRAGS: &str = "NP_FRAGS_V1";
 
     /// The kernel keeps 15 bytes of an object name (`BPF_OBJ_NAME_LEN` is 16 with the NUL): a longer
     /// name would show truncated in `bpftool` while its pin keeps the full one.
@@ -61,6 +64,7 @@ pub mod map_names {
             && fits(EVENT_BUDGET)
             && fits(LOST)
             && fits(VERDICTS)
+            && fits(FRAGS)
             && fits(super::service::MAP_NAME)
     );
 }
@@ -90,6 +94,8 @@ pub mod capacity {
     pub const DROPS: u32 = 16_384;
     /// Bytes of the drop-event ring buffer (a power of two, a multiple of the page size).
     pub const EVENTS_BYTES: u32 = 256 * 1024;
+    /// Fragmented datagrams in reassembly at once (LRU: the oldest is forgotten first).
+    pub const FRAGS: u32 = 8_192;
 }
 
 /// Index of the policy generation in the CONFIG map. The agent bumps it after every update that removed
@@ -327,6 +333,8 @@ pub enum Reason {
     /// Allowed at the pod's veth to a Service frontend with some allowed backends; decided after
     /// kube-proxy's DNAT (see [`service`]).
     AllowedServiceDeferred = 7,
+    /// Allowed: a later fragment of a datagram whose first fragment was allowed.
+    AllowedFragment = 8,
     /// Dropped: the pod is isolated for ingress and no rule allows it.
     DroppedIngressDenied = 16,
     /// Dropped: the pod is isolated for egress and no rule allows it.
@@ -356,7 +364,7 @@ pub const REASON_SLOTS: u32 = 32;
 
 impl Reason {
     /// Every reason, for userspace reporting.
-    pub const ALL: [Reason; 17] = [
+    pub const ALL: [Reason; 18] = [
         Reason::AllowedNotPoliced,
         Reason::AllowedNotIsolated,
         Reason::AllowedPolicy,
@@ -365,6 +373,7 @@ impl Reason {
         Reason::AllowedHost,
         Reason::AllowedService,
         Reason::AllowedServiceDeferred,
+        Reason::AllowedFragment,
         Reason::DroppedIngressDenied,
         Reason::DroppedEgressDenied,
         Reason::DroppedSpoofedSource,
@@ -392,6 +401,7 @@ impl Reason {
             Reason::AllowedHost => "host",
             Reason::AllowedService => "service",
             Reason::AllowedServiceDeferred => "service-deferred",
+            Reason::AllowedFragment => "fragment",
             Reason::DroppedIngressDenied => "ingress-denied",
             Reason::DroppedEgressDenied => "egress-denied",
             Reason::DroppedSpoofedSource => "spoofed-source",
@@ -413,6 +423,36 @@ pub mod proto {
     pub const ICMPV6: u8 = 58;
     pub const SCTP: u8 = 132;
 }
+
+/// Key of the FRAGS map: one fragmented datagram (RFC 791/8200: source, destination, protocol and
+/// identification) as seen at one endpoint in one direction.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FragKey {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    /// IPv4 identification (16 bits) or IPv6 fragment header identification.
+    pub id: u32,
+    /// Endpoint id (host veth ifindex).
+    pub endpoint: u32,
+    pub protocol: u8,
+    /// [`Direction`].
+    pub direction: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(size_of::<FragKey>() == 44);
+
+/// Value of the FRAGS map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FragValue {
+    /// Policy generation under which the first fragment was allowed: later fragments pass only
+    /// under the same one.
+    pub generation: u32,
+    /// Reserved, zero.
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<FragValue>() == 8);
 
 /// Key of the FLOWS map: a packet's 5-tuple as seen at one endpoint in one direction. Ports are
 /// host byte order; for ICMP echo, `src_port`/`dst_port` carry the echo id as in [`CtKey`].
@@ -660,4 +700,6 @@ mod user {
     unsafe impl aya::Pod for super::TokenBucket {}
     unsafe impl aya::Pod for super::SvcKey {}
     unsafe impl aya::Pod for super::SvcValue {}
+    unsafe impl aya::Pod for super::FragKey {}
+    unsafe impl aya::Pod for super::FragValue {}
 }

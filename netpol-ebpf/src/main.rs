@@ -25,15 +25,15 @@ use aya_ebpf::{
 };
 use netpol_common::{
     CONFIG_EVENT_RATE, CONFIG_GENERATION, CtKey, CtValue, DEFAULT_EVENT_RATE, Direction, DropEvent,
-    DropKey, DropValue, EndpointInfo, FlowKey, FlowValue, IpKey, POLICY_PREFIX_ANY_PROTOCOL,
-    POLICY_PREFIX_FULL, PolicyKey, PolicyMatch, Reason, SvcKey, ct_flags, endpoint_flags, identity,
-    lost, service, verdict_slot,
+    DropKey, DropValue, EndpointInfo, FlowKey, FlowValue, FragKey, FragValue, IpKey,
+    POLICY_PREFIX_ANY_PROTOCOL, POLICY_PREFIX_FULL, PolicyKey, PolicyMatch, Reason, SvcKey,
+    ct_flags, endpoint_flags, identity, lost, service, verdict_slot,
 };
 
 use crate::{
     maps::{
-        CIDRS, CONFIG, CONNTRACK, COUNTERS, DROPS, ENDPOINTS, EVENT_BUDGET, EVENTS, FLOWS, IPCACHE,
-        LOST, POLICY, SERVICES, VERDICTS,
+        CIDRS, CONFIG, CONNTRACK, COUNTERS, DROPS, ENDPOINTS, EVENT_BUDGET, EVENTS, FLOWS, FRAGS,
+        IPCACHE, LOST, POLICY, SERVICES, VERDICTS,
     },
     parse::{Malformed, Packet, Parsed, same},
 };
@@ -192,7 +192,13 @@ fn try_classify(
         return Ok(reason_only(Reason::DroppedSpoofedLink));
     }
     let reason = match parse::parse(ctx, pkt)? {
-        Parsed::Ip => return Ok(classify_ip(ctx, pkt, ifindex, ep.flags, dir)? | FLOW),
+        Parsed::Ip => {
+            let decision = classify_ip(ctx, pkt, ifindex, ep.flags, dir)?;
+            if pkt.first_frag && pkt.more_frags && !is_drop(decision) {
+                remember_fragments(pkt, ifindex, dir);
+            }
+            return Ok(decision | FLOW);
+        }
         Parsed::Arp if egress => link::arp_from_pod(ctx, ifindex, ep)?,
         Parsed::Arp => Reason::AllowedNotPoliced,
         Parsed::Neighbour => link::neighbour(ctx, pkt, ifindex, ep, egress)?,
@@ -435,6 +441,11 @@ fn classify_ip(
         return Ok(reason_only(Reason::AllowedReply));
     }
 
+    // A later fragment (no ports) of a datagram whose first fragment was allowed goes with it.
+    if !pkt.first_frag && fragment_of_allowed(pkt, ifindex, dir) {
+        return Ok(reason_only(Reason::AllowedFragment));
+    }
+
     let generation = CONFIG.get(CONFIG_GENERATION).copied().unwrap_or(0);
     if pkt.first_frag {
         if let Some(decision) = tracked(ctx, pkt, &mut key, ep_flags, dir, generation) {
@@ -454,6 +465,43 @@ fn classify_ip(
         let _ = CONNTRACK.insert(&key, &value, BPF_ANY as u64);
     }
     Ok(decision)
+}
+
+/// The FRAGS key of the datagram `pkt` belongs to, at `ifindex` going `dir`.
+#[inline(always)]
+fn frag_key(pkt: &Packet, ifindex: u32, dir: Direction) -> FragKey {
+    FragKey {
+        src: pkt.src,
+        dst: pkt.dst,
+        id: pkt.frag_id,
+        endpoint: ifindex,
+        protocol: pkt.proto,
+        direction: dir as u8,
+        _pad: [0; 2],
+    }
+}
+
+/// Remembers that the first fragment of `pkt`'s datagram was allowed, under the current policy
+/// generation. A full table forgets its oldest datagram: its later fragments are then decided by
+/// policy alone (as untracked fragments always are).
+#[inline(never)]
+fn remember_fragments(pkt: &Packet, ifindex: u32, dir: Direction) {
+    let value = FragValue {
+        generation: CONFIG.get(CONFIG_GENERATION).copied().unwrap_or(0),
+        _pad: 0,
+    };
+    let _ = FRAGS.insert(&frag_key(pkt, ifindex, dir), &value, BPF_ANY as u64);
+}
+
+/// Whether `pkt`, a later fragment, belongs to a datagram whose first fragment was allowed here
+/// under the current policy generation.
+#[inline(never)]
+fn fragment_of_allowed(pkt: &Packet, ifindex: u32, dir: Direction) -> bool {
+    let generation = CONFIG.get(CONFIG_GENERATION).copied().unwrap_or(0);
+    FRAGS
+        .get_ptr(&frag_key(pkt, ifindex, dir))
+        // SAFETY: map values are valid for the duration of the program.
+        .is_some_and(|v| unsafe { (*v).generation } == generation)
 }
 
 /// An ICMP error about a flow this endpoint knows, and consistent with it ([`quote_fits`]), is a

@@ -10,9 +10,9 @@ use aya_ebpf::{
     },
 };
 use netpol_common::{
-    CONFIG_LEN, CtKey, CtValue, DropKey, DropValue, EndpointInfo, FlowKey, FlowValue, IpInfo,
-    IpKey, LOST_SLOTS, PolicyKey, PolicyValue, REASON_SLOTS, TokenBucket, VERDICT_SLOTS, capacity,
-    map_names,
+    CONFIG_LEN, CtKey, CtValue, DropKey, DropValue, EndpointInfo, FlowKey, FlowValue, FragKey,
+    FragValue, IpInfo, IpKey, LOST_SLOTS, PolicyKey, PolicyValue, REASON_SLOTS, TokenBucket,
+    VERDICT_SLOTS, capacity, map_names,
 };
 
 /// Local endpoints keyed by host veth ifindex.
@@ -76,6 +76,10 @@ pub static VERDICTS: PerCpuArray<u64> = PerCpuArray::pinned(VERDICT_SLOTS, 0);
 pub static SERVICES: HashMap<netpol_common::SvcKey, netpol_common::SvcValue> =
     HashMap::pinned(netpol_common::service::CAPACITY, 0);
 
+/// Fragmented datagrams whose first fragment was allowed.
+#[map(name = "NP_FRAGS_V1")]
+pub static FRAGS: LruHashMap<FragKey, FragValue> = LruHashMap::pinned(capacity::FRAGS, 0);
+
 const fn str_eq(a: &str, b: &str) -> bool {
     let (a, b) = (a.as_bytes(), b.as_bytes());
     if a.len() != b.len() {
@@ -104,4 +108,5 @@ const _: () = assert!(str_eq("NP_EVENTS_V1", map_names::EVENTS));
 const _: () = assert!(str_eq("NP_EVBUDGET_V1", map_names::EVENT_BUDGET));
 const _: () = assert!(str_eq("NP_LOST_V1", map_names::LOST));
 const _: () = assert!(str_eq("NP_VERDICTS_V1", map_names::VERDICTS));
+const _: () = assert!(str_eq("NP_FRAGS_V1", map_names::FRAGS));
 const _: () = assert!(str_eq("NP_SERVICES_V1", netpol_common::service::MAP_NAME));

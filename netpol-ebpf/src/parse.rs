@@ -40,6 +40,10 @@ pub struct Packet {
     pub is_v6: bool,
     /// False for non-first fragments: no L4 header, ports are 0.
     pub first_frag: bool,
+    /// A fragment with more to follow (IPv4 MF, IPv6 M flag).
+    pub more_frags: bool,
+    /// IPv4 identification or IPv6 fragment identification (0 when not fragmented).
+    pub frag_id: u32,
     /// An ICMP/ICMPv6 error: the embedded packet starts at `l4_off + 8`.
     pub icmp_error: bool,
     /// IPv4 TTL or IPv6 hop limit (neighbour discovery must carry 255, MLD 1).
@@ -60,6 +64,8 @@ impl Packet {
             proto: 0,
             is_v6: false,
             first_frag: true,
+            more_frags: false,
+            frag_id: 0,
             icmp_error: false,
             hop_limit: 0,
             icmp_type: 0,
@@ -176,6 +182,8 @@ fn parse_ipv4(ctx: &TcContext, pkt: &mut Packet) -> Result<(), Malformed> {
     pkt.l3_end = l3_end;
     pkt.l4_off = ETH_HLEN + hlen;
     pkt.first_frag = be16(h[6], h[7]) & 0x1fff == 0;
+    pkt.more_frags = h[6] & 0x20 != 0;
+    pkt.frag_id = be16(h[4], h[5]) as u32;
     pkt.proto = h[9];
     pkt.hop_limit = h[8];
     pkt.src = v4_mapped([h[12], h[13], h[14], h[15]]);
@@ -225,11 +233,13 @@ fn parse_ipv6(ctx: &TcContext, pkt: &mut Packet) -> Result<(), Malformed> {
                 if off + 8 > l3_end {
                     return Err(Malformed);
                 }
-                let e: [u8; 4] = load(ctx, off)?;
+                let e: [u8; 8] = load(ctx, off)?;
                 nexthdr = e[0];
                 if be16(e[2], e[3]) >> 3 != 0 {
                     first_frag = false;
                 }
+                pkt.more_frags = e[3] & 1 != 0;
+                pkt.frag_id = u32::from_be_bytes([e[4], e[5], e[6], e[7]]);
                 8
             }
             NEXTHDR_AUTH => {

@@ -142,7 +142,7 @@ impl Ext {
         }
     }
 
-    fn bytes(&self, next: u8) -> Vec<u8> {
+    fn bytes(&self, next: u8, id: u32) -> Vec<u8> {
         match self {
             // 16 bytes (hdr ext len 1): a PadN option filling the rest, to exercise the length field.
             Ext::HopByHop | Ext::DestOpts => {
@@ -159,7 +159,9 @@ impl Ext {
             Ext::Fragment { offset, more } => {
                 let v = (offset << 3) | u16::from(*more);
                 let v = v.to_be_bytes();
-                vec![next, 0, v[0], v[1], 0, 0, 0x12, 0x34]
+                let mut b = vec![next, 0, v[0], v[1]];
+                b.extend_from_slice(&id.to_be_bytes());
+                b
             }
         }
     }
@@ -185,6 +187,8 @@ pub struct Packet {
     pub hop_limit: u8,
     /// Ethernet source MAC ([`POD_MAC`] unless set).
     pub src_mac: [u8; 6],
+    /// IPv4 identification (low 16 bits) and IPv6 fragment identification.
+    pub ip_id: u32,
 }
 
 impl Packet {
@@ -201,7 +205,13 @@ impl Packet {
             version_ihl: None,
             hop_limit: 64,
             src_mac: POD_MAC,
+            ip_id: 0x4242,
         }
+    }
+
+    pub fn ip_id(mut self, id: u32) -> Self {
+        self.ip_id = id;
+        self
     }
 
     pub fn hop_limit(mut self, hop_limit: u8) -> Self {
@@ -265,7 +275,7 @@ impl Packet {
                 let mut h = vec![0u8; 20];
                 h[0] = 0x40 | (hlen / 4) as u8;
                 h[2..4].copy_from_slice(&((hlen + payload.len()) as u16).to_be_bytes());
-                h[4..6].copy_from_slice(&0x4242u16.to_be_bytes());
+                h[4..6].copy_from_slice(&(self.ip_id as u16).to_be_bytes());
                 let (off, more) = self.ipv4_frag;
                 let frag = (off & 0x1fff) | if more { 0x2000 } else { 0 };
                 h[6..8].copy_from_slice(&frag.to_be_bytes());
@@ -284,7 +294,7 @@ impl Packet {
                 let mut exts = Vec::new();
                 for (i, ext) in self.ipv6_ext.iter().enumerate() {
                     let next = self.ipv6_ext.get(i + 1).map_or(proto, Ext::number);
-                    exts.extend_from_slice(&ext.bytes(next));
+                    exts.extend_from_slice(&ext.bytes(next, self.ip_id));
                 }
                 let first = self.ipv6_ext.first().map_or(proto, Ext::number);
                 let mut h = vec![0u8; 40];

@@ -475,6 +475,7 @@ fn programs_load_and_verify() {
         map_names::EVENT_BUDGET,
         map_names::LOST,
         map_names::VERDICTS,
+        map_names::FRAGS,
     ] {
         assert!(env.ebpf.map(name).is_some(), "map {name} missing");
         assert!(env._fs.dir.join(name).exists(), "map {name} not pinned");
@@ -1097,20 +1098,33 @@ fn fragments() {
     env.expect(Ingress, &first4, Reason::AllowedPolicy);
     let ct_before = env.conntrack().len();
 
-    // Later fragments have no ports: a port rule does not match them ...
-    let later6 = Packet::udp(b6(), a6(), 3000, 53)
+    // Later fragments of those datagrams go with their first fragment ...
+    let later6 = Packet::udp(b6(), a6(), 3000, 53).ext(Ext::Fragment {
+        offset: 185,
+        more: false,
+    });
+    let later4 = Packet::udp(b(), a(), 3000, 53).ipv4_fragment(185, false);
+    env.expect(Ingress, &later6.build(), Reason::AllowedFragment);
+    env.expect(Ingress, &later4.build(), Reason::AllowedFragment);
+    // ... but not those of the denied one, nor of any other datagram (another id, or a policy
+    // change since): they have no ports, so a port rule does not match them ...
+    let denied6 = Packet::udp(b6(), a6(), 3000, 54)
         .ext(Ext::Fragment {
             offset: 185,
             more: false,
         })
-        .build();
-    let later4 = Packet::udp(b(), a(), 3000, 53)
-        .ipv4_fragment(185, false)
-        .build();
-    env.expect(Ingress, &later6, Reason::DroppedIngressDenied);
-    env.expect(Ingress, &later4, Reason::DroppedIngressDenied);
+        .ip_id(7);
+    let later6 = later6.ip_id(0x99);
+    let later4 = later4.ip_id(0x99);
+    env.expect(Ingress, &denied6.build(), Reason::DroppedIngressDenied);
+    env.expect(Ingress, &later6.build(), Reason::DroppedIngressDenied);
+    env.expect(Ingress, &later4.build(), Reason::DroppedIngressDenied);
+    let tracked4 = Packet::udp(b(), a(), 3000, 53).ipv4_fragment(185, false);
+    env.set_generation(9);
+    env.expect(Ingress, &tracked4.build(), Reason::DroppedIngressDenied);
     // ... a protocol-wide rule does, and they never create flows.
     env.allow(ID_B, Ingress, proto::UDP, 0, POLICY_PREFIX_ANY_PORT);
+    let (later6, later4) = (later6.build(), later4.build());
     env.expect(Ingress, &later6, Reason::AllowedPolicy);
     env.expect(Ingress, &later4, Reason::AllowedPolicy);
     env.expect(Ingress, &later4, Reason::AllowedPolicy);
