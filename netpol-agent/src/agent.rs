@@ -29,6 +29,8 @@ use crate::{
 /// How often the node's veths are re-read: pods appear and disappear without any event in the
 /// manifest directory.
 const RESCAN_INTERVAL: Duration = Duration::from_millis(250);
+/// How often expired conntrack entries are collected (the datapath already ignores them).
+const CT_GC_INTERVAL: Duration = Duration::from_secs(30);
 
 /// Settings of `netpol-agent run`.
 #[derive(Clone, Debug)]
@@ -41,6 +43,8 @@ pub struct AgentConfig {
     pub health_addr: Option<std::net::SocketAddr>,
     /// Where `/metrics` is served (`--metrics-addr`); None: not served.
     pub metrics_addr: Option<SocketAddr>,
+    /// How long the datapath keeps idle flows, by state.
+    pub ct_timeouts: netpol_common::CtTimeouts,
 }
 
 /// Takes an exclusive `flock` on a directory, so two agents can never share a pin or state directory.
@@ -82,7 +86,10 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         )
     })?;
     let _pin_lock = lock_dir(cfg.layout.root(), "pin directory")?;
-    let datapath = Datapath::open(cfg.layout.clone()).context("loading the datapath")?;
+    let mut datapath = Datapath::open(cfg.layout.clone()).context("loading the datapath")?;
+    datapath
+        .set_ct_timeouts(&cfg.ct_timeouts)
+        .context("setting the conntrack timeouts")?;
     let discovery = Discovery::new().context("opening rtnetlink")?;
 
     let socket = control::socket_path(&cfg.state_dir);
@@ -129,6 +136,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         tokio::select! {
             _ = tick.tick() => {
                 sync.reconcile();
+                sync.collect_conntrack();
                 heartbeat.beat();
             }
             changed = snapshots.changed() => {
@@ -175,6 +183,8 @@ struct Sync {
     observer: Option<Arc<Observer>>,
     /// When the source saw the oldest change not yet programmed.
     unprogrammed_since: Option<Instant>,
+    /// When expired conntrack entries were last collected.
+    last_ct_gc: Instant,
 }
 
 impl Sync {
@@ -198,6 +208,20 @@ impl Sync {
             last_errors: Vec::new(),
             observer: None,
             unprogrammed_since: None,
+            last_ct_gc: Instant::now(),
+        }
+    }
+
+    /// Collects expired conntrack entries every [`CT_GC_INTERVAL`].
+    fn collect_conntrack(&mut self) {
+        if self.last_ct_gc.elapsed() < CT_GC_INTERVAL {
+            return;
+        }
+        self.last_ct_gc = Instant::now();
+        match self.datapath.expire_conntrack(&self.cfg.ct_timeouts) {
+            Ok(0) => {}
+            Ok(removed) => tracing::debug!(removed, "expired conntrack entries collected"),
+            Err(e) => tracing::warn!(error = %e, "collecting expired conntrack entries"),
         }
     }
 

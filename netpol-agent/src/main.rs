@@ -1,6 +1,6 @@
 //! `netpol-agent`: the node agent and its CLI.
 
-use std::path::PathBuf;
+use std::{path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -38,6 +38,44 @@ enum Output {
     Json,
 }
 
+/// How long the datapath keeps a flow without packets, by state (`6h`, `90s`, `1m30s`).
+#[derive(Args)]
+struct CtTimeoutArgs {
+    /// TCP flows with packets seen both ways.
+    #[arg(long, default_value = "6h", value_parser = humantime::parse_duration)]
+    ct_timeout_tcp_established: Duration,
+    /// TCP flows seen one way only (a SYN without answer, a lone ACK).
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    ct_timeout_tcp_opening: Duration,
+    /// TCP flows after a FIN or RST.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    ct_timeout_tcp_closing: Duration,
+    /// UDP, SCTP, ICMP and other flows.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    ct_timeout_other: Duration,
+}
+
+impl CtTimeoutArgs {
+    /// The timeouts in whole seconds, each at least one.
+    fn timeouts(&self) -> anyhow::Result<netpol_common::CtTimeouts> {
+        let secs = |flag: &str, d: Duration| -> anyhow::Result<u32> {
+            let s = u32::try_from(d.as_secs())
+                .with_context(|| format!("--{flag}: {d:?} is too long"))?;
+            anyhow::ensure!(s >= 1, "--{flag}: {d:?} is shorter than a second");
+            Ok(s)
+        };
+        Ok(netpol_common::CtTimeouts {
+            tcp_established: secs(
+                "ct-timeout-tcp-established",
+                self.ct_timeout_tcp_established,
+            )?,
+            tcp_opening: secs("ct-timeout-tcp-opening", self.ct_timeout_tcp_opening)?,
+            tcp_closing: secs("ct-timeout-tcp-closing", self.ct_timeout_tcp_closing)?,
+            other: secs("ct-timeout-other", self.ct_timeout_other)?,
+        })
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the agent: watch the cluster state and enforce its NetworkPolicies on this node.
@@ -64,6 +102,8 @@ enum Command {
         /// default, for Prometheus to scrape the node (hostNetwork); 9102 is free on K3s nodes.
         #[arg(long, default_value = metrics::DEFAULT_METRICS_ADDR)]
         metrics_addr: String,
+        #[command(flatten)]
+        ct: CtTimeoutArgs,
     },
     /// Show the running agent's endpoints, map use, counters and problems.
     Status {
@@ -291,6 +331,7 @@ fn main() -> anyhow::Result<()> {
                 health_addr,
                 metrics_addr,
                 dirs,
+                ct,
             } => {
                 let health_addr = match health_addr.as_str() {
                     "off" | "" => None,
@@ -314,6 +355,7 @@ fn main() -> anyhow::Result<()> {
                     layout: PinLayout::new(dirs.pin_dir),
                     state_dir: dirs.state_dir,
                     metrics_addr,
+                    ct_timeouts: ct.timeouts()?,
                 })
                 .await
             }

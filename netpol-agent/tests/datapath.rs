@@ -117,3 +117,39 @@ fn a_map_pinned_with_another_layout_is_refused() {
     assert!(msg.contains("value size 8, this build expects 32"), "{msg}");
     assert!(msg.contains("netpol-agent cleanup"), "{msg}");
 }
+
+/// Flows that went quiet are collected by the agent: the entries past their timeout go, the live
+/// ones stay.
+#[test]
+fn expired_conntrack_entries_are_collected() {
+    if !privileged() {
+        return;
+    }
+    use aya::maps::{HashMap, Map, MapData};
+    use netpol_common::{CtKey, CtTimeouts, CtValue, proto};
+
+    let dir = PinDir::new("ctgc");
+    let layout = PinLayout::new(&dir.0);
+    let mut dp = Datapath::open(layout.clone()).expect("open");
+    let pinned = MapData::from_pin(layout.maps_dir().join(map_names::CONNTRACK)).expect("pin");
+    let mut ct: HashMap<_, CtKey, CtValue> =
+        HashMap::try_from(Map::LruHashMap(pinned)).expect("conntrack map");
+    let now = netpol_agent::datapath::conntrack::monotonic_now_ns();
+    let flow = |sport| CtKey {
+        src_port: sport,
+        dst_port: 53,
+        endpoint: 7,
+        protocol: proto::UDP,
+        ..CtKey::default()
+    };
+    let seen = |ago_s: u64| CtValue {
+        generation: 0,
+        flags: 0,
+        last_seen_ns: now.saturating_sub(ago_s * 1_000_000_000),
+    };
+    ct.insert(flow(1), seen(120), 0).unwrap();
+    ct.insert(flow(2), seen(5), 0).unwrap();
+    assert_eq!(dp.expire_conntrack(&CtTimeouts::DEFAULT).unwrap(), 1);
+    let left: Vec<u16> = ct.keys().map(|k| k.unwrap().src_port).collect();
+    assert_eq!(left, [2], "only the quiet flow goes");
+}

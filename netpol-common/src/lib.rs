@@ -107,8 +107,65 @@ pub const CONFIG_GENERATION: u32 = 0;
 pub const CONFIG_EVENT_RATE: u32 = 1;
 /// Drop events per second and CPU when [`CONFIG_EVENT_RATE`] is 0.
 pub const DEFAULT_EVENT_RATE: u32 = 1_000;
+/// Index of the first conntrack timeout in the CONFIG map, in seconds, in the order of
+/// [`CtTimeouts`]'s fields; 0 means the default ([`CtTimeouts::DEFAULT`]).
+pub const CONFIG_CT_TIMEOUTS: u32 = 2;
 /// Length of the CONFIG array.
-pub const CONFIG_LEN: u32 = 4;
+pub const CONFIG_LEN: u32 = 8;
+
+/// How long a tracked flow lives without packets, in seconds, by state (as Cilium's conntrack does).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CtTimeouts {
+    /// TCP with packets seen both ways and not closing.
+    pub tcp_established: u32,
+    /// TCP seen one way only so far (a SYN, or a lone ACK).
+    pub tcp_opening: u32,
+    /// TCP after a FIN or RST.
+    pub tcp_closing: u32,
+    /// UDP, SCTP, ICMP and everything else.
+    pub other: u32,
+}
+
+impl CtTimeouts {
+    /// Six hours established, a minute opening, ten seconds closing, a minute for the rest.
+    pub const DEFAULT: CtTimeouts = CtTimeouts {
+        tcp_established: 21_600,
+        tcp_opening: 60,
+        tcp_closing: 10,
+        other: 60,
+    };
+
+    /// The CONFIG slot of the timeout that applies to a flow of `protocol` with [`ct_flags`]
+    /// `flags`, and that timeout's default.
+    pub const fn slot(protocol: u8, flags: u32) -> (u32, u32) {
+        let d = Self::DEFAULT;
+        if protocol != proto::TCP {
+            (CONFIG_CT_TIMEOUTS + 3, d.other)
+        } else if flags & ct_flags::CLOSING != 0 {
+            (CONFIG_CT_TIMEOUTS + 2, d.tcp_closing)
+        } else if flags & ct_flags::ESTABLISHED != 0 {
+            (CONFIG_CT_TIMEOUTS, d.tcp_established)
+        } else {
+            (CONFIG_CT_TIMEOUTS + 1, d.tcp_opening)
+        }
+    }
+
+    /// The timeouts as the CONFIG slots from [`CONFIG_CT_TIMEOUTS`] on.
+    pub const fn slots(&self) -> [u32; 4] {
+        [
+            self.tcp_established,
+            self.tcp_opening,
+            self.tcp_closing,
+            self.other,
+        ]
+    }
+
+    /// The lifetime in seconds of a flow of `protocol` with `flags` under these timeouts.
+    pub const fn lifetime(&self, protocol: u8, flags: u32) -> u32 {
+        let (slot, _) = Self::slot(protocol, flags);
+        self.slots()[(slot - CONFIG_CT_TIMEOUTS) as usize]
+    }
+}
 
 /// Direction from the local pod's point of view.
 #[repr(u8)]
@@ -297,6 +354,10 @@ pub mod ct_flags {
     /// The flow goes to a Service frontend whose egress verdict is decided after DNAT: every packet
     /// gets [`super::service::DEFER_MARK`].
     pub const SERVICE_DEFERRED: u32 = 1 << 0;
+    /// A packet has been seen in the reply direction.
+    pub const ESTABLISHED: u32 = 1 << 1;
+    /// A TCP FIN or RST has been seen.
+    pub const CLOSING: u32 = 1 << 2;
 }
 
 /// Value of the CONNTRACK map.

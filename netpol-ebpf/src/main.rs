@@ -24,10 +24,10 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use netpol_common::{
-    CONFIG_EVENT_RATE, CONFIG_GENERATION, CtKey, CtValue, DEFAULT_EVENT_RATE, Direction, DropEvent,
-    DropKey, DropValue, EndpointInfo, FlowKey, FlowValue, FragKey, FragValue, IpKey,
-    POLICY_PREFIX_ANY_PROTOCOL, POLICY_PREFIX_FULL, PolicyKey, PolicyMatch, Reason, SvcKey,
-    ct_flags, endpoint_flags, identity, lost, service, verdict_slot,
+    CONFIG_EVENT_RATE, CONFIG_GENERATION, CtKey, CtTimeouts, CtValue, DEFAULT_EVENT_RATE,
+    Direction, DropEvent, DropKey, DropValue, EndpointInfo, FlowKey, FlowValue, FragKey, FragValue,
+    IpKey, POLICY_PREFIX_ANY_PROTOCOL, POLICY_PREFIX_FULL, PolicyKey, PolicyMatch, Reason, SvcKey,
+    ct_flags, endpoint_flags, identity, lost, proto, service, verdict_slot,
 };
 
 use crate::{
@@ -193,7 +193,7 @@ fn try_classify(
     }
     let reason = match parse::parse(ctx, pkt)? {
         Parsed::Ip => {
-            let decision = classify_ip(ctx, pkt, ifindex, ep.flags, dir)?;
+            let decision = classify_ip(ctx, pkt, ifindex, ep.flags, dir);
             if pkt.first_frag && pkt.more_frags && !is_drop(decision) {
                 remember_fragments(pkt, ifindex, dir);
             }
@@ -393,8 +393,17 @@ fn send_event(key: &FlowKey, reason: u8, len: u32, now: u64) {
     }
 }
 
+/// The decision for an IP packet ([`decide_ip`]), a malformed one dropped. Out of line: its
+/// conntrack key and entries get a stack frame of their own, off the programs' entry frame (BPF's
+/// 512-byte stack is shared by a call chain). Returns a plain `u64`: a `Result` would travel
+/// through a sixth, hidden argument, and BPF functions take at most five.
+#[inline(never)]
+fn classify_ip(ctx: &TcContext, pkt: &Packet, ifindex: u32, ep_flags: u32, dir: Direction) -> u64 {
+    decide_ip(ctx, pkt, ifindex, ep_flags, dir).unwrap_or(reason_only(Reason::DroppedMalformed))
+}
+
 #[inline(always)]
-fn classify_ip(
+fn decide_ip(
     ctx: &TcContext,
     pkt: &Packet,
     ifindex: u32,
@@ -454,10 +463,15 @@ fn classify_ip(
     }
 
     let decision = through_service(ctx, pkt, ifindex, dir, decide(pkt, ifindex, ep_flags, dir));
-    if !is_drop(decision) && pkt.first_frag {
+    if !is_drop(decision) && pkt.first_frag && starts_flow(pkt, ep_flags) {
+        let closing = if pkt.tcp_flags & parse::tcp::FIN != 0 {
+            ct_flags::CLOSING
+        } else {
+            0
+        };
         let value = CtValue {
             generation,
-            flags: ct_flags_of(decision),
+            flags: ct_flags_of(decision) | closing,
             // SAFETY: a helper without preconditions.
             last_seen_ns: unsafe { bpf_ktime_get_ns() },
         };
@@ -537,8 +551,9 @@ fn icmp_error_of_known_flow(
 }
 
 /// The decision for a packet of a tracked flow, forward or reply; `None` when the flow is not
-/// tracked. A flow allowed under an older policy generation is checked again, in the direction it
-/// was allowed in, whichever way this packet goes: a revoked allow ends the flow both ways.
+/// tracked (or its entry outlived its timeout, see [`CtTimeouts`]). A flow allowed under an older
+/// policy generation is checked again, in the direction it was allowed in, whichever way this packet
+/// goes: a revoked allow ends the flow both ways.
 #[inline(always)]
 fn tracked(
     ctx: &TcContext,
@@ -549,7 +564,10 @@ fn tracked(
     generation: u32,
 ) -> Option<u64> {
     let ifindex = key.endpoint;
-    if let Some(entry) = CONNTRACK.get_ptr_mut(&*key) {
+    // SAFETY: a helper without preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if let Some(entry) = live_entry(key, now) {
+        follow_state(entry, pkt, false, now);
         // SAFETY: map values stay valid for the duration of the program; racing writers only touch
         // these plain integers.
         unsafe {
@@ -557,7 +575,6 @@ fn tracked(
                 defer(ctx);
             }
             if (*entry).generation == generation {
-                (*entry).last_seen_ns = bpf_ktime_get_ns();
                 return Some(reason_only(Reason::AllowedEstablished));
             }
         }
@@ -566,11 +583,10 @@ fn tracked(
     }
     reverse(key);
     key.direction = dir.opposite() as u8;
-    if let Some(entry) = CONNTRACK.get_ptr_mut(&*key) {
+    if let Some(entry) = live_entry(key, now) {
+        follow_state(entry, pkt, true, now);
         // SAFETY: as above.
         if unsafe { (*entry).generation } == generation {
-            // SAFETY: as above.
-            unsafe { (*entry).last_seen_ns = bpf_ktime_get_ns() };
             return Some(reason_only(Reason::AllowedReply));
         }
         let decision = reply_recheck(pkt, ifindex, ep_flags, dir);
@@ -586,8 +602,46 @@ fn tracked(
     None
 }
 
+/// The conntrack entry of `key` when it has not outlived its timeout; an expired one is removed.
+#[inline(always)]
+fn live_entry(key: &CtKey, now: u64) -> Option<*mut CtValue> {
+    let entry = CONNTRACK.get_ptr_mut(key)?;
+    // SAFETY: map values stay valid for the duration of the program.
+    let (flags, last_seen) = unsafe { ((*entry).flags, (*entry).last_seen_ns) };
+    let (slot, default) = CtTimeouts::slot(key.protocol, flags);
+    let timeout = match CONFIG.get(slot).copied().unwrap_or(0) {
+        0 => default,
+        t => t,
+    };
+    if now.saturating_sub(last_seen) > timeout as u64 * NS_PER_SEC {
+        let _ = CONNTRACK.remove(key);
+        return None;
+    }
+    Some(entry)
+}
+
+/// Follows a packet of the flow: the last-seen time, a reply making it established, a TCP FIN or
+/// RST making it closing (short-lived).
+#[inline(always)]
+fn follow_state(entry: *mut CtValue, pkt: &Packet, reply: bool, now: u64) {
+    let mut set = 0;
+    if reply {
+        set |= ct_flags::ESTABLISHED;
+    }
+    if pkt.tcp_flags & (parse::tcp::FIN | parse::tcp::RST) != 0 {
+        set |= ct_flags::CLOSING;
+    }
+    // SAFETY: map values stay valid for the duration of the program.
+    unsafe {
+        (*entry).last_seen_ns = now;
+        if (*entry).flags & set != set {
+            (*entry).flags |= set;
+        }
+    }
+}
+
 /// Applies a re-check of a tracked flow: a denied flow is forgotten, an allowed one moves to the
-/// current generation.
+/// current generation (keeping its TCP state).
 #[inline(always)]
 fn revalidated(key: &CtKey, entry: *mut CtValue, decision: u64, generation: u32) -> u64 {
     if is_drop(decision) {
@@ -596,11 +650,19 @@ fn revalidated(key: &CtKey, entry: *mut CtValue, decision: u64, generation: u32)
         // SAFETY: map values stay valid for the duration of the program.
         unsafe {
             (*entry).generation = generation;
-            (*entry).flags = ct_flags_of(decision);
-            (*entry).last_seen_ns = bpf_ktime_get_ns();
+            (*entry).flags = ((*entry).flags & !ct_flags::SERVICE_DEFERRED) | ct_flags_of(decision);
         }
     }
     decision
+}
+
+/// Whether an allowed first packet starts a tracked flow. Not at an endpoint isolated in neither
+/// direction (every packet passes there anyway: tracking would only let its flows crowd the shared
+/// table), and not for a TCP RST (it ends what it belongs to; a lone one must not open anything).
+#[inline(always)]
+fn starts_flow(pkt: &Packet, ep_flags: u32) -> bool {
+    let isolated = endpoint_flags::ISOLATED_INGRESS | endpoint_flags::ISOLATED_EGRESS;
+    ep_flags & isolated != 0 && !(pkt.proto == proto::TCP && pkt.tcp_flags & parse::tcp::RST != 0)
 }
 
 /// The policy decision for the flow that a reply packet `pkt` answers: the same peer, in the other

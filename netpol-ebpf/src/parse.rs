@@ -50,6 +50,8 @@ pub struct Packet {
     pub hop_limit: u8,
     /// ICMP/ICMPv6 type, 0 for other protocols.
     pub icmp_type: u8,
+    /// TCP flags (FIN 0x01, SYN 0x02, RST 0x04, ACK 0x10), 0 for other protocols.
+    pub tcp_flags: u8,
 }
 
 impl Packet {
@@ -69,6 +71,7 @@ impl Packet {
             icmp_error: false,
             hop_limit: 0,
             icmp_type: 0,
+            tcp_flags: 0,
         }
     }
 }
@@ -113,6 +116,12 @@ pub fn load_into<T>(ctx: &TcContext, off: u32, dst: &mut T) -> Result<(), Malfor
         )
     };
     if ret == 0 { Ok(()) } else { Err(Malformed) }
+}
+
+/// TCP flags the conntrack follows.
+pub mod tcp {
+    pub const FIN: u8 = 0x01;
+    pub const RST: u8 = 0x04;
 }
 
 /// Byte-wise equality without `bcmp`: BPF has no such function to call, and array or slice `==`
@@ -323,6 +332,9 @@ fn parse_l4(ctx: &TcContext, pkt: &mut Packet) -> Result<Parsed, Malformed> {
         _ => {
             pkt.sport = be16(h[0], h[1]);
             pkt.dport = be16(h[2], h[3]);
+            if pkt.proto == proto::TCP {
+                pkt.tcp_flags = load::<u8>(ctx, off + 13)?;
+            }
         }
     }
     Ok(Parsed::Ip)

@@ -23,8 +23,8 @@ use netpol_common::{
     CONFIG_EVENT_RATE, CONFIG_GENERATION, CtKey, CtValue, Direction, DropEvent, DropKey, DropValue,
     EndpointInfo, FlowKey, FlowValue, IpInfo, IpKey, LOST_SLOTS, POLICY_PREFIX_ANY_PORT,
     POLICY_PREFIX_ANY_PROTOCOL, POLICY_PREFIX_FULL, PolicyKey, PolicyMatch, PolicyValue,
-    REASON_SLOTS, Reason, V4_MAPPED_PREFIX, VERDICT_SLOTS, endpoint_flags, identity, lost,
-    map_names, program_names, proto, verdict, verdict_slot,
+    REASON_SLOTS, Reason, V4_MAPPED_PREFIX, VERDICT_SLOTS, ct_flags, endpoint_flags, identity,
+    lost, map_names, program_names, proto, verdict, verdict_slot,
 };
 use netpol_tests::packets::{self, Ext, L4, Packet};
 
@@ -278,9 +278,13 @@ impl Env {
     }
 
     fn set_event_rate(&mut self, rate: u32) {
+        self.set_config(CONFIG_EVENT_RATE, rate);
+    }
+
+    fn set_config(&mut self, slot: u32, value: u32) {
         let mut m: Array<_, u32> =
             Array::try_from(self.ebpf.map_mut(map_names::CONFIG).unwrap()).unwrap();
-        m.set(CONFIG_EVENT_RATE, rate, 0).unwrap();
+        m.set(slot, value, 0).unwrap();
     }
 
     /// FLOWS with the per-CPU values merged as the agent does: counts added, the decision of the
@@ -508,8 +512,8 @@ fn unknown_endpoint_is_dropped() {
 }
 
 #[test]
-fn not_isolated_passes_and_tracks() {
-    let Some(env) = env!() else { return };
+fn not_isolated_passes_and_is_not_tracked() {
+    let Some(mut env) = env!() else { return };
     env.expect(
         Ingress,
         &Packet::tcp(b(), a(), 40000, 80).build(),
@@ -525,12 +529,16 @@ fn not_isolated_passes_and_tracks() {
         &Packet::tcp(a6(), b6(), 40000, 443).build(),
         Reason::AllowedNotIsolated,
     );
-    assert_eq!(
-        env.conntrack().len(),
-        3,
-        "every allowed first packet creates a flow"
+    // Nothing isolates either direction: tracking would only fill the shared table.
+    assert_eq!(env.conntrack().len(), 0, "{:?}", env.conntrack());
+    // Isolated one way: flows are tracked (replies must pass), and the same flow is established.
+    env.isolate(false, true);
+    env.expect(
+        Ingress,
+        &Packet::tcp(b(), a(), 40000, 80).build(),
+        Reason::AllowedNotIsolated,
     );
-    // The same flow again is established.
+    assert_eq!(env.conntrack().len(), 1, "{:?}", env.conntrack());
     env.expect(
         Ingress,
         &Packet::tcp(b(), a(), 40000, 80).build(),
@@ -1864,4 +1872,116 @@ fn tunnel_egress_never_leaves_a_deferred_packet_undecided() {
     env.allow(ID_B, Egress, proto::TCP, 80, POLICY_PREFIX_FULL);
     let (action, reason) = run(&env, &from_a);
     assert_eq!((action, reason), (TCX_NEXT, Reason::AllowedPolicy));
+}
+
+/// The monotonic clock `bpf_ktime_get_ns` reads, in nanoseconds.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid out-pointer.
+    assert_eq!(
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) },
+        0
+    );
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+impl Env {
+    /// Moves every conntrack entry's last packet `age_s` seconds into the past.
+    fn age_conntrack(&mut self, age_s: u64) {
+        let mut m: HashMap<_, CtKey, CtValue> =
+            HashMap::try_from(self.ebpf.map_mut(map_names::CONNTRACK).unwrap()).unwrap();
+        let entries: Vec<(CtKey, CtValue)> = m.iter().map(Result::unwrap).collect();
+        for (k, mut v) in entries {
+            v.last_seen_ns = monotonic_ns().saturating_sub(age_s * 1_000_000_000);
+            m.insert(k, v, 0).unwrap();
+        }
+    }
+
+    fn tcp_flags_of_only_entry(&self) -> u32 {
+        let ct = self.conntrack();
+        assert_eq!(ct.len(), 1, "{ct:?}");
+        ct[0].1.flags
+    }
+}
+
+fn tcp_with_flags(src: IpAddr, dst: IpAddr, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    let mut frame = Packet::tcp(src, dst, sport, dport).build();
+    let tcp = 14 + if src.is_ipv4() { 20 } else { 40 };
+    frame[tcp + 13] = flags;
+    frame
+}
+
+/// Conntrack follows TCP: a lone RST opens nothing, a reply makes a flow established, FIN or RST
+/// make it closing; and entries expire by state (opening a minute, established hours, closing
+/// seconds), after which the flow's next packet is decided by policy again.
+#[test]
+fn conntrack_follows_tcp_state_and_expires() {
+    let Some(mut env) = env!() else { return };
+    env.isolate(true, true);
+    env.allow(ID_B, Egress, proto::TCP, 80, POLICY_PREFIX_FULL);
+    const SYN: u8 = 0x02;
+    const ACK: u8 = 0x10;
+    const FIN: u8 = 0x01;
+    const RST: u8 = 0x04;
+    // A lone RST (allowed by policy) passes but tracks nothing.
+    env.expect(
+        Egress,
+        &tcp_with_flags(a(), b(), 40000, 80, RST),
+        Reason::AllowedPolicy,
+    );
+    assert!(env.conntrack().is_empty(), "{:?}", env.conntrack());
+    // SYN: opening. An opening flow expires after a minute without packets.
+    env.expect(
+        Egress,
+        &tcp_with_flags(a(), b(), 40000, 80, SYN),
+        Reason::AllowedPolicy,
+    );
+    assert_eq!(env.tcp_flags_of_only_entry() & ct_flags::ESTABLISHED, 0);
+    env.revoke(ID_B, Egress, proto::TCP, 80, POLICY_PREFIX_FULL);
+    env.age_conntrack(61);
+    let ack = tcp_with_flags(a(), b(), 40000, 80, ACK);
+    env.expect(Egress, &ack, Reason::DroppedEgressDenied);
+    assert!(env.conntrack().is_empty(), "{:?}", env.conntrack());
+
+    // A reply makes it established: two minutes of silence are nothing then.
+    env.allow(ID_B, Egress, proto::TCP, 80, POLICY_PREFIX_FULL);
+    env.expect(
+        Egress,
+        &tcp_with_flags(a(), b(), 40001, 80, SYN),
+        Reason::AllowedPolicy,
+    );
+    let syn_ack = tcp_with_flags(b(), a(), 80, 40001, SYN | ACK);
+    env.expect(Ingress, &syn_ack, Reason::AllowedReply);
+    assert_ne!(env.tcp_flags_of_only_entry() & ct_flags::ESTABLISHED, 0);
+    env.age_conntrack(120);
+    let ack = tcp_with_flags(a(), b(), 40001, 80, ACK);
+    env.expect(Egress, &ack, Reason::AllowedEstablished);
+    // A FIN makes it closing: gone after ten seconds.
+    env.expect(
+        Egress,
+        &tcp_with_flags(a(), b(), 40001, 80, FIN | ACK),
+        Reason::AllowedEstablished,
+    );
+    assert_ne!(env.tcp_flags_of_only_entry() & ct_flags::CLOSING, 0);
+    env.age_conntrack(11);
+    env.revoke(ID_B, Egress, proto::TCP, 80, POLICY_PREFIX_FULL);
+    env.expect(
+        Ingress,
+        &tcp_with_flags(b(), a(), 80, 40001, ACK),
+        Reason::DroppedIngressDenied,
+    );
+
+    // UDP: a minute, and the timeouts are settable (CONFIG, seconds).
+    env.allow(ID_B, Egress, proto::UDP, 53, POLICY_PREFIX_FULL);
+    let query = Packet::udp(a(), b(), 5000, 53).build();
+    env.expect(Egress, &query, Reason::AllowedPolicy);
+    env.age_conntrack(30);
+    env.expect(Egress, &query, Reason::AllowedEstablished);
+    env.set_config(netpol_common::CtTimeouts::slot(proto::UDP, 0).0, 20);
+    env.age_conntrack(30);
+    env.revoke(ID_B, Egress, proto::UDP, 53, POLICY_PREFIX_FULL);
+    env.expect(Egress, &query, Reason::DroppedEgressDenied);
 }

@@ -347,17 +347,16 @@ fn sigterm_keeps_enforcement_and_restart_adopts_pins() {
             pins_before[n],
             "the new agent on node {n} re-created pins instead of adopting them"
         );
+        // One bump and nothing else: the previous agent may have died between its map writes and
+        // its bump, so revoked flows must be re-checked; the maps already held the policy.
         assert_eq!(
-            after[n].generation, before[n].generation,
-            "the new agent on node {n} rewrote maps that already held its policy"
+            after[n].generation,
+            before[n].generation.wrapping_add(1),
+            "the new agent on node {n} must bump the generation exactly once on adoption"
         );
         let log = c.agent_log(n);
         let new = &log[log_len[n]..];
         assert!(new.contains("agent started"), "node {n} log:\n{new}");
-        assert!(
-            !new.contains("datapath updated"),
-            "the new agent on node {n} reprogrammed the datapath on adoption:\n{new}"
-        );
     }
     // Enforcement continued through the restart, and a change after it is enforced.
     expect(&mut c, &denied_x, &[TCP80], Duration::from_secs(10));

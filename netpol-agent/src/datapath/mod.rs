@@ -2,6 +2,7 @@
 //!
 //! Everything here is a side effect (bpf syscalls); what to write comes from [`contents`], which is pure.
 
+pub mod conntrack;
 pub mod contents;
 pub mod pinned_maps;
 pub mod pins;
@@ -18,8 +19,8 @@ use aya::{
     },
 };
 use netpol_common::{
-    CONFIG_GENERATION, EndpointInfo, IpInfo, IpKey, PolicyKey, PolicyValue, REASON_SLOTS, Reason,
-    SvcKey, SvcValue, capacity, map_names, service,
+    CONFIG_CT_TIMEOUTS, CONFIG_GENERATION, CtKey, CtTimeouts, CtValue, EndpointInfo, IpInfo, IpKey,
+    PolicyKey, PolicyValue, REASON_SLOTS, Reason, SvcKey, SvcValue, capacity, map_names, service,
 };
 use thiserror::Error;
 
@@ -109,6 +110,7 @@ pub struct Datapath {
     services: HashMap<MapData, SvcKey, SvcValue>,
     config: Array<MapData, u32>,
     counters: PerCpuArray<MapData, u64>,
+    conntrack: HashMap<MapData, CtKey, CtValue>,
     /// Mirror of what the four policy maps hold.
     current: Contents,
     /// The policy generation still has to be bumped: set at start-up (a previous agent may have
@@ -154,6 +156,7 @@ impl Datapath {
         let services = take_map(&mut ebpf, service::MAP_NAME)?;
         let config = take_map(&mut ebpf, map_names::CONFIG)?;
         let counters = take_map(&mut ebpf, map_names::COUNTERS)?;
+        let conntrack = take_map(&mut ebpf, map_names::CONNTRACK)?;
         let mut datapath = Datapath {
             layout,
             ebpf,
@@ -164,6 +167,7 @@ impl Datapath {
             services,
             config,
             counters,
+            conntrack,
             current: Contents::default(),
             bump_pending: true,
         };
@@ -296,6 +300,32 @@ impl Datapath {
         // Re-read rather than assume: an entry the kernel refused is not there.
         self.current = self.read_contents();
         errors
+    }
+
+    /// Sets how long the datapath keeps idle flows, by state.
+    pub fn set_ct_timeouts(&mut self, timeouts: &CtTimeouts) -> Result<(), MapError> {
+        for (i, seconds) in timeouts.slots().into_iter().enumerate() {
+            self.config.set(CONFIG_CT_TIMEOUTS + i as u32, seconds, 0)?;
+        }
+        Ok(())
+    }
+
+    /// Removes the conntrack entries that outlived `timeouts`; returns how many it removed. An
+    /// entry that disappears meanwhile (its flow's packet found it expired, the LRU evicted it)
+    /// is no error.
+    pub fn expire_conntrack(&mut self, timeouts: &CtTimeouts) -> Result<usize, MapError> {
+        let now = conntrack::monotonic_now_ns();
+        let stale: Vec<CtKey> = self
+            .conntrack
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, v)| conntrack::expired(k, v, timeouts, now))
+            .map(|(k, _)| k)
+            .collect();
+        for key in &stale {
+            ignore_missing(self.conntrack.remove(key))?;
+        }
+        Ok(stale.len())
     }
 
     /// The policy generation the datapath checks conntrack entries against.
