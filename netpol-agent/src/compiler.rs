@@ -723,7 +723,12 @@ pub fn compile(input: &CompileInput<'_>) -> Compiled {
         .count();
     out.stats.policy_entries = out.policy.len();
     out.identities = identities;
-    out.services = services::compile(&out, &crate::service::frontends(state));
+    let local_ips: std::collections::BTreeSet<IpAddr> = state
+        .peer_pods()
+        .filter(|p| p.node_name.as_deref() == Some(input.node_name))
+        .flat_map(|p| p.ips.iter().copied())
+        .collect();
+    out.services = services::compile(&out, &crate::service::frontends(state), &local_ips);
     out
 }
 

@@ -231,6 +231,7 @@ pub fn protocol_name(p: u8) -> String {
         proto::SCTP => "sctp".into(),
         proto::ICMP => "icmp".into(),
         proto::ICMPV6 => "icmpv6".into(),
+        proto::OTHER => "other".into(),
         0 => "unknown".into(),
         n => n.to_string(),
     }

@@ -483,6 +483,18 @@ pub mod proto {
     pub const UDP: u8 = 17;
     pub const ICMPV6: u8 = 58;
     pub const SCTP: u8 = 132;
+    /// Every other protocol, in DROPS keys (IANA's reserved 255).
+    pub const OTHER: u8 = 255;
+
+    /// The protocol as DROPS counts it: the five above, 0 (not parsed), or [`OTHER`]. The sender
+    /// picks the protocol number: bounding the classes bounds how many drop counters one pod can
+    /// create for any endpoint.
+    pub const fn class(protocol: u8) -> u8 {
+        match protocol {
+            0 | ICMP | TCP | UDP | ICMPV6 | SCTP => protocol,
+            _ => OTHER,
+        }
+    }
 }
 
 /// Key of the FRAGS map: one fragmented datagram (RFC 791/8200: source, destination, protocol and
@@ -628,7 +640,7 @@ pub struct DropKey {
     pub direction: u8,
     /// [`Reason`] code.
     pub reason: u8,
-    /// IP protocol number, 0 when the packet was not parsed that far.
+    /// [`proto::class`] of the IP protocol, 0 when the packet was not parsed that far.
     pub protocol: u8,
     pub _pad: u8,
 }

@@ -14,11 +14,13 @@ use crate::{
 
 /// ARP over Ethernet for IPv4: hardware type 1, protocol 0x0800, lengths 6 and 4.
 const ARP_ETH_IPV4: [u8; 6] = [0, 1, 0x08, 0x00, 6, 4];
-/// Most neighbour discovery options walked for link-layer address options.
-const MAX_ND_OPTIONS: u32 = 4;
+/// Most options in a neighbour discovery message from a pod (a link-layer address, a nonce).
+const MAX_ND_OPTIONS: u32 = 2;
 /// ND option types carrying a link-layer address (RFC 4861 4.6.1).
 const ND_OPT_SOURCE_LL: u8 = 1;
 const ND_OPT_TARGET_LL: u8 = 2;
+/// The nonce of enhanced duplicate address detection (RFC 7527).
+const ND_OPT_NONCE: u8 = 14;
 const ICMP6_ROUTER_ADVERT: u8 = 134;
 const ICMP6_REDIRECT: u8 = 137;
 
@@ -79,7 +81,8 @@ fn is_link_local(addr: &[u8; 16]) -> bool {
 }
 
 /// A neighbour discovery or MLD message ([`parse::Parsed::Neighbour`]) seen at a pod's veth: passes
-/// unpoliced when it is what the protocol allows on one link, and is dropped otherwise.
+/// unpoliced when it has exactly the shape the protocol gives it on one link, and is dropped
+/// otherwise. Exact shapes leave no room for data: ND and MLD cannot carry anything past policy.
 #[inline(never)]
 pub fn neighbour(
     ctx: &TcContext,
@@ -88,17 +91,10 @@ pub fn neighbour(
     ep: &EndpointInfo,
     egress: bool,
 ) -> Result<Reason, Malformed> {
-    let ok = match pkt.icmp_type {
-        icmp6::NEIGHBOUR_SOLICIT | icmp6::NEIGHBOUR_ADVERT | icmp6::ROUTER_SOLICIT => {
-            nd_ok(ctx, pkt, ifindex, ep, egress)?
-        }
-        // MLD: hop limit 1 (never forwarded) to a multicast group; from a pod, from its link-local
-        // address or `::` (RFC 3810 5.2.13).
-        _ => {
-            pkt.hop_limit == 1
-                && is_multicast(&pkt.dst)
-                && (!egress || same(&pkt.src, &[0; 16]) || own_link_local(&pkt.src, ep))
-        }
+    let ok = if egress {
+        from_pod(ctx, pkt, ifindex, ep)?
+    } else {
+        to_pod(ctx, pkt, ifindex, ep)?
     };
     Ok(if ok {
         Reason::AllowedNotPoliced
@@ -107,54 +103,163 @@ pub fn neighbour(
     })
 }
 
+/// What a pod may send: solicitations and advertisements about itself and its neighbours, MLD
+/// reports of its groups. Not MLD queries (a pod is not a querier). Each check returns as soon as it
+/// fails: few live conditions keep the verifier's state count small.
 #[inline(always)]
-fn own_link_local(addr: &[u8; 16], ep: &EndpointInfo) -> bool {
-    !same(&ep.link_local, &[0; 16]) && same(addr, &ep.link_local)
-}
-
-/// Router and neighbour solicitations and advertisements: hop limit 255 (RFC 4861: never
-/// forwarded), to a link-scoped or on-link destination. From the pod: sent from `::` (duplicate
-/// address detection), its link-local or one of its addresses; an advertisement or a DAD
-/// solicitation only about its own address; link-layer address options only with its own MAC.
-#[inline(always)]
-fn nd_ok(
+fn from_pod(
     ctx: &TcContext,
     pkt: &Packet,
     ifindex: u32,
     ep: &EndpointInfo,
-    egress: bool,
 ) -> Result<bool, Malformed> {
-    if pkt.hop_limit != 255 {
-        return Ok(false);
-    }
-    if !egress {
-        // Delivered to the pod: only link-scoped, or to the pod's own addresses.
-        return Ok(is_link_scope_multicast(&pkt.dst)
-            || is_link_local(&pkt.dst)
-            || owned_by(&pkt.dst, ifindex));
-    }
     let unspecified = same(&pkt.src, &[0; 16]);
-    if !(unspecified || own_link_local(&pkt.src, ep) || owned_by(&pkt.src, ifindex)) {
+    if !unspecified && !own_link_local(&pkt.src, ep) && !owned_by(&pkt.src, ifindex) {
         return Ok(false);
     }
-    if !(is_link_scope_multicast(&pkt.dst) || is_link_local(&pkt.dst) || on_link(&pkt.dst)) {
+    match pkt.icmp_type {
+        icmp6::ROUTER_SOLICIT => {
+            if pkt.hop_limit != 255 || !same(&pkt.dst, &ALL_ROUTERS) {
+                return Ok(false);
+            }
+            options_own(ctx, pkt, pkt.l4_off + 8, ep, false)
+        }
+        icmp6::NEIGHBOUR_SOLICIT | icmp6::NEIGHBOUR_ADVERT => {
+            nd_from_pod(ctx, pkt, ifindex, ep, unspecified)
+        }
+        icmp6::MLD_REPORT | icmp6::MLD_DONE => {
+            Ok(mld_from_pod(pkt, ep) && pkt.l3_end - pkt.l4_off == 24)
+        }
+        icmp6::MLD2_REPORT => {
+            if !mld_from_pod(pkt, ep) || !same(&pkt.dst, &ALL_MLDV2_ROUTERS) {
+                return Ok(false);
+            }
+            mld2_records_empty(ctx, pkt)
+        }
+        _ => Ok(false),
+    }
+}
+
+/// A solicitation or advertisement from the pod (its source already checked).
+#[inline(never)]
+fn nd_from_pod(
+    ctx: &TcContext,
+    pkt: &Packet,
+    ifindex: u32,
+    ep: &EndpointInfo,
+    unspecified: bool,
+) -> Result<bool, Malformed> {
+    if pkt.hop_limit != 255 || pkt.l4_off + 24 > pkt.l3_end {
         return Ok(false);
     }
-    let options = if pkt.icmp_type == icmp6::ROUTER_SOLICIT {
-        pkt.l4_off + 8
-    } else {
-        if pkt.l4_off + 24 > pkt.l3_end {
+    let mut target = [0u8; 16];
+    parse::load_into(ctx, pkt.l4_off + 8, &mut target)?;
+    let about_self = own_link_local(&target, ep) || owned_by(&target, ifindex);
+    if pkt.icmp_type == icmp6::NEIGHBOUR_ADVERT {
+        if !about_self || unspecified || !advert_destination(&pkt.dst) {
             return Ok(false);
         }
-        let mut target = [0u8; 16];
-        parse::load_into(ctx, pkt.l4_off + 8, &mut target)?;
-        let about_self = own_link_local(&target, ep) || owned_by(&target, ifindex);
-        if (pkt.icmp_type == icmp6::NEIGHBOUR_ADVERT || unspecified) && !about_self {
+    } else if (unspecified && !about_self) || !solicit_fits(&pkt.dst, &target) {
+        return Ok(false);
+    }
+    options_own(ctx, pkt, pkt.l4_off + 24, ep, unspecified)
+}
+
+/// What a pod receives: solicitations for its own addresses, advertisements, MLD queries. Not
+/// router solicitations or MLD reports (a pod is neither a router nor a querier): so one pod's
+/// messages reach another only when they are about the receiver itself.
+#[inline(always)]
+fn to_pod(
+    ctx: &TcContext,
+    pkt: &Packet,
+    ifindex: u32,
+    ep: &EndpointInfo,
+) -> Result<bool, Malformed> {
+    let for_pod =
+        is_link_scope_multicast(&pkt.dst) || is_link_local(&pkt.dst) || owned_by(&pkt.dst, ifindex);
+    match pkt.icmp_type {
+        icmp6::NEIGHBOUR_SOLICIT => {
+            if pkt.hop_limit != 255 || !for_pod || pkt.l4_off + 24 > pkt.l3_end {
+                return Ok(false);
+            }
+            let mut target = [0u8; 16];
+            parse::load_into(ctx, pkt.l4_off + 8, &mut target)?;
+            Ok(own_link_local(&target, ep) || owned_by(&target, ifindex))
+        }
+        icmp6::NEIGHBOUR_ADVERT => Ok(pkt.hop_limit == 255 && for_pod),
+        icmp6::MLD_QUERY => Ok(pkt.hop_limit == 1 && is_multicast(&pkt.dst)),
+        _ => Ok(false),
+    }
+}
+
+/// `ff02::2`, all routers: where router solicitations go.
+const ALL_ROUTERS: [u8; 16] = [0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+/// `ff02::16`, all MLDv2-capable routers: where MLDv2 reports go.
+const ALL_MLDV2_ROUTERS: [u8; 16] = [0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x16];
+/// Most MLDv2 records in a report from a pod.
+const MAX_MLD2_RECORDS: u32 = 8;
+
+/// MLD from a pod: hop limit 1 (never forwarded), to a multicast group, from its link-local address
+/// or `::` (RFC 3810 5.2.13).
+#[inline(always)]
+fn mld_from_pod(pkt: &Packet, ep: &EndpointInfo) -> bool {
+    pkt.hop_limit == 1
+        && is_multicast(&pkt.dst)
+        && (same(&pkt.src, &[0; 16]) || own_link_local(&pkt.src, ep))
+}
+
+/// An MLDv2 report of at most [`MAX_MLD2_RECORDS`] records without sources or auxiliary data
+/// (joins and leaves of whole groups, what a pod's stack sends), and nothing after them.
+#[inline(never)]
+fn mld2_records_empty(ctx: &TcContext, pkt: &Packet) -> Result<bool, Malformed> {
+    let head: [u8; 8] = parse::load(ctx, pkt.l4_off)?;
+    let records = ((head[6] as u32) << 8) | head[7] as u32;
+    if records == 0 || records > MAX_MLD2_RECORDS || pkt.l4_off + 8 + records * 20 != pkt.l3_end {
+        return Ok(false);
+    }
+    let mut off = pkt.l4_off + 8;
+    for i in 0..MAX_MLD2_RECORDS {
+        if i >= records {
+            break;
+        }
+        // Record type, aux data length, number of sources.
+        let r: [u8; 4] = parse::load(ctx, off)?;
+        if r[1] != 0 || r[2] != 0 || r[3] != 0 {
             return Ok(false);
         }
-        pkt.l4_off + 24
-    };
-    link_layer_options_own(ctx, pkt, options, ep)
+        off += 20;
+    }
+    Ok(true)
+}
+
+/// An advertisement goes to all nodes, to a link-local address, or to an on-link neighbour.
+#[inline(always)]
+fn advert_destination(dst: &[u8; 16]) -> bool {
+    is_link_scope_multicast(dst) || is_link_local(dst) || on_link(dst)
+}
+
+/// A solicitation asks about `target`, which must be a link-local or on-link address, sent to
+/// `target`'s solicited-node group (`ff02::1:ffXX:XXXX`, RFC 4291 2.7.1) or to `target` itself
+/// (a reachability probe).
+#[inline(always)]
+fn solicit_fits(dst: &[u8; 16], target: &[u8; 16]) -> bool {
+    if !(is_link_local(target) || on_link(target)) {
+        return false;
+    }
+    let mut group = [0u8; 16];
+    group[0] = 0xff;
+    group[1] = 2;
+    group[11] = 1;
+    group[12] = 0xff;
+    group[13] = target[13];
+    group[14] = target[14];
+    group[15] = target[15];
+    same(dst, &group) || same(dst, target)
+}
+
+#[inline(always)]
+fn own_link_local(addr: &[u8; 16], ep: &EndpointInfo) -> bool {
+    !same(&ep.link_local, &[0; 16]) && same(addr, &ep.link_local)
 }
 
 /// A unicast destination on this link: a pod or an address of the node (the gateway). Anything else
@@ -168,32 +273,36 @@ fn on_link(addr: &[u8; 16]) -> bool {
     })
 }
 
-/// Every source or target link-layer address option from `off` to the end of the message carries
-/// the pod's MAC. Options past [`MAX_ND_OPTIONS`] fail the check.
-#[inline(always)]
-fn link_layer_options_own(
+/// The options from `off` to the end of the message are at most [`MAX_ND_OPTIONS`] of 8 bytes: a
+/// source or target link-layer address that is the pod's MAC, or (with `nonce`, duplicate address
+/// detection) one nonce. Anything else, including any byte after them, fails.
+#[inline(never)]
+fn options_own(
     ctx: &TcContext,
     pkt: &Packet,
     mut off: u32,
     ep: &EndpointInfo,
+    nonce: bool,
 ) -> Result<bool, Malformed> {
     for _ in 0..MAX_ND_OPTIONS {
-        if off >= pkt.l3_end {
+        if off == pkt.l3_end {
             return Ok(true);
         }
         if off + 8 > pkt.l3_end {
             return Ok(false);
         }
         let opt: [u8; 8] = parse::load(ctx, off)?;
-        if opt[1] == 0 {
-            // A zero-length option is invalid (and would loop).
-            return Ok(false);
-        }
         let lladdr = [opt[2], opt[3], opt[4], opt[5], opt[6], opt[7]];
-        if (opt[0] == ND_OPT_SOURCE_LL || opt[0] == ND_OPT_TARGET_LL) && !same(&lladdr, &ep.mac) {
+        let ok = opt[1] == 1
+            && match opt[0] {
+                ND_OPT_SOURCE_LL | ND_OPT_TARGET_LL => same(&lladdr, &ep.mac),
+                ND_OPT_NONCE => nonce,
+                _ => false,
+            };
+        if !ok {
             return Ok(false);
         }
-        off += opt[1] as u32 * 8;
+        off += 8;
     }
-    Ok(off >= pkt.l3_end)
+    Ok(off == pkt.l3_end)
 }

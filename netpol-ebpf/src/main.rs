@@ -322,7 +322,7 @@ fn count_drop(key: &FlowKey, reason: u8, len: u32) {
         endpoint: key.endpoint,
         direction: key.direction,
         reason,
-        protocol: key.protocol,
+        protocol: proto::class(key.protocol),
         _pad: 0,
     };
     let mut ptr = DROPS.get_ptr_mut(&dkey);
@@ -446,7 +446,8 @@ fn decide_ip(
         direction: dir as u8,
         _pad: [0; 2],
     };
-    if pkt.icmp_error && icmp_error_of_known_flow(ctx, pkt, &mut key, dir)? {
+    let generation = CONFIG.get(CONFIG_GENERATION).copied().unwrap_or(0);
+    if pkt.icmp_error && icmp_error_of_known_flow(ctx, pkt, &mut key, dir, generation)? {
         return Ok(reason_only(Reason::AllowedReply));
     }
 
@@ -455,7 +456,6 @@ fn decide_ip(
         return Ok(reason_only(Reason::AllowedFragment));
     }
 
-    let generation = CONFIG.get(CONFIG_GENERATION).copied().unwrap_or(0);
     if pkt.first_frag {
         if let Some(decision) = tracked(ctx, pkt, &mut key, ep_flags, dir, generation) {
             return Ok(decision);
@@ -518,25 +518,30 @@ fn fragment_of_allowed(pkt: &Packet, ifindex: u32, dir: Direction) -> bool {
         .is_some_and(|v| unsafe { (*v).generation } == generation)
 }
 
-/// An ICMP error about a flow this endpoint knows, and consistent with it ([`quote_fits`]), is a
-/// reply. Leaves `key` as the outer packet's flow whatever the answer.
+/// An ICMP error about a flow this endpoint knows, consistent with it ([`quote_fits`]), from a
+/// sender that may speak for it ([`error_sender_fits`]), and allowed under the current policy
+/// `generation`, is a reply. Leaves `key` as the outer packet's flow whatever the answer.
 #[inline(always)]
 fn icmp_error_of_known_flow(
     ctx: &TcContext,
     pkt: &Packet,
     key: &mut CtKey,
     dir: Direction,
+    generation: u32,
 ) -> Result<bool, Malformed> {
-    if parse::embedded_flow(ctx, pkt, key)? && quote_fits(pkt, key, dir) {
+    if parse::embedded_flow(ctx, pkt, key)?
+        && quote_fits(pkt, key, dir)
+        && error_sender_fits(pkt, key)
+    {
         // The embedded packet went the other way: it is a packet of the flow as first seen...
         key.direction = dir.opposite() as u8;
-        if CONNTRACK.get_ptr(&*key).is_some() {
+        if current_entry(key, generation) {
             return Ok(true);
         }
         // ... or a reply of a flow first seen in this direction.
         reverse(key);
         key.direction = dir as u8;
-        if CONNTRACK.get_ptr(&*key).is_some() {
+        if current_entry(key, generation) {
             return Ok(true);
         }
     }
@@ -548,6 +553,31 @@ fn icmp_error_of_known_flow(
     key.protocol = pkt.proto;
     key.direction = dir as u8;
     Ok(false)
+}
+
+/// A tracked flow allowed under the current policy generation (a stale one is not re-checked here:
+/// its error is then policed like any packet).
+#[inline(always)]
+fn current_entry(key: &CtKey, generation: u32) -> bool {
+    CONNTRACK
+        .get_ptr(key)
+        // SAFETY: map values are valid for the duration of the program.
+        .is_some_and(|e| unsafe { (*e).generation } == generation)
+}
+
+/// Who may send an error about a flow: the quoted packet's destination, or a router on the way
+/// (the node, an address outside the cluster), never another pod: one pod cannot forge errors
+/// about another's flows to reach it.
+#[inline(always)]
+fn error_sender_fits(pkt: &Packet, quoted: &CtKey) -> bool {
+    if same(&pkt.src, &quoted.dst) {
+        return true;
+    }
+    let id = IPCACHE
+        .get_ptr(IpKey { addr: pkt.src })
+        // SAFETY: map values are valid for the duration of the program.
+        .map_or(identity::NONE, |info| unsafe { (*info).identity });
+    !(identity::FIRST_POD..identity::FIRST_CIDR).contains(&id)
 }
 
 /// The decision for a packet of a tracked flow, forward or reply; `None` when the flow is not

@@ -91,6 +91,8 @@ pub enum Parsed {
 /// ICMPv6 types of the link-scoped control messages ([`Parsed::Neighbour`]).
 pub mod icmp6 {
     pub const MLD_QUERY: u8 = 130;
+    pub const MLD_REPORT: u8 = 131;
+    pub const MLD_DONE: u8 = 132;
     pub const ROUTER_SOLICIT: u8 = 133;
     pub const NEIGHBOUR_SOLICIT: u8 = 135;
     pub const NEIGHBOUR_ADVERT: u8 = 136;
@@ -124,17 +126,30 @@ pub mod tcp {
     pub const RST: u8 = 0x04;
 }
 
-/// Byte-wise equality without `bcmp`: BPF has no such function to call, and array or slice `==`
-/// may compile to one.
+/// Equality of two byte arrays, as a few 64-bit words: BPF has no `bcmp` to call (array `==` may
+/// compile to one), and a byte-by-byte comparison becomes a branch per byte, whose combinations
+/// the verifier would walk one by one.
 #[inline(always)]
 pub fn same<const N: usize>(a: &[u8; N], b: &[u8; N]) -> bool {
-    let mut diff = 0u8;
-    let mut i = 0;
-    while i < N {
-        diff |= a[i] ^ b[i];
-        i += 1;
+    let mut diff = 0u64;
+    let mut at = 0;
+    while at < N {
+        diff |= word(a, at) ^ word(b, at);
+        at += 8;
     }
     diff == 0
+}
+
+/// Up to 8 bytes of `bytes` from `at`, as one little-endian word.
+#[inline(always)]
+fn word<const N: usize>(bytes: &[u8; N], at: usize) -> u64 {
+    let mut w = 0u64;
+    let mut i = 0;
+    while i < 8 && at + i < N {
+        w |= (bytes[at + i] as u64) << (8 * i);
+        i += 1;
+    }
+    w
 }
 
 #[inline(always)]

@@ -1279,69 +1279,103 @@ fn icmpv6(src: IpAddr, dst: IpAddr, kind: u8) -> Packet {
     )
 }
 
+/// The solicited-node multicast group of `addr` (`ff02::1:ffXX:XXXX`).
+fn solicited_node(addr: IpAddr) -> IpAddr {
+    let IpAddr::V6(v6) = addr else { unreachable!() };
+    let o = v6.octets();
+    let mut g = [0u8; 16];
+    g[0] = 0xff;
+    g[1] = 2;
+    g[11] = 1;
+    g[12] = 0xff;
+    g[13..].copy_from_slice(&o[13..]);
+    Ipv6Addr::from(g).into()
+}
+
+fn nd(src: IpAddr, dst: IpAddr, kind: u8, target: IpAddr, ll: Option<[u8; 6]>) -> Packet {
+    match target {
+        IpAddr::V6(t) => packets::neighbour(src, dst, kind, t, ll),
+        IpAddr::V4(_) => unreachable!(),
+    }
+}
+
+/// An MLDv2 report (hop limit 1, to ff02::16) with one record per group and `sources` sources each.
+fn mld2_report(src: IpAddr, groups: &[Ipv6Addr], sources: u16) -> Packet {
+    let mut body = Vec::new();
+    for g in groups {
+        body.extend_from_slice(&[4, 0]); // CHANGE_TO_EXCLUDE_MODE, no aux data
+        body.extend_from_slice(&sources.to_be_bytes());
+        body.extend_from_slice(&g.octets());
+        for i in 0..sources {
+            body.extend_from_slice(&Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, i).octets());
+        }
+    }
+    let n = (groups.len() as u16).to_be_bytes();
+    Packet::new(
+        src,
+        "ff02::16".parse().unwrap(),
+        L4::Icmp {
+            kind: 143,
+            code: 0,
+            rest: [0, 0, n[0], n[1]],
+            body,
+        },
+    )
+    .ext(Ext::HopByHop)
+    .hop_limit(1)
+}
+
 #[test]
 fn neighbour_discovery_of_the_pod_itself_passes() {
     let Some(mut env) = env!() else { return };
     env.isolate(true, true);
     let ll: IpAddr = POD_A_LL.into();
     let unspecified: IpAddr = Ipv6Addr::UNSPECIFIED.into();
-    let solicited: IpAddr = "ff02::1:ff00:7".parse().unwrap();
     let all_nodes: IpAddr = "ff02::1".parse().unwrap();
     let gateway: IpAddr = "fd00:10:42::1".parse().unwrap();
     env.ip(gateway, identity::HOST, 0);
-    let nd = |src, dst, kind, target: IpAddr, ll| match target {
-        IpAddr::V6(t) => packets::neighbour(src, dst, kind, t, ll).build(),
-        IpAddr::V4(_) => unreachable!(),
-    };
     let own = Some(packets::POD_MAC);
-    // Solicitations for the gateway or a neighbour, from its link-local or global address.
-    env.expect(
-        Egress,
-        &nd(ll, solicited, 135, gateway, own),
-        Reason::AllowedNotPoliced,
-    );
-    env.expect(
-        Egress,
-        &nd(a6(), gateway, 135, gateway, own),
-        Reason::AllowedNotPoliced,
-    );
+    let pass = |p: Packet, dir| env.expect(dir, &p.build(), Reason::AllowedNotPoliced);
+    // Solicitations for the gateway, from its link-local or global address, to the target's
+    // solicited-node group or to the target itself (reachability probe).
+    pass(nd(ll, solicited_node(gateway), 135, gateway, own), Egress);
+    pass(nd(a6(), gateway, 135, gateway, own), Egress);
     // Duplicate address detection of its own address, from ::.
-    env.expect(
+    pass(
+        nd(unspecified, solicited_node(a6()), 135, a6(), None),
         Egress,
-        &nd(unspecified, solicited, 135, a6(), None),
-        Reason::AllowedNotPoliced,
     );
     // Advertisements of its own addresses, solicited or to all nodes.
-    env.expect(
-        Egress,
-        &nd(a6(), gateway, 136, a6(), own),
-        Reason::AllowedNotPoliced,
-    );
-    env.expect(
-        Egress,
-        &nd(ll, all_nodes, 136, ll, own),
-        Reason::AllowedNotPoliced,
-    );
-    // MLD reports (hop limit 1, behind a hop-by-hop header with router alert).
-    for kind in [131, 132, 143] {
-        let mld = icmpv6(ll, "ff02::16".parse().unwrap(), kind)
+    pass(nd(a6(), gateway, 136, a6(), own), Egress);
+    pass(nd(ll, all_nodes, 136, ll, own), Egress);
+    // A router solicitation, and MLD reports (hop limit 1, behind a hop-by-hop router alert).
+    let rs = Packet::new(
+        ll,
+        "ff02::2".parse().unwrap(),
+        L4::Icmp {
+            kind: 133,
+            code: 0,
+            rest: [0; 4],
+            body: vec![1, 1, 0x0a, 0x58, 0x0a, 0x2a, 0x00, 0x05],
+        },
+    )
+    .hop_limit(255);
+    pass(rs, Egress);
+    for kind in [131, 132] {
+        let mld = icmpv6(ll, "ff02::fb".parse().unwrap(), kind)
             .ext(Ext::HopByHop)
             .hop_limit(1);
-        env.expect(Egress, &mld.build(), Reason::AllowedNotPoliced);
+        pass(mld, Egress);
     }
-    // Delivered to the pod: the node's solicitations and advertisements, link-scoped or to it.
-    env.expect(
-        Ingress,
-        &nd(gateway, solicited, 135, a6(), None),
-        Reason::AllowedNotPoliced,
-    );
-    env.expect(
-        Ingress,
-        &nd(gateway, a6(), 136, gateway, None),
-        Reason::AllowedNotPoliced,
-    );
+    let groups = ["ff02::fb".parse().unwrap(), "ff05::1:3".parse().unwrap()];
+    pass(mld2_report(ll, &groups, 0), Egress);
+    pass(mld2_report(unspecified, &groups[..1], 0), Egress);
+    // Delivered to the pod: the node's solicitations for its addresses, advertisements, queries.
+    pass(nd(gateway, solicited_node(a6()), 135, a6(), None), Ingress);
+    pass(nd(gateway, ll, 135, ll, None), Ingress);
+    pass(nd(gateway, a6(), 136, gateway, None), Ingress);
     let query = icmpv6("fe80::1".parse().unwrap(), all_nodes, 130).hop_limit(1);
-    env.expect(Ingress, &query.build(), Reason::AllowedNotPoliced);
+    pass(query, Ingress);
     // Other ICMPv6 is policed: an echo request from the isolated pod, link-local source -> spoofed.
     env.expect(
         Egress,
@@ -1368,22 +1402,21 @@ fn neighbour_discovery_of_the_pod_itself_passes() {
 }
 
 /// A hostile pod's neighbour discovery: impersonating another pod or the gateway, acting as a
-/// router, or using ND-typed ICMPv6 as a channel past its egress policy. None of it is isolated
-/// traffic: these checks hold for a pod that no policy selects, too.
+/// router or querier, or using ND/MLD as a channel past policy (data in options, sources, extra
+/// bytes, off-link destinations). None of it is isolated traffic: these checks hold for a pod that
+/// no policy selects, too.
 #[test]
 fn neighbour_discovery_cannot_impersonate_or_carry_data() {
-    let Some(env) = env!() else { return };
+    let Some(mut env) = env!() else { return };
+    let gateway: IpAddr = "fd00:10:42::1".parse().unwrap();
+    env.ip(gateway, identity::HOST, 0);
     let ll: IpAddr = POD_A_LL.into();
     let unspecified: IpAddr = Ipv6Addr::UNSPECIFIED.into();
-    let solicited: IpAddr = "ff02::1:ff00:7".parse().unwrap();
     let all_nodes: IpAddr = "ff02::1".parse().unwrap();
     let outside: IpAddr = "2001:db8::99".parse().unwrap();
     let other_ll: IpAddr = "fe80::858:aff:fe2a:9".parse().unwrap();
-    let nd = |src, dst, kind, target: IpAddr, ll| match target {
-        IpAddr::V6(t) => packets::neighbour(src, dst, kind, t, ll),
-        IpAddr::V4(_) => unreachable!(),
-    };
     let own = Some(packets::POD_MAC);
+    let sn = solicited_node;
     let spoofed = |p: Packet| env.expect(Egress, &p.build(), Reason::DroppedSpoofedLink);
     // Advertising another pod's address (cache poisoning), with its own or another MAC.
     spoofed(nd(a6(), all_nodes, 136, b6(), own));
@@ -1391,29 +1424,60 @@ fn neighbour_discovery_cannot_impersonate_or_carry_data() {
     // Advertising its own address with another pod's MAC in the target link-layer option.
     spoofed(nd(a6(), all_nodes, 136, a6(), Some(OTHER_MAC)));
     // Soliciting with another MAC in the source link-layer option, or from another's address.
-    spoofed(nd(ll, solicited, 135, b6(), Some(OTHER_MAC)));
-    spoofed(nd(b6(), solicited, 135, a6(), own));
-    spoofed(nd(other_ll, solicited, 135, a6(), own));
+    spoofed(nd(ll, sn(gateway), 135, gateway, Some(OTHER_MAC)));
+    spoofed(nd(b6(), sn(gateway), 135, gateway, own));
+    spoofed(nd(other_ll, sn(gateway), 135, gateway, own));
     // DAD probes for someone else's address (to make their DAD fail).
-    spoofed(nd(unspecified, solicited, 135, b6(), None));
+    spoofed(nd(unspecified, sn(b6()), 135, b6(), None));
     // Hop limit other than 255: forged or forwarded.
-    spoofed(nd(ll, solicited, 135, b6(), own).hop_limit(64));
+    spoofed(nd(ll, sn(gateway), 135, gateway, own).hop_limit(64));
     // ND-typed packets to an address off the link: the node would forward them (exfiltration).
     spoofed(nd(a6(), outside, 135, outside, own));
     spoofed(nd(a6(), outside, 136, a6(), own));
+    // A solicitation to a group that is not its target's.
+    spoofed(nd(ll, sn(b6()), 135, gateway, own));
+    // Data in ND: an unknown option, a nonce outside DAD, bytes after the options.
+    let mut carrier = nd(ll, sn(gateway), 135, gateway, own);
+    if let L4::Icmp { body, .. } = &mut carrier.l4 {
+        body.extend_from_slice(&[200, 1, b's', b'e', b'c', b'r', b'e', b't']);
+    }
+    spoofed(carrier.clone());
+    if let L4::Icmp { body, .. } = &mut carrier.l4 {
+        body.truncate(24);
+        body.extend_from_slice(&[14, 1, 1, 2, 3, 4, 5, 6]);
+    }
+    spoofed(carrier.clone());
+    if let L4::Icmp { body, .. } = &mut carrier.l4 {
+        body.truncate(24);
+        body.extend_from_slice(b"trailing");
+    }
+    spoofed(carrier);
+    // Data in MLD: sources in a report, bytes after a v1 report, a query from a pod.
+    let group: Ipv6Addr = "ff02::fb".parse().unwrap();
+    spoofed(mld2_report(ll, &[group], 3));
+    let mut long = icmpv6(ll, "ff02::fb".parse().unwrap(), 131).hop_limit(1);
+    if let L4::Icmp { body, .. } = &mut long.l4 {
+        body.extend_from_slice(&[0xab; 64]);
+    }
+    spoofed(long);
+    spoofed(icmpv6(ll, all_nodes, 130).hop_limit(1));
     // MLD that could be forwarded, or from another address.
-    spoofed(icmpv6(ll, "ff0e::1".parse().unwrap(), 143).hop_limit(64));
-    spoofed(icmpv6(a6(), "ff02::16".parse().unwrap(), 143).hop_limit(1));
+    spoofed(icmpv6(ll, "ff0e::1".parse().unwrap(), 131).hop_limit(64));
+    spoofed(icmpv6(a6(), "ff02::fb".parse().unwrap(), 131).hop_limit(1));
     // A pod is not a router: Router Advertisements and Redirects are dropped, from any source.
     spoofed(icmpv6(ll, all_nodes, 134).hop_limit(255));
     spoofed(icmpv6(a6(), b6(), 137).hop_limit(255));
     // A frame from another MAC is dropped whatever it carries.
     let other = Packet::tcp(a(), b(), 40000, 80).src_mac(OTHER_MAC);
     env.expect(Egress, &other.build(), Reason::DroppedSpoofedLink);
-    // Delivered to the pod: an ND message that could only have been forwarded or is not for it.
+    // Delivered to the pod: forwarded ND, ND not for it, and messages only routers take.
     let to_pod = |p: Packet| env.expect(Ingress, &p.build(), Reason::DroppedSpoofedLink);
     to_pod(nd(b6(), a6(), 136, b6(), None).hop_limit(64));
     to_pod(nd(b6(), outside, 135, outside, None));
+    to_pod(nd(b6(), sn(b6()), 135, b6(), None));
+    to_pod(nd(other_ll, sn(gateway), 135, gateway, None));
+    to_pod(mld2_report(other_ll, &[group], 0));
+    to_pod(icmpv6(other_ll, "ff02::2".parse().unwrap(), 133).hop_limit(255));
 }
 
 #[test]
@@ -1798,6 +1862,41 @@ fn icmp_errors_must_fit_the_flow_they_quote() {
     let router: IpAddr = Ipv4Addr::new(10, 42, 1, 0).into();
     let ttl = Packet::new(router, a(), L4::icmp_error(11, 0, query.ip_bytes()));
     env.expect(Ingress, &ttl.build(), Reason::AllowedReply);
+    // From another pod (C), forging an error about the pod's flow with B to reach it: policed.
+    let forged = Packet::new(POD_C.into(), a(), L4::icmp_error(3, 3, query.ip_bytes()));
+    env.expect(Ingress, &forged.build(), Reason::DroppedIngressDenied);
+    // After a policy change, an error about a flow not re-checked since is policed too: it cannot
+    // keep a revoked flow's channel open.
+    env.set_generation(5);
+    let unreachable = Packet::new(b(), a(), L4::icmp_error(3, 3, query.ip_bytes()));
+    env.expect(Ingress, &unreachable.build(), Reason::DroppedIngressDenied);
+    let to_b = Packet::new(a(), b(), L4::icmp_error(3, 3, inbound.ip_bytes()));
+    env.expect(Egress, &to_b.build(), Reason::DroppedEgressDenied);
+}
+
+/// Drop counters are keyed by endpoint, direction, reason and a protocol class: a pod cycling
+/// through every protocol number creates a handful of counters, not 256 per victim.
+#[test]
+fn drop_counters_are_bounded_per_endpoint() {
+    let Some(mut env) = env!() else { return };
+    env.isolate(true, true);
+    for protocol in 0..=255u8 {
+        let p = Packet::new(
+            b(),
+            a(),
+            L4::Raw {
+                protocol,
+                payload: vec![0; 32],
+            },
+        );
+        let (action, _) = env.run(Ingress, &p.build());
+        assert_eq!(action, TC_ACT_SHOT, "protocol {protocol}");
+    }
+    let drops = env.drops();
+    assert!(drops.len() <= 7, "{} counters: {drops:?}", drops.len());
+    let total: u64 = drops.iter().map(|(_, v)| v.packets).sum();
+    assert_eq!(total, 256, "every drop counted");
+    assert!(drops.iter().any(|(k, _)| k.protocol == proto::OTHER));
 }
 
 /// A revoked allow ends the connection both ways: the peer's packets on an established flow are

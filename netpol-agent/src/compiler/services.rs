@@ -3,7 +3,7 @@
 //! -> allow at the veth; none -> the ordinary lookup (which denies); some -> defer the decision to
 //! after DNAT, where the backend is known (see `netpol_common::service`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use netpol_common::{
@@ -89,8 +89,25 @@ fn egress_allows(
     None
 }
 
-/// The SERVICES entries for the egress-isolated endpoints of `c`.
-pub(super) fn compile(c: &Compiled, frontends: &[Frontend]) -> BTreeMap<SvcKey, SvcValue> {
+/// Whether a hook decides a connection to the denied backend `ip` after DNAT: it is a pod's address,
+/// and a local pod has an attached endpoint (its veth decides) while a remote pod is reached through
+/// Flannel's device (`tunnel_egress` decides). A node address (host-network pods, the API server),
+/// an address outside the cluster, or a local pod not attached yet is reached where nothing
+/// decides: the frontend then fails closed.
+fn decided_after_dnat(c: &Compiled, ip: IpAddr, local_ips: &BTreeSet<IpAddr>) -> bool {
+    c.ipcache.get(&ip_key(ip)).is_some_and(|info| {
+        let pod = (identity::FIRST_POD..identity::FIRST_CIDR).contains(&info.identity);
+        pod && (info.endpoint != 0 || !local_ips.contains(&ip))
+    })
+}
+
+/// The SERVICES entries for the egress-isolated endpoints of `c`; `local_ips` are the addresses of
+/// this node's pods.
+pub(super) fn compile(
+    c: &Compiled,
+    frontends: &[Frontend],
+    local_ips: &BTreeSet<IpAddr>,
+) -> BTreeMap<SvcKey, SvcValue> {
     let mut out = BTreeMap::new();
     for (&endpoint, info) in &c.endpoints {
         if info.flags & endpoint_flags::ISOLATED_EGRESS == 0 {
@@ -104,17 +121,15 @@ pub(super) fn compile(c: &Compiled, frontends: &[Frontend]) -> BTreeMap<SvcKey, 
                 .map(|(ip, port)| egress_allows(c, endpoint, *ip, protocol, *port))
                 .collect();
             let allowed = verdicts.iter().flatten().count();
-            // A denied backend on this node's own addresses ends in local delivery, where no hook runs
-            // after DNAT to catch it: such a frontend cannot be deferred, so it fails closed.
-            let denied_local_host = f.backends.iter().zip(&verdicts).any(|((ip, _), v)| {
-                v.is_none()
-                    && c.ipcache
-                        .get(&ip_key(*ip))
-                        .is_some_and(|i| i.identity == identity::HOST)
-            });
+            // Deferring is only safe where a hook decides every denied backend after DNAT.
+            let deferrable = f
+                .backends
+                .iter()
+                .zip(&verdicts)
+                .all(|((ip, _), v)| v.is_some() || decided_after_dnat(c, *ip, local_ips));
             let verdict = if allowed == verdicts.len() {
                 service::VERDICT_ALLOW
-            } else if allowed > 0 && !denied_local_host {
+            } else if allowed > 0 && deferrable {
                 service::VERDICT_DEFER
             } else {
                 continue;

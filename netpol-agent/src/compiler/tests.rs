@@ -1415,3 +1415,69 @@ ports: [{name: pg, port: 5432, protocol: TCP}]
         None
     );
 }
+
+/// A frontend is deferred only when a hook decides every denied backend after DNAT: a remote pod
+/// (Flannel's device), a local pod with an endpoint (its veth). Another node's address, an address
+/// outside the cluster, or a local pod whose veth is not attached yet is reached where nothing
+/// decides: the frontend fails closed instead of passing undecided.
+#[test]
+fn deferred_only_where_a_hook_decides_every_denied_backend() {
+    let slice_with = |second: &str| {
+        format!(
+            r#"
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: db-1, namespace: default, labels: {{kubernetes.io/service-name: db}}}}
+addressType: IPv4
+endpoints: [{{addresses: [10.42.1.7]}}, {{addresses: [{second}]}}]
+ports: [{{name: pg, port: 5432, protocol: TCP}}]
+"#
+        )
+    };
+    let verdict_with = |second: &str, local_unattached: bool| {
+        let mut c = Cluster::new();
+        let client = c.local("default", "client", &[], &["10.42.0.5"]);
+        c.remote("default", "db-1", &[("tier", "gold")], &["10.42.1.7"]);
+        c.remote("default", "db-2", &[], &["10.42.1.8"]);
+        c.local("default", "db-3", &[], &["10.42.0.9"]);
+        if local_unattached {
+            c.endpoints.remove(&PodKey::new("default", "db-3"));
+        }
+        c.service(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: db, namespace: default}\nspec: {clusterIP: 10.43.0.54, ports: [{name: pg, port: 5432}]}\n",
+        );
+        c.endpoint_slice(&slice_with(second));
+        c.policy(
+            "default",
+            "to-gold",
+            "{podSelector: {}, policyTypes: [Egress], egress: [{to: [{podSelector: {matchLabels: {tier: gold}}}], ports: [{port: 5432}]}]}",
+        );
+        svc_verdict(&c.compile(), client, "10.43.0.54", TCP, 5432)
+    };
+    let defer = Some(service::VERDICT_DEFER);
+    assert_eq!(
+        verdict_with("10.42.1.8", false),
+        defer,
+        "remote pod: tunnel decides"
+    );
+    assert_eq!(
+        verdict_with("10.42.0.9", false),
+        defer,
+        "local pod: its veth decides"
+    );
+    assert_eq!(
+        verdict_with("10.42.0.9", true),
+        None,
+        "local pod, no endpoint yet"
+    );
+    assert_eq!(
+        verdict_with("192.168.1.12", false),
+        None,
+        "another node's address"
+    );
+    assert_eq!(
+        verdict_with("203.0.113.7", false),
+        None,
+        "outside the cluster"
+    );
+}
