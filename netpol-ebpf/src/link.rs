@@ -165,9 +165,10 @@ fn nd_from_pod(
     options_own(ctx, pkt, pkt.l4_off + 24, ep, unspecified)
 }
 
-/// What a pod receives: solicitations for its own addresses, advertisements, MLD queries. Not
-/// router solicitations or MLD reports (a pod is neither a router nor a querier): so one pod's
-/// messages reach another only when they are about the receiver itself.
+/// What a pod receives: solicitations for its own addresses, advertisements, and the link's
+/// multicast chatter (MLD queries and reports, router solicitations), which the bridge floods to
+/// every port: every such message from a pod was held to its exact shape at that pod's veth, and
+/// dropping the node's and neighbours' chatter at each pod would only fill the drop counters.
 #[inline(always)]
 fn to_pod(
     ctx: &TcContext,
@@ -187,8 +188,9 @@ fn to_pod(
             Ok(own_link_local(&target, ep) || owned_by(&target, ifindex))
         }
         icmp6::NEIGHBOUR_ADVERT => Ok(pkt.hop_limit == 255 && for_pod),
-        icmp6::MLD_QUERY => Ok(pkt.hop_limit == 1 && is_multicast(&pkt.dst)),
-        _ => Ok(false),
+        icmp6::ROUTER_SOLICIT => Ok(pkt.hop_limit == 255 && same(&pkt.dst, &ALL_ROUTERS)),
+        // MLD queries, reports and dones.
+        _ => Ok(pkt.hop_limit == 1 && is_multicast(&pkt.dst)),
     }
 }
 

@@ -1376,6 +1376,14 @@ fn neighbour_discovery_of_the_pod_itself_passes() {
     pass(nd(gateway, a6(), 136, gateway, None), Ingress);
     let query = icmpv6("fe80::1".parse().unwrap(), all_nodes, 130).hop_limit(1);
     pass(query, Ingress);
+    // The link's multicast chatter the bridge floods to every port: neighbours' and the node's
+    // MLD reports, router solicitations.
+    let other_ll: IpAddr = "fe80::858:aff:fe2a:9".parse().unwrap();
+    pass(mld2_report(other_ll, &groups, 0), Ingress);
+    pass(
+        icmpv6(other_ll, "ff02::2".parse().unwrap(), 133).hop_limit(255),
+        Ingress,
+    );
     // Other ICMPv6 is policed: an echo request from the isolated pod, link-local source -> spoofed.
     env.expect(
         Egress,
@@ -1470,14 +1478,14 @@ fn neighbour_discovery_cannot_impersonate_or_carry_data() {
     // A frame from another MAC is dropped whatever it carries.
     let other = Packet::tcp(a(), b(), 40000, 80).src_mac(OTHER_MAC);
     env.expect(Egress, &other.build(), Reason::DroppedSpoofedLink);
-    // Delivered to the pod: forwarded ND, ND not for it, and messages only routers take.
+    // Delivered to the pod: forwarded ND or MLD, and solicitations about someone else.
     let to_pod = |p: Packet| env.expect(Ingress, &p.build(), Reason::DroppedSpoofedLink);
     to_pod(nd(b6(), a6(), 136, b6(), None).hop_limit(64));
     to_pod(nd(b6(), outside, 135, outside, None));
     to_pod(nd(b6(), sn(b6()), 135, b6(), None));
     to_pod(nd(other_ll, sn(gateway), 135, gateway, None));
-    to_pod(mld2_report(other_ll, &[group], 0));
-    to_pod(icmpv6(other_ll, "ff02::2".parse().unwrap(), 133).hop_limit(255));
+    to_pod(mld2_report(other_ll, &[group], 0).hop_limit(2));
+    to_pod(icmpv6(other_ll, "ff02::2".parse().unwrap(), 133).hop_limit(64));
 }
 
 #[test]

@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
-use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd as _;
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
@@ -14,7 +14,8 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use netpol_agent::control::Status;
-use netpol_tests::cluster::{Cluster, Family, Proto, Reachability, default_agent_bin};
+use netpol_tests::cluster::{Cluster, Family, Pod, Proto, Reachability, default_agent_bin};
+use netpol_tests::packets;
 
 const PROBE_BIN: &str = env!("CARGO_BIN_EXE_netpol-probe");
 
@@ -1013,4 +1014,163 @@ fn spoofed_source_is_dropped_dual_stack() {
     );
     eprintln!("spoofed-source: {before} -> {after}");
     c.check_agents().unwrap();
+}
+
+// ------------------------------------------------------------------------------------------------
+// A hostile pod on a live node: frames crafted inside a pod (raw socket, as CAP_NET_RAW allows)
+// against the node's neighbour table. First without agents, to show the attack works here; then
+// with them, where it must not.
+// ------------------------------------------------------------------------------------------------
+
+/// The MAC of `dev` in network namespace `netns`.
+fn mac_of(netns: &str, dev: &str) -> [u8; 6] {
+    let out = Command::new("ip")
+        .args(["-n", netns, "-j", "link", "show", dev])
+        .output()
+        .expect("ip link show");
+    let links: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ip -j output");
+    let text = links[0]["address"].as_str().expect("an address");
+    let bytes = hex::decode(text.replace(':', "")).expect("a MAC");
+    bytes.try_into().expect("6 bytes")
+}
+
+/// The MAC the node's neighbour table holds for `ip` on cni0, if any.
+fn neighbour_mac(node: &str, ip: IpAddr) -> Option<[u8; 6]> {
+    let out = Command::new("ip")
+        .args([
+            "-n",
+            node,
+            "-j",
+            "neigh",
+            "show",
+            &ip.to_string(),
+            "dev",
+            "cni0",
+        ])
+        .output()
+        .expect("ip neigh show");
+    let entries: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    let text = entries.get(0)?.get("lladdr")?.as_str()?;
+    hex::decode(text.replace(':', "")).ok()?.try_into().ok()
+}
+
+/// The ICMPv6 checksum of `icmp` from `src` to `dst` (RFC 8200 8.1 pseudo-header).
+fn icmpv6_checksum(src: Ipv6Addr, dst: Ipv6Addr, icmp: &[u8]) -> u16 {
+    let mut data = Vec::new();
+    data.extend_from_slice(&src.octets());
+    data.extend_from_slice(&dst.octets());
+    data.extend_from_slice(&(icmp.len() as u32).to_be_bytes());
+    data.extend_from_slice(&[0, 0, 0, 58]);
+    data.extend_from_slice(icmp);
+    packets::checksum(&data)
+}
+
+/// A gratuitous ARP claiming `victim` and an advertisement of `victim6` (with the node as its
+/// destination), both with the attacker's own MAC and addresses everywhere else: only the claimed
+/// address is a lie. Broadcast, so the node takes them whatever MAC it has.
+fn poison_frames(attacker: &Pod, mac: [u8; 6], victim: &Pod, gateway6: Ipv6Addr) -> Vec<String> {
+    let mut arp = packets::arp(mac, mac, victim.ipv4.octets(), victim.ipv4.octets());
+    arp[..6].copy_from_slice(&[0xff; 6]);
+    let na = packets::neighbour(
+        attacker.ipv6.into(),
+        gateway6.into(),
+        136,
+        victim.ipv6,
+        Some(mac),
+    )
+    .src_mac(mac);
+    let mut na = na.build();
+    na[..6].copy_from_slice(&[0xff; 6]);
+    let icmp = 14 + 40;
+    let sum = icmpv6_checksum(attacker.ipv6, gateway6, &na[icmp..]);
+    na[icmp + 2..icmp + 4].copy_from_slice(&sum.to_be_bytes());
+    vec![hex::encode(arp), hex::encode(na)]
+}
+
+/// Sends `frames` from inside `pod`.
+fn send_from_pod(pod: &Pod, frames: &[String]) {
+    let out = Command::new("ip")
+        .args(["netns", "exec", &pod.netns])
+        .arg(PROBE_BIN)
+        .args(["raw", "--dev", "eth0"])
+        .args(frames)
+        .output()
+        .expect("netpol-probe raw");
+    assert!(out.status.success(), "raw send: {}", text(&out.stderr));
+}
+
+/// The node reaches `pod` over both families (and so has neighbour entries for it).
+fn reach_from_node(c: &Cluster, pod: &str) {
+    for family in [Family::V4, Family::V6] {
+        assert!(
+            c.probe_from_node(0, pod, 80, Proto::Tcp, family).unwrap(),
+            "the node must reach {pod} over {family:?}"
+        );
+    }
+}
+
+#[test]
+fn a_pod_cannot_poison_the_nodes_neighbour_entries() {
+    let Some(mut c) = cluster("a_pod_cannot_poison_the_nodes_neighbour_entries") else {
+        return;
+    };
+    let on_node0: Vec<Pod> = c.pods.iter().filter(|p| p.node == 0).cloned().collect();
+    let (attacker, victim) = (&on_node0[0], &on_node0[1]);
+    let node = c.nodes[0].name.clone();
+    let gateway6 = c.nodes[0].gateway_v6();
+    // Entries may be overridden at once (the default locktime would hide a second attempt).
+    let sysctl = Command::new("ip")
+        .args(["netns", "exec", &node, "sysctl", "-qw"])
+        .args([
+            "net.ipv4.neigh.cni0.locktime=0",
+            "net.ipv6.neigh.cni0.locktime=0",
+        ])
+        .status()
+        .expect("sysctl");
+    assert!(sysctl.success());
+    let attacker_mac = mac_of(&attacker.netns, "eth0");
+    let victim_mac = mac_of(&victim.netns, "eth0");
+    let frames = poison_frames(attacker, attacker_mac, victim, gateway6);
+    let victim_id = victim.id();
+    let entries = |c: &Cluster| {
+        [Family::V4, Family::V6].map(|f| neighbour_mac(&node, c.pod(&victim_id).ip(f)))
+    };
+
+    // Without agents the node believes the attacker: the test can fail.
+    reach_from_node(&c, &victim_id);
+    assert_eq!(entries(&c), [Some(victim_mac); 2], "primed");
+    send_from_pod(attacker, &frames);
+    wait_until("the unprotected node to take the poison", CONVERGE, || {
+        let now = entries(&c);
+        Ok((now == [Some(attacker_mac); 2]).then_some(()))
+    });
+
+    // With the agents, the same frames are dropped at the attacker's veth (and counted there).
+    let flush = Command::new("ip")
+        .args(["-n", &node, "neigh", "flush", "dev", "cni0"])
+        .status()
+        .expect("ip neigh flush");
+    assert!(flush.success());
+    start(&mut c);
+    wait_synced(&c, 0);
+    reach_from_node(&c, &victim_id);
+    assert_eq!(entries(&c), [Some(victim_mac); 2], "primed again");
+    let spoofed = |c: &Cluster| -> Result<u64, String> {
+        let s = status(c, 0)?;
+        Ok(s.counters
+            .iter()
+            .find(|(name, _)| name == "spoofed-link")
+            .map_or(0, |(_, n)| *n))
+    };
+    let before = spoofed(&c).unwrap();
+    send_from_pod(attacker, &frames);
+    wait_until("both spoofed frames to be dropped", CONVERGE, || {
+        Ok((spoofed(&c)? >= before + 2).then_some(()))
+    });
+    assert_eq!(
+        entries(&c),
+        [Some(victim_mac); 2],
+        "the node's entries for {victim_id} must stay the victim's"
+    );
+    reach_from_node(&c, &victim_id);
 }

@@ -13,6 +13,10 @@
 //!   target, in bursts of K (default 64) with a short pause between bursts so that no queue on the
 //!   way overflows; prints `{"sent": N, "millis": T}` (datagrams the kernel accepted).
 //!
+//! `netpol-probe raw --dev IFACE HEXFRAME...`
+//!   sends each hex-encoded Ethernet frame once on IFACE (an `AF_PACKET` socket): what a pod with
+//!   `CAP_NET_RAW` can do; the hostile-pod tests use it.
+//!
 //! `netpol-probe probe [--timeout-ms 1000] TARGET...`
 //!   TARGET is `tcp/ADDR/PORT` or `udp/ADDR/PORT` (ADDR may be IPv6 without brackets). With no
 //!   TARGET, a JSON array of `{"addr": "...", "port": 80, "proto": "tcp"}` is read from stdin.
@@ -54,6 +58,7 @@ fn main() {
         Some("serve") => serve(&args[1..]),
         Some("probe") => probe(&args[1..]),
         Some("flood") => flood(&args[1..]),
+        Some("raw") => raw(&args[1..]),
         _ => Err(anyhow::anyhow!(
             "usage: netpol-probe serve --ports 80,81 | probe [--timeout-ms N] proto/addr/port..."
         )),
@@ -376,4 +381,49 @@ fn probe_udp(t: &Target, timeout: Duration) -> Result<String> {
         }
     }
     Err(last_err)
+}
+
+/// Sends each hex-encoded Ethernet frame once on `--dev` through an `AF_PACKET` socket, as a pod
+/// with `CAP_NET_RAW` can (the hostile-pod tests craft ARP and neighbour advertisements this way).
+fn raw(args: &[String]) -> Result<()> {
+    let (dev, frames) = match args {
+        [flag, dev, frames @ ..] if flag == "--dev" && !frames.is_empty() => (dev, frames),
+        _ => bail!("usage: netpol-probe raw --dev IFACE HEXFRAME..."),
+    };
+    let name = std::ffi::CString::new(dev.as_str()).context("interface name")?;
+    // SAFETY: a valid NUL-terminated name.
+    let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if ifindex == 0 {
+        bail!("no interface {dev}: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: plain socket(2); the fd is owned below.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
+    if fd < 0 {
+        bail!("AF_PACKET socket: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh, valid socket we own.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    // SAFETY: all-zero is a valid sockaddr_ll.
+    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    sll.sll_family = libc::AF_PACKET as u16;
+    sll.sll_ifindex = ifindex as i32;
+    sll.sll_halen = 6;
+    for hex in frames {
+        let frame = hex::decode(hex).context("bad hex frame")?;
+        // SAFETY: `frame` and `sll` are valid for the lengths given.
+        let sent = unsafe {
+            libc::sendto(
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&sll as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        if sent != frame.len() as isize {
+            bail!("sendto on {dev}: {}", std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
