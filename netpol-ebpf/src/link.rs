@@ -165,10 +165,12 @@ fn nd_from_pod(
     options_own(ctx, pkt, pkt.l4_off + 24, ep, unspecified)
 }
 
-/// What a pod receives: solicitations for its own addresses, advertisements, and the link's
-/// multicast chatter (MLD queries and reports, router solicitations), which the bridge floods to
-/// every port: every such message from a pod was held to its exact shape at that pod's veth, and
-/// dropping the node's and neighbours' chatter at each pod would only fill the drop counters.
+/// What a pod receives: the link's multicast chatter, which the bridge floods to every port
+/// (solicitations to solicited-node groups, advertisements to all nodes, MLD, router solicitations:
+/// each held to its exact shape at its sender's veth, and dropping the node's and neighbours'
+/// chatter at every pod would only fill the drop counters), and unicast ND addressed to the pod
+/// itself (a solicitation only about its own address). Unicast ND to any other address is not
+/// delivered: it would be a channel between pods.
 #[inline(always)]
 fn to_pod(
     ctx: &TcContext,
@@ -176,18 +178,24 @@ fn to_pod(
     ifindex: u32,
     ep: &EndpointInfo,
 ) -> Result<bool, Malformed> {
-    let for_pod =
-        is_link_scope_multicast(&pkt.dst) || is_link_local(&pkt.dst) || owned_by(&pkt.dst, ifindex);
+    let flooded = is_link_scope_multicast(&pkt.dst);
+    let to_me = own_link_local(&pkt.dst, ep) || owned_by(&pkt.dst, ifindex);
     match pkt.icmp_type {
         icmp6::NEIGHBOUR_SOLICIT => {
-            if pkt.hop_limit != 255 || !for_pod || pkt.l4_off + 24 > pkt.l3_end {
+            if pkt.hop_limit != 255 || !(flooded || to_me) {
+                return Ok(false);
+            }
+            if flooded {
+                return Ok(true);
+            }
+            if pkt.l4_off + 24 > pkt.l3_end {
                 return Ok(false);
             }
             let mut target = [0u8; 16];
             parse::load_into(ctx, pkt.l4_off + 8, &mut target)?;
             Ok(own_link_local(&target, ep) || owned_by(&target, ifindex))
         }
-        icmp6::NEIGHBOUR_ADVERT => Ok(pkt.hop_limit == 255 && for_pod),
+        icmp6::NEIGHBOUR_ADVERT => Ok(pkt.hop_limit == 255 && (flooded || to_me)),
         icmp6::ROUTER_SOLICIT => Ok(pkt.hop_limit == 255 && same(&pkt.dst, &ALL_ROUTERS)),
         // MLD queries, reports and dones.
         _ => Ok(pkt.hop_limit == 1 && is_multicast(&pkt.dst)),

@@ -1478,14 +1478,26 @@ fn neighbour_discovery_cannot_impersonate_or_carry_data() {
     // A frame from another MAC is dropped whatever it carries.
     let other = Packet::tcp(a(), b(), 40000, 80).src_mac(OTHER_MAC);
     env.expect(Egress, &other.build(), Reason::DroppedSpoofedLink);
-    // Delivered to the pod: forwarded ND or MLD, and solicitations about someone else.
+    // Delivered to the pod: forwarded ND or MLD, unicast ND to another address (handed over by MAC:
+    // a channel between pods), a unicast solicitation about someone else.
     let to_pod = |p: Packet| env.expect(Ingress, &p.build(), Reason::DroppedSpoofedLink);
     to_pod(nd(b6(), a6(), 136, b6(), None).hop_limit(64));
     to_pod(nd(b6(), outside, 135, outside, None));
-    to_pod(nd(b6(), sn(b6()), 135, b6(), None));
-    to_pod(nd(other_ll, sn(gateway), 135, gateway, None));
+    to_pod(nd(b6(), other_ll, 136, b6(), None));
+    to_pod(nd(
+        b6(),
+        "fe80::dead:beef".parse().unwrap(),
+        135,
+        "fe80::dead:beef".parse().unwrap(),
+        None,
+    ));
+    to_pod(nd(b6(), a6(), 135, b6(), None));
     to_pod(mld2_report(other_ll, &[group], 0).hop_limit(2));
     to_pod(icmpv6(other_ll, "ff02::2".parse().unwrap(), 133).hop_limit(64));
+    // The link's flooded chatter about others passes (the pod's stack ignores it).
+    let chatter = |p: Packet| env.expect(Ingress, &p.build(), Reason::AllowedNotPoliced);
+    chatter(nd(b6(), sn(b6()), 135, b6(), None));
+    chatter(nd(other_ll, sn(gateway), 135, gateway, None));
 }
 
 #[test]

@@ -868,6 +868,17 @@ fn status_reports_endpoints_maps_and_counters() {
     );
     assert_eq!(after.generation, before.generation);
     assert!(counter(&after, "policy") + counter(&after, "not-isolated") > 0);
+    // Well-behaved pods (their ARP, neighbour discovery, MLD, IPv4 and IPv6 traffic) never trip the
+    // hostile-pod checks: those counters only ever count attacks.
+    for reason in [
+        "spoofed-link",
+        "spoofed-source",
+        "not-for-pod",
+        "ethertype",
+        "malformed",
+    ] {
+        assert_eq!(counter(&after, reason), 0, "{reason} on a quiet node");
+    }
 
     let out = node_cli(&c, 0, &["status"]);
     assert!(out.status.success(), "{}", text(&out.stderr));

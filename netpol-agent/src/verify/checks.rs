@@ -286,17 +286,27 @@ pub fn attachments(a: &AgentEvidence, d: &DatapathEvidence) -> Check {
                     link.prog_id
                 ));
             }
-            let others: Vec<String> = attached
+            let name_of = |id: &u32| match d.programs.get(id) {
+                Some(p) => format!("{id} ({})", p.name),
+                None => id.to_string(),
+            };
+            // TCX runs programs in order: one before ours can pass packets past the policy.
+            let ours = attached.iter().position(|id| *id == link.prog_id);
+            let before: Vec<String> = attached[..ours.unwrap_or(0)].iter().map(name_of).collect();
+            if !before.is_empty() {
+                fail(format!(
+                    "{program}: programs run before the agent's on this hook: {} (a packet they pass with TC_ACT_OK never reaches the policy)",
+                    before.join(", ")
+                ));
+            }
+            let others: Vec<String> = attached[ours.map_or(0, |i| i + 1)..]
                 .iter()
                 .filter(|id| **id != link.prog_id)
-                .map(|id| match d.programs.get(id) {
-                    Some(p) => format!("{id} ({})", p.name),
-                    None => id.to_string(),
-                })
+                .map(name_of)
                 .collect();
             if !others.is_empty() {
                 warnings.push(format!(
-                    "{who}: {program}: other programs on the same hook: {} (they also decide on these packets)",
+                    "{who}: {program}: other programs after the agent's on the same hook: {} (they also decide on the packets it allows)",
                     others.join(", ")
                 ));
             }

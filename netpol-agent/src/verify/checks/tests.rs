@@ -293,12 +293,26 @@ fn attachments_program_with_other_maps_fails() {
 }
 
 #[test]
-fn attachments_other_program_on_the_hook_warns() {
+fn attachments_other_program_after_ours_warns() {
     let mut d = datapath_ok();
-    d.endpoints[0].hooks[1].tcx = Ok(vec![77, INGRESS_PROG]);
+    d.endpoints[0].hooks[1].tcx = Ok(vec![INGRESS_PROG, 77]);
     let c = attachments(&agent_ok(), &d);
     assert_eq!(c.outcome, Outcome::Warn, "{c:#?}");
     assert!(c.details[0].contains("77"));
+}
+
+#[test]
+fn attachments_program_before_ours_fails() {
+    let mut d = datapath_ok();
+    d.endpoints[0].hooks[1].tcx = Ok(vec![77, INGRESS_PROG]);
+    let c = attachments(&agent_ok(), &d);
+    assert_eq!(c.outcome, Outcome::Fail, "{c:#?}");
+    assert!(
+        c.details
+            .iter()
+            .any(|d| d.contains("run before the agent's") && d.contains("77")),
+        "{c:#?}"
+    );
 }
 
 #[test]
