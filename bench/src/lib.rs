@@ -434,7 +434,9 @@ impl Report {
                 if !(t.baseline_gbps > 0.0
                     && t.agent_gbps > 0.0
                     && t.baseline_conn_per_s > 0.0
-                    && t.agent_conn_per_s > 0.0) =>
+                    && t.agent_conn_per_s > 0.0
+                    && t.run_time_ns.len() == 2
+                    && t.run_time_ns.iter().all(|(_, ns)| *ns > 0.0)) =>
             {
                 m.push(format!("traffic numbers missing: {t:?}"))
             }
@@ -571,6 +573,13 @@ impl Report {
                 t.agent_conn_per_s,
                 t.conn_rate_ratio * 100.0
             );
+            for (program, ns) in &t.run_time_ns {
+                let _ = writeln!(
+                    o,
+                    "{program} on that traffic (kernel.bpf_stats_enabled): {ns:.0} ns per packet"
+                );
+            }
+            let _ = writeln!(o);
         }
         if let Some(c) = &self.control_plane {
             if let Some(s) = c.spec {

@@ -9,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
+use netpol_common::program_names;
 use netpol_tests::cluster::{Cluster, Family};
 use serde::{Deserialize, Serialize};
 
@@ -29,7 +30,50 @@ pub struct Part {
     pub baseline_conn_per_s: f64,
     pub agent_conn_per_s: f64,
     pub conn_rate_ratio: f64,
+    /// Mean run time of each classifier on the real traffic of the "with agent" runs, in ns per
+    /// packet, from `kernel.bpf_stats_enabled` (`run_time_ns / run_cnt` of every loaded program of
+    /// that name: both agents' copies).
+    pub run_time_ns: Vec<(String, f64)>,
     pub method: String,
+}
+
+/// `kernel.bpf_stats_enabled`: the kernel counts each program's runs and run time while it is 1.
+const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+/// (run time ns, runs) summed over the loaded programs named `name`.
+fn run_stats(name: &str) -> (u128, u64) {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter(|p| p.name_as_str() == Some(name))
+        .fold((0, 0), |(t, n), p| {
+            (t + p.run_time().as_nanos(), n + p.run_count())
+        })
+}
+
+/// Runs `f` with the kernel's BPF run-time statistics on; returns its result and the mean ns per
+/// run of each of `programs` during it.
+fn with_bpf_stats<T>(
+    programs: &[&str],
+    f: impl FnOnce() -> anyhow::Result<T>,
+) -> anyhow::Result<(T, Vec<(String, f64)>)> {
+    let was = std::fs::read_to_string(BPF_STATS).context("reading kernel.bpf_stats_enabled")?;
+    std::fs::write(BPF_STATS, "1").context("enabling kernel.bpf_stats_enabled")?;
+    let before: Vec<(u128, u64)> = programs.iter().map(|p| run_stats(p)).collect();
+    let out = f();
+    let after: Vec<(u128, u64)> = programs.iter().map(|p| run_stats(p)).collect();
+    let _ = std::fs::write(BPF_STATS, was.trim());
+    let per_run = programs
+        .iter()
+        .zip(before.iter().zip(&after))
+        .map(|(name, ((t0, n0), (t1, n1)))| {
+            let runs = n1.saturating_sub(*n0).max(1);
+            (
+                name.to_string(),
+                t1.saturating_sub(*t0) as f64 / runs as f64,
+            )
+        })
+        .collect();
+    Ok((out?, per_run))
 }
 
 const IPERF_PORT: u16 = 5201;
@@ -168,7 +212,9 @@ pub fn run(s: &Settings) -> anyhow::Result<Part> {
         std::thread::sleep(Duration::from_millis(200));
     }
     eprintln!("bench: pod traffic with agent");
-    let (agent_gbps, agent_cps) = measure(s, &a.netns, &server_ip)?;
+    let programs = [program_names::POD_EGRESS, program_names::POD_INGRESS];
+    let ((agent_gbps, agent_cps), run_time_ns) =
+        with_bpf_stats(&programs, || measure(s, &a.netns, &server_ip))?;
     cluster.check_agents()?;
     drop(cluster);
     Ok(Part {
@@ -178,6 +224,7 @@ pub fn run(s: &Settings) -> anyhow::Result<Part> {
         baseline_conn_per_s: base_cps,
         agent_conn_per_s: agent_cps,
         conn_rate_ratio: agent_cps / base_cps,
+        run_time_ns,
         method: format!(
             "simulated cluster, x/a -> x/c on the same node (veth - cni0 bridge - veth); iperf3 -t {} \
              (one TCP stream, IPv4) and a {} s connect/read/close loop against x/c's probe server on \
