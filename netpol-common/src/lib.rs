@@ -33,7 +33,8 @@ pub mod map_names {
     pub const DROPS: &str = "NP_DROPS_V1";
     /// `RingBuf` of [`super::DropEvent`]s, rate-limited per CPU.
     pub const EVENTS: &str = "NP_EVENTS_V1";
-    /// `PerCpuArray<TokenBucket>` of length 1: the drop-event rate limiter of each CPU.
+    /// `LruPerCpuHashMap<u32 endpoint, TokenBucket>`: the drop-event rate limiter of each endpoint
+    /// on each CPU, so one pod's flood of drops cannot use up the events of the others.
     pub const EVENT_BUDGET: &str = "NP_EVBUDGET_V1";
     /// `PerCpuArray<u64>` of length [`super::LOST_SLOTS`] indexed by [`super::lost`]: what could
     /// not be recorded (events rate-limited or not fitting the ring, full drop counters).

@@ -27,7 +27,7 @@ use netpol_common::{
     CONFIG_EVENT_RATE, CONFIG_GENERATION, CtKey, CtTimeouts, CtValue, DEFAULT_EVENT_RATE,
     Direction, DropEvent, DropKey, DropValue, EndpointInfo, FlowKey, FlowValue, FragKey, FragValue,
     IpKey, POLICY_PREFIX_ANY_PROTOCOL, POLICY_PREFIX_FULL, PolicyKey, PolicyMatch, Reason, SvcKey,
-    ct_flags, endpoint_flags, identity, lost, proto, service, verdict_slot,
+    TokenBucket, ct_flags, endpoint_flags, identity, lost, proto, service, verdict_slot,
 };
 
 use crate::{
@@ -341,11 +341,18 @@ fn count_drop(key: &FlowKey, reason: u8, len: u32) {
     }
 }
 
-/// Takes a token from this CPU's bucket: at most `rate` events per second and CPU, with a burst of
-/// one second's worth.
+/// Takes a token from the bucket of `endpoint` on this CPU: at most `rate` events per second,
+/// endpoint and CPU, with a burst of one second's worth. A bucket starts full.
 #[inline(always)]
-fn take_token(now: u64) -> bool {
-    let Some(bucket) = EVENT_BUDGET.get_ptr_mut(0) else {
+fn take_token(endpoint: u32, now: u64) -> bool {
+    let mut bucket = EVENT_BUDGET.get_ptr_mut(&endpoint);
+    if bucket.is_none() {
+        // A new bucket, empty and never refilled: the first refill fills it (elapsed is capped
+        // at a second). NOEXIST: a concurrent creation on another CPU keeps its own state.
+        let _ = EVENT_BUDGET.insert(&endpoint, &TokenBucket::default(), BPF_NOEXIST as u64);
+        bucket = EVENT_BUDGET.get_ptr_mut(&endpoint);
+    }
+    let Some(bucket) = bucket else {
         return false;
     };
     let rate = match CONFIG.get(CONFIG_EVENT_RATE).copied().unwrap_or(0) {
@@ -374,7 +381,7 @@ fn take_token(now: u64) -> bool {
 
 #[inline(always)]
 fn send_event(key: &FlowKey, reason: u8, len: u32, now: u64) {
-    if !take_token(now) {
+    if !take_token(key.endpoint, now) {
         count(&LOST, lost::RATE_LIMITED);
         return;
     }

@@ -59,9 +59,11 @@ pub static DROPS: PerCpuHashMap<DropKey, DropValue> = PerCpuHashMap::pinned(capa
 #[map(name = "NP_EVENTS_V1")]
 pub static EVENTS: RingBuf = RingBuf::pinned(capacity::EVENTS_BYTES, 0);
 
-/// Per-CPU token bucket limiting drop events.
+/// Per-endpoint, per-CPU token buckets limiting drop events (LRU: the buckets of endpoints that
+/// are gone make room).
 #[map(name = "NP_EVBUDGET_V1")]
-pub static EVENT_BUDGET: PerCpuArray<TokenBucket> = PerCpuArray::pinned(1, 0);
+pub static EVENT_BUDGET: LruPerCpuHashMap<u32, TokenBucket> =
+    LruPerCpuHashMap::pinned(capacity::ENDPOINTS, 0);
 
 /// What could not be recorded, per CPU; see `netpol_common::lost`.
 #[map(name = "NP_LOST_V1")]

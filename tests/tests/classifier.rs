@@ -1845,6 +1845,29 @@ fn event_rate_limit_counts_what_it_does_not_send() {
             .packets,
         SENT
     );
+    // The budget is per endpoint: the flood above used up endpoint 1's, another pod's drops are
+    // still reported. (Endpoint 2's drop comes through `tunnel_egress`, which charges the client.)
+    let pod_d: IpAddr = Ipv4Addr::new(10, 42, 0, 6).into();
+    env.endpoint(2, endpoint_flags::ISOLATED_EGRESS);
+    env.ip(pod_d, ID_A, 2);
+    let lost_before = env.lost()[lost::RATE_LIMITED as usize];
+    env.expect(Ingress, &frame, Reason::DroppedIngressDenied);
+    assert_eq!(
+        env.lost()[lost::RATE_LIMITED as usize],
+        lost_before + 1,
+        "endpoint 1 is still out of budget"
+    );
+    let deferred = Packet::tcp(pod_d, b(), 40000, 80).build();
+    let mark = Some(netpol_common::service::DEFER_MARK);
+    let (_, reason) = env
+        .try_run_program(program_names::TUNNEL_EGRESS, &deferred, mark)
+        .unwrap();
+    assert_eq!(reason, Reason::DroppedEgressDenied);
+    let events = env.events();
+    assert!(
+        events.iter().any(|e| e.key.endpoint == 2),
+        "endpoint 2's drop was reported: {events:?}"
+    );
 }
 
 /// An ICMP error is a reply only when it fits the flow it quotes: the quoted packet's sender gets
