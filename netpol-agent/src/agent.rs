@@ -31,6 +31,8 @@ use crate::{
 const RESCAN_INTERVAL: Duration = Duration::from_millis(250);
 /// How often expired conntrack entries are collected (the datapath already ignores them).
 const CT_GC_INTERVAL: Duration = Duration::from_secs(30);
+/// How often the order of the programs on the agent's TCX hooks is checked.
+const TCX_ORDER_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Settings of `netpol-agent run`.
 #[derive(Clone, Debug)]
@@ -137,6 +139,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             _ = tick.tick() => {
                 sync.reconcile();
                 sync.collect_conntrack();
+                sync.check_tcx_order();
                 heartbeat.beat();
             }
             changed = snapshots.changed() => {
@@ -185,6 +188,10 @@ struct Sync {
     unprogrammed_since: Option<Instant>,
     /// When expired conntrack entries were last collected.
     last_ct_gc: Instant,
+    /// When the TCX order was last checked.
+    last_tcx_check: Instant,
+    /// Programs that run before the agent's on the hooks it attached to, as problems.
+    tcx_order_problems: Vec<String>,
 }
 
 impl Sync {
@@ -209,6 +216,38 @@ impl Sync {
             observer: None,
             unprogrammed_since: None,
             last_ct_gc: Instant::now(),
+            last_tcx_check: Instant::now(),
+            tcx_order_problems: Vec::new(),
+        }
+    }
+
+    /// Every [`TCX_ORDER_INTERVAL`], finds programs that run before the agent's on its veths
+    /// (attached after it with "first", say): they could pass packets past the policy. A change is
+    /// reported through the next reconcile.
+    fn check_tcx_order(&mut self) {
+        if self.last_tcx_check.elapsed() < TCX_ORDER_INTERVAL {
+            return;
+        }
+        self.last_tcx_check = Instant::now();
+        let mut problems = Vec::new();
+        for (ifindex, ifname) in &self.attached {
+            for hook in Hook::ALL {
+                match self.datapath.programs_before(ifname, hook) {
+                    Ok(before) if before.is_empty() => {}
+                    Ok(before) => problems.push(format!(
+                        "{ifname} (ifindex {ifindex}): programs {before:?} run before {} on its TCX hook and could pass packets past the policy",
+                        hook.program()
+                    )),
+                    Err(e) => problems.push(format!(
+                        "{ifname} (ifindex {ifindex}): querying the TCX hook of {}: {e}",
+                        hook.program()
+                    )),
+                }
+            }
+        }
+        if problems != self.tcx_order_problems {
+            self.tcx_order_problems = problems;
+            self.state_changed = true;
         }
     }
 
@@ -272,6 +311,7 @@ impl Sync {
             links: &links,
         });
         let mut errors: Vec<String> = self.source_problem.iter().cloned().collect();
+        errors.extend(self.tcx_order_problems.iter().cloned());
         errors.extend(state.errors.iter().map(|e| e.to_string()));
         errors.extend(compiled.errors.iter().map(|e| e.to_string()));
 

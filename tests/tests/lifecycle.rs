@@ -1185,3 +1185,90 @@ fn a_pod_cannot_poison_the_nodes_neighbour_entries() {
     );
     reach_from_node(&c, &victim_id);
 }
+
+// ------------------------------------------------------------------------------------------------
+// Another TCX program put before the agent's on a pod veth is reported (status problems), and the
+// report goes away with it.
+// ------------------------------------------------------------------------------------------------
+
+#[test]
+fn a_program_attached_before_the_agents_is_reported() {
+    use aya::programs::{LinkOrder, SchedClassifier, TcAttachType, tc::TcAttachOptions};
+
+    let Some(mut c) = cluster("a_program_attached_before_the_agents_is_reported") else {
+        return;
+    };
+    start(&mut c);
+    wait_synced(&c, 0);
+    let pod = c.pods.iter().find(|p| p.node == 0).unwrap().clone();
+    let node = c.nodes[0].name.clone();
+    let pins = c.tmp_dir.join("foreign-bpffs");
+    std::fs::create_dir_all(&pins).unwrap();
+    /// Unmounts the scratch bpffs when the test ends, also when it fails.
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let mounted = Command::new("mount")
+        .args(["-t", "bpf", "bpf"])
+        .arg(&pins)
+        .status()
+        .unwrap();
+    assert!(mounted.success());
+    let _unmount = Unmount(pins.clone());
+    // A copy of the agent's own egress program, loaded on scratch maps and attached first, in the
+    // node's namespace, by a thread that keeps the link until told to drop it.
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+    let pins_in = pins.clone();
+    let veth = pod.host_veth.clone();
+    let holder = std::thread::spawn(move || {
+        let ns = std::fs::File::open(format!("/var/run/netns/{node}")).unwrap();
+        // SAFETY: setns on this thread only, with a valid namespace fd.
+        assert_eq!(
+            unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) },
+            0
+        );
+        let attach = || -> Result<_, String> {
+            let mut ebpf = aya::EbpfLoader::new()
+                .default_map_pin_directory(&pins_in)
+                .load(netpol_agent::datapath::EBPF_OBJECT)
+                .map_err(|e| e.to_string())?;
+            let prog: &mut SchedClassifier =
+                ebpf.program_mut("pod_egress").unwrap().try_into().unwrap();
+            prog.load().map_err(|e| e.to_string())?;
+            let order = TcAttachOptions::TcxOrder(LinkOrder::first());
+            prog.attach_with_options(&veth, TcAttachType::Ingress, order)
+                .map_err(|e| e.to_string())?;
+            Ok(ebpf)
+        };
+        match attach() {
+            Ok(ebpf) => {
+                ready_tx.send(Ok(())).unwrap();
+                let _ = rx.recv();
+                drop(ebpf);
+            }
+            Err(e) => ready_tx.send(Err(e)).unwrap(),
+        }
+    });
+    ready_rx
+        .recv()
+        .unwrap()
+        .expect("attaching the foreign program");
+    let reported = |c: &Cluster| -> Result<bool, String> {
+        Ok(status(c, 0)?
+            .errors
+            .iter()
+            .any(|e| e.contains(&pod.host_veth) && e.contains("run before pod_egress")))
+    };
+    wait_until("the foreign program to be reported", CONVERGE, || {
+        Ok(reported(&c)?.then_some(()))
+    });
+    tx.send(()).unwrap();
+    holder.join().unwrap();
+    wait_until("the report to clear", CONVERGE, || {
+        Ok((!reported(&c)?).then_some(()))
+    });
+}

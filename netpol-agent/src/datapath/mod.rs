@@ -328,6 +328,21 @@ impl Datapath {
         Ok(stale.len())
     }
 
+    /// The ids of the programs that TCX runs before this agent's at `hook` of `ifname` (empty when
+    /// ours is first; ours missing altogether counts every program as before it).
+    pub fn programs_before(&mut self, ifname: &str, hook: Hook) -> Result<Vec<u32>, ProgramError> {
+        let ours = program_mut(&mut self.ebpf, hook.program())
+            .ok()
+            .and_then(|p| p.info().ok())
+            .map(|i| i.id());
+        let (_, attached) = SchedClassifier::query_tcx(ifname, hook.tc_attach_type())?;
+        Ok(attached
+            .iter()
+            .map(|p| p.id())
+            .take_while(|id| Some(*id) != ours)
+            .collect())
+    }
+
     /// The policy generation the datapath checks conntrack entries against.
     pub fn generation(&self) -> u32 {
         self.config.get(&CONFIG_GENERATION, 0).unwrap_or(0)
