@@ -47,6 +47,8 @@ pub struct AgentConfig {
     pub metrics_addr: Option<SocketAddr>,
     /// How long the datapath keeps idle flows, by state.
     pub ct_timeouts: netpol_common::CtTimeouts,
+    /// Most conntrack entries one endpoint may hold.
+    pub ct_quota: u32,
 }
 
 /// Takes an exclusive `flock` on a directory, so two agents can never share a pin or state directory.
@@ -90,8 +92,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let _pin_lock = lock_dir(cfg.layout.root(), "pin directory")?;
     let mut datapath = Datapath::open(cfg.layout.clone()).context("loading the datapath")?;
     datapath
-        .set_ct_timeouts(&cfg.ct_timeouts)
-        .context("setting the conntrack timeouts")?;
+        .set_conntrack(&cfg.ct_timeouts, cfg.ct_quota)
+        .context("setting the conntrack timeouts and quota")?;
     let discovery = Discovery::new().context("opening rtnetlink")?;
 
     let socket = control::socket_path(&cfg.state_dir);

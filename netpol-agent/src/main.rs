@@ -53,6 +53,10 @@ struct CtTimeoutArgs {
     /// UDP, SCTP, ICMP and other flows.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     ct_timeout_other: Duration,
+    /// Most tracked flows one pod may hold (a quarter of the table by default): past it, only that
+    /// pod's new flows go untracked, nobody else's are evicted for them.
+    #[arg(long, default_value_t = netpol_common::DEFAULT_CT_QUOTA, value_parser = clap::value_parser!(u32).range(1..))]
+    ct_quota_per_endpoint: u32,
 }
 
 impl CtTimeoutArgs {
@@ -356,6 +360,7 @@ fn main() -> anyhow::Result<()> {
                     state_dir: dirs.state_dir,
                     metrics_addr,
                     ct_timeouts: ct.timeouts()?,
+                    ct_quota: ct.ct_quota_per_endpoint,
                 })
                 .await
             }

@@ -149,7 +149,20 @@ fn expired_conntrack_entries_are_collected() {
     };
     ct.insert(flow(1), seen(120), 0).unwrap();
     ct.insert(flow(2), seen(5), 0).unwrap();
+    // The datapath's per-endpoint counts drift (lost racing increments, LRU evictions it never
+    // sees); collection recounts them exactly.
+    let pinned = MapData::from_pin(layout.maps_dir().join(map_names::CT_COUNT)).expect("pin");
+    let mut counts: HashMap<_, u32, u64> =
+        HashMap::try_from(Map::HashMap(pinned)).expect("count map");
+    counts.insert(7, 40, 0).unwrap();
+    counts.insert(9, 3, 0).unwrap();
     assert_eq!(dp.expire_conntrack(&CtTimeouts::DEFAULT).unwrap(), 1);
     let left: Vec<u16> = ct.keys().map(|k| k.unwrap().src_port).collect();
     assert_eq!(left, [2], "only the quiet flow goes");
+    let now: Vec<(u32, u64)> = counts.iter().map(Result::unwrap).collect();
+    assert_eq!(
+        now,
+        [(7, 1)],
+        "exact counts, endpoints without entries forgotten"
+    );
 }

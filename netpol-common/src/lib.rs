@@ -45,6 +45,9 @@ pub mod map_names {
     /// `LruHashMap<FragKey, FragValue>`: fragmented datagrams whose first fragment was allowed, so
     /// their later fragments (which carry no ports) pass with it.
     pub const FRAGS: &str = "NP_FRAGS_V1";
+    /// `HashMap<u32 endpoint, u64>`: how many conntrack entries each endpoint holds, against its
+    /// quota ([`super::CONFIG_CT_QUOTA`]); recounted exactly by the agent's collection.
+    pub const CT_COUNT: &str = "NP_CTCOUNT_V1";
 
     /// The kernel keeps 15 bytes of an object name (`BPF_OBJ_NAME_LEN` is 16 with the NUL): a longer
     /// name would show truncated in `bpftool` while its pin keeps the full one.
@@ -66,6 +69,7 @@ pub mod map_names {
             && fits(LOST)
             && fits(VERDICTS)
             && fits(FRAGS)
+            && fits(CT_COUNT)
             && fits(super::service::MAP_NAME)
     );
 }
@@ -111,6 +115,11 @@ pub const DEFAULT_EVENT_RATE: u32 = 1_000;
 /// Index of the first conntrack timeout in the CONFIG map, in seconds, in the order of
 /// [`CtTimeouts`]'s fields; 0 means the default ([`CtTimeouts::DEFAULT`]).
 pub const CONFIG_CT_TIMEOUTS: u32 = 2;
+/// Index of the conntrack quota in the CONFIG map: the most entries one endpoint may hold, so one
+/// pod's flood of new flows cannot evict everyone else's; 0 means [`DEFAULT_CT_QUOTA`].
+pub const CONFIG_CT_QUOTA: u32 = 6;
+/// Entries per endpoint when [`CONFIG_CT_QUOTA`] is 0: a quarter of the table.
+pub const DEFAULT_CT_QUOTA: u32 = capacity::CONNTRACK / 4;
 /// Length of the CONFIG array.
 pub const CONFIG_LEN: u32 = 8;
 

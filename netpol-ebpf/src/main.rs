@@ -24,16 +24,17 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use netpol_common::{
-    CONFIG_EVENT_RATE, CONFIG_GENERATION, CtKey, CtTimeouts, CtValue, DEFAULT_EVENT_RATE,
-    Direction, DropEvent, DropKey, DropValue, EndpointInfo, FlowKey, FlowValue, FragKey, FragValue,
-    IpKey, POLICY_PREFIX_ANY_PROTOCOL, POLICY_PREFIX_FULL, PolicyKey, PolicyMatch, Reason, SvcKey,
-    TokenBucket, ct_flags, endpoint_flags, identity, lost, proto, service, verdict_slot,
+    CONFIG_CT_QUOTA, CONFIG_EVENT_RATE, CONFIG_GENERATION, CtKey, CtTimeouts, CtValue,
+    DEFAULT_CT_QUOTA, DEFAULT_EVENT_RATE, Direction, DropEvent, DropKey, DropValue, EndpointInfo,
+    FlowKey, FlowValue, FragKey, FragValue, IpKey, POLICY_PREFIX_ANY_PROTOCOL, POLICY_PREFIX_FULL,
+    PolicyKey, PolicyMatch, Reason, SvcKey, TokenBucket, ct_flags, endpoint_flags, identity, lost,
+    proto, service, verdict_slot,
 };
 
 use crate::{
     maps::{
-        CIDRS, CONFIG, CONNTRACK, COUNTERS, DROPS, ENDPOINTS, EVENT_BUDGET, EVENTS, FLOWS, FRAGS,
-        IPCACHE, LOST, POLICY, SERVICES, VERDICTS,
+        CIDRS, CONFIG, CONNTRACK, COUNTERS, CT_COUNT, DROPS, ENDPOINTS, EVENT_BUDGET, EVENTS,
+        FLOWS, FRAGS, IPCACHE, LOST, POLICY, SERVICES, VERDICTS,
     },
     parse::{Malformed, Packet, Parsed, same},
 };
@@ -470,7 +471,7 @@ fn decide_ip(
     }
 
     let decision = through_service(ctx, pkt, ifindex, dir, decide(pkt, ifindex, ep_flags, dir));
-    if !is_drop(decision) && pkt.first_frag && starts_flow(pkt, ep_flags) {
+    if !is_drop(decision) && pkt.first_frag && starts_flow(pkt, ep_flags) && take_ct_slot(ifindex) {
         let closing = if pkt.tcp_flags & parse::tcp::FIN != 0 {
             ct_flags::CLOSING
         } else {
@@ -483,7 +484,9 @@ fn decide_ip(
             last_seen_ns: unsafe { bpf_ktime_get_ns() },
         };
         // A full table only costs the reply its fast path; the LRU evicts the oldest flow anyway.
-        let _ = CONNTRACK.insert(&key, &value, BPF_ANY as u64);
+        if CONNTRACK.insert(&key, &value, BPF_ANY as u64).is_err() {
+            release_ct_slot(ifindex);
+        }
     }
     Ok(decision)
 }
@@ -651,10 +654,58 @@ fn live_entry(key: &CtKey, now: u64) -> Option<*mut CtValue> {
         t => t,
     };
     if now.saturating_sub(last_seen) > timeout as u64 * NS_PER_SEC {
-        let _ = CONNTRACK.remove(key);
+        if CONNTRACK.remove(key).is_ok() {
+            release_ct_slot(key.endpoint);
+        }
         return None;
     }
     Some(entry)
+}
+
+/// Counts one more conntrack entry for `endpoint` if it is under its quota ([`CONFIG_CT_QUOTA`]);
+/// false (the flow stays untracked) when it is at it, or when it cannot be counted. Over quota, only
+/// that pod's new flows lose their conntrack entries: nobody else's are evicted for them.
+#[inline(never)]
+fn take_ct_slot(endpoint: u32) -> bool {
+    let quota = match CONFIG.get(CONFIG_CT_QUOTA).copied().unwrap_or(0) {
+        0 => DEFAULT_CT_QUOTA,
+        q => q,
+    } as u64;
+    let mut count = CT_COUNT.get_ptr_mut(&endpoint);
+    if count.is_none() {
+        let _ = CT_COUNT.insert(&endpoint, &0, BPF_NOEXIST as u64);
+        count = CT_COUNT.get_ptr_mut(&endpoint);
+    }
+    let Some(count) = count else {
+        return false;
+    };
+    // BPF has no atomic read-modify-write that the Rust target offers here: concurrent new flows of
+    // one endpoint on several CPUs may lose an increment, so the count is approximate between the
+    // agent's exact recounts (every 30 s); the quota is a bounded share, not an exact limit.
+    // SAFETY: a map value, valid for the duration of the program.
+    unsafe {
+        let n = core::ptr::read_volatile(count);
+        if n >= quota {
+            return false;
+        }
+        core::ptr::write_volatile(count, n + 1);
+    }
+    true
+}
+
+/// Uncounts a conntrack entry of `endpoint` (never below zero; approximate as in
+/// [`take_ct_slot`]).
+#[inline(never)]
+fn release_ct_slot(endpoint: u32) {
+    if let Some(count) = CT_COUNT.get_ptr_mut(&endpoint) {
+        // SAFETY: a map value, valid for the duration of the program.
+        unsafe {
+            let n = core::ptr::read_volatile(count);
+            if n > 0 {
+                core::ptr::write_volatile(count, n - 1);
+            }
+        }
+    }
 }
 
 /// Follows a packet of the flow: the last-seen time, a reply making it established, a TCP FIN or
@@ -682,7 +733,9 @@ fn follow_state(entry: *mut CtValue, pkt: &Packet, reply: bool, now: u64) {
 #[inline(always)]
 fn revalidated(key: &CtKey, entry: *mut CtValue, decision: u64, generation: u32) -> u64 {
     if is_drop(decision) {
-        let _ = CONNTRACK.remove(key);
+        if CONNTRACK.remove(key).is_ok() {
+            release_ct_slot(key.endpoint);
+        }
     } else {
         // SAFETY: map values stay valid for the duration of the program.
         unsafe {

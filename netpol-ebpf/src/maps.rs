@@ -78,6 +78,10 @@ pub static VERDICTS: PerCpuArray<u64> = PerCpuArray::pinned(VERDICT_SLOTS, 0);
 pub static SERVICES: HashMap<netpol_common::SvcKey, netpol_common::SvcValue> =
     HashMap::pinned(netpol_common::service::CAPACITY, 0);
 
+/// Conntrack entries per endpoint, against the quota.
+#[map(name = "NP_CTCOUNT_V1")]
+pub static CT_COUNT: HashMap<u32, u64> = HashMap::pinned(capacity::ENDPOINTS, 0);
+
 /// Fragmented datagrams whose first fragment was allowed.
 #[map(name = "NP_FRAGS_V1")]
 pub static FRAGS: LruHashMap<FragKey, FragValue> = LruHashMap::pinned(capacity::FRAGS, 0);
@@ -111,4 +115,5 @@ const _: () = assert!(str_eq("NP_EVBUDGET_V1", map_names::EVENT_BUDGET));
 const _: () = assert!(str_eq("NP_LOST_V1", map_names::LOST));
 const _: () = assert!(str_eq("NP_VERDICTS_V1", map_names::VERDICTS));
 const _: () = assert!(str_eq("NP_FRAGS_V1", map_names::FRAGS));
+const _: () = assert!(str_eq("NP_CTCOUNT_V1", map_names::CT_COUNT));
 const _: () = assert!(str_eq("NP_SERVICES_V1", netpol_common::service::MAP_NAME));

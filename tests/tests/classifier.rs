@@ -2127,3 +2127,51 @@ fn conntrack_follows_tcp_state_and_expires() {
     env.revoke(ID_B, Egress, proto::UDP, 53, POLICY_PREFIX_FULL);
     env.expect(Egress, &query, Reason::DroppedEgressDenied);
 }
+
+impl Env {
+    /// What NP_CTCOUNT_V1 holds for `endpoint`.
+    fn ct_count(&self, endpoint: u32) -> u64 {
+        let m: HashMap<_, u32, u64> =
+            HashMap::try_from(self.ebpf.map(map_names::CT_COUNT).unwrap()).unwrap();
+        m.get(&endpoint, 0).unwrap_or(0)
+    }
+}
+
+/// One pod's flows are counted against its quota: past it, its new flows still follow policy but
+/// go untracked, so they cannot evict other pods' entries; a flow that ends frees its slot.
+#[test]
+fn conntrack_quota_bounds_one_pods_share() {
+    let Some(mut env) = env!() else { return };
+    env.isolate(true, true);
+    env.allow(ID_B, Egress, proto::UDP, 0, POLICY_PREFIX_ANY_PORT);
+    env.set_config(netpol_common::CONFIG_CT_QUOTA, 2);
+    for sport in [1000, 1001, 1002] {
+        let p = Packet::udp(a(), b(), sport, 53).build();
+        env.expect(Egress, &p, Reason::AllowedPolicy);
+    }
+    assert_eq!(env.conntrack().len(), 2, "{:?}", env.conntrack());
+    assert_eq!(env.ct_count(EP), 2);
+    // The third flow is untracked: its packets are decided by policy each time.
+    env.expect(
+        Egress,
+        &Packet::udp(a(), b(), 1002, 53).build(),
+        Reason::AllowedPolicy,
+    );
+    // A revoked allow ends a tracked flow: its slot is free again.
+    env.revoke(ID_B, Egress, proto::UDP, 0, POLICY_PREFIX_ANY_PORT);
+    env.set_generation(1);
+    env.expect(
+        Egress,
+        &Packet::udp(a(), b(), 1000, 53).build(),
+        Reason::DroppedEgressDenied,
+    );
+    assert_eq!(env.ct_count(EP), 1);
+    env.allow(ID_B, Egress, proto::UDP, 0, POLICY_PREFIX_ANY_PORT);
+    env.expect(
+        Egress,
+        &Packet::udp(a(), b(), 1003, 53).build(),
+        Reason::AllowedPolicy,
+    );
+    assert_eq!(env.ct_count(EP), 2);
+    assert_eq!(env.conntrack().len(), 2);
+}

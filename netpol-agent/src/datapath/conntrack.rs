@@ -2,6 +2,8 @@
 //! entries that outlived them. The programs already ignore (and remove) an expired entry when a
 //! packet of its flow comes; collection frees the entries of flows that sent nothing since.
 
+use std::collections::BTreeMap;
+
 use netpol_common::{CtKey, CtTimeouts, CtValue};
 
 const NS_PER_SEC: u64 = 1_000_000_000;
@@ -11,6 +13,25 @@ const NS_PER_SEC: u64 = 1_000_000_000;
 pub fn expired(key: &CtKey, value: &CtValue, timeouts: &CtTimeouts, now_ns: u64) -> bool {
     let lifetime = timeouts.lifetime(key.protocol, value.flags) as u64 * NS_PER_SEC;
     now_ns.saturating_sub(value.last_seen_ns) > lifetime
+}
+
+/// Splits conntrack `entries` into the keys that expired at `now_ns` and the number of live entries
+/// per endpoint.
+pub fn sweep(
+    entries: impl Iterator<Item = (CtKey, CtValue)>,
+    timeouts: &CtTimeouts,
+    now_ns: u64,
+) -> (Vec<CtKey>, BTreeMap<u32, u64>) {
+    let mut stale = Vec::new();
+    let mut counts = BTreeMap::new();
+    for (key, value) in entries {
+        if expired(&key, &value, timeouts, now_ns) {
+            stale.push(key);
+        } else {
+            *counts.entry(key.endpoint).or_insert(0) += 1;
+        }
+    }
+    (stale, counts)
 }
 
 /// `CLOCK_MONOTONIC` now, in nanoseconds.
@@ -76,6 +97,21 @@ mod tests {
         let (k, v) = entry(proto::UDP, 0, 10);
         assert!(expired(&k, &v, &t, 16 * NS_PER_SEC));
         assert!(!expired(&k, &v, &t, 15 * NS_PER_SEC));
+    }
+
+    #[test]
+    fn a_sweep_counts_the_live_entries_of_each_endpoint() {
+        let now = 1_000 * NS_PER_SEC;
+        let at = |endpoint, last_seen_s| {
+            let (mut k, v) = entry(proto::UDP, 0, last_seen_s);
+            k.endpoint = endpoint;
+            k.src_port = last_seen_s as u16;
+            (k, v)
+        };
+        let entries = [at(7, 990), at(7, 995), at(7, 100), at(8, 999)];
+        let (stale, counts) = sweep(entries.into_iter(), &CtTimeouts::DEFAULT, now);
+        assert_eq!(stale.len(), 1);
+        assert_eq!(counts, BTreeMap::from([(7, 2), (8, 1)]));
     }
 
     #[test]

@@ -19,8 +19,9 @@ use aya::{
     },
 };
 use netpol_common::{
-    CONFIG_CT_TIMEOUTS, CONFIG_GENERATION, CtKey, CtTimeouts, CtValue, EndpointInfo, IpInfo, IpKey,
-    PolicyKey, PolicyValue, REASON_SLOTS, Reason, SvcKey, SvcValue, capacity, map_names, service,
+    CONFIG_CT_QUOTA, CONFIG_CT_TIMEOUTS, CONFIG_GENERATION, CtKey, CtTimeouts, CtValue,
+    EndpointInfo, IpInfo, IpKey, PolicyKey, PolicyValue, REASON_SLOTS, Reason, SvcKey, SvcValue,
+    capacity, map_names, service,
 };
 use thiserror::Error;
 
@@ -111,6 +112,7 @@ pub struct Datapath {
     config: Array<MapData, u32>,
     counters: PerCpuArray<MapData, u64>,
     conntrack: HashMap<MapData, CtKey, CtValue>,
+    ct_count: HashMap<MapData, u32, u64>,
     /// Mirror of what the four policy maps hold.
     current: Contents,
     /// The policy generation still has to be bumped: set at start-up (a previous agent may have
@@ -157,6 +159,7 @@ impl Datapath {
         let config = take_map(&mut ebpf, map_names::CONFIG)?;
         let counters = take_map(&mut ebpf, map_names::COUNTERS)?;
         let conntrack = take_map(&mut ebpf, map_names::CONNTRACK)?;
+        let ct_count = take_map(&mut ebpf, map_names::CT_COUNT)?;
         let mut datapath = Datapath {
             layout,
             ebpf,
@@ -168,6 +171,7 @@ impl Datapath {
             config,
             counters,
             conntrack,
+            ct_count,
             current: Contents::default(),
             bump_pending: true,
         };
@@ -302,28 +306,32 @@ impl Datapath {
         errors
     }
 
-    /// Sets how long the datapath keeps idle flows, by state.
-    pub fn set_ct_timeouts(&mut self, timeouts: &CtTimeouts) -> Result<(), MapError> {
+    /// Sets how long the datapath keeps idle flows, by state, and how many entries one endpoint may
+    /// hold (0: [`netpol_common::DEFAULT_CT_QUOTA`]).
+    pub fn set_conntrack(&mut self, timeouts: &CtTimeouts, quota: u32) -> Result<(), MapError> {
         for (i, seconds) in timeouts.slots().into_iter().enumerate() {
             self.config.set(CONFIG_CT_TIMEOUTS + i as u32, seconds, 0)?;
         }
-        Ok(())
+        self.config.set(CONFIG_CT_QUOTA, quota, 0)
     }
 
-    /// Removes the conntrack entries that outlived `timeouts`; returns how many it removed. An
-    /// entry that disappears meanwhile (its flow's packet found it expired, the LRU evicted it)
-    /// is no error.
+    /// Removes the conntrack entries that outlived `timeouts`, then recounts each endpoint's
+    /// entries exactly for the quota (the datapath's own counting is approximate); returns how many
+    /// entries it removed. An entry that disappears meanwhile (its flow's packet found it expired,
+    /// the LRU evicted it) is no error.
     pub fn expire_conntrack(&mut self, timeouts: &CtTimeouts) -> Result<usize, MapError> {
         let now = conntrack::monotonic_now_ns();
-        let stale: Vec<CtKey> = self
-            .conntrack
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(k, v)| conntrack::expired(k, v, timeouts, now))
-            .map(|(k, _)| k)
-            .collect();
+        let (stale, counts) =
+            conntrack::sweep(self.conntrack.iter().filter_map(Result::ok), timeouts, now);
         for key in &stale {
             ignore_missing(self.conntrack.remove(key))?;
+        }
+        let counted: Vec<u32> = self.ct_count.keys().filter_map(Result::ok).collect();
+        for endpoint in counted.iter().filter(|e| !counts.contains_key(e)) {
+            ignore_missing(self.ct_count.remove(endpoint))?;
+        }
+        for (endpoint, n) in counts {
+            self.ct_count.insert(endpoint, n, 0)?;
         }
         Ok(stale.len())
     }
