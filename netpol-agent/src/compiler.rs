@@ -340,9 +340,11 @@ fn parse_policy(policy: &Policy) -> (ParsedPolicy<'_>, Vec<CompileError>) {
                 }
             }
         }
+        // As the API server defaults it: Ingress, and Egress when there is an egress rule (an empty
+        // `egress: []` adds nothing).
         _ => {
             ingress = true;
-            egress = spec.egress.is_some();
+            egress = spec.egress.as_ref().is_some_and(|rules| !rules.is_empty());
         }
     }
 

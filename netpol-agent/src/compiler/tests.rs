@@ -178,13 +178,22 @@ fn default_policy_types_isolate_ingress_only() {
 }
 
 #[test]
-fn egress_section_adds_egress_type() {
+fn egress_rules_add_the_egress_type_an_empty_list_does_not() {
+    // As the API server defaults policyTypes: Egress only when there is at least one egress rule.
     let (mut c, web) = web_and_client();
     c.policy("default", "deny", "podSelector: {}\negress: []");
     let out = c.compile();
+    assert_eq!(flags(&out, web), endpoint_flags::ISOLATED_INGRESS);
+    assert!(tcp_out(&out, web, "10.0.1.2", 80));
+    assert!(!tcp_in(&out, web, "10.0.1.2", 80));
+    c.policy(
+        "default",
+        "deny",
+        "podSelector: {}\negress: [{to: [{podSelector: {matchLabels: {app: nothing}}}]}]",
+    );
+    let out = c.compile();
     assert_eq!(flags(&out, web), BOTH);
     assert!(!tcp_out(&out, web, "10.0.1.2", 80));
-    assert!(!tcp_in(&out, web, "10.0.1.2", 80));
 }
 
 #[test]
