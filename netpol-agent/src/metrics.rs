@@ -95,6 +95,7 @@ impl Collector for DatapathCollector {
         let maps = ObserveMaps::open(self.observer.layout());
         let mut drops: BTreeMap<Labels, u64> = BTreeMap::new();
         let mut drop_bytes: BTreeMap<Labels, u64> = BTreeMap::new();
+        let mut unreported: BTreeMap<Labels, u64> = BTreeMap::new();
         let mut verdicts: BTreeMap<Labels, u64> = BTreeMap::new();
         let mut lost_events: BTreeMap<Labels, u64> = BTreeMap::new();
         let mut entries = Vec::new();
@@ -112,6 +113,7 @@ impl Collector for DatapathCollector {
                     ("pod", pod.name.clone()),
                 ];
                 *drops.entry(labels.clone()).or_default() += v.packets;
+                *unreported.entry(labels.clone()).or_default() += v.unreported;
                 *drop_bytes.entry(labels).or_default() += v.bytes;
             }
             let counts = maps.verdicts();
@@ -157,6 +159,12 @@ impl Collector for DatapathCollector {
             "netpol_drop_bytes",
             "Bytes dropped by NetworkPolicy enforcement, by local pod",
             &drop_bytes,
+        )?;
+        counter_family(
+            &mut encoder,
+            "netpol_drop_unreported",
+            "Dropped packets that got no drop event (the pod's event budget or the ring was exhausted), by local pod",
+            &unreported,
         )?;
         counter_family(
             &mut encoder,

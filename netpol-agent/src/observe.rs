@@ -79,6 +79,7 @@ impl ObserveMaps {
                 let sum = per_cpu.iter().fold(DropValue::default(), |a, v| DropValue {
                     packets: a.packets + v.packets,
                     bytes: a.bytes + v.bytes,
+                    unreported: a.unreported + v.unreported,
                 });
                 (k, sum)
             })

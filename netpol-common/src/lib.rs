@@ -663,8 +663,11 @@ pub struct DropValue {
     pub packets: u64,
     /// Bytes of the dropped frames (`skb->len`, Ethernet header included).
     pub bytes: u64,
+    /// Of `packets`, those that got no drop event (the endpoint's event budget or the ring was
+    /// exhausted): what a flood hid, counted where it happened.
+    pub unreported: u64,
 }
-const _: () = assert!(size_of::<DropValue>() == 16);
+const _: () = assert!(size_of::<DropValue>() == 24);
 
 /// One dropped packet, as streamed through the EVENTS ring buffer.
 #[repr(C)]

@@ -268,8 +268,13 @@ fn record(pkt: &Packet, ifindex: u32, dir: u8, decision: u64, len: u32) {
         record_flow(&key, decision, now, len);
     }
     if dropped {
-        count_drop(&key, reason, len);
-        send_event(&key, reason, len, now);
+        let counted = count_drop(&key, reason, len);
+        if !send_event(&key, reason, len, now)
+            && let Some(v) = counted
+        {
+            // SAFETY: this CPU's copy of the value.
+            unsafe { (*v).unreported += 1 };
+        }
     }
 }
 
@@ -317,8 +322,9 @@ fn record_flow(key: &FlowKey, decision: u64, now: u64, len: u32) {
     }
 }
 
+/// Counts a drop in DROPS; returns this CPU's counter, or `None` when the map is full.
 #[inline(always)]
-fn count_drop(key: &FlowKey, reason: u8, len: u32) {
+fn count_drop(key: &FlowKey, reason: u8, len: u32) -> Option<*mut DropValue> {
     let dkey = DropKey {
         endpoint: key.endpoint,
         direction: key.direction,
@@ -340,6 +346,7 @@ fn count_drop(key: &FlowKey, reason: u8, len: u32) {
         },
         None => count(&LOST, lost::DROPS_FULL),
     }
+    ptr
 }
 
 /// Takes a token from the bucket of `endpoint` on this CPU: at most `rate` events per second,
@@ -380,11 +387,12 @@ fn take_token(endpoint: u32, now: u64) -> bool {
     }
 }
 
+/// Sends a drop event; false when it could not (rate-limited or the ring is full), which is counted.
 #[inline(always)]
-fn send_event(key: &FlowKey, reason: u8, len: u32, now: u64) {
+fn send_event(key: &FlowKey, reason: u8, len: u32, now: u64) -> bool {
     if !take_token(key.endpoint, now) {
         count(&LOST, lost::RATE_LIMITED);
-        return;
+        return false;
     }
     match EVENTS.reserve::<DropEvent>(0) {
         Some(mut entry) => {
@@ -396,8 +404,12 @@ fn send_event(key: &FlowKey, reason: u8, len: u32, now: u64) {
                 _pad: [0; 7],
             });
             entry.submit(0);
+            true
         }
-        None => count(&LOST, lost::RING_FULL),
+        None => {
+            count(&LOST, lost::RING_FULL);
+            false
+        }
     }
 }
 

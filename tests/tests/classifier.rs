@@ -333,6 +333,7 @@ impl Env {
                 let sum = per_cpu.iter().fold(DropValue::default(), |a, v| DropValue {
                     packets: a.packets + v.packets,
                     bytes: a.bytes + v.bytes,
+                    unreported: a.unreported + v.unreported,
                 });
                 (k, sum)
             })
@@ -1721,7 +1722,8 @@ fn flow_records_count_packets_and_keep_the_decision() {
             },
             DropValue {
                 packets: 4,
-                bytes: 4 * denied.len() as u64
+                bytes: 4 * denied.len() as u64,
+                unreported: 0
             }
         )]
     );
@@ -1838,8 +1840,12 @@ fn event_rate_limit_counts_what_it_does_not_send() {
     assert!((5..=5 * cpus + 1).contains(&events), "{events} events");
     assert_eq!(events + lost[lost::RATE_LIMITED as usize], SENT, "{lost:?}");
     assert_eq!(lost[lost::RING_FULL as usize], 0);
-    // The counters themselves are exact whatever the event rate.
+    // The counters themselves are exact whatever the event rate, and say how many went unreported.
     assert_eq!(env.drops()[0].1.packets, SENT);
+    assert_eq!(
+        env.drops()[0].1.unreported,
+        lost[lost::RATE_LIMITED as usize]
+    );
     assert_eq!(
         env.flow(flow_key(b(), a(), 40000, 9, proto::UDP, Ingress))
             .packets,
