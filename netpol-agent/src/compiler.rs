@@ -718,16 +718,18 @@ pub fn compile(input: &CompileInput<'_>) -> Compiled {
     out.stats.pod_identities = identities.pods.len();
     out.stats.cidr_identities = identities.cidrs.len();
     out.stats.endpoints = out.endpoints.len();
-    out.stats.local_pods_without_endpoint = state
+    let local_pods: Vec<_> = state
         .peer_pods()
         .filter(|p| p.node_name.as_deref() == Some(input.node_name))
+        .collect();
+    out.stats.local_pods_without_endpoint = local_pods
+        .iter()
         .filter(|p| !input.endpoints.contains_key(&p.key))
         .count();
     out.stats.policy_entries = out.policy.len();
     out.identities = identities;
-    let local_ips: std::collections::BTreeSet<IpAddr> = state
-        .peer_pods()
-        .filter(|p| p.node_name.as_deref() == Some(input.node_name))
+    let local_ips: std::collections::BTreeSet<IpAddr> = local_pods
+        .iter()
         .flat_map(|p| p.ips.iter().copied())
         .collect();
     out.services = services::compile(&out, &crate::service::frontends(state), &local_ips);

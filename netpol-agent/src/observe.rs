@@ -76,11 +76,7 @@ impl ObserveMaps {
             .iter()
             .filter_map(Result::ok)
             .map(|(k, per_cpu)| {
-                let sum = per_cpu.iter().fold(DropValue::default(), |a, v| DropValue {
-                    packets: a.packets + v.packets,
-                    bytes: a.bytes + v.bytes,
-                    unreported: a.unreported + v.unreported,
-                });
+                let sum = per_cpu.iter().fold(DropValue::default(), |a, v| a.plus(*v));
                 (k, sum)
             })
             .collect()

@@ -1,24 +1,12 @@
 //! The datapath's adoption of pins left by a previous agent (root only): the generation bump after
 //! start-up, and the refusal of maps pinned by a build with another layout.
 
+mod common;
+
 use std::{ffi::CString, os::unix::ffi::OsStrExt as _, path::PathBuf, process::Command};
 
 use netpol_agent::datapath::{Contents, Datapath, DatapathError, PinLayout};
 use netpol_common::{EndpointInfo, map_names};
-
-fn privileged() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    // Same rule as netpol_tests::privileged_or_skip (this crate cannot depend on the tests crate).
-    assert!(
-        std::env::var_os("NETPOL_REQUIRE_PRIVILEGED").is_none(),
-        "NETPOL_REQUIRE_PRIVILEGED is set but the test is not root"
-    );
-    eprintln!("SKIP: datapath test needs root and BPF");
-    false
-}
 
 /// A pin directory of its own (the datapath mounts a bpffs there), unmounted and removed on drop,
 /// also when the test fails.
@@ -53,7 +41,7 @@ fn one_endpoint() -> Contents {
 /// current. The next agent finds nothing to write, yet must bump once, or they live forever.
 #[test]
 fn a_new_agent_bumps_the_generation_even_with_nothing_to_write() {
-    if !privileged() {
+    if !common::privileged("the datapath test") {
         return;
     }
     let dir = PinDir::new("gen");
@@ -87,7 +75,7 @@ fn a_new_agent_bumps_the_generation_even_with_nothing_to_write() {
 /// does not match this build, naming the map, the difference and the way out.
 #[test]
 fn a_map_pinned_with_another_layout_is_refused() {
-    if !privileged() {
+    if !common::privileged("the datapath test") {
         return;
     }
     let dir = PinDir::new("layout");
@@ -122,7 +110,7 @@ fn a_map_pinned_with_another_layout_is_refused() {
 /// ones stay.
 #[test]
 fn expired_conntrack_entries_are_collected() {
-    if !privileged() {
+    if !common::privileged("the datapath test") {
         return;
     }
     use aya::maps::{HashMap, Map, MapData};

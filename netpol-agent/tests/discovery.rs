@@ -1,5 +1,7 @@
 //! Discovery against real veths in network namespaces made by the test (root only).
 
+mod common;
+
 use std::{fs::File, os::fd::AsRawFd as _, process::Command};
 
 use netpol_agent::discovery::Discovery;
@@ -23,23 +25,9 @@ impl Drop for Netns {
     }
 }
 
-fn privileged() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    // Same rule as netpol_tests::privileged_or_skip (this crate cannot depend on the tests crate).
-    assert!(
-        std::env::var_os("NETPOL_REQUIRE_PRIVILEGED").is_none(),
-        "NETPOL_REQUIRE_PRIVILEGED is set but the test is not root"
-    );
-    eprintln!("SKIP: discovery test needs root and network namespaces");
-    false
-}
-
 #[test]
 fn finds_pod_veths_and_peer_addresses_only() {
-    if !privileged() {
+    if !common::privileged("the discovery test") {
         return;
     }
     let tag = std::process::id() % 100_000;

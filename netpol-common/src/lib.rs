@@ -669,6 +669,17 @@ pub struct DropValue {
 }
 const _: () = assert!(size_of::<DropValue>() == 24);
 
+impl DropValue {
+    /// The two counts added up (userspace sums the per-CPU copies).
+    pub const fn plus(self, other: DropValue) -> DropValue {
+        DropValue {
+            packets: self.packets + other.packets,
+            bytes: self.bytes + other.bytes,
+            unreported: self.unreported + other.unreported,
+        }
+    }
+}
+
 /// One dropped packet, as streamed through the EVENTS ring buffer.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]

@@ -65,8 +65,9 @@ pub fn is_router_message(pkt: &Packet) -> bool {
         && (pkt.icmp_type == ICMP6_ROUTER_ADVERT || pkt.icmp_type == ICMP6_REDIRECT)
 }
 
+/// An IPv6 multicast address.
 #[inline(always)]
-fn is_multicast(addr: &[u8; 16]) -> bool {
+pub fn is_multicast(addr: &[u8; 16]) -> bool {
     addr[0] == 0xff
 }
 

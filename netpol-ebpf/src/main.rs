@@ -17,7 +17,7 @@ mod maps;
 mod parse;
 
 use aya_ebpf::{
-    bindings::{BPF_ANY, BPF_NOEXIST, TC_ACT_SHOT, TC_ACT_UNSPEC},
+    bindings::{BPF_ANY, TC_ACT_SHOT, TC_ACT_UNSPEC},
     helpers::bpf_ktime_get_ns,
     macros::classifier,
     maps::lpm_trie::Key,
@@ -34,7 +34,7 @@ use netpol_common::{
 use crate::{
     maps::{
         CIDRS, CONFIG, CONNTRACK, COUNTERS, CT_COUNT, DROPS, ENDPOINTS, EVENT_BUDGET, EVENTS,
-        FLOWS, FRAGS, IPCACHE, LOST, POLICY, SERVICES, VERDICTS,
+        FLOWS, FRAGS, IPCACHE, LOST, POLICY, SERVICES, VERDICTS, get_or_create,
     },
     parse::{Malformed, Packet, Parsed, same},
 };
@@ -219,6 +219,21 @@ fn isolated(ep: &EndpointInfo, dir: Direction) -> bool {
     ep.flags & flag != 0
 }
 
+/// A CONFIG slot (0 when unset).
+#[inline(always)]
+fn config(slot: u32) -> u32 {
+    CONFIG.get(slot).copied().unwrap_or(0)
+}
+
+/// A CONFIG slot whose 0 means `default`.
+#[inline(always)]
+fn config_or(slot: u32, default: u32) -> u32 {
+    match config(slot) {
+        0 => default,
+        v => v,
+    }
+}
+
 /// Multicast or limited broadcast: delivered to whoever listens, not to one pod's address.
 #[inline(always)]
 fn is_group_address(addr: &[u8; 16]) -> bool {
@@ -230,7 +245,7 @@ fn is_group_address(addr: &[u8; 16]) -> bool {
     if v4_mapped {
         addr[12] & 0xf0 == 0xe0 || (addr[12] & addr[13] & addr[14] & addr[15]) == 0xff
     } else {
-        addr[0] == 0xff
+        link::is_multicast(addr)
     }
 }
 
@@ -288,14 +303,7 @@ fn count(map: &aya_ebpf::maps::PerCpuArray<u64>, slot: u32) {
 
 #[inline(always)]
 fn record_flow(key: &FlowKey, decision: u64, now: u64, len: u32) {
-    let mut ptr = FLOWS.get_ptr_mut(key);
-    if ptr.is_none() {
-        // A new flow (a per-CPU map creates the other CPUs' copies zeroed). NOEXIST so that two
-        // CPUs creating the same flow at once never reset each other's count.
-        let _ = FLOWS.insert(key, &FlowValue::default(), BPF_NOEXIST as u64);
-        ptr = FLOWS.get_ptr_mut(key);
-    }
-    let Some(ptr) = ptr else {
+    let Some(ptr) = get_or_create!(FLOWS, key, &FlowValue::default()) else {
         count(&LOST, lost::FLOWS_FULL);
         return;
     };
@@ -332,12 +340,7 @@ fn count_drop(key: &FlowKey, reason: u8, len: u32) -> Option<*mut DropValue> {
         protocol: proto::class(key.protocol),
         _pad: 0,
     };
-    let mut ptr = DROPS.get_ptr_mut(&dkey);
-    if ptr.is_none() {
-        // NOEXIST: a concurrent creation on another CPU must not wipe the count made there.
-        let _ = DROPS.insert(&dkey, &DropValue::default(), BPF_NOEXIST as u64);
-        ptr = DROPS.get_ptr_mut(&dkey);
-    }
+    let ptr = get_or_create!(DROPS, &dkey, &DropValue::default());
     match ptr {
         // SAFETY: this CPU's copy of the value.
         Some(v) => unsafe {
@@ -353,20 +356,12 @@ fn count_drop(key: &FlowKey, reason: u8, len: u32) -> Option<*mut DropValue> {
 /// endpoint and CPU, with a burst of one second's worth. A bucket starts full.
 #[inline(always)]
 fn take_token(endpoint: u32, now: u64) -> bool {
-    let mut bucket = EVENT_BUDGET.get_ptr_mut(&endpoint);
-    if bucket.is_none() {
-        // A new bucket, empty and never refilled: the first refill fills it (elapsed is capped
-        // at a second). NOEXIST: a concurrent creation on another CPU keeps its own state.
-        let _ = EVENT_BUDGET.insert(&endpoint, &TokenBucket::default(), BPF_NOEXIST as u64);
-        bucket = EVENT_BUDGET.get_ptr_mut(&endpoint);
-    }
-    let Some(bucket) = bucket else {
+    // A new bucket is empty and never refilled: its first refill fills it (elapsed is capped at a
+    // second).
+    let Some(bucket) = get_or_create!(EVENT_BUDGET, &endpoint, &TokenBucket::default()) else {
         return false;
     };
-    let rate = match CONFIG.get(CONFIG_EVENT_RATE).copied().unwrap_or(0) {
-        0 => DEFAULT_EVENT_RATE,
-        r => r,
-    } as u64;
+    let rate = config_or(CONFIG_EVENT_RATE, DEFAULT_EVENT_RATE) as u64;
     // SAFETY: this CPU's bucket.
     unsafe {
         let b = &mut *bucket;
@@ -466,18 +461,20 @@ fn decide_ip(
         direction: dir as u8,
         _pad: [0; 2],
     };
-    let generation = CONFIG.get(CONFIG_GENERATION).copied().unwrap_or(0);
+    let generation = config(CONFIG_GENERATION);
     if pkt.icmp_error && icmp_error_of_known_flow(ctx, pkt, &mut key, dir, generation)? {
         return Ok(reason_only(Reason::AllowedReply));
     }
 
     // A later fragment (no ports) of a datagram whose first fragment was allowed goes with it.
-    if !pkt.first_frag && fragment_of_allowed(pkt, ifindex, dir) {
+    if !pkt.first_frag && fragment_of_allowed(pkt, ifindex, dir, generation) {
         return Ok(reason_only(Reason::AllowedFragment));
     }
 
+    // SAFETY: a helper without preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
     if pkt.first_frag {
-        if let Some(decision) = tracked(ctx, pkt, &mut key, ep_flags, dir, generation) {
+        if let Some(decision) = tracked(ctx, pkt, &mut key, ep_flags, dir, generation, now) {
             return Ok(decision);
         }
     }
@@ -492,8 +489,7 @@ fn decide_ip(
         let value = CtValue {
             generation,
             flags: ct_flags_of(decision) | closing,
-            // SAFETY: a helper without preconditions.
-            last_seen_ns: unsafe { bpf_ktime_get_ns() },
+            last_seen_ns: now,
         };
         // A full table only costs the reply its fast path; the LRU evicts the oldest flow anyway.
         if CONNTRACK.insert(&key, &value, BPF_ANY as u64).is_err() {
@@ -523,7 +519,7 @@ fn frag_key(pkt: &Packet, ifindex: u32, dir: Direction) -> FragKey {
 #[inline(never)]
 fn remember_fragments(pkt: &Packet, ifindex: u32, dir: Direction) {
     let value = FragValue {
-        generation: CONFIG.get(CONFIG_GENERATION).copied().unwrap_or(0),
+        generation: config(CONFIG_GENERATION),
         _pad: 0,
     };
     let _ = FRAGS.insert(&frag_key(pkt, ifindex, dir), &value, BPF_ANY as u64);
@@ -532,8 +528,7 @@ fn remember_fragments(pkt: &Packet, ifindex: u32, dir: Direction) {
 /// Whether `pkt`, a later fragment, belongs to a datagram whose first fragment was allowed here
 /// under the current policy generation.
 #[inline(never)]
-fn fragment_of_allowed(pkt: &Packet, ifindex: u32, dir: Direction) -> bool {
-    let generation = CONFIG.get(CONFIG_GENERATION).copied().unwrap_or(0);
+fn fragment_of_allowed(pkt: &Packet, ifindex: u32, dir: Direction, generation: u32) -> bool {
     FRAGS
         .get_ptr(&frag_key(pkt, ifindex, dir))
         // SAFETY: map values are valid for the duration of the program.
@@ -614,10 +609,9 @@ fn tracked(
     ep_flags: u32,
     dir: Direction,
     generation: u32,
+    now: u64,
 ) -> Option<u64> {
     let ifindex = key.endpoint;
-    // SAFETY: a helper without preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
     if let Some(entry) = live_entry(key, now) {
         follow_state(entry, pkt, false, now);
         // SAFETY: map values stay valid for the duration of the program; racing writers only touch
@@ -661,10 +655,7 @@ fn live_entry(key: &CtKey, now: u64) -> Option<*mut CtValue> {
     // SAFETY: map values stay valid for the duration of the program.
     let (flags, last_seen) = unsafe { ((*entry).flags, (*entry).last_seen_ns) };
     let (slot, default) = CtTimeouts::slot(key.protocol, flags);
-    let timeout = match CONFIG.get(slot).copied().unwrap_or(0) {
-        0 => default,
-        t => t,
-    };
+    let timeout = config_or(slot, default);
     if now.saturating_sub(last_seen) > timeout as u64 * NS_PER_SEC {
         if CONNTRACK.remove(key).is_ok() {
             release_ct_slot(key.endpoint);
@@ -679,16 +670,8 @@ fn live_entry(key: &CtKey, now: u64) -> Option<*mut CtValue> {
 /// that pod's new flows lose their conntrack entries: nobody else's are evicted for them.
 #[inline(never)]
 fn take_ct_slot(endpoint: u32) -> bool {
-    let quota = match CONFIG.get(CONFIG_CT_QUOTA).copied().unwrap_or(0) {
-        0 => DEFAULT_CT_QUOTA,
-        q => q,
-    } as u64;
-    let mut count = CT_COUNT.get_ptr_mut(&endpoint);
-    if count.is_none() {
-        let _ = CT_COUNT.insert(&endpoint, &0, BPF_NOEXIST as u64);
-        count = CT_COUNT.get_ptr_mut(&endpoint);
-    }
-    let Some(count) = count else {
+    let quota = config_or(CONFIG_CT_QUOTA, DEFAULT_CT_QUOTA) as u64;
+    let Some(count) = get_or_create!(CT_COUNT, &endpoint, &0) else {
         return false;
     };
     // BPF has no atomic read-modify-write that the Rust target offers here: concurrent new flows of

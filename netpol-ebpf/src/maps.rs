@@ -86,6 +86,21 @@ pub static CT_COUNT: HashMap<u32, u64> = HashMap::pinned(capacity::ENDPOINTS, 0)
 #[map(name = "NP_FRAGS_V1")]
 pub static FRAGS: LruHashMap<FragKey, FragValue> = LruHashMap::pinned(capacity::FRAGS, 0);
 
+/// This CPU's (or the shared) value of `$map` for `$key`, created as `$init` when missing;
+/// `None` when the map is full. Created with `BPF_NOEXIST`, so that a creation racing on another
+/// CPU never resets the value made there (a per-CPU map creates the other CPUs' copies zeroed).
+macro_rules! get_or_create {
+    ($map:expr, $key:expr, $init:expr) => {{
+        let mut ptr = $map.get_ptr_mut($key);
+        if ptr.is_none() {
+            let _ = $map.insert($key, $init, aya_ebpf::bindings::BPF_NOEXIST as u64);
+            ptr = $map.get_ptr_mut($key);
+        }
+        ptr
+    }};
+}
+pub(crate) use get_or_create;
+
 const fn str_eq(a: &str, b: &str) -> bool {
     let (a, b) = (a.as_bytes(), b.as_bytes());
     if a.len() != b.len() {

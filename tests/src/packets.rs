@@ -236,6 +236,17 @@ impl Packet {
         Self::new(src, dst, L4::Sctp { sport, dport })
     }
 
+    /// ICMP (IPv4) or ICMPv6 (IPv6) of `kind` and code 0: the 4 bytes after the checksum, then `body`.
+    pub fn icmp(src: IpAddr, dst: IpAddr, kind: u8, rest: [u8; 4], body: Vec<u8>) -> Self {
+        let l4 = L4::Icmp {
+            kind,
+            code: 0,
+            rest,
+            body,
+        };
+        Self::new(src, dst, l4)
+    }
+
     pub fn ipv4_options(mut self, options: &[u8]) -> Self {
         self.ipv4_options = options.to_vec();
         self
@@ -382,17 +393,7 @@ pub fn neighbour(
         body.extend_from_slice(&mac);
     }
     let flags = if kind == 136 { 0x60 } else { 0 }; // solicited, override
-    Packet::new(
-        src,
-        dst,
-        L4::Icmp {
-            kind,
-            code: 0,
-            rest: [flags, 0, 0, 0],
-            body,
-        },
-    )
-    .hop_limit(255)
+    Packet::icmp(src, dst, kind, [flags, 0, 0, 0], body).hop_limit(255)
 }
 
 /// The Internet checksum.

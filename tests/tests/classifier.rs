@@ -330,11 +330,7 @@ impl Env {
             .iter()
             .map(Result::unwrap)
             .map(|(k, per_cpu)| {
-                let sum = per_cpu.iter().fold(DropValue::default(), |a, v| DropValue {
-                    packets: a.packets + v.packets,
-                    bytes: a.bytes + v.bytes,
-                    unreported: a.unreported + v.unreported,
-                });
+                let sum = per_cpu.iter().fold(DropValue::default(), |a, v| a.plus(*v));
                 (k, sum)
             })
             .collect();
@@ -1268,16 +1264,7 @@ fn vlan_tagged_frames_are_dropped() {
 }
 
 fn icmpv6(src: IpAddr, dst: IpAddr, kind: u8) -> Packet {
-    Packet::new(
-        src,
-        dst,
-        L4::Icmp {
-            kind,
-            code: 0,
-            rest: [0; 4],
-            body: vec![0; 16],
-        },
-    )
+    Packet::icmp(src, dst, kind, [0; 4], vec![0; 16])
 }
 
 /// The solicited-node multicast group of `addr` (`ff02::1:ffXX:XXXX`).
@@ -1312,18 +1299,10 @@ fn mld2_report(src: IpAddr, groups: &[Ipv6Addr], sources: u16) -> Packet {
         }
     }
     let n = (groups.len() as u16).to_be_bytes();
-    Packet::new(
-        src,
-        "ff02::16".parse().unwrap(),
-        L4::Icmp {
-            kind: 143,
-            code: 0,
-            rest: [0, 0, n[0], n[1]],
-            body,
-        },
-    )
-    .ext(Ext::HopByHop)
-    .hop_limit(1)
+    let all_mldv2_routers = "ff02::16".parse().unwrap();
+    Packet::icmp(src, all_mldv2_routers, 143, [0, 0, n[0], n[1]], body)
+        .ext(Ext::HopByHop)
+        .hop_limit(1)
 }
 
 #[test]
@@ -1350,17 +1329,10 @@ fn neighbour_discovery_of_the_pod_itself_passes() {
     pass(nd(a6(), gateway, 136, a6(), own), Egress);
     pass(nd(ll, all_nodes, 136, ll, own), Egress);
     // A router solicitation, and MLD reports (hop limit 1, behind a hop-by-hop router alert).
-    let rs = Packet::new(
-        ll,
-        "ff02::2".parse().unwrap(),
-        L4::Icmp {
-            kind: 133,
-            code: 0,
-            rest: [0; 4],
-            body: vec![1, 1, 0x0a, 0x58, 0x0a, 0x2a, 0x00, 0x05],
-        },
-    )
-    .hop_limit(255);
+    let mut source_lladdr = vec![1, 1];
+    source_lladdr.extend_from_slice(&packets::POD_MAC);
+    let rs =
+        Packet::icmp(ll, "ff02::2".parse().unwrap(), 133, [0; 4], source_lladdr).hop_limit(255);
     pass(rs, Egress);
     for kind in [131, 132] {
         let mld = icmpv6(ll, "ff02::fb".parse().unwrap(), kind)
@@ -2022,20 +1994,6 @@ fn tunnel_egress_never_leaves_a_deferred_packet_undecided() {
     assert_eq!((action, reason), (TCX_NEXT, Reason::AllowedPolicy));
 }
 
-/// The monotonic clock `bpf_ktime_get_ns` reads, in nanoseconds.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid out-pointer.
-    assert_eq!(
-        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) },
-        0
-    );
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 impl Env {
     /// Moves every conntrack entry's last packet `age_s` seconds into the past.
     fn age_conntrack(&mut self, age_s: u64) {
@@ -2043,7 +2001,9 @@ impl Env {
             HashMap::try_from(self.ebpf.map_mut(map_names::CONNTRACK).unwrap()).unwrap();
         let entries: Vec<(CtKey, CtValue)> = m.iter().map(Result::unwrap).collect();
         for (k, mut v) in entries {
-            v.last_seen_ns = monotonic_ns().saturating_sub(age_s * 1_000_000_000);
+            // The clock `bpf_ktime_get_ns` reads.
+            let now = netpol_agent::datapath::conntrack::monotonic_now_ns();
+            v.last_seen_ns = now.saturating_sub(age_s * 1_000_000_000);
             m.insert(k, v, 0).unwrap();
         }
     }

@@ -1040,9 +1040,12 @@ fn mac_of(netns: &str, dev: &str) -> [u8; 6] {
         .output()
         .expect("ip link show");
     let links: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ip -j output");
-    let text = links[0]["address"].as_str().expect("an address");
-    let bytes = hex::decode(text.replace(':', "")).expect("a MAC");
-    bytes.try_into().expect("6 bytes")
+    parse_mac(links[0]["address"].as_str().expect("an address")).expect("a MAC")
+}
+
+/// `aa:bb:cc:dd:ee:ff` as bytes.
+fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    hex::decode(text.replace(':', "")).ok()?.try_into().ok()
 }
 
 /// The MAC the node's neighbour table holds for `ip` on cni0, if any.
@@ -1061,8 +1064,7 @@ fn neighbour_mac(node: &str, ip: IpAddr) -> Option<[u8; 6]> {
         .output()
         .expect("ip neigh show");
     let entries: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-    let text = entries.get(0)?.get("lladdr")?.as_str()?;
-    hex::decode(text.replace(':', "")).ok()?.try_into().ok()
+    parse_mac(entries.get(0)?.get("lladdr")?.as_str()?)
 }
 
 /// The ICMPv6 checksum of `icmp` from `src` to `dst` (RFC 8200 8.1 pseudo-header).
