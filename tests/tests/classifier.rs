@@ -2141,3 +2141,41 @@ fn conntrack_quota_bounds_one_pods_share() {
     assert_eq!(env.ct_count(EP), 2);
     assert_eq!(env.conntrack().len(), 2);
 }
+
+/// A flow allowed through a Service frontend (every backend allowed) keeps its replies across a
+/// policy change that keeps the frontend's verdict: the re-check of a reply from the ClusterIP goes
+/// through that verdict, not only through the rules (which know no ClusterIP). When the verdict is
+/// gone, the replies stop.
+#[test]
+fn replies_through_a_service_are_rechecked_against_its_verdict() {
+    use netpol_common::{SvcKey, SvcValue, service};
+
+    let Some(mut env) = env!() else { return };
+    env.isolate(true, true);
+    let vip: IpAddr = Ipv4Addr::new(10, 43, 0, 10).into();
+    let key = SvcKey {
+        endpoint: EP,
+        vip: ip_key(vip),
+        port_be: 53u16.to_be_bytes(),
+        protocol: proto::UDP,
+        _pad: 0,
+    };
+    let verdict = SvcValue {
+        verdict: service::VERDICT_ALLOW,
+        policy: 9,
+    };
+    let mut services: HashMap<_, SvcKey, SvcValue> =
+        HashMap::try_from(env.ebpf.map_mut(service::MAP_NAME).unwrap()).unwrap();
+    services.insert(key, verdict, 0).unwrap();
+    let query = Packet::udp(a(), vip, 5000, 53).build();
+    let answer = Packet::udp(vip, a(), 53, 5000).build();
+    env.expect(Egress, &query, Reason::AllowedService);
+    env.expect(Ingress, &answer, Reason::AllowedReply);
+    env.set_generation(1);
+    env.expect(Ingress, &answer, Reason::AllowedReply);
+    let mut services: HashMap<_, SvcKey, SvcValue> =
+        HashMap::try_from(env.ebpf.map_mut(service::MAP_NAME).unwrap()).unwrap();
+    services.remove(&key).unwrap();
+    env.set_generation(2);
+    env.expect(Ingress, &answer, Reason::DroppedEgressDenied);
+}
