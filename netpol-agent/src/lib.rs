@@ -19,6 +19,7 @@ pub mod manifests;
 pub mod metrics;
 pub mod model;
 pub mod observe;
+pub mod persisted;
 pub mod selector;
 pub mod service;
 pub mod source;

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::networking::v1 as networking;
 use k8s_openapi::api::networking::v1::NetworkPolicySpec;
+use serde::{Deserialize, Serialize};
 
 /// The label the API server sets on every namespace to its name; namespace selectors rely on it.
 pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
@@ -21,7 +22,7 @@ pub const DEFAULT_NAMESPACE: &str = "default";
 pub type Labels = BTreeMap<String, String>;
 
 /// The namespace and name of a namespaced object (a pod or a policy).
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct PodKey {
     pub namespace: String,
     pub name: String,
@@ -44,17 +45,27 @@ impl fmt::Display for PodKey {
 }
 
 /// Where an object was read from.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Origin {
     /// A manifest file: `document` counts YAML documents from 1 (`None`: the file as a whole), `item`
     /// counts `List` items from 0.
     File {
+        #[serde(serialize_with = "lossy_path")]
         path: PathBuf,
         document: Option<usize>,
         item: Option<usize>,
     },
     /// The Kubernetes API.
     Api,
+}
+
+/// Writes a path that is not UTF-8 with replacement characters rather than failing: an origin only
+/// serves messages, and one such file name must not keep the whole state from being saved.
+fn lossy_path<S: serde::Serializer>(
+    path: &std::path::Path,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(&path.to_string_lossy())
 }
 
 impl fmt::Display for Origin {
@@ -80,7 +91,7 @@ impl fmt::Display for Origin {
 }
 
 /// Which object an error is about, as far as it could be told.
-#[derive(Clone, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct ObjectRef {
     pub kind: Option<String>,
     pub namespace: Option<String>,
@@ -99,7 +110,7 @@ impl fmt::Display for ObjectRef {
 }
 
 /// An input object (or file) that could not be used.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 #[error("{origin}{}{}: {reason}",
     object.as_ref().map(|o| format!(": {o}")).unwrap_or_default(),
     field.as_ref().map(|f| format!(": {f}")).unwrap_or_default())]
@@ -130,7 +141,7 @@ impl ConvertError {
 }
 
 /// IP protocols a NetworkPolicy or a container port can name.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Protocol {
     Tcp,
     Udp,
@@ -159,7 +170,7 @@ impl Protocol {
 }
 
 /// A named container port, which policies can refer to by name.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct NamedPort {
     pub name: String,
     pub protocol: Protocol,
@@ -167,7 +178,7 @@ pub struct NamedPort {
 }
 
 /// A namespace.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Namespace {
     pub name: String,
     /// Always includes [`NAMESPACE_NAME_LABEL`].
@@ -201,7 +212,7 @@ fn namespace_labels(name: &str, mut labels: Labels) -> Labels {
 }
 
 /// A pod.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Pod {
     pub key: PodKey,
     pub labels: Labels,
@@ -303,7 +314,7 @@ pub fn resolve_named_port(ports: &[NamedPort], name: &str, protocol: Protocol) -
 }
 
 /// A NetworkPolicy, kept as written: the compiler validates the spec and reports errors by field.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Policy {
     pub key: PodKey,
     pub origin: Origin,
@@ -357,19 +368,26 @@ impl Object {
 }
 
 /// An object of a kind policy does not need, recorded so that `status` can show it was seen.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IgnoredObject {
     pub origin: Origin,
     pub object: ObjectRef,
 }
 
 /// Everything the compiler needs to know about the cluster.
-#[derive(Clone, Debug, Default, PartialEq)]
+///
+/// The maps keyed by [`PodKey`] serialize as lists of `[key, value]` pairs: JSON object keys must be
+/// strings, and a `namespace/name` string could not be split back if a name contained a `/`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct ClusterState {
     pub namespaces: BTreeMap<String, Namespace>,
+    #[serde(with = "pairs")]
     pub pods: BTreeMap<PodKey, Pod>,
+    #[serde(with = "pairs")]
     pub policies: BTreeMap<PodKey, Policy>,
+    #[serde(with = "pairs")]
     pub services: BTreeMap<PodKey, crate::service::Service>,
+    #[serde(with = "pairs")]
     pub endpoint_slices: BTreeMap<PodKey, crate::service::EndpointSlice>,
     /// Objects and files that could not be used.
     pub errors: Vec<SourceError>,
@@ -401,6 +419,31 @@ impl ClusterState {
     /// The pods that policies can see as peers ([`Pod::is_policy_peer`]).
     pub fn peer_pods(&self) -> impl Iterator<Item = &Pod> {
         self.pods.values().filter(|p| p.is_policy_peer())
+    }
+}
+
+/// Serde for a map whose keys are not strings, as a list of `[key, value]` pairs.
+pub(crate) mod pairs {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<K: Serialize, V: Serialize, S: Serializer>(
+        map: &BTreeMap<K, V>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(map)
+    }
+
+    pub fn deserialize<'de, K, V, D>(deserializer: D) -> Result<BTreeMap<K, V>, D::Error>
+    where
+        K: Deserialize<'de> + Ord,
+        V: Deserialize<'de>,
+        D: Deserializer<'de>,
+    {
+        Ok(Vec::<(K, V)>::deserialize(deserializer)?
+            .into_iter()
+            .collect())
     }
 }
 

@@ -7,6 +7,7 @@ use std::net::IpAddr;
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::discovery::v1 as discovery;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use serde::{Deserialize, Serialize};
 
 use crate::model::{ClusterState, ConvertError, Labels, PodKey, Protocol, required_key};
 
@@ -14,7 +15,7 @@ use crate::model::{ClusterState, ConvertError, Labels, PodKey, Protocol, require
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
 /// Where a service port sends traffic on a backend pod.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum TargetPort {
     Number(u16),
     /// A container port name, resolved on each backend pod.
@@ -22,7 +23,7 @@ pub enum TargetPort {
 }
 
 /// One port of a Service.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServicePort {
     pub name: String,
     pub protocol: Protocol,
@@ -31,7 +32,7 @@ pub struct ServicePort {
 }
 
 /// A Service.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Service {
     pub key: PodKey,
     /// `spec.clusterIPs` (or `spec.clusterIP`); empty for headless services.
@@ -42,7 +43,7 @@ pub struct Service {
 }
 
 /// One port of an EndpointSlice.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SlicePort {
     pub name: String,
     pub protocol: Protocol,
@@ -50,7 +51,7 @@ pub struct SlicePort {
 }
 
 /// An EndpointSlice: ready backend addresses of one Service.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EndpointSlice {
     pub key: PodKey,
     /// The Service it belongs to (same namespace).
