@@ -177,6 +177,8 @@ impl Synthetic {
             endpoints: &self.endpoints,
             host_addrs: &[IpAddr::V4(Ipv4Addr::new(10, 64, 255, 254))],
             links: &BTreeMap::new(),
+            pending: &BTreeMap::new(),
+            pending_rule: netpol_agent::compiler::PendingRule::Drop,
         })
     }
 }

@@ -22,9 +22,12 @@ use crate::identity::{Identities, PodIdentityKey, Prefix, fnv1a32};
 use crate::model::{ClusterState, Origin, Pod, PodKey, Policy, Protocol};
 use crate::selector::Selector;
 
+mod pending;
 mod services;
 #[cfg(test)]
 mod tests;
+
+pub use pending::{Pending, PendingEndpoints, PendingReason, PendingRule};
 
 /// What the compiler needs besides the cluster state.
 #[derive(Clone, Copy, Debug)]
@@ -39,6 +42,9 @@ pub struct CompileInput<'a> {
     /// The link identity of each endpoint's pod interface, by endpoint id. An endpoint without one
     /// gets an all-zero MAC, so everything its pod sends is dropped (fail closed).
     pub links: &'a BTreeMap<u32, EndpointLink>,
+    /// Veths that have programs but no pod: isolated as `pending_rule` says.
+    pub pending: &'a PendingEndpoints,
+    pub pending_rule: PendingRule,
 }
 
 /// The link identity of a local pod's interface (the veth peer), as the kernel reports it.
@@ -712,6 +718,8 @@ pub fn compile(input: &CompileInput<'_>) -> Compiled {
         out.endpoints
             .insert(endpoint, EndpointInfo::new(flags, link.mac, link_local));
     }
+
+    pending::compile(input, &parsed, &mut out);
 
     out.stats.policies = parsed.len();
     out.stats.invalid_policies = parsed.iter().filter(|p| !p.valid).count();

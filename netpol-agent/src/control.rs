@@ -2,7 +2,8 @@
 //!
 //! Protocol: the client writes one request line (`status`), the agent answers with one JSON document
 //! and closes the connection. `flows <filter>` and `follow <filter>` are answered by
-//! [`crate::observe::answer_flows`].
+//! [`crate::observe::answer_flows`]; `cni-add <json>` and `cni-del <json>` (from the `netpol-cni`
+//! plugin, [`netpol_cni::protocol`]) are handed to the sync loop, and answered when it has.
 
 use std::{
     path::{Path, PathBuf},
@@ -10,11 +11,30 @@ use std::{
 };
 
 use anyhow::Context as _;
+use netpol_cni::protocol::{self as cni, Answer, EndpointClaim, Forget};
 use serde::{Deserialize, Serialize};
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
     net::{UnixListener, UnixStream},
+    sync::{mpsc, oneshot},
 };
+
+/// A request of the CNI plugin, for the sync loop, with where to send the answer.
+#[derive(Debug)]
+pub struct CniRequest {
+    pub kind: CniKind,
+    pub reply: oneshot::Sender<Answer>,
+}
+
+/// What the plugin asks.
+#[derive(Debug)]
+pub enum CniKind {
+    Add(EndpointClaim),
+    Del(Forget),
+}
+
+/// Longest a `cni-del` may wait for the sync loop: teardown must never block.
+const CNI_DEL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// File name of the socket inside `--state-dir`.
 pub const SOCKET_NAME: &str = "agent.sock";
@@ -36,6 +56,13 @@ pub struct EndpointStatus {
     pub isolated_egress: bool,
     /// Both programs attached by this agent (or adopted from a previous one).
     pub attached: bool,
+    /// Why the veth has programs but no pod (`unknown-pod`, `ambiguous`, `no-cluster-state`); then
+    /// `pod` is empty and only the node may talk to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending: Option<String>,
+    /// Since when (unix seconds) it has been pending.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_since_unix: Option<u64>,
 }
 
 /// Use of one map.
@@ -77,6 +104,7 @@ pub async fn serve(
     listener: UnixListener,
     status: SharedStatus,
     observer: Option<Arc<crate::observe::Observer>>,
+    cni: Option<mpsc::Sender<CniRequest>>,
 ) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
@@ -84,8 +112,9 @@ pub async fn serve(
         };
         let status = status.clone();
         let observer = observer.clone();
+        let cni = cni.clone();
         tokio::spawn(async move {
-            if let Err(e) = answer(stream, status, observer).await {
+            if let Err(e) = answer(stream, status, observer, cni).await {
                 tracing::debug!(error = %e, "control request failed");
             }
         });
@@ -96,13 +125,20 @@ async fn answer(
     stream: UnixStream,
     status: SharedStatus,
     observer: Option<Arc<crate::observe::Observer>>,
+    cni: Option<mpsc::Sender<CniRequest>>,
 ) -> anyhow::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     BufReader::new(read).read_line(&mut line).await?;
     let (verb, arg) = line.trim().split_once(' ').unwrap_or((line.trim(), ""));
-    if let ("flows" | "follow", Some(observer)) = (verb, observer) {
-        return crate::observe::answer_flows(verb == "follow", arg, observer, write).await;
+    if let ("flows" | "follow", Some(observer)) = (verb, &observer) {
+        return crate::observe::answer_flows(verb == "follow", arg, observer.clone(), write).await;
+    }
+    if verb == cni::ADD_VERB || verb == cni::DEL_VERB {
+        let answer = answer_cni(verb, arg, cni).await;
+        write.write_all(&serde_json::to_vec(&answer)?).await?;
+        write.shutdown().await?;
+        return Ok(());
     }
     let body = match line.trim() {
         "status" => {
@@ -116,6 +152,36 @@ async fn answer(
     write.write_all(&body).await?;
     write.shutdown().await?;
     Ok(())
+}
+
+/// Hands a CNI request to the sync loop and waits for its answer, at most as long as the plugin
+/// said it would wait (ADD) or [`CNI_DEL_TIMEOUT`] (DEL).
+async fn answer_cni(verb: &str, json: &str, cni: Option<mpsc::Sender<CniRequest>>) -> Answer {
+    let failed = |reason: String| Answer::Failed { reason };
+    let Some(cni) = cni else {
+        return failed("this agent takes no CNI requests".into());
+    };
+    let parsed = if verb == cni::ADD_VERB {
+        serde_json::from_str(json).map(|c: EndpointClaim| {
+            let wait = std::time::Duration::from_millis(c.timeout_ms);
+            (CniKind::Add(c), wait)
+        })
+    } else {
+        serde_json::from_str(json).map(|f| (CniKind::Del(f), CNI_DEL_TIMEOUT))
+    };
+    let (kind, wait) = match parsed {
+        Ok(p) => p,
+        Err(e) => return failed(format!("{verb}: bad request: {e}")),
+    };
+    let (reply, answer) = oneshot::channel();
+    if cni.send(CniRequest { kind, reply }).await.is_err() {
+        return failed("the agent is stopping".into());
+    }
+    match tokio::time::timeout(wait, answer).await {
+        Ok(Ok(answer)) => answer,
+        Ok(Err(_)) => failed("the agent dropped the request".into()),
+        Err(_) => failed(format!("{verb}: not done within {wait:?}")),
+    }
 }
 
 /// Asks the agent behind `state_dir` for its status.

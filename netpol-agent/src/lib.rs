@@ -10,6 +10,7 @@ pub mod compiler;
 pub mod control;
 pub mod datapath;
 pub mod discovery;
+pub mod endpoints;
 pub mod flows;
 pub mod health;
 pub mod identity;

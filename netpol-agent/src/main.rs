@@ -27,8 +27,9 @@ struct NodeDirs {
     /// bpffs directory for pinned maps and links (a bpffs is mounted there if it is not on one).
     #[arg(long, default_value = "/sys/fs/bpf/netpol")]
     pin_dir: PathBuf,
-    /// Directory for the control socket and runtime files.
-    #[arg(long, default_value = "/run/netpol-agent")]
+    /// Directory for the control socket and the saved cluster state; on a disk that survives
+    /// reboots, so a rebooted node enforces the last state before the API answers.
+    #[arg(long, default_value = "/var/lib/netpol-agent")]
     state_dir: PathBuf,
 }
 
@@ -108,6 +109,12 @@ enum Command {
         metrics_addr: String,
         #[command(flatten)]
         ct: CtTimeoutArgs,
+        /// What a pod veth may do before the agent knows its pod (programs are attached as soon
+        /// as the veth appears): `drop` lets only the node talk to it; `allow-unselected` also
+        /// leaves it open in a direction when no policy isolates any pod of this node that has no
+        /// endpoint yet (the veth can only be one of them).
+        #[arg(long, value_enum, default_value = "drop")]
+        pending: netpol_agent::compiler::PendingRule,
     },
     /// Show the running agent's endpoints, map use, counters and problems.
     Status {
@@ -336,6 +343,7 @@ fn main() -> anyhow::Result<()> {
                 metrics_addr,
                 dirs,
                 ct,
+                pending,
             } => {
                 let health_addr = match health_addr.as_str() {
                     "off" | "" => None,
@@ -361,6 +369,7 @@ fn main() -> anyhow::Result<()> {
                     metrics_addr,
                     ct_timeouts: ct.timeouts()?,
                     ct_quota: ct.ct_quota_per_endpoint,
+                    pending_rule: pending,
                 })
                 .await
             }

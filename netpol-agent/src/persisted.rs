@@ -43,8 +43,42 @@ pub struct Persisted {
     pub node: String,
     /// When it was written, in seconds since the Unix epoch.
     pub saved_unix: u64,
+    /// The kernel's boot id when it was written (`/proc/sys/kernel/random/boot_id`): after a
+    /// reboot every sandbox is new, so the saved addresses of this node's pods say nothing about
+    /// which veth is whose.
+    #[serde(default)]
+    pub boot_id: Option<String>,
     /// The cluster state, with `ignored` empty.
     pub state: ClusterState,
+}
+
+/// Where the kernel tells its boot id (a new random UUID at every boot).
+const BOOT_ID_PATH: &str = "/proc/sys/kernel/random/boot_id";
+
+/// This boot's id, if the kernel tells it.
+pub fn current_boot_id() -> Option<String> {
+    fs::read_to_string(BOOT_ID_PATH)
+        .ok()
+        .map(|s| s.trim().to_owned())
+}
+
+impl Persisted {
+    /// The saved state as this boot may use it, and whether it was saved before a reboot. After a
+    /// reboot (or when either boot id is unknown) the addresses of `node`'s pods are forgotten:
+    /// new sandboxes may have been given old addresses of other pods, so those pods' veths stay
+    /// pending until the source or the CNI plugin names them. Policies and other nodes' pods stay.
+    pub fn for_boot(self, boot_id: Option<&str>) -> (ClusterState, bool) {
+        let same_boot = matches!((self.boot_id.as_deref(), boot_id), (Some(a), Some(b)) if a == b);
+        let mut state = self.state;
+        if !same_boot {
+            for pod in state.pods.values_mut() {
+                if pod.node_name.as_deref() == Some(self.node.as_str()) {
+                    pod.ips.clear();
+                }
+            }
+        }
+        (state, !same_boot)
+    }
 }
 
 /// Why the state could not be saved or loaded. Every variant names the file (or directory).
@@ -94,6 +128,7 @@ struct Saving<'a> {
     version: u32,
     node: &'a str,
     saved_unix: u64,
+    boot_id: Option<String>,
     state: StateView<'a>,
 }
 
@@ -152,6 +187,7 @@ pub fn save(dir: &Path, node: &str, state: &ClusterState) -> Result<(), PersistE
         version: FORMAT_VERSION,
         node,
         saved_unix,
+        boot_id: current_boot_id(),
         state: StateView::of(state),
     })
     .map_err(|source| PersistError::Encode {
@@ -229,6 +265,60 @@ pub fn load(dir: &Path, node: &str) -> Result<Option<Persisted>, PersistError> {
         });
     }
     Ok(Some(persisted))
+}
+
+#[cfg(test)]
+mod boot_tests {
+    use super::*;
+    use crate::model::{Object, Pod};
+
+    fn saved(boot_id: Option<&str>) -> Persisted {
+        let mut state = ClusterState::default();
+        for (name, node) in [("local", "n0"), ("remote", "n1")] {
+            state.insert(Object::Pod(Pod {
+                key: PodKey::new("x", name),
+                labels: Default::default(),
+                node_name: Some(node.into()),
+                host_network: false,
+                phase: Some("Running".into()),
+                ips: vec!["10.42.0.10".parse().unwrap()],
+                ports: Vec::new(),
+            }));
+        }
+        Persisted {
+            version: FORMAT_VERSION,
+            node: "n0".into(),
+            saved_unix: 1,
+            boot_id: boot_id.map(Into::into),
+            state,
+        }
+    }
+
+    #[test]
+    fn the_same_boot_keeps_every_address() {
+        let (state, rebooted) = saved(Some("b1")).for_boot(Some("b1"));
+        assert!(!rebooted);
+        assert!(state.pods.values().all(|p| !p.ips.is_empty()));
+    }
+
+    #[test]
+    fn after_a_reboot_this_nodes_pods_lose_their_addresses_and_others_keep_them() {
+        for (saved_boot, now) in [
+            (Some("b1"), Some("b2")),
+            (None, Some("b2")),
+            (Some("b1"), None),
+        ] {
+            let (state, rebooted) = saved(saved_boot).for_boot(now);
+            assert!(rebooted);
+            assert!(state.pods[&PodKey::new("x", "local")].ips.is_empty());
+            assert!(!state.pods[&PodKey::new("x", "remote")].ips.is_empty());
+        }
+    }
+
+    #[test]
+    fn this_machine_has_a_boot_id() {
+        assert!(current_boot_id().is_some_and(|id| id.len() == 36));
+    }
 }
 
 #[cfg(test)]

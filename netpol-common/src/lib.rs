@@ -203,6 +203,9 @@ pub mod endpoint_flags {
     pub const ISOLATED_INGRESS: u32 = 1 << 0;
     /// Some policy selects the pod for egress: only allowed traffic may leave it.
     pub const ISOLATED_EGRESS: u32 = 1 << 1;
+    /// The agent has not matched the veth with a pod yet (or no longer can): the endpoint is
+    /// isolated as the pending rule says and its denials are counted as `pending`.
+    pub const PENDING: u32 = 1 << 2;
 }
 
 /// Value of the ENDPOINTS map, keyed by the host veth's ifindex (which is also the endpoint id used
@@ -278,6 +281,8 @@ pub mod identity {
     pub const HOST: u32 = 1;
     /// Wildcard peer in [`super::PolicyKey`]: a rule that allows every peer (no `from`/`to`).
     pub const ANY: u32 = 2;
+    /// An address of a local endpoint whose pod is not identified yet: it matches no pod selector.
+    pub const PENDING: u32 = 3;
     /// First identity given to pods.
     pub const FIRST_POD: u32 = 256;
     /// First identity given to ipBlock prefixes; pod identities stay below it.
@@ -428,6 +433,9 @@ pub enum Reason {
     /// Dropped: a packet whose Service egress verdict was deferred to after DNAT, but whose client
     /// pod cannot be identified there (masqueraded, or not a local pod): never left undecided.
     DroppedServiceUnresolved = 24,
+    /// Dropped: the veth belongs to a pod the agent has not identified yet (attached on sight), or
+    /// no longer can (its pod is gone or two veths claim one address); only the node may talk to it.
+    DroppedPending = 25,
 }
 
 /// Length of the COUNTERS array: one slot per [`Reason`] code.
@@ -435,7 +443,7 @@ pub const REASON_SLOTS: u32 = 32;
 
 impl Reason {
     /// Every reason, for userspace reporting.
-    pub const ALL: [Reason; 18] = [
+    pub const ALL: [Reason; 19] = [
         Reason::AllowedNotPoliced,
         Reason::AllowedNotIsolated,
         Reason::AllowedPolicy,
@@ -454,6 +462,7 @@ impl Reason {
         Reason::DroppedEtherType,
         Reason::DroppedNotForPod,
         Reason::DroppedServiceUnresolved,
+        Reason::DroppedPending,
     ];
 
     /// True for the reasons that drop the packet.
@@ -482,6 +491,7 @@ impl Reason {
             Reason::DroppedEtherType => "ethertype",
             Reason::DroppedNotForPod => "not-for-pod",
             Reason::DroppedServiceUnresolved => "service-unresolved",
+            Reason::DroppedPending => "pending",
         }
     }
 }

@@ -910,6 +910,9 @@ fn policy(pkt: &Packet, ifindex: u32, ep_flags: u32, dir: Direction, ask: Ask) -
     if let Some(v) = POLICY.get(&key) {
         return allowed(&mut key, v.policy);
     }
+    if ep_flags & endpoint_flags::PENDING != 0 {
+        return reason_only(Reason::DroppedPending) | DECIDED;
+    }
     reason_only(denied) | DECIDED
 }
 

@@ -18,6 +18,8 @@ struct Cluster {
     state: ClusterState,
     endpoints: BTreeMap<PodKey, u32>,
     host_addrs: Vec<IpAddr>,
+    pending: PendingEndpoints,
+    pending_rule: PendingRule,
 }
 
 fn ip(s: &str) -> IpAddr {
@@ -37,6 +39,8 @@ impl Cluster {
             state: ClusterState::default(),
             endpoints: BTreeMap::new(),
             host_addrs: vec![ip("192.168.1.10")],
+            pending: BTreeMap::new(),
+            pending_rule: PendingRule::Drop,
         };
         c.namespace("default", &[]);
         c
@@ -113,6 +117,8 @@ impl Cluster {
             endpoints: &self.endpoints,
             host_addrs: &self.host_addrs,
             links: &BTreeMap::new(),
+            pending: &self.pending,
+            pending_rule: self.pending_rule,
         });
         check_invariants(&c);
         c
@@ -128,7 +134,14 @@ fn check_invariants(c: &Compiled) {
         );
         assert!(c.endpoints.contains_key(&key.endpoint));
         assert_ne!(key.identity, identity::NONE);
-        assert_ne!(key.identity, identity::HOST);
+        // The node is a rule peer only for a pending endpoint's egress (its one way out).
+        if key.identity == identity::HOST {
+            assert_ne!(
+                c.endpoints[&key.endpoint].flags & endpoint_flags::PENDING,
+                0
+            );
+            assert_eq!(key.direction, Egress as u8);
+        }
     }
     for (net, len) in c.cidrs.keys() {
         assert_eq!(Prefix::new(*net, *len).addr(), *net, "host bits set");
@@ -1489,4 +1502,110 @@ ports: [{{name: pg, port: 5432, protocol: TCP}}]
         None,
         "outside the cluster"
     );
+}
+
+// Pending endpoints: veths with programs whose pod the agent does not know (yet).
+
+/// A pending veth with peer addresses `addrs`.
+fn pending(c: &mut Cluster, ifindex: u32, addrs: &[&str]) {
+    c.pending.insert(
+        ifindex,
+        Pending {
+            addrs: addrs.iter().map(|s| ip(s)).collect(),
+            reason: PendingReason::UnknownPod,
+        },
+    );
+}
+
+#[test]
+fn a_pending_endpoint_talks_to_the_node_only() {
+    let mut c = Cluster::new();
+    let a = c.local("default", "a", &[("app", "a")], &["10.42.0.10"]);
+    c.policy(
+        "default",
+        "allow-all",
+        "podSelector: {}\ningress: [{}]\negress: [{}]\npolicyTypes: [Ingress, Egress]",
+    );
+    pending(&mut c, 99, &["10.42.0.99"]);
+    let out = c.compile();
+    let info = out.endpoints[&99];
+    assert_eq!(
+        info.flags,
+        endpoint_flags::ISOLATED_INGRESS
+            | endpoint_flags::ISOLATED_EGRESS
+            | endpoint_flags::PENDING
+    );
+    // Its own address is its own (anti-spoofing passes), as no pod's.
+    let own = out.ipcache[&ip_key(ip("10.42.0.99"))];
+    assert_eq!((own.identity, own.endpoint), (identity::PENDING, 99));
+    // The node, and only the node, both ways; an allow-all policy of a namespace does not reach it.
+    assert!(out.allows(99, ip("192.168.1.10"), Ingress, TCP, 8080));
+    assert!(out.allows(99, ip("192.168.1.10"), Egress, UDP, 53));
+    assert!(!out.allows(99, ip("10.42.0.10"), Ingress, TCP, 80));
+    assert!(!out.allows(99, ip("10.42.0.10"), Egress, TCP, 80));
+    assert!(!out.allows(99, ip("1.1.1.1"), Egress, TCP, 443));
+    // A pod that could talk to anyone still cannot be reached by its address as a pod peer.
+    assert!(
+        out.allows(a, ip("10.42.0.99"), Egress, TCP, 80),
+        "allow-all lets a send"
+    );
+}
+
+#[test]
+fn a_pending_endpoint_never_takes_a_pod_or_node_address() {
+    let mut c = Cluster::new();
+    c.local("default", "a", &[], &["10.42.0.10"]);
+    pending(&mut c, 99, &["10.42.0.10", "192.168.1.10"]);
+    let out = c.compile();
+    assert_ne!(out.ipcache[&ip_key(ip("10.42.0.10"))].endpoint, 99);
+    assert_eq!(
+        out.ipcache[&ip_key(ip("192.168.1.10"))].identity,
+        identity::HOST
+    );
+}
+
+#[test]
+fn allow_unselected_opens_only_the_directions_no_policy_isolates_for_any_candidate_pod() {
+    let mut c = Cluster::new();
+    c.pending_rule = PendingRule::AllowUnselected;
+    // No local pod without an endpoint: the veth is a pod the agent does not know, closed.
+    pending(&mut c, 99, &["10.42.0.99"]);
+    let both = endpoint_flags::ISOLATED_INGRESS | endpoint_flags::ISOLATED_EGRESS;
+    assert_eq!(c.compile().endpoints[&99].flags & both, both);
+
+    // One candidate (on this node, no endpoint yet) in a namespace without policy: open.
+    c.namespace("free", &[]);
+    c.pod_on("node-b", "free", "new", &[("app", "new")], &[]);
+    c.state
+        .pods
+        .get_mut(&PodKey::new("free", "new"))
+        .unwrap()
+        .node_name = Some(NODE.into());
+    assert_eq!(c.compile().endpoints[&99].flags & both, 0);
+
+    // A policy that isolates the candidate for ingress only: ingress closed, egress open.
+    c.policy(
+        "free",
+        "deny-in",
+        "podSelector: {matchLabels: {app: new}}\npolicyTypes: [Ingress]",
+    );
+    assert_eq!(
+        c.compile().endpoints[&99].flags & both,
+        endpoint_flags::ISOLATED_INGRESS
+    );
+
+    // A second candidate whose namespace denies egress: both closed.
+    c.namespace("locked", &[]);
+    c.pod_on("node-b", "locked", "other", &[], &[]);
+    c.state
+        .pods
+        .get_mut(&PodKey::new("locked", "other"))
+        .unwrap()
+        .node_name = Some(NODE.into());
+    c.policy(
+        "locked",
+        "deny-out",
+        "podSelector: {}\npolicyTypes: [Egress]",
+    );
+    assert_eq!(c.compile().endpoints[&99].flags & both, both);
 }

@@ -306,6 +306,30 @@ impl Datapath {
         errors
     }
 
+    /// Gives the veth `ifindex` an ENDPOINTS entry if it has none, without touching anything else:
+    /// before the agent has any cluster state it may attach to a new veth (pending), but must not
+    /// rewrite what a previous agent left. Returns whether it wrote one.
+    pub fn add_endpoint_if_absent(
+        &mut self,
+        ifindex: u32,
+        info: EndpointInfo,
+    ) -> Result<bool, MapError> {
+        if self.current.endpoints.contains_key(&ifindex) {
+            return Ok(false);
+        }
+        // BPF_NOEXIST (linux/bpf.h; libc has no constant): an entry already there is kept.
+        const BPF_NOEXIST: u64 = 1;
+        match self.endpoints.insert(ifindex, info, BPF_NOEXIST) {
+            Ok(()) => {}
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {
+                return Ok(false);
+            }
+            Err(e) => return Err(e),
+        }
+        self.current.endpoints.insert(ifindex, info);
+        Ok(true)
+    }
+
     /// Sets how long the datapath keeps idle flows, by state, and how many entries one endpoint may
     /// hold (0: [`netpol_common::DEFAULT_CT_QUOTA`]).
     pub fn set_conntrack(&mut self, timeouts: &CtTimeouts, quota: u32) -> Result<(), MapError> {

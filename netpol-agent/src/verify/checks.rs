@@ -374,6 +374,9 @@ fn flags_text(flags: u32) -> String {
     if flags & endpoint_flags::ISOLATED_EGRESS != 0 {
         parts.push("egress-isolated");
     }
+    if flags & endpoint_flags::PENDING != 0 {
+        parts.push("pending");
+    }
     if parts.is_empty() {
         "not isolated".to_owned()
     } else {
@@ -381,10 +384,37 @@ fn flags_text(flags: u32) -> String {
     }
 }
 
+/// How long a veth may stay pending before `verify` reports it: a new pod is pending until the
+/// API reports its address (or the CNI plugin claims it), normally well under this.
+pub const PENDING_GRACE_SECONDS: u64 = 5;
+
+/// The veths pending for longer than [`PENDING_GRACE_SECONDS`]: their pod's traffic is dropped.
+fn long_pending(s: &Status, now: u64) -> Vec<String> {
+    s.endpoints
+        .iter()
+        .filter_map(|e| {
+            let reason = e.pending.as_deref()?;
+            let since = e.pending_since_unix?;
+            let age = now.saturating_sub(since);
+            (age > PENDING_GRACE_SECONDS).then(|| format!(
+                "{} (ifindex {}, peer {}): pending ({reason}) for {age}s: only the node can reach it; is its pod in the cluster state with this address?",
+                e.ifname,
+                e.ifindex,
+                e.ips.join(", ")
+            ))
+        })
+        .collect()
+}
+
 /// `coverage.endpoints`: every local pod of the cluster state has an endpoint, and the datapath holds
 /// that endpoint with the agent's isolation flags at the agent's generation. Pod veths the agent does
 /// not know are listed.
-pub fn coverage(status: Option<&Status>, pods: &LocalPods, d: &DatapathEvidence) -> Check {
+pub fn coverage(
+    status: Option<&Status>,
+    pods: &LocalPods,
+    d: &DatapathEvidence,
+    now_unix: u64,
+) -> Check {
     const NAME: &str = "coverage.endpoints";
     let Some(s) = status else {
         return Check::warn(NAME, "not checked: needs the agent's status");
@@ -416,6 +446,9 @@ pub fn coverage(status: Option<&Status>, pods: &LocalPods, d: &DatapathEvidence)
                 if e.isolated_egress {
                     want |= endpoint_flags::ISOLATED_EGRESS;
                 }
+                if e.pending.is_some() {
+                    want |= endpoint_flags::PENDING;
+                }
                 match map.get(&e.ifindex) {
                     None => problems.push(format!(
                         "{} on {}: no entry for ifindex {} in {} (its packets are dropped as unknown-endpoint)",
@@ -424,7 +457,7 @@ pub fn coverage(status: Option<&Status>, pods: &LocalPods, d: &DatapathEvidence)
                         e.ifindex,
                         map_names::ENDPOINTS
                     )),
-                    Some(f) if f & want != want || f & !want & 0b11 != 0 => problems.push(format!(
+                    Some(f) if f & want != want || f & !want & 0b111 != 0 => problems.push(format!(
                         "{} on {}: datapath has {}, the agent computed {}",
                         e.pod,
                         e.ifname,
@@ -446,16 +479,17 @@ pub fn coverage(status: Option<&Status>, pods: &LocalPods, d: &DatapathEvidence)
         Err(e) => problems.push(format!("cannot read {}: {e}", map_names::CONFIG)),
     }
     for v in &d.other_veths {
-        if v.bridge.is_some() && !v.peer_addrs.is_empty() && v.attached.is_empty() {
+        if v.bridge.is_some() && v.attached.is_empty() {
             let ips: Vec<String> = v.peer_addrs.iter().map(ToString::to_string).collect();
-            warnings.push(format!(
-                "{} (port of {}, peer {}): pod veth without an attachment; its pod is not a local pod in the agent's state, so it is not policed",
+            problems.push(format!(
+                "{} (port of {}, peer {}): pod veth without the agent's programs: not policed (the agent attaches to every bridge port whose peer is in another namespace as soon as it appears)",
                 v.ifname,
                 v.bridge.as_deref().unwrap_or_default(),
                 ips.join(", ")
             ));
         }
     }
+    warnings.extend(long_pending(s, now_unix));
     if let Some(e) = &d.discovery_error {
         warnings.push(format!("could not list the veths: {e}"));
     }

@@ -187,10 +187,14 @@ pub async fn verify(opts: &VerifyOptions) -> Report {
     let mut checks = checks::kernel(&kernel);
     checks.push(checks::agent(&agent));
     checks.push(checks::attachments(&agent, &datapath));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
     checks.push(checks::coverage(
         agent.status.as_ref().ok(),
         &local_pods,
         &datapath,
+        now,
     ));
     checks.push(checks::other_engines(&engines));
     if opts.self_test {

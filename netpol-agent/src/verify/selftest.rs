@@ -657,6 +657,8 @@ fn policy_contents(ifindex: u32, link: EndpointLink) -> anyhow::Result<Contents>
         // allowed, and the probes must be policed.
         host_addrs: &[],
         links: &BTreeMap::from([(ifindex, link)]),
+        pending: &BTreeMap::new(),
+        pending_rule: crate::compiler::PendingRule::Drop,
     });
     if !compiled.errors.is_empty() {
         bail!("compiling the self-test policies: {:?}", compiled.errors);

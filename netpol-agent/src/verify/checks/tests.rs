@@ -91,6 +91,7 @@ fn status() -> Status {
                 isolated_ingress: true,
                 isolated_egress: false,
                 attached: true,
+                ..EndpointStatus::default()
             },
             EndpointStatus {
                 pod: "x/c".into(),
@@ -100,6 +101,7 @@ fn status() -> Status {
                 isolated_ingress: false,
                 isolated_egress: false,
                 attached: true,
+                ..EndpointStatus::default()
             },
         ],
         ..Status::default()
@@ -336,7 +338,7 @@ fn attachments_nothing_without_agent_fails() {
 #[test]
 fn coverage_pass() {
     let s = status();
-    let c = coverage(Some(&s), &local_pods(), &datapath_ok());
+    let c = coverage(Some(&s), &local_pods(), &datapath_ok(), NOW);
     assert_eq!(c.outcome, Outcome::Pass, "{c:#?}");
     assert!(c.summary.contains("2 local pods"));
 }
@@ -352,6 +354,7 @@ fn coverage_local_pod_without_endpoint_fails() {
         Some(&s),
         &LocalPods::Listed { source, pods },
         &datapath_ok(),
+        NOW,
     );
     assert_eq!(c.outcome, Outcome::Fail);
     assert!(c.details[0].starts_with("y/b (10.42.0.14)"), "{c:#?}");
@@ -362,7 +365,7 @@ fn coverage_datapath_disagreements() {
     let s = status();
     let mut d = datapath_ok();
     d.endpoint_map = Ok(BTreeMap::from([(11, 0)]));
-    let c = coverage(Some(&s), &local_pods(), &d);
+    let c = coverage(Some(&s), &local_pods(), &d, NOW);
     assert_eq!(c.outcome, Outcome::Fail);
     assert!(
         c.details
@@ -377,11 +380,17 @@ fn coverage_datapath_disagreements() {
 
     let mut d = datapath_ok();
     d.generation = Ok(4);
-    assert_eq!(coverage(Some(&s), &local_pods(), &d).outcome, Outcome::Warn);
+    assert_eq!(
+        coverage(Some(&s), &local_pods(), &d, NOW).outcome,
+        Outcome::Warn
+    );
 }
 
+/// The clock of the coverage checks.
+const NOW: u64 = 1_800_000_000;
+
 #[test]
-fn coverage_unknown_bridge_port_warns_other_veths_do_not() {
+fn coverage_unattached_bridge_port_fails_other_veths_do_not() {
     let s = status();
     let mut d = datapath_ok();
     d.other_veths.push(VethEvidence {
@@ -391,10 +400,58 @@ fn coverage_unknown_bridge_port_warns_other_veths_do_not() {
         bridge: Some("cni0".into()),
         attached: vec![],
     });
-    let c = coverage(Some(&s), &local_pods(), &d);
-    assert_eq!(c.outcome, Outcome::Warn);
+    let c = coverage(Some(&s), &local_pods(), &d, NOW);
+    assert_eq!(c.outcome, Outcome::Fail);
     assert_eq!(c.details.len(), 1, "{c:#?}");
     assert!(c.details[0].contains("vethdead") && c.details[0].contains("10.42.0.99"));
+    assert!(c.details[0].contains("not policed"), "{c:#?}");
+}
+
+#[test]
+fn coverage_warns_of_veths_pending_longer_than_the_grace() {
+    let mut s = status();
+    let pending = |ifindex: u32, since: u64| EndpointStatus {
+        ifname: format!("vethp{ifindex}"),
+        ifindex,
+        ips: vec!["10.42.0.77".into()],
+        isolated_ingress: true,
+        isolated_egress: true,
+        attached: true,
+        pending: Some("unknown-pod".into()),
+        pending_since_unix: Some(since),
+        ..EndpointStatus::default()
+    };
+    s.endpoints.push(pending(21, NOW - 1));
+    let mut d = datapath_ok();
+    if let Ok(map) = &mut d.endpoint_map {
+        map.insert(
+            21,
+            endpoint_flags::ISOLATED_INGRESS
+                | endpoint_flags::ISOLATED_EGRESS
+                | endpoint_flags::PENDING,
+        );
+        map.insert(
+            22,
+            endpoint_flags::ISOLATED_INGRESS
+                | endpoint_flags::ISOLATED_EGRESS
+                | endpoint_flags::PENDING,
+        );
+    }
+    assert_eq!(
+        coverage(Some(&s), &local_pods(), &d, NOW).outcome,
+        Outcome::Pass,
+        "a new pod is pending briefly"
+    );
+    s.endpoints.push(pending(22, NOW - 60));
+    let c = coverage(Some(&s), &local_pods(), &d, NOW);
+    assert_eq!(c.outcome, Outcome::Warn, "{c:#?}");
+    assert!(
+        c.details
+            .iter()
+            .any(|l| l.contains("vethp22") && l.contains("pending (unknown-pod) for 60s")),
+        "{c:#?}"
+    );
+    assert!(!c.details.iter().any(|l| l.contains("vethp21")), "{c:#?}");
 }
 
 #[test]
@@ -404,11 +461,12 @@ fn coverage_without_readable_source_uses_the_agent_list() {
         Some(&s),
         &LocalPods::Unavailable("source \"kubernetes\"".into()),
         &datapath_ok(),
+        NOW,
     );
     assert_eq!(c.outcome, Outcome::Pass, "{c:#?}");
     assert!(c.summary.contains("agent's own list"));
     assert_eq!(
-        coverage(None, &local_pods(), &datapath_ok()).outcome,
+        coverage(None, &local_pods(), &datapath_ok(), NOW).outcome,
         Outcome::Warn
     );
 }

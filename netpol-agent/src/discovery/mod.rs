@@ -4,7 +4,12 @@
 //! with an `RTM_GETADDR` dump targeted at the peer's namespace (`IFA_TARGET_NETNSID`, Linux 4.20+),
 //! so the agent never has to enter pod namespaces or know where containerd mounted them. The
 //! agent matches those addresses with the pods the cluster state puts on this node; a veth that
-//! matches no local pod is never touched.
+//! matches no local pod is pending: it gets the programs at once and only the node may talk to it.
+//!
+//! [`events`] wakes the agent on every link and address change, so a new veth is seen within
+//! milliseconds; the periodic scan stays as a safety net for lost notifications.
+
+pub mod events;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -54,6 +59,9 @@ pub struct PodVeth {
     pub peer_addrs: Vec<IpAddr>,
     /// What the peer really is at layer 2: the datapath holds the pod to it.
     pub peer_link: PeerLink,
+    /// A port of a bridge (`cni0`): the CNI bridge plugin makes every pod veth one, so such a veth
+    /// is policed from the moment it is seen, before its pod is known.
+    pub bridged: bool,
 }
 
 /// The link identity of a veth's peer (the pod's interface).
@@ -321,6 +329,8 @@ struct LinkAttrs<'a> {
     netnsid: Option<i32>,
     /// `IFLA_LINK`: the peer's ifindex for a veth.
     peer: Option<u32>,
+    /// `IFLA_MASTER`: the bridge the link is a port of.
+    master: Option<u32>,
 }
 
 impl<'a> LinkAttrs<'a> {
@@ -330,6 +340,7 @@ impl<'a> LinkAttrs<'a> {
             kind: None,
             netnsid: None,
             peer: None,
+            master: None,
         };
         for attr in &link.attributes {
             match attr {
@@ -342,6 +353,7 @@ impl<'a> LinkAttrs<'a> {
                 }
                 LinkAttribute::LinkNetNsId(id) => a.netnsid = Some(*id),
                 LinkAttribute::Link(index) => a.peer = Some(*index),
+                LinkAttribute::Controller(index) => a.master = Some(*index),
                 _ => {}
             }
         }
@@ -372,5 +384,6 @@ fn pod_veth_of(link: &LinkMessage) -> Option<PodVeth> {
         peer_ifindex: a.peer?,
         peer_addrs: Vec::new(),
         peer_link: PeerLink::default(),
+        bridged: a.master.is_some(),
     })
 }

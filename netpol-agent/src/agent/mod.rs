@@ -1,0 +1,180 @@
+//! The `run` loop: source -> cluster state -> compiler -> datapath, re-run on every change of the
+//! cluster, of the node's links and addresses, and on every request of the CNI plugin.
+
+mod cni;
+mod sync;
+
+use std::{
+    fs::File,
+    net::SocketAddr,
+    os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use tokio::{net::UnixListener, signal::unix::SignalKind, sync::mpsc};
+
+use crate::{
+    compiler::PendingRule,
+    control::{self, SharedStatus, Status},
+    datapath::{Datapath, PinLayout},
+    discovery::{Discovery, events},
+    metrics,
+    observe::{self, Observer},
+    source::{self, SourceConfig},
+};
+
+/// How often the node's veths are re-read even without a notification (a safety net: link and
+/// address notifications wake the loop within milliseconds), and the counters refreshed.
+const RESCAN_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Settings of `netpol-agent run`.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub node_name: String,
+    pub source: SourceConfig,
+    pub layout: PinLayout,
+    /// Control socket and the persisted cluster state (a directory that survives reboots).
+    pub state_dir: PathBuf,
+    /// Where `/healthz` and `/readyz` are served (`None`: not served).
+    pub health_addr: Option<std::net::SocketAddr>,
+    /// Where `/metrics` is served (`--metrics-addr`); None: not served.
+    pub metrics_addr: Option<SocketAddr>,
+    /// How long the datapath keeps idle flows, by state.
+    pub ct_timeouts: netpol_common::CtTimeouts,
+    /// Most conntrack entries one endpoint may hold.
+    pub ct_quota: u32,
+    /// What a veth that has programs but no pod yet may do (`--pending`).
+    pub pending_rule: PendingRule,
+}
+
+/// Takes an exclusive `flock` on a directory, so two agents can never share a pin or state directory.
+fn lock_dir(path: &Path, what: &str) -> anyhow::Result<File> {
+    let dir = File::open(path).with_context(|| format!("opening {what} {}", path.display()))?;
+    // SAFETY: flock on a valid, owned file descriptor.
+    let rc = unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        bail!(
+            "{what} {} is in use by another netpol-agent (pick another directory or stop that agent)",
+            path.display()
+        );
+    }
+    Ok(dir)
+}
+
+fn check_kernel() -> anyhow::Result<()> {
+    let v = aya::util::KernelVersion::current().context("reading the kernel version")?;
+    if v < aya::util::KernelVersion::new(6, 6, 0) {
+        bail!(
+            "kernel {v:?} has no TCX (needs Linux 6.6 or newer): netpol-agent cannot attach its programs"
+        );
+    }
+    Ok(())
+}
+
+/// The servers beside the sync loop, stopped when the loop ends.
+struct Servers(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for Servers {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
+}
+
+/// Runs the agent until SIGTERM or SIGINT. Enforcement stays in place when it returns.
+pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
+    // Everything that can fail on bad settings fails before anything is attached.
+    check_kernel()?;
+    let mut snapshots = source::spawn(&cfg.source).await?;
+    std::fs::create_dir_all(&cfg.state_dir)
+        .with_context(|| format!("creating the state directory {}", cfg.state_dir.display()))?;
+    let _state_lock = lock_dir(&cfg.state_dir, "state directory")?;
+    cfg.layout.prepare().with_context(|| {
+        format!(
+            "preparing the pin directory {}",
+            cfg.layout.root().display()
+        )
+    })?;
+    let _pin_lock = lock_dir(cfg.layout.root(), "pin directory")?;
+    let mut datapath = Datapath::open(cfg.layout.clone()).context("loading the datapath")?;
+    datapath
+        .set_conntrack(&cfg.ct_timeouts, cfg.ct_quota)
+        .context("setting the conntrack timeouts and quota")?;
+    let discovery = Discovery::new().context("opening rtnetlink")?;
+    let link_events = events::subscribe().context("subscribing to rtnetlink notifications")?;
+
+    let socket = control::socket_path(&cfg.state_dir);
+    let _ = std::fs::remove_file(&socket);
+    let listener =
+        UnixListener::bind(&socket).with_context(|| format!("binding {}", socket.display()))?;
+    let status: SharedStatus = Arc::new(Mutex::new(Status {
+        node: cfg.node_name.clone(),
+        pin_dir: cfg.layout.root().display().to_string(),
+        source: cfg.source.describe(),
+        ..Status::default()
+    }));
+    let observer = Observer::new(cfg.layout.clone());
+    let (cni_tx, mut cni_rx) = mpsc::channel(256);
+    let heartbeat = crate::health::Heartbeat::default();
+    let mut servers = Servers(vec![
+        tokio::spawn(observe::run(observer.clone())),
+        tokio::spawn(control::serve(
+            listener,
+            status.clone(),
+            Some(observer.clone()),
+            Some(cni_tx),
+        )),
+    ]);
+    if let Some(addr) = cfg.metrics_addr {
+        let registry = metrics::registry(observer.clone(), status.clone());
+        servers
+            .0
+            .push(tokio::spawn(metrics::bind(addr, registry).await?));
+    }
+    if let Some(addr) = cfg.health_addr {
+        servers.0.push(tokio::spawn(
+            crate::health::bind(addr, status.clone(), heartbeat.clone()).await?,
+        ));
+    }
+    // One look at the node's iptables for kube-router's rules, off the sync loop's thread.
+    tokio::task::spawn_blocking(crate::kube_router::warn_if_present);
+
+    tracing::info!(node = %cfg.node_name, source = %cfg.source.describe(), pin_dir = %cfg.layout.root().display(), pending = ?cfg.pending_rule, "agent started");
+    let mut sync = sync::Sync::new(cfg.clone(), datapath, discovery, status);
+    sync.observer = Some(observer);
+    sync.load_persisted();
+    sync.take_snapshot(&snapshots.borrow_and_update());
+    sync.reconcile();
+    let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())
+        .context("installing SIGTERM handler")?;
+    let mut tick = tokio::time::interval(RESCAN_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = link_events.notified() => sync.reconcile(),
+            Some(request) = cni_rx.recv() => sync.take_cni(request),
+            changed = snapshots.changed() => {
+                if changed.is_err() {
+                    bail!("the cluster-state source stopped");
+                }
+                sync.take_snapshot(&snapshots.borrow_and_update());
+                sync.reconcile();
+            }
+            _ = tick.tick() => {
+                sync.reconcile();
+                sync.housekeeping();
+                heartbeat.beat();
+            }
+            _ = sigterm.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+        }
+    }
+    sync.save_state(true);
+    drop(servers);
+    let _ = std::fs::remove_file(&socket);
+    tracing::info!("agent stopped; the last programmed policy stays enforced");
+    Ok(())
+}
