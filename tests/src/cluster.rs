@@ -169,6 +169,14 @@ pub fn default_agent_bin() -> PathBuf {
     target_dir().join("debug").join("netpol-agent")
 }
 
+/// The CNI plugin binary: `$NETPOL_CNI_BIN`, else `<workspace>/target/debug/netpol-cni`.
+pub fn default_cni_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("NETPOL_CNI_BIN") {
+        return PathBuf::from(p);
+    }
+    target_dir().join("debug").join("netpol-cni")
+}
+
 /// The probe binary: `$NETPOL_PROBE_BIN`, else `<workspace>/target/debug/netpol-probe`. Tests of
 /// this package should rather pass `env!("CARGO_BIN_EXE_netpol-probe")`.
 pub fn default_probe_bin() -> PathBuf {
@@ -375,6 +383,9 @@ pub struct Cluster {
     pub prefix: String,
     pub nodes: Vec<Node>,
     pub pods: Vec<Pod>,
+    /// Pods scheduled here whose IPs the API does not report yet ([`Cluster::schedule_pod`]):
+    /// `objects.yaml` shows them with phase Pending and no addresses.
+    pub starting: Vec<Pod>,
     pub namespaces: Vec<Namespace>,
     pub tmp_dir: PathBuf,
     pub manifest_dir: PathBuf,
@@ -432,6 +443,7 @@ impl Cluster {
             prefix: prefix.clone(),
             nodes: Vec::new(),
             pods: Vec::new(),
+            starting: Vec::new(),
             namespaces: Vec::new(),
             tmp_dir: tmp_dir.clone(),
             manifest_dir: manifest_dir.clone(),
@@ -742,7 +754,12 @@ impl Cluster {
             );
             push_labels(&mut y, &ns.labels);
         }
-        for p in &self.pods {
+        for (p, running) in self
+            .pods
+            .iter()
+            .map(|p| (p, true))
+            .chain(self.starting.iter().map(|p| (p, false)))
+        {
             let node = &self.nodes[p.node];
             y.push_str("---\napiVersion: v1\nkind: Pod\nmetadata:\n");
             let _ = writeln!(y, "  name: {}", yaml_str(&p.name));
@@ -761,6 +778,11 @@ impl Cluster {
                     let _ = writeln!(y, "      containerPort: {port}");
                     let _ = writeln!(y, "      protocol: {proto}");
                 }
+            }
+            if !running {
+                // Scheduled, sandbox being made: the kubelet has not reported addresses yet.
+                y.push_str("status:\n  phase: Pending\n");
+                continue;
             }
             y.push_str("status:\n  phase: Running\n");
             let _ = writeln!(y, "  hostIP: {}", yaml_str(&node.underlay_v4.to_string()));
@@ -875,23 +897,82 @@ impl Cluster {
         labels: &[(&str, &str)],
         ports: &[u16],
     ) -> Result<Pod> {
+        let pod = self.allocate_pod(namespace, name, node, labels)?;
+        let id = pod.id();
+        if ports != PORTS {
+            self.serve_ports.insert(id.clone(), ports.to_vec());
+        }
+        self.wire(&pod)?;
+        let (child, log) = self.spawn_server(&pod)?;
+        self.servers.push((id.clone(), child));
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !fs::read_to_string(&log).is_ok_and(|s| s.lines().any(|l| l == "READY")) {
+            if Instant::now() > deadline {
+                bail!("probe server of {id} not ready in time");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.pods.push(pod.clone());
+        self.write_objects()?;
+        Ok(pod)
+    }
+
+    /// A pod as the API shows it once it is scheduled on `node`: its object (phase Pending, no
+    /// addresses) is written, nothing is wired yet. [`Cluster::wire`] makes its sandbox's network as
+    /// the CNI bridge plugin does, [`Cluster::report_pod_ip`] publishes its addresses as the kubelet
+    /// does. No probe server runs in it.
+    pub fn schedule_pod(
+        &mut self,
+        namespace: &str,
+        name: &str,
+        node: usize,
+        labels: &[(&str, &str)],
+    ) -> Result<Pod> {
+        let pod = self.allocate_pod(namespace, name, node, labels)?;
+        self.starting.push(pod.clone());
+        self.write_objects()?;
+        Ok(pod)
+    }
+
+    /// Publishes the addresses of a pod of [`Cluster::starting`] (it becomes Running in
+    /// `objects.yaml`).
+    pub fn report_pod_ip(&mut self, id: &str) -> Result<()> {
+        let i = self
+            .starting
+            .iter()
+            .position(|p| p.id() == id)
+            .ok_or_else(|| anyhow!("no starting pod {id}"))?;
+        let pod = self.starting.remove(i);
+        self.pods.push(pod);
+        self.write_objects()
+    }
+
+    /// Names and addresses for a new pod (`10.42.N.(10+k)`, the next free ones).
+    fn allocate_pod(
+        &self,
+        namespace: &str,
+        name: &str,
+        node: usize,
+        labels: &[(&str, &str)],
+    ) -> Result<Pod> {
         let id = format!("{namespace}/{name}");
         if !self.namespaces.iter().any(|n| n.name == namespace) {
             bail!("no namespace {namespace}");
         }
-        if self.pods.iter().any(|p| p.id() == id) {
+        if self.pods.iter().chain(&self.starting).any(|p| p.id() == id) {
             bail!("pod {id} exists");
         }
         let host = self
             .pods
             .iter()
+            .chain(&self.starting)
             .map(|p| p.ipv4.octets()[3])
             .max()
             .unwrap_or(9)
             + 1;
         let seg6 = u16::from_str_radix(&host.to_string(), 16).context("pod number")?;
         let prefix = &self.prefix;
-        let pod = Pod {
+        Ok(Pod {
             namespace: namespace.to_string(),
             name: name.to_string(),
             node,
@@ -908,11 +989,20 @@ impl Cluster {
                 fnv(&format!("{prefix}/{id}/uid")),
                 host
             ),
-        };
-        if ports != PORTS {
-            self.serve_ports.insert(id.clone(), ports.to_vec());
-        }
-        let n = &self.nodes[node];
+        })
+    }
+
+    /// The pod's netns and veth, wired as the CNI bridge plugin does: [`Cluster::wire_link`], then
+    /// [`Cluster::configure_pod`].
+    pub fn wire(&mut self, pod: &Pod) -> Result<()> {
+        self.wire_link(pod)?;
+        self.configure_pod(pod)
+    }
+
+    /// The first half of the bridge plugin's work: the pod's netns, and a veth made with its peer
+    /// there, joined to `cni0` and up. The pod side is still down and has no address.
+    pub fn wire_link(&mut self, pod: &Pod) -> Result<()> {
+        let n = &self.nodes[pod.node];
         self.netns.push(pod.netns.clone());
         run(Command::new("ip").args(["netns", "add", &pod.netns]))?;
         let mut b = String::new();
@@ -924,7 +1014,12 @@ impl Cluster {
         writeln!(b, "link set {} master cni0", pod.host_veth)?;
         writeln!(b, "link set {} type bridge_slave hairpin on", pod.host_veth)?;
         writeln!(b, "link set {} up", pod.host_veth)?;
-        run_batch("ip", &["-n", &n.name], &b)?;
+        run_batch("ip", &["-n", &n.name], &b)
+    }
+
+    /// The second half: the pod side gets its addresses, comes up and gets its routes.
+    pub fn configure_pod(&self, pod: &Pod) -> Result<()> {
+        let n = &self.nodes[pod.node];
         let mut b = String::new();
         writeln!(b, "link set lo up")?;
         writeln!(b, "addr add {}/24 dev eth0", pod.ipv4)?;
@@ -932,19 +1027,7 @@ impl Cluster {
         writeln!(b, "link set eth0 up")?;
         writeln!(b, "route add default via {}", n.gateway_v4())?;
         writeln!(b, "route add default via {}", n.gateway_v6())?;
-        run_batch("ip", &["-n", &pod.netns], &b)?;
-        let (child, log) = self.spawn_server(&pod)?;
-        self.servers.push((id.clone(), child));
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while !fs::read_to_string(&log).is_ok_and(|s| s.lines().any(|l| l == "READY")) {
-            if Instant::now() > deadline {
-                bail!("probe server of {id} not ready in time");
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        self.pods.push(pod.clone());
-        self.write_objects()?;
-        Ok(pod)
+        run_batch("ip", &["-n", &pod.netns], &b)
     }
 
     // ---------------------------------------------------------------- agents

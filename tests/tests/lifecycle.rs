@@ -187,7 +187,12 @@ fn wait_synced(c: &Cluster, node: usize) -> Status {
         CONVERGE,
         || {
             let s = status(c, node)?;
-            let mut have: Vec<String> = s.endpoints.iter().map(|e| e.pod.clone()).collect();
+            let mut have: Vec<String> = s
+                .endpoints
+                .iter()
+                .filter(|e| e.pending.is_none())
+                .map(|e| e.pod.clone())
+                .collect();
             have.sort();
             let ok = s.ready && have == want && s.endpoints.iter().all(|e| e.attached);
             Ok(ok.then_some(s))
@@ -445,12 +450,12 @@ fn cleanup_refuses_while_running_then_removes_everything() {
 }
 
 // ------------------------------------------------------------------------------------------------
-// 3. Following veths: pods go, pods come, stray veths are left alone.
+// 3. Following veths: pods go, pods come, a stray bridge port is policed on sight (pending).
 // ------------------------------------------------------------------------------------------------
 
 #[test]
-fn follows_pod_veths_and_ignores_unknown_ones() {
-    let Some(mut c) = cluster("follows_pod_veths_and_ignores_unknown_ones") else {
+fn follows_pod_veths_and_polices_unknown_ones_as_pending() {
+    let Some(mut c) = cluster("follows_pod_veths_and_polices_unknown_ones_as_pending") else {
         return;
     };
     c.apply_policies(&deny_ingress("x")).unwrap();
@@ -514,7 +519,8 @@ fn follows_pod_veths_and_ignores_unknown_ones() {
     expect(&mut c, &r, &[TCP80, UDP81, TCP80_V6], CONVERGE);
     eprintln!("pod added -> enforced: {:?}", t.elapsed());
 
-    // A veth whose peer carries no pod's address is never attached.
+    // A bridge port whose peer carries no pod's address gets the programs at once, pending: only
+    // the node may talk to it, and it stays so through reconciles.
     let stray = ScratchNetns(format!("{}-stray", c.prefix));
     let node0 = c.nodes[0].name.clone();
     ip(&["netns", "add", &stray.0]);
@@ -524,6 +530,17 @@ fn follows_pod_veths_and_ignores_unknown_ones() {
     ]);
     ip(&["-n", &node0, "link", "set", "vstray0", "master", "cni0"]);
     ip(&["-n", &node0, "link", "set", "vstray0", "up"]);
+    let stray_ifindex = ifindex(&node0, "vstray0");
+    let stray_pins = [
+        format!("links/{stray_ifindex}-egress"),
+        format!("links/{stray_ifindex}-ingress"),
+    ];
+    let t = Instant::now();
+    wait_until("the stray veth to be attached", CONVERGE, || {
+        let p = pins(&pin_dir);
+        Ok(stray_pins.iter().all(|s| p.contains_key(s)).then_some(()))
+    });
+    eprintln!("stray veth created -> attached: {:?}", t.elapsed());
     ip(&[
         "-n",
         &stray.0,
@@ -544,12 +561,45 @@ fn follows_pod_veths_and_ignores_unknown_ones() {
         "nodad",
     ]);
     ip(&["-n", &stray.0, "link", "set", "eth0", "up"]);
-    let stray_ifindex = ifindex(&node0, "vstray0");
-    let stray_pins = [
-        format!("links/{stray_ifindex}-egress"),
-        format!("links/{stray_ifindex}-ingress"),
-    ];
-    // Two policy changes, each a full reconcile that re-reads the veths (stray one included).
+    ip(&[
+        "-n",
+        &stray.0,
+        "route",
+        "add",
+        "default",
+        "via",
+        "10.42.0.1",
+    ]);
+    let entry = wait_until("the stray veth listed as pending", CONVERGE, || {
+        let s = status(&c, 0)?;
+        Ok(s.endpoints
+            .into_iter()
+            .find(|e| e.ifindex == stray_ifindex && e.ips.contains(&"10.42.0.250".to_owned())))
+    });
+    assert_eq!(entry.pending.as_deref(), Some("unknown-pod"), "{entry:?}");
+    assert!(entry.attached && entry.pod.is_empty(), "{entry:?}");
+    assert!(entry.isolated_ingress && entry.isolated_egress, "{entry:?}");
+    // Nothing between it and a pod, either way; the node reaches it.
+    let server = Server::start(&stray.0, 80);
+    let y_b = c.pod("y/b").ipv4.to_string();
+    let from_stray = probe_in(
+        &stray.0,
+        &[&format!("tcp/{y_b}/80"), &format!("udp/{y_b}/80")],
+    );
+    assert!(
+        from_stray.iter().all(|ok| !ok),
+        "the stray veth reached y/b: {from_stray:?}"
+    );
+    assert_eq!(
+        probe_in(&c.pod("y/b").netns, &["tcp/10.42.0.250/80"]),
+        [false]
+    );
+    assert_eq!(
+        probe_in(&node0, &["tcp/10.42.0.250/80"]),
+        [true],
+        "the node cannot reach a pending veth"
+    );
+    // Two policy changes, each a full reconcile that re-reads the veths: it stays pending.
     let mut generation = status(&c, 0).unwrap().generation;
     for (round, policies) in [
         format!("{}{}", deny_ingress("x"), deny_ingress("z")),
@@ -563,34 +613,85 @@ fn follows_pod_veths_and_ignores_unknown_ones() {
             &format!("reconcile round {round} on node 0"),
             CONVERGE,
             || {
-                let p = pins(&pin_dir);
-                if let Some(bad) = stray_pins.iter().find(|s| p.contains_key(*s)) {
-                    panic!("the stray veth was attached: {bad}");
-                }
                 let s = status(&c, 0)?;
                 Ok((s.generation > generation).then_some(s.generation))
             },
         );
+        let p = pins(&pin_dir);
+        assert!(
+            stray_pins.iter().all(|s| p.contains_key(s)),
+            "stray veth detached in round {round}"
+        );
     }
     let s = status(&c, 0).unwrap();
-    assert!(
-        s.endpoints.iter().all(|e| e.ifindex != stray_ifindex),
-        "stray veth listed: {:?}",
-        s.endpoints
-    );
-    assert!(stray_pins.iter().all(|p| !pins(&pin_dir).contains_key(p)));
+    assert!(counter(&s, "pending") > 0, "{:?}", s.counters);
+    // The veth goes: so do its pins and its status entry.
+    drop(server);
+    drop(stray);
+    wait_until("the stray veth's pins to go", CONVERGE, || {
+        let p = pins(&pin_dir);
+        let s = status(&c, 0)?;
+        let gone = stray_pins.iter().all(|g| !p.contains_key(g))
+            && s.endpoints.iter().all(|e| e.ifindex != stray_ifindex);
+        Ok(gone.then_some(()))
+    });
+}
+
+/// A probe server in a netns, killed when dropped (a process would keep a deleted netns alive).
+struct Server(std::process::Child);
+
+impl Server {
+    /// Starts `netpol-probe serve` on TCP and UDP `port` in `netns` and waits until it listens.
+    fn start(netns: &str, port: u16) -> Server {
+        use std::io::BufRead as _;
+        let mut child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                netns,
+                PROBE_BIN,
+                "serve",
+                "--ports",
+                &port.to_string(),
+            ])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawning a probe server");
+        let mut line = String::new();
+        let stdout = child.stdout.take().expect("piped stdout");
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("reading the server's READY");
+        assert_eq!(line.trim(), "READY");
+        Server(child)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Probes `targets` (`proto/addr/port`) from inside `netns`; whether each answered.
+fn probe_in(netns: &str, targets: &[&str]) -> Vec<bool> {
     let out = Command::new("ip")
         .args([
-            "netns", "exec", &node0, "bpftool", "net", "show", "dev", "vstray0",
+            "netns",
+            "exec",
+            netns,
+            PROBE_BIN,
+            "probe",
+            "--timeout-ms",
+            "800",
         ])
+        .args(targets)
         .output()
         .unwrap();
-    let shown = text(&out.stdout);
-    assert!(
-        !shown.contains("pod_"),
-        "programs on the stray veth:\n{shown}"
-    );
-    drop(stray);
+    let results: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("probe output: {e}: {}", text(&out.stdout)));
+    results.iter().map(|r| r["ok"] == true).collect()
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -1273,4 +1374,341 @@ fn a_program_attached_before_the_agents_is_reported() {
     wait_until("the report to clear", CONVERGE, || {
         Ok((!reported(&c)?).then_some(()))
     });
+}
+
+// ------------------------------------------------------------------------------------------------
+// 8. From the first packet: a new pod is policed before it can send, also while the agent is
+//    down (with the CNI plugin), and a node whose pins are gone enforces the saved state before
+//    the API answers.
+// ------------------------------------------------------------------------------------------------
+
+/// The UDP port the counting receiver listens on in the target pod.
+const COUNT_PORT: u16 = 9099;
+/// How long the new pod sends (every 10 ms) and the receiver counts.
+const TICK_FOR: Duration = Duration::from_millis(3000);
+
+/// A process whose JSON result (its last stdout line) is read when it ends.
+struct Running(std::process::Child);
+
+impl Running {
+    fn spawn(netns: &str, args: &[&str]) -> Running {
+        Running(
+            Command::new("ip")
+                .args(["netns", "exec", netns, PROBE_BIN])
+                .args(args)
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("spawning netpol-probe"),
+        )
+    }
+
+    /// `netpol-probe count` in `netns`, once it listens.
+    fn counter(netns: &str) -> Running {
+        use std::io::BufRead as _;
+        let ms = (TICK_FOR + Duration::from_secs(3)).as_millis().to_string();
+        let port = COUNT_PORT.to_string();
+        let mut r = Running::spawn(netns, &["count", "--port", &port, "--for-ms", &ms]);
+        let mut line = String::new();
+        let stdout = r.0.stdout.as_mut().expect("piped stdout");
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("reading the counter's READY");
+        assert_eq!(line.trim(), "READY");
+        r
+    }
+
+    /// `netpol-probe ticker` from `pod` to the counter in `target`.
+    fn ticker(pod: &Pod, target: &Pod) -> Running {
+        let to = format!("udp/{}/{COUNT_PORT}", target.ipv4);
+        let ms = TICK_FOR.as_millis().to_string();
+        Running::spawn(
+            &pod.netns,
+            &["ticker", "--every-ms", "10", "--for-ms", &ms, &to],
+        )
+    }
+
+    fn result(mut self) -> serde_json::Value {
+        let mut out = String::new();
+        std::io::Read::read_to_string(self.0.stdout.as_mut().unwrap(), &mut out).unwrap();
+        let _ = self.0.wait();
+        let last = out.lines().last().unwrap_or_default();
+        serde_json::from_str(last).unwrap_or_else(|e| panic!("probe result {last:?}: {e}"))
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// What the kubelet hands the CNI plugins after Flannel's bridge plugin: the prevResult of `pod`.
+fn cni_config(c: &Cluster, pod: &Pod) -> String {
+    let n = &c.nodes[pod.node];
+    serde_json::json!({
+        "cniVersion": "1.0.0",
+        "name": "cbr0",
+        "type": "netpol-cni",
+        "stateDir": n.state_dir,
+        "timeoutMs": 10000,
+        "prevResult": {
+            "cniVersion": "1.0.0",
+            "interfaces": [
+                {"name": "cni0", "mac": "0e:00:00:00:00:01"},
+                {"name": pod.host_veth, "mac": "0e:00:00:00:00:02"},
+                {"name": "eth0", "mac": "0e:00:00:00:00:03", "sandbox": format!("/var/run/netns/{}", pod.netns)},
+            ],
+            "ips": [
+                {"address": format!("{}/24", pod.ipv4), "gateway": n.gateway_v4().to_string(), "interface": 2},
+                {"address": format!("{}/64", pod.ipv6), "gateway": n.gateway_v6().to_string(), "interface": 2},
+            ],
+        },
+    })
+    .to_string()
+}
+
+/// Runs `netpol-cni` for `pod` as the container runtime does (CNI_COMMAND etc., config on stdin).
+fn run_cni(c: &Cluster, pod: &Pod, command: &str) -> Output {
+    use std::io::Write as _;
+    let bin = netpol_tests::cluster::default_cni_bin();
+    assert!(bin.is_file(), "{} not built", bin.display());
+    let mut child = Command::new(bin)
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", &pod.uid)
+        .env("CNI_NETNS", format!("/var/run/netns/{}", pod.netns))
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", "/opt/cni/bin")
+        .env(
+            "CNI_ARGS",
+            format!(
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={};K8S_POD_INFRA_CONTAINER_ID={}",
+                pod.namespace, pod.name, pod.uid
+            ),
+        )
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning netpol-cni");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(cni_config(c, pod).as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// A cluster whose namespace x denies all egress, agents running and synced.
+fn deny_egress_cluster(test: &str) -> Option<Cluster> {
+    let mut c = cluster(test)?;
+    c.apply_policies(&np(
+        "deny-egress",
+        "x",
+        "podSelector: {}\npolicyTypes: [Egress]",
+    ))
+    .unwrap();
+    start(&mut c);
+    wait_synced(&c, 0);
+    Some(c)
+}
+
+/// Waits until node 0's agent has the programs on `pod`'s veth (pending or matched).
+fn wait_attached(c: &Cluster, pod: &Pod) -> Duration {
+    let t = Instant::now();
+    let pin_dir = c.nodes[0].pin_dir.clone();
+    let index = ifindex(&c.nodes[0].name, &pod.host_veth);
+    wait_until("the new veth to be attached", CONVERGE, || {
+        let p = pins(&pin_dir);
+        Ok(["egress", "ingress"]
+            .iter()
+            .all(|h| p.contains_key(&format!("links/{index}-{h}")))
+            .then_some(()))
+    });
+    t.elapsed()
+}
+
+/// The ticker's and the counter's results: how many datagrams the new pod sent, how many arrived.
+fn tick_results(ticker: Running, counter: Running) -> (u64, u64, serde_json::Value) {
+    let sent = ticker.result();
+    let got = counter.result();
+    (
+        sent["sent"].as_u64().unwrap(),
+        got["received"].as_u64().unwrap(),
+        got,
+    )
+}
+
+#[test]
+fn a_new_pod_is_policed_from_its_first_packet() {
+    let Some(mut c) = deny_egress_cluster("a_new_pod_is_policed_from_its_first_packet") else {
+        return;
+    };
+    let target = c.pod("y/b").clone();
+    // Without the plugin: the veth appears (the bridge plugin's first step) and is attached on
+    // sight, pending; the pod's side then comes up and its process talks from its first instant.
+    let receiver = Running::counter(&target.netns);
+    let pod = c.schedule_pod("x", "new", 0, &[("pod", "new")]).unwrap();
+    c.wire_link(&pod).unwrap();
+    let attached = wait_attached(&c, &pod);
+    eprintln!("veth created -> programs attached (pending): {attached:?}");
+    c.configure_pod(&pod).unwrap();
+    let ticker = Running::ticker(&pod, &target);
+    // The kubelet reports the pod's address halfway: from pending to x's deny-all egress.
+    std::thread::sleep(TICK_FOR / 2);
+    c.report_pod_ip("x/new").unwrap();
+    let (sent, received, got) = tick_results(ticker, receiver);
+    assert!(sent > 100, "the pod sent only {sent} datagrams");
+    assert_eq!(
+        received, 0,
+        "packets of a deny-all-egress pod arrived: {got}"
+    );
+    let s = status(&c, 0).unwrap();
+    assert!(
+        counter(&s, "pending") > 0,
+        "pending drops: {:?}",
+        s.counters
+    );
+    let ep = s
+        .endpoints
+        .iter()
+        .find(|e| e.pod == "x/new")
+        .expect("x/new matched");
+    assert!(ep.isolated_egress && ep.pending.is_none(), "{ep:?}");
+
+    // With the plugin: ADD returns once the endpoint is programmed, before the API has the IP.
+    let receiver = Running::counter(&target.netns);
+    let pod = c.schedule_pod("x", "cni", 0, &[("pod", "cni")]).unwrap();
+    c.wire(&pod).unwrap();
+    let t = Instant::now();
+    let add = run_cni(&c, &pod, "ADD");
+    eprintln!("CNI ADD -> programmed: {:?}", t.elapsed());
+    assert!(
+        add.status.success(),
+        "CNI ADD failed: {} {}",
+        text(&add.stdout),
+        text(&add.stderr)
+    );
+    let result: serde_json::Value = serde_json::from_slice(&add.stdout).unwrap();
+    assert_eq!(
+        result["ips"][0]["address"],
+        format!("{}/24", pod.ipv4),
+        "prevResult passed on"
+    );
+    let s = status(&c, 0).unwrap();
+    let ep = s
+        .endpoints
+        .iter()
+        .find(|e| e.pod == "x/cni")
+        .expect("x/cni matched by its claim");
+    assert!(ep.attached && ep.isolated_egress, "{ep:?}");
+    let ticker = Running::ticker(&pod, &target);
+    let (sent, received, got) = tick_results(ticker, receiver);
+    assert!(sent > 100, "the pod sent only {sent} datagrams");
+    assert_eq!(
+        received, 0,
+        "packets of a deny-all-egress pod arrived: {got}"
+    );
+    let del = run_cni(&c, &pod, "DEL");
+    assert!(
+        del.status.success(),
+        "CNI DEL failed: {}",
+        text(&del.stderr)
+    );
+}
+
+#[test]
+fn with_the_cni_plugin_a_pod_created_while_the_agent_is_down_waits_for_it() {
+    let Some(mut c) = deny_egress_cluster(
+        "with_the_cni_plugin_a_pod_created_while_the_agent_is_down_waits_for_it",
+    ) else {
+        return;
+    };
+    let target = c.pod("y/b").clone();
+    c.stop_agent(0);
+    let pod = c.schedule_pod("x", "late", 0, &[("pod", "late")]).unwrap();
+    c.wire(&pod).unwrap();
+    // The agent is down: ADD fails (the kubelet tears the sandbox down and retries).
+    let add = run_cni(&c, &pod, "ADD");
+    assert!(!add.status.success(), "ADD succeeded without an agent");
+    let err: serde_json::Value = serde_json::from_slice(&add.stdout).unwrap();
+    assert_eq!(err["code"], 11, "{err}");
+    assert!(err["msg"].as_str().unwrap().contains("x/late"), "{err}");
+    // Two seconds later the agent is back; the kubelet's retries then succeed.
+    std::thread::sleep(Duration::from_secs(2));
+    c.start_agent(0, &agent_bin()).unwrap();
+    let t = Instant::now();
+    wait_until(
+        "CNI ADD to succeed once the agent is back",
+        CONVERGE,
+        || {
+            let add = run_cni(&c, &pod, "ADD");
+            Ok(add.status.success().then_some(()))
+        },
+    );
+    eprintln!("agent restarted -> CNI ADD succeeds: {:?}", t.elapsed());
+    let receiver = Running::counter(&target.netns);
+    let ticker = Running::ticker(&pod, &target);
+    let (sent, received, got) = tick_results(ticker, receiver);
+    assert!(sent > 100, "the pod sent only {sent} datagrams");
+    assert_eq!(
+        received, 0,
+        "packets of a deny-all-egress pod arrived: {got}"
+    );
+}
+
+#[test]
+fn a_node_without_pins_enforces_the_saved_state_while_the_api_is_unreachable() {
+    let Some(mut c) =
+        cluster("a_node_without_pins_enforces_the_saved_state_while_the_api_is_unreachable")
+    else {
+        return;
+    };
+    c.apply_policies(&deny_ingress("x")).unwrap();
+    start(&mut c);
+    let mut r = c.reachability(true);
+    r.expect_all_ingress("x/*", false);
+    expect(&mut c, &r, &[TCP80], CONVERGE);
+    let saved = c.nodes[0].state_dir.join("cluster-state.json");
+    // SIGTERM saves the state at once (otherwise within seconds of each change).
+    c.stop_agent(0);
+    assert!(saved.is_file(), "no saved state at {}", saved.display());
+    // As after a reboot: no programs, no pins.
+    let out = node_cli(&c, 0, &["cleanup"]);
+    assert!(out.status.success(), "cleanup: {}", text(&out.stderr));
+    // Node 1 still enforces for x/b; node 0's x pods are open.
+    let mut open0 = c.reachability(true);
+    open0.expect_all_ingress("x/b", false);
+    expect(&mut c, &open0, &[TCP80], CONVERGE);
+    // The agent comes back with an API server that does not answer.
+    let kubeconfig = c.tmp_dir.join("unreachable.kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster: {server: 'https://127.0.0.1:1', insecure-skip-tls-verify: true}\nusers:\n- name: u\n  user: {token: t}\ncontexts:\n- name: c\n  context: {cluster: c, user: u}\ncurrent-context: c\n",
+    )
+    .unwrap();
+    c.start_agent_with_source(
+        0,
+        &agent_bin(),
+        &os(&["--kubeconfig", kubeconfig.to_str().unwrap()]),
+    )
+    .unwrap();
+    expect(&mut c, &r, &[TCP80, UDP81], CONVERGE);
+    let s = status(&c, 0).unwrap();
+    assert!(!s.ready, "ready on a saved state");
+    assert!(
+        s.errors
+            .iter()
+            .any(|e| e.contains("enforcing the cluster state saved at")),
+        "{:?}",
+        s.errors
+    );
+    let local: Vec<&str> = s.endpoints.iter().map(|e| e.pod.as_str()).collect();
+    for p in local_pods(&c, 0) {
+        assert!(
+            local.contains(&p.as_str()),
+            "{p} not matched from the saved state: {local:?}"
+        );
+    }
 }

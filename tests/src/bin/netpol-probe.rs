@@ -13,6 +13,15 @@
 //!   target, in bursts of K (default 64) with a short pause between bursts so that no queue on the
 //!   way overflows; prints `{"sent": N, "millis": T}` (datagrams the kernel accepted).
 //!
+//! `netpol-probe ticker --every-ms 10 --for-ms 3000 udp/ADDR/PORT`
+//!   a pod that talks from its first instant: sends one UDP datagram every interval for the
+//!   duration, whatever happens (send errors are counted, not fatal); prints
+//!   `{"sent": N, "failed": F, "start_ns": T}` (T: `CLOCK_MONOTONIC` when it started).
+//!
+//! `netpol-probe count --port P --for-ms N`
+//!   binds UDP port P (dual-stack), prints `READY`, counts datagrams for N ms, then prints
+//!   `{"received": N, "first_ns": T|null, "from": [ADDR...]}` (T: `CLOCK_MONOTONIC` of the first).
+//!
 //! `netpol-probe raw --dev IFACE HEXFRAME...`
 //!   sends each hex-encoded Ethernet frame once on IFACE (an `AF_PACKET` socket): what a pod with
 //!   `CAP_NET_RAW` can do; the hostile-pod tests use it.
@@ -59,6 +68,8 @@ fn main() {
         Some("probe") => probe(&args[1..]),
         Some("flood") => flood(&args[1..]),
         Some("raw") => raw(&args[1..]),
+        Some("ticker") => ticker(&args[1..]),
+        Some("count") => count(&args[1..]),
         _ => Err(anyhow::anyhow!(
             "usage: netpol-probe serve --ports 80,81 | probe [--timeout-ms N] proto/addr/port..."
         )),
@@ -215,6 +226,91 @@ fn flood(args: &[String]) -> Result<()> {
     println!(
         "{}",
         serde_json::json!({ "sent": sent, "millis": start.elapsed().as_millis() as u64 })
+    );
+    Ok(())
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds: comparable between processes of one machine.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// `--name value` pairs of a subcommand, and its one positional argument.
+fn flags(args: &[String]) -> Result<(std::collections::BTreeMap<&str, u64>, Option<&str>)> {
+    let mut named = std::collections::BTreeMap::new();
+    let mut positional = None;
+    let mut i = 0;
+    while i < args.len() {
+        if let Some(name) = args[i].strip_prefix("--") {
+            let value = args.get(i + 1).context("missing value")?;
+            named.insert(name, value.parse().with_context(|| format!("--{name}"))?);
+            i += 2;
+        } else {
+            positional = Some(args[i].as_str());
+            i += 1;
+        }
+    }
+    Ok((named, positional))
+}
+
+fn ticker(args: &[String]) -> Result<()> {
+    let (named, target) = flags(args)?;
+    let target = parse_target(target.context("ticker needs a udp/ADDR/PORT target")?)?;
+    let every = Duration::from_millis(named.get("every-ms").copied().unwrap_or(10));
+    let total = Duration::from_millis(named.get("for-ms").copied().unwrap_or(3000));
+    let start_ns = monotonic_ns();
+    let start = Instant::now();
+    let bind: SocketAddr = if target.addr.is_ipv4() {
+        SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0)
+    } else {
+        SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0)
+    };
+    let s = UdpSocket::bind(bind).with_context(|| format!("bind {bind}"))?;
+    let to = SocketAddr::new(target.addr, target.port);
+    let (mut sent, mut failed, mut seq) = (0u64, 0u64, 0u64);
+    while start.elapsed() < total {
+        seq += 1;
+        match s.send_to(format!("tick {seq}").as_bytes(), to) {
+            Ok(_) => sent += 1,
+            Err(_) => failed += 1,
+        }
+        std::thread::sleep(every);
+    }
+    println!(
+        "{}",
+        serde_json::json!({ "sent": sent, "failed": failed, "start_ns": start_ns })
+    );
+    Ok(())
+}
+
+fn count(args: &[String]) -> Result<()> {
+    let (named, _) = flags(args)?;
+    let port = named.get("port").copied().context("count needs --port")? as u16;
+    let total = Duration::from_millis(named.get("for-ms").copied().unwrap_or(3000));
+    let s: UdpSocket = dual_stack_socket(Type::DGRAM, Protocol::UDP, port)?.into();
+    s.set_read_timeout(Some(Duration::from_millis(20)))?;
+    println!("READY");
+    std::io::stdout().flush()?;
+    let start = Instant::now();
+    let (mut received, mut first_ns) = (0u64, None);
+    let mut from = std::collections::BTreeSet::new();
+    let mut buf = [0u8; 2048];
+    while start.elapsed() < total {
+        if let Ok((_, peer)) = s.recv_from(&mut buf) {
+            first_ns.get_or_insert_with(monotonic_ns);
+            received += 1;
+            from.insert(peer.ip().to_canonical().to_string());
+        }
+    }
+    println!(
+        "{}",
+        serde_json::json!({ "received": received, "first_ns": first_ns, "from": from })
     );
     Ok(())
 }
