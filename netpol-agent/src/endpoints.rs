@@ -2,14 +2,15 @@
 //! the API (or, before the API has them, from the CNI plugin's claim) and the addresses the kernel
 //! shows on the veth's peer. Pure: the agent feeds it a [`NodeView`] and the cluster state.
 //!
-//! Fail closed: a veth that cannot be tied to exactly one pod (none yet, or an address two veths
-//! claim) is *pending*, never left without programs while it lives.
+//! Fail closed: a veth that cannot be tied to exactly one pod (none yet, an address two pods or
+//! two veths claim) is *pending*, never left without programs while it lives. A veth that had the
+//! pod before keeps it against a newcomer claiming the same address.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 pub use crate::compiler::{Pending, PendingReason};
-use crate::discovery::NodeView;
+use crate::discovery::{NodeView, PodVeth};
 use crate::model::{ClusterState, Pod, PodKey};
 
 /// The CNI plugin's word for a pod's addresses, used until the API reports them.
@@ -19,6 +20,24 @@ pub struct Claim {
     pub ips: Vec<IpAddr>,
 }
 
+/// What matching looks at.
+#[derive(Clone, Copy, Debug)]
+pub struct MatchInput<'a> {
+    /// None before the source has listed and when nothing was saved.
+    pub state: Option<&'a ClusterState>,
+    pub node_name: &'a str,
+    pub view: &'a NodeView,
+    pub claims: &'a [Claim],
+    /// Veths to keep programs on even when they are not bridge ports (those attached before);
+    /// every bridge port is policed on sight.
+    pub policed: &'a BTreeSet<u32>,
+    /// The pod each veth had before (the last pass, or the saved state's bindings).
+    pub previous: &'a BTreeMap<u32, PodKey>,
+    /// Only `previous` bindings may match: the state is a saved one, whose addresses of this node's
+    /// pods may have been given to new pods since.
+    pub only_previous: bool,
+}
+
 /// The outcome of matching.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Matching {
@@ -26,8 +45,16 @@ pub struct Matching {
     pub endpoints: BTreeMap<PodKey, u32>,
     /// Veths that get programs without a pod, by ifindex.
     pub pending: BTreeMap<u32, Pending>,
-    /// Pods whose addresses came from a claim (the API has none yet), for the compiler.
+    /// Matched pods whose addresses came from a claim (the API has none yet), for the compiler.
     pub claimed: BTreeMap<PodKey, Vec<IpAddr>>,
+}
+
+/// Who an address belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Owner<'a> {
+    Pod(&'a PodKey),
+    /// Two pods (or a pod and a claim) say it is theirs: nobody gets it.
+    Conflict,
 }
 
 /// Whether a pod of this node can own a veth: it has its own network namespace and is not done.
@@ -37,57 +64,55 @@ fn is_local_candidate(pod: &Pod, node_name: &str) -> bool {
         && !matches!(pod.phase.as_deref(), Some("Succeeded" | "Failed"))
 }
 
-/// Ties veths to pods. `policed` are the veths to keep programs on even when they are not bridge
-/// ports (those the agent attached before); every bridged veth is policed on sight.
-pub fn match_endpoints(
-    state: Option<&ClusterState>,
-    node_name: &str,
-    view: &NodeView,
-    claims: &[Claim],
-    policed: &BTreeSet<u32>,
-) -> Matching {
+/// Ties veths to pods (see the module docs).
+pub fn match_endpoints(input: &MatchInput<'_>) -> Matching {
     let mut out = Matching::default();
-    let owners = state.map(|s| addresses(s, node_name, claims, &mut out.claimed));
-    // Which pods each veth's peer addresses point at, and which veths point at each pod.
-    let mut pods_of_veth: BTreeMap<u32, BTreeSet<&PodKey>> = BTreeMap::new();
+    let mut claimed = BTreeMap::new();
+    let owners = input
+        .state
+        .map(|s| owners(s, input.node_name, input.claims, &mut claimed));
+    let owner_of = |addr: &IpAddr| owners.as_ref().and_then(|o| o.get(addr).copied());
     let mut veths_of_pod: BTreeMap<&PodKey, BTreeSet<u32>> = BTreeMap::new();
     let mut veths_of_addr: BTreeMap<IpAddr, usize> = BTreeMap::new();
-    for veth in &view.veths {
+    for veth in &input.view.veths {
         for addr in &veth.peer_addrs {
             *veths_of_addr.entry(*addr).or_default() += 1;
-            if let Some(pod) = owners.as_ref().and_then(|o| o.get(addr)) {
-                pods_of_veth.entry(veth.ifindex).or_default().insert(pod);
+            if let Some(Owner::Pod(pod)) = owner_of(addr) {
                 veths_of_pod.entry(pod).or_default().insert(veth.ifindex);
             }
         }
     }
-    for veth in &view.veths {
-        let pods = pods_of_veth.get(&veth.ifindex);
-        let single = pods
-            .filter(|p| p.len() == 1)
-            .and_then(|p| p.first().copied())
-            .filter(|pod| veths_of_pod[pod].len() == 1);
-        if let Some(pod) = single {
-            out.endpoints.insert(pod.clone(), veth.ifindex);
-            continue;
-        }
-        if !veth.bridged && !policed.contains(&veth.ifindex) {
-            continue;
-        }
-        let reason = match (&owners, pods) {
-            (None, _) => PendingReason::NoClusterState,
-            (Some(_), Some(_)) => PendingReason::Ambiguous,
-            (Some(_), None) if veth.peer_addrs.iter().any(|a| veths_of_addr[a] > 1) => {
-                PendingReason::Ambiguous
-            }
-            (Some(_), None) => PendingReason::UnknownPod,
+    for veth in &input.view.veths {
+        let owned: BTreeSet<Option<&PodKey>> = veth
+            .peer_addrs
+            .iter()
+            .filter_map(owner_of)
+            .map(|o| match o {
+                Owner::Pod(p) => Some(p),
+                Owner::Conflict => None,
+            })
+            .collect();
+        let single = match owned.iter().collect::<Vec<_>>().as_slice() {
+            [Some(pod)] => Some(*pod),
+            _ => None,
         };
+        let won = single.filter(|pod| wins(input, veth.ifindex, pod, &veths_of_pod[pod]));
+        if let Some(pod) = won {
+            out.endpoints.insert(pod.clone(), veth.ifindex);
+            if let Some(ips) = claimed.get(pod) {
+                out.claimed.insert(pod.clone(), ips.clone());
+            }
+            continue;
+        }
+        if !veth.bridged && !input.policed.contains(&veth.ifindex) {
+            continue;
+        }
+        let reason = pending_reason(input, veth, !owned.is_empty(), &veths_of_addr);
         let addrs = veth
             .peer_addrs
             .iter()
-            .filter(|a| {
-                veths_of_addr[*a] == 1 && !owners.as_ref().is_some_and(|o| o.contains_key(a))
-            })
+            .filter(|a| veths_of_addr[*a] == 1 && owner_of(a).is_none())
+            .filter(|a| veth.bridge_networks.iter().any(|n| n.contains(**a)))
             .copied()
             .collect();
         out.pending.insert(veth.ifindex, Pending { addrs, reason });
@@ -95,31 +120,83 @@ pub fn match_endpoints(
     out
 }
 
+/// Whether `veth` gets `pod`, whose addresses `claimants` carry: the only claimant, or the one that
+/// had the pod before; with a saved state, only the one that had it before.
+fn wins(input: &MatchInput<'_>, veth: u32, pod: &PodKey, claimants: &BTreeSet<u32>) -> bool {
+    let had_it = input.previous.get(&veth) == Some(pod);
+    if input.only_previous {
+        return had_it;
+    }
+    if claimants.len() == 1 {
+        return true;
+    }
+    let holders = claimants
+        .iter()
+        .filter(|v| input.previous.get(v) == Some(pod))
+        .count();
+    had_it && holders == 1
+}
+
+fn pending_reason(
+    input: &MatchInput<'_>,
+    veth: &PodVeth,
+    points_at_pods: bool,
+    veths_of_addr: &BTreeMap<IpAddr, usize>,
+) -> PendingReason {
+    if input.state.is_none() {
+        return PendingReason::NoClusterState;
+    }
+    if input.only_previous && points_at_pods {
+        return PendingReason::Unconfirmed;
+    }
+    if points_at_pods || veth.peer_addrs.iter().any(|a| veths_of_addr[a] > 1) {
+        return PendingReason::Ambiguous;
+    }
+    if input.previous.contains_key(&veth.ifindex) {
+        return PendingReason::PodGone;
+    }
+    PendingReason::UnknownPod
+}
+
 /// Every address a local pod may have a veth with: the API's addresses, or the claim's for a pod
-/// the API reports none for. Claims for pods the state does not put on this node are ignored.
-fn addresses<'a>(
+/// the API reports none for. An address two pods (or a pod and a claim) name is a conflict.
+/// Claims for pods the state does not put on this node are ignored. `claimed` gets the claims used.
+fn owners<'a>(
     state: &'a ClusterState,
     node_name: &str,
     claims: &[Claim],
     claimed: &mut BTreeMap<PodKey, Vec<IpAddr>>,
-) -> BTreeMap<IpAddr, &'a PodKey> {
+) -> BTreeMap<IpAddr, Owner<'a>> {
     let mut owners = BTreeMap::new();
-    for pod in state.pods.values() {
-        if !is_local_candidate(pod, node_name) {
+    let mut add = |ip: IpAddr, pod: &'a PodKey| {
+        owners
+            .entry(ip)
+            .and_modify(|o| {
+                if *o != Owner::Pod(pod) {
+                    *o = Owner::Conflict;
+                }
+            })
+            .or_insert(Owner::Pod(pod));
+    };
+    let local: Vec<&Pod> = state
+        .pods
+        .values()
+        .filter(|p| is_local_candidate(p, node_name))
+        .collect();
+    for pod in &local {
+        for ip in &pod.ips {
+            add(*ip, &pod.key);
+        }
+    }
+    for pod in local.iter().filter(|p| p.ips.is_empty()) {
+        // The newest claim of the pod (a retried sandbox claims again).
+        let Some(claim) = claims.iter().rev().find(|c| c.pod == pod.key) else {
             continue;
-        }
-        let ips = if pod.ips.is_empty() {
-            let Some(claim) = claims.iter().find(|c| c.pod == pod.key) else {
-                continue;
-            };
-            claimed.insert(pod.key.clone(), claim.ips.clone());
-            &claim.ips
-        } else {
-            &pod.ips
         };
-        for ip in ips {
-            owners.insert(*ip, &pod.key);
+        for ip in &claim.ips {
+            add(*ip, &pod.key);
         }
+        claimed.insert(pod.key.clone(), claim.ips.clone());
     }
     owners
 }

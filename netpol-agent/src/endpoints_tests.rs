@@ -32,6 +32,15 @@ fn veth(ifindex: u32, addrs: &[&str], bridged: bool) -> PodVeth {
         peer_addrs: addrs.iter().map(|s| ip(s)).collect(),
         peer_link: PeerLink::default(),
         bridged,
+        bridge_networks: if bridged {
+            vec![
+                "10.42.0.1/24".parse().unwrap(),
+                "fd00::1/64".parse().unwrap(),
+            ]
+        } else {
+            Vec::new()
+        },
+        master: bridged.then_some(3),
     }
 }
 
@@ -51,7 +60,25 @@ fn view(veths: Vec<PodVeth>) -> NodeView {
 }
 
 fn matching(state: Option<&ClusterState>, view: &NodeView, claims: &[Claim]) -> Matching {
-    match_endpoints(state, NODE, view, claims, &BTreeSet::new())
+    with_history(state, view, claims, &BTreeMap::new(), false)
+}
+
+fn with_history(
+    state: Option<&ClusterState>,
+    view: &NodeView,
+    claims: &[Claim],
+    previous: &BTreeMap<u32, PodKey>,
+    only_previous: bool,
+) -> Matching {
+    match_endpoints(&MatchInput {
+        state,
+        node_name: NODE,
+        view,
+        claims,
+        policed: &BTreeSet::new(),
+        previous,
+        only_previous,
+    })
 }
 
 #[test]
@@ -82,8 +109,17 @@ fn every_bridged_veth_without_a_pod_is_pending_and_unbridged_ones_are_left_alone
 fn a_veth_attached_before_stays_policed_when_its_pod_goes() {
     let s = state(vec![]);
     let v = view(vec![veth(9, &["10.42.0.10"], false)]);
-    let m = match_endpoints(Some(&s), NODE, &v, &[], &BTreeSet::from([9]));
+    let m = match_endpoints(&MatchInput {
+        state: Some(&s),
+        node_name: NODE,
+        view: &v,
+        claims: &[],
+        policed: &BTreeSet::from([9]),
+        previous: &BTreeMap::new(),
+        only_previous: false,
+    });
     assert_eq!(m.pending[&9].reason, PendingReason::UnknownPod);
+    assert!(m.pending[&9].addrs.is_empty(), "not in a bridge's network");
 }
 
 #[test]
@@ -195,4 +231,94 @@ fn a_claim_for_a_pod_of_another_node_or_unknown_pod_is_ignored() {
     let m = matching(Some(&s), &v, &claims);
     assert!(m.endpoints.is_empty());
     assert!(m.claimed.is_empty());
+}
+
+#[test]
+fn two_pods_naming_one_address_own_no_veth() {
+    // A reused address still listed for a pod on its way out, say.
+    let s = state(vec![
+        pod("old", NODE, &["10.42.0.10"]),
+        pod("new", NODE, &["10.42.0.10"]),
+    ]);
+    let v = view(vec![veth(7, &["10.42.0.10"], true)]);
+    let m = matching(Some(&s), &v, &[]);
+    assert!(m.endpoints.is_empty(), "{m:?}");
+    assert_eq!(m.pending[&7].reason, PendingReason::Ambiguous);
+    assert!(m.pending[&7].addrs.is_empty());
+}
+
+#[test]
+fn a_claim_never_takes_an_address_the_api_gives_another_pod() {
+    let s = state(vec![
+        pod("old", NODE, &["10.42.0.10"]),
+        pod("new", NODE, &[]),
+    ]);
+    let v = view(vec![veth(7, &["10.42.0.10"], true)]);
+    let claim = Claim {
+        pod: PodKey::new("x", "new"),
+        ips: vec![ip("10.42.0.10")],
+    };
+    let m = matching(Some(&s), &v, &[claim]);
+    assert!(m.endpoints.is_empty(), "{m:?}");
+    assert!(m.claimed.is_empty());
+    assert_eq!(m.pending[&7].reason, PendingReason::Ambiguous);
+}
+
+#[test]
+fn the_veth_that_had_the_pod_keeps_it_against_a_newcomer_with_its_address() {
+    let s = state(vec![pod("a", NODE, &["10.42.0.10"])]);
+    let v = view(vec![
+        veth(7, &["10.42.0.10"], true),
+        veth(8, &["10.42.0.10", "10.42.0.50"], true),
+    ]);
+    let previous = BTreeMap::from([(7, PodKey::new("x", "a"))]);
+    let m = with_history(Some(&s), &v, &[], &previous, false);
+    assert_eq!(m.endpoints, BTreeMap::from([(PodKey::new("x", "a"), 7)]));
+    assert_eq!(m.pending[&8].reason, PendingReason::Ambiguous);
+    assert_eq!(m.pending[&8].addrs, vec![ip("10.42.0.50")]);
+}
+
+#[test]
+fn a_veth_whose_pod_is_gone_is_pending_as_such() {
+    let s = state(vec![]);
+    let v = view(vec![veth(7, &["10.42.0.10"], true)]);
+    let previous = BTreeMap::from([(7, PodKey::new("x", "a"))]);
+    let m = with_history(Some(&s), &v, &[], &previous, false);
+    assert_eq!(m.pending[&7].reason, PendingReason::PodGone);
+}
+
+#[test]
+fn on_a_saved_state_only_the_saved_bindings_match() {
+    let s = state(vec![
+        pod("a", NODE, &["10.42.0.10"]),
+        pod("b", NODE, &["10.42.0.11"]),
+    ]);
+    // b's address now sits on another veth than the one b had: maybe a new pod reusing it.
+    let v = view(vec![
+        veth(7, &["10.42.0.10"], true),
+        veth(9, &["10.42.0.11"], true),
+    ]);
+    let previous = BTreeMap::from([(7, PodKey::new("x", "a")), (8, PodKey::new("x", "b"))]);
+    let m = with_history(Some(&s), &v, &[], &previous, true);
+    assert_eq!(m.endpoints, BTreeMap::from([(PodKey::new("x", "a"), 7)]));
+    assert_eq!(m.pending[&9].reason, PendingReason::Unconfirmed);
+}
+
+#[test]
+fn pending_addresses_must_lie_in_the_bridges_networks() {
+    let s = state(vec![]);
+    // Another node's pod, an outside host, a ClusterIP: not this bridge's.
+    let v = view(vec![veth(
+        7,
+        &[
+            "10.42.0.60",
+            "10.42.1.5",
+            "1.1.1.1",
+            "10.43.0.10",
+            "fd00::60",
+        ],
+        true,
+    )]);
+    let m = matching(Some(&s), &v, &[]);
+    assert_eq!(m.pending[&7].addrs, vec![ip("10.42.0.60"), ip("fd00::60")]);
 }

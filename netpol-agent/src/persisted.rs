@@ -48,8 +48,20 @@ pub struct Persisted {
     /// which veth is whose.
     #[serde(default)]
     pub boot_id: Option<String>,
+    /// Which veth each local pod had: on the same boot, a pod of the saved state is matched again
+    /// only with the veth it had (its address may have gone to a new pod meanwhile).
+    #[serde(default)]
+    pub bindings: Vec<Binding>,
     /// The cluster state, with `ignored` empty.
     pub state: ClusterState,
+}
+
+/// A local pod's veth when the state was saved.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Binding {
+    pub pod: PodKey,
+    pub ifindex: u32,
+    pub ifname: String,
 }
 
 /// Where the kernel tells its boot id (a new random UUID at every boot).
@@ -67,17 +79,18 @@ impl Persisted {
     /// reboot (or when either boot id is unknown) the addresses of `node`'s pods are forgotten:
     /// new sandboxes may have been given old addresses of other pods, so those pods' veths stay
     /// pending until the source or the CNI plugin names them. Policies and other nodes' pods stay.
-    pub fn for_boot(self, boot_id: Option<&str>) -> (ClusterState, bool) {
+    pub fn for_boot(self, boot_id: Option<&str>) -> (ClusterState, Vec<Binding>, bool) {
         let same_boot = matches!((self.boot_id.as_deref(), boot_id), (Some(a), Some(b)) if a == b);
         let mut state = self.state;
-        if !same_boot {
-            for pod in state.pods.values_mut() {
-                if pod.node_name.as_deref() == Some(self.node.as_str()) {
-                    pod.ips.clear();
-                }
+        if same_boot {
+            return (state, self.bindings, false);
+        }
+        for pod in state.pods.values_mut() {
+            if pod.node_name.as_deref() == Some(self.node.as_str()) {
+                pod.ips.clear();
             }
         }
-        (state, !same_boot)
+        (state, Vec::new(), true)
     }
 }
 
@@ -129,6 +142,7 @@ struct Saving<'a> {
     node: &'a str,
     saved_unix: u64,
     boot_id: Option<String>,
+    bindings: &'a [Binding],
     state: StateView<'a>,
 }
 
@@ -178,7 +192,12 @@ impl<'a> StateView<'a> {
 /// Writes atomically: a temp file in the same directory (`.cluster-state.json.tmp`), fsync the file,
 /// rename over, fsync the directory. Mode 0600. A temp file left by an interrupted save is
 /// replaced. The file holds the state or the previous one, never a mix, whenever the node stops.
-pub fn save(dir: &Path, node: &str, state: &ClusterState) -> Result<(), PersistError> {
+pub fn save(
+    dir: &Path,
+    node: &str,
+    state: &ClusterState,
+    bindings: &[Binding],
+) -> Result<(), PersistError> {
     let path = dir.join(FILE_NAME);
     let saved_unix = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -188,6 +207,7 @@ pub fn save(dir: &Path, node: &str, state: &ClusterState) -> Result<(), PersistE
         node,
         saved_unix,
         boot_id: current_boot_id(),
+        bindings,
         state: StateView::of(state),
     })
     .map_err(|source| PersistError::Encode {
@@ -290,14 +310,20 @@ mod boot_tests {
             node: "n0".into(),
             saved_unix: 1,
             boot_id: boot_id.map(Into::into),
+            bindings: vec![Binding {
+                pod: PodKey::new("x", "local"),
+                ifindex: 7,
+                ifname: "veth7".into(),
+            }],
             state,
         }
     }
 
     #[test]
     fn the_same_boot_keeps_every_address() {
-        let (state, rebooted) = saved(Some("b1")).for_boot(Some("b1"));
+        let (state, bindings, rebooted) = saved(Some("b1")).for_boot(Some("b1"));
         assert!(!rebooted);
+        assert_eq!(bindings.len(), 1);
         assert!(state.pods.values().all(|p| !p.ips.is_empty()));
     }
 
@@ -308,8 +334,9 @@ mod boot_tests {
             (None, Some("b2")),
             (Some("b1"), None),
         ] {
-            let (state, rebooted) = saved(saved_boot).for_boot(now);
+            let (state, bindings, rebooted) = saved(saved_boot).for_boot(now);
             assert!(rebooted);
+            assert!(bindings.is_empty());
             assert!(state.pods[&PodKey::new("x", "local")].ips.is_empty());
             assert!(!state.pods[&PodKey::new("x", "remote")].ips.is_empty());
         }
@@ -515,7 +542,7 @@ ports: [{name: http, port: 8080, protocol: TCP}]",
             .duration_since(UNIX_EPOCH)
             .unwrap()
             .as_secs();
-        save(&dir.0, NODE, &state).unwrap();
+        save(&dir.0, NODE, &state, &[]).unwrap();
         let loaded = load(&dir.0, NODE).unwrap().unwrap();
         assert_eq!(loaded.version, FORMAT_VERSION);
         assert_eq!(loaded.node, NODE);
@@ -548,7 +575,7 @@ ports: [{name: http, port: 8080, protocol: TCP}]",
             document: None,
             item: None,
         };
-        save(&dir.0, NODE, &state).unwrap();
+        save(&dir.0, NODE, &state, &[]).unwrap();
         let loaded = load(&dir.0, NODE).unwrap().unwrap();
         let origin = &loaded.state.policies[&PodKey::new("shop", "deny-egress")].origin;
         assert_eq!(origin.to_string(), "/etc/netpol/\u{fffd}.yaml");
@@ -565,7 +592,7 @@ ports: [{name: http, port: 8080, protocol: TCP}]",
     fn save_creates_the_directory() {
         let dir = TempDir::new();
         let sub = dir.0.join("a/b");
-        save(&sub, NODE, &realistic()).unwrap();
+        save(&sub, NODE, &realistic(), &[]).unwrap();
         assert!(load(&sub, NODE).unwrap().is_some());
         let mode = fs::metadata(&sub).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode & 0o077, 0, "{mode:o}");
@@ -574,7 +601,7 @@ ports: [{name: http, port: 8080, protocol: TCP}]",
     #[test]
     fn truncated_file_is_a_decode_error_naming_the_path() {
         let dir = TempDir::new();
-        save(&dir.0, NODE, &realistic()).unwrap();
+        save(&dir.0, NODE, &realistic(), &[]).unwrap();
         let bytes = fs::read(dir.file()).unwrap();
         fs::write(dir.file(), &bytes[..bytes.len() / 2]).unwrap();
         let err = load(&dir.0, NODE).unwrap_err();
@@ -595,7 +622,7 @@ ports: [{name: http, port: 8080, protocol: TCP}]",
     #[test]
     fn another_version_is_refused_whatever_its_shape() {
         let dir = TempDir::new();
-        save(&dir.0, NODE, &realistic()).unwrap();
+        save(&dir.0, NODE, &realistic(), &[]).unwrap();
         let mut v: serde_json::Value =
             serde_json::from_slice(&fs::read(dir.file()).unwrap()).unwrap();
         v["version"] = json!(2);
@@ -621,7 +648,7 @@ ports: [{name: http, port: 8080, protocol: TCP}]",
     #[test]
     fn another_nodes_file_is_refused() {
         let dir = TempDir::new();
-        save(&dir.0, "node-b", &realistic()).unwrap();
+        save(&dir.0, "node-b", &realistic(), &[]).unwrap();
         let err = load(&dir.0, NODE).unwrap_err();
         match &err {
             PersistError::OtherNode {
@@ -655,9 +682,9 @@ ports: [{name: http, port: 8080, protocol: TCP}]",
     #[test]
     fn save_replaces_the_file_and_leaves_no_temp_file() {
         let dir = TempDir::new();
-        save(&dir.0, NODE, &ClusterState::default()).unwrap();
+        save(&dir.0, NODE, &ClusterState::default(), &[]).unwrap();
         let state = realistic();
-        save(&dir.0, NODE, &state).unwrap();
+        save(&dir.0, NODE, &state, &[]).unwrap();
         assert_eq!(dir.names(), [FILE_NAME]);
         let mode = fs::metadata(dir.file()).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "{mode:o}");
@@ -667,7 +694,7 @@ ports: [{name: http, port: 8080, protocol: TCP}]",
     #[test]
     fn save_after_one_interrupted_before_rename() {
         let dir = TempDir::new();
-        save(&dir.0, NODE, &ClusterState::default()).unwrap();
+        save(&dir.0, NODE, &ClusterState::default(), &[]).unwrap();
         // What a save that died before its rename leaves: a partial temp file, here readable by all.
         let temp = dir.0.join(TEMP_NAME);
         fs::write(&temp, b"{\"version\": 1, \"node\": \"node-a\", \"sta").unwrap();
@@ -678,7 +705,7 @@ ports: [{name: http, port: 8080, protocol: TCP}]",
         );
 
         let state = realistic();
-        save(&dir.0, NODE, &state).unwrap();
+        save(&dir.0, NODE, &state, &[]).unwrap();
         assert_eq!(dir.names(), [FILE_NAME]);
         let mode = fs::metadata(dir.file()).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "{mode:o}");

@@ -391,6 +391,8 @@ pub struct Cluster {
     pub manifest_dir: PathBuf,
     pub(crate) probe_bin: PathBuf,
     agent_bin: Option<PathBuf>,
+    /// A command the agents run under (`setpriv --bounding-set ...`, say), empty by default.
+    pub agent_wrapper: Vec<std::ffi::OsString>,
     /// Every network namespace made for this cluster (deleted on drop).
     pub(crate) netns: Vec<String>,
     servers: Vec<(String, Child)>,
@@ -449,6 +451,7 @@ impl Cluster {
             manifest_dir: manifest_dir.clone(),
             probe_bin,
             agent_bin: None,
+            agent_wrapper: Vec::new(),
             netns: Vec::new(),
             servers: Vec::new(),
             claim_dir,
@@ -1084,6 +1087,7 @@ impl Cluster {
             .open(&node.agent_log)?;
         let child = Command::new("ip")
             .args(["netns", "exec", &node.name])
+            .args(&self.agent_wrapper)
             .arg(&agent_bin)
             .args(["run", "--node-name", &node.name])
             .args(source)

@@ -166,7 +166,14 @@ fn security_fields() {
         let caps = sc.capabilities.as_ref().expect("capabilities");
         assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_owned()][..]));
         let added: BTreeSet<&str> = caps.add.iter().flatten().map(String::as_str).collect();
-        let allowed = BTreeSet::from(["BPF", "NET_ADMIN", "SYS_ADMIN", "NET_RAW", "PERFMON"]);
+        let allowed = BTreeSet::from([
+            "BPF",
+            "NET_ADMIN",
+            "SYS_ADMIN",
+            "NET_RAW",
+            "NET_BROADCAST",
+            "PERFMON",
+        ]);
         assert!(
             added.is_subset(&allowed),
             "unexpected capabilities {added:?}"
@@ -254,6 +261,7 @@ fn security_fields() {
             "- NET_ADMIN",
             "- SYS_ADMIN",
             "- NET_RAW",
+            "- NET_BROADCAST",
             "- PERFMON",
         ]
         .contains(&t)

@@ -1712,3 +1712,43 @@ fn a_node_without_pins_enforces_the_saved_state_while_the_api_is_unreachable() {
         );
     }
 }
+
+/// The capabilities `deploy/daemonset.yaml` adds to the agent's container, lower case.
+fn daemonset_capabilities() -> Vec<String> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/daemonset.yaml");
+    let yaml: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let add = &yaml["spec"]["template"]["spec"]["containers"][0]["securityContext"]["capabilities"]
+        ["add"];
+    add.as_sequence()
+        .expect("capabilities.add")
+        .iter()
+        .map(|c| c.as_str().unwrap().to_ascii_lowercase())
+        .collect()
+}
+
+#[test]
+fn the_daemonsets_capabilities_are_enough_for_the_agent() {
+    let Some(mut c) = cluster("the_daemonsets_capabilities_are_enough_for_the_agent") else {
+        return;
+    };
+    let caps = daemonset_capabilities();
+    assert!(caps.contains(&"bpf".to_owned()), "{caps:?}");
+    let bounding: Vec<String> = caps.iter().map(|c| format!("+{c}")).collect();
+    c.agent_wrapper = os(&[
+        "setpriv",
+        "--inh-caps=-all",
+        &format!("--bounding-set=-all,{}", bounding.join(",")),
+        "--",
+    ]);
+    c.apply_policies(&deny_ingress("x")).unwrap();
+    start(&mut c);
+    let mut r = c.reachability(true);
+    r.expect_all_ingress("x/*", false);
+    expect(&mut c, &r, &[TCP80], CONVERGE);
+    wait_synced(&c, 0);
+    // A pod's address is heard from its namespace (NET_BROADCAST), not found by the periodic scan.
+    let log = c.agent_log(0);
+    assert!(!log.contains("CAP_NET_BROADCAST missing"), "{log}");
+    assert!(!log.contains("Operation not permitted"), "{log}");
+}

@@ -49,6 +49,8 @@ impl Claims {
                     deadline,
                     reply: request.reply,
                 });
+                // A retried sandbox claims again: only its newest claim counts.
+                self.by_container.retain(|_, e| e.claim.pod != pod);
                 let claim = Claim {
                     pod,
                     ips: claim.ips,

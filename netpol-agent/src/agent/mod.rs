@@ -111,6 +111,9 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&socket);
     let listener =
         UnixListener::bind(&socket).with_context(|| format!("binding {}", socket.display()))?;
+    // Root only, whatever the umask: the socket programs endpoints (CNI claims).
+    std::fs::set_permissions(&socket, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .with_context(|| format!("restricting {} to root", socket.display()))?;
     let status: SharedStatus = Arc::new(Mutex::new(Status {
         node: cfg.node_name.clone(),
         pin_dir: cfg.layout.root().display().to_string(),

@@ -15,7 +15,7 @@ use crate::{
     control::{CniRequest, EndpointStatus, MapStatus, SharedStatus},
     datapath::{Datapath, Hook},
     discovery::{Discovery, NodeView},
-    endpoints::{self, Matching},
+    endpoints::{self, MatchInput, Matching},
     model::{ClusterState, PodKey},
     observe::Observer,
     persisted,
@@ -47,6 +47,9 @@ pub(super) struct Sync {
     state: Option<Arc<ClusterState>>,
     /// Set while `state` is the one saved on disk, not yet the source's: what status says of it.
     persisted_note: Option<String>,
+    /// The veths the saved state's local pods had (same boot only), by ifindex: while the saved
+    /// state is in use, a pod matches only the veth it had, with the same name.
+    saved_bindings: BTreeMap<u32, persisted::Binding>,
     source_problem: Option<String>,
     state_changed: bool,
     last_view: Option<NodeView>,
@@ -86,6 +89,7 @@ impl Sync {
             status,
             state: None,
             persisted_note: None,
+            saved_bindings: BTreeMap::new(),
             source_problem: None,
             state_changed: true,
             last_view: None,
@@ -115,7 +119,9 @@ impl Sync {
             ),
             Ok(Some(saved)) => {
                 let saved_unix = saved.saved_unix;
-                let (state, rebooted) = saved.for_boot(persisted::current_boot_id().as_deref());
+                let (state, bindings, rebooted) =
+                    saved.for_boot(persisted::current_boot_id().as_deref());
+                self.saved_bindings = bindings.into_iter().map(|b| (b.ifindex, b)).collect();
                 let note = format!(
                     "enforcing the cluster state saved at unix {} until the source lists{}",
                     saved_unix,
@@ -151,10 +157,46 @@ impl Sync {
             return;
         }
         self.last_save = Some(Instant::now());
-        match persisted::save(&self.cfg.state_dir, &self.cfg.node_name, state) {
+        let bindings = self.bindings();
+        match persisted::save(&self.cfg.state_dir, &self.cfg.node_name, state, &bindings) {
             Ok(()) => self.unsaved = false,
             Err(e) => tracing::warn!(error = %e, "saving the cluster state"),
         }
+    }
+
+    /// The veth of every matched local pod, as saved with the state.
+    fn bindings(&self) -> Vec<persisted::Binding> {
+        self.last_matching
+            .endpoints
+            .iter()
+            .filter_map(|(pod, ifindex)| {
+                Some(persisted::Binding {
+                    pod: pod.clone(),
+                    ifindex: *ifindex,
+                    ifname: self.attached.get(ifindex)?.clone(),
+                })
+            })
+            .collect()
+    }
+
+    /// The pod each veth had before: the saved bindings of veths that still have their name while
+    /// the saved state is in use, else the last pass's matching.
+    fn previous(&self, view: &NodeView) -> BTreeMap<u32, PodKey> {
+        if self.persisted_note.is_some() {
+            return view
+                .veths
+                .iter()
+                .filter_map(|v| {
+                    let b = self.saved_bindings.get(&v.ifindex)?;
+                    (b.ifname == v.name).then(|| (v.ifindex, b.pod.clone()))
+                })
+                .collect();
+        }
+        self.last_matching
+            .endpoints
+            .iter()
+            .map(|(pod, ifindex)| (*ifindex, pod.clone()))
+            .collect()
     }
 
     /// A CNI request: remember or forget the claim, and match again at once.
@@ -234,6 +276,7 @@ impl Sync {
         {
             if self.persisted_note.take().is_some() {
                 tracing::info!("the source has listed: its state replaces the saved one");
+                self.saved_bindings.clear();
             }
             self.state = Some(state.clone());
             self.state_changed = true;
@@ -272,7 +315,16 @@ impl Sync {
         self.state_changed = false;
         let claims = self.claims.list();
         let node = self.cfg.node_name.clone();
-        let matching = endpoints::match_endpoints(Some(&state), &node, &view, &claims, &policed);
+        let previous = self.previous(&view);
+        let matching = endpoints::match_endpoints(&MatchInput {
+            state: Some(&state),
+            node_name: &node,
+            view: &view,
+            claims: &claims,
+            policed: &policed,
+            previous: &previous,
+            only_previous: self.persisted_note.is_some(),
+        });
         let effective = endpoints::with_claimed(&state, &matching.claimed);
         let compiled = compiler::compile(&CompileInput {
             state: &effective,
@@ -316,7 +368,15 @@ impl Sync {
     /// Before any cluster state: every veth that should be policed gets the programs and, if it
     /// has no ENDPOINTS entry yet, a pending one. Entries a previous agent left are not touched.
     fn police_on_sight(&mut self, view: &NodeView, policed: &BTreeSet<u32>) {
-        let matching = endpoints::match_endpoints(None, &self.cfg.node_name, view, &[], policed);
+        let matching = endpoints::match_endpoints(&MatchInput {
+            state: None,
+            node_name: &self.cfg.node_name,
+            view,
+            claims: &[],
+            policed,
+            previous: &BTreeMap::new(),
+            only_previous: false,
+        });
         let links = view.endpoint_links();
         let mut errors = self.base_errors();
         for ifindex in matching.pending.keys() {

@@ -1,14 +1,13 @@
 //! Pending endpoints: veths that have the programs but no pod yet (attached on sight) or no longer
-//! (their pod is gone, or an address is claimed twice). Only the node may talk to them, unless
-//! `--pending allow-unselected` proves that whichever pod they turn out to be, no policy isolates it.
+//! (their pod is gone, or an address is claimed twice). Only the node may open connections to them
+//! (kubelet probes; the replies are tracked), unless `--pending allow-unselected` proves that
+//! whichever pod they turn out to be, no policy isolates it. They may open none: not even to the
+//! node, where NodePorts, hostPorts and Flannel's VXLAN port would lead them past policy.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use netpol_common::{
-    Direction, EndpointInfo, IpInfo, POLICY_PREFIX_ANY_PROTOCOL, PolicyKey, PolicyValue,
-    endpoint_flags, identity,
-};
+use netpol_common::{Direction, EndpointInfo, IpInfo, endpoint_flags, identity};
 use serde::{Deserialize, Serialize};
 
 use super::{CompileInput, Compiled, ParsedPolicy, ip_key};
@@ -33,8 +32,12 @@ pub enum PendingReason {
     /// No pod of this node has the peer's addresses (yet: the API reports a pod's IP after its
     /// sandbox is up; or no longer: a force-deleted pod still running).
     UnknownPod,
-    /// Another veth claims one of the same pod addresses: none of them gets it.
+    /// Its addresses point at two pods, or another veth claims one of them: none gets it.
     Ambiguous,
+    /// It had a pod that is gone (deleted, finished, readdressed) while the veth lives on.
+    PodGone,
+    /// The cluster state is the saved one and this veth is not the one its pod had then.
+    Unconfirmed,
 }
 
 impl PendingReason {
@@ -44,6 +47,8 @@ impl PendingReason {
             PendingReason::NoClusterState => "no-cluster-state",
             PendingReason::UnknownPod => "unknown-pod",
             PendingReason::Ambiguous => "ambiguous",
+            PendingReason::PodGone => "pod-gone",
+            PendingReason::Unconfirmed => "unconfirmed",
         }
     }
 }
@@ -59,40 +64,33 @@ pub struct Pending {
 
 const ISOLATED_BOTH: u32 = endpoint_flags::ISOLATED_INGRESS | endpoint_flags::ISOLATED_EGRESS;
 
-/// Writes the pending endpoints: ENDPOINTS entries, their own addresses in IPCACHE (after every pod
-/// and host address, so they never take one over), and egress to the node.
+/// Writes the pending endpoints: ENDPOINTS entries, and their own addresses in IPCACHE (after every
+/// pod and host address, so they never take one over) so that they can answer the node.
 pub(super) fn compile(input: &CompileInput<'_>, parsed: &[ParsedPolicy<'_>], out: &mut Compiled) {
     if input.pending.is_empty() {
         return;
     }
-    let isolation = match input.pending_rule {
+    let relaxed = match input.pending_rule {
         PendingRule::Drop => ISOLATED_BOTH,
         PendingRule::AllowUnselected => unselected_isolation(input, parsed),
     };
     for (&endpoint, pending) in input.pending {
-        let flags = isolation | endpoint_flags::PENDING;
+        // Only a veth that never had a pod can be a new one; any other stays closed.
+        let isolation = match pending.reason {
+            PendingReason::UnknownPod => relaxed,
+            _ => ISOLATED_BOTH,
+        };
         let link = input.links.get(&endpoint).copied().unwrap_or_default();
         let link_local = link.link_local.map_or([0; 16], |a| a.octets());
-        out.endpoints
-            .insert(endpoint, EndpointInfo::new(flags, link.mac, link_local));
+        out.endpoints.insert(
+            endpoint,
+            EndpointInfo::new(isolation | endpoint_flags::PENDING, link.mac, link_local),
+        );
         for addr in &pending.addrs {
             out.ipcache.entry(ip_key(*addr)).or_insert(IpInfo {
                 identity: identity::PENDING,
                 endpoint,
             });
-        }
-        if flags & endpoint_flags::ISOLATED_EGRESS != 0 {
-            let to_node = PolicyKey {
-                endpoint,
-                identity: identity::HOST,
-                direction: Direction::Egress as u8,
-                protocol: 0,
-                port_be: [0; 2],
-            };
-            out.policy.insert(
-                (to_node, POLICY_PREFIX_ANY_PROTOCOL),
-                PolicyValue { policy: 0, _pad: 0 },
-            );
         }
     }
 }

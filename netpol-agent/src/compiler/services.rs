@@ -110,7 +110,10 @@ pub(super) fn compile(
 ) -> BTreeMap<SvcKey, SvcValue> {
     let mut out = BTreeMap::new();
     for (&endpoint, info) in &c.endpoints {
-        if info.flags & endpoint_flags::ISOLATED_EGRESS == 0 {
+        // A pending endpoint reaches no Service: nothing of its own opens a way through one.
+        if info.flags & endpoint_flags::ISOLATED_EGRESS == 0
+            || info.flags & endpoint_flags::PENDING != 0
+        {
             continue;
         }
         for f in frontends.iter().filter(|f| !f.backends.is_empty()) {

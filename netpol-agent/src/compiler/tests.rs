@@ -1518,7 +1518,7 @@ fn pending(c: &mut Cluster, ifindex: u32, addrs: &[&str]) {
 }
 
 #[test]
-fn a_pending_endpoint_talks_to_the_node_only() {
+fn a_pending_endpoint_is_reached_by_the_node_only_and_opens_nothing() {
     let mut c = Cluster::new();
     let a = c.local("default", "a", &[("app", "a")], &["10.42.0.10"]);
     c.policy(
@@ -1538,16 +1538,51 @@ fn a_pending_endpoint_talks_to_the_node_only() {
     // Its own address is its own (anti-spoofing passes), as no pod's.
     let own = out.ipcache[&ip_key(ip("10.42.0.99"))];
     assert_eq!((own.identity, own.endpoint), (identity::PENDING, 99));
-    // The node, and only the node, both ways; an allow-all policy of a namespace does not reach it.
+    // The node reaches it (probes; replies are tracked); it opens nothing, not even to the node
+    // (NodePorts, hostPorts, VXLAN). An allow-all policy of a namespace does not reach it.
     assert!(out.allows(99, ip("192.168.1.10"), Ingress, TCP, 8080));
-    assert!(out.allows(99, ip("192.168.1.10"), Egress, UDP, 53));
+    assert!(!out.allows(99, ip("192.168.1.10"), Egress, TCP, 30080));
+    assert!(!out.allows(99, ip("192.168.1.10"), Egress, UDP, 8472));
     assert!(!out.allows(99, ip("10.42.0.10"), Ingress, TCP, 80));
     assert!(!out.allows(99, ip("10.42.0.10"), Egress, TCP, 80));
     assert!(!out.allows(99, ip("1.1.1.1"), Egress, TCP, 443));
-    // A pod that could talk to anyone still cannot be reached by its address as a pod peer.
     assert!(
         out.allows(a, ip("10.42.0.99"), Egress, TCP, 80),
         "allow-all lets a send"
+    );
+}
+
+#[test]
+fn a_pending_endpoint_gets_no_service_verdicts() {
+    let mut c = Cluster::new();
+    pending(&mut c, 99, &["10.42.0.99"]);
+    c.state.insert(Object::Service(crate::service::Service {
+        key: PodKey::new("default", "api"),
+        cluster_ips: vec![ip("10.43.0.1")],
+        ports: vec![crate::service::ServicePort {
+            name: "https".into(),
+            protocol: Protocol::Tcp,
+            port: 443,
+            target: crate::service::TargetPort::Number(6443),
+        }],
+        selector: None,
+    }));
+    c.state
+        .insert(Object::EndpointSlice(crate::service::EndpointSlice {
+            key: PodKey::new("default", "api-1"),
+            service: "api".into(),
+            addresses: vec![ip("192.168.1.10")],
+            ports: vec![crate::service::SlicePort {
+                name: "https".into(),
+                protocol: Protocol::Tcp,
+                port: 6443,
+            }],
+        }));
+    let out = c.compile();
+    assert!(
+        out.services.keys().all(|k| k.endpoint != 99),
+        "{:?}",
+        out.services
     );
 }
 
@@ -1593,6 +1628,17 @@ fn allow_unselected_opens_only_the_directions_no_policy_isolates_for_any_candida
         c.compile().endpoints[&99].flags & both,
         endpoint_flags::ISOLATED_INGRESS
     );
+
+    // A veth pending for another reason than "unknown pod" is never relaxed.
+    for reason in [
+        PendingReason::Ambiguous,
+        PendingReason::PodGone,
+        PendingReason::Unconfirmed,
+    ] {
+        c.pending.get_mut(&99).unwrap().reason = reason;
+        assert_eq!(c.compile().endpoints[&99].flags & both, both, "{reason:?}");
+    }
+    c.pending.get_mut(&99).unwrap().reason = PendingReason::UnknownPod;
 
     // A second candidate whose namespace denies egress: both closed.
     c.namespace("locked", &[]);

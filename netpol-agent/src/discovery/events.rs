@@ -26,7 +26,11 @@ const RECV_BUFFER: usize = 4 << 20;
 pub fn subscribe() -> io::Result<Arc<Notify>> {
     let mut socket = Socket::new(NETLINK_ROUTE)?;
     socket.bind_auto()?;
-    socket.set_listen_all_namespaces(true)?;
+    // Needs CAP_NET_BROADCAST. Without it only the node's own namespace is heard: new veths are
+    // still seen at once, their peers' addresses within the periodic scan.
+    if let Err(e) = socket.set_listen_all_namespaces(true) {
+        tracing::warn!(error = %e, "no rtnetlink notifications from pod namespaces (CAP_NET_BROADCAST missing?): pod addresses are read by the periodic scan");
+    }
     socket.set_rx_buf_sz(RECV_BUFFER)?;
     for group in GROUPS {
         socket.add_membership(group)?;

@@ -62,6 +62,11 @@ pub struct PodVeth {
     /// A port of a bridge (`cni0`): the CNI bridge plugin makes every pod veth one, so such a veth
     /// is policed from the moment it is seen, before its pod is known.
     pub bridged: bool,
+    /// The networks of the bridge's own addresses (`10.42.0.0/24` for `cni0` at `10.42.0.1/24`):
+    /// the only addresses a pod behind it may have.
+    pub bridge_networks: Vec<ipnetwork::IpNetwork>,
+    /// The bridge's ifindex.
+    pub master: Option<u32>,
 }
 
 /// The link identity of a veth's peer (the pod's interface).
@@ -184,7 +189,15 @@ impl Discovery {
             v.peer_link = peer.link;
         }
         self.peer_cache = live;
-        let host_addrs = without_link_local(self.addresses(None, None)?);
+        let host = self.address_records(None, None)?;
+        for v in &mut veths {
+            v.bridge_networks = host
+                .iter()
+                .filter(|r| Some(r.ifindex) == v.master && !is_link_local(&r.network.ip()))
+                .map(|r| r.network)
+                .collect();
+        }
+        let host_addrs = without_link_local(host.iter().map(|r| r.network.ip()).collect());
         Ok(NodeView {
             veths,
             tunnels,
@@ -231,6 +244,23 @@ impl Discovery {
         netnsid: Option<i32>,
         ifindex: Option<u32>,
     ) -> Result<Vec<IpAddr>, DiscoveryError> {
+        let mut addrs: Vec<IpAddr> = self
+            .address_records(netnsid, ifindex)?
+            .into_iter()
+            .map(|r| r.network.ip())
+            .collect();
+        addrs.sort();
+        addrs.dedup();
+        Ok(addrs)
+    }
+
+    /// The addresses (with their prefix and interface) in the namespace `netnsid` (or our own),
+    /// of one interface (or all).
+    fn address_records(
+        &mut self,
+        netnsid: Option<i32>,
+        ifindex: Option<u32>,
+    ) -> Result<Vec<AddressRecord>, DiscoveryError> {
         let mut msg = AddressMessage::default();
         if let Some(index) = ifindex {
             msg.header.index = index;
@@ -242,7 +272,7 @@ impl Discovery {
             )));
         }
         let replies = self.dump("address", RouteNetlinkMessage::GetAddress(msg))?;
-        let mut addrs = Vec::new();
+        let mut records = Vec::new();
         for reply in replies {
             let RouteNetlinkMessage::NewAddress(a) = reply else {
                 continue;
@@ -252,14 +282,16 @@ impl Discovery {
             }
             for attr in &a.attributes {
                 if let AddressAttribute::Address(ip) = attr
-                    && !addrs.contains(ip)
+                    && let Ok(network) = ipnetwork::IpNetwork::new(*ip, a.header.prefix_len)
                 {
-                    addrs.push(*ip);
+                    records.push(AddressRecord {
+                        ifindex: a.header.index,
+                        network,
+                    });
                 }
             }
         }
-        addrs.sort();
-        Ok(addrs)
+        Ok(records)
     }
 
     fn dump(
@@ -306,6 +338,13 @@ impl Discovery {
             }
         }
     }
+}
+
+/// One address of an interface.
+struct AddressRecord {
+    ifindex: u32,
+    /// The address with its prefix length.
+    network: ipnetwork::IpNetwork,
 }
 
 /// Link-local addresses are not pod or node identities.
@@ -385,5 +424,7 @@ fn pod_veth_of(link: &LinkMessage) -> Option<PodVeth> {
         peer_addrs: Vec::new(),
         peer_link: PeerLink::default(),
         bridged: a.master.is_some(),
+        master: a.master,
+        bridge_networks: Vec::new(),
     })
 }
