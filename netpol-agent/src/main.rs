@@ -444,9 +444,13 @@ fn print_status(s: &Status) {
         "\nENDPOINT                        VETH             IFINDEX  IN-ISOLATED  EG-ISOLATED  ATTACHED  IPS"
     );
     for e in &s.endpoints {
+        let who = match &e.pending {
+            Some(reason) => format!("(pending: {reason})"),
+            None => e.pod.clone(),
+        };
         println!(
             "{:<31} {:<16} {:<8} {:<12} {:<12} {:<9} {}",
-            e.pod,
+            who,
             e.ifname,
             e.ifindex,
             e.isolated_ingress,

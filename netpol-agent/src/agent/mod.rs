@@ -30,6 +30,9 @@ use crate::{
 /// address notifications wake the loop within milliseconds), and the counters refreshed.
 const RESCAN_INTERVAL: Duration = Duration::from_secs(1);
 
+/// How long a notification waits for the rest of its burst before the scan.
+const EVENT_COALESCE: Duration = Duration::from_millis(5);
+
 /// Settings of `netpol-agent run`.
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
@@ -157,7 +160,11 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let mut tick = tokio::time::interval(RESCAN_INTERVAL);
     loop {
         tokio::select! {
-            _ = link_events.notified() => sync.reconcile(),
+            _ = link_events.notified() => {
+                // A burst (CNI configuring a veth, or a pod toggling its addresses) costs one scan.
+                tokio::time::sleep(EVENT_COALESCE).await;
+                sync.reconcile();
+            }
             Some(request) = cni_rx.recv() => sync.take_cni(request),
             changed = snapshots.changed() => {
                 if changed.is_err() {
