@@ -801,6 +801,40 @@ fn host_always_reaches_pod() {
     );
 }
 
+/// A pending endpoint (a veth whose pod the agent does not know): the node reaches it, its replies
+/// to the node pass, everything else both ways is dropped as `pending`, including what a pod's
+/// namespace-wide allow rule would let through and connections to the node itself.
+#[test]
+fn pending_endpoint_talks_only_to_the_node() {
+    let Some(mut env) = env!() else { return };
+    env.endpoint(
+        EP,
+        endpoint_flags::ISOLATED_INGRESS
+            | endpoint_flags::ISOLATED_EGRESS
+            | endpoint_flags::PENDING,
+    );
+    env.ip(a(), identity::PENDING, EP);
+    env.expect(
+        Ingress,
+        &Packet::tcp(NODE.into(), a(), 50000, 8080).build(),
+        Reason::AllowedHost,
+    );
+    env.expect(
+        Egress,
+        &Packet::tcp(a(), NODE.into(), 8080, 50000).build(),
+        Reason::AllowedReply,
+    );
+    for (dir, pkt) in [
+        (Egress, Packet::tcp(a(), NODE.into(), 40000, 30080).build()),
+        (Egress, Packet::udp(a(), NODE.into(), 40000, 8472).build()),
+        (Egress, Packet::tcp(a(), b(), 40000, 80).build()),
+        (Ingress, Packet::tcp(b(), a(), 40000, 80).build()),
+        (Ingress, Packet::udp(POD_C.into(), a(), 40000, 53).build()),
+    ] {
+        env.expect(dir, &pkt, Reason::DroppedPending);
+    }
+}
+
 #[test]
 fn spoofed_source_dropped_at_egress() {
     let Some(mut env) = env!() else { return };
