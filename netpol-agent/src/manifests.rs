@@ -35,6 +35,9 @@ pub enum ManifestError {
 struct FileContents {
     objects: Vec<(Origin, Object)>,
     ignored: Vec<IgnoredObject>,
+    /// Stand-ins for NetworkPolicies that do not parse: each isolates its namespace both ways and
+    /// allows nothing, since what it meant to isolate is unknown ([`isolating_stand_in`]).
+    broken_policies: Vec<(Origin, Policy)>,
 }
 
 /// Reads a manifest directory, remembering each file's last good contents between loads.
@@ -61,7 +64,8 @@ impl ManifestSource {
         let mut loaded = BTreeMap::new();
         for path in files {
             let (contents, errors) = read_file(&path);
-            let contents = if errors.is_empty() {
+            let broken = contents.broken_policies.clone();
+            let mut contents = if errors.is_empty() {
                 self.last_good.insert(path.clone(), contents.clone());
                 contents
             } else {
@@ -83,6 +87,7 @@ impl ManifestSource {
                 state.errors.push(file_error(&path, None, reason));
                 kept
             };
+            add_stand_ins(&mut contents, broken);
             loaded.insert(path, contents);
         }
         // Files that are gone no longer contribute, and are not remembered.
@@ -309,7 +314,53 @@ fn read_object(
     };
     match converted {
         Ok(obj) => contents.objects.push((origin.clone(), obj)),
-        Err(e) => errors.push(error(Some(e.field).filter(|f| !f.is_empty()), e.reason)),
+        Err(e) => {
+            if object.kind.as_deref() == Some("NetworkPolicy") {
+                contents
+                    .broken_policies
+                    .push((origin.clone(), isolating_stand_in(&object, &origin)));
+            }
+            errors.push(error(Some(e.field).filter(|f| !f.is_empty()), e.reason));
+        }
+    }
+}
+
+/// What a NetworkPolicy that does not parse is enforced as: every pod of the namespace it names
+/// (the default namespace when it names none, as `kubectl apply` would) isolated both ways, nothing
+/// allowed. It could have selected any pod of that namespace, for either direction.
+fn isolating_stand_in(object: &ObjectRef, origin: &Origin) -> Policy {
+    let namespace = object
+        .namespace
+        .clone()
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| crate::model::DEFAULT_NAMESPACE.to_owned());
+    let name = object
+        .name
+        .clone()
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| format!("unparsed-{origin}"));
+    Policy {
+        key: crate::model::PodKey::new(namespace, name),
+        origin: origin.clone(),
+        spec: networking::NetworkPolicySpec {
+            pod_selector: Some(Default::default()),
+            policy_types: Some(vec!["Ingress".into(), "Egress".into()]),
+            ..Default::default()
+        },
+    }
+}
+
+/// Adds the stand-ins of `broken` policies that the file's objects in force (its last good load)
+/// do not already hold under the same name: a policy that was in force stays as it was.
+fn add_stand_ins(contents: &mut FileContents, broken: Vec<(Origin, Policy)>) {
+    for (origin, policy) in broken {
+        let known = contents.objects.iter().any(|(_, o)| match o {
+            Object::Policy(p) => p.key == policy.key,
+            _ => false,
+        });
+        if !known {
+            contents.objects.push((origin, Object::Policy(policy)));
+        }
     }
 }
 
@@ -504,6 +555,91 @@ status: {podIP: 10.0.0.2}
         ));
     }
 
+    /// The namespaces a state's policy `key` isolates, as the compiler reads the spec.
+    fn stand_in(state: &ClusterState, ns: &str, name: &str) -> networking::NetworkPolicySpec {
+        state.policies[&PodKey::new(ns, name)].spec.clone()
+    }
+
+    #[test]
+    fn a_policy_that_does_not_parse_isolates_its_namespace_both_ways() {
+        let dir = TempDir::new();
+        let mut source = ManifestSource::new();
+        for (i, broken) in [
+            "policyTypes: Ingress",
+            "podSelector: {matchLabels: {app: 7}}",
+            "egress: [{ports: [{port: 80, endPort: eighty}]}]",
+        ]
+        .iter()
+        .enumerate()
+        {
+            dir.write(
+                &format!("p{i}.yaml"),
+                &format!(
+                    "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: p{i}, namespace: ns{i}}}\nspec:\n  {broken}\n"
+                ),
+            );
+        }
+        let state = source.load(&dir.0).unwrap();
+        for i in 0..3 {
+            let spec = stand_in(&state, &format!("ns{i}"), &format!("p{i}"));
+            assert_eq!(spec.pod_selector, Some(Default::default()), "every pod");
+            assert_eq!(
+                spec.policy_types,
+                Some(vec!["Ingress".to_owned(), "Egress".to_owned()])
+            );
+            assert!(
+                spec.ingress.is_none() && spec.egress.is_none(),
+                "allows nothing"
+            );
+            assert!(
+                state
+                    .errors
+                    .iter()
+                    .any(|e| e.to_string().contains(&format!("NetworkPolicy ns{i}/p{i}"))),
+                "{:?}",
+                state.errors
+            );
+        }
+    }
+
+    #[test]
+    fn a_broken_policy_added_to_a_good_file_isolates_and_the_good_ones_stay() {
+        let dir = TempDir::new();
+        let mut source = ManifestSource::new();
+        dir.write("policy.yaml", POLICY);
+        assert!(source.load(&dir.0).unwrap().errors.is_empty());
+        let kept = source.load(&dir.0).unwrap().policies[&PodKey::new("app", "deny")].clone();
+        dir.write(
+            "policy.yaml",
+            &format!(
+                "{POLICY}\n---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: new}}\nspec: {{policyTypes: Egress}}\n"
+            ),
+        );
+        let state = source.load(&dir.0).unwrap();
+        assert_eq!(
+            state.policies[&PodKey::new("app", "deny")],
+            kept,
+            "last good kept"
+        );
+        let spec = stand_in(&state, "default", "new");
+        assert_eq!(
+            spec.policy_types,
+            Some(vec!["Ingress".to_owned(), "Egress".to_owned()])
+        );
+        // Fixed: the policy as written.
+        dir.write(
+            "policy.yaml",
+            &format!(
+                "{POLICY}\n---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: new}}\nspec: {{policyTypes: [Egress]}}\n"
+            ),
+        );
+        let state = source.load(&dir.0).unwrap();
+        assert_eq!(
+            stand_in(&state, "default", "new").policy_types,
+            Some(vec!["Egress".to_owned()])
+        );
+    }
+
     #[test]
     fn object_errors_name_file_kind_name_and_field() {
         let dir = TempDir::new();
@@ -536,7 +672,12 @@ status: {podIP: 10.0.0.2}
             "apiVersion: v1\nkind: Pod\nmetadata: {namespace: x}\n",
         );
         let state = ManifestSource::new().load(&dir.0).unwrap();
-        assert!(state.policies.is_empty());
+        // A NetworkPolicy of an API version this agent does not read still means to isolate.
+        assert_eq!(state.policies.len(), 1);
+        assert_eq!(
+            stand_in(&state, "app", "deny").policy_types,
+            Some(vec!["Ingress".to_owned(), "Egress".to_owned()])
+        );
         let fields: Vec<_> = state
             .errors
             .iter()

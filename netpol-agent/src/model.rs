@@ -252,38 +252,26 @@ impl Pod {
             ips.push(parse_ip(ip, "status.podIP")?);
         }
         let mut ports = Vec::new();
-        for (c, container) in spec
+        let containers = spec
             .map(|s| s.containers.as_slice())
             .unwrap_or_default()
             .iter()
             .enumerate()
-        {
+            .map(|(c, container)| (format!("spec.containers[{c}]"), container));
+        // Sidecars (init containers with `restartPolicy: Always`) run beside the others: their
+        // ports are the pod's named ports too.
+        let sidecars = spec
+            .and_then(|s| s.init_containers.as_deref())
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.restart_policy.as_deref() == Some("Always"))
+            .map(|(c, container)| (format!("spec.initContainers[{c}]"), container));
+        for (at, container) in containers.chain(sidecars) {
             for (p, port) in container.ports.iter().flatten().enumerate() {
-                let Some(name) = &port.name else { continue };
-                let field = format!("spec.containers[{c}].ports[{p}]");
-                let protocol = match port.protocol.as_deref() {
-                    None => Protocol::Tcp,
-                    Some(s) => Protocol::parse(s).ok_or_else(|| {
-                        ConvertError::new(
-                            format!("{field}.protocol"),
-                            format!("unknown protocol {s:?}"),
-                        )
-                    })?,
-                };
-                let number = u16::try_from(port.container_port)
-                    .ok()
-                    .filter(|&n| n != 0)
-                    .ok_or_else(|| {
-                        ConvertError::new(
-                            format!("{field}.containerPort"),
-                            format!("{} is not a port number", port.container_port),
-                        )
-                    })?;
-                ports.push(NamedPort {
-                    name: name.clone(),
-                    protocol,
-                    port: number,
-                });
+                if let Some(named) = named_port(port, &format!("{at}.ports[{p}]"))? {
+                    ports.push(named);
+                }
             }
         }
         ports.sort();
@@ -303,6 +291,36 @@ impl Pod {
     pub fn named_port(&self, name: &str, protocol: Protocol) -> Option<u16> {
         resolve_named_port(&self.ports, name, protocol)
     }
+}
+
+/// A container port with a name, checked; `None` for an unnamed one.
+fn named_port(port: &core::ContainerPort, field: &str) -> Result<Option<NamedPort>, ConvertError> {
+    let Some(name) = &port.name else {
+        return Ok(None);
+    };
+    let protocol = match port.protocol.as_deref() {
+        None => Protocol::Tcp,
+        Some(s) => Protocol::parse(s).ok_or_else(|| {
+            ConvertError::new(
+                format!("{field}.protocol"),
+                format!("unknown protocol {s:?}"),
+            )
+        })?,
+    };
+    let number = u16::try_from(port.container_port)
+        .ok()
+        .filter(|&n| n != 0)
+        .ok_or_else(|| {
+            ConvertError::new(
+                format!("{field}.containerPort"),
+                format!("{} is not a port number", port.container_port),
+            )
+        })?;
+    Ok(Some(NamedPort {
+        name: name.clone(),
+        protocol,
+        port: number,
+    }))
 }
 
 /// Looks a named port up in a port list: name and protocol must both match.
@@ -518,6 +536,23 @@ mod tests {
         assert_eq!(pod.named_port("dns", Protocol::Udp), Some(53));
         assert_eq!(pod.ports.len(), 2, "unnamed ports are not kept");
         assert!(pod.is_policy_peer());
+    }
+
+    #[test]
+    fn sidecar_ports_are_named_ports_and_other_init_containers_are_not() {
+        let pod = Pod::from_k8s(&pod_json(serde_json::json!({"spec": {"initContainers": [
+            {"name": "proxy", "restartPolicy": "Always",
+             "ports": [{"name": "admin", "containerPort": 15000}]},
+            {"name": "setup", "ports": [{"name": "setup", "containerPort": 9999}]}]}})))
+        .unwrap();
+        assert_eq!(pod.named_port("admin", Protocol::Tcp), Some(15000));
+        assert_eq!(pod.named_port("setup", Protocol::Tcp), None);
+        assert_eq!(pod.named_port("http", Protocol::Tcp), Some(8080));
+        let bad = Pod::from_k8s(&pod_json(serde_json::json!({"spec": {"initContainers": [
+            {"name": "proxy", "restartPolicy": "Always",
+             "ports": [{"name": "admin", "containerPort": 0}]}]}})))
+        .unwrap_err();
+        assert_eq!(bad.field, "spec.initContainers[0].ports[0].containerPort");
     }
 
     #[test]
