@@ -19,7 +19,7 @@ use netpol_common::{
 };
 
 use crate::identity::{Identities, PodIdentityKey, Prefix, fnv1a32};
-use crate::model::{ClusterState, Origin, Pod, PodKey, Policy, Protocol};
+use crate::model::{ClusterState, NamedPort, Origin, Pod, PodKey, Policy, Protocol};
 use crate::selector::Selector;
 
 mod pending;
@@ -594,6 +594,7 @@ pub fn compile(input: &CompileInput<'_>) -> Compiled {
         out.cidrs.insert((prefix.addr(), prefix.prefix_len()), *id);
     }
     fill_ipcache(input, &identities, &mut out.ipcache);
+    let host_ports = host_ports(state, &identities);
 
     let namespaces: BTreeMap<&str, _> = state
         .peer_pods()
@@ -705,6 +706,7 @@ pub fn compile(input: &CompileInput<'_>) -> Compiled {
                     &rule.targets,
                     rule.ports,
                     &identities,
+                    &host_ports,
                 );
             }
         }
@@ -747,10 +749,14 @@ pub fn compile(input: &CompileInput<'_>) -> Compiled {
 fn allocate_identities(state: &ClusterState, parsed: &[ParsedPolicy<'_>]) -> Identities {
     let mut prefixes = BTreeSet::new();
     for rule in parsed.iter().flat_map(|p| &p.rules) {
+        let named = rule.ports.iter().any(|p| matches!(p, PortMatch::Named(..)));
         for peer in rule.peers.iter().flatten() {
             if let Peer::IpBlock { cidr, except } = peer {
                 prefixes.insert(*cidr);
                 prefixes.extend(except.iter().copied());
+                if named && rule.direction == Direction::Egress {
+                    prefixes.extend(pod_hosts_in(state, cidr, except));
+                }
             }
         }
     }
@@ -806,12 +812,48 @@ struct Emit<'a> {
     local_pod: Option<&'a Pod>,
 }
 
+/// The host prefixes (/32, /128) of the peer pods' addresses inside `cidr` and outside `except`:
+/// an egress rule to an ipBlock with a named port resolves the name on each such pod, through an
+/// identity of the pod's address alone (a pod identity would also cover the pod's addresses of the
+/// other family, or other pods with its labels, outside the block).
+fn pod_hosts_in<'a>(
+    state: &'a ClusterState,
+    cidr: &'a Prefix,
+    except: &'a [Prefix],
+) -> impl Iterator<Item = Prefix> + 'a {
+    state
+        .peer_pods()
+        .flat_map(|p| p.ips.iter())
+        .map(|ip| Prefix::host(ip_key(*ip)))
+        .filter(move |h| cidr.contains(h) && !except.iter().any(|e| e.contains(h)))
+}
+
+/// The named ports behind each host-prefix identity that is one peer pod's address (an address two
+/// pods claim has none).
+fn host_ports(
+    state: &ClusterState,
+    identities: &Identities,
+) -> BTreeMap<u32, Option<Vec<NamedPort>>> {
+    let mut out: BTreeMap<u32, Option<Vec<NamedPort>>> = BTreeMap::new();
+    for pod in state.peer_pods() {
+        for ip in &pod.ips {
+            if let Some(id) = identities.cidrs.get(&Prefix::host(ip_key(*ip))) {
+                out.entry(*id)
+                    .and_modify(|p| *p = None)
+                    .or_insert_with(|| Some(pod.ports.clone()));
+            }
+        }
+    }
+    out
+}
+
 fn emit_rule(
     policy: &mut BTreeMap<(PolicyKey, u32), PolicyValue>,
     at: Emit<'_>,
     targets: &[Target<'_>],
     ports: &[PortMatch],
     identities: &Identities,
+    host_ports: &BTreeMap<u32, Option<Vec<NamedPort>>>,
 ) {
     let mut put = |identity: u32, protocol: u8, port: u16, len: u32| {
         let key = PolicyKey {
@@ -862,8 +904,16 @@ fn emit_rule(
                             }
                         }
                     }
-                    // Nothing tells which addresses of a CIDR have a port of that name.
-                    (Direction::Egress, Target::Cidr(_)) => {}
+                    // A pod's own address inside the block: its port of that name.
+                    (Direction::Egress, Target::Cidr(id)) => {
+                        let port = host_ports
+                            .get(id)
+                            .and_then(Option::as_deref)
+                            .and_then(|p| crate::model::resolve_named_port(p, name, *proto));
+                        if let Some(n) = port {
+                            put(*id, proto.number(), n, POLICY_PREFIX_FULL);
+                        }
+                    }
                 },
             }
         }

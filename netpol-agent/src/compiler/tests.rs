@@ -804,21 +804,48 @@ fn named_port_egress_to_all_peers_means_pods_with_that_port() {
     assert!(!tcp_out(&out, client, "8.8.8.8", 8080));
 }
 
+/// As network-config-analyzer and Calico read it: a named port towards an ipBlock is the port of
+/// that name on each pod whose address is in the block (and outside its excepts), for that address.
 #[test]
-fn named_port_egress_to_ip_block_allows_nothing() {
+fn named_port_egress_to_ip_block_resolves_on_the_pods_inside() {
     let mut c = Cluster::new();
     let client = c.local("default", "client", &[], &["10.0.0.2"]);
-    c.remote("default", "a", &[], &["10.0.1.1"]);
+    c.remote("default", "a", &[("app", "web")], &["10.0.1.1", "fd00::1"]);
     c.ports("default", "a", &[("http", Protocol::Tcp, 8080)]);
+    // Same labels and ports (one pod identity) but outside the block.
+    c.remote("default", "twin", &[("app", "web")], &["192.168.5.5"]);
+    c.ports("default", "twin", &[("http", Protocol::Tcp, 8080)]);
+    c.remote("default", "other", &[], &["10.0.1.2"]);
+    c.ports("default", "other", &[("http", Protocol::Tcp, 9090)]);
+    c.remote("default", "excepted", &[], &["10.0.9.9"]);
+    c.ports("default", "excepted", &[("http", Protocol::Tcp, 8080)]);
     c.policy(
         "default",
         "p",
-        "podSelector: {}\npolicyTypes: [Egress]\negress:\n- to: [{ipBlock: {cidr: 10.0.0.0/8}}]\n  ports: [{port: http}]\n- to: [{ipBlock: {cidr: 10.0.0.0/8}}]\n  ports: [{port: 53, protocol: UDP}]",
+        "podSelector: {}\npolicyTypes: [Egress]\negress:\n- to: [{ipBlock: {cidr: 10.0.0.0/8, except: [10.0.9.0/24]}}]\n  ports: [{port: http}]\n- to: [{ipBlock: {cidr: 10.0.0.0/8}}]\n  ports: [{port: 53, protocol: UDP}]",
     );
     let out = c.compile();
-    assert!(!tcp_out(&out, client, "10.0.1.1", 8080));
+    assert!(out.errors.is_empty(), "{:?}", out.errors);
+    assert!(tcp_out(&out, client, "10.0.1.1", 8080), "a's http");
+    assert!(!tcp_out(&out, client, "10.0.1.1", 9090));
+    assert!(
+        !tcp_out(&out, client, "fd00::1", 8080),
+        "a's IPv6 address is not in the block"
+    );
+    assert!(
+        !tcp_out(&out, client, "192.168.5.5", 8080),
+        "the twin is not in the block"
+    );
+    assert!(
+        tcp_out(&out, client, "10.0.1.2", 9090),
+        "other's http is 9090"
+    );
+    assert!(!tcp_out(&out, client, "10.0.1.2", 8080));
+    assert!(!tcp_out(&out, client, "10.0.9.9", 8080), "excepted");
+    assert!(!tcp_out(&out, client, "10.0.7.7", 8080), "no pod there");
+    // The other rule still covers the pods' own addresses.
     assert!(out.allows(client, ip("10.0.1.1"), Egress, UDP, 53));
-    assert!(out.errors.is_empty());
+    assert!(out.allows(client, ip("10.0.7.7"), Egress, UDP, 53));
 }
 
 #[test]
