@@ -1127,6 +1127,11 @@ impl Cluster {
         Ok(())
     }
 
+    /// The pid of node `index`'s agent (`ip netns exec` execs it, so the child is the agent).
+    pub fn agent_pid(&self, index: usize) -> Option<u32> {
+        self.nodes[index].agent.as_ref().map(Child::id)
+    }
+
     /// The agent log of node `index` (whole file).
     pub fn agent_log(&self, index: usize) -> String {
         fs::read_to_string(&self.nodes[index].agent_log).unwrap_or_default()

@@ -1752,3 +1752,92 @@ fn the_daemonsets_capabilities_are_enough_for_the_agent() {
     assert!(!log.contains("CAP_NET_BROADCAST missing"), "{log}");
     assert!(!log.contains("Operation not permitted"), "{log}");
 }
+
+// ------------------------------------------------------------------------------------------------
+// 9. Self-healing: programs detached or swapped out by someone else come back within a second.
+// ------------------------------------------------------------------------------------------------
+
+/// The names of the TCX programs on both hooks of `dev` in `netns`, as the kernel lists them
+/// (bpftool 7.1 does not show TCX): queried from a thread that enters the namespace.
+fn tcx_programs(netns: &str, dev: &str) -> String {
+    use aya::programs::{SchedClassifier, TcAttachType};
+    let (netns, dev) = (netns.to_owned(), dev.to_owned());
+    std::thread::spawn(move || {
+        let ns = std::fs::File::open(format!("/var/run/netns/{netns}")).unwrap();
+        // SAFETY: setns on this thread only, with a valid namespace fd.
+        assert_eq!(
+            unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) },
+            0
+        );
+        let mut names = Vec::new();
+        for hook in [TcAttachType::Ingress, TcAttachType::Egress] {
+            if let Ok((_, progs)) = SchedClassifier::query_tcx(&dev, hook) {
+                names.extend(
+                    progs
+                        .iter()
+                        .filter_map(|p| p.name_as_str().map(str::to_owned)),
+                );
+            }
+        }
+        names.join(" ")
+    })
+    .join()
+    .unwrap()
+}
+
+#[test]
+fn a_detached_program_is_reattached_and_reported() {
+    let Some(mut c) = cluster("a_detached_program_is_reattached_and_reported") else {
+        return;
+    };
+    c.apply_policies(&deny_ingress("x")).unwrap();
+    start(&mut c);
+    let mut r = c.reachability(true);
+    r.expect_all_ingress("x/*", false);
+    expect(&mut c, &r, &[TCP80], CONVERGE);
+    wait_synced(&c, 0);
+    let pod = c.pod("x/a").clone();
+    let node0 = c.nodes[0].name.clone();
+    let index = ifindex(&node0, &pod.host_veth);
+    let links = c.nodes[0].pin_dir.join("links");
+    // One link detached in the kernel (its pin stays), the other's pin removed (which releases it).
+    let detach = Command::new("ip")
+        .args([
+            "netns", "exec", &node0, "bpftool", "link", "detach", "pinned",
+        ])
+        .arg(links.join(format!("{index}-ingress")))
+        .output()
+        .unwrap();
+    assert!(
+        detach.status.success(),
+        "bpftool link detach: {}",
+        text(&detach.stderr)
+    );
+    std::fs::remove_file(links.join(format!("{index}-egress"))).unwrap();
+    let t = Instant::now();
+    wait_until("both programs back on x/a's veth", CONVERGE, || {
+        let shown = tcx_programs(&node0, &pod.host_veth);
+        if shown.contains("pod_ingress") && shown.contains("pod_egress") {
+            return Ok(Some(()));
+        }
+        Err(format!("bpftool shows: {shown}"))
+    });
+    eprintln!("detached -> re-attached: {:?}", t.elapsed());
+    let s = wait_until("the repairs reported", CONVERGE, || {
+        let s = status(&c, 0)?;
+        let n = s
+            .errors
+            .iter()
+            .filter(|e| e.contains("re-attached"))
+            .count();
+        Ok((n == 2).then_some(s))
+    });
+    assert!(
+        s.errors
+            .iter()
+            .any(|e| e.contains(&pod.host_veth) && e.contains("pod_ingress")),
+        "{:?}",
+        s.errors
+    );
+    expect(&mut c, &r, &[TCP80, UDP81], CONVERGE);
+}

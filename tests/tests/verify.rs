@@ -129,7 +129,8 @@ fn verify_passes_with_the_agent_and_fails_when_a_veth_is_detached() {
         "{coverage}"
     );
 
-    // Detach pod_ingress from x/c's veth by hand: removing the link's pin releases the TCX link.
+    // Detach pod_ingress from x/c's veth by hand (removing the link's pin releases the TCX link)
+    // while the agent is frozen, so that it cannot repair it before verify looks.
     let pod = c.pod("x/c").clone();
     assert_eq!(pod.node, 0);
     let ifindex = ifindex_in(&c.nodes[0].name, &pod.host_veth);
@@ -137,22 +138,39 @@ fn verify_passes_with_the_agent_and_fails_when_a_veth_is_detached() {
         .pin_dir
         .join("links")
         .join(format!("{ifindex}-ingress"));
+    let agent = c.agent_pid(0).expect("agent running") as i32;
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(agent, libc::SIGSTOP) };
     std::fs::remove_file(&pin).unwrap_or_else(|e| panic!("removing {}: {e}", pin.display()));
 
-    let report = wait_for_exit(&mut c, 0, &[], 1);
+    let (code, report) = verify(&c, 0, &[]);
+    // SAFETY: as above.
+    unsafe { libc::kill(agent, libc::SIGCONT) };
+    assert_eq!(code, 1, "{report:#}");
     let attach = check(&report, "agent.attachments");
     assert_eq!(attach["outcome"], "FAIL", "{attach:#}");
     let summary = attach["summary"].as_str().unwrap();
     assert!(summary.contains(&pod.host_veth), "{summary}");
-    assert!(summary.contains("x/c"), "{summary}");
     let details = attach["details"].to_string();
     assert!(
         details.contains("pod_ingress") && details.contains("no pinned link"),
         "{details}"
     );
-    // Everything else still holds.
-    assert_eq!(outcome(&report, "agent.ready"), "PASS");
+    // A frozen agent does not answer: said, not waited for.
+    let ready = check(&report, "agent.ready");
+    assert_eq!(ready["outcome"], "FAIL", "{ready:#}");
     assert_eq!(outcome(&report, "engines.other"), "PASS");
+
+    // Thawed, the agent puts the program back: the attachments pass again, and the agent reports
+    // the repair (a warning: someone detached a program).
+    let report = wait_for_exit(&mut c, 0, &[], 2);
+    assert_eq!(outcome(&report, "agent.attachments"), "PASS", "{report:#}");
+    let ready = check(&report, "agent.ready");
+    assert_eq!(ready["outcome"], "WARN", "{ready:#}");
+    assert!(
+        ready["details"].to_string().contains("re-attached"),
+        "{ready:#}"
+    );
 }
 
 #[test]

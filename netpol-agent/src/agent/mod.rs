@@ -174,8 +174,9 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 sync.reconcile();
             }
             _ = tick.tick() => {
-                sync.reconcile();
+                // Repairs first, so that the reconcile right after reports them.
                 sync.housekeeping();
+                sync.reconcile();
                 heartbeat.beat();
             }
             _ = sigterm.recv() => break,

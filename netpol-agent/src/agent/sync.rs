@@ -26,6 +26,8 @@ use crate::{
 const CT_GC_INTERVAL: Duration = Duration::from_secs(30);
 /// How often the order of the programs on the agent's TCX hooks is checked.
 const TCX_ORDER_INTERVAL: Duration = Duration::from_secs(5);
+/// How long a repair of the agent's attachments stays listed under problems.
+const REPAIR_SHOWN_FOR: Duration = Duration::from_secs(300);
 /// Least time between two saves of the cluster state (each change is saved, at most this often).
 const SAVE_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -58,6 +60,10 @@ pub(super) struct Sync {
     attached: BTreeMap<u32, String>,
     /// Tunnel devices this process has attached (or adopted) `tunnel_egress` on.
     tunnels: BTreeSet<u32>,
+    /// Their names.
+    tunnel_names: BTreeMap<u32, String>,
+    /// Attachments the agent had to repair lately, with when.
+    repairs: Vec<(Instant, String)>,
     /// Since when (unix seconds) each pending veth has been pending.
     pending_since: BTreeMap<u32, u64>,
     claims: Claims,
@@ -96,6 +102,8 @@ impl Sync {
             last_matching: Matching::default(),
             attached: BTreeMap::new(),
             tunnels: BTreeSet::new(),
+            tunnel_names: BTreeMap::new(),
+            repairs: Vec::new(),
             pending_since: BTreeMap::new(),
             claims: Claims::default(),
             last_errors: Vec::new(),
@@ -209,6 +217,7 @@ impl Sync {
 
     /// The periodic work besides the scan.
     pub(super) fn housekeeping(&mut self) {
+        self.heal();
         self.collect_conntrack();
         self.check_tcx_order();
         self.save_state(false);
@@ -244,6 +253,47 @@ impl Sync {
         }
         if problems != self.tcx_order_problems {
             self.tcx_order_problems = problems;
+            self.state_changed = true;
+        }
+    }
+
+    /// Puts the agent's programs back wherever they went missing (detached, or another program
+    /// swapped into the link): checked every tick, so within a second. Each repair is logged and
+    /// listed under problems for [`REPAIR_SHOWN_FOR`].
+    fn heal(&mut self) {
+        let hooks = self
+            .attached
+            .iter()
+            .flat_map(|(i, n)| Hook::ALL.into_iter().map(move |h| (*i, n.clone(), h)))
+            .chain(
+                self.tunnel_names
+                    .iter()
+                    .map(|(i, n)| (*i, n.clone(), Hook::Tunnel)),
+            );
+        let mut repairs = Vec::new();
+        for (ifindex, ifname, hook) in hooks.collect::<Vec<_>>() {
+            // A query that fails (the device just went) is the next scan's business.
+            if self.datapath.runs_ours(&ifname, hook).unwrap_or(true) {
+                continue;
+            }
+            let at = unix_now();
+            let note = match self.datapath.reattach(ifindex, &ifname, hook) {
+                Ok(()) => format!(
+                    "{ifname} (ifindex {ifindex}): {} was detached or replaced by someone else; re-attached at unix {at}",
+                    hook.program()
+                ),
+                Err(e) => format!(
+                    "{ifname} (ifindex {ifindex}): {} was detached or replaced by someone else and cannot be re-attached: {e:#}",
+                    hook.program()
+                ),
+            };
+            tracing::warn!(ifindex, ifname, program = hook.program(), "{note}");
+            repairs.push((Instant::now(), note));
+        }
+        let before = self.repairs.len();
+        self.repairs.retain(|(t, _)| t.elapsed() < REPAIR_SHOWN_FOR);
+        if !repairs.is_empty() || self.repairs.len() != before {
+            self.repairs.extend(repairs);
             self.state_changed = true;
         }
     }
@@ -362,6 +412,7 @@ impl Sync {
         let mut errors: Vec<String> = self.source_problem.iter().cloned().collect();
         errors.extend(self.persisted_note.iter().cloned());
         errors.extend(self.tcx_order_problems.iter().cloned());
+        errors.extend(self.repairs.iter().map(|(_, note)| note.clone()));
         errors
     }
 
@@ -422,6 +473,7 @@ impl Sync {
                 Ok(()) => {
                     let ifname = self.attached.remove(&ifindex).unwrap_or_default();
                     self.tunnels.remove(&ifindex);
+                    self.tunnel_names.remove(&ifindex);
                     tracing::info!(ifindex, ifname, "detached");
                 }
                 Err(e) => errors.push(format!("detach ifindex {ifindex}: {e:#}")),
@@ -457,6 +509,7 @@ impl Sync {
                 Ok(()) => {
                     tracing::info!(ifindex = t.ifindex, ifname = %t.name, "attached to tunnel device");
                     self.tunnels.insert(t.ifindex);
+                    self.tunnel_names.insert(t.ifindex, t.name.clone());
                 }
                 Err(e) => errors.push(format!("{e:#}")),
             }

@@ -375,6 +375,44 @@ impl Datapath {
             .collect())
     }
 
+    /// Whether this agent's program runs at `hook` of `ifname` (someone may have detached it, or
+    /// swapped another program into its link).
+    pub fn runs_ours(&mut self, ifname: &str, hook: Hook) -> Result<bool, ProgramError> {
+        let ours = program_mut(&mut self.ebpf, hook.program())
+            .ok()
+            .and_then(|p| p.info().ok())
+            .map(|i| i.id());
+        let (_, attached) = SchedClassifier::query_tcx(ifname, hook.tc_attach_type())?;
+        Ok(attached.iter().any(|p| Some(p.id()) == ours))
+    }
+
+    /// Puts this agent's program back at `hook`: through its pinned link if that still lives (a
+    /// program swapped in is swapped out), else through a new link replacing the dead pin.
+    pub fn reattach(
+        &mut self,
+        ifindex: u32,
+        ifname: &str,
+        hook: Hook,
+    ) -> Result<(), DatapathError> {
+        if self.attach_hook(ifindex, ifname, hook).is_ok()
+            && self.runs_ours(ifname, hook).unwrap_or(false)
+        {
+            return Ok(());
+        }
+        let path = self.layout.link(ifindex, hook);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(DatapathError::LinkPin {
+                    path: path.display().to_string(),
+                    source,
+                });
+            }
+        }
+        self.attach_hook(ifindex, ifname, hook)
+    }
+
     /// The policy generation the datapath checks conntrack entries against.
     pub fn generation(&self) -> u32 {
         self.config.get(&CONFIG_GENERATION, 0).unwrap_or(0)

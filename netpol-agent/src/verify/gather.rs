@@ -167,19 +167,28 @@ pub struct AgentEvidence {
     pub held_programs: BTreeSet<u32>,
 }
 
+/// How long `verify` waits for the agent's status.
+const STATUS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// Asks the agent for its status and finds its current programs.
 pub async fn agent(state_dir: &Path) -> AgentEvidence {
     let socket = control::socket_path(state_dir);
-    let status = control::request_status(state_dir)
-        .await
-        .map_err(|e| format!("{e:#}"));
+    // A wedged agent (stopped, or stuck in a syscall) must not hang `verify`.
+    let status =
+        match tokio::time::timeout(STATUS_TIMEOUT, control::request_status(state_dir)).await {
+            Ok(answer) => answer.map_err(|e| format!("{e:#}")),
+            Err(_) => Err(format!(
+                "the agent at {} did not answer within {STATUS_TIMEOUT:?}",
+                socket.display()
+            )),
+        };
     let mut pid = None;
     if let Ok(mut stream) = tokio::net::UnixStream::connect(&socket).await {
         pid = stream.peer_cred().ok().and_then(|c| c.pid());
         // Ask properly, so the agent does not log a bad request.
         let _ = stream.write_all(b"status\n").await;
         let mut sink = Vec::new();
-        let _ = stream.read_to_end(&mut sink).await;
+        let _ = tokio::time::timeout(STATUS_TIMEOUT, stream.read_to_end(&mut sink)).await;
     }
     let held_programs = pid.map(held_program_ids).unwrap_or_default();
     AgentEvidence {
