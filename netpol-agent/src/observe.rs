@@ -178,15 +178,7 @@ impl Observer {
     pub fn publish(&self, state: &ClusterState, endpoints: &BTreeMap<PodKey, u32>) {
         let resolver = Resolver::new(state, endpoints);
         if let Ok(mut names) = self.names.lock() {
-            let now = Instant::now();
-            for (ifindex, (_, gone)) in names.iter_mut() {
-                if !resolver.endpoints().contains_key(ifindex) && gone.is_none() {
-                    *gone = Some(now);
-                }
-            }
-            for (ifindex, pod) in resolver.endpoints() {
-                names.insert(*ifindex, (pod.clone(), None));
-            }
+            update_names(&mut names, resolver.endpoints(), Instant::now());
         }
         if let Ok(mut r) = self.resolver.write() {
             *r = Arc::new(resolver);
@@ -242,6 +234,26 @@ impl Observer {
                 }
             }
         }
+    }
+}
+
+/// Endpoint names after a publish at `now`: current endpoints named, the others marked gone, and
+/// those gone for longer than [`GONE_GRACE`] forgotten (the table follows the node's pods, not
+/// every pod it ever had).
+fn update_names(
+    names: &mut HashMap<u32, (PodKey, Option<Instant>)>,
+    current: &BTreeMap<u32, PodKey>,
+    now: Instant,
+) {
+    names.retain(|ifindex, (_, gone)| {
+        if current.contains_key(ifindex) {
+            return true;
+        }
+        let since = *gone.get_or_insert(now);
+        now.duration_since(since) < GONE_GRACE
+    });
+    for (ifindex, pod) in current {
+        names.insert(*ifindex, (pod.clone(), None));
     }
 }
 
@@ -451,4 +463,35 @@ async fn connect(state_dir: &std::path::Path) -> anyhow::Result<tokio::net::Unix
     tokio::net::UnixStream::connect(&path)
         .await
         .with_context(|| format!("connecting to the agent at {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_of_gone_endpoints_are_kept_for_the_grace_then_forgotten() {
+        let mut names = HashMap::new();
+        let t0 = Instant::now();
+        let a = PodKey::new("x", "a");
+        update_names(&mut names, &BTreeMap::from([(7, a.clone())]), t0);
+        assert_eq!(names[&7], (a.clone(), None));
+        // Gone: still named (its last drops get labels), then forgotten.
+        update_names(&mut names, &BTreeMap::new(), t0 + Duration::from_secs(1));
+        assert_eq!(names[&7].1, Some(t0 + Duration::from_secs(1)));
+        update_names(&mut names, &BTreeMap::new(), t0 + GONE_GRACE);
+        assert!(names.contains_key(&7));
+        update_names(
+            &mut names,
+            &BTreeMap::new(),
+            t0 + GONE_GRACE + Duration::from_secs(2),
+        );
+        assert!(names.is_empty());
+        // Churn does not grow the table: a thousand pods come and go.
+        for i in 0..1000u32 {
+            let now = t0 + GONE_GRACE * 2 + Duration::from_secs(u64::from(i) * 61);
+            update_names(&mut names, &BTreeMap::from([(i, a.clone())]), now);
+        }
+        assert!(names.len() <= 2, "{}", names.len());
+    }
 }
