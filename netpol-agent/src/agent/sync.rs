@@ -484,11 +484,12 @@ impl Sync {
     fn write(&mut self, compiled: &Compiled, errors: &mut Vec<String>) {
         let before = self.datapath.generation();
         let write_errors = self.datapath.apply(&compiled.contents());
-        errors.extend(
-            write_errors
-                .iter()
-                .map(|w| format!("map {} write failed: {}", w.map, w.error)),
-        );
+        if !write_errors.is_empty() {
+            // Retried on the next tick (deletes of this pass may have made room), not only on the
+            // next change.
+            self.state_changed = true;
+        }
+        errors.extend(write_failures(&write_errors));
         if self.datapath.generation() != before {
             tracing::info!(
                 generation = self.datapath.generation(),
@@ -692,6 +693,22 @@ impl Sync {
             .map(|(r, n)| (r.name().to_owned(), n))
             .collect();
     }
+}
+
+/// One problem line per map whose writes failed: how many, and the first reason (a full map fails
+/// thousands of writes alike). What failed is only ever an allow or a classification that would
+/// have allowed, so the traffic concerned stays denied.
+fn write_failures(failures: &[crate::datapath::WriteError]) -> Vec<String> {
+    let mut by_map: BTreeMap<&str, (usize, &str)> = BTreeMap::new();
+    for f in failures {
+        by_map.entry(f.map).or_insert((0, &f.error)).0 += 1;
+    }
+    by_map
+        .into_iter()
+        .map(|(map, (n, first))| {
+            format!("map {map}: {n} writes failed ({first}); what they would have allowed stays denied, retried every second")
+        })
+        .collect()
 }
 
 /// Every veth that gets the programs: matched endpoints and pending ones, by ifindex.

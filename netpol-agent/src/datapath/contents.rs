@@ -94,11 +94,29 @@ pub struct Plan {
 
 impl Plan {
     /// Computes the plan from `current` to `desired`.
+    ///
+    /// Within a map, writes that a full map could refuse are ordered so that a refusal can only
+    /// deny: CIDRS longest prefixes first (an `except` prefix before the block around it, which
+    /// would otherwise classify the excepted addresses as the block), IPCACHE the local pods' own
+    /// addresses first (their anti-spoofing entries), then the node's, then remote peers'.
     pub fn new(current: &Contents, desired: &Contents) -> Self {
+        let mut cidrs = diff(&current.cidrs, &desired.cidrs);
+        cidrs
+            .upserts
+            .sort_by_key(|((addr, len), _)| (std::cmp::Reverse(*len), *addr));
+        let mut ipcache = diff(&current.ipcache, &desired.ipcache);
+        ipcache.upserts.sort_by_key(|(addr, info)| {
+            let rank = match (info.endpoint, info.identity) {
+                (0, netpol_common::identity::HOST) => 1,
+                (0, _) => 2,
+                _ => 0,
+            };
+            (rank, *addr)
+        });
         Plan {
             endpoints: diff(&current.endpoints, &desired.endpoints),
-            ipcache: diff(&current.ipcache, &desired.ipcache),
-            cidrs: diff(&current.cidrs, &desired.cidrs),
+            ipcache,
+            cidrs,
             policy: diff(&current.policy, &desired.policy),
             services: diff(&current.services, &desired.services),
         }
@@ -169,6 +187,35 @@ mod tests {
         assert!(plan.endpoints.deletes.is_empty());
         assert_eq!(plan.len(), 3);
         assert!(Plan::new(&desired, &desired).is_empty());
+    }
+
+    #[test]
+    fn writes_a_full_map_could_refuse_come_in_the_order_that_only_denies() {
+        let v4 = |a: u8, b: u8| IpKey::from_v4([10, a, b, 0]);
+        let mut desired = Contents::default();
+        desired.cidrs.insert((v4(0, 0), 96 + 8), 1);
+        desired.cidrs.insert((v4(1, 0), 96 + 24), 2);
+        desired.cidrs.insert((v4(1, 0), 96 + 16), 3);
+        let info = |identity, endpoint| IpInfo { identity, endpoint };
+        desired.ipcache.insert(v4(0, 1), info(300, 0));
+        desired
+            .ipcache
+            .insert(v4(0, 2), info(netpol_common::identity::HOST, 0));
+        desired.ipcache.insert(v4(0, 3), info(301, 7));
+        let plan = Plan::new(&Contents::default(), &desired);
+        let lens: Vec<u32> = plan.cidrs.upserts.iter().map(|((_, l), _)| *l).collect();
+        assert_eq!(lens, vec![120, 112, 104], "longest prefixes first");
+        let ranks: Vec<(u32, u32)> = plan
+            .ipcache
+            .upserts
+            .iter()
+            .map(|(_, i)| (i.identity, i.endpoint))
+            .collect();
+        assert_eq!(
+            ranks,
+            vec![(301, 7), (netpol_common::identity::HOST, 0), (300, 0)],
+            "local pods, then the node, then peers"
+        );
     }
 
     #[test]
