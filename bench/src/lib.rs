@@ -10,6 +10,9 @@
 //! 5. [`api_memory`]: the real agent process on the Kubernetes API source (against the API server
 //!    test double serving 5,000 pods and 1,000 policies, ~110 of the pods local): first sync time and
 //!    peak RSS (`VmHWM`) after the sync and after churn.
+//! 6. [`first_packet`]: how long a new pod in an unpoliced namespace waits before its first packet
+//!    gets through, with no agent, with the agent (`--pending drop` and `allow-unselected`) and with
+//!    the CNI plugin.
 //!
 //! The report goes to `target/bench/report.json`; [`Report::table`] renders it. Timed numbers are only
 //! reported, never asserted: [`Report::missing`] says whether every part produced its numbers.
@@ -18,6 +21,7 @@ pub mod api_memory;
 pub mod bpf;
 pub mod control;
 pub mod datapath;
+pub mod first_packet;
 pub mod iptables;
 pub mod synth;
 pub mod traffic;
@@ -38,6 +42,7 @@ pub struct Options {
     pub bench_bin: PathBuf,
     pub agent_bin: PathBuf,
     pub probe_bin: PathBuf,
+    pub cni_bin: PathBuf,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -100,6 +105,8 @@ pub struct Report {
     pub control_plane: Option<control::Part>,
     #[serde(default)]
     pub api_memory: Option<api_memory::Part>,
+    #[serde(default)]
+    pub first_packet: Option<first_packet::Part>,
     pub targets: Vec<Target>,
     /// Parts that failed, with why.
     pub errors: Vec<String>,
@@ -169,12 +176,12 @@ pub fn run(o: &Options) -> Report {
         rounds: 3,
         samples: if o.quick { 500 } else { 2_000 },
     };
-    eprintln!("bench: 1/4 datapath (BPF_PROG_TEST_RUN)");
+    eprintln!("bench: 1/6 datapath (BPF_PROG_TEST_RUN)");
     match datapath::run(&dp) {
         Ok(p) => r.datapath = Some(p),
         Err(e) => r.errors.push(format!("datapath: {e:#}")),
     }
-    eprintln!("bench: 2/4 iptables");
+    eprintln!("bench: 2/6 iptables");
     match iptables::run(&iptables::Settings {
         sizes: sizes(o.quick),
         packets: if o.quick { 50_000 } else { 100_000 },
@@ -183,7 +190,7 @@ pub fn run(o: &Options) -> Report {
         Ok(p) => r.iptables = Some(p),
         Err(e) => r.errors.push(format!("iptables: {e:#}")),
     }
-    eprintln!("bench: 3/4 pod traffic");
+    eprintln!("bench: 3/6 pod traffic");
     match traffic::run(&traffic::Settings {
         agent_bin: o.agent_bin.clone(),
         probe_bin: o.probe_bin.clone(),
@@ -194,17 +201,27 @@ pub fn run(o: &Options) -> Report {
         Ok(p) => r.traffic = Some(p),
         Err(e) => r.errors.push(format!("traffic: {e:#}")),
     }
-    eprintln!("bench: 4/4 control plane");
+    eprintln!("bench: 4/6 control plane");
     match control_in_child(o) {
         Ok(p) => r.control_plane = Some(p),
         Err(e) => r.errors.push(format!("control plane: {e:#}")),
     }
-    eprintln!("bench: 5/5 agent memory on the API source");
+    eprintln!("bench: 5/6 agent memory on the API source");
     match api_memory::run(&o.agent_bin, api_memory::Spec::new(o.quick)) {
         Ok(p) => r.api_memory = Some(p),
         Err(e) => r
             .errors
             .push(format!("agent memory on the API source: {e:#}")),
+    }
+    eprintln!("bench: 6/6 time to first packet");
+    match first_packet::run(&first_packet::Settings::new(
+        o.quick,
+        &o.agent_bin,
+        &o.probe_bin,
+        &o.cni_bin,
+    )) {
+        Ok(p) => r.first_packet = Some(p),
+        Err(e) => r.errors.push(format!("first packet: {e:#}")),
     }
     r.crossover = crossover(&r);
     r.targets = targets(&r);
@@ -384,6 +401,27 @@ fn targets(r: &Report) -> Vec<Target> {
             am.peak_rss_after_churn_mib < 100.0,
         );
     }
+    if let Some(fp) = &r.first_packet {
+        let agent: Vec<&first_packet::Mode> = fp
+            .modes
+            .iter()
+            .filter(|m| m.name != first_packet::NO_AGENT)
+            .collect();
+        let measured: Vec<String> = fp
+            .modes
+            .iter()
+            .map(|m| format!("{} {:.0} ms", m.name, m.wait.median_ms))
+            .collect();
+        push(
+            "first packet, new pod, unpoliced namespace",
+            "< 100 ms from the pod's interface up (median of each agent mode)",
+            measured.join("; "),
+            !agent.is_empty()
+                && agent
+                    .iter()
+                    .all(|m| m.wait.n > 0 && m.missed == 0 && m.wait.median_ms < 100.0),
+        );
+    }
     t
 }
 
@@ -450,6 +488,10 @@ impl Report {
                 m.push(format!("control-plane numbers missing: {c:?}"))
             }
             Some(_) => {}
+        }
+        match &self.first_packet {
+            None => m.push("first-packet part missing".into()),
+            Some(f) => m.extend(f.missing()),
         }
         if self.targets.len() < 6 + usize::from(!self.quick) {
             m.push(format!("only {} targets evaluated", self.targets.len()));
@@ -637,6 +679,9 @@ impl Report {
                 a.churn_changes, a.peak_rss_after_churn_mib
             );
             let _ = writeln!(o, "| RSS at the end (VmRSS) | {:.1} MiB |\n", a.rss_end_mib);
+        }
+        if let Some(f) = &self.first_packet {
+            o.push_str(&f.table());
         }
         if !self.targets.is_empty() {
             let _ = writeln!(o, "| target | wanted | measured | met |");

@@ -9,7 +9,9 @@ use clap::{Parser, Subcommand};
 use netpol_bench::{Options, control, control_spec, traffic};
 
 #[derive(Parser)]
-#[command(about = "netpol-agent benchmark: datapath, iptables, pod traffic, control plane")]
+#[command(
+    about = "netpol-agent benchmark: datapath, iptables, pod traffic, control plane, first packet"
+)]
 struct Cli {
     /// Smallest sizes only (about a minute).
     #[arg(long)]
@@ -23,6 +25,9 @@ struct Cli {
     /// The netpol-probe binary for the pod-traffic part.
     #[arg(long, env = "NETPOL_PROBE_BIN")]
     probe_bin: Option<PathBuf>,
+    /// The netpol-cni binary for the first-packet part (built when missing).
+    #[arg(long, env = "NETPOL_CNI_BIN")]
+    cni_bin: Option<PathBuf>,
     #[command(subcommand)]
     internal: Option<Internal>,
 }
@@ -38,6 +43,12 @@ enum Internal {
     /// Only the agent-memory part (agent on the API source against the API server double); prints
     /// JSON.
     ApiMemory {
+        #[arg(long)]
+        quick: bool,
+    },
+    /// Only the time-to-first-packet part (simulated cluster, agents on the manifest source); prints
+    /// its table, then its JSON.
+    FirstPacket {
         #[arg(long)]
         quick: bool,
     },
@@ -73,6 +84,22 @@ fn main() -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&part)?);
             return Ok(());
         }
+        Some(Internal::FirstPacket { quick }) => {
+            let dir = std::env::current_exe()?
+                .parent()
+                .map(PathBuf::from)
+                .unwrap_or_default();
+            let part =
+                netpol_bench::first_packet::run(&netpol_bench::first_packet::Settings::new(
+                    quick,
+                    &cli.agent_bin.unwrap_or_else(|| dir.join("netpol-agent")),
+                    &cli.probe_bin.unwrap_or_else(|| dir.join("netpol-probe")),
+                    &cli.cni_bin.unwrap_or_else(|| dir.join("netpol-cni")),
+                ))?;
+            eprintln!("{}", part.table());
+            println!("{}", serde_json::to_string_pretty(&part)?);
+            return Ok(());
+        }
         Some(Internal::ConnectLoop { addr, port, secs }) => {
             println!("{}", traffic::connect_loop(addr, port, secs));
             return Ok(());
@@ -85,6 +112,7 @@ fn main() -> anyhow::Result<()> {
         quick: cli.quick,
         agent_bin: cli.agent_bin.unwrap_or_else(|| dir.join("netpol-agent")),
         probe_bin: cli.probe_bin.unwrap_or_else(|| dir.join("netpol-probe")),
+        cni_bin: cli.cni_bin.unwrap_or_else(|| dir.join("netpol-cni")),
         bench_bin,
     };
     let report = netpol_bench::run(&o);
