@@ -138,7 +138,7 @@ fn demo() -> anyhow::Result<()> {
 
 fn bench(quick: bool) -> anyhow::Result<()> {
     setup::run()?;
-    let release = build_release(&["netpol-agent", "netpol-tests", "netpol-bench"])?;
+    let release = build_release(&["netpol-agent", "netpol-cni", "netpol-tests", "netpol-bench"])?;
     let mut cmd = Command::new(release.join("netpol-bench"));
     cmd.current_dir(workspace_root())
         .arg("--out")
