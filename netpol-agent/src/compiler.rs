@@ -100,6 +100,8 @@ pub struct Compiled {
     pub policy: BTreeMap<(PolicyKey, u32), PolicyValue>,
     /// SERVICES: egress verdicts of egress-isolated endpoints through Service frontends.
     pub services: BTreeMap<netpol_common::SvcKey, netpol_common::SvcValue>,
+    /// FRONTENDS: every Service frontend address, judged on its backends only.
+    pub frontends: BTreeMap<IpKey, u32>,
     pub errors: Vec<CompileError>,
     /// The identities behind the numbers, for observability.
     pub identities: Identities,
@@ -144,6 +146,7 @@ impl Compiled {
             cidrs: self.cidrs.clone(),
             policy: self.policy.clone(),
             services: self.services.clone(),
+            frontends: self.frontends.clone(),
         }
     }
 
@@ -152,7 +155,8 @@ impl Compiled {
     /// egress) to destination `port` be allowed? Conntrack is not modelled.
     ///
     /// Unknown endpoints are denied; a direction the endpoint is not isolated in is allowed; at
-    /// ingress the node itself ([`identity::HOST`]) is allowed; otherwise the peer's IPCACHE identity,
+    /// ingress the node itself ([`identity::HOST`]) is allowed; at egress a Service frontend is
+    /// allowed when SERVICES has a verdict for it (outright or deferred); otherwise the peer's IPCACHE identity,
     /// its longest-prefix CIDR identity and [`identity::ANY`] are each looked up, longest prefix
     /// first, in POLICY.
     pub fn allows(
@@ -174,6 +178,17 @@ impl Compiled {
             return true;
         }
         let peer = ip_key(peer);
+        if direction == Direction::Egress && self.frontends.contains_key(&peer) {
+            // Judged on the backends: allowed at the veth (outright, or deferred to after DNAT).
+            let key = netpol_common::SvcKey {
+                endpoint,
+                vip: peer,
+                port_be: port.to_be_bytes(),
+                protocol,
+                _pad: 0,
+            };
+            return self.services.contains_key(&key);
+        }
         let pod_identity = self.ipcache.get(&peer).map(|i| i.identity);
         if direction == Direction::Ingress && pod_identity == Some(identity::HOST) {
             return true;
@@ -742,7 +757,9 @@ pub fn compile(input: &CompileInput<'_>) -> Compiled {
         .iter()
         .flat_map(|p| p.ips.iter().copied())
         .collect();
-    out.services = services::compile(&out, &crate::service::frontends(state), &local_ips);
+    let frontends = crate::service::frontends(state);
+    out.frontends = frontends.iter().map(|f| (ip_key(f.vip), 1)).collect();
+    out.services = services::compile(&out, &frontends, &local_ips);
     out
 }
 

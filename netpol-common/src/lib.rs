@@ -758,6 +758,12 @@ pub mod service {
     /// packet, and decided after kube-proxy's DNAT where the backend is known (the backend's veth for a
     /// local backend, the Flannel VXLAN device for a remote one).
     pub const VERDICT_DEFER: u32 = 2;
+    /// Name of the `HashMap<IpKey, u32>` of every Service frontend address (ClusterIP): an egress
+    /// packet to one is judged on the Service's backends (SERVICES), never by a rule that happens to
+    /// match the virtual address (an ipBlock around it, a rule without peers).
+    pub const FRONTENDS_MAP_NAME: &str = "NP_FRONTENDS_V1";
+    /// Capacity of the frontends map: ClusterIPs of the cluster, both families.
+    pub const FRONTENDS_CAPACITY: u32 = 16_384;
     /// `skb->mark` bit of a packet whose egress check is deferred to after DNAT. Chosen clear of
     /// kube-proxy's 0x4000 (masquerade) and 0x8000 (drop) bits and of Flannel's marks.
     pub const DEFER_MARK: u32 = 1 << 25;

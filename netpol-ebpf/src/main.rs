@@ -34,7 +34,7 @@ use netpol_common::{
 use crate::{
     maps::{
         CIDRS, CONFIG, CONNTRACK, COUNTERS, CT_COUNT, DROPS, ENDPOINTS, EVENT_BUDGET, EVENTS,
-        FLOWS, FRAGS, IPCACHE, LOST, POLICY, SERVICES, VERDICTS, get_or_create,
+        FLOWS, FRAGS, FRONTENDS, IPCACHE, LOST, POLICY, SERVICES, VERDICTS, get_or_create,
     },
     parse::{Malformed, Packet, Parsed, same},
 };
@@ -883,6 +883,11 @@ fn policy(pkt: &Packet, ifindex: u32, ep_flags: u32, dir: Direction, ask: Ask) -
     if !isolated {
         return reason_only(Reason::AllowedNotIsolated) | DECIDED;
     }
+    // A Service's virtual address is judged on its backends (SERVICES, by the caller), never by a
+    // rule that happens to match the address itself.
+    if dir == Direction::Egress && FRONTENDS.get_ptr(&IpKey { addr: *peer }).is_some() {
+        return refused(ep_flags, denied);
+    }
 
     let mut key = Key::new(
         POLICY_PREFIX_FULL,
@@ -910,6 +915,12 @@ fn policy(pkt: &Packet, ifindex: u32, ep_flags: u32, dir: Direction, ask: Ask) -
     if let Some(v) = POLICY.get(&key) {
         return allowed(&mut key, v.policy);
     }
+    refused(ep_flags, denied)
+}
+
+/// A packet no rule allows: `denied`, or `pending` at an endpoint whose pod is not known.
+#[inline(always)]
+fn refused(ep_flags: u32, denied: Reason) -> u64 {
     if ep_flags & endpoint_flags::PENDING != 0 {
         return reason_only(Reason::DroppedPending) | DECIDED;
     }

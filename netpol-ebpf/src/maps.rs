@@ -78,6 +78,11 @@ pub static VERDICTS: PerCpuArray<u64> = PerCpuArray::pinned(VERDICT_SLOTS, 0);
 pub static SERVICES: HashMap<netpol_common::SvcKey, netpol_common::SvcValue> =
     HashMap::pinned(netpol_common::service::CAPACITY, 0);
 
+/// Service frontend addresses; see `netpol_common::service::FRONTENDS_MAP_NAME`.
+#[map(name = "NP_FRONTENDS_V1")]
+pub static FRONTENDS: HashMap<IpKey, u32> =
+    HashMap::pinned(netpol_common::service::FRONTENDS_CAPACITY, 0);
+
 /// Conntrack entries per endpoint, against the quota.
 #[map(name = "NP_CTCOUNT_V1")]
 pub static CT_COUNT: HashMap<u32, u64> = HashMap::pinned(capacity::ENDPOINTS, 0);
@@ -132,3 +137,7 @@ const _: () = assert!(str_eq("NP_VERDICTS_V1", map_names::VERDICTS));
 const _: () = assert!(str_eq("NP_FRAGS_V1", map_names::FRAGS));
 const _: () = assert!(str_eq("NP_CTCOUNT_V1", map_names::CT_COUNT));
 const _: () = assert!(str_eq("NP_SERVICES_V1", netpol_common::service::MAP_NAME));
+const _: () = assert!(str_eq(
+    "NP_FRONTENDS_V1",
+    netpol_common::service::FRONTENDS_MAP_NAME
+));

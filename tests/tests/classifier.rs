@@ -2213,3 +2213,61 @@ fn replies_through_a_service_are_rechecked_against_its_verdict() {
     env.set_generation(2);
     env.expect(Ingress, &answer, Reason::DroppedEgressDenied);
 }
+
+/// A Service frontend address is judged on its SERVICES verdict only: a rule that matches the
+/// address itself (an ipBlock around it, a rule without peers) does not allow it, so an excepted
+/// backend is not reached through its ClusterIP (upstream's "except clause" through a Service).
+#[test]
+fn a_frontend_address_is_judged_on_its_service_verdict_only() {
+    use netpol_common::{SvcKey, SvcValue, service};
+
+    let Some(mut env) = env!() else { return };
+    env.isolate(false, true);
+    let vip: IpAddr = Ipv4Addr::new(10, 43, 0, 54).into();
+    // Egress to 0.0.0.0/0 on any port, and to every peer on port 80.
+    env.cidr(Ipv4Addr::UNSPECIFIED.into(), 0, ID_CIDR);
+    env.allow(ID_CIDR, Egress, 0, 0, POLICY_PREFIX_ANY_PROTOCOL);
+    env.allow(identity::ANY, Egress, proto::TCP, 80, POLICY_PREFIX_FULL);
+    let to_vip = Packet::tcp(a(), vip, 40000, 80).build();
+    env.expect(Egress, &to_vip, Reason::AllowedPolicy);
+    let mut frontends: HashMap<_, netpol_common::IpKey, u32> =
+        HashMap::try_from(env.ebpf.map_mut(service::FRONTENDS_MAP_NAME).unwrap()).unwrap();
+    frontends.insert(ip_key(vip), 1, 0).unwrap();
+    env.expect(
+        Egress,
+        &Packet::tcp(a(), vip, 40001, 80).build(),
+        Reason::DroppedEgressDenied,
+    );
+    // Other addresses of the block are still allowed by it.
+    env.expect(
+        Egress,
+        &Packet::tcp(a(), Ipv4Addr::new(1, 1, 1, 1).into(), 40002, 443).build(),
+        Reason::AllowedPolicy,
+    );
+    // With a verdict for the frontend, its verdict decides.
+    let mut services: HashMap<_, SvcKey, SvcValue> =
+        HashMap::try_from(env.ebpf.map_mut(service::MAP_NAME).unwrap()).unwrap();
+    let key = SvcKey {
+        endpoint: EP,
+        vip: ip_key(vip),
+        port_be: 80u16.to_be_bytes(),
+        protocol: proto::TCP,
+        _pad: 0,
+    };
+    let verdict = SvcValue {
+        verdict: service::VERDICT_DEFER,
+        policy: 9,
+    };
+    services.insert(key, verdict, 0).unwrap();
+    env.expect(
+        Egress,
+        &Packet::tcp(a(), vip, 40003, 80).build(),
+        Reason::AllowedServiceDeferred,
+    );
+    // Ingress from the address is unaffected (not a client's destination).
+    env.expect(
+        Ingress,
+        &Packet::tcp(vip, a(), 80, 40004).build(),
+        Reason::AllowedNotIsolated,
+    );
+}

@@ -889,7 +889,9 @@ fn egress_ipblock_matches_service_cidr_and_real_destinations() {
             ),
         )
     };
-    // The service CIDR itself, as the user wrote it: every ClusterIP, no pod directly.
+    // The service CIDR itself: a ClusterIP is judged on the backend kube-proxy picks, never on
+    // its own address, so a block around the ClusterIPs allows none of them (their backends are
+    // pods outside it), and no pod directly.
     let Some(mut c) = with_agents(
         "egress_ipblock_matches_service_cidr_and_real_destinations",
         &block("{cidr: 10.43.0.0/16}"),
@@ -900,12 +902,32 @@ fn egress_ipblock_matches_service_cidr_and_real_destinations() {
         &mut c,
         "ipBlock 10.43.0.0/16",
         &[
-            tcp("x/a", LOCAL, 80, Want::By("y/b")),
-            udp("x/a", REMOTE, 80, Want::By("y/a")),
-            tcp("x/a", NAMED, 80, Want::ByOn("z/b", 81)),
-            udp("x/a", KUBE_DNS_IP, 53, Want::By(COREDNS_POD)),
+            tcp("x/a", LOCAL, 80, Want::Blocked),
+            udp("x/a", REMOTE, 80, Want::Blocked),
+            tcp("x/a", NAMED, 80, Want::Blocked),
+            udp("x/a", KUBE_DNS_IP, 53, Want::Blocked),
             tcp("x/a", pip("y/b"), 80, Want::Blocked),
             tcp("x/a", pip("y/a"), 80, Want::Blocked),
+        ],
+        CONVERGE,
+    );
+    // Upstream's "except clause ... to server in CIDR block" through a Service: a block around
+    // everything except one backend's address reaches that backend neither directly nor through its
+    // ClusterIP, and the other backends both ways.
+    apply(
+        &c,
+        &block(&format!("{{cidr: 0.0.0.0/0, except: [{}/32]}}", pip("y/b"))),
+    );
+    expect(
+        &mut c,
+        "ipBlock 0.0.0.0/0 except y/b",
+        &[
+            tcp("x/a", LOCAL, 80, Want::Blocked),
+            udp("x/a", LOCAL, 80, Want::Blocked),
+            tcp("x/a", pip("y/b"), 80, Want::Blocked),
+            udp("x/a", REMOTE, 80, Want::By("y/a")),
+            tcp("x/a", pip("y/a"), 80, Want::By("y/a")),
+            udp("x/a", KUBE_DNS_IP, 53, Want::By(COREDNS_POD)),
         ],
         CONVERGE,
     );

@@ -1,7 +1,8 @@
 //! Egress through Services. A pod's packet to a ClusterIP leaves its veth before kube-proxy picks a
-//! backend, so the verdict per (pod, frontend) is precomputed from the backends: every backend allowed
-//! -> allow at the veth; none -> the ordinary lookup (which denies); some -> defer the decision to
-//! after DNAT, where the backend is known (see `netpol_common::service`).
+//! backend, so the verdict per (pod, frontend) is precomputed from the backends (see
+//! [`frontend_verdict`] and `netpol_common::service`): deferred to after DNAT, where the backend is
+//! known, wherever a hook can decide there; allowed outright where it cannot and every backend is
+//! allowed; denied otherwise. The frontend's own address never matches a rule (FRONTENDS).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -101,6 +102,36 @@ fn decided_after_dnat(c: &Compiled, ip: IpAddr, local_ips: &BTreeSet<IpAddr>) ->
     })
 }
 
+/// The verdict of one endpoint towards a frontend whose backends get `verdicts`; `None` denies
+/// (no entry: a frontend address is judged on its SERVICES entry only).
+///
+/// Deferred (decided after kube-proxy's DNAT, on the backend it picked) whenever a hook can decide
+/// every backend there, even when all are allowed: kube-proxy may send to a backend the agent does
+/// not know yet (a new canary pod), which the hook then judges as what it is. Allowed outright only
+/// when every backend is allowed and some cannot be decided after DNAT (node or external
+/// addresses, the `kubernetes` Service); with some denied there, denied (fail closed).
+fn frontend_verdict(
+    c: &Compiled,
+    backends: &[(IpAddr, u16)],
+    verdicts: &[Option<u32>],
+    local_ips: &BTreeSet<IpAddr>,
+) -> Option<u32> {
+    let allowed = verdicts.iter().flatten().count();
+    if allowed == 0 {
+        return None;
+    }
+    let deferrable = backends
+        .iter()
+        .all(|(ip, _)| decided_after_dnat(c, *ip, local_ips));
+    if deferrable {
+        Some(service::VERDICT_DEFER)
+    } else if allowed == verdicts.len() {
+        Some(service::VERDICT_ALLOW)
+    } else {
+        None
+    }
+}
+
 /// The SERVICES entries for the egress-isolated endpoints of `c`; `local_ips` are the addresses of
 /// this node's pods.
 pub(super) fn compile(
@@ -123,18 +154,7 @@ pub(super) fn compile(
                 .iter()
                 .map(|(ip, port)| egress_allows(c, endpoint, *ip, protocol, *port))
                 .collect();
-            let allowed = verdicts.iter().flatten().count();
-            // Deferring is only safe where a hook decides every denied backend after DNAT.
-            let deferrable = f
-                .backends
-                .iter()
-                .zip(&verdicts)
-                .all(|((ip, _), v)| v.is_some() || decided_after_dnat(c, *ip, local_ips));
-            let verdict = if allowed == verdicts.len() {
-                service::VERDICT_ALLOW
-            } else if allowed > 0 && deferrable {
-                service::VERDICT_DEFER
-            } else {
+            let Some(verdict) = frontend_verdict(c, &f.backends, &verdicts, local_ips) else {
                 continue;
             };
             let key = SvcKey {

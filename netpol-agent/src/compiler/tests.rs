@@ -1287,19 +1287,20 @@ spec: {clusterIP: 10.43.0.80, selector: {app: web}, ports: [{port: 80}]}
     let out = c.compile();
     assert_eq!(
         svc_verdict(&out, client, "10.43.0.10", UDP, 53),
-        Some(service::VERDICT_ALLOW)
+        Some(service::VERDICT_DEFER)
     );
     assert_eq!(
         svc_verdict(&out, client, "10.43.0.10", TCP, 53),
-        Some(service::VERDICT_ALLOW)
+        Some(service::VERDICT_DEFER)
     );
     assert_eq!(
         svc_verdict(&out, client, "10.43.0.80", TCP, 80),
         None,
         "web is not allowed"
     );
-    // The ClusterIP itself is not a pod: the ordinary lookup denies it.
-    assert!(!out.allows(client, ip("10.43.0.10"), Egress, UDP, 53));
+    // The ClusterIP is judged on its backends: allowed (deferred to after DNAT), web's is not.
+    assert!(out.allows(client, ip("10.43.0.10"), Egress, UDP, 53));
+    assert!(!out.allows(client, ip("10.43.0.80"), Egress, TCP, 80));
 }
 
 #[test]
@@ -1331,7 +1332,8 @@ spec: {clusterIP: 10.43.0.54, selector: {app: db}, ports: [{port: 5432}]}
         svc_verdict(&out, client, "10.43.0.54", TCP, 5432),
         Some(service::VERDICT_DEFER)
     );
-    // Both backends allowed -> plain allow.
+    // Both backends allowed: still decided after DNAT (kube-proxy may pick a backend the agent does
+    // not know yet), which a hook can do for pod backends.
     c.policy(
         "default",
         "to-gold",
@@ -1340,7 +1342,7 @@ spec: {clusterIP: 10.43.0.54, selector: {app: db}, ports: [{port: 5432}]}
     let out = c.compile();
     assert_eq!(
         svc_verdict(&out, client, "10.43.0.54", TCP, 5432),
-        Some(service::VERDICT_ALLOW)
+        Some(service::VERDICT_DEFER)
     );
 }
 
@@ -1365,7 +1367,7 @@ spec: {clusterIP: 10.43.0.8, selector: {app: api}, ports: [{port: 80, targetPort
     );
     assert_eq!(
         svc_verdict(&c.compile(), client, "10.43.0.8", TCP, 80),
-        Some(service::VERDICT_ALLOW),
+        Some(service::VERDICT_DEFER),
         "the rule for the backend's 8080 allows the frontend's 80"
     );
     c.policy(
@@ -1416,7 +1418,7 @@ ports: [{name: web, port: 80, protocol: TCP}]
     let out = c.compile();
     assert_eq!(
         svc_verdict(&out, client, "10.43.0.9", TCP, 80),
-        Some(service::VERDICT_ALLOW)
+        Some(service::VERDICT_DEFER)
     );
     assert!(
         out.services.keys().all(|k| k.endpoint != free),
@@ -1681,4 +1683,99 @@ fn allow_unselected_opens_only_the_directions_no_policy_isolates_for_any_candida
         "podSelector: {}\npolicyTypes: [Egress]",
     );
     assert_eq!(c.compile().endpoints[&99].flags & both, both);
+}
+
+/// Upstream's "except clause ... egress access to server in CIDR block" through a Service: an
+/// ipBlock around the ClusterIP allows nothing by itself; the backends decide.
+#[test]
+fn an_ip_block_around_a_cluster_ip_does_not_allow_it() {
+    let mut c = Cluster::new();
+    let client = c.local("default", "client", &[], &["10.42.0.5"]);
+    c.remote("default", "server", &[("app", "server")], &["10.42.1.7"]);
+    c.service(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {name: server, namespace: default}
+spec: {clusterIP: 10.43.0.54, selector: {app: server}, ports: [{port: 80}]}
+"#,
+    );
+    c.policy(
+        "default",
+        "cidr-except-server",
+        "{podSelector: {}, policyTypes: [Egress], egress: [{to: [{ipBlock: {cidr: 0.0.0.0/0, except: [10.42.1.7/32]}}]}]}",
+    );
+    let out = c.compile();
+    assert!(out.frontends.contains_key(&ip_key(ip("10.43.0.54"))));
+    assert_eq!(svc_verdict(&out, client, "10.43.0.54", TCP, 80), None);
+    assert!(
+        !tcp_out(&out, client, "10.43.0.54", 80),
+        "the ClusterIP leads to the excepted server"
+    );
+    assert!(!tcp_out(&out, client, "10.42.1.7", 80));
+    assert!(
+        tcp_out(&out, client, "10.42.1.8", 80),
+        "the rest of the block"
+    );
+    // A rule without peers does not reach the frontend on another port either.
+    c.policy(
+        "default",
+        "cidr-except-server",
+        "{podSelector: {}, policyTypes: [Egress], egress: [{ports: [{port: 80}]}]}",
+    );
+    let out = c.compile();
+    assert_eq!(
+        svc_verdict(&out, client, "10.43.0.54", TCP, 80),
+        Some(service::VERDICT_DEFER)
+    );
+    assert!(!tcp_out(&out, client, "10.43.0.54", 81));
+}
+
+/// Backends that no hook decides after DNAT (node addresses: the `kubernetes` Service on an HA
+/// server): allowed outright only when every one is allowed, else denied.
+#[test]
+fn node_backends_are_allowed_outright_or_not_at_all() {
+    let mut c = Cluster::new();
+    let client = c.local("default", "client", &[], &["10.42.0.5"]);
+    c.service(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {name: kubernetes, namespace: default}
+spec: {clusterIP: 10.43.0.1, ports: [{name: https, port: 443, targetPort: 6443}]}
+"#,
+    );
+    c.endpoint_slice(
+        r#"
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: kubernetes, namespace: default, labels: {kubernetes.io/service-name: kubernetes}}
+addressType: IPv4
+endpoints:
+  - {addresses: [192.168.1.10], conditions: {ready: true}}
+  - {addresses: [192.168.1.11], conditions: {ready: true}}
+ports: [{name: https, port: 6443, protocol: TCP}]
+"#,
+    );
+    c.policy(
+        "default",
+        "api",
+        "{podSelector: {}, policyTypes: [Egress], egress: [{to: [{ipBlock: {cidr: 192.168.1.0/24}}], ports: [{port: 6443}]}]}",
+    );
+    let out = c.compile();
+    assert_eq!(
+        svc_verdict(&out, client, "10.43.0.1", TCP, 443),
+        Some(service::VERDICT_ALLOW)
+    );
+    c.policy(
+        "default",
+        "api",
+        "{podSelector: {}, policyTypes: [Egress], egress: [{to: [{ipBlock: {cidr: 192.168.1.10/32}}], ports: [{port: 6443}]}]}",
+    );
+    let out = c.compile();
+    assert_eq!(
+        svc_verdict(&out, client, "10.43.0.1", TCP, 443),
+        None,
+        "fails closed"
+    );
 }

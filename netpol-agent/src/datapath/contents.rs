@@ -15,6 +15,8 @@ pub struct Contents {
     pub cidrs: BTreeMap<(IpKey, u32), u32>,
     pub policy: BTreeMap<(PolicyKey, u32), PolicyValue>,
     pub services: BTreeMap<SvcKey, SvcValue>,
+    /// Service frontend addresses (value unused, 1).
+    pub frontends: BTreeMap<IpKey, u32>,
 }
 
 /// Changes to one map: entries to write (new or changed) and keys to delete.
@@ -52,6 +54,7 @@ fn diff<K: Ord + Clone, V: PartialEq + Clone>(
 pub enum Step {
     PolicyUpserts,
     ServiceUpserts,
+    FrontendUpserts,
     CidrUpserts,
     IpcacheUpserts,
     EndpointUpserts,
@@ -59,6 +62,7 @@ pub enum Step {
     CidrDeletes,
     IpcacheDeletes,
     ServiceDeletes,
+    FrontendDeletes,
     PolicyDeletes,
     BumpGeneration,
 }
@@ -67,10 +71,13 @@ pub enum Step {
 /// (identities, isolation), and removed only after nothing points at them any more, so during an
 /// update a packet sees either the old or the new decision for every lookup: traffic that both the
 /// old and the new policy deny never passes. The generation bump comes last, so established flows
-/// are re-checked against the finished state.
-pub const STEP_ORDER: [Step; 11] = [
+/// are re-checked against the finished state. A new frontend address comes after its Service
+/// verdicts (from then on only they decide for it); a removed one goes after them (until then the
+/// verdicts still decide).
+pub const STEP_ORDER: [Step; 13] = [
     Step::PolicyUpserts,
     Step::ServiceUpserts,
+    Step::FrontendUpserts,
     Step::CidrUpserts,
     Step::IpcacheUpserts,
     Step::EndpointUpserts,
@@ -78,6 +85,7 @@ pub const STEP_ORDER: [Step; 11] = [
     Step::CidrDeletes,
     Step::IpcacheDeletes,
     Step::ServiceDeletes,
+    Step::FrontendDeletes,
     Step::PolicyDeletes,
     Step::BumpGeneration,
 ];
@@ -90,6 +98,7 @@ pub struct Plan {
     pub cidrs: MapChanges<(IpKey, u32), u32>,
     pub policy: MapChanges<(PolicyKey, u32), PolicyValue>,
     pub services: MapChanges<SvcKey, SvcValue>,
+    pub frontends: MapChanges<IpKey, u32>,
 }
 
 impl Plan {
@@ -119,6 +128,7 @@ impl Plan {
             cidrs,
             policy: diff(&current.policy, &desired.policy),
             services: diff(&current.services, &desired.services),
+            frontends: diff(&current.frontends, &desired.frontends),
         }
     }
 
@@ -129,6 +139,7 @@ impl Plan {
             && self.cidrs.is_empty()
             && self.policy.is_empty()
             && self.services.is_empty()
+            && self.frontends.is_empty()
     }
 
     /// Number of entries written or deleted.
@@ -136,7 +147,12 @@ impl Plan {
         fn n<K, V>(c: &MapChanges<K, V>) -> usize {
             c.upserts.len() + c.deletes.len()
         }
-        n(&self.endpoints) + n(&self.ipcache) + n(&self.cidrs) + n(&self.policy) + n(&self.services)
+        n(&self.endpoints)
+            + n(&self.ipcache)
+            + n(&self.cidrs)
+            + n(&self.policy)
+            + n(&self.services)
+            + n(&self.frontends)
     }
 }
 

@@ -109,6 +109,7 @@ pub struct Datapath {
     cidrs: LpmTrie<MapData, IpKey, u32>,
     policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
     services: HashMap<MapData, SvcKey, SvcValue>,
+    frontends: HashMap<MapData, IpKey, u32>,
     config: Array<MapData, u32>,
     counters: PerCpuArray<MapData, u64>,
     conntrack: HashMap<MapData, CtKey, CtValue>,
@@ -156,6 +157,7 @@ impl Datapath {
         let cidrs = take_map(&mut ebpf, map_names::CIDRS)?;
         let policy = take_map(&mut ebpf, map_names::POLICY)?;
         let services = take_map(&mut ebpf, service::MAP_NAME)?;
+        let frontends = take_map(&mut ebpf, service::FRONTENDS_MAP_NAME)?;
         let config = take_map(&mut ebpf, map_names::CONFIG)?;
         let counters = take_map(&mut ebpf, map_names::COUNTERS)?;
         let conntrack = take_map(&mut ebpf, map_names::CONNTRACK)?;
@@ -168,6 +170,7 @@ impl Datapath {
             cidrs,
             policy,
             services,
+            frontends,
             config,
             counters,
             conntrack,
@@ -206,6 +209,7 @@ impl Datapath {
                 .map(|(k, v)| ((k.data(), k.prefix_len()), v))
                 .collect(),
             services: self.services.iter().filter_map(Result::ok).collect(),
+            frontends: self.frontends.iter().filter_map(Result::ok).collect(),
         }
     }
 
@@ -243,6 +247,19 @@ impl Datapath {
                         note(
                             map_names::POLICY,
                             self.policy.insert(&Key::new(*len, *k), *v, 0),
+                        );
+                    }
+                }
+                Step::FrontendUpserts => {
+                    for (k, v) in &plan.frontends.upserts {
+                        note(service::FRONTENDS_MAP_NAME, self.frontends.insert(k, v, 0));
+                    }
+                }
+                Step::FrontendDeletes => {
+                    for k in &plan.frontends.deletes {
+                        note(
+                            service::FRONTENDS_MAP_NAME,
+                            ignore_missing(self.frontends.remove(k)),
                         );
                     }
                 }
@@ -461,6 +478,11 @@ impl Datapath {
                 name: service::MAP_NAME,
                 entries: self.current.services.len(),
                 capacity: service::CAPACITY,
+            },
+            MapUsage {
+                name: service::FRONTENDS_MAP_NAME,
+                entries: self.current.frontends.len(),
+                capacity: service::FRONTENDS_CAPACITY,
             },
         ]
     }
