@@ -45,6 +45,10 @@ pub struct CompileInput<'a> {
     /// Veths that have programs but no pod: isolated as `pending_rule` says.
     pub pending: &'a PendingEndpoints,
     pub pending_rule: PendingRule,
+    /// `tunnel_egress` guards every device pod traffic can leave the node by: a connection to a
+    /// remote backend can then be decided after DNAT. When not (a device it could not be attached
+    /// to), Service verdicts count on no such decision and fail closed.
+    pub exits_guarded: bool,
 }
 
 /// The link identity of a local pod's interface (the veth peer), as the kernel reports it.
@@ -759,7 +763,7 @@ pub fn compile(input: &CompileInput<'_>) -> Compiled {
         .collect();
     let frontends = crate::service::frontends(state);
     out.frontends = frontends.iter().map(|f| (ip_key(f.vip), 1)).collect();
-    out.services = services::compile(&out, &frontends, &local_ips);
+    out.services = services::compile(&out, &frontends, &local_ips, input.exits_guarded);
     out
 }
 

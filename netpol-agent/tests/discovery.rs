@@ -107,7 +107,7 @@ fn finds_pod_veths_and_peer_addresses_only() {
     ip(&["-n", &node, "link", "add", "cni0", "type", "bridge"]);
     ip(&["-n", &node, "addr", "add", "10.42.0.1/24", "dev", "cni0"]);
 
-    // Flannel's VXLAN device is a tunnel; another VXLAN device is not.
+    // Both VXLAN devices are exits (pod traffic may leave by any device but a bridge's ports).
     ip(&[
         "-n",
         &node,
@@ -182,10 +182,11 @@ fn finds_pod_veths_and_peer_addresses_only() {
         !view.host_addrs.iter().any(|a| a.to_string() == "10.42.0.5"),
         "pod address is not a host address"
     );
-    let tunnels: Vec<&str> = view.tunnels.iter().map(|t| t.name.as_str()).collect();
+    let mut exits: Vec<&str> = view.tunnels.iter().map(|t| t.name.as_str()).collect();
+    exits.sort();
     assert_eq!(
-        tunnels,
-        vec!["flannel.1"],
-        "only Flannel's VXLAN devices are tunnels"
+        exits,
+        vec!["flannel.1", "vxlan7"],
+        "exit devices: every link but the loopback, bridges and their ports (veths apart)"
     );
 }

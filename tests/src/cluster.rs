@@ -404,12 +404,28 @@ pub struct Cluster {
     pub(crate) kube_proxy: Option<crate::kube_proxy::KubeProxy>,
     /// Probe timeout per target.
     pub probe_timeout: Duration,
+    /// How pod traffic crosses between the nodes.
+    pub backend: Backend,
+}
+
+/// The Flannel backends the simulated cluster can run (K3s's `--flannel-backend`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// VXLAN devices `flannel.1` and `flannel-v6.1` (K3s's default).
+    Vxlan,
+    /// Plain routes to the other nodes' pod networks through the underlay (`eth0`), no tunnel.
+    HostGw,
 }
 
 impl Cluster {
     /// Builds the cluster and starts a probe server in every pod. `probe_bin` is the
     /// `netpol-probe` binary (tests: `env!("CARGO_BIN_EXE_netpol-probe")`).
     pub fn new(probe_bin: impl Into<PathBuf>) -> Result<Cluster> {
+        Self::with_backend(probe_bin, Backend::Vxlan)
+    }
+
+    /// [`Cluster::new`] with the Flannel backend `backend`.
+    pub fn with_backend(probe_bin: impl Into<PathBuf>, backend: Backend) -> Result<Cluster> {
         let probe_bin = probe_bin.into();
         if !probe_bin.exists() {
             bail!("probe binary {} does not exist", probe_bin.display());
@@ -458,12 +474,69 @@ impl Cluster {
             serve_ports: BTreeMap::new(),
             kube_proxy: None,
             probe_timeout: Duration::from_millis(1000),
+            backend,
         };
         // From here on, Drop cleans up whatever was made.
         fs::create_dir_all(&manifest_dir)?;
         fs::create_dir_all(tmp_dir.join("logs"))?;
         cluster.build()?;
         Ok(cluster)
+    }
+
+    /// Flannel's VXLAN devices of node `n` and its routes to the other nodes through them.
+    fn vxlan_routes(&self, b: &mut String, n: &Node) -> Result<()> {
+        let i = n.index;
+        writeln!(
+            b,
+            "link add flannel.1 mtu 1450 address {} type vxlan id 1 local {} dev eth0 dstport 8472 nolearning",
+            n.flannel_mac, n.underlay_v4
+        )?;
+        writeln!(b, "addr add 10.42.{i}.0/32 dev flannel.1")?;
+        writeln!(b, "link set flannel.1 up")?;
+        writeln!(
+            b,
+            "link add flannel-v6.1 mtu 1430 address {} type vxlan id 1 local {} dev eth0 dstport 8472 nolearning",
+            n.flannel6_mac, n.underlay_v6
+        )?;
+        writeln!(b, "addr add fd00:10:42:{i:x}::/128 dev flannel-v6.1 nodad")?;
+        writeln!(b, "link set flannel-v6.1 up")?;
+        for m in self.nodes.iter().filter(|m| m.index != i) {
+            let j = m.index;
+            writeln!(
+                b,
+                "route add 10.42.{j}.0/24 via 10.42.{j}.0 dev flannel.1 onlink"
+            )?;
+            writeln!(
+                b,
+                "neigh replace 10.42.{j}.0 lladdr {} dev flannel.1 nud permanent",
+                m.flannel_mac
+            )?;
+            writeln!(
+                b,
+                "route add fd00:10:42:{j:x}::/64 via fd00:10:42:{j:x}:: dev flannel-v6.1 onlink"
+            )?;
+            writeln!(
+                b,
+                "neigh replace fd00:10:42:{j:x}:: lladdr {} dev flannel-v6.1 nud permanent",
+                m.flannel6_mac
+            )?;
+        }
+
+        Ok(())
+    }
+
+    /// `host-gw`: node `n`'s routes to the other nodes' pod networks through the underlay.
+    fn host_gw_routes(&self, b: &mut String, n: &Node) -> Result<()> {
+        for m in self.nodes.iter().filter(|m| m.index != n.index) {
+            let j = m.index;
+            writeln!(b, "route add 10.42.{j}.0/24 via {} dev eth0", m.underlay_v4)?;
+            writeln!(
+                b,
+                "route add fd00:10:42:{j:x}::/64 via {} dev eth0",
+                m.underlay_v6
+            )?;
+        }
+        Ok(())
     }
 
     fn build(&mut self) -> Result<()> {
@@ -575,40 +648,9 @@ impl Cluster {
             writeln!(b, "addr add {}/24 dev cni0", n.gateway_v4())?;
             writeln!(b, "addr add {}/64 dev cni0 nodad", n.gateway_v6())?;
             writeln!(b, "link set cni0 up")?;
-            writeln!(
-                b,
-                "link add flannel.1 mtu 1450 address {} type vxlan id 1 local {} dev eth0 dstport 8472 nolearning",
-                n.flannel_mac, n.underlay_v4
-            )?;
-            writeln!(b, "addr add 10.42.{i}.0/32 dev flannel.1")?;
-            writeln!(b, "link set flannel.1 up")?;
-            writeln!(
-                b,
-                "link add flannel-v6.1 mtu 1430 address {} type vxlan id 1 local {} dev eth0 dstport 8472 nolearning",
-                n.flannel6_mac, n.underlay_v6
-            )?;
-            writeln!(b, "addr add fd00:10:42:{i:x}::/128 dev flannel-v6.1 nodad")?;
-            writeln!(b, "link set flannel-v6.1 up")?;
-            for m in self.nodes.iter().filter(|m| m.index != i) {
-                let j = m.index;
-                writeln!(
-                    b,
-                    "route add 10.42.{j}.0/24 via 10.42.{j}.0 dev flannel.1 onlink"
-                )?;
-                writeln!(
-                    b,
-                    "neigh replace 10.42.{j}.0 lladdr {} dev flannel.1 nud permanent",
-                    m.flannel_mac
-                )?;
-                writeln!(
-                    b,
-                    "route add fd00:10:42:{j:x}::/64 via fd00:10:42:{j:x}:: dev flannel-v6.1 onlink"
-                )?;
-                writeln!(
-                    b,
-                    "neigh replace fd00:10:42:{j:x}:: lladdr {} dev flannel-v6.1 nud permanent",
-                    m.flannel6_mac
-                )?;
+            match self.backend {
+                Backend::Vxlan => self.vxlan_routes(&mut b, n)?,
+                Backend::HostGw => self.host_gw_routes(&mut b, n)?,
             }
             for p in self.pods.iter().filter(|p| p.node == i) {
                 writeln!(
@@ -623,6 +665,9 @@ impl Cluster {
             run_batch("ip", &["-n", &n.name], &b)
                 .with_context(|| format!("configuring node {}", n.name))?;
 
+            if self.backend != Backend::Vxlan {
+                continue;
+            }
             let mut fdb = String::new();
             for m in self.nodes.iter().filter(|m| m.index != i) {
                 writeln!(

@@ -36,7 +36,7 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
-use netpol_tests::cluster::{Cluster, Proto, default_agent_bin};
+use netpol_tests::cluster::{Backend, Cluster, Proto, default_agent_bin};
 use netpol_tests::kube_proxy::{
     COREDNS_POD, EXTERNAL_HOST_IP, KUBE_DNS_IP, ProbeReport, Service, TrafficPolicy,
 };
@@ -67,10 +67,16 @@ fn root_or_skip(test: &str) -> bool {
 
 /// The cluster with CoreDNS, the Services of the module docs and their backends' labels.
 fn services_cluster(test: &str) -> Option<Cluster> {
+    services_cluster_on(test, Backend::Vxlan)
+}
+
+/// [`services_cluster`] with the Flannel backend `backend`.
+fn services_cluster_on(test: &str, backend: Backend) -> Option<Cluster> {
     if !root_or_skip(test) {
         return None;
     }
-    let mut c = Cluster::new(PROBE_BIN).unwrap_or_else(|e| panic!("cluster setup: {e:#}"));
+    let mut c = Cluster::with_backend(PROBE_BIN, backend)
+        .unwrap_or_else(|e| panic!("cluster setup: {e:#}"));
     setup_services(&mut c).unwrap_or_else(|e| panic!("services setup: {e:#}"));
     for (id, ip) in POD_IPS {
         assert_eq!(c.pod(id).ipv4, ip, "{id}");
@@ -729,26 +735,59 @@ fn dns_policy_resolves_through_kube_dns_and_reaches_nothing_else() {
 
 #[test]
 fn service_with_one_allowed_backend_of_two() {
-    // y/both balances over y/b (n0, allowed) and y/c (n1, not allowed) for x/a (n0).
-    let policy = np(
+    let Some(mut c) = with_agents("service_with_one_allowed_backend_of_two", &allow_yb()) else {
+        return;
+    };
+    one_allowed_backend_of_two(&mut c);
+}
+
+/// The same with Flannel's `host-gw` backend: no VXLAN device, the remote backend is reached
+/// through the uplink, where `tunnel_egress` decides the deferred connection.
+#[test]
+fn service_with_one_allowed_backend_of_two_on_host_gw() {
+    let test = "service_with_one_allowed_backend_of_two_on_host_gw";
+    let Some(mut c) = services_cluster_on(test, Backend::HostGw) else {
+        return;
+    };
+    apply(&c, &allow_yb());
+    start_agents(&mut c);
+    // Across the nodes without a tunnel, directly and through ClusterIPs, where nothing isolates.
+    expect(
+        &mut c,
+        "host-gw paths",
+        &[
+            tcp("x/b", pip("y/b"), 80, Want::By("y/b")),
+            tcp("x/b", LOCAL, 80, Want::By("y/b")),
+            udp("x/a", pip("y/a"), 80, Want::Blocked),
+        ],
+        CONVERGE,
+    );
+    one_allowed_backend_of_two(&mut c);
+}
+
+/// x/a may reach y/b (on its node) on the web ports, and nothing else.
+fn allow_yb() -> String {
+    np(
         "allow-yb",
         "x",
         &format!(
             "podSelector: {{matchLabels: {{pod: a}}}}\npolicyTypes: [Egress]\negress:\n- to:\n  - namespaceSelector: {{matchLabels: {{kubernetes.io/metadata.name: y}}}}\n    podSelector: {{matchLabels: {{pod: b}}}}\n{WEB_PORTS}"
         ),
-    );
-    let Some(mut c) = with_agents("service_with_one_allowed_backend_of_two", &policy) else {
-        return;
-    };
+    )
+}
+
+/// y/both balances over y/b (n0, allowed) and y/c (n1, not allowed) for x/a (n0): both outcomes
+/// occur, and the denied one never connects.
+fn one_allowed_backend_of_two(c: &mut Cluster) {
     let converged = [
         tcp("x/a", pip("y/b"), 80, Want::By("y/b")),
         tcp("x/a", pip("y/c"), 80, Want::Blocked),
         udp("x/a", pip("y/c"), 80, Want::Blocked),
         tcp("x/a", LOCAL, 80, Want::By("y/b")),
     ];
-    expect(&mut c, "policy in force", &converged, CONVERGE);
+    expect(c, "policy in force", &converged, CONVERGE);
     for proto in [Proto::Tcp, Proto::Udp] {
-        let (ok, failed) = one_of_two(&c, proto, 40);
+        let (ok, failed) = one_of_two(c, proto, 40);
         // Both outcomes occur (each has probability 2^-40 of never happening).
         assert!(
             ok > 0 && failed > 0,

@@ -337,9 +337,11 @@ impl Sync {
 
     /// The veths to keep programs on whatever they look like: those attached before.
     fn policed(&self) -> BTreeSet<u32> {
+        // Pod programs only: an exit device's `tunnel_egress` makes no endpoint of it.
         self.datapath
             .pinned_links()
             .into_iter()
+            .filter(|(_, hook)| *hook != Hook::Tunnel)
             .map(|(ifindex, _)| ifindex)
             .chain(self.attached.keys().copied())
             .collect()
@@ -376,6 +378,9 @@ impl Sync {
             only_previous: self.persisted_note.is_some(),
         });
         let effective = endpoints::with_claimed(&state, &matching.claimed);
+        let wanted = wanted_veths(&view, &matching);
+        let exits = view.exits(|i| wanted.contains_key(&i));
+        let exits_guarded = exits.iter().all(|e| self.tunnels.contains(&e.ifindex));
         let compiled = compiler::compile(&CompileInput {
             state: &effective,
             node_name: &node,
@@ -384,14 +389,18 @@ impl Sync {
             links: &view.endpoint_links(),
             pending: &matching.pending,
             pending_rule: self.cfg.pending_rule,
+            exits_guarded,
         });
         let mut errors = self.base_errors();
         errors.extend(effective.errors.iter().map(|e| e.to_string()));
         errors.extend(compiled.errors.iter().map(|e| e.to_string()));
-        let wanted = wanted_veths(&view, &matching);
-        self.detach_gone(&view, &wanted, &mut errors);
+        self.detach_gone(&view, &wanted, &exits, &mut errors);
         self.write(&compiled, &mut errors);
-        self.attach_tunnels(&view, &mut errors);
+        self.attach_tunnels(&exits, &mut errors);
+        if !exits_guarded && exits.iter().all(|e| self.tunnels.contains(&e.ifindex)) {
+            // Compiled without counting on the exits; now that they are guarded, again.
+            self.state_changed = true;
+        }
         self.attach_veths(&wanted, &mut errors);
         self.track_pending(&matching);
         self.publish(&effective, &view, &matching, &compiled);
@@ -455,6 +464,7 @@ impl Sync {
         &mut self,
         view: &NodeView,
         wanted: &BTreeMap<u32, String>,
+        exits: &[crate::discovery::Tunnel],
         errors: &mut Vec<String>,
     ) {
         let stale: BTreeSet<u32> = self
@@ -464,7 +474,7 @@ impl Sync {
             .map(|(ifindex, _)| ifindex)
             .chain(self.attached.keys().copied())
             .chain(self.tunnels.iter().copied())
-            .filter(|i| !wanted.contains_key(i) && !view.tunnels.iter().any(|t| t.ifindex == *i))
+            .filter(|i| !wanted.contains_key(i) && !exits.iter().any(|t| t.ifindex == *i))
             // Never while the veth lives (by construction it is wanted then; this makes sure).
             .filter(|i| !view.veths.iter().any(|v| v.ifindex == *i))
             .collect();
@@ -500,9 +510,10 @@ impl Sync {
         }
     }
 
-    /// Flannel's VXLAN devices decide egress through Services to remote backends.
-    fn attach_tunnels(&mut self, view: &NodeView, errors: &mut Vec<String>) {
-        for t in &view.tunnels {
+    /// The exit devices (Flannel's VXLAN or WireGuard device, the uplinks) decide egress through
+    /// Services to remote backends, whichever Flannel backend carries it.
+    fn attach_tunnels(&mut self, exits: &[crate::discovery::Tunnel], errors: &mut Vec<String>) {
+        for t in exits {
             if self.tunnels.contains(&t.ifindex) {
                 continue;
             }

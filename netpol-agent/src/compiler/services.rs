@@ -90,16 +90,26 @@ fn egress_allows(
     None
 }
 
-/// Whether a hook decides a connection to the denied backend `ip` after DNAT: it is a pod's address,
-/// and a local pod has an attached endpoint (its veth decides) while a remote pod is reached through
-/// Flannel's device (`tunnel_egress` decides). A node address (host-network pods, the API server),
+/// Whether a hook decides a connection to the backend `ip` after DNAT: it is a pod's address, and
+/// a local pod has an attached endpoint (its veth decides) while a remote pod is reached through an
+/// exit device that `tunnel_egress` guards (Flannel's VXLAN or WireGuard device, or the uplink
+/// with `host-gw`). A node address (host-network pods, the API server),
 /// an address outside the cluster, or a local pod not attached yet is reached where nothing
 /// decides: the frontend then fails closed.
-fn decided_after_dnat(c: &Compiled, ip: IpAddr, local_ips: &BTreeSet<IpAddr>) -> bool {
+fn decided_after_dnat(c: &Compiled, ip: IpAddr, local: &Locality<'_>) -> bool {
     c.ipcache.get(&ip_key(ip)).is_some_and(|info| {
         let pod = (identity::FIRST_POD..identity::FIRST_CIDR).contains(&info.identity);
-        pod && (info.endpoint != 0 || !local_ips.contains(&ip))
+        let remote = !local.ips.contains(&ip);
+        pod && (info.endpoint != 0 || (remote && local.exits_guarded))
     })
+}
+
+/// What tells where a backend is decided after DNAT.
+struct Locality<'a> {
+    /// This node's pods' addresses.
+    ips: &'a BTreeSet<IpAddr>,
+    /// Every exit device has `tunnel_egress`.
+    exits_guarded: bool,
 }
 
 /// The verdict of one endpoint towards a frontend whose backends get `verdicts`; `None` denies
@@ -114,7 +124,7 @@ fn frontend_verdict(
     c: &Compiled,
     backends: &[(IpAddr, u16)],
     verdicts: &[Option<u32>],
-    local_ips: &BTreeSet<IpAddr>,
+    local: &Locality<'_>,
 ) -> Option<u32> {
     let allowed = verdicts.iter().flatten().count();
     if allowed == 0 {
@@ -122,7 +132,7 @@ fn frontend_verdict(
     }
     let deferrable = backends
         .iter()
-        .all(|(ip, _)| decided_after_dnat(c, *ip, local_ips));
+        .all(|(ip, _)| decided_after_dnat(c, *ip, local));
     if deferrable {
         Some(service::VERDICT_DEFER)
     } else if allowed == verdicts.len() {
@@ -138,7 +148,12 @@ pub(super) fn compile(
     c: &Compiled,
     frontends: &[Frontend],
     local_ips: &BTreeSet<IpAddr>,
+    exits_guarded: bool,
 ) -> BTreeMap<SvcKey, SvcValue> {
+    let local = Locality {
+        ips: local_ips,
+        exits_guarded,
+    };
     let mut out = BTreeMap::new();
     for (&endpoint, info) in &c.endpoints {
         // A pending endpoint reaches no Service: nothing of its own opens a way through one.
@@ -154,7 +169,7 @@ pub(super) fn compile(
                 .iter()
                 .map(|(ip, port)| egress_allows(c, endpoint, *ip, protocol, *port))
                 .collect();
-            let Some(verdict) = frontend_verdict(c, &f.backends, &verdicts, local_ips) else {
+            let Some(verdict) = frontend_verdict(c, &f.backends, &verdicts, &local) else {
                 continue;
             };
             let key = SvcKey {

@@ -15,6 +15,8 @@ const NODE: &str = "node-a";
 
 /// A cluster under construction. Pods on [`NODE`] get endpoints numbered from 10.
 struct Cluster {
+    /// Whether `tunnel_egress` guards every exit device (see [`CompileInput::exits_guarded`]).
+    exits_guarded: bool,
     state: ClusterState,
     endpoints: BTreeMap<PodKey, u32>,
     host_addrs: Vec<IpAddr>,
@@ -36,6 +38,7 @@ fn labels(pairs: &[(&str, &str)]) -> crate::model::Labels {
 impl Cluster {
     fn new() -> Self {
         let mut c = Cluster {
+            exits_guarded: true,
             state: ClusterState::default(),
             endpoints: BTreeMap::new(),
             host_addrs: vec![ip("192.168.1.10")],
@@ -119,6 +122,7 @@ impl Cluster {
             links: &BTreeMap::new(),
             pending: &self.pending,
             pending_rule: self.pending_rule,
+            exits_guarded: self.exits_guarded,
         });
         check_invariants(&c);
         c
@@ -1777,5 +1781,49 @@ ports: [{name: https, port: 6443, protocol: TCP}]
         svc_verdict(&out, client, "10.43.0.1", TCP, 443),
         None,
         "fails closed"
+    );
+}
+
+/// Without `tunnel_egress` on every exit device (a device it could not be attached to), nothing
+/// decides a remote backend after DNAT: all allowed is allowed outright, some denied denies.
+#[test]
+fn unguarded_exits_make_remote_backends_undecidable() {
+    let mut c = Cluster::new();
+    let client = c.local("default", "client", &[], &["10.42.0.5"]);
+    c.remote(
+        "default",
+        "db-1",
+        &[("app", "db"), ("tier", "gold")],
+        &["10.42.1.7"],
+    );
+    c.remote("default", "db-2", &[("app", "db")], &["10.42.1.8"]);
+    c.service(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: default}
+spec: {clusterIP: 10.43.0.54, selector: {app: db}, ports: [{port: 5432}]}
+"#,
+    );
+    let to = |selector: &str| {
+        format!(
+            "{{podSelector: {{}}, policyTypes: [Egress], egress: [{{to: [{{podSelector: {{matchLabels: {selector}}}}}], ports: [{{port: 5432}}]}}]}}"
+        )
+    };
+    c.exits_guarded = false;
+    c.policy("default", "p", &to("{tier: gold}"));
+    assert_eq!(
+        svc_verdict(&c.compile(), client, "10.43.0.54", TCP, 5432),
+        None
+    );
+    c.policy("default", "p", &to("{app: db}"));
+    assert_eq!(
+        svc_verdict(&c.compile(), client, "10.43.0.54", TCP, 5432),
+        Some(service::VERDICT_ALLOW)
+    );
+    c.exits_guarded = true;
+    assert_eq!(
+        svc_verdict(&c.compile(), client, "10.43.0.54", TCP, 5432),
+        Some(service::VERDICT_DEFER)
     );
 }

@@ -94,20 +94,21 @@ impl Peer {
     }
 }
 
-/// A Flannel VXLAN device (`flannel.1`, `flannel-v6.1`): where pod traffic leaves for other nodes.
+/// A device pod traffic can leave the node by: Flannel's VXLAN (`flannel.1`, `flannel-v6.1`) or
+/// WireGuard (`flannel-wg`) device, or an uplink (`eth0`, which carries it directly with Flannel's
+/// `host-gw` backend). `tunnel_egress` there decides Service connections whose verdict waited for
+/// kube-proxy's DNAT to pick a backend on another node, whichever backend Flannel runs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Tunnel {
     pub ifindex: u32,
     pub name: String,
 }
 
-/// Name prefix of Flannel's VXLAN devices.
-const FLANNEL_PREFIX: &str = "flannel";
-
 /// What the node looks like now.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodeView {
     pub veths: Vec<PodVeth>,
+    /// The devices pod traffic can leave by, besides veths ([`NodeView::exits`] adds those).
     pub tunnels: Vec<Tunnel>,
     /// The node's own addresses (every interface of the agent's namespace): traffic from them to a
     /// local pod is the node's (kubelet probes) and always allowed.
@@ -115,6 +116,21 @@ pub struct NodeView {
 }
 
 impl NodeView {
+    /// Every exit device: the tunnels and uplinks, and veths whose peer is in another namespace but
+    /// that are neither bridge ports nor endpoints (the simulated nodes' underlay, say). `endpoint`
+    /// tells which veths carry the pods' own programs.
+    pub fn exits(&self, endpoint: impl Fn(u32) -> bool) -> Vec<Tunnel> {
+        let veths = self
+            .veths
+            .iter()
+            .filter(|v| !v.bridged && !endpoint(v.ifindex))
+            .map(|v| Tunnel {
+                ifindex: v.ifindex,
+                name: v.name.clone(),
+            });
+        self.tunnels.iter().cloned().chain(veths).collect()
+    }
+
     /// The link identity of every pod veth's peer, by host-side ifindex (the endpoint id). A peer
     /// whose MAC the kernel did not report is left out: its endpoint then fails closed.
     pub fn endpoint_links(&self) -> BTreeMap<u32, EndpointLink> {
@@ -400,13 +416,21 @@ impl<'a> LinkAttrs<'a> {
     }
 }
 
-/// The Flannel VXLAN device a link message describes, if it is one.
+/// The exit device a link message describes, if it is one: not the loopback, not a bridge, not a
+/// bridge's port (pod veths, whose programs are the pods' own).
 fn tunnel_of(link: &LinkMessage) -> Option<Tunnel> {
     let a = LinkAttrs::of(link);
-    let name = a.name.filter(|n| n.starts_with(FLANNEL_PREFIX))?;
-    matches!(a.kind, Some(InfoKind::Vxlan)).then(|| Tunnel {
+    let loopback = link
+        .header
+        .flags
+        .contains(netlink_packet_route::link::LinkFlags::Loopback);
+    let bridge = matches!(a.kind, Some(InfoKind::Bridge));
+    if loopback || bridge || a.master.is_some() {
+        return None;
+    }
+    Some(Tunnel {
         ifindex: link.header.index,
-        name: name.to_owned(),
+        name: a.name?.to_owned(),
     })
 }
 

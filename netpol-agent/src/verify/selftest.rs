@@ -659,6 +659,7 @@ fn policy_contents(ifindex: u32, link: EndpointLink) -> anyhow::Result<Contents>
         links: &BTreeMap::from([(ifindex, link)]),
         pending: &BTreeMap::new(),
         pending_rule: crate::compiler::PendingRule::Drop,
+        exits_guarded: true,
     });
     if !compiled.errors.is_empty() {
         bail!("compiling the self-test policies: {:?}", compiled.errors);
