@@ -306,8 +306,8 @@ fn sigterm_keeps_enforcement_and_restart_adopts_pins() {
             "two link pins per local pod on node {n}: {p:?}"
         );
         assert_eq!(
-            tunnels, 2,
-            "one link pin per Flannel VXLAN device (v4, v6) on node {n}: {p:?}"
+            tunnels, 3,
+            "one link pin per exit device (flannel.1, flannel-v6.1, the underlay eth0) on node {n}: {p:?}"
         );
     }
 
