@@ -186,11 +186,22 @@ impl Collector for DatapathCollector {
             "NetworkPolicies in the cluster state",
             &[(vec![], status.policies as i64)],
         )?;
+        let pending = status
+            .endpoints
+            .iter()
+            .filter(|e| e.pending.is_some())
+            .count();
         gauge_family(
             &mut encoder,
             "netpol_endpoints",
             "Local pods enforced on this node",
-            &[(vec![], status.endpoints.len() as i64)],
+            &[(vec![], (status.endpoints.len() - pending) as i64)],
+        )?;
+        gauge_family(
+            &mut encoder,
+            "netpol_pending_endpoints",
+            "Pod veths with the programs but no pod matched yet (or any more): only the node reaches them",
+            &[(vec![], pending as i64)],
         )?;
         gauge_family(
             &mut encoder,

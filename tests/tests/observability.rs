@@ -565,6 +565,7 @@ fn drop_counters_are_exact_under_a_flood_and_prometheus_scrapes_them() {
         Some(5.0),
         "x/a, x/c, y/b, z/a, z/c"
     );
+    assert_eq!(sample(&metrics, "netpol_pending_endpoints", &[]), Some(0.0));
     assert!(sample(&metrics, "netpol_map_capacity", &[("map", "NP_FLOWS_V1")]).is_some());
     // Only local pods: x/b lives on n1.
     assert!(!metrics.contains("namespace=\"x\",pod=\"b\""));
