@@ -1841,3 +1841,61 @@ fn a_detached_program_is_reattached_and_reported() {
     );
     expect(&mut c, &r, &[TCP80, UDP81], CONVERGE);
 }
+
+/// A veth that went while no agent ran leaves pins to dead links; a new veth given the same
+/// ifindex gets working programs when the agent comes back (the dead pin is replaced, not adopted).
+#[test]
+fn a_reused_ifindex_gets_fresh_programs() {
+    let Some(mut c) = cluster("a_reused_ifindex_gets_fresh_programs") else {
+        return;
+    };
+    c.apply_policies(&deny_ingress("x")).unwrap();
+    start(&mut c);
+    let s = wait_synced(&c, 0);
+    let gone = s.endpoints.iter().find(|e| e.pod == "z/a").unwrap().clone();
+    c.stop_agent(0);
+    c.remove_pod("z/a").unwrap();
+    let links = c.nodes[0].pin_dir.join("links");
+    assert!(
+        links.join(format!("{}-egress", gone.ifindex)).exists(),
+        "pins stay"
+    );
+    // A new veth takes the index (a bridge port whose peer has no pod: pending).
+    let stray = ScratchNetns(format!("{}-reuse", c.prefix));
+    let node0 = c.nodes[0].name.clone();
+    ip(&["netns", "add", &stray.0]);
+    let index = gone.ifindex.to_string();
+    ip(&[
+        "-n", &node0, "link", "add", "vreuse0", "index", &index, "type", "veth", "peer", "name",
+        "eth0", "netns", &stray.0,
+    ]);
+    ip(&["-n", &node0, "link", "set", "vreuse0", "master", "cni0"]);
+    ip(&["-n", &node0, "link", "set", "vreuse0", "up"]);
+    c.start_agent(0, &agent_bin()).unwrap();
+    wait_until(
+        "programs on the veth that reused the index",
+        CONVERGE,
+        || {
+            let shown = tcx_programs(&node0, "vreuse0");
+            if shown.contains("pod_ingress") && shown.contains("pod_egress") {
+                return Ok(Some(()));
+            }
+            Err(format!("TCX programs: {shown:?}"))
+        },
+    );
+    let s = status(&c, 0).unwrap();
+    let e = s
+        .endpoints
+        .iter()
+        .find(|e| e.ifname == "vreuse0")
+        .expect("listed");
+    assert!(e.attached && e.pending.is_some(), "{e:?}");
+    assert!(
+        !s.errors
+            .iter()
+            .any(|e| e.contains(&index) && e.contains("attach")),
+        "{:?}",
+        s.errors
+    );
+    drop(stray);
+}

@@ -530,10 +530,16 @@ impl Sync {
 
     fn attach_veths(&mut self, wanted: &BTreeMap<u32, String>, errors: &mut Vec<String>) {
         for (ifindex, ifname) in wanted {
-            if self.attached.contains_key(ifindex) {
+            // The same ifindex under another name is another veth (an index reused).
+            if self.attached.get(ifindex) == Some(ifname) {
                 continue;
             }
-            match self.datapath.attach(*ifindex, ifname) {
+            // `reattach` also replaces a pin whose link died with its device (a veth gone while
+            // no agent ran, its index since given to a new one).
+            let attached = Hook::ALL
+                .into_iter()
+                .try_for_each(|hook| self.datapath.reattach(*ifindex, ifname, hook));
+            match attached {
                 Ok(()) => {
                     tracing::info!(ifindex, ifname, "attached to veth");
                     self.attached.insert(*ifindex, ifname.clone());
