@@ -179,6 +179,7 @@ impl Synthetic {
             links: &BTreeMap::new(),
             pending: &BTreeMap::new(),
             pending_rule: netpol_agent::compiler::PendingRule::Drop,
+            exits_guarded: true,
         })
     }
 }
