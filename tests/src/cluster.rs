@@ -25,6 +25,12 @@
 //! * Services (opt-in, [`Cluster::enable_kube_proxy`], see [`crate::kube_proxy`]): kube-proxy's
 //!   iptables rules in every node, `services.yaml` in the manifest dir, CoreDNS and a host
 //!   outside the cluster.
+//! * Service mode (opt-in, [`Cluster::serve_pods_through_services`]), as upstream's e2e suite
+//!   probes: every pod gets its own ClusterIP Service `<ns>/s-<ns>-<pod>` with ClusterIP
+//!   [`pod_service_ip`] (`10.43.100.(10+i)`), selector `pod=<name>`, TCP and UDP ports 80 and
+//!   81 to the same target ports, and IPv4 matrices ([`Cluster::probe_matrix`],
+//!   [`Cluster::wait_for_matrix`]) target each pod's ClusterIP instead of its pod IP. IPv6
+//!   matrices and [`Cluster::probe_from_node`] still use pod IPs (Services are IPv4 only here).
 //! * Manifests (multi-document YAML) in a temp dir: `objects.yaml` (Namespaces and Pods with
 //!   `spec.nodeName`, container ports `serve-80-tcp`.., `status.podIP(s)`, phase Running) and
 //!   `policies.yaml` (whatever the test applies). Files are replaced atomically (write a
@@ -402,6 +408,9 @@ pub struct Cluster {
     pub(crate) serve_ports: BTreeMap<String, Vec<u16>>,
     /// The kube-proxy simulation, once [`Cluster::enable_kube_proxy`] ran.
     pub(crate) kube_proxy: Option<crate::kube_proxy::KubeProxy>,
+    /// Pod id -> ClusterIP of its own Service, set by [`Cluster::serve_pods_through_services`]:
+    /// IPv4 matrices probe these instead of the pod IPs.
+    pub(crate) pod_services: BTreeMap<String, Ipv4Addr>,
     /// Probe timeout per target.
     pub probe_timeout: Duration,
     /// How pod traffic crosses between the nodes.
@@ -473,6 +482,7 @@ impl Cluster {
             claim_dir,
             serve_ports: BTreeMap::new(),
             kube_proxy: None,
+            pod_services: BTreeMap::new(),
             probe_timeout: Duration::from_millis(1000),
             backend,
         };
@@ -1207,12 +1217,68 @@ impl Cluster {
         Ok(rs.into_iter().map(|r| r.ok).collect())
     }
 
-    /// Probes every pod from every pod (one probe process per source pod, all in parallel).
+    /// Service mode (see the module docs): enables kube-proxy and gives every pod of the cluster
+    /// its own ClusterIP Service (`<ns>/s-<ns>-<pod>`, ClusterIP [`pod_service_ip`], selector
+    /// `pod=<name>`, TCP and UDP ports [`PORTS`] with equal target ports); from then on IPv4
+    /// matrices probe every pod through its ClusterIP, as upstream's e2e suite does. Pods added
+    /// later are probed by pod IP. Call before [`Cluster::start_agents`] so the agents see the
+    /// Services from the start (later works too, they follow `services.yaml`).
+    pub fn serve_pods_through_services(&mut self) -> Result<()> {
+        self.enable_kube_proxy()?;
+        let pods = self.pods.clone();
+        for (i, p) in pods.iter().enumerate() {
+            let ip = pod_service_ip(i);
+            let mut svc = crate::kube_proxy::Service::new(
+                &p.namespace,
+                &format!("s-{}-{}", p.namespace, p.name),
+                ip,
+            )
+            .select("pod", &p.name);
+            for port in PORTS {
+                for proto in [Proto::Tcp, Proto::Udp] {
+                    svc = svc.port(
+                        &format!("serve-{port}-{}", proto.as_str()),
+                        proto,
+                        port,
+                        port,
+                    );
+                }
+            }
+            self.add_service(svc)?;
+            self.pod_services.insert(p.id(), ip);
+        }
+        Ok(())
+    }
+
+    /// Whether `family` matrices go through the pods' Services
+    /// ([`Cluster::serve_pods_through_services`]).
+    pub fn through_services(&self, family: Family) -> bool {
+        family == Family::V4 && !self.pod_services.is_empty()
+    }
+
+    /// The address a matrix probes pod `p` at: its own ClusterIP in Service mode (IPv4), else
+    /// its pod IP.
+    pub fn matrix_target(&self, p: &Pod, family: Family) -> IpAddr {
+        match self.pod_services.get(&p.id()) {
+            Some(ip) if family == Family::V4 => IpAddr::V4(*ip),
+            _ => p.ip(family),
+        }
+    }
+
+    /// Probes every pod from every pod (one probe process per source pod, all in parallel), at
+    /// [`Cluster::matrix_target`].
     pub fn probe_matrix(&self, port: u16, proto: Proto, family: Family) -> Result<Matrix> {
         let targets: Vec<String> = self
             .pods
             .iter()
-            .map(|p| format!("{}/{}/{}", proto.as_str(), p.ip(family), port))
+            .map(|p| {
+                format!(
+                    "{}/{}/{}",
+                    proto.as_str(),
+                    self.matrix_target(p, family),
+                    port
+                )
+            })
             .collect();
         let mut children = Vec::new();
         for p in &self.pods {
@@ -1254,6 +1320,15 @@ impl Cluster {
 
     /// Re-probes until the observed matrix equals `expected` (loopback pairs are always expected
     /// to connect, as upstream's `AllowLoopback`) or `timeout` passes; then fails with a diff.
+    ///
+    /// In Service mode ([`Cluster::through_services`]) loopback cells are left out of the
+    /// comparison, as upstream's suite does for every run (`ignoreLoopback`, kubernetes#95879):
+    /// a pod probing itself through its ClusterIP is a hairpin, leaves the pod, is DNATed back to
+    /// it and masqueraded by kube-proxy to the node's `cni0` address, so it is an ordinary
+    /// connection to a Service, decided by the pod's own egress policy (denied under egress
+    /// isolation unless a rule allows the pod itself) while its ingress sees the node (always
+    /// allowed). Neither "always connects" nor "follows the matrix's expectation for the pair"
+    /// holds for it, and services.rs checks hairpin separately.
     pub fn wait_for_matrix(
         &mut self,
         expected: &Reachability,
@@ -1264,6 +1339,7 @@ impl Cluster {
     ) -> Result<Matrix> {
         let mut expected = expected.clone();
         expected.allow_loopback();
+        let ignore_loopback = self.through_services(family);
         let start = Instant::now();
         let deadline = start + timeout;
         let mut attempts = 0;
@@ -1272,16 +1348,27 @@ impl Cluster {
             let t0 = Instant::now();
             let observed = self.probe_matrix(port, proto, family)?;
             attempts += 1;
-            if observed.cells == expected.cells {
+            let mut want = expected.clone();
+            if ignore_loopback {
+                for (i, row) in want.cells.iter_mut().enumerate() {
+                    row[i] = observed.cells[i][i];
+                }
+            }
+            if observed.cells == want.cells {
                 return Ok(observed);
             }
             let took = t0.elapsed();
             if Instant::now() + took > deadline {
                 bail!(
-                    "reachability for {} port {port} {family:?} did not converge after {attempts} probes in {:.1?}\n{}",
+                    "reachability for {} port {port} {family:?}{} did not converge after {attempts} probes in {:.1?}\n{}",
                     proto.as_str().to_uppercase(),
+                    if ignore_loopback {
+                        " through the pods' ClusterIPs (loopback cells ignored)"
+                    } else {
+                        ""
+                    },
                     start.elapsed(),
-                    diff_table(&expected, &observed)
+                    diff_table(&want, &observed)
                 );
             }
             std::thread::sleep(Duration::from_millis(100));
@@ -1431,6 +1518,17 @@ impl Drop for Cluster {
             .unwrap_or_else(|e| e.into_inner())
             .retain(|p| p != &self.prefix);
     }
+}
+
+/// ClusterIP of pod number `i`'s own Service in Service mode
+/// ([`Cluster::serve_pods_through_services`]): `10.43.100.(10+i)`.
+pub fn pod_service_ip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(
+        10,
+        43,
+        100,
+        u8::try_from(10 + i).expect("at most 245 pods in Service mode"),
+    )
 }
 
 /// Observed connectivity: `cells[from][to]`.
