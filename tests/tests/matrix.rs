@@ -621,6 +621,7 @@ fn run_through_services(test: &str, scenarios: &[&Scenario]) {
     c.serve_pods_through_services()
         .unwrap_or_else(|e| panic!("Service mode: {e:#}"));
     start(&mut c);
+    wait_for_agent_status(&c);
     let mut failed = Vec::new();
     for s in scenarios {
         let t = Instant::now();
@@ -637,6 +638,37 @@ fn run_through_services(test: &str, scenarios: &[&Scenario]) {
         }
     }
     assert!(failed.is_empty(), "failed through Services: {failed:?}");
+}
+
+/// Waits (up to [`CONVERGE`]) until every agent answers `netpol-agent status`, so that the
+/// first scenario's budget is not spent on agent start-up (slow on a loaded machine: the
+/// scenarios are applied to running agents here, unlike the direct runs).
+fn wait_for_agent_status(c: &Cluster) {
+    let deadline = Instant::now() + CONVERGE;
+    for n in &c.nodes {
+        loop {
+            let st = std::process::Command::new("ip")
+                .args(["netns", "exec", &n.name])
+                .arg(default_agent_bin())
+                .args(["status", "-o", "json", "--pin-dir"])
+                .arg(&n.pin_dir)
+                .arg("--state-dir")
+                .arg(&n.state_dir)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .unwrap();
+            if st.success() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent on {} does not answer status",
+                n.name
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
 }
 
 #[test]
