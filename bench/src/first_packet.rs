@@ -22,14 +22,14 @@
 //! attachment, and the packets node 0's agent dropped meanwhile, by reason (its counters).
 
 use std::collections::BTreeMap;
-use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use netpol_agent::control::Status;
 use netpol_tests::cluster::{Cluster, Pod};
+use netpol_tests::first_packet::{Running, run_cni};
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug)]
@@ -230,7 +230,6 @@ pub const MODES: [&str; 4] = [
 pub const NO_AGENT: &str = "no agent (baseline)";
 
 /// The UDP port the counter listens on in x/c.
-const COUNT_PORT: u16 = 9099;
 const INTERVAL_MS: u64 = 10;
 /// The counter outlasts the ticker by this much (it starts before the sandbox is wired).
 const COUNTER_EXTRA_MS: u64 = 1000;
@@ -262,120 +261,9 @@ fn ms(from_ns: u64, to_ns: u64) -> f64 {
     to_ns.saturating_sub(from_ns) as f64 / 1e6
 }
 
-/// A `netpol-probe` process whose JSON result (its last stdout line) is read when it ends.
-struct Running {
-    child: Child,
-    out: BufReader<ChildStdout>,
-}
-
-impl Running {
-    fn spawn(probe_bin: &Path, netns: &str, args: &[&str]) -> anyhow::Result<Running> {
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", netns])
-            .arg(probe_bin)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .spawn()
-            .context("spawning netpol-probe")?;
-        let out = BufReader::new(child.stdout.take().context("piped stdout")?);
-        Ok(Running { child, out })
-    }
-
-    /// `netpol-probe count` in `netns`, once it listens.
-    fn counter(probe_bin: &Path, netns: &str, for_ms: u64) -> anyhow::Result<Running> {
-        let (port, ms) = (COUNT_PORT.to_string(), for_ms.to_string());
-        let mut r = Running::spawn(
-            probe_bin,
-            netns,
-            &["count", "--port", &port, "--for-ms", &ms],
-        )?;
-        let mut line = String::new();
-        r.out.read_line(&mut line)?;
-        if line.trim() != "READY" {
-            bail!("the counter said {line:?} instead of READY");
-        }
-        Ok(r)
-    }
-
-    /// `netpol-probe ticker` in `pod` to the counter in `target`.
-    fn ticker(probe_bin: &Path, pod: &Pod, target: &Pod, for_ms: u64) -> anyhow::Result<Running> {
-        let to = format!("udp/{}/{COUNT_PORT}", target.ipv4);
-        let (every, ms) = (INTERVAL_MS.to_string(), for_ms.to_string());
-        Running::spawn(
-            probe_bin,
-            &pod.netns,
-            &["ticker", "--every-ms", &every, "--for-ms", &ms, &to],
-        )
-    }
-
-    fn result(mut self) -> anyhow::Result<serde_json::Value> {
-        let mut out = String::new();
-        self.out.read_to_string(&mut out)?;
-        let _ = self.child.wait();
-        let last = out.lines().last().unwrap_or_default();
-        serde_json::from_str(last).with_context(|| format!("probe result {last:?}"))
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// What the kubelet hands the CNI plugins after Flannel's bridge plugin: the prevResult of `pod`.
-fn cni_config(c: &Cluster, pod: &Pod) -> String {
-    let n = &c.nodes[pod.node];
-    serde_json::json!({
-        "cniVersion": "1.0.0",
-        "name": "cbr0",
-        "type": "netpol-cni",
-        "stateDir": n.state_dir,
-        "timeoutMs": 10000,
-        "prevResult": {
-            "cniVersion": "1.0.0",
-            "interfaces": [
-                {"name": "cni0", "mac": "0e:00:00:00:00:01"},
-                {"name": pod.host_veth, "mac": "0e:00:00:00:00:02"},
-                {"name": "eth0", "mac": "0e:00:00:00:00:03", "sandbox": format!("/var/run/netns/{}", pod.netns)},
-            ],
-            "ips": [
-                {"address": format!("{}/24", pod.ipv4), "gateway": n.gateway_v4().to_string(), "interface": 2},
-                {"address": format!("{}/64", pod.ipv6), "gateway": n.gateway_v6().to_string(), "interface": 2},
-            ],
-        },
-    })
-    .to_string()
-}
-
-/// Runs `netpol-cni ADD` for `pod` as the container runtime does (CNI_* env, config on stdin).
+/// Runs `netpol-cni ADD` for `pod`; an error when it fails.
 fn cni_add(cni_bin: &Path, c: &Cluster, pod: &Pod) -> anyhow::Result<()> {
-    let mut child = Command::new(cni_bin)
-        .env("CNI_COMMAND", "ADD")
-        .env("CNI_CONTAINERID", &pod.uid)
-        .env("CNI_NETNS", format!("/var/run/netns/{}", pod.netns))
-        .env("CNI_IFNAME", "eth0")
-        .env("CNI_PATH", "/opt/cni/bin")
-        .env(
-            "CNI_ARGS",
-            format!(
-                "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={};K8S_POD_INFRA_CONTAINER_ID={}",
-                pod.namespace, pod.name, pod.uid
-            ),
-        )
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("spawning {}", cni_bin.display()))?;
-    child
-        .stdin
-        .take()
-        .context("piped stdin")?
-        .write_all(cni_config(c, pod).as_bytes())?;
-    let out = child.wait_with_output()?;
+    let out = run_cni(cni_bin, c, pod, "ADD")?;
     if !out.status.success() {
         bail!(
             "netpol-cni ADD for {} failed: {} {}",
@@ -570,7 +458,7 @@ fn sample(
     } else {
         None
     };
-    let ticker = Running::ticker(&s.probe_bin, &pod, target, s.window_ms)?;
+    let ticker = Running::ticker(&s.probe_bin, &pod, target, INTERVAL_MS, s.window_ms)?;
     if mode == 1 {
         c.report_pod_ip(&id)?;
     }

@@ -1,9 +1,11 @@
 //! Test support for netpol-agent: the simulated Flannel cluster ([`cluster`]) with kube-proxy's
 //! Service rules ([`kube_proxy`]), a test double of the Kubernetes API server ([`apiserver_double`]),
 //! crafted packets
-//! ([`packets`]), and the rule that privileged tests may only skip where they cannot run.
+//! ([`packets`]), a pod that talks from its first instant and the CNI plugin as a runtime runs it
+//! ([`first_packet`]), and the rule that privileged tests may only skip where they cannot run.
 pub mod apiserver_double;
 pub mod cluster;
+pub mod first_packet;
 pub mod kube_proxy;
 pub mod packets;
 

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use netpol_agent::control::Status;
 use netpol_tests::cluster::{Cluster, Family, Pod, Proto, Reachability, default_agent_bin};
+use netpol_tests::first_packet::{self, Running};
 use netpol_tests::packets;
 
 const PROBE_BIN: &str = env!("CARGO_BIN_EXE_netpol-probe");
@@ -1382,122 +1383,26 @@ fn a_program_attached_before_the_agents_is_reported() {
 //    the API answers.
 // ------------------------------------------------------------------------------------------------
 
-/// The UDP port the counting receiver listens on in the target pod.
-const COUNT_PORT: u16 = 9099;
 /// How long the new pod sends (every 10 ms) and the receiver counts.
 const TICK_FOR: Duration = Duration::from_millis(3000);
 
-/// A process whose JSON result (its last stdout line) is read when it ends.
-struct Running(std::process::Child);
-
-impl Running {
-    fn spawn(netns: &str, args: &[&str]) -> Running {
-        Running(
-            Command::new("ip")
-                .args(["netns", "exec", netns, PROBE_BIN])
-                .args(args)
-                .stdout(Stdio::piped())
-                .spawn()
-                .expect("spawning netpol-probe"),
-        )
-    }
-
-    /// `netpol-probe count` in `netns`, once it listens.
-    fn counter(netns: &str) -> Running {
-        use std::io::BufRead as _;
-        let ms = (TICK_FOR + Duration::from_secs(3)).as_millis().to_string();
-        let port = COUNT_PORT.to_string();
-        let mut r = Running::spawn(netns, &["count", "--port", &port, "--for-ms", &ms]);
-        let mut line = String::new();
-        let stdout = r.0.stdout.as_mut().expect("piped stdout");
-        std::io::BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("reading the counter's READY");
-        assert_eq!(line.trim(), "READY");
-        r
-    }
-
-    /// `netpol-probe ticker` from `pod` to the counter in `target`.
-    fn ticker(pod: &Pod, target: &Pod) -> Running {
-        let to = format!("udp/{}/{COUNT_PORT}", target.ipv4);
-        let ms = TICK_FOR.as_millis().to_string();
-        Running::spawn(
-            &pod.netns,
-            &["ticker", "--every-ms", "10", "--for-ms", &ms, &to],
-        )
-    }
-
-    fn result(mut self) -> serde_json::Value {
-        let mut out = String::new();
-        std::io::Read::read_to_string(self.0.stdout.as_mut().unwrap(), &mut out).unwrap();
-        let _ = self.0.wait();
-        let last = out.lines().last().unwrap_or_default();
-        serde_json::from_str(last).unwrap_or_else(|e| panic!("probe result {last:?}: {e}"))
-    }
+/// The counting receiver in `netns`, for the ticker's time and some.
+fn start_receiver(netns: &str) -> Running {
+    let ms = (TICK_FOR + Duration::from_secs(3)).as_millis() as u64;
+    Running::counter(Path::new(PROBE_BIN), netns, ms).expect("counter")
 }
 
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// The new pod's ticker towards the receiver in `target`.
+fn start_ticker(pod: &Pod, target: &Pod) -> Running {
+    let ms = TICK_FOR.as_millis() as u64;
+    Running::ticker(Path::new(PROBE_BIN), pod, target, 10, ms).expect("ticker")
 }
 
-/// What the kubelet hands the CNI plugins after Flannel's bridge plugin: the prevResult of `pod`.
-fn cni_config(c: &Cluster, pod: &Pod) -> String {
-    let n = &c.nodes[pod.node];
-    serde_json::json!({
-        "cniVersion": "1.0.0",
-        "name": "cbr0",
-        "type": "netpol-cni",
-        "stateDir": n.state_dir,
-        "timeoutMs": 10000,
-        "prevResult": {
-            "cniVersion": "1.0.0",
-            "interfaces": [
-                {"name": "cni0", "mac": "0e:00:00:00:00:01"},
-                {"name": pod.host_veth, "mac": "0e:00:00:00:00:02"},
-                {"name": "eth0", "mac": "0e:00:00:00:00:03", "sandbox": format!("/var/run/netns/{}", pod.netns)},
-            ],
-            "ips": [
-                {"address": format!("{}/24", pod.ipv4), "gateway": n.gateway_v4().to_string(), "interface": 2},
-                {"address": format!("{}/64", pod.ipv6), "gateway": n.gateway_v6().to_string(), "interface": 2},
-            ],
-        },
-    })
-    .to_string()
-}
-
-/// Runs `netpol-cni` for `pod` as the container runtime does (CNI_COMMAND etc., config on stdin).
+/// Runs `netpol-cni` for `pod` as the container runtime does.
 fn run_cni(c: &Cluster, pod: &Pod, command: &str) -> Output {
-    use std::io::Write as _;
     let bin = netpol_tests::cluster::default_cni_bin();
     assert!(bin.is_file(), "{} not built", bin.display());
-    let mut child = Command::new(bin)
-        .env("CNI_COMMAND", command)
-        .env("CNI_CONTAINERID", &pod.uid)
-        .env("CNI_NETNS", format!("/var/run/netns/{}", pod.netns))
-        .env("CNI_IFNAME", "eth0")
-        .env("CNI_PATH", "/opt/cni/bin")
-        .env(
-            "CNI_ARGS",
-            format!(
-                "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={};K8S_POD_INFRA_CONTAINER_ID={}",
-                pod.namespace, pod.name, pod.uid
-            ),
-        )
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawning netpol-cni");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(cni_config(c, pod).as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
+    first_packet::run_cni(&bin, c, pod, command).expect("running netpol-cni")
 }
 
 /// A cluster whose namespace x denies all egress, agents running and synced.
@@ -1531,8 +1436,8 @@ fn wait_attached(c: &Cluster, pod: &Pod) -> Duration {
 
 /// The ticker's and the counter's results: how many datagrams the new pod sent, how many arrived.
 fn tick_results(ticker: Running, counter: Running) -> (u64, u64, serde_json::Value) {
-    let sent = ticker.result();
-    let got = counter.result();
+    let sent = ticker.result().expect("ticker result");
+    let got = counter.result().expect("counter result");
     (
         sent["sent"].as_u64().unwrap(),
         got["received"].as_u64().unwrap(),
@@ -1548,13 +1453,13 @@ fn a_new_pod_is_policed_from_its_first_packet() {
     let target = c.pod("y/b").clone();
     // Without the plugin: the veth appears (the bridge plugin's first step) and is attached on
     // sight, pending; the pod's side then comes up and its process talks from its first instant.
-    let receiver = Running::counter(&target.netns);
+    let receiver = start_receiver(&target.netns);
     let pod = c.schedule_pod("x", "new", 0, &[("pod", "new")]).unwrap();
     c.wire_link(&pod).unwrap();
     let attached = wait_attached(&c, &pod);
     eprintln!("veth created -> programs attached (pending): {attached:?}");
     c.configure_pod(&pod).unwrap();
-    let ticker = Running::ticker(&pod, &target);
+    let ticker = start_ticker(&pod, &target);
     // The kubelet reports the pod's address halfway: from pending to x's deny-all egress.
     std::thread::sleep(TICK_FOR / 2);
     c.report_pod_ip("x/new").unwrap();
@@ -1578,7 +1483,7 @@ fn a_new_pod_is_policed_from_its_first_packet() {
     assert!(ep.isolated_egress && ep.pending.is_none(), "{ep:?}");
 
     // With the plugin: ADD returns once the endpoint is programmed, before the API has the IP.
-    let receiver = Running::counter(&target.netns);
+    let receiver = start_receiver(&target.netns);
     let pod = c.schedule_pod("x", "cni", 0, &[("pod", "cni")]).unwrap();
     c.wire(&pod).unwrap();
     let t = Instant::now();
@@ -1603,7 +1508,7 @@ fn a_new_pod_is_policed_from_its_first_packet() {
         .find(|e| e.pod == "x/cni")
         .expect("x/cni matched by its claim");
     assert!(ep.attached && ep.isolated_egress, "{ep:?}");
-    let ticker = Running::ticker(&pod, &target);
+    let ticker = start_ticker(&pod, &target);
     let (sent, received, got) = tick_results(ticker, receiver);
     assert!(sent > 100, "the pod sent only {sent} datagrams");
     assert_eq!(
@@ -1648,8 +1553,8 @@ fn with_the_cni_plugin_a_pod_created_while_the_agent_is_down_waits_for_it() {
         },
     );
     eprintln!("agent restarted -> CNI ADD succeeds: {:?}", t.elapsed());
-    let receiver = Running::counter(&target.netns);
-    let ticker = Running::ticker(&pod, &target);
+    let receiver = start_receiver(&target.netns);
+    let ticker = start_ticker(&pod, &target);
     let (sent, received, got) = tick_results(ticker, receiver);
     assert!(sent > 100, "the pod sent only {sent} datagrams");
     assert_eq!(
