@@ -27,7 +27,7 @@ mod services;
 #[cfg(test)]
 mod tests;
 
-pub use pending::{Pending, PendingEndpoints, PendingReason, PendingRule};
+pub use pending::{ISOLATED_BOTH, Pending, PendingEndpoints, PendingReason, PendingRule};
 
 /// What the compiler needs besides the cluster state.
 #[derive(Clone, Copy, Debug)]
@@ -58,6 +58,14 @@ pub struct EndpointLink {
     pub mac: [u8; 6],
     /// IPv6 link-local address, if any.
     pub link_local: Option<std::net::Ipv6Addr>,
+}
+
+impl EndpointLink {
+    /// The ENDPOINTS value of an endpoint with this link identity and `flags`.
+    pub fn info(&self, flags: u32) -> EndpointInfo {
+        let link_local = self.link_local.map_or([0; 16], |a| a.octets());
+        EndpointInfo::new(flags, self.mac, link_local)
+    }
 }
 
 /// A problem with one policy. The policy then allows nothing (see the module docs).
@@ -735,9 +743,7 @@ pub fn compile(input: &CompileInput<'_>) -> Compiled {
         out.stats.isolated_ingress += usize::from(flags & endpoint_flags::ISOLATED_INGRESS != 0);
         out.stats.isolated_egress += usize::from(flags & endpoint_flags::ISOLATED_EGRESS != 0);
         let link = input.links.get(&endpoint).copied().unwrap_or_default();
-        let link_local = link.link_local.map_or([0; 16], |a| a.octets());
-        out.endpoints
-            .insert(endpoint, EndpointInfo::new(flags, link.mac, link_local));
+        out.endpoints.insert(endpoint, link.info(flags));
     }
 
     pending::compile(input, &parsed, &mut out);

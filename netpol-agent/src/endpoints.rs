@@ -57,13 +57,6 @@ enum Owner<'a> {
     Conflict,
 }
 
-/// Whether a pod of this node can own a veth: it has its own network namespace and is not done.
-fn is_local_candidate(pod: &Pod, node_name: &str) -> bool {
-    pod.node_name.as_deref() == Some(node_name)
-        && !pod.host_network
-        && !matches!(pod.phase.as_deref(), Some("Succeeded" | "Failed"))
-}
-
 /// Ties veths to pods (see the module docs).
 pub fn match_endpoints(input: &MatchInput<'_>) -> Matching {
     let mut out = Matching::default();
@@ -181,7 +174,7 @@ fn owners<'a>(
     let local: Vec<&Pod> = state
         .pods
         .values()
-        .filter(|p| is_local_candidate(p, node_name))
+        .filter(|p| p.can_own_veth_on(node_name))
         .collect();
     for pod in &local {
         for ip in &pod.ips {

@@ -21,6 +21,8 @@ pub mod metrics;
 pub mod model;
 pub mod observe;
 pub mod persisted;
+#[cfg(test)]
+mod scratch;
 pub mod selector;
 pub mod service;
 pub mod source;

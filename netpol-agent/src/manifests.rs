@@ -380,30 +380,11 @@ fn typed<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, ConvertError
 mod tests {
     use super::*;
     use crate::model::PodKey;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-
-    /// A scratch directory, removed on drop.
-    struct TempDir(PathBuf);
+    use crate::scratch::TempDir;
 
     impl TempDir {
-        fn new() -> Self {
-            static NEXT: AtomicUsize = AtomicUsize::new(0);
-            let n = NEXT.fetch_add(1, Ordering::Relaxed);
-            let dir =
-                std::env::temp_dir().join(format!("netpol-manifests-{}-{n}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(&dir).unwrap();
-            TempDir(dir)
-        }
-
         fn write(&self, name: &str, text: &str) {
             std::fs::write(self.0.join(name), text).unwrap();
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
         }
     }
 
@@ -424,7 +405,7 @@ status: {podIP: 10.0.0.2}
 
     #[test]
     fn reads_documents_lists_and_json() {
-        let dir = TempDir::new();
+        let dir = TempDir::new("manifests");
         dir.write("a.yaml", &format!("{POLICY}---\n{POD}---\n"));
         dir.write(
             "b.yml",
@@ -474,7 +455,7 @@ status: {podIP: 10.0.0.2}
 
     #[test]
     fn broken_file_keeps_its_last_good_objects() {
-        let dir = TempDir::new();
+        let dir = TempDir::new("manifests");
         let mut source = ManifestSource::new();
         dir.write("policy.yaml", POLICY);
         dir.write("pod.yaml", POD);
@@ -537,7 +518,7 @@ status: {podIP: 10.0.0.2}
 
     #[test]
     fn broken_file_never_loaded_uses_what_parsed() {
-        let dir = TempDir::new();
+        let dir = TempDir::new("manifests");
         dir.write("a.yaml", &format!("{POLICY}---\napiVersion: v1\nkind: Pod\nmetadata: {{name: p}}\nspec: {{hostNetwork: maybe}}\n"));
         let state = ManifestSource::new().load(&dir.0).unwrap();
         assert!(state.policies.contains_key(&PodKey::new("app", "deny")));
@@ -562,7 +543,7 @@ status: {podIP: 10.0.0.2}
 
     #[test]
     fn a_policy_that_does_not_parse_isolates_its_namespace_both_ways() {
-        let dir = TempDir::new();
+        let dir = TempDir::new("manifests");
         let mut source = ManifestSource::new();
         for (i, broken) in [
             "policyTypes: Ingress",
@@ -604,7 +585,7 @@ status: {podIP: 10.0.0.2}
 
     #[test]
     fn a_broken_policy_added_to_a_good_file_isolates_and_the_good_ones_stay() {
-        let dir = TempDir::new();
+        let dir = TempDir::new("manifests");
         let mut source = ManifestSource::new();
         dir.write("policy.yaml", POLICY);
         assert!(source.load(&dir.0).unwrap().errors.is_empty());
@@ -642,7 +623,7 @@ status: {podIP: 10.0.0.2}
 
     #[test]
     fn object_errors_name_file_kind_name_and_field() {
-        let dir = TempDir::new();
+        let dir = TempDir::new("manifests");
         dir.write(
             "p.yaml",
             "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: bad, namespace: ns}\nspec:\n  podSelector: {}\n  ingress:\n  - ports: [{port: 80, endPort: eighty}]\n",
@@ -661,7 +642,7 @@ status: {podIP: 10.0.0.2}
 
     #[test]
     fn wrong_api_version_and_missing_kind_are_errors() {
-        let dir = TempDir::new();
+        let dir = TempDir::new("manifests");
         dir.write(
             "a.yaml",
             &POLICY.replace("networking.k8s.io/v1", "extensions/v1beta1"),
@@ -695,7 +676,7 @@ status: {podIP: 10.0.0.2}
 
     #[test]
     fn duplicates_last_one_wins_with_an_error() {
-        let dir = TempDir::new();
+        let dir = TempDir::new("manifests");
         dir.write("a.yaml", POLICY);
         dir.write(
             "b.yaml",
@@ -725,7 +706,7 @@ status: {podIP: 10.0.0.2}
 
     #[test]
     fn empty_documents_and_files_are_fine() {
-        let dir = TempDir::new();
+        let dir = TempDir::new("manifests");
         dir.write("empty.yaml", "");
         dir.write("comments.yaml", "# nothing\n---\n---\n");
         let state = ManifestSource::new().load(&dir.0).unwrap();

@@ -230,9 +230,18 @@ impl Pod {
     /// Whether policies can see the pod as a peer: it has addresses of its own and is not finished.
     /// Host-network pods share the node's addresses, so they cannot be told apart from the node.
     pub fn is_policy_peer(&self) -> bool {
-        !self.ips.is_empty()
-            && !self.host_network
-            && !matches!(self.phase.as_deref(), Some("Succeeded" | "Failed"))
+        !self.ips.is_empty() && !self.host_network && !self.is_finished()
+    }
+
+    /// Whether the pod can own a veth on `node`: it runs there in a network namespace of its own and
+    /// is not finished.
+    pub fn can_own_veth_on(&self, node: &str) -> bool {
+        self.node_name.as_deref() == Some(node) && !self.host_network && !self.is_finished()
+    }
+
+    /// `status.phase` says its containers are done.
+    fn is_finished(&self) -> bool {
+        matches!(self.phase.as_deref(), Some("Succeeded" | "Failed"))
     }
 
     /// Converts an API object.

@@ -350,8 +350,8 @@ mod boot_tests {
 
 #[cfg(test)]
 mod tests {
+    use crate::scratch::TempDir;
     use std::os::unix::fs::PermissionsExt;
-    use std::sync::atomic::{AtomicUsize, Ordering};
 
     use k8s_openapi::api::core::v1 as core;
     use k8s_openapi::api::discovery::v1 as discovery;
@@ -362,19 +362,7 @@ mod tests {
     use super::*;
     use crate::model::{Object, ObjectRef, Origin};
 
-    struct TempDir(PathBuf);
-
     impl TempDir {
-        fn new() -> Self {
-            static NEXT: AtomicUsize = AtomicUsize::new(0);
-            let n = NEXT.fetch_add(1, Ordering::Relaxed);
-            let dir =
-                std::env::temp_dir().join(format!("netpol-persisted-{}-{n}", std::process::id()));
-            let _ = fs::remove_dir_all(&dir);
-            fs::create_dir_all(&dir).unwrap();
-            TempDir(dir)
-        }
-
         fn file(&self) -> PathBuf {
             self.0.join(FILE_NAME)
         }
@@ -386,12 +374,6 @@ mod tests {
                 .collect();
             names.sort();
             names
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = fs::remove_dir_all(&self.0);
         }
     }
 
@@ -536,7 +518,7 @@ ports: [{name: http, port: 8080, protocol: TCP}]",
 
     #[test]
     fn round_trip() {
-        let dir = TempDir::new();
+        let dir = TempDir::new("persisted");
         let state = realistic();
         let before = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -563,7 +545,7 @@ ports: [{name: http, port: 8080, protocol: TCP}]",
     fn a_file_name_that_is_not_utf8_is_saved_lossily() {
         use std::os::unix::ffi::OsStrExt;
 
-        let dir = TempDir::new();
+        let dir = TempDir::new("persisted");
         let mut state = realistic();
         let path = PathBuf::from(std::ffi::OsStr::from_bytes(b"/etc/netpol/\xff.yaml"));
         let policy = state
@@ -583,14 +565,14 @@ ports: [{name: http, port: 8080, protocol: TCP}]",
 
     #[test]
     fn missing_file_is_none() {
-        let dir = TempDir::new();
+        let dir = TempDir::new("persisted");
         assert!(load(&dir.0, NODE).unwrap().is_none());
         assert!(load(&dir.0.join("not-there"), NODE).unwrap().is_none());
     }
 
     #[test]
     fn save_creates_the_directory() {
-        let dir = TempDir::new();
+        let dir = TempDir::new("persisted");
         let sub = dir.0.join("a/b");
         save(&sub, NODE, &realistic(), &[]).unwrap();
         assert!(load(&sub, NODE).unwrap().is_some());
@@ -600,7 +582,7 @@ ports: [{name: http, port: 8080, protocol: TCP}]",
 
     #[test]
     fn truncated_file_is_a_decode_error_naming_the_path() {
-        let dir = TempDir::new();
+        let dir = TempDir::new("persisted");
         save(&dir.0, NODE, &realistic(), &[]).unwrap();
         let bytes = fs::read(dir.file()).unwrap();
         fs::write(dir.file(), &bytes[..bytes.len() / 2]).unwrap();
@@ -621,7 +603,7 @@ ports: [{name: http, port: 8080, protocol: TCP}]",
 
     #[test]
     fn another_version_is_refused_whatever_its_shape() {
-        let dir = TempDir::new();
+        let dir = TempDir::new("persisted");
         save(&dir.0, NODE, &realistic(), &[]).unwrap();
         let mut v: serde_json::Value =
             serde_json::from_slice(&fs::read(dir.file()).unwrap()).unwrap();
@@ -647,7 +629,7 @@ ports: [{name: http, port: 8080, protocol: TCP}]",
 
     #[test]
     fn another_nodes_file_is_refused() {
-        let dir = TempDir::new();
+        let dir = TempDir::new("persisted");
         save(&dir.0, "node-b", &realistic(), &[]).unwrap();
         let err = load(&dir.0, NODE).unwrap_err();
         match &err {
@@ -670,7 +652,7 @@ ports: [{name: http, port: 8080, protocol: TCP}]",
 
     #[test]
     fn unreadable_file_is_an_io_error() {
-        let dir = TempDir::new();
+        let dir = TempDir::new("persisted");
         fs::create_dir(dir.file()).unwrap();
         let err = load(&dir.0, NODE).unwrap_err();
         assert!(
@@ -681,7 +663,7 @@ ports: [{name: http, port: 8080, protocol: TCP}]",
 
     #[test]
     fn save_replaces_the_file_and_leaves_no_temp_file() {
-        let dir = TempDir::new();
+        let dir = TempDir::new("persisted");
         save(&dir.0, NODE, &ClusterState::default(), &[]).unwrap();
         let state = realistic();
         save(&dir.0, NODE, &state, &[]).unwrap();
@@ -693,7 +675,7 @@ ports: [{name: http, port: 8080, protocol: TCP}]",
 
     #[test]
     fn save_after_one_interrupted_before_rename() {
-        let dir = TempDir::new();
+        let dir = TempDir::new("persisted");
         save(&dir.0, NODE, &ClusterState::default(), &[]).unwrap();
         // What a save that died before its rename leaves: a partial temp file, here readable by all.
         let temp = dir.0.join(TEMP_NAME);

@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use netpol_common::{EndpointInfo, endpoint_flags};
+use netpol_common::endpoint_flags;
 
 use super::{AgentConfig, cni::Claims};
 use crate::{
@@ -441,13 +441,7 @@ impl Sync {
         let mut errors = self.base_errors();
         for ifindex in matching.pending.keys() {
             let link = links.get(ifindex).copied().unwrap_or_default();
-            let info = EndpointInfo::new(
-                endpoint_flags::ISOLATED_INGRESS
-                    | endpoint_flags::ISOLATED_EGRESS
-                    | endpoint_flags::PENDING,
-                link.mac,
-                link.link_local.map_or([0; 16], |a| a.octets()),
-            );
+            let info = link.info(compiler::ISOLATED_BOTH | endpoint_flags::PENDING);
             if let Err(e) = self.datapath.add_endpoint_if_absent(*ifindex, info) {
                 errors.push(format!("pending entry for ifindex {ifindex}: {e}"));
             }

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use netpol_common::{Direction, EndpointInfo, IpInfo, endpoint_flags, identity};
+use netpol_common::{Direction, IpInfo, endpoint_flags, identity};
 use serde::{Deserialize, Serialize};
 
 use super::{CompileInput, Compiled, ParsedPolicy, ip_key};
@@ -62,7 +62,8 @@ pub struct Pending {
     pub reason: PendingReason,
 }
 
-const ISOLATED_BOTH: u32 = endpoint_flags::ISOLATED_INGRESS | endpoint_flags::ISOLATED_EGRESS;
+/// Isolated both ways.
+pub const ISOLATED_BOTH: u32 = endpoint_flags::ISOLATED_INGRESS | endpoint_flags::ISOLATED_EGRESS;
 
 /// Writes the pending endpoints: ENDPOINTS entries, and their own addresses in IPCACHE (after every
 /// pod and host address, so they never take one over) so that they can answer the node.
@@ -81,11 +82,8 @@ pub(super) fn compile(input: &CompileInput<'_>, parsed: &[ParsedPolicy<'_>], out
             _ => ISOLATED_BOTH,
         };
         let link = input.links.get(&endpoint).copied().unwrap_or_default();
-        let link_local = link.link_local.map_or([0; 16], |a| a.octets());
-        out.endpoints.insert(
-            endpoint,
-            EndpointInfo::new(isolation | endpoint_flags::PENDING, link.mac, link_local),
-        );
+        out.endpoints
+            .insert(endpoint, link.info(isolation | endpoint_flags::PENDING));
         for addr in &pending.addrs {
             out.ipcache.entry(ip_key(*addr)).or_insert(IpInfo {
                 identity: identity::PENDING,
@@ -103,12 +101,7 @@ fn unselected_isolation(input: &CompileInput<'_>, parsed: &[ParsedPolicy<'_>]) -
         .state
         .pods
         .values()
-        .filter(|p| {
-            p.node_name.as_deref() == Some(input.node_name)
-                && !p.host_network
-                && !matches!(p.phase.as_deref(), Some("Succeeded" | "Failed"))
-                && !input.endpoints.contains_key(&p.key)
-        })
+        .filter(|p| p.can_own_veth_on(input.node_name) && !input.endpoints.contains_key(&p.key))
         .collect();
     if candidates.is_empty() {
         return ISOLATED_BOTH;

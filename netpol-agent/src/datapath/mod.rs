@@ -380,10 +380,7 @@ impl Datapath {
     /// The ids of the programs that TCX runs before this agent's at `hook` of `ifname` (empty when
     /// ours is first; ours missing altogether counts every program as before it).
     pub fn programs_before(&mut self, ifname: &str, hook: Hook) -> Result<Vec<u32>, ProgramError> {
-        let ours = program_mut(&mut self.ebpf, hook.program())
-            .ok()
-            .and_then(|p| p.info().ok())
-            .map(|i| i.id());
+        let ours = self.program_id(hook);
         let (_, attached) = SchedClassifier::query_tcx(ifname, hook.tc_attach_type())?;
         Ok(attached
             .iter()
@@ -395,10 +392,7 @@ impl Datapath {
     /// Whether this agent's program runs at `hook` of `ifname` (someone may have detached it, or
     /// swapped another program into its link).
     pub fn runs_ours(&mut self, ifname: &str, hook: Hook) -> Result<bool, ProgramError> {
-        let ours = program_mut(&mut self.ebpf, hook.program())
-            .ok()
-            .and_then(|p| p.info().ok())
-            .map(|i| i.id());
+        let ours = self.program_id(hook);
         let (_, attached) = SchedClassifier::query_tcx(ifname, hook.tc_attach_type())?;
         Ok(attached.iter().any(|p| Some(p.id()) == ours))
     }
@@ -416,18 +410,30 @@ impl Datapath {
         {
             return Ok(());
         }
+        self.remove_link_pin(ifindex, hook)?;
+        self.attach_hook(ifindex, ifname, hook)
+    }
+
+    /// The kernel's id of this agent's program for `hook`.
+    fn program_id(&mut self, hook: Hook) -> Option<u32> {
+        program_mut(&mut self.ebpf, hook.program())
+            .ok()
+            .and_then(|p| p.info().ok())
+            .map(|i| i.id())
+    }
+
+    /// Removes the pin of the link at `hook` of `ifindex` (none is fine); with no other holder,
+    /// that detaches the program.
+    fn remove_link_pin(&self, ifindex: u32, hook: Hook) -> Result<(), DatapathError> {
         let path = self.layout.link(ifindex, hook);
         match std::fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(source) => {
-                return Err(DatapathError::LinkPin {
-                    path: path.display().to_string(),
-                    source,
-                });
-            }
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(DatapathError::LinkPin {
+                path: path.display().to_string(),
+                source,
+            }),
         }
-        self.attach_hook(ifindex, ifname, hook)
     }
 
     /// The policy generation the datapath checks conntrack entries against.
@@ -563,17 +569,7 @@ impl Datapath {
     /// gone has already lost its links; this removes the stale pins).
     pub fn detach(&mut self, ifindex: u32) -> Result<(), DatapathError> {
         for hook in [Hook::PodEgress, Hook::PodIngress, Hook::Tunnel] {
-            let path = self.layout.link(ifindex, hook);
-            match std::fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(source) => {
-                    return Err(DatapathError::LinkPin {
-                        path: path.display().to_string(),
-                        source,
-                    });
-                }
-            }
+            self.remove_link_pin(ifindex, hook)?;
         }
         Ok(())
     }
