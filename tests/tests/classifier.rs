@@ -2271,3 +2271,63 @@ fn a_frontend_address_is_judged_on_its_service_verdict_only() {
         Reason::AllowedNotIsolated,
     );
 }
+
+/// What a hostile pod with raw sockets sends from a pending veth (a pod the agent does not know
+/// yet): another pod's or the node's source address, ARP claiming them, a frame with a foreign
+/// MAC, another EtherType, a packet to a Service frontend. All dropped; only its own address (if
+/// the agent gave it one) passes the link checks, and even then policy keeps it closed.
+#[test]
+fn a_pending_pod_cannot_spoof_or_slip_out_sideways() {
+    use netpol_common::service;
+
+    let Some(mut env) = env!() else { return };
+    env.endpoint(
+        EP,
+        endpoint_flags::ISOLATED_INGRESS
+            | endpoint_flags::ISOLATED_EGRESS
+            | endpoint_flags::PENDING,
+    );
+    env.ip(a(), identity::PENDING, EP);
+    let mac = packets::POD_MAC;
+    let arp = |frame_src, sender_mac, sender: Ipv4Addr| {
+        packets::arp(frame_src, sender_mac, sender.octets(), NODE.octets())
+    };
+    // Its own address: ARP passes (it must reach the node), a connection does not.
+    env.expect(Egress, &arp(mac, mac, POD_A), Reason::AllowedNotPoliced);
+    env.expect(
+        Egress,
+        &Packet::tcp(a(), NODE.into(), 40000, 22).build(),
+        Reason::DroppedPending,
+    );
+    // Another pod's, the node's, or an unowned address of the pod network.
+    for claimed in [POD_C, NODE, Ipv4Addr::new(10, 42, 0, 77)] {
+        env.expect(Egress, &arp(mac, mac, claimed), Reason::DroppedSpoofedLink);
+        env.expect(
+            Egress,
+            &Packet::udp(claimed.into(), b(), 40000, 53).build(),
+            Reason::DroppedSpoofedSource,
+        );
+    }
+    // A foreign MAC on the frame, another EtherType (LLDP).
+    env.expect(
+        Egress,
+        &arp(OTHER_MAC, OTHER_MAC, POD_A),
+        Reason::DroppedSpoofedLink,
+    );
+    env.expect(
+        Egress,
+        &packets::ethernet_from(mac, 0x88cc),
+        Reason::DroppedEtherType,
+    );
+    // A Service frontend, even one a namespace-wide rule would match: no verdict of its own.
+    let vip: IpAddr = Ipv4Addr::new(10, 43, 0, 10).into();
+    let mut frontends: HashMap<_, netpol_common::IpKey, u32> =
+        HashMap::try_from(env.ebpf.map_mut(service::FRONTENDS_MAP_NAME).unwrap()).unwrap();
+    frontends.insert(ip_key(vip), 1, 0).unwrap();
+    env.allow(identity::ANY, Egress, proto::UDP, 53, POLICY_PREFIX_FULL);
+    env.expect(
+        Egress,
+        &Packet::udp(a(), vip, 40001, 53).build(),
+        Reason::DroppedPending,
+    );
+}
