@@ -18,6 +18,7 @@ use netpol_common::{
     POLICY_PREFIX_FULL, PolicyKey, PolicyValue, endpoint_flags, identity,
 };
 
+use crate::datapath::lookup::Tables;
 use crate::identity::{Identities, PodIdentityKey, Prefix, fnv1a32};
 use crate::model::{ClusterState, NamedPort, Origin, Pod, PodKey, Policy, Protocol};
 use crate::selector::Selector;
@@ -120,13 +121,7 @@ pub struct Compiled {
     pub stats: Stats,
 }
 
-/// The [`IpKey`] of an address (IPv4 as IPv4-mapped).
-pub fn ip_key(addr: IpAddr) -> IpKey {
-    match addr {
-        IpAddr::V4(v4) => IpKey::from_v4(v4.octets()),
-        IpAddr::V6(v6) => IpKey { addr: v6.octets() },
-    }
-}
+pub use crate::datapath::lookup::ip_key;
 
 /// The id stored in [`PolicyValue::policy`] for the policy `key`.
 pub fn policy_id(key: &PodKey) -> u32 {
@@ -162,15 +157,19 @@ impl Compiled {
         }
     }
 
-    /// A userspace model of the datapath's policy lookup, for tests and diagnostics: would a new
-    /// connection between the local `endpoint` and `peer` (the source for ingress, the destination for
-    /// egress) to destination `port` be allowed? Conntrack is not modelled.
-    ///
-    /// Unknown endpoints are denied; a direction the endpoint is not isolated in is allowed; at
-    /// ingress the node itself ([`identity::HOST`]) is allowed; at egress a Service frontend is
-    /// allowed when SERVICES has a verdict for it (outright or deferred); otherwise the peer's IPCACHE identity,
-    /// its longest-prefix CIDR identity and [`identity::ANY`] are each looked up, longest prefix
-    /// first, in POLICY.
+    /// The maps as the lookup model reads them.
+    pub fn tables(&self) -> Tables<'_> {
+        Tables {
+            endpoints: &self.endpoints,
+            ipcache: &self.ipcache,
+            cidrs: &self.cidrs,
+            policy: &self.policy,
+            services: &self.services,
+            frontends: &self.frontends,
+        }
+    }
+
+    /// The lookup model's answer for these maps: see [`Tables::allows`].
     pub fn allows(
         &self,
         endpoint: u32,
@@ -179,80 +178,9 @@ impl Compiled {
         protocol: u8,
         port: u16,
     ) -> bool {
-        let Some(info) = self.endpoints.get(&endpoint) else {
-            return false;
-        };
-        let flag = match direction {
-            Direction::Ingress => endpoint_flags::ISOLATED_INGRESS,
-            Direction::Egress => endpoint_flags::ISOLATED_EGRESS,
-        };
-        if info.flags & flag == 0 {
-            return true;
-        }
-        let peer = ip_key(peer);
-        if direction == Direction::Egress && self.frontends.contains_key(&peer) {
-            // Judged on the backends: allowed at the veth (outright, or deferred to after DNAT).
-            let key = netpol_common::SvcKey {
-                endpoint,
-                vip: peer,
-                port_be: port.to_be_bytes(),
-                protocol,
-                _pad: 0,
-            };
-            return self.services.contains_key(&key);
-        }
-        let pod_identity = self.ipcache.get(&peer).map(|i| i.identity);
-        if direction == Direction::Ingress && pod_identity == Some(identity::HOST) {
-            return true;
-        }
-        let cidr_identity = self
-            .cidrs
-            .iter()
-            .filter(|((net, len), _)| Prefix::new(*net, *len).contains(&Prefix::host(peer)))
-            .max_by_key(|((_, len), _)| *len)
-            .map(|(_, id)| *id);
-        [pod_identity, cidr_identity, Some(identity::ANY)]
-            .into_iter()
-            .flatten()
-            .any(|identity| {
-                let key = PolicyKey {
-                    endpoint,
-                    identity,
-                    direction: direction as u8,
-                    protocol,
-                    port_be: port.to_be_bytes(),
-                };
-                self.policy_lookup(&key).is_some()
-            })
+        self.tables()
+            .allows(endpoint, peer, direction, protocol, port)
     }
-
-    /// Longest-prefix match of a full key in POLICY, as the kernel's LPM trie does it.
-    pub fn policy_lookup(&self, key: &PolicyKey) -> Option<&PolicyValue> {
-        let bytes = policy_key_bytes(key);
-        self.policy
-            .iter()
-            .filter(|((k, len), _)| prefix_eq(&policy_key_bytes(k), &bytes, *len))
-            .max_by_key(|((_, len), _)| *len)
-            .map(|(_, v)| v)
-    }
-}
-
-/// The key's bytes in memory order, which is what the trie compares.
-fn policy_key_bytes(k: &PolicyKey) -> [u8; 12] {
-    let mut out = [0u8; 12];
-    out[0..4].copy_from_slice(&k.endpoint.to_ne_bytes());
-    out[4..8].copy_from_slice(&k.identity.to_ne_bytes());
-    out[8] = k.direction;
-    out[9] = k.protocol;
-    out[10..12].copy_from_slice(&k.port_be);
-    out
-}
-
-fn prefix_eq(a: &[u8], b: &[u8], bits: u32) -> bool {
-    (0..bits as usize).all(|i| {
-        let mask = 0x80u8 >> (i % 8);
-        a[i / 8] & mask == b[i / 8] & mask
-    })
 }
 
 /// Which namespaces a pod peer may be in.

@@ -82,12 +82,12 @@ fn a_map_pinned_with_another_layout_is_refused() {
     let layout = PinLayout::new(&dir.0);
     layout.prepare().expect("prepare the pin directory");
     // The endpoints map as an older build pinned it: an 8-byte value.
-    let pin = layout.maps_dir().join(map_names::ENDPOINTS);
+    let pin = layout.maps_dir().join(map_names::ENDPOINTS[0]);
     let out = Command::new("bpftool")
         .args(["map", "create"])
         .arg(&pin)
         .args(["type", "hash", "key", "4", "value", "8", "entries", "1024"])
-        .args(["name", map_names::ENDPOINTS])
+        .args(["name", map_names::ENDPOINTS[0]])
         .output()
         .expect("run bpftool");
     assert!(
@@ -101,9 +101,42 @@ fn a_map_pinned_with_another_layout_is_refused() {
     };
     assert!(matches!(err, DatapathError::PinnedMap(_)), "{err:?}");
     let msg = err.to_string();
-    assert!(msg.contains(map_names::ENDPOINTS), "{msg}");
+    assert!(msg.contains(map_names::ENDPOINTS[0]), "{msg}");
     assert!(msg.contains("value size 8, this build expects 32"), "{msg}");
     assert!(msg.contains("netpol-agent cleanup"), "{msg}");
+}
+
+/// The maps of the layout before the buffers (`_V1`) are unpinned when an agent of this build
+/// opens the pin directory (programs still attached keep them alive until replaced); other files
+/// are left alone.
+#[test]
+fn the_pins_of_the_unbuffered_layout_are_removed() {
+    if !common::privileged("the datapath test") {
+        return;
+    }
+    let dir = PinDir::new("obsolete");
+    let layout = PinLayout::new(&dir.0);
+    layout.prepare().expect("prepare the pin directory");
+    let old = layout.maps_dir().join("NP_POLICY_V1");
+    let out = Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&old)
+        .args(["type", "hash", "key", "4", "value", "8", "entries", "16"])
+        .args(["name", "NP_POLICY_V1"])
+        .output()
+        .expect("run bpftool");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut dp = Datapath::open(layout.clone()).expect("open");
+    assert!(!old.exists(), "the V1 pin is still there");
+    assert!(layout.maps_dir().join(map_names::POLICY[1]).exists());
+    // And the buffers work: the first update goes to buffer 1 and switches to it.
+    assert!(dp.apply(&one_endpoint()).is_empty());
+    assert_eq!(netpol_common::buffer::of(dp.generation()), 1);
+    assert_eq!(dp.contents(), &one_endpoint());
 }
 
 /// Flows that went quiet are collected by the agent: the entries past their timeout go, the live

@@ -2,22 +2,62 @@
 //!
 //! Every map key and value is `#[repr(C)]` with explicit padding and a static size assertion:
 //! the kernel hashes padding bytes as part of a key, so no type may have implicit padding.
-//! Map names carry a layout version (`_V1`): a future layout change gets a new name, so an
+//! Map names carry a layout version (`_V1`, `_V2`): a layout change gets a new name, so an
 //! upgraded agent never reads a pinned map of an older layout.
+//!
+//! The maps a policy decision reads (endpoints, addresses, prefixes, policy, Service verdicts and
+//! frontends) exist twice, as two [`buffer`]s: the datapath reads the one the policy generation
+//! names, the agent writes the other and then switches with one write of the generation, so a
+//! packet sees the whole old or the whole new policy, never a mix.
 #![no_std]
 
 use core::mem::size_of;
 
+/// The two buffers of the decision maps.
+///
+/// An update writes the buffer packets do not read, then makes it the one they read with a single
+/// write of [`super::CONFIG_GENERATION`] (whose lowest bit names the buffer read); no intermediate
+/// state of a change is ever visible to a packet. The same write also makes every established flow
+/// be re-checked against the new buffer.
+pub mod buffer {
+    /// How many buffers there are.
+    pub const COUNT: usize = 2;
+    /// The buffer packets read under policy generation `generation`.
+    pub const fn of(generation: u32) -> usize {
+        (generation & 1) as usize
+    }
+}
+
+/// What metrics and `status` call each pair of buffered maps (they count the buffer packets read).
+pub mod map_labels {
+    pub const ENDPOINTS: &str = "NP_ENDPOINT_V2";
+    pub const IPCACHE: &str = "NP_IPCACHE_V2";
+    pub const CIDRS: &str = "NP_CIDRS_V2";
+    pub const POLICY: &str = "NP_POLICY_V2";
+    pub const SERVICES: &str = "NP_SERVICES_V2";
+    pub const FRONTENDS: &str = "NP_FRONTEND_V2";
+}
+
 /// Names of every map, defined once. They are also the pin file names under `<pin-dir>/maps/`.
+/// The decision maps have one name per [`buffer`].
 pub mod map_names {
     /// `HashMap<u32 ifindex, EndpointInfo>`: the local pods, keyed by their host veth.
-    pub const ENDPOINTS: &str = "NP_ENDPOINTS_V1";
+    pub const ENDPOINTS: [&str; 2] = ["NP_ENDPOINT0_V2", "NP_ENDPOINT1_V2"];
     /// `HashMap<IpKey, IpInfo>`: every known pod address in the cluster and the node's own addresses.
-    pub const IPCACHE: &str = "NP_IPCACHE_V1";
+    pub const IPCACHE: [&str; 2] = ["NP_IPCACHE0_V2", "NP_IPCACHE1_V2"];
     /// `LpmTrie<IpKey, u32 identity>`: every ipBlock prefix (and except) used by a policy.
-    pub const CIDRS: &str = "NP_CIDRS_V1";
+    pub const CIDRS: [&str; 2] = ["NP_CIDRS0_V2", "NP_CIDRS1_V2"];
     /// `LpmTrie<PolicyKey, PolicyValue>`: what each local endpoint allows, per direction.
-    pub const POLICY: &str = "NP_POLICY_V1";
+    pub const POLICY: [&str; 2] = ["NP_POLICY0_V2", "NP_POLICY1_V2"];
+    /// Maps of the layout before the buffers (`_V1`): an agent of this build removes their pins.
+    pub const OBSOLETE: [&str; 6] = [
+        "NP_ENDPOINTS_V1",
+        "NP_IPCACHE_V1",
+        "NP_CIDRS_V1",
+        "NP_POLICY_V1",
+        "NP_SERVICES_V1",
+        "NP_FRONTENDS_V1",
+    ];
     /// `LruHashMap<CtKey, CtValue>`: connections allowed so far, so replies pass.
     pub const CONNTRACK: &str = "NP_CT_V1";
     /// `Array<u32>` of length [`super::CONFIG_LEN`]: see [`super::CONFIG_GENERATION`].
@@ -54,11 +94,16 @@ pub mod map_names {
     const fn fits(name: &str) -> bool {
         name.len() <= 15
     }
+    const fn both_fit(names: [&str; 2]) -> bool {
+        fits(names[0]) && fits(names[1])
+    }
     const _: () = assert!(
-        fits(ENDPOINTS)
-            && fits(IPCACHE)
-            && fits(CIDRS)
-            && fits(POLICY)
+        both_fit(ENDPOINTS)
+            && both_fit(IPCACHE)
+            && both_fit(CIDRS)
+            && both_fit(POLICY)
+            && both_fit(super::service::MAP_NAME)
+            && both_fit(super::service::FRONTENDS_MAP_NAME)
             && fits(CONNTRACK)
             && fits(CONFIG)
             && fits(COUNTERS)
@@ -70,7 +115,6 @@ pub mod map_names {
             && fits(VERDICTS)
             && fits(FRAGS)
             && fits(CT_COUNT)
-            && fits(super::service::MAP_NAME)
     );
 }
 
@@ -103,9 +147,10 @@ pub mod capacity {
     pub const FRAGS: u32 = 8_192;
 }
 
-/// Index of the policy generation in the CONFIG map. The agent bumps it after every update that removed
-/// an allow; a conntrack entry created under an older generation is re-checked against policy on its next
-/// forward packet, so a revoked allow also ends established connections.
+/// Index of the policy generation in the CONFIG map. Its lowest bit names the [`buffer`] packets
+/// read. The agent bumps it once per update, after writing the other buffer: that one write switches
+/// the buffers, and a conntrack entry created under an older generation is re-checked against policy
+/// on its next packet, so a revoked allow also ends established connections.
 pub const CONFIG_GENERATION: u32 = 0;
 /// Index of the drop-event rate in the CONFIG map: events per second and CPU (also the burst);
 /// 0 means [`DEFAULT_EVENT_RATE`].
@@ -748,8 +793,8 @@ impl Reason {
 /// Services: what a local pod's egress may do through a Service's virtual IP (ClusterIP), which
 /// kube-proxy rewrites to a backend only after the packet left the pod's veth.
 pub mod service {
-    /// Name of the `HashMap<SvcKey, SvcValue>` map.
-    pub const MAP_NAME: &str = "NP_SERVICES_V1";
+    /// Names of the `HashMap<SvcKey, SvcValue>` map, per [`super::buffer`].
+    pub const MAP_NAME: [&str; 2] = ["NP_SERVICES0_V2", "NP_SERVICES1_V2"];
     /// Capacity: (egress-isolated local pod, service frontend) pairs whose verdict is not a plain deny.
     pub const CAPACITY: u32 = 65_536;
     /// Every backend of the frontend is allowed: the connection is allowed at the pod's veth.
@@ -761,7 +806,8 @@ pub mod service {
     /// Name of the `HashMap<IpKey, u32>` of every Service frontend address (ClusterIP): an egress
     /// packet to one is judged on the Service's backends (SERVICES), never by a rule that happens to
     /// match the virtual address (an ipBlock around it, a rule without peers).
-    pub const FRONTENDS_MAP_NAME: &str = "NP_FRONTENDS_V1";
+    /// One name per [`super::buffer`].
+    pub const FRONTENDS_MAP_NAME: [&str; 2] = ["NP_FRONTEND0_V2", "NP_FRONTEND1_V2"];
     /// Capacity of the frontends map: ClusterIPs of the cluster, both families.
     pub const FRONTENDS_CAPACITY: u32 = 16_384;
     /// `skb->mark` bit of a packet whose egress check is deferred to after DNAT. Chosen clear of

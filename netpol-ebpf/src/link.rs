@@ -8,7 +8,7 @@ use aya_ebpf::programs::TcContext;
 use netpol_common::{EndpointInfo, IpKey, Reason, proto};
 
 use crate::{
-    maps::IPCACHE,
+    maps::Buffer,
     parse::{self, ETH_HLEN, Malformed, Packet, icmp6, same},
 };
 
@@ -33,9 +33,9 @@ pub fn source_mac_is_own(ctx: &TcContext, ep: &EndpointInfo) -> Result<bool, Mal
 
 /// True when `addr` (IPv4-mapped or IPv6) is one of the addresses of the endpoint `ifindex`.
 #[inline(always)]
-pub fn owned_by(addr: &[u8; 16], ifindex: u32) -> bool {
-    IPCACHE
-        .get_ptr(IpKey { addr: *addr })
+pub fn owned_by(buffer: Buffer, addr: &[u8; 16], ifindex: u32) -> bool {
+    buffer
+        .address(addr)
         // SAFETY: map values are valid for the duration of the program.
         .is_some_and(|info| unsafe { (*info).endpoint } == ifindex)
 }
@@ -43,7 +43,12 @@ pub fn owned_by(addr: &[u8; 16], ifindex: u32) -> bool {
 /// An ARP frame sent by the pod: its sender must be the pod's MAC and one of its addresses (or
 /// 0.0.0.0, an RFC 5227 probe, which nobody learns from).
 #[inline(never)]
-pub fn arp_from_pod(ctx: &TcContext, ifindex: u32, ep: &EndpointInfo) -> Result<Reason, Malformed> {
+pub fn arp_from_pod(
+    ctx: &TcContext,
+    pkt: &Packet,
+    ifindex: u32,
+    ep: &EndpointInfo,
+) -> Result<Reason, Malformed> {
     let h: [u8; 20] = parse::load(ctx, ETH_HLEN)?;
     let kind = [h[0], h[1], h[2], h[3], h[4], h[5]];
     let sender_mac = [h[8], h[9], h[10], h[11], h[12], h[13]];
@@ -51,7 +56,7 @@ pub fn arp_from_pod(ctx: &TcContext, ifindex: u32, ep: &EndpointInfo) -> Result<
         return Ok(Reason::DroppedSpoofedLink);
     }
     let sender = [h[14], h[15], h[16], h[17]];
-    if same(&sender, &[0; 4]) || owned_by(&IpKey::from_v4(sender).addr, ifindex) {
+    if same(&sender, &[0; 4]) || owned_by(pkt.buffer, &IpKey::from_v4(sender).addr, ifindex) {
         Ok(Reason::AllowedNotPoliced)
     } else {
         Ok(Reason::DroppedSpoofedLink)
@@ -115,7 +120,7 @@ fn from_pod(
     ep: &EndpointInfo,
 ) -> Result<bool, Malformed> {
     let unspecified = same(&pkt.src, &[0; 16]);
-    if !unspecified && !own_link_local(&pkt.src, ep) && !owned_by(&pkt.src, ifindex) {
+    if !unspecified && !own_link_local(&pkt.src, ep) && !owned_by(pkt.buffer, &pkt.src, ifindex) {
         return Ok(false);
     }
     match pkt.icmp_type {
@@ -155,12 +160,12 @@ fn nd_from_pod(
     }
     let mut target = [0u8; 16];
     parse::load_into(ctx, pkt.l4_off + 8, &mut target)?;
-    let about_self = own_link_local(&target, ep) || owned_by(&target, ifindex);
+    let about_self = own_link_local(&target, ep) || owned_by(pkt.buffer, &target, ifindex);
     if pkt.icmp_type == icmp6::NEIGHBOUR_ADVERT {
-        if !about_self || unspecified || !advert_destination(&pkt.dst) {
+        if !about_self || unspecified || !advert_destination(pkt.buffer, &pkt.dst) {
             return Ok(false);
         }
-    } else if (unspecified && !about_self) || !solicit_fits(&pkt.dst, &target) {
+    } else if (unspecified && !about_self) || !solicit_fits(pkt.buffer, &pkt.dst, &target) {
         return Ok(false);
     }
     options_own(ctx, pkt, pkt.l4_off + 24, ep, unspecified)
@@ -180,7 +185,7 @@ fn to_pod(
     ep: &EndpointInfo,
 ) -> Result<bool, Malformed> {
     let flooded = is_link_scope_multicast(&pkt.dst);
-    let to_me = own_link_local(&pkt.dst, ep) || owned_by(&pkt.dst, ifindex);
+    let to_me = own_link_local(&pkt.dst, ep) || owned_by(pkt.buffer, &pkt.dst, ifindex);
     match pkt.icmp_type {
         icmp6::NEIGHBOUR_SOLICIT => {
             if pkt.hop_limit != 255 || !(flooded || to_me) {
@@ -194,7 +199,7 @@ fn to_pod(
             }
             let mut target = [0u8; 16];
             parse::load_into(ctx, pkt.l4_off + 8, &mut target)?;
-            Ok(own_link_local(&target, ep) || owned_by(&target, ifindex))
+            Ok(own_link_local(&target, ep) || owned_by(pkt.buffer, &target, ifindex))
         }
         icmp6::NEIGHBOUR_ADVERT => Ok(pkt.hop_limit == 255 && (flooded || to_me)),
         icmp6::ROUTER_SOLICIT => Ok(pkt.hop_limit == 255 && same(&pkt.dst, &ALL_ROUTERS)),
@@ -245,16 +250,16 @@ fn mld2_records_empty(ctx: &TcContext, pkt: &Packet) -> Result<bool, Malformed> 
 
 /// An advertisement goes to all nodes, to a link-local address, or to an on-link neighbour.
 #[inline(always)]
-fn advert_destination(dst: &[u8; 16]) -> bool {
-    is_link_scope_multicast(dst) || is_link_local(dst) || on_link(dst)
+fn advert_destination(buffer: Buffer, dst: &[u8; 16]) -> bool {
+    is_link_scope_multicast(dst) || is_link_local(dst) || on_link(buffer, dst)
 }
 
 /// A solicitation asks about `target`, which must be a link-local or on-link address, sent to
 /// `target`'s solicited-node group (`ff02::1:ffXX:XXXX`, RFC 4291 2.7.1) or to `target` itself
 /// (a reachability probe).
 #[inline(always)]
-fn solicit_fits(dst: &[u8; 16], target: &[u8; 16]) -> bool {
-    if !(is_link_local(target) || on_link(target)) {
+fn solicit_fits(buffer: Buffer, dst: &[u8; 16], target: &[u8; 16]) -> bool {
+    if !(is_link_local(target) || on_link(buffer, target)) {
         return false;
     }
     let mut group = [0u8; 16];
@@ -276,8 +281,8 @@ fn own_link_local(addr: &[u8; 16], ep: &EndpointInfo) -> bool {
 /// A unicast destination on this link: a pod or an address of the node (the gateway). Anything else
 /// would be forwarded by the node: an ND-typed packet must not leave the link.
 #[inline(always)]
-fn on_link(addr: &[u8; 16]) -> bool {
-    IPCACHE.get_ptr(IpKey { addr: *addr }).is_some_and(|info| {
+fn on_link(buffer: Buffer, addr: &[u8; 16]) -> bool {
+    buffer.address(addr).is_some_and(|info| {
         // SAFETY: map values are valid for the duration of the program.
         let info = unsafe { &*info };
         info.endpoint != 0 || info.identity == netpol_common::identity::HOST

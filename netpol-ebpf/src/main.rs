@@ -24,17 +24,17 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use netpol_common::{
-    CONFIG_CT_QUOTA, CONFIG_EVENT_RATE, CONFIG_GENERATION, CtKey, CtTimeouts, CtValue,
-    DEFAULT_CT_QUOTA, DEFAULT_EVENT_RATE, Direction, DropEvent, DropKey, DropValue, EndpointInfo,
-    FlowKey, FlowValue, FragKey, FragValue, IpKey, POLICY_PREFIX_ANY_PROTOCOL, POLICY_PREFIX_FULL,
-    PolicyKey, PolicyMatch, Reason, SvcKey, TokenBucket, ct_flags, endpoint_flags, identity, lost,
-    proto, service, verdict_slot,
+    CONFIG_CT_QUOTA, CONFIG_EVENT_RATE, CtKey, CtTimeouts, CtValue, DEFAULT_CT_QUOTA,
+    DEFAULT_EVENT_RATE, Direction, DropEvent, DropKey, DropValue, EndpointInfo, FlowKey, FlowValue,
+    FragKey, FragValue, IpKey, POLICY_PREFIX_ANY_PROTOCOL, POLICY_PREFIX_FULL, PolicyKey,
+    PolicyMatch, Reason, SvcKey, TokenBucket, ct_flags, endpoint_flags, identity, lost, proto,
+    service, verdict_slot,
 };
 
 use crate::{
     maps::{
-        CIDRS, CONFIG, CONNTRACK, COUNTERS, CT_COUNT, DROPS, ENDPOINTS, EVENT_BUDGET, EVENTS,
-        FLOWS, FRAGS, FRONTENDS, IPCACHE, LOST, POLICY, SERVICES, VERDICTS, get_or_create,
+        Buffer, CONFIG, CONNTRACK, COUNTERS, CT_COUNT, DROPS, EVENT_BUDGET, EVENTS, FLOWS, FRAGS,
+        LOST, VERDICTS, get_or_create,
     },
     parse::{Malformed, Packet, Parsed, same},
 };
@@ -76,7 +76,7 @@ pub fn tunnel_egress(ctx: TcContext) -> i32 {
         return PASS;
     }
     ctx.set_mark(mark & !service::DEFER_MARK);
-    let mut pkt = Packet::zeroed();
+    let mut pkt = Packet::new(Buffer::current());
     let decision = match parse::parse(&ctx, &mut pkt) {
         Ok(Parsed::Ip) => deferred_egress(&pkt, 0),
         // Only our programs set the mark, and only on IP packets (marks are scrubbed when a
@@ -105,7 +105,7 @@ pub fn tunnel_egress(ctx: TcContext) -> i32 {
 /// when kube-proxy masqueraded a hairpin connection to the node's address, the pod at `hairpin`.
 #[inline(always)]
 fn client_of(pkt: &Packet, hairpin: u32) -> u32 {
-    match IPCACHE.get_ptr(IpKey { addr: pkt.src }) {
+    match pkt.buffer.address(&pkt.src) {
         // SAFETY: map values are valid for the duration of the program.
         Some(info) => unsafe {
             if (*info).identity == identity::HOST {
@@ -127,7 +127,7 @@ fn deferred_egress(pkt: &Packet, hairpin: u32) -> u64 {
     if client == 0 {
         return reason_only(Reason::DroppedServiceUnresolved);
     }
-    let Some(ep) = ENDPOINTS.get_ptr(client) else {
+    let Some(ep) = pkt.buffer.endpoint(client) else {
         return reason_only(Reason::DroppedUnknownEndpoint);
     };
     // SAFETY: map values are valid for the duration of the program.
@@ -159,7 +159,7 @@ fn classify(ctx: &TcContext, dir: Direction) -> i32 {
     // SAFETY: the context pointer handed to a classifier is a valid `__sk_buff`.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let len = ctx.len();
-    let mut pkt = Packet::zeroed();
+    let mut pkt = Packet::new(Buffer::current());
     // Any error drops the packet (fail closed) as malformed.
     let decision =
         try_classify(ctx, &mut pkt, ifindex, dir).unwrap_or(reason_only(Reason::DroppedMalformed));
@@ -183,7 +183,7 @@ fn try_classify(
     ifindex: u32,
     dir: Direction,
 ) -> Result<u64, Malformed> {
-    let Some(ep) = ENDPOINTS.get_ptr(ifindex) else {
+    let Some(ep) = pkt.buffer.endpoint(ifindex) else {
         return Ok(reason_only(Reason::DroppedUnknownEndpoint));
     };
     // SAFETY: map values are valid for the duration of the program.
@@ -200,7 +200,7 @@ fn try_classify(
             }
             return Ok(decision | FLOW);
         }
-        Parsed::Arp if egress => link::arp_from_pod(ctx, ifindex, ep)?,
+        Parsed::Arp if egress => link::arp_from_pod(ctx, pkt, ifindex, ep)?,
         Parsed::Arp => Reason::AllowedNotPoliced,
         Parsed::Neighbour => link::neighbour(ctx, pkt, ifindex, ep, egress)?,
         // NetworkPolicy speaks of IP only: a pod isolated in this direction gets nothing else.
@@ -430,12 +430,12 @@ fn decide_ip(
             return Ok(reason_only(Reason::DroppedSpoofedLink));
         }
         // Anti-spoofing: a pod may only send from its own addresses.
-        if !link::owned_by(&pkt.src, ifindex) {
+        if !link::owned_by(pkt.buffer, &pkt.src, ifindex) {
             return Ok(reason_only(Reason::DroppedSpoofedSource));
         }
     } else {
         // A unicast packet is only for the pod that has its destination address.
-        if !is_group_address(&pkt.dst) && !link::owned_by(&pkt.dst, ifindex) {
+        if !is_group_address(&pkt.dst) && !link::owned_by(pkt.buffer, &pkt.dst, ifindex) {
             return Ok(reason_only(Reason::DroppedNotForPod));
         }
         // A Service connection whose egress verdict waited for kube-proxy's DNAT, now delivered to
@@ -461,7 +461,7 @@ fn decide_ip(
         direction: dir as u8,
         _pad: [0; 2],
     };
-    let generation = config(CONFIG_GENERATION);
+    let generation = pkt.buffer.generation;
     if pkt.icmp_error && icmp_error_of_known_flow(ctx, pkt, &mut key, dir, generation)? {
         return Ok(reason_only(Reason::AllowedReply));
     }
@@ -519,7 +519,7 @@ fn frag_key(pkt: &Packet, ifindex: u32, dir: Direction) -> FragKey {
 #[inline(never)]
 fn remember_fragments(pkt: &Packet, ifindex: u32, dir: Direction) {
     let value = FragValue {
-        generation: config(CONFIG_GENERATION),
+        generation: pkt.buffer.generation,
         _pad: 0,
     };
     let _ = FRAGS.insert(&frag_key(pkt, ifindex, dir), &value, BPF_ANY as u64);
@@ -590,8 +590,9 @@ fn error_sender_fits(pkt: &Packet, quoted: &CtKey) -> bool {
     if same(&pkt.src, &quoted.dst) {
         return true;
     }
-    let id = IPCACHE
-        .get_ptr(IpKey { addr: pkt.src })
+    let id = pkt
+        .buffer
+        .address(&pkt.src)
         // SAFETY: map values are valid for the duration of the program.
         .map_or(identity::NONE, |info| unsafe { (*info).identity });
     !(identity::FIRST_POD..identity::FIRST_CIDR).contains(&id)
@@ -759,7 +760,7 @@ fn reply_recheck(pkt: &Packet, ifindex: u32, ep_flags: u32, dir: Direction) -> u
     if dir.opposite() != Direction::Egress || !is_denied_egress(decision) {
         return decision;
     }
-    match service_verdict(ifindex, peer_of(pkt, dir), pkt.sport, pkt.proto) {
+    match service_verdict(pkt.buffer, ifindex, peer_of(pkt, dir), pkt.sport, pkt.proto) {
         Some((_, policy_id)) => service_decision(Reason::AllowedService, policy_id),
         None => decision,
     }
@@ -801,7 +802,7 @@ fn through_service(
     if dir != Direction::Egress || !is_denied_egress(decision) {
         return decision;
     }
-    match service_verdict(ifindex, &pkt.dst, pkt.dport, pkt.proto) {
+    match service_verdict(pkt.buffer, ifindex, &pkt.dst, pkt.dport, pkt.proto) {
         Some((service::VERDICT_ALLOW, policy_id)) => {
             service_decision(Reason::AllowedService, policy_id)
         }
@@ -820,7 +821,13 @@ fn is_denied_egress(decision: u64) -> bool {
 
 /// The SERVICES verdict (allow or defer) and policy of `endpoint` towards the frontend `vip`:`port`.
 #[inline(always)]
-fn service_verdict(endpoint: u32, vip: &[u8; 16], port: u16, protocol: u8) -> Option<(u32, u32)> {
+fn service_verdict(
+    buffer: Buffer,
+    endpoint: u32,
+    vip: &[u8; 16],
+    port: u16,
+    protocol: u8,
+) -> Option<(u32, u32)> {
     let key = SvcKey {
         endpoint,
         vip: IpKey { addr: *vip },
@@ -828,7 +835,7 @@ fn service_verdict(endpoint: u32, vip: &[u8; 16], port: u16, protocol: u8) -> Op
         protocol,
         _pad: 0,
     };
-    let v = SERVICES.get_ptr(&key)?;
+    let v = buffer.service(&key)?;
     // SAFETY: map values are valid for the duration of the program.
     let (verdict, policy_id) = unsafe { ((*v).verdict, (*v).policy) };
     match verdict {
@@ -873,8 +880,9 @@ fn policy(pkt: &Packet, ifindex: u32, ep_flags: u32, dir: Direction, ask: Ask) -
             Reason::DroppedEgressDenied,
         ),
     };
-    let peer_identity = IPCACHE
-        .get_ptr(IpKey { addr: *peer })
+    let peer_identity = pkt
+        .buffer
+        .address(peer)
         // SAFETY: map values are valid for the duration of the program.
         .map_or(identity::NONE, |info| unsafe { (*info).identity });
     if dir == Direction::Ingress && peer_identity == identity::HOST {
@@ -885,7 +893,7 @@ fn policy(pkt: &Packet, ifindex: u32, ep_flags: u32, dir: Direction, ask: Ask) -
     }
     // A Service's virtual address is judged on its backends (SERVICES, by the caller), never by a
     // rule that happens to match the address itself.
-    if dir == Direction::Egress && FRONTENDS.get_ptr(&IpKey { addr: *peer }).is_some() {
+    if dir == Direction::Egress && pkt.buffer.is_frontend(peer) {
         return refused(ep_flags, denied);
     }
 
@@ -901,19 +909,19 @@ fn policy(pkt: &Packet, ifindex: u32, ep_flags: u32, dir: Direction, ask: Ask) -
     );
     if peer_identity != identity::NONE {
         key.data.identity = peer_identity;
-        if let Some(v) = POLICY.get(&key) {
-            return allowed(&mut key, v.policy);
+        if let Some(v) = pkt.buffer.policy(&key) {
+            return allowed(pkt.buffer, &mut key, v.policy);
         }
     }
-    if let Some(id) = CIDRS.get(Key::new(128, IpKey { addr: *peer })) {
-        key.data.identity = *id;
-        if let Some(v) = POLICY.get(&key) {
-            return allowed(&mut key, v.policy);
+    if let Some(id) = pkt.buffer.cidr(peer) {
+        key.data.identity = id;
+        if let Some(v) = pkt.buffer.policy(&key) {
+            return allowed(pkt.buffer, &mut key, v.policy);
         }
     }
     key.data.identity = identity::ANY;
-    if let Some(v) = POLICY.get(&key) {
-        return allowed(&mut key, v.policy);
+    if let Some(v) = pkt.buffer.policy(&key) {
+        return allowed(pkt.buffer, &mut key, v.policy);
     }
     refused(ep_flags, denied)
 }
@@ -931,10 +939,10 @@ fn refused(ep_flags: u32, denied: Reason) -> u64 {
 /// What kind of rule it was (for metrics) costs one more lookup, on new flows only: whether a rule
 /// without ports also matches.
 #[inline(always)]
-fn allowed(key: &mut Key<PolicyKey>, policy_id: u32) -> u64 {
+fn allowed(buffer: Buffer, key: &mut Key<PolicyKey>, policy_id: u32) -> u64 {
     let any_identity = key.data.identity == identity::ANY;
     key.prefix_len = POLICY_PREFIX_ANY_PROTOCOL;
-    let matched = match (POLICY.get(&*key).is_some(), any_identity) {
+    let matched = match (buffer.policy(key).is_some(), any_identity) {
         (true, true) => PolicyMatch::All,
         (true, false) => PolicyMatch::L3,
         (false, _) => PolicyMatch::L3L4,

@@ -7,30 +7,124 @@ use aya_ebpf::{
     macros::map,
     maps::{
         Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap, RingBuf,
+        lpm_trie::Key,
     },
 };
 use netpol_common::{
-    CONFIG_LEN, CtKey, CtValue, DropKey, DropValue, EndpointInfo, FlowKey, FlowValue, FragKey,
-    FragValue, IpInfo, IpKey, LOST_SLOTS, PolicyKey, PolicyValue, REASON_SLOTS, TokenBucket,
-    VERDICT_SLOTS, capacity, map_names,
+    CONFIG_GENERATION, CONFIG_LEN, CtKey, CtValue, DropKey, DropValue, EndpointInfo, FlowKey,
+    FlowValue, FragKey, FragValue, IpInfo, IpKey, LOST_SLOTS, PolicyKey, PolicyValue, REASON_SLOTS,
+    SvcKey, SvcValue, TokenBucket, VERDICT_SLOTS, buffer, capacity, map_names, service,
 };
 
+// The decision maps, once per buffer (see `netpol_common::buffer`): packets read the buffer the
+// policy generation names, through [`Buffer`].
+
 /// Local endpoints keyed by host veth ifindex.
-#[map(name = "NP_ENDPOINTS_V1")]
-pub static ENDPOINTS: HashMap<u32, EndpointInfo> = HashMap::pinned(capacity::ENDPOINTS, 0);
+#[map(name = "NP_ENDPOINT0_V2")]
+static ENDPOINTS_0: HashMap<u32, EndpointInfo> = HashMap::pinned(capacity::ENDPOINTS, 0);
+#[map(name = "NP_ENDPOINT1_V2")]
+static ENDPOINTS_1: HashMap<u32, EndpointInfo> = HashMap::pinned(capacity::ENDPOINTS, 0);
 
 /// Known addresses: identity and owning local endpoint.
-#[map(name = "NP_IPCACHE_V1")]
-pub static IPCACHE: HashMap<IpKey, IpInfo> = HashMap::pinned(capacity::IPCACHE, 0);
+#[map(name = "NP_IPCACHE0_V2")]
+static IPCACHE_0: HashMap<IpKey, IpInfo> = HashMap::pinned(capacity::IPCACHE, 0);
+#[map(name = "NP_IPCACHE1_V2")]
+static IPCACHE_1: HashMap<IpKey, IpInfo> = HashMap::pinned(capacity::IPCACHE, 0);
 
 /// ipBlock prefixes to CIDR identities.
-#[map(name = "NP_CIDRS_V1")]
-pub static CIDRS: LpmTrie<IpKey, u32> = LpmTrie::pinned(capacity::CIDRS, BPF_F_NO_PREALLOC);
+#[map(name = "NP_CIDRS0_V2")]
+static CIDRS_0: LpmTrie<IpKey, u32> = LpmTrie::pinned(capacity::CIDRS, BPF_F_NO_PREALLOC);
+#[map(name = "NP_CIDRS1_V2")]
+static CIDRS_1: LpmTrie<IpKey, u32> = LpmTrie::pinned(capacity::CIDRS, BPF_F_NO_PREALLOC);
 
 /// What each endpoint allows.
-#[map(name = "NP_POLICY_V1")]
-pub static POLICY: LpmTrie<PolicyKey, PolicyValue> =
+#[map(name = "NP_POLICY0_V2")]
+static POLICY_0: LpmTrie<PolicyKey, PolicyValue> =
     LpmTrie::pinned(capacity::POLICY, BPF_F_NO_PREALLOC);
+#[map(name = "NP_POLICY1_V2")]
+static POLICY_1: LpmTrie<PolicyKey, PolicyValue> =
+    LpmTrie::pinned(capacity::POLICY, BPF_F_NO_PREALLOC);
+
+/// Egress verdicts of local pods through Service frontends; see `netpol_common::service`.
+#[map(name = "NP_SERVICES0_V2")]
+static SERVICES_0: HashMap<SvcKey, SvcValue> = HashMap::pinned(service::CAPACITY, 0);
+#[map(name = "NP_SERVICES1_V2")]
+static SERVICES_1: HashMap<SvcKey, SvcValue> = HashMap::pinned(service::CAPACITY, 0);
+
+/// Service frontend addresses; see `netpol_common::service::FRONTENDS_MAP_NAME`.
+#[map(name = "NP_FRONTEND0_V2")]
+static FRONTENDS_0: HashMap<IpKey, u32> = HashMap::pinned(service::FRONTENDS_CAPACITY, 0);
+#[map(name = "NP_FRONTEND1_V2")]
+static FRONTENDS_1: HashMap<IpKey, u32> = HashMap::pinned(service::FRONTENDS_CAPACITY, 0);
+
+/// The decision maps one packet reads: the buffer its policy generation names, chosen once when its
+/// classification starts, so that a packet never mixes two policies.
+#[derive(Clone, Copy)]
+pub struct Buffer {
+    /// The policy generation the packet is judged under.
+    pub generation: u32,
+}
+
+/// `$second` when the buffer is the second one, else `$first`.
+macro_rules! pick {
+    ($buffer:expr, $first:ident, $second:ident) => {
+        if buffer::of($buffer.generation) == 0 {
+            &$first
+        } else {
+            &$second
+        }
+    };
+}
+
+impl Buffer {
+    /// The buffer of the current policy generation.
+    #[inline(always)]
+    pub fn current() -> Self {
+        Buffer {
+            generation: CONFIG.get(CONFIG_GENERATION).copied().unwrap_or(0),
+        }
+    }
+
+    /// The endpoint of the host veth `ifindex`.
+    #[inline(always)]
+    pub fn endpoint(self, ifindex: u32) -> Option<*const EndpointInfo> {
+        pick!(self, ENDPOINTS_0, ENDPOINTS_1).get_ptr(ifindex)
+    }
+
+    /// What is known of an address.
+    #[inline(always)]
+    pub fn address(self, addr: &[u8; 16]) -> Option<*const IpInfo> {
+        pick!(self, IPCACHE_0, IPCACHE_1).get_ptr(IpKey { addr: *addr })
+    }
+
+    /// The identity of the longest ipBlock prefix holding `addr`.
+    #[inline(always)]
+    pub fn cidr(self, addr: &[u8; 16]) -> Option<u32> {
+        pick!(self, CIDRS_0, CIDRS_1)
+            .get(Key::new(128, IpKey { addr: *addr }))
+            .copied()
+    }
+
+    /// The longest POLICY entry matching `key`.
+    #[inline(always)]
+    pub fn policy(self, key: &Key<PolicyKey>) -> Option<PolicyValue> {
+        pick!(self, POLICY_0, POLICY_1).get(key).copied()
+    }
+
+    /// A Service verdict.
+    #[inline(always)]
+    pub fn service(self, key: &SvcKey) -> Option<*const SvcValue> {
+        pick!(self, SERVICES_0, SERVICES_1).get_ptr(key)
+    }
+
+    /// Whether `addr` is a Service frontend.
+    #[inline(always)]
+    pub fn is_frontend(self, addr: &[u8; 16]) -> bool {
+        pick!(self, FRONTENDS_0, FRONTENDS_1)
+            .get_ptr(&IpKey { addr: *addr })
+            .is_some()
+    }
+}
 
 /// Flows allowed so far.
 #[map(name = "NP_CT_V1")]
@@ -73,16 +167,6 @@ pub static LOST: PerCpuArray<u64> = PerCpuArray::pinned(LOST_SLOTS, 0);
 #[map(name = "NP_VERDICTS_V1")]
 pub static VERDICTS: PerCpuArray<u64> = PerCpuArray::pinned(VERDICT_SLOTS, 0);
 
-/// Egress verdicts of local pods through Service frontends; see `netpol_common::service`.
-#[map(name = "NP_SERVICES_V1")]
-pub static SERVICES: HashMap<netpol_common::SvcKey, netpol_common::SvcValue> =
-    HashMap::pinned(netpol_common::service::CAPACITY, 0);
-
-/// Service frontend addresses; see `netpol_common::service::FRONTENDS_MAP_NAME`.
-#[map(name = "NP_FRONTENDS_V1")]
-pub static FRONTENDS: HashMap<IpKey, u32> =
-    HashMap::pinned(netpol_common::service::FRONTENDS_CAPACITY, 0);
-
 /// Conntrack entries per endpoint, against the quota.
 #[map(name = "NP_CTCOUNT_V1")]
 pub static CT_COUNT: HashMap<u32, u64> = HashMap::pinned(capacity::ENDPOINTS, 0);
@@ -121,10 +205,18 @@ const fn str_eq(a: &str, b: &str) -> bool {
     true
 }
 
-const _: () = assert!(str_eq("NP_ENDPOINTS_V1", map_names::ENDPOINTS));
-const _: () = assert!(str_eq("NP_IPCACHE_V1", map_names::IPCACHE));
-const _: () = assert!(str_eq("NP_CIDRS_V1", map_names::CIDRS));
-const _: () = assert!(str_eq("NP_POLICY_V1", map_names::POLICY));
+const _: () = assert!(str_eq("NP_ENDPOINT0_V2", map_names::ENDPOINTS[0]));
+const _: () = assert!(str_eq("NP_ENDPOINT1_V2", map_names::ENDPOINTS[1]));
+const _: () = assert!(str_eq("NP_IPCACHE0_V2", map_names::IPCACHE[0]));
+const _: () = assert!(str_eq("NP_IPCACHE1_V2", map_names::IPCACHE[1]));
+const _: () = assert!(str_eq("NP_CIDRS0_V2", map_names::CIDRS[0]));
+const _: () = assert!(str_eq("NP_CIDRS1_V2", map_names::CIDRS[1]));
+const _: () = assert!(str_eq("NP_POLICY0_V2", map_names::POLICY[0]));
+const _: () = assert!(str_eq("NP_POLICY1_V2", map_names::POLICY[1]));
+const _: () = assert!(str_eq("NP_SERVICES0_V2", service::MAP_NAME[0]));
+const _: () = assert!(str_eq("NP_SERVICES1_V2", service::MAP_NAME[1]));
+const _: () = assert!(str_eq("NP_FRONTEND0_V2", service::FRONTENDS_MAP_NAME[0]));
+const _: () = assert!(str_eq("NP_FRONTEND1_V2", service::FRONTENDS_MAP_NAME[1]));
 const _: () = assert!(str_eq("NP_CT_V1", map_names::CONNTRACK));
 const _: () = assert!(str_eq("NP_CONFIG_V1", map_names::CONFIG));
 const _: () = assert!(str_eq("NP_COUNTERS_V1", map_names::COUNTERS));
@@ -136,8 +228,3 @@ const _: () = assert!(str_eq("NP_LOST_V1", map_names::LOST));
 const _: () = assert!(str_eq("NP_VERDICTS_V1", map_names::VERDICTS));
 const _: () = assert!(str_eq("NP_FRAGS_V1", map_names::FRAGS));
 const _: () = assert!(str_eq("NP_CTCOUNT_V1", map_names::CT_COUNT));
-const _: () = assert!(str_eq("NP_SERVICES_V1", netpol_common::service::MAP_NAME));
-const _: () = assert!(str_eq(
-    "NP_FRONTENDS_V1",
-    netpol_common::service::FRONTENDS_MAP_NAME
-));

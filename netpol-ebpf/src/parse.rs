@@ -5,6 +5,8 @@
 use aya_ebpf::{helpers::bpf_skb_load_bytes, programs::TcContext};
 use netpol_common::{CtKey, proto};
 
+use crate::maps::Buffer;
+
 pub const ETH_HLEN: u32 = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
@@ -52,10 +54,13 @@ pub struct Packet {
     pub icmp_type: u8,
     /// TCP flags (FIN 0x01, SYN 0x02, RST 0x04, ACK 0x10), 0 for other protocols.
     pub tcp_flags: u8,
+    /// The decision maps the packet is judged by, chosen before anything is read from them.
+    pub buffer: Buffer,
 }
 
 impl Packet {
-    pub const fn zeroed() -> Self {
+    /// A packet yet to be parsed, to be judged by `buffer`.
+    pub const fn new(buffer: Buffer) -> Self {
         Packet {
             src: [0; 16],
             dst: [0; 16],
@@ -72,6 +77,7 @@ impl Packet {
             hop_limit: 0,
             icmp_type: 0,
             tcp_flags: 0,
+            buffer,
         }
     }
 }

@@ -180,11 +180,34 @@ impl Env {
         self.ip(NODE.into(), identity::HOST, 0);
     }
 
+    /// A hash map of both buffers, each in turn: the harness keeps them equal, so that the
+    /// generation bumps of the conntrack tests switch between identical policies.
+    fn both_hash<K: aya::Pod, V: aya::Pod>(
+        &mut self,
+        names: [&str; 2],
+        mut f: impl FnMut(&mut HashMap<&mut aya::maps::MapData, K, V>),
+    ) {
+        for name in names {
+            f(&mut HashMap::try_from(self.ebpf.map_mut(name).unwrap()).unwrap());
+        }
+    }
+
+    /// An LPM trie of both buffers, each in turn (see [`Env::both_hash`]).
+    fn both_trie<K: aya::Pod, V: aya::Pod>(
+        &mut self,
+        names: [&str; 2],
+        mut f: impl FnMut(&mut LpmTrie<&mut aya::maps::MapData, K, V>),
+    ) {
+        for name in names {
+            f(&mut LpmTrie::try_from(self.ebpf.map_mut(name).unwrap()).unwrap());
+        }
+    }
+
     fn endpoint(&mut self, ifindex: u32, flags: u32) {
-        let mut m: HashMap<_, u32, EndpointInfo> =
-            HashMap::try_from(self.ebpf.map_mut(map_names::ENDPOINTS).unwrap()).unwrap();
         let info = EndpointInfo::new(flags, packets::POD_MAC, POD_A_LL.octets());
-        m.insert(ifindex, info, 0).unwrap();
+        self.both_hash(map_names::ENDPOINTS, |m| {
+            m.insert(ifindex, info, 0).unwrap()
+        });
     }
 
     fn isolate(&mut self, ingress: bool, egress: bool) {
@@ -199,16 +222,14 @@ impl Env {
     }
 
     fn remove_endpoint(&mut self, ifindex: u32) {
-        let mut m: HashMap<_, u32, EndpointInfo> =
-            HashMap::try_from(self.ebpf.map_mut(map_names::ENDPOINTS).unwrap()).unwrap();
-        m.remove(&ifindex).unwrap();
+        self.both_hash::<u32, EndpointInfo>(map_names::ENDPOINTS, |m| m.remove(&ifindex).unwrap());
     }
 
     fn ip(&mut self, addr: IpAddr, identity: u32, endpoint: u32) {
-        let mut m: HashMap<_, IpKey, IpInfo> =
-            HashMap::try_from(self.ebpf.map_mut(map_names::IPCACHE).unwrap()).unwrap();
-        m.insert(ip_key(addr), IpInfo { identity, endpoint }, 0)
-            .unwrap();
+        let info = IpInfo { identity, endpoint };
+        self.both_hash(map_names::IPCACHE, |m| {
+            m.insert(ip_key(addr), info, 0).unwrap()
+        });
     }
 
     /// An ipBlock prefix; `len` is the family's prefix length (IPv4 /24 is 24).
@@ -218,9 +239,8 @@ impl Env {
         } else {
             len
         };
-        let mut m: LpmTrie<_, IpKey, u32> =
-            LpmTrie::try_from(self.ebpf.map_mut(map_names::CIDRS).unwrap()).unwrap();
-        m.insert(&Key::new(len, ip_key(addr)), identity, 0).unwrap();
+        let key = Key::new(len, ip_key(addr));
+        self.both_trie(map_names::CIDRS, |m| m.insert(&key, identity, 0).unwrap());
     }
 
     fn policy_key(
@@ -243,18 +263,29 @@ impl Env {
     }
 
     fn allow(&mut self, identity: u32, dir: Direction, protocol: u8, port: u16, prefix: u32) {
-        let mut m: LpmTrie<_, PolicyKey, PolicyValue> =
-            LpmTrie::try_from(self.ebpf.map_mut(map_names::POLICY).unwrap()).unwrap();
         let key = Self::policy_key(identity, dir, protocol, port, prefix);
-        m.insert(&key, PolicyValue { policy: 7, _pad: 0 }, 0)
-            .unwrap();
+        let value = PolicyValue { policy: 7, _pad: 0 };
+        self.both_trie(map_names::POLICY, |m| m.insert(&key, value, 0).unwrap());
     }
 
     fn revoke(&mut self, identity: u32, dir: Direction, protocol: u8, port: u16, prefix: u32) {
-        let mut m: LpmTrie<_, PolicyKey, PolicyValue> =
-            LpmTrie::try_from(self.ebpf.map_mut(map_names::POLICY).unwrap()).unwrap();
-        m.remove(&Self::policy_key(identity, dir, protocol, port, prefix))
-            .unwrap();
+        let key = Self::policy_key(identity, dir, protocol, port, prefix);
+        self.both_trie::<PolicyKey, PolicyValue>(map_names::POLICY, |m| m.remove(&key).unwrap());
+    }
+
+    /// Sets (`Some`) or removes the Service verdict at `key`.
+    fn service(&mut self, key: netpol_common::SvcKey, verdict: Option<netpol_common::SvcValue>) {
+        self.both_hash(netpol_common::service::MAP_NAME, |m| match verdict {
+            Some(v) => m.insert(key, v, 0).unwrap(),
+            None => m.remove(&key).unwrap(),
+        });
+    }
+
+    /// Makes `vip` a Service frontend address.
+    fn frontend(&mut self, vip: IpAddr) {
+        self.both_hash(netpol_common::service::FRONTENDS_MAP_NAME, |m| {
+            m.insert(ip_key(vip), 1u32, 0).unwrap()
+        });
     }
 
     fn set_generation(&mut self, generation: u32) {
@@ -462,11 +493,15 @@ use Direction::{Egress, Ingress};
 fn programs_load_and_verify() {
     let Some(env) = env!() else { return };
     // A map per contract name exists in the object.
-    for name in [
+    let buffered = [
         map_names::ENDPOINTS,
         map_names::IPCACHE,
         map_names::CIDRS,
         map_names::POLICY,
+        netpol_common::service::MAP_NAME,
+        netpol_common::service::FRONTENDS_MAP_NAME,
+    ];
+    for name in buffered.into_iter().flatten().chain([
         map_names::CONNTRACK,
         map_names::CONFIG,
         map_names::COUNTERS,
@@ -477,7 +512,7 @@ fn programs_load_and_verify() {
         map_names::LOST,
         map_names::VERDICTS,
         map_names::FRAGS,
-    ] {
+    ]) {
         assert!(env.ebpf.map(name).is_some(), "map {name} missing");
         assert!(env._fs.dir.join(name).exists(), "map {name} not pinned");
     }
@@ -960,6 +995,42 @@ fn reply_passes_via_conntrack() {
         &Packet::new(b(), a(), L4::echo(false, false, 98)).build(),
         Reason::DroppedIngressDenied,
     );
+}
+
+/// A packet reads only the buffer its generation names: what the agent writes into the other one
+/// (the next policy, half-written) decides nothing until the switch, and after the switch the old
+/// buffer decides nothing; a change of isolation, identity or allow takes effect at once, whole.
+#[test]
+fn packets_read_only_the_buffer_the_generation_names() {
+    let Some(mut env) = env!() else { return };
+    env.isolate(true, false);
+    let from_b = Packet::tcp(b(), a(), 40000, 80).build();
+    env.expect(Ingress, &from_b, Reason::DroppedIngressDenied);
+    // The next policy, in buffer 1 only: B is allowed.
+    let key = Env::policy_key(ID_B, Ingress, proto::TCP, 80, POLICY_PREFIX_FULL);
+    {
+        let mut m: LpmTrie<_, PolicyKey, PolicyValue> =
+            LpmTrie::try_from(env.ebpf.map_mut(map_names::POLICY[1]).unwrap()).unwrap();
+        m.insert(&key, PolicyValue { policy: 7, _pad: 0 }, 0)
+            .unwrap();
+    }
+    env.expect(Ingress, &from_b, Reason::DroppedIngressDenied);
+    env.set_generation(1);
+    env.expect(Ingress, &from_b, Reason::AllowedPolicy);
+    env.expect(Ingress, &from_b, Reason::AllowedEstablished);
+    // Back to buffer 0 (generation 2): the allow is gone with it, established flows included.
+    env.set_generation(2);
+    env.expect(Ingress, &from_b, Reason::DroppedIngressDenied);
+    // An endpoint that only the other buffer knows is unknown here, whatever it sends.
+    {
+        let mut m: HashMap<_, u32, EndpointInfo> =
+            HashMap::try_from(env.ebpf.map_mut(map_names::ENDPOINTS[0]).unwrap()).unwrap();
+        m.remove(&EP).unwrap();
+    }
+    let to_b = Packet::tcp(a(), b(), 40002, 80).build();
+    env.expect(Egress, &to_b, Reason::DroppedUnknownEndpoint);
+    env.set_generation(3);
+    env.expect(Egress, &to_b, Reason::AllowedNotIsolated);
 }
 
 #[test]
@@ -2198,18 +2269,14 @@ fn replies_through_a_service_are_rechecked_against_its_verdict() {
         verdict: service::VERDICT_ALLOW,
         policy: 9,
     };
-    let mut services: HashMap<_, SvcKey, SvcValue> =
-        HashMap::try_from(env.ebpf.map_mut(service::MAP_NAME).unwrap()).unwrap();
-    services.insert(key, verdict, 0).unwrap();
+    env.service(key, Some(verdict));
     let query = Packet::udp(a(), vip, 5000, 53).build();
     let answer = Packet::udp(vip, a(), 53, 5000).build();
     env.expect(Egress, &query, Reason::AllowedService);
     env.expect(Ingress, &answer, Reason::AllowedReply);
     env.set_generation(1);
     env.expect(Ingress, &answer, Reason::AllowedReply);
-    let mut services: HashMap<_, SvcKey, SvcValue> =
-        HashMap::try_from(env.ebpf.map_mut(service::MAP_NAME).unwrap()).unwrap();
-    services.remove(&key).unwrap();
+    env.service(key, None);
     env.set_generation(2);
     env.expect(Ingress, &answer, Reason::DroppedEgressDenied);
 }
@@ -2230,9 +2297,7 @@ fn a_frontend_address_is_judged_on_its_service_verdict_only() {
     env.allow(identity::ANY, Egress, proto::TCP, 80, POLICY_PREFIX_FULL);
     let to_vip = Packet::tcp(a(), vip, 40000, 80).build();
     env.expect(Egress, &to_vip, Reason::AllowedPolicy);
-    let mut frontends: HashMap<_, netpol_common::IpKey, u32> =
-        HashMap::try_from(env.ebpf.map_mut(service::FRONTENDS_MAP_NAME).unwrap()).unwrap();
-    frontends.insert(ip_key(vip), 1, 0).unwrap();
+    env.frontend(vip);
     env.expect(
         Egress,
         &Packet::tcp(a(), vip, 40001, 80).build(),
@@ -2245,8 +2310,6 @@ fn a_frontend_address_is_judged_on_its_service_verdict_only() {
         Reason::AllowedPolicy,
     );
     // With a verdict for the frontend, its verdict decides.
-    let mut services: HashMap<_, SvcKey, SvcValue> =
-        HashMap::try_from(env.ebpf.map_mut(service::MAP_NAME).unwrap()).unwrap();
     let key = SvcKey {
         endpoint: EP,
         vip: ip_key(vip),
@@ -2258,7 +2321,7 @@ fn a_frontend_address_is_judged_on_its_service_verdict_only() {
         verdict: service::VERDICT_DEFER,
         policy: 9,
     };
-    services.insert(key, verdict, 0).unwrap();
+    env.service(key, Some(verdict));
     env.expect(
         Egress,
         &Packet::tcp(a(), vip, 40003, 80).build(),
@@ -2278,8 +2341,6 @@ fn a_frontend_address_is_judged_on_its_service_verdict_only() {
 /// the agent gave it one) passes the link checks, and even then policy keeps it closed.
 #[test]
 fn a_pending_pod_cannot_spoof_or_slip_out_sideways() {
-    use netpol_common::service;
-
     let Some(mut env) = env!() else { return };
     env.endpoint(
         EP,
@@ -2321,9 +2382,7 @@ fn a_pending_pod_cannot_spoof_or_slip_out_sideways() {
     );
     // A Service frontend, even one a namespace-wide rule would match: no verdict of its own.
     let vip: IpAddr = Ipv4Addr::new(10, 43, 0, 10).into();
-    let mut frontends: HashMap<_, netpol_common::IpKey, u32> =
-        HashMap::try_from(env.ebpf.map_mut(service::FRONTENDS_MAP_NAME).unwrap()).unwrap();
-    frontends.insert(ip_key(vip), 1, 0).unwrap();
+    env.frontend(vip);
     env.allow(identity::ANY, Egress, proto::UDP, 53, POLICY_PREFIX_FULL);
     env.expect(
         Egress,

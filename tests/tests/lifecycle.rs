@@ -935,19 +935,19 @@ fn status_reports_endpoints_maps_and_counters() {
                 .unwrap_or_else(|| panic!("no map {name} in {:?}", s.maps))
                 .clone()
         };
-        use netpol_common::{capacity, map_names};
-        let eps = map(map_names::ENDPOINTS);
+        use netpol_common::{capacity, map_labels};
+        let eps = map(map_labels::ENDPOINTS);
         assert_eq!(
             (eps.entries, eps.capacity),
             (local_pods(&c, n).len(), capacity::ENDPOINTS)
         );
-        let ipc = map(map_names::IPCACHE);
+        let ipc = map(map_labels::IPCACHE);
         assert!(
             ipc.entries >= 18 && ipc.capacity == capacity::IPCACHE,
             "{ipc:?}"
         );
-        assert_eq!(map(map_names::POLICY).capacity, capacity::POLICY);
-        assert_eq!(map(map_names::CIDRS).capacity, capacity::CIDRS);
+        assert_eq!(map(map_labels::POLICY).capacity, capacity::POLICY);
+        assert_eq!(map(map_labels::CIDRS).capacity, capacity::CIDRS);
     }
 
     // Denied probes show up in the counters of the receiving node, without any other change.
@@ -1017,7 +1017,7 @@ fn status_reports_endpoints_maps_and_counters() {
         .parse()
         .unwrap();
     assert!(shown > denied_before, "{denied_line}");
-    assert!(table.contains(netpol_common::map_names::POLICY) && table.contains("no problems"));
+    assert!(table.contains(netpol_common::map_labels::POLICY) && table.contains("no problems"));
 }
 
 // ------------------------------------------------------------------------------------------------

@@ -11,6 +11,8 @@ use netpol_common::{POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTOCOL, endpoint
 use super::*;
 use crate::model::{NamedPort, Namespace, Object};
 
+mod updates;
+
 const NODE: &str = "node-a";
 
 /// A cluster under construction. Pods on [`NODE`] get endpoints numbered from 10.

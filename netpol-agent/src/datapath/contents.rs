@@ -1,11 +1,15 @@
-//! What the policy maps hold, as plain data, and the ordered plan that turns one content into another.
+//! What the policy maps hold, as plain data; the plan that turns one content into another; and the
+//! update of the two buffers ([`netpol_common::buffer`]) as the sequence of writes the datapath
+//! makes.
 //!
-//! Pure: no syscalls, so the update order (the thing that keeps enforcement tight during a change) is
-//! unit-tested without root.
+//! Pure: no syscalls, so what an update exposes to packets while it is being written is tested
+//! without root, write by write (see `update_tests`).
 
 use std::collections::BTreeMap;
 
-use netpol_common::{EndpointInfo, IpInfo, IpKey, PolicyKey, PolicyValue, SvcKey, SvcValue};
+use netpol_common::{
+    EndpointInfo, IpInfo, IpKey, PolicyKey, PolicyValue, SvcKey, SvcValue, buffer,
+};
 
 /// The content of the policy maps. Trie keys carry their prefix length in bits.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -49,47 +53,6 @@ fn diff<K: Ord + Clone, V: PartialEq + Clone>(
     MapChanges { upserts, deletes }
 }
 
-/// One step of a plan, in the order it must be applied.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Step {
-    PolicyUpserts,
-    ServiceUpserts,
-    FrontendUpserts,
-    CidrUpserts,
-    IpcacheUpserts,
-    EndpointUpserts,
-    EndpointDeletes,
-    CidrDeletes,
-    IpcacheDeletes,
-    ServiceDeletes,
-    FrontendDeletes,
-    PolicyDeletes,
-    BumpGeneration,
-}
-
-/// The order of a plan's steps. Allows are added before anything that can make them reachable
-/// (identities, isolation), and removed only after nothing points at them any more, so during an
-/// update a packet sees either the old or the new decision for every lookup: traffic that both the
-/// old and the new policy deny never passes. The generation bump comes last, so established flows
-/// are re-checked against the finished state. A new frontend address comes after its Service
-/// verdicts (from then on only they decide for it); a removed one goes after them (until then the
-/// verdicts still decide).
-pub const STEP_ORDER: [Step; 13] = [
-    Step::PolicyUpserts,
-    Step::ServiceUpserts,
-    Step::FrontendUpserts,
-    Step::CidrUpserts,
-    Step::IpcacheUpserts,
-    Step::EndpointUpserts,
-    Step::EndpointDeletes,
-    Step::CidrDeletes,
-    Step::IpcacheDeletes,
-    Step::ServiceDeletes,
-    Step::FrontendDeletes,
-    Step::PolicyDeletes,
-    Step::BumpGeneration,
-];
-
 /// The changes that turn the current contents into the desired ones.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Plan {
@@ -132,6 +95,70 @@ impl Plan {
         }
     }
 
+    /// The writes, in order: deletes first (they make room), then upserts in the order that a full
+    /// map refusing the rest could only deny.
+    pub fn writes(&self) -> Vec<Write<'_>> {
+        let mut out = Vec::with_capacity(self.len());
+        out.extend(
+            self.endpoints
+                .deletes
+                .iter()
+                .map(|k| Write::Endpoint(*k, None)),
+        );
+        out.extend(self.ipcache.deletes.iter().map(|k| Write::Address(k, None)));
+        out.extend(self.cidrs.deletes.iter().map(|k| Write::Cidr(k, None)));
+        out.extend(self.policy.deletes.iter().map(|k| Write::Policy(k, None)));
+        out.extend(
+            self.services
+                .deletes
+                .iter()
+                .map(|k| Write::Service(k, None)),
+        );
+        out.extend(
+            self.frontends
+                .deletes
+                .iter()
+                .map(|k| Write::Frontend(k, None)),
+        );
+        out.extend(
+            self.policy
+                .upserts
+                .iter()
+                .map(|(k, v)| Write::Policy(k, Some(v))),
+        );
+        out.extend(
+            self.services
+                .upserts
+                .iter()
+                .map(|(k, v)| Write::Service(k, Some(v))),
+        );
+        out.extend(
+            self.frontends
+                .upserts
+                .iter()
+                .map(|(k, v)| Write::Frontend(k, Some(v))),
+        );
+        out.extend(
+            self.cidrs
+                .upserts
+                .iter()
+                .map(|(k, v)| Write::Cidr(k, Some(v))),
+        );
+        out.extend(
+            self.ipcache
+                .upserts
+                .iter()
+                .map(|(k, v)| Write::Address(k, Some(v))),
+        );
+        out.extend(
+            self.endpoints
+                .upserts
+                .iter()
+                .map(|(k, v)| Write::Endpoint(*k, Some(v))),
+        );
+        out
+    }
+
     /// True when nothing changes.
     pub fn is_empty(&self) -> bool {
         self.endpoints.is_empty()
@@ -153,6 +180,87 @@ impl Plan {
             + n(&self.policy)
             + n(&self.services)
             + n(&self.frontends)
+    }
+}
+
+/// One write to a buffer's map: an upsert (`Some`) or a delete (`None`) of one key; or the switch of
+/// the buffer packets read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Write<'a> {
+    Endpoint(u32, Option<&'a EndpointInfo>),
+    Address(&'a IpKey, Option<&'a IpInfo>),
+    Cidr(&'a (IpKey, u32), Option<&'a u32>),
+    Policy(&'a (PolicyKey, u32), Option<&'a PolicyValue>),
+    Service(&'a SvcKey, Option<&'a SvcValue>),
+    Frontend(&'a IpKey, Option<&'a u32>),
+    /// Sets the policy generation: packets read the buffer it names from then on.
+    Switch(u32),
+}
+
+/// What both buffers hold and which one packets read: the agent's mirror of the decision maps, and
+/// the model the update tests replay writes into.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Buffers {
+    /// The policy generation ([`netpol_common::CONFIG_GENERATION`]).
+    pub generation: u32,
+    pub contents: [Contents; buffer::COUNT],
+}
+
+impl Buffers {
+    /// The buffer packets read.
+    pub fn active(&self) -> &Contents {
+        &self.contents[buffer::of(self.generation)]
+    }
+
+    /// Applies one write to `buffer` (a switch ignores it).
+    pub fn apply(&mut self, buffer: usize, write: Write<'_>) {
+        fn put<K: Ord + Clone, V: Clone>(map: &mut BTreeMap<K, V>, k: &K, v: Option<&V>) {
+            match v {
+                Some(v) => map.insert(k.clone(), v.clone()),
+                None => map.remove(k),
+            };
+        }
+        let c = &mut self.contents[buffer];
+        match write {
+            Write::Endpoint(k, v) => put(&mut c.endpoints, &k, v),
+            Write::Address(k, v) => put(&mut c.ipcache, k, v),
+            Write::Cidr(k, v) => put(&mut c.cidrs, k, v),
+            Write::Policy(k, v) => put(&mut c.policy, k, v),
+            Write::Service(k, v) => put(&mut c.services, k, v),
+            Write::Frontend(k, v) => put(&mut c.frontends, k, v),
+            Write::Switch(generation) => self.generation = generation,
+        }
+    }
+}
+
+/// An update of the buffered maps to new contents: the plan for the buffer packets do not read,
+/// then the switch to it. Packets see the old contents until the switch and the new ones after it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Update {
+    /// The buffer written: the one packets do not read.
+    pub buffer: usize,
+    pub plan: Plan,
+    /// The generation switched to, which names `buffer`.
+    pub generation: u32,
+}
+
+impl Update {
+    /// The update that makes packets read `desired`.
+    pub fn new(buffers: &Buffers, desired: &Contents) -> Self {
+        let generation = buffers.generation.wrapping_add(1);
+        let buffer = buffer::of(generation);
+        Update {
+            buffer,
+            plan: Plan::new(&buffers.contents[buffer], desired),
+            generation,
+        }
+    }
+
+    /// Every write, in order; the switch last.
+    pub fn writes(&self) -> Vec<Write<'_>> {
+        let mut out = self.plan.writes();
+        out.push(Write::Switch(self.generation));
+        out
     }
 }
 
@@ -235,33 +343,42 @@ mod tests {
     }
 
     #[test]
-    fn allows_are_added_first_and_removed_last() {
-        let pos = |s| {
-            STEP_ORDER
-                .iter()
-                .position(|x| *x == s)
-                .unwrap_or(usize::MAX)
-        };
-        for s in [
-            Step::CidrUpserts,
-            Step::IpcacheUpserts,
-            Step::EndpointUpserts,
-        ] {
-            assert!(
-                pos(Step::PolicyUpserts) < pos(s),
-                "{s:?} before policy upserts"
+    fn an_update_writes_the_buffer_packets_do_not_read_and_switches_last() {
+        let mut desired = Contents::default();
+        desired
+            .policy
+            .insert(key(1, 300), PolicyValue { policy: 1, _pad: 0 });
+        desired.endpoints.insert(1, EndpointInfo::default());
+        for generation in [0, 1, 7, u32::MAX] {
+            let buffers = Buffers {
+                generation,
+                ..Buffers::default()
+            };
+            let update = Update::new(&buffers, &desired);
+            assert_ne!(update.buffer, buffer::of(generation));
+            assert_eq!(buffer::of(update.generation), update.buffer);
+            let writes = update.writes();
+            assert_eq!(
+                writes.last(),
+                Some(&Write::Switch(generation.wrapping_add(1)))
             );
+            assert_eq!(writes.len(), 3);
         }
-        for s in [
-            Step::EndpointDeletes,
-            Step::CidrDeletes,
-            Step::IpcacheDeletes,
-        ] {
-            assert!(
-                pos(s) < pos(Step::PolicyDeletes),
-                "{s:?} after policy deletes"
-            );
-        }
-        assert_eq!(STEP_ORDER.last(), Some(&Step::BumpGeneration));
+    }
+
+    #[test]
+    fn deletes_come_before_upserts() {
+        let mut current = Contents::default();
+        current
+            .policy
+            .insert(key(1, 300), PolicyValue { policy: 1, _pad: 0 });
+        let mut desired = Contents::default();
+        desired
+            .policy
+            .insert(key(1, 301), PolicyValue { policy: 1, _pad: 0 });
+        let plan = Plan::new(&current, &desired);
+        let writes = plan.writes();
+        assert!(matches!(writes[0], Write::Policy(_, None)));
+        assert!(matches!(writes[1], Write::Policy(_, Some(_))));
     }
 }

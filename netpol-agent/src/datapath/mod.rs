@@ -4,6 +4,8 @@
 
 pub mod conntrack;
 pub mod contents;
+mod grace;
+pub mod lookup;
 pub mod pinned_maps;
 pub mod pins;
 
@@ -21,11 +23,11 @@ use aya::{
 use netpol_common::{
     CONFIG_CT_QUOTA, CONFIG_CT_TIMEOUTS, CONFIG_GENERATION, CtKey, CtTimeouts, CtValue,
     EndpointInfo, IpInfo, IpKey, PolicyKey, PolicyValue, REASON_SLOTS, Reason, SvcKey, SvcValue,
-    capacity, map_names, service,
+    buffer, capacity, map_labels, map_names, service,
 };
 use thiserror::Error;
 
-pub use contents::{Contents, Plan, STEP_ORDER, Step};
+pub use contents::{Buffers, Contents, Plan, Update, Write};
 pub use pins::{Hook, PinLayout};
 
 /// The compiled `netpol-ebpf` object (both classifier programs and every map), built by `build.rs`.
@@ -76,7 +78,7 @@ pub enum DatapathError {
         #[source]
         source: aya::programs::links::LinkError,
     },
-    #[error("pinning or unpinning the link at {path}")]
+    #[error("pinning or unpinning {path}")]
     LinkPin {
         path: String,
         #[source]
@@ -100,99 +102,29 @@ pub struct MapUsage {
     pub capacity: u32,
 }
 
-/// The loaded programs and the pinned maps of one agent.
-pub struct Datapath {
-    layout: PinLayout,
-    ebpf: Ebpf,
+/// The decision maps of one buffer ([`netpol_common::buffer`]).
+struct BufferMaps {
     endpoints: HashMap<MapData, u32, EndpointInfo>,
     ipcache: HashMap<MapData, IpKey, IpInfo>,
     cidrs: LpmTrie<MapData, IpKey, u32>,
     policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
     services: HashMap<MapData, SvcKey, SvcValue>,
     frontends: HashMap<MapData, IpKey, u32>,
-    config: Array<MapData, u32>,
-    counters: PerCpuArray<MapData, u64>,
-    conntrack: HashMap<MapData, CtKey, CtValue>,
-    ct_count: HashMap<MapData, u32, u64>,
-    /// Mirror of what the four policy maps hold.
-    current: Contents,
-    /// The policy generation still has to be bumped: set at start-up (a previous agent may have
-    /// been killed between its map writes and its bump) and by every change, cleared only once a
-    /// bump succeeded, so revoked flows always get re-checked.
-    bump_pending: bool,
 }
 
-fn take_map<T: TryFrom<aya::maps::Map, Error = MapError>>(
-    ebpf: &mut Ebpf,
-    name: &'static str,
-) -> Result<T, DatapathError> {
-    let map = ebpf
-        .take_map(name)
-        .ok_or(DatapathError::Missing { kind: "map", name })?;
-    T::try_from(map).map_err(|source| DatapathError::Map { name, source })
-}
-
-impl Datapath {
-    /// Loads the programs and opens (or creates) the pinned maps under `layout`, adopting whatever a
-    /// previous agent left there: the current map contents are read back, not assumed empty.
-    pub fn open(layout: PinLayout) -> Result<Self, DatapathError> {
-        layout.prepare()?;
-        let maps_dir = layout.maps_dir();
-        pinned_maps::check(&maps_dir, EBPF_OBJECT)?;
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(&maps_dir)
-            .load(EBPF_OBJECT)
-            .map_err(|source| DatapathError::Load {
-                dir: maps_dir.display().to_string(),
-                source: Box::new(source),
-            })?;
-        for hook in [Hook::PodEgress, Hook::PodIngress, Hook::Tunnel] {
-            let name = hook.program();
-            program_mut(&mut ebpf, name)?
-                .load()
-                .map_err(|source| DatapathError::Program { name, source })?;
-        }
-        let endpoints = take_map(&mut ebpf, map_names::ENDPOINTS)?;
-        let ipcache = take_map(&mut ebpf, map_names::IPCACHE)?;
-        let cidrs = take_map(&mut ebpf, map_names::CIDRS)?;
-        let policy = take_map(&mut ebpf, map_names::POLICY)?;
-        let services = take_map(&mut ebpf, service::MAP_NAME)?;
-        let frontends = take_map(&mut ebpf, service::FRONTENDS_MAP_NAME)?;
-        let config = take_map(&mut ebpf, map_names::CONFIG)?;
-        let counters = take_map(&mut ebpf, map_names::COUNTERS)?;
-        let conntrack = take_map(&mut ebpf, map_names::CONNTRACK)?;
-        let ct_count = take_map(&mut ebpf, map_names::CT_COUNT)?;
-        let mut datapath = Datapath {
-            layout,
-            ebpf,
-            endpoints,
-            ipcache,
-            cidrs,
-            policy,
-            services,
-            frontends,
-            config,
-            counters,
-            conntrack,
-            ct_count,
-            current: Contents::default(),
-            bump_pending: true,
-        };
-        datapath.current = datapath.read_contents();
-        Ok(datapath)
+impl BufferMaps {
+    fn take(ebpf: &mut Ebpf, buffer: usize) -> Result<Self, DatapathError> {
+        Ok(BufferMaps {
+            endpoints: take_map(ebpf, map_names::ENDPOINTS[buffer])?,
+            ipcache: take_map(ebpf, map_names::IPCACHE[buffer])?,
+            cidrs: take_map(ebpf, map_names::CIDRS[buffer])?,
+            policy: take_map(ebpf, map_names::POLICY[buffer])?,
+            services: take_map(ebpf, service::MAP_NAME[buffer])?,
+            frontends: take_map(ebpf, service::FRONTENDS_MAP_NAME[buffer])?,
+        })
     }
 
-    /// The pin layout.
-    pub fn layout(&self) -> &PinLayout {
-        &self.layout
-    }
-
-    /// What the policy maps hold now.
-    pub fn contents(&self) -> &Contents {
-        &self.current
-    }
-
-    fn read_contents(&self) -> Contents {
+    fn read(&self) -> Contents {
         Contents {
             endpoints: self.endpoints.iter().filter_map(Result::ok).collect(),
             ipcache: self.ipcache.iter().filter_map(Result::ok).collect(),
@@ -213,138 +145,194 @@ impl Datapath {
         }
     }
 
-    /// Writes `desired` into the maps in [`STEP_ORDER`]. Returns the entries that could not be written;
-    /// the rest is applied regardless.
+    /// Makes one write (not a switch); returns the map it went to and the kernel's answer.
+    fn write(&mut self, buffer: usize, write: Write<'_>) -> (&'static str, Result<(), MapError>) {
+        // Upsert `$v` at `$k` in `$map`, or delete `$k` when `$v` is `None`.
+        macro_rules! put {
+            ($map:expr, $k:expr, $v:expr) => {
+                match $v {
+                    Some(v) => $map.insert($k, v, 0),
+                    None => ignore_missing($map.remove($k)),
+                }
+            };
+        }
+        match write {
+            Write::Endpoint(k, v) => (map_names::ENDPOINTS[buffer], put!(self.endpoints, &k, v)),
+            Write::Address(k, v) => (map_names::IPCACHE[buffer], put!(self.ipcache, k, v)),
+            Write::Cidr((k, len), v) => (
+                map_names::CIDRS[buffer],
+                put!(self.cidrs, &Key::new(*len, *k), v),
+            ),
+            Write::Policy((k, len), v) => (
+                map_names::POLICY[buffer],
+                put!(self.policy, &Key::new(*len, *k), v),
+            ),
+            Write::Service(k, v) => (service::MAP_NAME[buffer], put!(self.services, k, v)),
+            Write::Frontend(k, v) => (
+                service::FRONTENDS_MAP_NAME[buffer],
+                put!(self.frontends, k, v),
+            ),
+            Write::Switch(_) => (map_names::CONFIG, Ok(())),
+        }
+    }
+}
+
+/// The loaded programs and the pinned maps of one agent.
+pub struct Datapath {
+    layout: PinLayout,
+    ebpf: Ebpf,
+    buffers: [BufferMaps; buffer::COUNT],
+    config: Array<MapData, u32>,
+    counters: PerCpuArray<MapData, u64>,
+    conntrack: HashMap<MapData, CtKey, CtValue>,
+    ct_count: HashMap<MapData, u32, u64>,
+    /// Mirror of what both buffers hold, and the generation.
+    mirror: Buffers,
+    /// The buffers still have to be switched: set at start-up (a previous agent may have been
+    /// killed between writing a buffer and switching to it), cleared only once a switch
+    /// succeeded, so revoked flows always get re-checked.
+    switch_pending: bool,
+}
+
+fn take_map<T: TryFrom<aya::maps::Map, Error = MapError>>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<T, DatapathError> {
+    let map = ebpf
+        .take_map(name)
+        .ok_or(DatapathError::Missing { kind: "map", name })?;
+    T::try_from(map).map_err(|source| DatapathError::Map { name, source })
+}
+
+impl Datapath {
+    /// Loads the programs and opens (or creates) the pinned maps under `layout`, adopting whatever a
+    /// previous agent left there: the current map contents are read back, not assumed empty.
+    pub fn open(layout: PinLayout) -> Result<Self, DatapathError> {
+        layout.prepare()?;
+        let maps_dir = layout.maps_dir();
+        pinned_maps::check(&maps_dir, EBPF_OBJECT)?;
+        let obsolete =
+            pinned_maps::remove_obsolete(&maps_dir).map_err(|source| DatapathError::LinkPin {
+                path: maps_dir.display().to_string(),
+                source,
+            })?;
+        if !obsolete.is_empty() {
+            tracing::info!(maps = ?obsolete, "unpinned the maps of an older layout");
+        }
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&maps_dir)
+            .load(EBPF_OBJECT)
+            .map_err(|source| DatapathError::Load {
+                dir: maps_dir.display().to_string(),
+                source: Box::new(source),
+            })?;
+        for hook in [Hook::PodEgress, Hook::PodIngress, Hook::Tunnel] {
+            let name = hook.program();
+            program_mut(&mut ebpf, name)?
+                .load()
+                .map_err(|source| DatapathError::Program { name, source })?;
+        }
+        let buffers = [
+            BufferMaps::take(&mut ebpf, 0)?,
+            BufferMaps::take(&mut ebpf, 1)?,
+        ];
+        let config = take_map(&mut ebpf, map_names::CONFIG)?;
+        let counters = take_map(&mut ebpf, map_names::COUNTERS)?;
+        let conntrack = take_map(&mut ebpf, map_names::CONNTRACK)?;
+        let ct_count = take_map(&mut ebpf, map_names::CT_COUNT)?;
+        let mut datapath = Datapath {
+            layout,
+            ebpf,
+            buffers,
+            config,
+            counters,
+            conntrack,
+            ct_count,
+            mirror: Buffers::default(),
+            switch_pending: true,
+        };
+        datapath.mirror = Buffers {
+            generation: datapath.generation(),
+            contents: [datapath.buffers[0].read(), datapath.buffers[1].read()],
+        };
+        Ok(datapath)
+    }
+
+    /// The pin layout.
+    pub fn layout(&self) -> &PinLayout {
+        &self.layout
+    }
+
+    /// What packets read now.
+    pub fn contents(&self) -> &Contents {
+        self.mirror.active()
+    }
+
+    /// Makes packets read `desired`: writes it into the buffer they do not read, then switches
+    /// with one write of the generation (which also has every established flow re-checked), then
+    /// waits until no packet still reads the old buffer, which the next update will write.
+    /// Returns the entries that could not be written; the rest is applied regardless.
     pub fn apply(&mut self, desired: &Contents) -> Vec<WriteError> {
-        let plan = Plan::new(&self.current, desired);
-        if plan.is_empty() && !self.bump_pending {
+        if self.mirror.active() == desired && !self.switch_pending {
             return Vec::new();
         }
-        self.bump_pending = true;
+        self.switch_pending = true;
+        let update = Update::new(&self.mirror, desired);
         let mut errors = Vec::new();
-        let mut note = |map: &'static str, r: Result<(), MapError>| {
-            if let Err(e) = r {
+        for write in update.writes() {
+            let (map, result) = match write {
+                Write::Switch(generation) => {
+                    let switched = self.config.set(CONFIG_GENERATION, generation, 0);
+                    self.switch_pending = switched.is_err();
+                    (map_names::CONFIG, switched)
+                }
+                _ => self.buffers[update.buffer].write(update.buffer, write),
+            };
+            if let Err(e) = result {
                 errors.push(WriteError {
                     map,
                     error: e.to_string(),
                 });
             }
-        };
-        for step in STEP_ORDER {
-            match step {
-                Step::ServiceUpserts => {
-                    for (k, v) in &plan.services.upserts {
-                        note(service::MAP_NAME, self.services.insert(k, v, 0));
-                    }
-                }
-                Step::ServiceDeletes => {
-                    for k in &plan.services.deletes {
-                        note(service::MAP_NAME, ignore_missing(self.services.remove(k)));
-                    }
-                }
-                Step::PolicyUpserts => {
-                    for ((k, len), v) in &plan.policy.upserts {
-                        note(
-                            map_names::POLICY,
-                            self.policy.insert(&Key::new(*len, *k), *v, 0),
-                        );
-                    }
-                }
-                Step::FrontendUpserts => {
-                    for (k, v) in &plan.frontends.upserts {
-                        note(service::FRONTENDS_MAP_NAME, self.frontends.insert(k, v, 0));
-                    }
-                }
-                Step::FrontendDeletes => {
-                    for k in &plan.frontends.deletes {
-                        note(
-                            service::FRONTENDS_MAP_NAME,
-                            ignore_missing(self.frontends.remove(k)),
-                        );
-                    }
-                }
-                Step::CidrUpserts => {
-                    for ((k, len), v) in &plan.cidrs.upserts {
-                        note(
-                            map_names::CIDRS,
-                            self.cidrs.insert(&Key::new(*len, *k), *v, 0),
-                        );
-                    }
-                }
-                Step::IpcacheUpserts => {
-                    for (k, v) in &plan.ipcache.upserts {
-                        note(map_names::IPCACHE, self.ipcache.insert(k, v, 0));
-                    }
-                }
-                Step::EndpointUpserts => {
-                    for (k, v) in &plan.endpoints.upserts {
-                        note(map_names::ENDPOINTS, self.endpoints.insert(k, v, 0));
-                    }
-                }
-                Step::EndpointDeletes => {
-                    for k in &plan.endpoints.deletes {
-                        note(
-                            map_names::ENDPOINTS,
-                            ignore_missing(self.endpoints.remove(k)),
-                        );
-                    }
-                }
-                Step::CidrDeletes => {
-                    for (k, len) in &plan.cidrs.deletes {
-                        note(
-                            map_names::CIDRS,
-                            ignore_missing(self.cidrs.remove(&Key::new(*len, *k))),
-                        );
-                    }
-                }
-                Step::IpcacheDeletes => {
-                    for k in &plan.ipcache.deletes {
-                        note(map_names::IPCACHE, ignore_missing(self.ipcache.remove(k)));
-                    }
-                }
-                Step::PolicyDeletes => {
-                    for (k, len) in &plan.policy.deletes {
-                        note(
-                            map_names::POLICY,
-                            ignore_missing(self.policy.remove(&Key::new(*len, *k))),
-                        );
-                    }
-                }
-                Step::BumpGeneration => {
-                    let next = self.generation().wrapping_add(1);
-                    let bumped = self.config.set(CONFIG_GENERATION, next, 0);
-                    self.bump_pending = bumped.is_err();
-                    note(map_names::CONFIG, bumped);
-                }
-            }
+        }
+        if !self.switch_pending {
+            grace::wait_for_readers();
         }
         // Re-read rather than assume: an entry the kernel refused is not there.
-        self.current = self.read_contents();
+        self.mirror.contents[update.buffer] = self.buffers[update.buffer].read();
+        self.mirror.generation = self.generation();
         errors
     }
 
-    /// Gives the veth `ifindex` an ENDPOINTS entry if it has none, without touching anything else:
-    /// before the agent has any cluster state it may attach to a new veth (pending), but must not
-    /// rewrite what a previous agent left. Returns whether it wrote one.
+    /// Gives the veth `ifindex` an ENDPOINTS entry in both buffers where it has none, without
+    /// touching anything else: before the agent has any cluster state it may attach to a new veth
+    /// (pending), but must not rewrite what a previous agent left. Returns whether it wrote one.
     pub fn add_endpoint_if_absent(
         &mut self,
         ifindex: u32,
         info: EndpointInfo,
     ) -> Result<bool, MapError> {
-        if self.current.endpoints.contains_key(&ifindex) {
-            return Ok(false);
-        }
-        // BPF_NOEXIST (linux/bpf.h; libc has no constant): an entry already there is kept.
-        const BPF_NOEXIST: u64 = 1;
-        match self.endpoints.insert(ifindex, info, BPF_NOEXIST) {
-            Ok(()) => {}
-            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {
-                return Ok(false);
+        let active = buffer::of(self.mirror.generation);
+        let mut wrote_active = false;
+        for b in [1 - active, active] {
+            if self.mirror.contents[b].endpoints.contains_key(&ifindex) {
+                continue;
             }
-            Err(e) => return Err(e),
+            // BPF_NOEXIST (linux/bpf.h; libc has no constant): an entry already there is kept.
+            const BPF_NOEXIST: u64 = 1;
+            match self.buffers[b].endpoints.insert(ifindex, info, BPF_NOEXIST) {
+                Ok(()) => {}
+                Err(MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::EEXIST) =>
+                {
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
+            self.mirror.contents[b].endpoints.insert(ifindex, info);
+            wrote_active |= b == active;
         }
-        self.current.endpoints.insert(ifindex, info);
-        Ok(true)
+        Ok(wrote_active)
     }
 
     /// Sets how long the datapath keeps idle flows, by state, and how many entries one endpoint may
@@ -457,40 +445,32 @@ impl Datapath {
             .collect()
     }
 
-    /// Entries and capacity of each policy map.
+    /// Entries (of the buffer packets read) and capacity of each decision map.
     pub fn usage(&self) -> Vec<MapUsage> {
-        vec![
-            MapUsage {
-                name: map_names::ENDPOINTS,
-                entries: self.current.endpoints.len(),
-                capacity: capacity::ENDPOINTS,
-            },
-            MapUsage {
-                name: map_names::IPCACHE,
-                entries: self.current.ipcache.len(),
-                capacity: capacity::IPCACHE,
-            },
-            MapUsage {
-                name: map_names::CIDRS,
-                entries: self.current.cidrs.len(),
-                capacity: capacity::CIDRS,
-            },
-            MapUsage {
-                name: map_names::POLICY,
-                entries: self.current.policy.len(),
-                capacity: capacity::POLICY,
-            },
-            MapUsage {
-                name: service::MAP_NAME,
-                entries: self.current.services.len(),
-                capacity: service::CAPACITY,
-            },
-            MapUsage {
-                name: service::FRONTENDS_MAP_NAME,
-                entries: self.current.frontends.len(),
-                capacity: service::FRONTENDS_CAPACITY,
-            },
+        let c = self.mirror.active();
+        [
+            (
+                map_labels::ENDPOINTS,
+                c.endpoints.len(),
+                capacity::ENDPOINTS,
+            ),
+            (map_labels::IPCACHE, c.ipcache.len(), capacity::IPCACHE),
+            (map_labels::CIDRS, c.cidrs.len(), capacity::CIDRS),
+            (map_labels::POLICY, c.policy.len(), capacity::POLICY),
+            (map_labels::SERVICES, c.services.len(), service::CAPACITY),
+            (
+                map_labels::FRONTENDS,
+                c.frontends.len(),
+                service::FRONTENDS_CAPACITY,
+            ),
         ]
+        .into_iter()
+        .map(|(name, entries, capacity)| MapUsage {
+            name,
+            entries,
+            capacity,
+        })
+        .collect()
     }
 
     /// The (ifindex, hook) pairs that have a pinned link.

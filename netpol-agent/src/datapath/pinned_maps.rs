@@ -10,6 +10,7 @@ use std::{
 
 use aya::maps::MapData;
 use aya_obj::{EbpfSectionKind, maps::PinningType};
+use netpol_common::map_names;
 use thiserror::Error;
 
 /// The shape of a map: what must match for a pinned map to be adopted.
@@ -101,6 +102,20 @@ pub fn check(maps_dir: &Path, object: &[u8]) -> Result<(), PinnedMapError> {
     Ok(())
 }
 
+/// Unpins the maps of older layouts ([`map_names::OBSOLETE`]) under `maps_dir`; returns the names
+/// removed. Programs still attached keep those maps alive until they are replaced.
+pub fn remove_obsolete(maps_dir: &Path) -> std::io::Result<Vec<&'static str>> {
+    let mut removed = Vec::new();
+    for name in map_names::OBSOLETE {
+        match std::fs::remove_file(maps_dir.join(name)) {
+            Ok(()) => removed.push(name),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(removed)
+}
+
 fn pinned_shape(path: &Path) -> Result<MapShape, PinnedMapError> {
     let read_err = |reason: String| PinnedMapError::Read {
         path: path.to_owned(),
@@ -128,12 +143,19 @@ mod tests {
     #[test]
     fn the_object_defines_every_pinned_map_with_the_shared_layouts() {
         let maps = expected(crate::datapath::EBPF_OBJECT).unwrap();
-        let ep = maps[map_names::ENDPOINTS];
-        assert_eq!(ep.key_size, 4);
-        assert_eq!(ep.value_size as usize, size_of::<EndpointInfo>());
-        assert_eq!(ep.max_entries, capacity::ENDPOINTS);
+        for name in map_names::ENDPOINTS {
+            let ep = maps[name];
+            assert_eq!(ep.key_size, 4);
+            assert_eq!(ep.value_size as usize, size_of::<EndpointInfo>());
+            assert_eq!(ep.max_entries, capacity::ENDPOINTS);
+        }
         assert!(maps.contains_key(map_names::CONNTRACK));
-        assert!(maps.contains_key(netpol_common::service::MAP_NAME));
+        for name in netpol_common::service::MAP_NAME {
+            assert!(maps.contains_key(name));
+        }
+        for name in map_names::OBSOLETE {
+            assert!(!maps.contains_key(name));
+        }
     }
 
     #[test]

@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use netpol_common::{endpoint_flags, map_names};
+use netpol_common::{endpoint_flags, map_labels, map_names};
 
 use super::{
     Check,
@@ -206,7 +206,7 @@ pub fn attachments(a: &AgentEvidence, d: &DatapathEvidence) -> Check {
     }
     let endpoint_map_id = d
         .pinned_maps
-        .get(map_names::ENDPOINTS)
+        .get(map_names::ENDPOINTS[0])
         .and_then(|r| r.as_ref().ok())
         .copied();
     let current: BTreeMap<Hook, (u32, &str)> = Hook::ALL
@@ -269,7 +269,7 @@ pub fn attachments(a: &AgentEvidence, d: &DatapathEvidence) -> Check {
                         fail(format!(
                             "{program}: program {} does not use the {} pinned under --pin-dir (map id {map_id}): a stale program",
                             p.id,
-                            map_names::ENDPOINTS
+                            map_labels::ENDPOINTS
                         ));
                     }
                 }
@@ -455,7 +455,7 @@ pub fn coverage(
                         e.pod,
                         e.ifname,
                         e.ifindex,
-                        map_names::ENDPOINTS
+                        map_labels::ENDPOINTS
                     )),
                     Some(f) if f & want != want || f & !want & 0b111 != 0 => problems.push(format!(
                         "{} on {}: datapath has {}, the agent computed {}",
@@ -468,7 +468,7 @@ pub fn coverage(
                 }
             }
         }
-        Err(e) => problems.push(format!("cannot read {}: {e}", map_names::ENDPOINTS)),
+        Err(e) => problems.push(format!("cannot read {}: {e}", map_labels::ENDPOINTS)),
     }
     match &d.generation {
         Ok(g) if *g != s.generation => warnings.push(format!(
@@ -512,7 +512,7 @@ pub fn coverage(
     }
     let summary = format!(
         "{source_note}: each has an endpoint in {} with the agent's isolation flags, at generation {generation}",
-        map_names::ENDPOINTS
+        map_labels::ENDPOINTS
     );
     if warnings.is_empty() {
         Check::pass(NAME, summary)

@@ -341,19 +341,23 @@ pub fn datapath(layout: &PinLayout, status: Option<&Status>) -> DatapathEvidence
         endpoints_from: "",
         endpoints: Vec::new(),
         other_veths: Vec::new(),
-        endpoint_map: read_endpoint_map(layout),
+        endpoint_map: Err(String::new()),
         generation: read_generation(layout),
         discovery_error: None,
     };
-    for name in [
+    ev.endpoint_map = read_endpoint_map(layout, &ev.generation);
+    let buffered = [
         map_names::ENDPOINTS,
         map_names::IPCACHE,
         map_names::CIDRS,
         map_names::POLICY,
+    ];
+    let names = buffered.into_iter().flatten().chain([
         map_names::CONNTRACK,
         map_names::CONFIG,
         map_names::COUNTERS,
-    ] {
+    ]);
+    for name in names {
         let id = MapInfo::from_pin(layout.maps_dir().join(name))
             .map(|i| i.id())
             .map_err(|e| format!("{e}: {}", source_chain(&e)));
@@ -481,8 +485,14 @@ fn read_link(layout: &PinLayout, ifindex: u32, hook: Hook) -> Result<LinkEvidenc
     })
 }
 
-fn read_endpoint_map(layout: &PinLayout) -> Result<BTreeMap<u32, u32>, String> {
-    let path = layout.maps_dir().join(map_names::ENDPOINTS);
+/// The flags of every endpoint in the buffer packets read at `generation`.
+fn read_endpoint_map(
+    layout: &PinLayout,
+    generation: &Result<u32, String>,
+) -> Result<BTreeMap<u32, u32>, String> {
+    let generation = generation.clone()?;
+    let name = map_names::ENDPOINTS[netpol_common::buffer::of(generation)];
+    let path = layout.maps_dir().join(name);
     let data = MapData::from_pin(&path).map_err(|e| format!("{}: {e}", path.display()))?;
     let map = Map::from_map_data(data).map_err(|e| e.to_string())?;
     let map: HashMap<MapData, u32, EndpointInfo> =

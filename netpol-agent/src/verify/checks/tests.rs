@@ -165,7 +165,7 @@ fn datapath_ok() -> DatapathEvidence {
             prog(INGRESS_PROG, "pod_ingress"),
             prog(55, "pod_egress"),
         ]),
-        pinned_maps: BTreeMap::from([(map_names::ENDPOINTS.to_owned(), Ok(ENDPOINTS_MAP))]),
+        pinned_maps: BTreeMap::from([(map_names::ENDPOINTS[0].to_owned(), Ok(ENDPOINTS_MAP))]),
         endpoints_from: "agent status",
         endpoints: vec![endpoint("x/a", "veth1", 11), endpoint("x/c", "veth2", 12)],
         other_veths: vec![VethEvidence {
@@ -288,7 +288,7 @@ fn attachments_without_held_programs_use_the_majority() {
 fn attachments_program_with_other_maps_fails() {
     let mut d = datapath_ok();
     d.pinned_maps
-        .insert(map_names::ENDPOINTS.to_owned(), Ok(99));
+        .insert(map_names::ENDPOINTS[0].to_owned(), Ok(99));
     let c = attachments(&agent_ok(), &d);
     assert_eq!(c.outcome, Outcome::Fail);
     assert!(c.details.iter().any(|d| d.contains("stale program")));

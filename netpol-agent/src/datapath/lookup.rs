@@ -1,0 +1,140 @@
+//! A userspace model of the datapath's policy decision for a new connection, read from the map
+//! contents: what the compiler's tests check semantics through, and what the update tests replay
+//! every intermediate state of an update through.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use netpol_common::{
+    Direction, EndpointInfo, IpInfo, IpKey, PolicyKey, PolicyValue, SvcKey, SvcValue,
+    endpoint_flags, identity,
+};
+
+use super::Contents;
+use crate::identity::Prefix;
+
+/// The decision maps of one buffer, borrowed.
+#[derive(Clone, Copy, Debug)]
+pub struct Tables<'a> {
+    pub endpoints: &'a BTreeMap<u32, EndpointInfo>,
+    pub ipcache: &'a BTreeMap<IpKey, IpInfo>,
+    pub cidrs: &'a BTreeMap<(IpKey, u32), u32>,
+    pub policy: &'a BTreeMap<(PolicyKey, u32), PolicyValue>,
+    pub services: &'a BTreeMap<SvcKey, SvcValue>,
+    pub frontends: &'a BTreeMap<IpKey, u32>,
+}
+
+impl Contents {
+    /// These contents as the lookup model reads them.
+    pub fn tables(&self) -> Tables<'_> {
+        Tables {
+            endpoints: &self.endpoints,
+            ipcache: &self.ipcache,
+            cidrs: &self.cidrs,
+            policy: &self.policy,
+            services: &self.services,
+            frontends: &self.frontends,
+        }
+    }
+}
+
+/// The [`IpKey`] of an address (IPv4 as IPv4-mapped).
+pub fn ip_key(addr: IpAddr) -> IpKey {
+    match addr {
+        IpAddr::V4(v4) => IpKey::from_v4(v4.octets()),
+        IpAddr::V6(v6) => IpKey { addr: v6.octets() },
+    }
+}
+
+impl Tables<'_> {
+    /// Would a new connection between the local `endpoint` and `peer` (the source for ingress,
+    /// the destination for egress) to destination `port` be allowed? Conntrack is not modelled.
+    ///
+    /// Unknown endpoints are denied; a direction the endpoint is not isolated in is allowed; at
+    /// ingress the node itself ([`identity::HOST`]) is allowed; at egress a Service frontend is
+    /// allowed when SERVICES has a verdict for it (outright or deferred); otherwise the peer's
+    /// IPCACHE identity, its longest-prefix CIDR identity and [`identity::ANY`] are each looked
+    /// up, longest prefix first, in POLICY.
+    pub fn allows(
+        &self,
+        endpoint: u32,
+        peer: IpAddr,
+        direction: Direction,
+        protocol: u8,
+        port: u16,
+    ) -> bool {
+        let Some(info) = self.endpoints.get(&endpoint) else {
+            return false;
+        };
+        let flag = match direction {
+            Direction::Ingress => endpoint_flags::ISOLATED_INGRESS,
+            Direction::Egress => endpoint_flags::ISOLATED_EGRESS,
+        };
+        if info.flags & flag == 0 {
+            return true;
+        }
+        let peer = ip_key(peer);
+        if direction == Direction::Egress && self.frontends.contains_key(&peer) {
+            // Judged on the backends: allowed at the veth (outright, or deferred to after DNAT).
+            let key = SvcKey {
+                endpoint,
+                vip: peer,
+                port_be: port.to_be_bytes(),
+                protocol,
+                _pad: 0,
+            };
+            return self.services.contains_key(&key);
+        }
+        let pod_identity = self.ipcache.get(&peer).map(|i| i.identity);
+        if direction == Direction::Ingress && pod_identity == Some(identity::HOST) {
+            return true;
+        }
+        let cidr_identity = self
+            .cidrs
+            .iter()
+            .filter(|((net, len), _)| Prefix::new(*net, *len).contains(&Prefix::host(peer)))
+            .max_by_key(|((_, len), _)| *len)
+            .map(|(_, id)| *id);
+        [pod_identity, cidr_identity, Some(identity::ANY)]
+            .into_iter()
+            .flatten()
+            .any(|identity| {
+                let key = PolicyKey {
+                    endpoint,
+                    identity,
+                    direction: direction as u8,
+                    protocol,
+                    port_be: port.to_be_bytes(),
+                };
+                self.policy_lookup(&key).is_some()
+            })
+    }
+
+    /// Longest-prefix match of a full key in POLICY, as the kernel's LPM trie does it.
+    pub fn policy_lookup(&self, key: &PolicyKey) -> Option<&PolicyValue> {
+        let bytes = policy_key_bytes(key);
+        self.policy
+            .iter()
+            .filter(|((k, len), _)| prefix_eq(&policy_key_bytes(k), &bytes, *len))
+            .max_by_key(|((_, len), _)| *len)
+            .map(|(_, v)| v)
+    }
+}
+
+/// The key's bytes in memory order, which is what the trie compares.
+fn policy_key_bytes(k: &PolicyKey) -> [u8; 12] {
+    let mut out = [0u8; 12];
+    out[0..4].copy_from_slice(&k.endpoint.to_ne_bytes());
+    out[4..8].copy_from_slice(&k.identity.to_ne_bytes());
+    out[8] = k.direction;
+    out[9] = k.protocol;
+    out[10..12].copy_from_slice(&k.port_be);
+    out
+}
+
+fn prefix_eq(a: &[u8], b: &[u8], bits: u32) -> bool {
+    (0..bits as usize).all(|i| {
+        let mask = 0x80u8 >> (i % 8);
+        a[i / 8] & mask == b[i / 8] & mask
+    })
+}
