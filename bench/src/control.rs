@@ -67,8 +67,11 @@ fn latency(samples: &[(f64, f64)]) -> Latency {
 pub fn run(spec: Spec, changes: usize) -> anyhow::Result<Part> {
     let mut syn = Synthetic::new(spec);
     let scratch = Scratch::new("cp")?;
-    let mut dp =
-        Datapath::open(PinLayout::new(scratch.dir.join("pins"))).context("opening the datapath")?;
+    let mut dp = Datapath::open(
+        PinLayout::new(scratch.dir.join("pins")),
+        &Default::default(),
+    )
+    .context("opening the datapath")?;
 
     let t = Instant::now();
     let compiled = syn.compile();

@@ -188,7 +188,8 @@ pub fn measure_size(n: usize, s: &Settings, floor: &Floor) -> anyhow::Result<Siz
     }
     let scratch = Scratch::new(&format!("dp{n}"))?;
     let layout = PinLayout::new(scratch.dir.join("pins"));
-    let mut dp = Datapath::open(layout.clone()).context("opening the datapath")?;
+    let mut dp =
+        Datapath::open(layout.clone(), &Default::default()).context("opening the datapath")?;
     let t = Instant::now();
     let errors = dp.apply(&compiled.contents());
     let apply_ms = t.elapsed().as_secs_f64() * 1e3;

@@ -180,6 +180,7 @@ impl Synthetic {
             pending: &BTreeMap::new(),
             pending_rule: netpol_agent::compiler::PendingRule::Drop,
             exits_guarded: true,
+            capacities: Default::default(),
         })
     }
 }

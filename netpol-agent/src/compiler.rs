@@ -18,16 +18,19 @@ use netpol_common::{
     POLICY_PREFIX_FULL, PolicyKey, PolicyValue, endpoint_flags, identity,
 };
 
+use crate::datapath::capacities::Capacities;
 use crate::datapath::lookup::Tables;
 use crate::identity::{Identities, PodIdentityKey, Prefix, fnv1a32};
 use crate::model::{ClusterState, NamedPort, Origin, Pod, PodKey, Policy, Protocol};
 use crate::selector::Selector;
 
+pub mod capacity;
 mod pending;
 mod services;
 #[cfg(test)]
 mod tests;
 
+pub use capacity::Shortfall;
 pub use pending::{ISOLATED_BOTH, Pending, PendingEndpoints, PendingReason, PendingRule};
 
 /// What the compiler needs besides the cluster state.
@@ -50,6 +53,8 @@ pub struct CompileInput<'a> {
     /// remote backend can then be decided after DNAT. When not (a device it could not be attached
     /// to), Service verdicts count on no such decision and fail closed.
     pub exits_guarded: bool,
+    /// What the maps hold: the output is fitted into it ([`capacity`]).
+    pub capacities: Capacities,
 }
 
 /// The link identity of a local pod's interface (the veth peer), as the kernel reports it.
@@ -114,8 +119,10 @@ pub struct Compiled {
     /// SERVICES: egress verdicts of egress-isolated endpoints through Service frontends.
     pub services: BTreeMap<netpol_common::SvcKey, netpol_common::SvcValue>,
     /// FRONTENDS: every Service frontend address, judged on its backends only.
-    pub frontends: BTreeMap<IpKey, u32>,
+    pub frontends: BTreeMap<(IpKey, u32), u32>,
     pub errors: Vec<CompileError>,
+    /// What the maps could not hold, and what was left out instead (only ever allows).
+    pub shortfalls: Vec<Shortfall>,
     /// The identities behind the numbers, for observability.
     pub identities: Identities,
     pub stats: Stats,
@@ -675,6 +682,7 @@ pub fn compile(input: &CompileInput<'_>) -> Compiled {
     }
 
     pending::compile(input, &parsed, &mut out);
+    out.shortfalls = capacity::fit_rules(&mut out, &input.capacities);
 
     out.stats.policies = parsed.len();
     out.stats.invalid_policies = parsed.iter().filter(|p| !p.valid).count();
@@ -696,8 +704,13 @@ pub fn compile(input: &CompileInput<'_>) -> Compiled {
         .flat_map(|p| p.ips.iter().copied())
         .collect();
     let frontends = crate::service::frontends(state);
-    out.frontends = frontends.iter().map(|f| (ip_key(f.vip), 1)).collect();
+    out.frontends = frontends
+        .iter()
+        .map(|f| ((ip_key(f.vip), Prefix::host(ip_key(f.vip)).prefix_len()), 1))
+        .collect();
     out.services = services::compile(&out, &frontends, &local_ips, input.exits_guarded);
+    let services_shortfalls = capacity::fit_services(&mut out, &input.capacities);
+    out.shortfalls.extend(services_shortfalls);
     out
 }
 

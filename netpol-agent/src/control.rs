@@ -71,6 +71,9 @@ pub struct MapStatus {
     pub name: String,
     pub entries: usize,
     pub capacity: u32,
+    /// Entries the compilation wanted that the map could not hold, left out as denied.
+    #[serde(default)]
+    pub left_out: usize,
 }
 
 /// What `netpol-agent status` reports.

@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use netpol_agent::{
     agent::{self, AgentConfig},
     control::{self, Status},
-    datapath::{self, PinLayout},
+    datapath::{self, PinLayout, capacities::Capacities},
     flows::{self, Filter, VerdictFilter},
     metrics, observe,
     source::SourceConfig,
@@ -81,6 +81,51 @@ impl CtTimeoutArgs {
     }
 }
 
+/// Sizes of the decision maps, each of its two buffers (fixed when the maps are first pinned; a
+/// new size needs `netpol-agent cleanup` first). What does not fit is left out as denied, and
+/// reported.
+#[derive(Args)]
+struct MapSizeArgs {
+    /// Local pods (host veths).
+    #[arg(long, default_value_t = netpol_common::capacity::ENDPOINTS)]
+    max_endpoints: u32,
+    /// Pod and node addresses (dual-stack pods take two).
+    #[arg(long, default_value_t = netpol_common::capacity::IPCACHE)]
+    max_addresses: u32,
+    /// ipBlock prefixes this node's rules need (excepts included).
+    #[arg(long, default_value_t = netpol_common::capacity::CIDRS)]
+    max_cidr_prefixes: u32,
+    /// Allow entries: (local pod, peer identity, port) triples.
+    #[arg(long, default_value_t = netpol_common::capacity::POLICY)]
+    max_policy_entries: u32,
+    /// (egress-isolated local pod, Service port) verdicts.
+    #[arg(long, default_value_t = netpol_common::service::CAPACITY)]
+    max_service_verdicts: u32,
+    /// Service frontend addresses (written as ranges past it).
+    #[arg(long, default_value_t = netpol_common::service::FRONTENDS_CAPACITY)]
+    max_frontends: u32,
+}
+
+impl MapSizeArgs {
+    fn capacities(&self) -> anyhow::Result<Capacities> {
+        let caps = Capacities {
+            endpoints: self.max_endpoints,
+            ipcache: self.max_addresses,
+            cidrs: self.max_cidr_prefixes,
+            policy: self.max_policy_entries,
+            services: self.max_service_verdicts,
+            frontends: self.max_frontends,
+        };
+        if let Some((map, n)) = caps.too_small() {
+            anyhow::bail!(
+                "map {map}: {n} entries is too small (at least {})",
+                netpol_agent::datapath::capacities::MIN_ENTRIES
+            );
+        }
+        Ok(caps)
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the agent: watch the cluster state and enforce its NetworkPolicies on this node.
@@ -109,6 +154,8 @@ enum Command {
         metrics_addr: String,
         #[command(flatten)]
         ct: CtTimeoutArgs,
+        #[command(flatten)]
+        sizes: MapSizeArgs,
         /// What a pod veth may do before the agent knows its pod (programs are attached as soon
         /// as the veth appears): `drop` lets only the node talk to it; `allow-unselected` also
         /// leaves it open in a direction when no policy isolates any pod of this node that has no
@@ -343,6 +390,7 @@ fn main() -> anyhow::Result<()> {
                 metrics_addr,
                 dirs,
                 ct,
+                sizes,
                 pending,
             } => {
                 let health_addr = match health_addr.as_str() {
@@ -370,6 +418,7 @@ fn main() -> anyhow::Result<()> {
                     ct_timeouts: ct.timeouts()?,
                     ct_quota: ct.ct_quota_per_endpoint,
                     pending_rule: pending,
+                    capacities: sizes.capacities()?,
                 })
                 .await
             }

@@ -246,6 +246,17 @@ impl Collector for DatapathCollector {
             "Capacity (max entries) of each datapath map",
             &map_capacity,
         )?;
+        let left_out: Vec<(Labels, i64)> = status
+            .maps
+            .iter()
+            .map(|m| (vec![("map", m.name.clone())], m.left_out as i64))
+            .collect();
+        gauge_family(
+            &mut encoder,
+            "netpol_map_left_out_entries",
+            "Entries the compiled policy wanted that a decision map could not hold (left out as denied; raise --max-*)",
+            &left_out,
+        )?;
         gauge_family(
             &mut encoder,
             "netpol_build_info",

@@ -46,7 +46,7 @@ fn a_new_agent_bumps_the_generation_even_with_nothing_to_write() {
     }
     let dir = PinDir::new("gen");
     let layout = PinLayout::new(&dir.0);
-    let mut first = Datapath::open(layout.clone()).expect("open");
+    let mut first = Datapath::open(layout.clone(), &Default::default()).expect("open");
     assert!(first.apply(&one_endpoint()).is_empty());
     let after_first = first.generation();
     assert!(after_first > 0);
@@ -55,7 +55,7 @@ fn a_new_agent_bumps_the_generation_even_with_nothing_to_write() {
     assert_eq!(first.generation(), after_first);
     drop(first);
 
-    let mut second = Datapath::open(layout).expect("adopt");
+    let mut second = Datapath::open(layout, &Default::default()).expect("adopt");
     assert_eq!(
         second.contents(),
         &one_endpoint(),
@@ -95,7 +95,7 @@ fn a_map_pinned_with_another_layout_is_refused() {
         "bpftool map create: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let err = match Datapath::open(layout) {
+    let err = match Datapath::open(layout, &Default::default()) {
         Ok(_) => panic!("an incompatible pinned map was adopted"),
         Err(e) => e,
     };
@@ -106,23 +106,13 @@ fn a_map_pinned_with_another_layout_is_refused() {
     assert!(msg.contains("netpol-agent cleanup"), "{msg}");
 }
 
-/// The maps of the layout before the buffers (`_V1`) are unpinned when an agent of this build
-/// opens the pin directory (programs still attached keep them alive until replaced); other files
-/// are left alone.
-#[test]
-fn the_pins_of_the_unbuffered_layout_are_removed() {
-    if !common::privileged("the datapath test") {
-        return;
-    }
-    let dir = PinDir::new("obsolete");
-    let layout = PinLayout::new(&dir.0);
-    layout.prepare().expect("prepare the pin directory");
-    let old = layout.maps_dir().join("NP_POLICY_V1");
+/// Creates a pinned map with bpftool.
+fn bpftool_map(path: &std::path::Path, name: &str, spec: &[&str]) {
     let out = Command::new("bpftool")
         .args(["map", "create"])
-        .arg(&old)
-        .args(["type", "hash", "key", "4", "value", "8", "entries", "16"])
-        .args(["name", "NP_POLICY_V1"])
+        .arg(path)
+        .args(spec)
+        .args(["name", name])
         .output()
         .expect("run bpftool");
     assert!(
@@ -130,13 +120,120 @@ fn the_pins_of_the_unbuffered_layout_are_removed() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let mut dp = Datapath::open(layout.clone()).expect("open");
-    assert!(!old.exists(), "the V1 pin is still there");
-    assert!(layout.maps_dir().join(map_names::POLICY[1]).exists());
-    // And the buffers work: the first update goes to buffer 1 and switches to it.
-    assert!(dp.apply(&one_endpoint()).is_empty());
+}
+
+/// An agent of the layout before the buffers (`_V1`) left its decision maps pinned: an agent of
+/// this build copies them into both buffers (the old programs and the new ones enforce the same
+/// policy, before any cluster state), then unpins them; other files are left alone.
+#[test]
+fn the_decision_maps_of_the_unbuffered_layout_are_adopted_then_unpinned() {
+    if !common::privileged("the datapath test") {
+        return;
+    }
+    use aya::maps::{HashMap, LpmTrie, Map, MapData, lpm_trie::Key};
+    use netpol_common::{IpInfo, IpKey, PolicyKey, PolicyValue};
+
+    let dir = PinDir::new("obsolete");
+    let layout = PinLayout::new(&dir.0);
+    layout.prepare().expect("prepare the pin directory");
+    let maps = layout.maps_dir();
+    let [endpoints, ipcache, cidrs, policy, services, frontends] = map_names::OBSOLETE;
+    let hash =
+        |k: &'static str, v: &'static str| ["type", "hash", "key", k, "value", v, "entries", "64"];
+    let lpm = |k: &'static str, v: &'static str| {
+        [
+            "type", "lpm_trie", "key", k, "value", v, "entries", "64", "flags", "1",
+        ]
+    };
+    bpftool_map(&maps.join(endpoints), endpoints, &hash("4", "32"));
+    bpftool_map(&maps.join(ipcache), ipcache, &hash("16", "8"));
+    bpftool_map(&maps.join(cidrs), cidrs, &lpm("20", "4"));
+    bpftool_map(&maps.join(policy), policy, &lpm("16", "8"));
+    bpftool_map(&maps.join(services), services, &hash("24", "8"));
+    bpftool_map(&maps.join(frontends), frontends, &hash("16", "4"));
+    let mut want = one_endpoint();
+    let addr = IpKey::from_v4([10, 42, 0, 7]);
+    let info = IpInfo {
+        identity: 300,
+        endpoint: 7,
+    };
+    want.ipcache.insert(addr, info);
+    let key = PolicyKey {
+        endpoint: 7,
+        identity: 301,
+        direction: 0,
+        protocol: 6,
+        port_be: 80u16.to_be_bytes(),
+    };
+    want.policy
+        .insert((key, 96), PolicyValue { policy: 5, _pad: 0 });
+    let vip = IpKey::from_v4([10, 43, 0, 10]);
+    want.frontends.insert((vip, 128), 1);
+    let open = |name: &str| MapData::from_pin(maps.join(name)).expect("pinned");
+    let mut m: HashMap<_, u32, EndpointInfo> =
+        HashMap::try_from(Map::HashMap(open(endpoints))).unwrap();
+    m.insert(7, want.endpoints[&7], 0).unwrap();
+    let mut m: HashMap<_, IpKey, IpInfo> = HashMap::try_from(Map::HashMap(open(ipcache))).unwrap();
+    m.insert(addr, info, 0).unwrap();
+    let mut m: LpmTrie<_, PolicyKey, PolicyValue> =
+        LpmTrie::try_from(Map::LpmTrie(open(policy))).unwrap();
+    m.insert(&Key::new(96, key), PolicyValue { policy: 5, _pad: 0 }, 0)
+        .unwrap();
+    let mut m: HashMap<_, IpKey, u32> = HashMap::try_from(Map::HashMap(open(frontends))).unwrap();
+    m.insert(vip, 1, 0).unwrap();
+
+    let mut dp = Datapath::open(layout.clone(), &Default::default()).expect("open");
+    for name in map_names::OBSOLETE {
+        assert!(!maps.join(name).exists(), "{name} is still pinned");
+    }
+    assert_eq!(
+        dp.contents(),
+        &want,
+        "the V1 contents are what packets read"
+    );
+    // Both buffers hold them: an update that changes nothing switches to an identical buffer.
+    assert!(dp.apply(&want).is_empty());
+    assert_eq!(dp.contents(), &want);
     assert_eq!(netpol_common::buffer::of(dp.generation()), 1);
-    assert_eq!(dp.contents(), &one_endpoint());
+}
+
+/// The decision maps get the sizes the flags ask for, in both buffers; a later agent asking for
+/// another size is refused with the map and both sizes named, rather than adopting a map whose
+/// size the compiler would not fit into.
+#[test]
+fn map_sizes_come_from_the_flags_and_are_checked_on_adoption() {
+    if !common::privileged("the datapath test") {
+        return;
+    }
+    use netpol_agent::datapath::Capacities;
+
+    let dir = PinDir::new("sizes");
+    let layout = PinLayout::new(&dir.0);
+    let caps = Capacities {
+        policy: 4096,
+        ..Capacities::default()
+    };
+    let dp = Datapath::open(layout.clone(), &caps).expect("open");
+    for name in map_names::POLICY {
+        let info = aya::maps::MapInfo::from_pin(layout.maps_dir().join(name)).expect("pinned");
+        assert_eq!(info.max_entries(), 4096, "{name}");
+    }
+    let usage = dp.usage();
+    let policy = usage
+        .iter()
+        .find(|u| u.name == netpol_common::map_labels::POLICY)
+        .unwrap();
+    assert_eq!(policy.capacity, 4096);
+    drop(dp);
+    let err = match Datapath::open(layout, &Capacities::default()) {
+        Ok(_) => panic!("a map of another size was adopted"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("NP_POLICY0_V2"), "{err}");
+    assert!(
+        err.contains("max entries 4096, this agent asks for 262144"),
+        "{err}"
+    );
 }
 
 /// Flows that went quiet are collected by the agent: the entries past their timeout go, the live
@@ -151,7 +248,7 @@ fn expired_conntrack_entries_are_collected() {
 
     let dir = PinDir::new("ctgc");
     let layout = PinLayout::new(&dir.0);
-    let mut dp = Datapath::open(layout.clone()).expect("open");
+    let mut dp = Datapath::open(layout.clone(), &Default::default()).expect("open");
     let pinned = MapData::from_pin(layout.maps_dir().join(map_names::CONNTRACK)).expect("pin");
     let mut ct: HashMap<_, CtKey, CtValue> =
         HashMap::try_from(Map::LruHashMap(pinned)).expect("conntrack map");

@@ -803,9 +803,11 @@ pub mod service {
     /// packet, and decided after kube-proxy's DNAT where the backend is known (the backend's veth for a
     /// local backend, the Flannel VXLAN device for a remote one).
     pub const VERDICT_DEFER: u32 = 2;
-    /// Name of the `HashMap<IpKey, u32>` of every Service frontend address (ClusterIP): an egress
+    /// Name of the `LpmTrie<IpKey, u32>` of every Service frontend address (ClusterIP): an egress
     /// packet to one is judged on the Service's backends (SERVICES), never by a rule that happens to
-    /// match the virtual address (an ipBlock around it, a rule without peers).
+    /// match the virtual address (an ipBlock around it, a rule without peers). A trie, so that more
+    /// frontends than it holds are written as the ranges around them: every address of a range is
+    /// then judged as a frontend (denied without a verdict), never by a rule.
     /// One name per [`super::buffer`].
     pub const FRONTENDS_MAP_NAME: [&str; 2] = ["NP_FRONTEND0_V2", "NP_FRONTEND1_V2"];
     /// Capacity of the frontends map: ClusterIPs of the cluster, both families.

@@ -51,11 +51,13 @@ static SERVICES_0: HashMap<SvcKey, SvcValue> = HashMap::pinned(service::CAPACITY
 #[map(name = "NP_SERVICES1_V2")]
 static SERVICES_1: HashMap<SvcKey, SvcValue> = HashMap::pinned(service::CAPACITY, 0);
 
-/// Service frontend addresses; see `netpol_common::service::FRONTENDS_MAP_NAME`.
+/// Service frontend addresses and ranges; see `netpol_common::service::FRONTENDS_MAP_NAME`.
 #[map(name = "NP_FRONTEND0_V2")]
-static FRONTENDS_0: HashMap<IpKey, u32> = HashMap::pinned(service::FRONTENDS_CAPACITY, 0);
+static FRONTENDS_0: LpmTrie<IpKey, u32> =
+    LpmTrie::pinned(service::FRONTENDS_CAPACITY, BPF_F_NO_PREALLOC);
 #[map(name = "NP_FRONTEND1_V2")]
-static FRONTENDS_1: HashMap<IpKey, u32> = HashMap::pinned(service::FRONTENDS_CAPACITY, 0);
+static FRONTENDS_1: LpmTrie<IpKey, u32> =
+    LpmTrie::pinned(service::FRONTENDS_CAPACITY, BPF_F_NO_PREALLOC);
 
 /// The decision maps one packet reads: the buffer its policy generation names, chosen once when its
 /// classification starts, so that a packet never mixes two policies.
@@ -117,11 +119,11 @@ impl Buffer {
         pick!(self, SERVICES_0, SERVICES_1).get_ptr(key)
     }
 
-    /// Whether `addr` is a Service frontend.
+    /// Whether `addr` is a Service frontend (or in a range the agent wrote as frontends).
     #[inline(always)]
     pub fn is_frontend(self, addr: &[u8; 16]) -> bool {
         pick!(self, FRONTENDS_0, FRONTENDS_1)
-            .get_ptr(&IpKey { addr: *addr })
+            .get(Key::new(128, IpKey { addr: *addr }))
             .is_some()
     }
 }

@@ -283,8 +283,9 @@ impl Env {
 
     /// Makes `vip` a Service frontend address.
     fn frontend(&mut self, vip: IpAddr) {
-        self.both_hash(netpol_common::service::FRONTENDS_MAP_NAME, |m| {
-            m.insert(ip_key(vip), 1u32, 0).unwrap()
+        let key = Key::new(128, ip_key(vip));
+        self.both_trie(netpol_common::service::FRONTENDS_MAP_NAME, |m| {
+            m.insert(&key, 1u32, 0).unwrap()
         });
     }
 
@@ -1031,6 +1032,104 @@ fn packets_read_only_the_buffer_the_generation_names() {
     env.expect(Egress, &to_b, Reason::DroppedUnknownEndpoint);
     env.set_generation(3);
     env.expect(Egress, &to_b, Reason::AllowedNotIsolated);
+}
+
+/// Every decision map is read from the packet's buffer: an identity, a prefix, a frontend and a
+/// Service verdict written into buffer 1 only decide nothing at generation 0 and decide at 1.
+#[test]
+fn every_decision_map_is_read_from_the_packets_buffer() {
+    use netpol_common::{SvcKey, SvcValue, service};
+
+    let Some(mut env) = env!() else { return };
+    env.isolate(true, true);
+    // IPCACHE: B has C's identity in buffer 1, and C's identity is allowed in.
+    env.allow(ID_C, Ingress, proto::TCP, 80, POLICY_PREFIX_FULL);
+    {
+        let mut m: HashMap<_, IpKey, IpInfo> =
+            HashMap::try_from(env.ebpf.map_mut(map_names::IPCACHE[1]).unwrap()).unwrap();
+        let info = IpInfo {
+            identity: ID_C,
+            endpoint: 0,
+        };
+        m.insert(ip_key(b()), info, 0).unwrap();
+    }
+    // CIDRS: 1.1.1.0/24 is a prefix in buffer 1 only, allowed out.
+    env.allow(ID_CIDR, Egress, proto::TCP, 443, POLICY_PREFIX_FULL);
+    {
+        let mut m: LpmTrie<_, IpKey, u32> =
+            LpmTrie::try_from(env.ebpf.map_mut(map_names::CIDRS[1]).unwrap()).unwrap();
+        let key = Key::new(
+            V4_MAPPED_PREFIX + 24,
+            ip_key(Ipv4Addr::new(1, 1, 1, 0).into()),
+        );
+        m.insert(&key, ID_CIDR, 0).unwrap();
+    }
+    // FRONTENDS and SERVICES: two frontends everywhere allowed by a rule on port 80; in buffer 1
+    // the first is a frontend without a verdict, the second one with an allow verdict.
+    env.allow(identity::ANY, Egress, proto::TCP, 80, POLICY_PREFIX_FULL);
+    let (vip1, vip2): (IpAddr, IpAddr) = (
+        Ipv4Addr::new(10, 43, 0, 1).into(),
+        Ipv4Addr::new(10, 43, 0, 2).into(),
+    );
+    {
+        let mut m: LpmTrie<_, IpKey, u32> =
+            LpmTrie::try_from(env.ebpf.map_mut(service::FRONTENDS_MAP_NAME[1]).unwrap()).unwrap();
+        m.insert(&Key::new(128, ip_key(vip1)), 1, 0).unwrap();
+        m.insert(&Key::new(128, ip_key(vip2)), 1, 0).unwrap();
+    }
+    {
+        let mut m: HashMap<_, SvcKey, SvcValue> =
+            HashMap::try_from(env.ebpf.map_mut(service::MAP_NAME[1]).unwrap()).unwrap();
+        let key = SvcKey {
+            endpoint: EP,
+            vip: ip_key(vip2),
+            port_be: 8080u16.to_be_bytes(),
+            protocol: proto::TCP,
+            _pad: 0,
+        };
+        let verdict = SvcValue {
+            verdict: service::VERDICT_ALLOW,
+            policy: 9,
+        };
+        m.insert(key, verdict, 0).unwrap();
+    }
+    let outcomes = |env: &Env, sport: u16| {
+        [
+            env.run(Ingress, &Packet::tcp(b(), a(), sport, 80).build())
+                .1,
+            env.run(
+                Egress,
+                &Packet::tcp(a(), Ipv4Addr::new(1, 1, 1, 1).into(), sport, 443).build(),
+            )
+            .1,
+            env.run(Egress, &Packet::tcp(a(), vip1, sport, 80).build())
+                .1,
+            env.run(Egress, &Packet::tcp(a(), vip2, sport, 8080).build())
+                .1,
+        ]
+    };
+    use Reason::*;
+    assert_eq!(
+        outcomes(&env, 41000),
+        [
+            DroppedIngressDenied,
+            DroppedEgressDenied,
+            AllowedPolicy,
+            DroppedEgressDenied
+        ],
+        "generation 0 reads buffer 0"
+    );
+    env.set_generation(1);
+    assert_eq!(
+        outcomes(&env, 42000),
+        [
+            AllowedPolicy,
+            AllowedPolicy,
+            DroppedEgressDenied,
+            AllowedService
+        ],
+        "generation 1 reads buffer 1"
+    );
 }
 
 #[test]

@@ -19,7 +19,7 @@ use tokio::{net::UnixListener, signal::unix::SignalKind, sync::mpsc};
 use crate::{
     compiler::PendingRule,
     control::{self, SharedStatus, Status},
-    datapath::{Datapath, PinLayout},
+    datapath::{Datapath, PinLayout, capacities::Capacities},
     discovery::{Discovery, events},
     metrics,
     observe::{self, Observer},
@@ -51,6 +51,8 @@ pub struct AgentConfig {
     pub ct_quota: u32,
     /// What a veth that has programs but no pod yet may do (`--pending`).
     pub pending_rule: PendingRule,
+    /// Sizes of the decision maps (`--max-*`).
+    pub capacities: Capacities,
 }
 
 /// Takes an exclusive `flock` on a directory, so two agents can never share a pin or state directory.
@@ -103,7 +105,8 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         )
     })?;
     let _pin_lock = lock_dir(cfg.layout.root(), "pin directory")?;
-    let mut datapath = Datapath::open(cfg.layout.clone()).context("loading the datapath")?;
+    let mut datapath =
+        Datapath::open(cfg.layout.clone(), &cfg.capacities).context("loading the datapath")?;
     datapath
         .set_conntrack(&cfg.ct_timeouts, cfg.ct_quota)
         .context("setting the conntrack timeouts and quota")?;

@@ -390,10 +390,17 @@ impl Sync {
             pending: &matching.pending,
             pending_rule: self.cfg.pending_rule,
             exits_guarded,
+            capacities: self.cfg.capacities,
         });
         let mut errors = self.base_errors();
         errors.extend(effective.errors.iter().map(|e| e.to_string()));
         errors.extend(compiled.errors.iter().map(|e| e.to_string()));
+        errors.extend(compiled.shortfalls.iter().map(|s| {
+            format!(
+                "map {}: {} entries do not fit (--max-* flags): {}",
+                s.map, s.dropped, s.effect
+            )
+        }));
         self.detach_gone(&view, &wanted, &exits, &mut errors);
         self.write(&compiled, &mut errors);
         self.attach_tunnels(&exits, &mut errors);
@@ -494,6 +501,13 @@ impl Sync {
             self.state_changed = true;
         }
         errors.extend(write_failures(&write_errors));
+        if self.datapath.switch_pending() {
+            errors.push(format!(
+                "policy generation {} is not switched to: the datapath still enforces generation {} (including allows the new policy revokes); retried every second",
+                self.datapath.generation().wrapping_add(1),
+                self.datapath.generation()
+            ));
+        }
         if self.datapath.generation() != before {
             tracing::info!(
                 generation = self.datapath.generation(),
@@ -538,7 +552,11 @@ impl Sync {
                     tracing::info!(ifindex, ifname, "attached to veth");
                     self.attached.insert(*ifindex, ifname.clone());
                 }
-                Err(e) => errors.push(format!("{e:#}")),
+                Err(e) => {
+                    // Retried on the next tick, not only on the next change.
+                    self.state_changed = true;
+                    errors.push(format!("{e:#}"));
+                }
             }
         }
     }
@@ -680,7 +698,7 @@ impl Sync {
             return;
         };
         // Ready once the source's own state is programmed, not a saved one.
-        s.ready = self.persisted_note.is_none();
+        s.ready = self.persisted_note.is_none() && !self.datapath.switch_pending();
         s.last_sync_unix = Some(unix_now());
         s.generation = self.datapath.generation();
         s.policies = state.policies.len();
@@ -695,6 +713,12 @@ impl Sync {
                 name: u.name.to_owned(),
                 entries: u.entries,
                 capacity: u.capacity,
+                left_out: compiled
+                    .shortfalls
+                    .iter()
+                    .filter(|s| s.map == u.name)
+                    .map(|s| s.dropped)
+                    .sum(),
             })
             .collect();
         s.counters = self
@@ -716,9 +740,7 @@ fn write_failures(failures: &[crate::datapath::WriteError]) -> Vec<String> {
     }
     by_map
         .into_iter()
-        .map(|(map, (n, first))| {
-            format!("map {map}: {n} writes failed ({first}); what they would have allowed stays denied, retried every second")
-        })
+        .map(|(map, (n, first))| format!("map {map}: {n} writes failed ({first})"))
         .collect()
 }
 

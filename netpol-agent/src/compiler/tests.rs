@@ -11,6 +11,7 @@ use netpol_common::{POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTOCOL, endpoint
 use super::*;
 use crate::model::{NamedPort, Namespace, Object};
 
+mod capacity;
 mod updates;
 
 const NODE: &str = "node-a";
@@ -24,6 +25,7 @@ struct Cluster {
     host_addrs: Vec<IpAddr>,
     pending: PendingEndpoints,
     pending_rule: PendingRule,
+    capacities: Capacities,
 }
 
 fn ip(s: &str) -> IpAddr {
@@ -46,6 +48,7 @@ impl Cluster {
             host_addrs: vec![ip("192.168.1.10")],
             pending: BTreeMap::new(),
             pending_rule: PendingRule::Drop,
+            capacities: Capacities::default(),
         };
         c.namespace("default", &[]);
         c
@@ -125,6 +128,7 @@ impl Cluster {
             pending: &self.pending,
             pending_rule: self.pending_rule,
             exits_guarded: self.exits_guarded,
+            capacities: self.capacities,
         });
         check_invariants(&c);
         c
@@ -1712,7 +1716,7 @@ spec: {clusterIP: 10.43.0.54, selector: {app: server}, ports: [{port: 80}]}
         "{podSelector: {}, policyTypes: [Egress], egress: [{to: [{ipBlock: {cidr: 0.0.0.0/0, except: [10.42.1.7/32]}}]}]}",
     );
     let out = c.compile();
-    assert!(out.frontends.contains_key(&ip_key(ip("10.43.0.54"))));
+    assert!(out.frontends.contains_key(&(ip_key(ip("10.43.0.54")), 128)));
     assert_eq!(svc_verdict(&out, client, "10.43.0.54", TCP, 80), None);
     assert!(
         !tcp_out(&out, client, "10.43.0.54", 80),

@@ -19,8 +19,8 @@ pub struct Contents {
     pub cidrs: BTreeMap<(IpKey, u32), u32>,
     pub policy: BTreeMap<(PolicyKey, u32), PolicyValue>,
     pub services: BTreeMap<SvcKey, SvcValue>,
-    /// Service frontend addresses (value unused, 1).
-    pub frontends: BTreeMap<IpKey, u32>,
+    /// Service frontend addresses or ranges, with their prefix length (value unused, 1).
+    pub frontends: BTreeMap<(IpKey, u32), u32>,
 }
 
 /// Changes to one map: entries to write (new or changed) and keys to delete.
@@ -61,7 +61,7 @@ pub struct Plan {
     pub cidrs: MapChanges<(IpKey, u32), u32>,
     pub policy: MapChanges<(PolicyKey, u32), PolicyValue>,
     pub services: MapChanges<SvcKey, SvcValue>,
-    pub frontends: MapChanges<IpKey, u32>,
+    pub frontends: MapChanges<(IpKey, u32), u32>,
 }
 
 impl Plan {
@@ -192,7 +192,7 @@ pub enum Write<'a> {
     Cidr(&'a (IpKey, u32), Option<&'a u32>),
     Policy(&'a (PolicyKey, u32), Option<&'a PolicyValue>),
     Service(&'a SvcKey, Option<&'a SvcValue>),
-    Frontend(&'a IpKey, Option<&'a u32>),
+    Frontend(&'a (IpKey, u32), Option<&'a u32>),
     /// Sets the policy generation: packets read the buffer it names from then on.
     Switch(u32),
 }

@@ -21,7 +21,7 @@ pub struct Tables<'a> {
     pub cidrs: &'a BTreeMap<(IpKey, u32), u32>,
     pub policy: &'a BTreeMap<(PolicyKey, u32), PolicyValue>,
     pub services: &'a BTreeMap<SvcKey, SvcValue>,
-    pub frontends: &'a BTreeMap<IpKey, u32>,
+    pub frontends: &'a BTreeMap<(IpKey, u32), u32>,
 }
 
 impl Contents {
@@ -74,7 +74,7 @@ impl Tables<'_> {
             return true;
         }
         let peer = ip_key(peer);
-        if direction == Direction::Egress && self.frontends.contains_key(&peer) {
+        if direction == Direction::Egress && self.is_frontend(peer) {
             // Judged on the backends: allowed at the veth (outright, or deferred to after DNAT).
             let key = SvcKey {
                 endpoint,
@@ -108,6 +108,13 @@ impl Tables<'_> {
                 };
                 self.policy_lookup(&key).is_some()
             })
+    }
+
+    /// Whether `addr` is a frontend address or in a frontend range.
+    pub fn is_frontend(&self, addr: IpKey) -> bool {
+        self.frontends
+            .keys()
+            .any(|(net, len)| Prefix::new(*net, *len).contains(&Prefix::host(addr)))
     }
 
     /// Longest-prefix match of a full key in POLICY, as the kernel's LPM trie does it.

@@ -2,12 +2,14 @@
 //!
 //! Everything here is a side effect (bpf syscalls); what to write comes from [`contents`], which is pure.
 
+pub mod capacities;
 pub mod conntrack;
 pub mod contents;
 mod grace;
 pub mod lookup;
 pub mod pinned_maps;
 pub mod pins;
+mod upgrade;
 
 use std::{collections::BTreeMap, io};
 
@@ -23,11 +25,13 @@ use aya::{
 use netpol_common::{
     CONFIG_CT_QUOTA, CONFIG_CT_TIMEOUTS, CONFIG_GENERATION, CtKey, CtTimeouts, CtValue,
     EndpointInfo, IpInfo, IpKey, PolicyKey, PolicyValue, REASON_SLOTS, Reason, SvcKey, SvcValue,
-    buffer, capacity, map_labels, map_names, service,
+    buffer, map_names, service,
 };
 use thiserror::Error;
 
+pub use capacities::Capacities;
 pub use contents::{Buffers, Contents, Plan, Update, Write};
+use grace::Grace;
 pub use pins::{Hook, PinLayout};
 
 /// The compiled `netpol-ebpf` object (both classifier programs and every map), built by `build.rs`.
@@ -78,6 +82,8 @@ pub enum DatapathError {
         #[source]
         source: aya::programs::links::LinkError,
     },
+    #[error("creating or updating the map-in-map that waits for RCU grace periods")]
+    Grace(#[source] io::Error),
     #[error("pinning or unpinning {path}")]
     LinkPin {
         path: String,
@@ -92,6 +98,15 @@ pub enum DatapathError {
 pub struct WriteError {
     pub map: &'static str,
     pub error: String,
+}
+
+impl WriteError {
+    fn new(map: &'static str, error: impl std::fmt::Display) -> Self {
+        WriteError {
+            map,
+            error: error.to_string(),
+        }
+    }
 }
 
 /// Use of one map.
@@ -109,7 +124,7 @@ struct BufferMaps {
     cidrs: LpmTrie<MapData, IpKey, u32>,
     policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
     services: HashMap<MapData, SvcKey, SvcValue>,
-    frontends: HashMap<MapData, IpKey, u32>,
+    frontends: LpmTrie<MapData, IpKey, u32>,
 }
 
 impl BufferMaps {
@@ -124,25 +139,17 @@ impl BufferMaps {
         })
     }
 
-    fn read(&self) -> Contents {
-        Contents {
-            endpoints: self.endpoints.iter().filter_map(Result::ok).collect(),
-            ipcache: self.ipcache.iter().filter_map(Result::ok).collect(),
-            cidrs: self
-                .cidrs
-                .iter()
-                .filter_map(Result::ok)
-                .map(|(k, v)| ((k.data(), k.prefix_len()), v))
-                .collect(),
-            policy: self
-                .policy
-                .iter()
-                .filter_map(Result::ok)
-                .map(|(k, v)| ((k.data(), k.prefix_len()), v))
-                .collect(),
-            services: self.services.iter().filter_map(Result::ok).collect(),
-            frontends: self.frontends.iter().filter_map(Result::ok).collect(),
-        }
+    /// What the buffer holds; an error when any map cannot be read whole (a partial read must
+    /// never stand for the contents: a key missing from it would never be deleted).
+    fn read(&self) -> Result<Contents, MapError> {
+        Ok(Contents {
+            endpoints: self.endpoints.iter().collect::<Result<_, _>>()?,
+            ipcache: self.ipcache.iter().collect::<Result<_, _>>()?,
+            cidrs: read_trie(&self.cidrs)?,
+            policy: read_trie(&self.policy)?,
+            services: self.services.iter().collect::<Result<_, _>>()?,
+            frontends: read_trie(&self.frontends)?,
+        })
     }
 
     /// Makes one write (not a switch); returns the map it went to and the kernel's answer.
@@ -168,13 +175,22 @@ impl BufferMaps {
                 put!(self.policy, &Key::new(*len, *k), v),
             ),
             Write::Service(k, v) => (service::MAP_NAME[buffer], put!(self.services, k, v)),
-            Write::Frontend(k, v) => (
+            Write::Frontend((k, len), v) => (
                 service::FRONTENDS_MAP_NAME[buffer],
-                put!(self.frontends, k, v),
+                put!(self.frontends, &Key::new(*len, *k), v),
             ),
             Write::Switch(_) => (map_names::CONFIG, Ok(())),
         }
     }
+}
+
+/// A whole LPM trie, keys with their prefix lengths.
+fn read_trie<K: aya::Pod + Ord, V: aya::Pod>(
+    t: &LpmTrie<MapData, K, V>,
+) -> Result<BTreeMap<(K, u32), V>, MapError> {
+    t.iter()
+        .map(|r| r.map(|(k, v)| ((k.data(), k.prefix_len()), v)))
+        .collect()
 }
 
 /// The loaded programs and the pinned maps of one agent.
@@ -188,6 +204,10 @@ pub struct Datapath {
     ct_count: HashMap<MapData, u32, u64>,
     /// Mirror of what both buffers hold, and the generation.
     mirror: Buffers,
+    /// The sizes the decision maps were created with.
+    capacities: Capacities,
+    /// Waits for RCU grace periods.
+    grace: Grace,
     /// The buffers still have to be switched: set at start-up (a previous agent may have been
     /// killed between writing a buffer and switching to it), cleared only once a switch
     /// succeeded, so revoked flows always get re-checked.
@@ -205,22 +225,24 @@ fn take_map<T: TryFrom<aya::maps::Map, Error = MapError>>(
 }
 
 impl Datapath {
-    /// Loads the programs and opens (or creates) the pinned maps under `layout`, adopting whatever a
-    /// previous agent left there: the current map contents are read back, not assumed empty.
-    pub fn open(layout: PinLayout) -> Result<Self, DatapathError> {
+    /// Loads the programs and opens (or creates, sized as `capacities` says) the pinned maps under
+    /// `layout`, adopting whatever a previous agent left there: the current map contents are read
+    /// back, not assumed empty.
+    pub fn open(layout: PinLayout, capacities: &Capacities) -> Result<Self, DatapathError> {
         layout.prepare()?;
         let maps_dir = layout.maps_dir();
-        pinned_maps::check(&maps_dir, EBPF_OBJECT)?;
-        let obsolete =
-            pinned_maps::remove_obsolete(&maps_dir).map_err(|source| DatapathError::LinkPin {
-                path: maps_dir.display().to_string(),
-                source,
-            })?;
-        if !obsolete.is_empty() {
-            tracing::info!(maps = ?obsolete, "unpinned the maps of an older layout");
+        let sizes: Vec<(&str, u32)> = capacities
+            .by_map()
+            .into_iter()
+            .flat_map(|(names, _, n)| names.map(|name| (name, n)))
+            .collect();
+        pinned_maps::check(&maps_dir, EBPF_OBJECT, &sizes)?;
+        let mut loader = EbpfLoader::new();
+        loader.default_map_pin_directory(&maps_dir);
+        for (name, n) in &sizes {
+            loader.map_max_entries(name, *n);
         }
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(&maps_dir)
+        let mut ebpf = loader
             .load(EBPF_OBJECT)
             .map_err(|source| DatapathError::Load {
                 dir: maps_dir.display().to_string(),
@@ -249,13 +271,69 @@ impl Datapath {
             conntrack,
             ct_count,
             mirror: Buffers::default(),
+            capacities: *capacities,
+            grace: Grace::new().map_err(DatapathError::Grace)?,
             switch_pending: true,
         };
-        datapath.mirror = Buffers {
-            generation: datapath.generation(),
-            contents: [datapath.buffers[0].read(), datapath.buffers[1].read()],
+        let read_err = |source| DatapathError::Map {
+            name: map_names::CONFIG,
+            source,
         };
+        datapath.mirror = Buffers {
+            generation: datapath
+                .config
+                .get(&CONFIG_GENERATION, 0)
+                .map_err(read_err)?,
+            contents: [
+                datapath.buffers[0].read().map_err(read_err)?,
+                datapath.buffers[1].read().map_err(read_err)?,
+            ],
+        };
+        datapath.adopt_v1(&maps_dir)?;
+        // A previous agent may have died between its switch and its grace period.
+        datapath.grace.wait().map_err(DatapathError::Grace)?;
         Ok(datapath)
+    }
+
+    /// Takes over the decision maps an agent of the V1 layout pinned (into both buffers, when they
+    /// are new), then unpins them; the old programs keep them until they are replaced.
+    fn adopt_v1(&mut self, maps_dir: &std::path::Path) -> Result<(), DatapathError> {
+        let read_err = |source| DatapathError::Map {
+            name: map_names::OBSOLETE[0],
+            source,
+        };
+        let fresh = self
+            .mirror
+            .contents
+            .iter()
+            .all(|c| c == &Contents::default());
+        if let Some(v1) = upgrade::read_v1(maps_dir).map_err(read_err)?
+            && fresh
+        {
+            let plan = Plan::new(&Contents::default(), &v1);
+            for b in 0..buffer::COUNT {
+                for write in plan.writes() {
+                    if let (map, Err(e)) = self.buffers[b].write(b, write) {
+                        tracing::warn!(map, error = %e, "adopting a V1 entry failed");
+                    }
+                }
+                self.mirror.contents[b] = self.buffers[b].read().map_err(read_err)?;
+            }
+            tracing::info!(
+                endpoints = v1.endpoints.len(),
+                policy_entries = v1.policy.len(),
+                "adopted the decision maps of the V1 layout"
+            );
+        }
+        let obsolete =
+            pinned_maps::remove_obsolete(maps_dir).map_err(|source| DatapathError::LinkPin {
+                path: maps_dir.display().to_string(),
+                source,
+            })?;
+        if !obsolete.is_empty() {
+            tracing::info!(maps = ?obsolete, "unpinned the maps of an older layout");
+        }
+        Ok(())
     }
 
     /// The pin layout.
@@ -268,40 +346,75 @@ impl Datapath {
         self.mirror.active()
     }
 
-    /// Makes packets read `desired`: writes it into the buffer they do not read, then switches
-    /// with one write of the generation (which also has every established flow re-checked), then
-    /// waits until no packet still reads the old buffer, which the next update will write.
-    /// Returns the entries that could not be written; the rest is applied regardless.
+    /// Makes packets read `desired`: writes it into the buffer they do not read, waits for a grace
+    /// period (every packet that then sees the new generation sees these writes, on any CPU),
+    /// switches with one write of the generation (which also has every established flow
+    /// re-checked), and waits for another (no packet still reads the old buffer, which the next
+    /// update writes). Only a buffer whose read-back equals `desired` is switched to: after any
+    /// failed write the previous policy stays in force and the update is retried
+    /// ([`Datapath::switch_pending`]).
     pub fn apply(&mut self, desired: &Contents) -> Vec<WriteError> {
         if self.mirror.active() == desired && !self.switch_pending {
             return Vec::new();
         }
         self.switch_pending = true;
         let update = Update::new(&self.mirror, desired);
+        let b = update.buffer;
         let mut errors = Vec::new();
         for write in update.writes() {
-            let (map, result) = match write {
-                Write::Switch(generation) => {
-                    let switched = self.config.set(CONFIG_GENERATION, generation, 0);
-                    self.switch_pending = switched.is_err();
-                    (map_names::CONFIG, switched)
+            if let Write::Switch(generation) = write {
+                self.reread(b, &mut errors);
+                if errors.is_empty() && self.mirror.contents[b] != *desired {
+                    // Keys a failed read had hidden: the next update deletes them.
+                    errors.push(WriteError::new(
+                        map_names::POLICY[b],
+                        "the buffer read back differs from what was written",
+                    ));
                 }
-                _ => self.buffers[update.buffer].write(update.buffer, write),
-            };
-            if let Err(e) = result {
-                errors.push(WriteError {
-                    map,
-                    error: e.to_string(),
-                });
+                if errors.is_empty() {
+                    errors.extend(self.switch(generation).err());
+                }
+                break;
+            }
+            if let (map, Err(e)) = self.buffers[b].write(b, write) {
+                errors.push(WriteError::new(map, e));
             }
         }
-        if !self.switch_pending {
-            grace::wait_for_readers();
-        }
-        // Re-read rather than assume: an entry the kernel refused is not there.
-        self.mirror.contents[update.buffer] = self.buffers[update.buffer].read();
-        self.mirror.generation = self.generation();
         errors
+    }
+
+    /// Re-reads buffer `b` into the mirror rather than assume: an entry the kernel refused is not
+    /// there. Contents it cannot read whole are unknown: the next update rewrites all of it.
+    fn reread(&mut self, b: usize, errors: &mut Vec<WriteError>) {
+        match self.buffers[b].read() {
+            Ok(c) => self.mirror.contents[b] = c,
+            Err(e) => {
+                self.mirror.contents[b] = Contents::default();
+                errors.push(WriteError::new(map_names::POLICY[b], e));
+            }
+        }
+    }
+
+    /// The grace period, the switch to `generation`, the grace period.
+    fn switch(&mut self, generation: u32) -> Result<(), WriteError> {
+        let grace = |g: &Grace| {
+            g.wait()
+                .map_err(|e| WriteError::new("grace period (ARRAY_OF_MAPS update)", e))
+        };
+        grace(&self.grace)?;
+        self.config
+            .set(CONFIG_GENERATION, generation, 0)
+            .map_err(|e| WriteError::new(map_names::CONFIG, e))?;
+        self.mirror.generation = generation;
+        self.switch_pending = false;
+        // Before the next update may rewrite the buffer packets read until now.
+        grace(&self.grace)
+    }
+
+    /// Whether the last update is not in force yet: a write or the switch failed, and packets
+    /// still read the previous policy (including allows the new one revokes).
+    pub fn switch_pending(&self) -> bool {
+        self.switch_pending
     }
 
     /// Gives the veth `ifindex` an ENDPOINTS entry in both buffers where it has none, without
@@ -424,9 +537,10 @@ impl Datapath {
         }
     }
 
-    /// The policy generation the datapath checks conntrack entries against.
+    /// The policy generation the datapath checks conntrack entries against (and whose buffer
+    /// packets read), as this agent last wrote or read it.
     pub fn generation(&self) -> u32 {
-        self.config.get(&CONFIG_GENERATION, 0).unwrap_or(0)
+        self.mirror.generation
     }
 
     /// Packets counted per verdict reason, summed over CPUs.
@@ -448,29 +562,24 @@ impl Datapath {
     /// Entries (of the buffer packets read) and capacity of each decision map.
     pub fn usage(&self) -> Vec<MapUsage> {
         let c = self.mirror.active();
-        [
-            (
-                map_labels::ENDPOINTS,
-                c.endpoints.len(),
-                capacity::ENDPOINTS,
-            ),
-            (map_labels::IPCACHE, c.ipcache.len(), capacity::IPCACHE),
-            (map_labels::CIDRS, c.cidrs.len(), capacity::CIDRS),
-            (map_labels::POLICY, c.policy.len(), capacity::POLICY),
-            (map_labels::SERVICES, c.services.len(), service::CAPACITY),
-            (
-                map_labels::FRONTENDS,
-                c.frontends.len(),
-                service::FRONTENDS_CAPACITY,
-            ),
-        ]
-        .into_iter()
-        .map(|(name, entries, capacity)| MapUsage {
-            name,
-            entries,
-            capacity,
-        })
-        .collect()
+        let entries = [
+            c.endpoints.len(),
+            c.ipcache.len(),
+            c.cidrs.len(),
+            c.policy.len(),
+            c.services.len(),
+            c.frontends.len(),
+        ];
+        self.capacities
+            .by_map()
+            .into_iter()
+            .zip(entries)
+            .map(|((_, name, capacity), entries)| MapUsage {
+                name,
+                entries,
+                capacity,
+            })
+            .collect()
     }
 
     /// The (ifindex, hook) pairs that have a pinned link.

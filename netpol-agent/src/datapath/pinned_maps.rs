@@ -78,13 +78,22 @@ pub fn differences(expected: &MapShape, pinned: &MapShape) -> Vec<String> {
     fields
         .into_iter()
         .filter(|(_, want, have)| want != have)
-        .map(|(what, want, have)| format!("{what} {have}, this build expects {want}"))
+        .map(|(what, want, have)| match what {
+            "max entries" => {
+                format!("max entries {have}, this agent asks for {want} (--max-* flags)")
+            }
+            _ => format!("{what} {have}, this build expects {want}"),
+        })
         .collect()
 }
 
-/// Checks every map pinned under `maps_dir` that this build would adopt.
-pub fn check(maps_dir: &Path, object: &[u8]) -> Result<(), PinnedMapError> {
-    for (name, want) in expected(object)? {
+/// Checks every map pinned under `maps_dir` that this build would adopt, with the sizes the agent
+/// asks for (`sizes`, by name) instead of the object's.
+pub fn check(maps_dir: &Path, object: &[u8], sizes: &[(&str, u32)]) -> Result<(), PinnedMapError> {
+    for (name, mut want) in expected(object)? {
+        if let Some((_, n)) = sizes.iter().find(|(s, _)| *s == name) {
+            want.max_entries = *n;
+        }
         let path = maps_dir.join(&name);
         if !path.exists() {
             continue;

@@ -342,10 +342,10 @@ pub fn datapath(layout: &PinLayout, status: Option<&Status>) -> DatapathEvidence
         endpoints: Vec::new(),
         other_veths: Vec::new(),
         endpoint_map: Err(String::new()),
-        generation: read_generation(layout),
+        generation: Err(String::new()),
         discovery_error: None,
     };
-    ev.endpoint_map = read_endpoint_map(layout, &ev.generation);
+    (ev.generation, ev.endpoint_map) = read_live_endpoints(layout);
     let buffered = [
         map_names::ENDPOINTS,
         map_names::IPCACHE,
@@ -483,6 +483,25 @@ fn read_link(layout: &PinLayout, ifindex: u32, hook: Hook) -> Result<LinkEvidenc
         prog_id: info.program_id(),
         tcx: matches!(info.link_type(), Ok(LinkType::Tcx)),
     })
+}
+
+/// The generation and the endpoint flags of the buffer it names, read again when the agent switched
+/// buffers in between.
+fn read_live_endpoints(
+    layout: &PinLayout,
+) -> (Result<u32, String>, Result<BTreeMap<u32, u32>, String>) {
+    let mut last = (Err(String::new()), Err(String::new()));
+    for _ in 0..3 {
+        let generation = read_generation(layout);
+        let map = read_endpoint_map(layout, &generation);
+        let again = read_generation(layout);
+        let settled = generation == again;
+        last = (generation, map);
+        if settled {
+            break;
+        }
+    }
+    last
 }
 
 /// The flags of every endpoint in the buffer packets read at `generation`.

@@ -348,7 +348,7 @@ impl Scratch {
             .with_context(|| format!("creating {}", self.dir.display()))?;
         self.dir_created = true;
         let layout = PinLayout::new(&self.dir);
-        let opened = Datapath::open(layout.clone());
+        let opened = Datapath::open(layout.clone(), &Default::default());
         let mut dp = opened.context("loading the embedded programs")?;
         let ifindex = ifindex(HOST_VETH)?;
         let contents = policy_contents(ifindex, pod_link(ifindex)?)?;
@@ -660,6 +660,7 @@ fn policy_contents(ifindex: u32, link: EndpointLink) -> anyhow::Result<Contents>
         pending: &BTreeMap::new(),
         pending_rule: crate::compiler::PendingRule::Drop,
         exits_guarded: true,
+        capacities: Default::default(),
     });
     if !compiled.errors.is_empty() {
         bail!("compiling the self-test policies: {:?}", compiled.errors);

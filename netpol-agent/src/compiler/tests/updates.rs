@@ -17,7 +17,7 @@ const EXTERNAL: [&str; 3] = ["10.0.2.5", "192.0.2.1", "192.168.1.10"];
 const PORTS: [(u8, u16); 3] = [(TCP, 80), (TCP, 443), (UDP, 53)];
 
 #[derive(Clone, Debug)]
-struct PodSpec {
+pub(super) struct PodSpec {
     ns: &'static str,
     name: String,
     local: bool,
@@ -26,7 +26,7 @@ struct PodSpec {
 }
 
 #[derive(Clone, Debug)]
-struct Scenario {
+pub(super) struct Scenario {
     pods: Vec<PodSpec>,
     policies: Vec<(&'static str, String, String)>,
 }
@@ -106,7 +106,7 @@ fn policy_spec(rng: &mut Rng) -> String {
     spec
 }
 
-fn scenario(rng: &mut Rng) -> Scenario {
+pub(super) fn scenario(rng: &mut Rng) -> Scenario {
     let pods = (0..6)
         .map(|i| PodSpec {
             ns: if i % 2 == 0 { "a" } else { "b" },
@@ -155,6 +155,13 @@ fn change(rng: &mut Rng, before: &Scenario) -> Scenario {
 }
 
 fn compiled(s: &Scenario) -> Contents {
+    let out = cluster(s).compile();
+    assert!(out.errors.is_empty(), "{:?}\n{s:?}", out.errors);
+    out.contents()
+}
+
+/// The simulated cluster of a scenario.
+pub(super) fn cluster(s: &Scenario) -> Cluster {
     let mut c = Cluster::new();
     c.namespace("a", &[("team", "a")]);
     c.namespace("b", &[("team", "b")]);
@@ -169,13 +176,11 @@ fn compiled(s: &Scenario) -> Contents {
     for (ns, name, spec) in &s.policies {
         c.policy(ns, name, spec);
     }
-    let out = c.compile();
-    assert!(out.errors.is_empty(), "{:?}\n{s:?}", out.errors);
-    out.contents()
+    c
 }
 
 /// Every probe's decision: local endpoints 10 to 12 against every pod and external address.
-fn decisions(t: Tables<'_>, peers: &[IpAddr]) -> Vec<bool> {
+pub(super) fn decisions(t: Tables<'_>, peers: &[IpAddr]) -> Vec<bool> {
     let mut out = Vec::new();
     for ep in 10..13 {
         for peer in peers {
@@ -189,7 +194,7 @@ fn decisions(t: Tables<'_>, peers: &[IpAddr]) -> Vec<bool> {
     out
 }
 
-fn peers(scenarios: &[&Scenario]) -> Vec<IpAddr> {
+pub(super) fn peers(scenarios: &[&Scenario]) -> Vec<IpAddr> {
     let mut out: Vec<IpAddr> = scenarios
         .iter()
         .flat_map(|s| s.pods.iter().map(|p| ip(&p.ip)))
