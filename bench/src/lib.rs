@@ -615,6 +615,27 @@ impl Report {
                 t.agent_conn_per_s,
                 t.conn_rate_ratio * 100.0
             );
+            if t.service_gbps > 0.0 {
+                let _ = writeln!(
+                    o,
+                    "| through a ClusterIP (same node) | client not egress-isolated | verdict deferred to after DNAT | ratio |"
+                );
+                let _ = writeln!(o, "| --- | ---: | ---: | ---: |");
+                let _ = writeln!(
+                    o,
+                    "| TCP throughput (iperf3) | {:.2} Gbit/s | {:.2} Gbit/s | {:.1}% |",
+                    t.service_gbps,
+                    t.deferred_gbps,
+                    t.deferred_gbps / t.service_gbps * 100.0
+                );
+                let _ = writeln!(
+                    o,
+                    "| new connections | {:.0}/s | {:.0}/s | {:.1}% |\n",
+                    t.service_conn_per_s,
+                    t.deferred_conn_per_s,
+                    t.deferred_conn_per_s / t.service_conn_per_s * 100.0
+                );
+            }
             for (program, ns) in &t.run_time_ns {
                 let _ = writeln!(
                     o,

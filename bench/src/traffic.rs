@@ -34,6 +34,17 @@ pub struct Part {
     /// packet, from `kernel.bpf_stats_enabled` (`run_time_ns / run_cnt` of every loaded program of
     /// that name: both agents' copies).
     pub run_time_ns: Vec<(String, f64)>,
+    /// The same through a ClusterIP of x/c (kube-proxy DNAT in both), x/a not egress-isolated.
+    #[serde(default)]
+    pub service_gbps: f64,
+    #[serde(default)]
+    pub service_conn_per_s: f64,
+    /// Through the ClusterIP with x/a egress-isolated: its verdict deferred at its veth and
+    /// decided on x/c's veth after DNAT (the cost of judging Services on the backend).
+    #[serde(default)]
+    pub deferred_gbps: f64,
+    #[serde(default)]
+    pub deferred_conn_per_s: f64,
     pub method: String,
 }
 
@@ -77,6 +88,30 @@ fn with_bpf_stats<T>(
 }
 
 const IPERF_PORT: u16 = 5201;
+
+/// x/a's egress isolated, allowed to x/c only: through x/c's ClusterIP its verdict is deferred.
+const EGRESS_POLICY: &str = "apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata:
+  name: bench-egress
+  namespace: x
+spec:
+  podSelector:
+    matchLabels:
+      pod: a
+  policyTypes: [Egress]
+  egress:
+  - to:
+    - podSelector:
+        matchLabels:
+          pod: c
+    ports:
+    - {protocol: TCP, port: 5201}
+    - {protocol: TCP, port: 80}
+";
+
+/// x/c's ClusterIP in the bench.
+const SERVICE_IP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 43, 200, 10);
 
 const POLICY: &str = "apiVersion: networking.k8s.io/v1
 kind: NetworkPolicy
@@ -197,27 +232,21 @@ pub fn run(s: &Settings) -> anyhow::Result<Part> {
     cluster.apply_policies(POLICY)?;
     cluster.start_agents(&s.agent_bin)?;
     let target = format!("tcp/{server_ip}/80");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        cluster.check_agents()?;
-        if !probe(&s.probe_bin, &b.netns, &target)? && probe(&s.probe_bin, &a.netns, &target)? {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "the allow policy was not enforced within 30 s; agent log:\n{}",
-                cluster.agent_log(a.node)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_until(&mut cluster, "the allow policy", |_| {
+        Ok(!probe(&s.probe_bin, &b.netns, &target)? && probe(&s.probe_bin, &a.netns, &target)?)
+    })?;
     eprintln!("bench: pod traffic with agent");
     let programs = [program_names::POD_EGRESS, program_names::POD_INGRESS];
     let ((agent_gbps, agent_cps), run_time_ns) =
         with_bpf_stats(&programs, || measure(s, &a.netns, &server_ip))?;
     cluster.check_agents()?;
+    let (service, deferred) = through_service(s, &mut cluster, (&a.netns, a.node), &b)?;
     drop(cluster);
     Ok(Part {
+        service_gbps: service.0,
+        service_conn_per_s: service.1,
+        deferred_gbps: deferred.0,
+        deferred_conn_per_s: deferred.1,
         baseline_gbps: base_gbps,
         agent_gbps,
         throughput_ratio: agent_gbps / base_gbps,
@@ -229,10 +258,82 @@ pub fn run(s: &Settings) -> anyhow::Result<Part> {
             "simulated cluster, x/a -> x/c on the same node (veth - cni0 bridge - veth); iperf3 -t {} \
              (one TCP stream, IPv4) and a {} s connect/read/close loop against x/c's probe server on \
              TCP 80; median of {} runs each; baseline with no agent, then both agents enforcing an \
-             ingress policy on x/c that allows x/a on 5201 and 80 (x/b verified refused)",
+             ingress policy on x/c that allows x/a on 5201 and 80 (x/b verified refused); then the \
+             same through a ClusterIP of x/c ({SERVICE_IP}, iptables DNAT as kube-proxy), before and \
+             after an egress policy on x/a (allowing x/c) makes its verdict deferred to x/c's veth",
             s.secs, s.secs, s.reps
         ),
     })
+}
+
+/// Measures through x/c's ClusterIP: first with x/a not egress-isolated, then with its verdict
+/// deferred (checked in the agent's counters). Returns (Gbit/s, conn/s) of each.
+fn through_service(
+    s: &Settings,
+    cluster: &mut Cluster,
+    (client, node): (&str, usize),
+    b: &netpol_tests::cluster::Pod,
+) -> anyhow::Result<((f64, f64), (f64, f64))> {
+    use netpol_tests::{cluster::Proto, kube_proxy::Service};
+    cluster.enable_kube_proxy()?;
+    cluster.add_service(
+        Service::new("x", "bench-c", SERVICE_IP)
+            .select("pod", "c")
+            .port("http", Proto::Tcp, 80, 80)
+            .port("iperf", Proto::Tcp, IPERF_PORT, IPERF_PORT),
+    )?;
+    let vip = SERVICE_IP.to_string();
+    let to_vip = format!("tcp/{vip}/80");
+    wait_until(cluster, "the ClusterIP to answer", |_| {
+        probe(&s.probe_bin, client, &to_vip)
+    })?;
+    eprintln!("bench: pod traffic through a ClusterIP");
+    let service = measure(s, client, &vip)?;
+    cluster.apply_policies(EGRESS_POLICY)?;
+    let to_b = format!("tcp/{}/80", b.ip(Family::V4));
+    wait_until(cluster, "x/a's egress policy", |_| {
+        Ok(!probe(&s.probe_bin, client, &to_b)? && probe(&s.probe_bin, client, &to_vip)?)
+    })?;
+    let deferred_count = |c: &Cluster| -> anyhow::Result<u64> {
+        let status = c.agent_status(node, &s.agent_bin)?;
+        Ok(status
+            .counters
+            .iter()
+            .find(|(name, _)| name == "service-deferred")
+            .map_or(0, |(_, n)| *n))
+    };
+    let before = deferred_count(cluster)?;
+    eprintln!("bench: pod traffic through a ClusterIP, egress decided after DNAT");
+    let deferred = measure(s, client, &vip)?;
+    let after = deferred_count(cluster)?;
+    anyhow::ensure!(
+        after > before,
+        "the connections through the ClusterIP were not deferred ({before} -> {after} service-deferred)"
+    );
+    Ok((service, deferred))
+}
+
+/// Polls `ready` every 200 ms until it holds, for at most 30 s.
+fn wait_until(
+    cluster: &mut Cluster,
+    what: &str,
+    mut ready: impl FnMut(&Cluster) -> anyhow::Result<bool>,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        cluster.check_agents()?;
+        if ready(cluster)? {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "waited 30 s for {what}; agent logs:\n{}\n{}",
+                cluster.agent_log(0),
+                cluster.agent_log(1)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// `netpol-bench connect-loop`: connects, reads to EOF and closes, as fast as it can, for `secs`.

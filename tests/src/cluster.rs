@@ -1187,6 +1187,29 @@ impl Cluster {
         self.nodes[index].agent.as_ref().map(Child::id)
     }
 
+    /// `netpol-agent status -o json` of node `index`, asked with `agent_bin`.
+    pub fn agent_status(
+        &self,
+        index: usize,
+        agent_bin: &Path,
+    ) -> Result<netpol_agent::control::Status> {
+        let n = &self.nodes[index];
+        let out = Command::new("ip")
+            .args(["netns", "exec", &n.name])
+            .arg(agent_bin)
+            .args(["status", "-o", "json", "--state-dir"])
+            .arg(&n.state_dir)
+            .arg("--pin-dir")
+            .arg(&n.pin_dir)
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "status of node {index}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
     /// The agent log of node `index` (whole file).
     pub fn agent_log(&self, index: usize) -> String {
         fs::read_to_string(&self.nodes[index].agent_log).unwrap_or_default()
