@@ -27,7 +27,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use netpol_agent::control::Status;
+use netpol_agent::observe::control::Status;
 use netpol_tests::cluster::{Cluster, Pod};
 use netpol_tests::first_packet::{Running, run_cni};
 use serde::{Deserialize, Serialize};

@@ -2,7 +2,7 @@
 //!
 //! Kubernetes NetworkPolicy v1 semantics: a pod is isolated in a direction when a policy of its
 //! namespace selects it with that policy type; what an isolated pod may do is the union of the
-//! matching rules of every policy that selects it. Peers become identities ([`crate::identity`]);
+//! matching rules of every policy that selects it. Peers become identities ([`crate::model::identity`]);
 //! the datapath looks up a packet's peer identity (from IPCACHE), the identity of the longest CIDR
 //! prefix containing the peer address (from CIDRS), and [`identity::ANY`], each against POLICY.
 //!
@@ -20,9 +20,9 @@ use netpol_common::{
 
 use crate::datapath::capacities::Capacities;
 use crate::datapath::lookup::Tables;
-use crate::identity::{Identities, PodIdentityKey, Prefix, fnv1a32};
+use crate::model::identity::{Identities, PodIdentityKey, Prefix, fnv1a32};
+use crate::model::selector::Selector;
 use crate::model::{ClusterState, NamedPort, Origin, Pod, PodKey, Policy, Protocol};
-use crate::selector::Selector;
 
 pub mod capacity;
 mod pending;
@@ -703,7 +703,7 @@ pub fn compile(input: &CompileInput<'_>) -> Compiled {
         .iter()
         .flat_map(|p| p.ips.iter().copied())
         .collect();
-    let frontends = crate::service::frontends(state);
+    let frontends = crate::model::service::frontends(state);
     out.frontends = frontends
         .iter()
         .map(|f| ((ip_key(f.vip), Prefix::host(ip_key(f.vip)).prefix_len()), 1))

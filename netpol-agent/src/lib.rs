@@ -1,29 +1,18 @@
 //! netpol-agent: enforces Kubernetes NetworkPolicy on a Flannel node with TC eBPF programs.
 //!
-//! Data flow, one module per stage:
-//! sources ([`manifests`], [`kube_source`]) -> cluster state ([`model`]) -> pure policy compiler ([`compiler`], with
-//! [`selector`] and [`identity`]) -> datapath ([`datapath`]: maps and attachments, on the veths that
-//! [`discovery`] finds) -> counters -> observers ([`control`]: `status`).
+//! Data flow, one folder per stage, each importing only the stages before it:
+//! [`sources`] (a manifest directory, the Kubernetes API, the saved state) -> cluster state
+//! ([`model`]) -> pure policy compiler ([`compiler`]), fed by the node's veths ([`discovery`]) ->
+//! datapath ([`datapath`]: maps and attachments) -> counters -> observers ([`observe`]: flows,
+//! metrics, health, `status`). [`verify`] proves enforcement is on; [`agent`] runs the loop.
 
 pub mod agent;
 pub mod compiler;
-pub mod control;
 pub mod datapath;
 pub mod discovery;
-pub mod endpoints;
-pub mod flows;
-pub mod health;
-pub mod identity;
-pub mod kube_router;
-pub mod kube_source;
-pub mod manifests;
-pub mod metrics;
 pub mod model;
 pub mod observe;
-pub mod persisted;
 #[cfg(test)]
 mod scratch;
-pub mod selector;
-pub mod service;
-pub mod source;
+pub mod sources;
 pub mod verify;

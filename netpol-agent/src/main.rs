@@ -6,11 +6,12 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use netpol_agent::{
     agent::{self, AgentConfig},
-    control::{self, Status},
     datapath::{self, PinLayout, capacities::Capacities},
-    flows::{self, Filter, VerdictFilter},
-    metrics, observe,
-    source::SourceConfig,
+    observe,
+    observe::control::{self, Status},
+    observe::flows::{self, Filter, VerdictFilter},
+    observe::metrics,
+    sources::SourceConfig,
 };
 
 /// Enforces Kubernetes NetworkPolicy on a K3s/Flannel node with TC eBPF programs on pod veths.
@@ -144,7 +145,7 @@ enum Command {
         /// Address for /healthz and /readyz ("off" to not serve them). Loopback by default: the
         /// agent runs with hostNetwork and the kubelet probes it on 127.0.0.1; 9101 is free on K3s
         /// nodes.
-        #[arg(long, default_value = netpol_agent::health::DEFAULT_HEALTH_ADDR)]
+        #[arg(long, default_value = netpol_agent::observe::health::DEFAULT_HEALTH_ADDR)]
         health_addr: String,
         #[command(flatten)]
         dirs: NodeDirs,

@@ -1192,7 +1192,7 @@ impl Cluster {
         &self,
         index: usize,
         agent_bin: &Path,
-    ) -> Result<netpol_agent::control::Status> {
+    ) -> Result<netpol_agent::observe::control::Status> {
         let n = &self.nodes[index];
         let out = Command::new("ip")
             .args(["netns", "exec", &n.name])

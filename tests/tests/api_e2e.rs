@@ -12,7 +12,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use netpol_agent::control::Status;
+use netpol_agent::observe::control::Status;
 use netpol_tests::apiserver_double::{
     ApiServerDouble, Resource, http_get_in_netns, load_manifest_file,
 };

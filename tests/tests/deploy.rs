@@ -299,7 +299,7 @@ fn security_fields() {
             }
         }
     }
-    // What kube_source.rs watches (and the API server double serves for its tests).
+    // What sources/kube.rs watches (and the API server double serves for its tests).
     let watched = [
         Resource::Namespaces,
         Resource::Pods,

@@ -9,9 +9,9 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use netpol_agent::model::service::{Frontend, frontends};
 use netpol_agent::model::{ClusterState, PodKey, Protocol};
-use netpol_agent::service::{Frontend, frontends};
-use netpol_agent::source::{self, Snapshot, SourceConfig};
+use netpol_agent::sources::{self, Snapshot, SourceConfig};
 use netpol_tests::apiserver_double::{ApiServerDouble, Resource};
 use serde_json::{Value, json};
 use tokio::sync::watch;
@@ -98,7 +98,7 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 async fn start(kc: &Kubeconfig) -> watch::Receiver<Snapshot> {
-    source::spawn(&SourceConfig::Kubernetes {
+    sources::spawn(&SourceConfig::Kubernetes {
         kubeconfig: Some(kc.path()),
     })
     .await
@@ -432,7 +432,7 @@ fn unreachable_at_start_publishes_nothing_until_it_answers() {
 #[test]
 fn bad_kubeconfig_fails_at_start() {
     runtime().block_on(async {
-        let err = source::spawn(&SourceConfig::Kubernetes {
+        let err = sources::spawn(&SourceConfig::Kubernetes {
             kubeconfig: Some("/nonexistent/kubeconfig".into()),
         })
         .await

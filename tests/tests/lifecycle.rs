@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use netpol_agent::control::Status;
+use netpol_agent::observe::control::Status;
 use netpol_tests::cluster::{Cluster, Family, Pod, Proto, Reachability, default_agent_bin};
 use netpol_tests::first_packet::{self, Running};
 use netpol_tests::packets;

@@ -549,11 +549,11 @@ fn agent_sees_the_same_frontends(c: &Cluster) {
         )
         .unwrap();
         std::fs::write(dir.join("services.yaml"), c.services_yaml(slices)).unwrap();
-        let state = netpol_agent::manifests::ManifestSource::new()
+        let state = netpol_agent::sources::manifests::ManifestSource::new()
             .load(&dir)
             .unwrap_or_else(|e| panic!("loading {}: {e}", dir.display()));
         assert!(state.errors.is_empty(), "{:?}", state.errors);
-        let mut got: Vec<String> = netpol_agent::service::frontends(&state)
+        let mut got: Vec<String> = netpol_agent::model::service::frontends(&state)
             .iter()
             .map(|f| {
                 let mut b: Vec<String> = f

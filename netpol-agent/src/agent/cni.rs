@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 use netpol_cni::protocol::Answer;
 use tokio::sync::oneshot;
 
-use crate::control::{CniKind, CniRequest};
-use crate::endpoints::{Claim, Matching};
+use crate::discovery::endpoints::{Claim, Matching};
 use crate::model::PodKey;
+use crate::observe::control::{CniKind, CniRequest};
 
 /// How long a claim is kept once no veth carries its addresses (a sandbox torn down without DEL).
 const CLAIM_ORPHAN_AFTER: Duration = Duration::from_secs(60);

@@ -18,12 +18,12 @@ use tokio::{net::UnixListener, signal::unix::SignalKind, sync::mpsc};
 
 use crate::{
     compiler::PendingRule,
-    control::{self, SharedStatus, Status},
     datapath::{Datapath, PinLayout, capacities::Capacities},
     discovery::{Discovery, events},
-    metrics,
+    observe::control::{self, SharedStatus, Status},
+    observe::metrics,
     observe::{self, Observer},
-    source::{self, SourceConfig},
+    sources::{self, SourceConfig},
 };
 
 /// How often the node's veths are re-read even without a notification (a safety net: link and
@@ -94,7 +94,7 @@ impl Drop for Servers {
 pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     // Everything that can fail on bad settings fails before anything is attached.
     check_kernel()?;
-    let mut snapshots = source::spawn(&cfg.source).await?;
+    let mut snapshots = sources::spawn(&cfg.source).await?;
     std::fs::create_dir_all(&cfg.state_dir)
         .with_context(|| format!("creating the state directory {}", cfg.state_dir.display()))?;
     let _state_lock = lock_dir(&cfg.state_dir, "state directory")?;
@@ -128,7 +128,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     }));
     let observer = Observer::new(cfg.layout.clone());
     let (cni_tx, mut cni_rx) = mpsc::channel(256);
-    let heartbeat = crate::health::Heartbeat::default();
+    let heartbeat = crate::observe::health::Heartbeat::default();
     let mut servers = Servers(vec![
         tokio::spawn(observe::run(observer.clone())),
         tokio::spawn(control::serve(
@@ -146,11 +146,11 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     }
     if let Some(addr) = cfg.health_addr {
         servers.0.push(tokio::spawn(
-            crate::health::bind(addr, status.clone(), heartbeat.clone()).await?,
+            crate::observe::health::bind(addr, status.clone(), heartbeat.clone()).await?,
         ));
     }
     // One look at the node's iptables for kube-router's rules, off the sync loop's thread.
-    tokio::task::spawn_blocking(crate::kube_router::warn_if_present);
+    tokio::task::spawn_blocking(crate::verify::kube_router::warn_if_present);
 
     tracing::info!(node = %cfg.node_name, source = %cfg.source.describe(), pin_dir = %cfg.layout.root().display(), pending = ?cfg.pending_rule, "agent started");
     let mut sync = sync::Sync::new(cfg.clone(), datapath, discovery, status);

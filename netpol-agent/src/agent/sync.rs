@@ -12,14 +12,14 @@ use netpol_common::endpoint_flags;
 use super::{AgentConfig, cni::Claims};
 use crate::{
     compiler::{self, CompileInput, Compiled, PendingReason},
-    control::{CniRequest, EndpointStatus, MapStatus, SharedStatus},
     datapath::{Datapath, Hook},
+    discovery::endpoints::{self, MatchInput, Matching},
     discovery::{Discovery, NodeView},
-    endpoints::{self, MatchInput, Matching},
     model::{ClusterState, PodKey},
     observe::Observer,
-    persisted,
-    source::Snapshot,
+    observe::control::{CniRequest, EndpointStatus, MapStatus, SharedStatus},
+    sources::Snapshot,
+    sources::persisted,
 };
 
 /// How often expired conntrack entries are collected (the datapath already ignores them).

@@ -14,7 +14,7 @@ use netpol_common::{IpKey, identity, map_labels};
 
 use super::Compiled;
 use crate::datapath::capacities::Capacities;
-use crate::identity::Prefix;
+use crate::model::identity::Prefix;
 
 /// What a map could not hold, for `status`, `/readyz` and the metrics.
 #[derive(Clone, Debug, PartialEq, Eq)]

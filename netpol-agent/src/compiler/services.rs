@@ -13,7 +13,7 @@ use netpol_common::{
 };
 
 use super::{Compiled, ip_key};
-use crate::service::Frontend;
+use crate::model::service::Frontend;
 
 /// Zeroes every bit of `bytes` after the first `bits`.
 fn mask<const N: usize>(mut bytes: [u8; N], bits: u32) -> [u8; N] {

@@ -1227,14 +1227,14 @@ impl Cluster {
     fn service(&mut self, yaml: &str) {
         let svc: k8s_openapi::api::core::v1::Service = serde_yaml::from_str(yaml).unwrap();
         self.state.insert(Object::Service(
-            crate::service::Service::from_k8s(&svc).unwrap(),
+            crate::model::service::Service::from_k8s(&svc).unwrap(),
         ));
     }
 
     fn endpoint_slice(&mut self, yaml: &str) {
         let s: k8s_openapi::api::discovery::v1::EndpointSlice = serde_yaml::from_str(yaml).unwrap();
         self.state.insert(Object::EndpointSlice(
-            crate::service::EndpointSlice::from_k8s(&s).unwrap(),
+            crate::model::service::EndpointSlice::from_k8s(&s).unwrap(),
         ));
     }
 }
@@ -1595,28 +1595,30 @@ fn a_pending_endpoint_is_reached_by_the_node_only_and_opens_nothing() {
 fn a_pending_endpoint_gets_no_service_verdicts() {
     let mut c = Cluster::new();
     pending(&mut c, 99, &["10.42.0.99"]);
-    c.state.insert(Object::Service(crate::service::Service {
-        key: PodKey::new("default", "api"),
-        cluster_ips: vec![ip("10.43.0.1")],
-        ports: vec![crate::service::ServicePort {
-            name: "https".into(),
-            protocol: Protocol::Tcp,
-            port: 443,
-            target: crate::service::TargetPort::Number(6443),
-        }],
-        selector: None,
-    }));
     c.state
-        .insert(Object::EndpointSlice(crate::service::EndpointSlice {
+        .insert(Object::Service(crate::model::service::Service {
+            key: PodKey::new("default", "api"),
+            cluster_ips: vec![ip("10.43.0.1")],
+            ports: vec![crate::model::service::ServicePort {
+                name: "https".into(),
+                protocol: Protocol::Tcp,
+                port: 443,
+                target: crate::model::service::TargetPort::Number(6443),
+            }],
+            selector: None,
+        }));
+    c.state.insert(Object::EndpointSlice(
+        crate::model::service::EndpointSlice {
             key: PodKey::new("default", "api-1"),
             service: "api".into(),
             addresses: vec![ip("192.168.1.10")],
-            ports: vec![crate::service::SlicePort {
+            ports: vec![crate::model::service::SlicePort {
                 name: "https".into(),
                 protocol: Protocol::Tcp,
                 port: 6443,
             }],
-        }));
+        },
+    ));
     let out = c.compile();
     assert!(
         out.services.keys().all(|k| k.endpoint != 99),

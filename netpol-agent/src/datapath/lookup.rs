@@ -11,7 +11,7 @@ use netpol_common::{
 };
 
 use super::Contents;
-use crate::identity::Prefix;
+use crate::model::identity::Prefix;
 
 /// The decision maps of one buffer, borrowed.
 #[derive(Clone, Copy, Debug)]

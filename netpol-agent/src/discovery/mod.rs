@@ -9,6 +9,7 @@
 //! [`events`] wakes the agent on every link and address change, so a new veth is seen within
 //! milliseconds; the periodic scan stays as a safety net for lost notifications.
 
+pub mod endpoints;
 pub mod events;
 
 use std::{

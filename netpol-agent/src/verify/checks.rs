@@ -12,7 +12,7 @@ use super::{
     },
     selftest::SelfTestEvidence,
 };
-use crate::{control::Status, datapath::Hook};
+use crate::{datapath::Hook, observe::control::Status};
 
 /// The first kernel with TCX links.
 pub const TCX_MIN: (u32, u32, u32) = (6, 6, 0);
@@ -534,7 +534,7 @@ pub enum Engine {
 impl Engine {
     /// The engine a chain name belongs to.
     pub fn of_chain(name: &str) -> Option<Engine> {
-        if crate::kube_router::CHAIN_PREFIXES
+        if crate::verify::kube_router::CHAIN_PREFIXES
             .iter()
             .any(|p| name.starts_with(p))
         {

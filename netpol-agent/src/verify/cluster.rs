@@ -28,7 +28,7 @@ use kube::{Api, Client, api::ListParams};
 use serde_json::json;
 
 use super::Check;
-use crate::{model::Labels, selector::Selector};
+use crate::{model::Labels, model::selector::Selector};
 
 /// The namespace the agent's DaemonSet runs in (`deploy/namespace.yaml`, `deploy/daemonset.yaml`).
 pub const AGENT_NAMESPACE: &str = "netpol-system";

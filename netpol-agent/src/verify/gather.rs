@@ -23,10 +23,10 @@ use serde::Serialize;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use crate::{
-    control::{self, Status},
     datapath::{Hook, PinLayout, pins},
     discovery::Discovery,
-    manifests::ManifestSource,
+    observe::control::{self, Status},
+    sources::manifests::ManifestSource,
 };
 
 // ------------------------------------------------------------------------------------------ kernel

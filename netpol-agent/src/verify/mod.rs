@@ -8,6 +8,7 @@
 pub mod checks;
 pub mod cluster;
 pub mod gather;
+pub mod kube_router;
 pub mod selftest;
 
 use std::{borrow::Cow, fmt::Write as _, path::PathBuf};
@@ -210,7 +211,7 @@ pub async fn verify(opts: &VerifyOptions) -> Report {
 /// `verify --cluster`: every node, through the Kubernetes API (`kubeconfig`, or kube's inference).
 /// A client that cannot be built is a `cluster.api` FAIL, like an API that does not answer.
 pub async fn verify_cluster(kubeconfig: Option<&PathBuf>) -> Report {
-    let checks = match crate::kube_source::client(kubeconfig).await {
+    let checks = match crate::sources::kube::client(kubeconfig).await {
         Ok(client) => {
             let api = match kubeconfig {
                 Some(path) => format!("the kubeconfig {}", path.display()),

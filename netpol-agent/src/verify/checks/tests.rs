@@ -2,7 +2,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use super::*;
 use crate::{
-    control::EndpointStatus,
+    observe::control::EndpointStatus,
     verify::{
         Outcome,
         gather::{EndpointEvidence, HookEvidence, LinkEvidence, ProgEvidence, VethEvidence},

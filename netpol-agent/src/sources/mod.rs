@@ -1,6 +1,10 @@
 //! Sources of cluster state. Each source runs as a task and publishes full snapshots of one
 //! [`ClusterState`] model on a watch channel; the sync loop does not know which source it has.
 
+pub mod kube;
+pub mod manifests;
+pub mod persisted;
+
 use std::{
     path::PathBuf,
     sync::{
@@ -14,7 +18,7 @@ use anyhow::Context as _;
 use notify::Watcher as _;
 use tokio::sync::{mpsc, watch};
 
-use crate::{manifests::ManifestSource, model::ClusterState};
+use crate::{model::ClusterState, sources::manifests::ManifestSource};
 
 /// Where the cluster state comes from.
 #[derive(Clone, Debug)]
@@ -58,8 +62,8 @@ pub async fn spawn(config: &SourceConfig) -> anyhow::Result<watch::Receiver<Snap
     match config {
         SourceConfig::Manifests(dir) => spawn_manifests(dir.clone()),
         SourceConfig::Kubernetes { kubeconfig } => {
-            let client = crate::kube_source::client(kubeconfig.as_ref()).await?;
-            Ok(crate::kube_source::spawn(client))
+            let client = crate::sources::kube::client(kubeconfig.as_ref()).await?;
+            Ok(crate::sources::kube::spawn(client))
         }
     }
 }

@@ -358,12 +358,15 @@ fn read_object(
         }
         Some("NetworkPolicy") => typed::<networking::NetworkPolicy>(value)
             .and_then(|p| Ok(Object::Policy(Policy::from_k8s(&p, origin.clone())?))),
-        Some("Service") => typed::<core::Service>(value)
-            .and_then(|s| Ok(Object::Service(crate::service::Service::from_k8s(&s)?))),
+        Some("Service") => typed::<core::Service>(value).and_then(|s| {
+            Ok(Object::Service(crate::model::service::Service::from_k8s(
+                &s,
+            )?))
+        }),
         Some("EndpointSlice") => typed::<k8s_openapi::api::discovery::v1::EndpointSlice>(value)
             .and_then(|s| {
                 Ok(Object::EndpointSlice(
-                    crate::service::EndpointSlice::from_k8s(&s)?,
+                    crate::model::service::EndpointSlice::from_k8s(&s)?,
                 ))
             }),
         Some(_) => {

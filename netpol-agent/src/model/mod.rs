@@ -1,6 +1,10 @@
 //! The cluster state the compiler works on: namespaces, pods and NetworkPolicies, slimmed down to
 //! what policy needs, whatever source (manifest directory or API) they came from.
 
+pub mod identity;
+pub mod selector;
+pub mod service;
+
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
@@ -372,8 +376,8 @@ pub enum Object {
     Namespace(Namespace),
     Pod(Pod),
     Policy(Policy),
-    Service(crate::service::Service),
-    EndpointSlice(crate::service::EndpointSlice),
+    Service(crate::model::service::Service),
+    EndpointSlice(crate::model::service::EndpointSlice),
 }
 
 impl Object {
@@ -413,9 +417,9 @@ pub struct ClusterState {
     #[serde(with = "pairs")]
     pub policies: BTreeMap<PodKey, Policy>,
     #[serde(with = "pairs")]
-    pub services: BTreeMap<PodKey, crate::service::Service>,
+    pub services: BTreeMap<PodKey, crate::model::service::Service>,
     #[serde(with = "pairs")]
-    pub endpoint_slices: BTreeMap<PodKey, crate::service::EndpointSlice>,
+    pub endpoint_slices: BTreeMap<PodKey, crate::model::service::EndpointSlice>,
     /// Objects and files that could not be used.
     pub errors: Vec<SourceError>,
     /// Objects of other kinds.

@@ -20,10 +20,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+use crate::model::service::{EndpointSlice, Service};
 use crate::model::{
     ClusterState, IgnoredObject, Namespace, Pod, PodKey, Policy, SourceError, pairs,
 };
-use crate::service::{EndpointSlice, Service};
 
 /// File name inside the state directory.
 pub const FILE_NAME: &str = "cluster-state.json";

@@ -28,7 +28,7 @@ use hyper::{Request, Response, StatusCode, body::Bytes, server::conn::http1, ser
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
-use crate::control::SharedStatus;
+use crate::observe::control::SharedStatus;
 
 /// Default of `--health-addr` (see the module docs for why).
 pub const DEFAULT_HEALTH_ADDR: &str = "127.0.0.1:9101";
@@ -143,7 +143,7 @@ mod tests {
     use std::sync::Mutex;
 
     use super::*;
-    use crate::control::Status;
+    use crate::observe::control::Status;
 
     #[test]
     fn answers() {

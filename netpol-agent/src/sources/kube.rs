@@ -51,11 +51,11 @@ use kube::{
 use tokio::sync::watch;
 
 use crate::{
+    model::service,
     model::{
         ClusterState, ConvertError, Namespace, ObjectRef, Origin, Pod, PodKey, Policy, SourceError,
     },
-    service,
-    source::Snapshot,
+    sources::Snapshot,
 };
 
 /// Changes are coalesced this long before a snapshot is published: a rollout changes many pods at

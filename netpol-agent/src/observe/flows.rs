@@ -15,8 +15,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     compiler::policy_id,
+    model::selector::Selector,
     model::{ClusterState, PodKey},
-    selector::Selector,
 };
 
 /// A flow record with its per-CPU values merged, or one drop event. Times are CLOCK_MONOTONIC ns.

@@ -27,8 +27,8 @@ use prometheus_client::{
 use tokio::net::TcpListener;
 
 use crate::{
-    control::SharedStatus,
-    flows::{direction_name, protocol_name, reason_name},
+    observe::control::SharedStatus,
+    observe::flows::{direction_name, protocol_name, reason_name},
     observe::{ObserveMaps, Observer},
 };
 

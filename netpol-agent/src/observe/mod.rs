@@ -1,9 +1,14 @@
 //! The observability side of the datapath: reading the pinned FLOWS, DROPS, VERDICTS and LOST maps,
 //! draining the EVENTS ring buffer, and what the sync loop publishes for flows and metrics
-//! ([`Observer`]). Pure decoding and formatting live in [`crate::flows`].
+//! ([`Observer`]). Pure decoding and formatting live in [`flows`].
 //!
 //! Every map is opened from its pin (`<pin-dir>/maps/<NAME>`), so the same code serves the running
 //! agent and `netpol-agent flows` when no agent runs.
+
+pub mod control;
+pub mod flows;
+pub mod health;
+pub mod metrics;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -25,8 +30,8 @@ use tokio::{io::unix::AsyncFd, sync::broadcast};
 
 use crate::{
     datapath::PinLayout,
-    flows::{self, Clock, RawFlow, Resolver},
     model::{ClusterState, PodKey},
+    observe::flows::{Clock, RawFlow, Resolver},
 };
 
 /// How long the drop counters (and metric series) of a pod that is gone are kept.
@@ -459,7 +464,7 @@ pub async fn follow_pinned(
 }
 
 async fn connect(state_dir: &std::path::Path) -> anyhow::Result<tokio::net::UnixStream> {
-    let path = crate::control::socket_path(state_dir);
+    let path = crate::observe::control::socket_path(state_dir);
     tokio::net::UnixStream::connect(&path)
         .await
         .with_context(|| format!("connecting to the agent at {}", path.display()))
