@@ -596,44 +596,18 @@ impl Report {
             o.push('\n');
         }
         if let Some(t) = &self.traffic {
-            let _ = writeln!(
-                o,
-                "| pod to pod (same node) | no agent | agent enforcing | ratio |"
-            );
-            let _ = writeln!(o, "| --- | ---: | ---: | ---: |");
-            let _ = writeln!(
-                o,
-                "| TCP throughput (iperf3) | {:.2} Gbit/s | {:.2} Gbit/s | {:.1}% |",
-                t.baseline_gbps,
-                t.agent_gbps,
-                t.throughput_ratio * 100.0
-            );
-            let _ = writeln!(
-                o,
-                "| new connections | {:.0}/s | {:.0}/s | {:.1}% |\n",
-                t.baseline_conn_per_s,
-                t.agent_conn_per_s,
-                t.conn_rate_ratio * 100.0
+            traffic_table(
+                &mut o,
+                "| pod to pod (same node) | no agent | agent enforcing | ratio |",
+                (t.baseline_gbps, t.agent_gbps),
+                (t.baseline_conn_per_s, t.agent_conn_per_s),
             );
             if t.service_gbps > 0.0 {
-                let _ = writeln!(
-                    o,
-                    "| through a ClusterIP (same node) | client not egress-isolated | verdict deferred to after DNAT | ratio |"
-                );
-                let _ = writeln!(o, "| --- | ---: | ---: | ---: |");
-                let _ = writeln!(
-                    o,
-                    "| TCP throughput (iperf3) | {:.2} Gbit/s | {:.2} Gbit/s | {:.1}% |",
-                    t.service_gbps,
-                    t.deferred_gbps,
-                    t.deferred_gbps / t.service_gbps * 100.0
-                );
-                let _ = writeln!(
-                    o,
-                    "| new connections | {:.0}/s | {:.0}/s | {:.1}% |\n",
-                    t.service_conn_per_s,
-                    t.deferred_conn_per_s,
-                    t.deferred_conn_per_s / t.service_conn_per_s * 100.0
+                traffic_table(
+                    &mut o,
+                    "| through a ClusterIP (same node) | client not egress-isolated | verdict deferred to after DNAT | ratio |",
+                    (t.service_gbps, t.deferred_gbps),
+                    (t.service_conn_per_s, t.deferred_conn_per_s),
                 );
             }
             for (program, ns) in &t.run_time_ns {
@@ -723,4 +697,24 @@ impl Report {
         }
         o
     }
+}
+
+/// A two-row table: throughput and connection rate, before and after, with their ratio.
+fn traffic_table(o: &mut String, header: &str, gbps: (f64, f64), cps: (f64, f64)) {
+    use std::fmt::Write as _;
+    let _ = writeln!(o, "{header}\n| --- | ---: | ---: | ---: |");
+    let _ = writeln!(
+        o,
+        "| TCP throughput (iperf3) | {:.2} Gbit/s | {:.2} Gbit/s | {:.1}% |",
+        gbps.0,
+        gbps.1,
+        gbps.1 / gbps.0 * 100.0
+    );
+    let _ = writeln!(
+        o,
+        "| new connections | {:.0}/s | {:.0}/s | {:.1}% |\n",
+        cps.0,
+        cps.1,
+        cps.1 / cps.0 * 100.0
+    );
 }

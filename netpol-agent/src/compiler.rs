@@ -18,8 +18,8 @@ use netpol_common::{
     POLICY_PREFIX_FULL, PolicyKey, PolicyValue, endpoint_flags, identity,
 };
 
+use crate::datapath::Contents;
 use crate::datapath::capacities::Capacities;
-use crate::datapath::lookup::Tables;
 use crate::model::identity::{Identities, PodIdentityKey, Prefix, fnv1a32};
 use crate::model::selector::Selector;
 use crate::model::{ClusterState, NamedPort, Origin, Pod, PodKey, Policy, Protocol};
@@ -105,21 +105,18 @@ pub struct Stats {
     pub policy_entries: usize,
 }
 
-/// The desired contents of the datapath maps.
+/// The desired contents of the datapath maps, with what the compilation found on the way. Reads
+/// as its [`Contents`]:
+/// - ENDPOINTS: every endpoint of the input, with its isolation flags;
+/// - IPCACHE: every peer pod address of the cluster, and the node's addresses as
+///   [`identity::HOST`];
+/// - CIDRS: (network, prefix length in [`IpKey`] bits) -> identity, as this node needs them;
+/// - POLICY: (key, prefix length in bits) -> value;
+/// - SERVICES: egress verdicts of egress-isolated endpoints through Service frontends;
+/// - FRONTENDS: every Service frontend address (or range), judged on its backends only.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Compiled {
-    /// ENDPOINTS: every endpoint of the input, with its isolation flags.
-    pub endpoints: BTreeMap<u32, EndpointInfo>,
-    /// IPCACHE: every peer pod address of the cluster, and the node's addresses as [`identity::HOST`].
-    pub ipcache: BTreeMap<IpKey, IpInfo>,
-    /// CIDRS: (network, prefix length in [`IpKey`] bits) -> identity.
-    pub cidrs: BTreeMap<(IpKey, u32), u32>,
-    /// POLICY: (key, prefix length in bits) -> value.
-    pub policy: BTreeMap<(PolicyKey, u32), PolicyValue>,
-    /// SERVICES: egress verdicts of egress-isolated endpoints through Service frontends.
-    pub services: BTreeMap<netpol_common::SvcKey, netpol_common::SvcValue>,
-    /// FRONTENDS: every Service frontend address, judged on its backends only.
-    pub frontends: BTreeMap<(IpKey, u32), u32>,
+    pub maps: Contents,
     pub errors: Vec<CompileError>,
     /// What the maps could not hold, and what was left out instead (only ever allows).
     pub shortfalls: Vec<Shortfall>,
@@ -153,40 +150,22 @@ pub fn port_range_prefixes(lo: u16, hi: u16) -> Vec<(u16, u32)> {
 
 impl Compiled {
     /// What the datapath maps must hold for this compilation.
-    pub fn contents(&self) -> crate::datapath::Contents {
-        crate::datapath::Contents {
-            endpoints: self.endpoints.clone(),
-            ipcache: self.ipcache.clone(),
-            cidrs: self.cidrs.clone(),
-            policy: self.policy.clone(),
-            services: self.services.clone(),
-            frontends: self.frontends.clone(),
-        }
+    pub fn contents(&self) -> Contents {
+        self.maps.clone()
     }
+}
 
-    /// The maps as the lookup model reads them.
-    pub fn tables(&self) -> Tables<'_> {
-        Tables {
-            endpoints: &self.endpoints,
-            ipcache: &self.ipcache,
-            cidrs: &self.cidrs,
-            policy: &self.policy,
-            services: &self.services,
-            frontends: &self.frontends,
-        }
+impl std::ops::Deref for Compiled {
+    type Target = Contents;
+
+    fn deref(&self) -> &Contents {
+        &self.maps
     }
+}
 
-    /// The lookup model's answer for these maps: see [`Tables::allows`].
-    pub fn allows(
-        &self,
-        endpoint: u32,
-        peer: IpAddr,
-        direction: Direction,
-        protocol: u8,
-        port: u16,
-    ) -> bool {
-        self.tables()
-            .allows(endpoint, peer, direction, protocol, port)
+impl std::ops::DerefMut for Compiled {
+    fn deref_mut(&mut self) -> &mut Contents {
+        &mut self.maps
     }
 }
 
@@ -543,40 +522,177 @@ struct ResolvedRule<'a> {
 pub fn compile(input: &CompileInput<'_>) -> Compiled {
     let state = input.state;
     let mut out = Compiled::default();
-
-    let mut parsed = Vec::new();
-    for policy in state.policies.values() {
-        let (p, errors) = parse_policy(policy);
-        out.errors.extend(errors);
-        parsed.push(p);
-    }
-
+    let parsed: Vec<ParsedPolicy<'_>> = state
+        .policies
+        .values()
+        .map(|policy| {
+            let (p, errors) = parse_policy(policy);
+            out.errors.extend(errors);
+            p
+        })
+        .collect();
     let identities = allocate_identities(state, &parsed);
     for (prefix, id) in &identities.cidrs {
         out.cidrs.insert((prefix.addr(), prefix.prefix_len()), *id);
     }
     fill_ipcache(input, &identities, &mut out.ipcache);
     let host_ports = host_ports(state, &identities);
+    let peers = PeerIndex::new(state, &identities);
+    let resolved: Vec<Vec<ResolvedRule<'_>>> = parsed.iter().map(|p| peers.rules(p)).collect();
+    for (key, &endpoint) in input.endpoints {
+        let pod = state.pods.get(key);
+        let flags = endpoint_flags_and_rules(key, pod, &parsed, &resolved, |rule, policy| {
+            let to = Emit {
+                endpoint,
+                direction: rule.direction,
+                policy,
+                local_pod: pod,
+            };
+            let (targets, ports) = (&rule.targets, rule.ports);
+            emit_rule(
+                &mut out.policy,
+                to,
+                targets,
+                ports,
+                &identities,
+                &host_ports,
+            );
+        });
+        out.stats.unknown_endpoints += usize::from(pod.is_none());
+        out.stats.isolated_ingress += usize::from(flags & endpoint_flags::ISOLATED_INGRESS != 0);
+        out.stats.isolated_egress += usize::from(flags & endpoint_flags::ISOLATED_EGRESS != 0);
+        let link = input.links.get(&endpoint).copied().unwrap_or_default();
+        out.endpoints.insert(endpoint, link.info(flags));
+    }
+    pending::compile(input, &parsed, &mut out);
+    out.shortfalls = capacity::fit_rules(&mut out, &input.capacities);
+    fill_stats(&mut out, &parsed, &identities);
+    out.identities = identities;
+    compile_services(input, &mut out);
+    out
+}
 
-    let namespaces: BTreeMap<&str, _> = state
-        .peer_pods()
-        .map(|p| {
-            (
-                p.key.namespace.as_str(),
-                state.namespace_labels(&p.key.namespace),
-            )
-        })
-        .collect();
-    let peer_pods: Vec<(&Pod, u32, &PodIdentityKey)> = state
-        .peer_pods()
-        .filter_map(|pod| {
-            let (key, id) = identities.pods.get_key_value(&PodIdentityKey::of(pod))?;
-            Some((pod, *id, key))
-        })
-        .collect();
+/// The isolation flags of the endpoint of pod `key` (`pod` when the state has it); `emit` gets each
+/// rule of each policy that selects it, with the policy's id.
+fn endpoint_flags_and_rules<'r>(
+    key: &PodKey,
+    pod: Option<&Pod>,
+    parsed: &[ParsedPolicy<'_>],
+    resolved: &'r [Vec<ResolvedRule<'r>>],
+    mut emit: impl FnMut(&'r ResolvedRule<'r>, u32),
+) -> u32 {
+    let mut flags = 0;
+    for (policy, rules) in parsed.iter().zip(resolved) {
+        if policy.policy.key.namespace != key.namespace {
+            continue;
+        }
+        let Some(selector) = &policy.selector else {
+            flags |= endpoint_flags::ISOLATED_INGRESS | endpoint_flags::ISOLATED_EGRESS;
+            continue;
+        };
+        // A pod not in the state is isolated by every policy of its namespace (its labels are
+        // unknown), but only policies that select all pods grant it anything.
+        let selected = pod.map_or(selector.is_empty(), |p| selector.matches(&p.labels));
+        if !selected && pod.is_some() {
+            continue;
+        }
+        if policy.ingress {
+            flags |= endpoint_flags::ISOLATED_INGRESS;
+        }
+        if policy.egress {
+            flags |= endpoint_flags::ISOLATED_EGRESS;
+        }
+        if selected {
+            rules.iter().for_each(|rule| emit(rule, policy.id));
+        }
+    }
+    flags
+}
 
-    // Peers depend on the policy alone, so they are resolved once per rule.
-    let resolve = |policy: &ParsedPolicy<'_>, peers: &Option<Vec<Peer>>| -> Vec<Target<'_>> {
+/// The counts of `status` and the logs.
+fn fill_stats(out: &mut Compiled, parsed: &[ParsedPolicy<'_>], identities: &Identities) {
+    out.stats.policies = parsed.len();
+    out.stats.invalid_policies = parsed.iter().filter(|p| !p.valid).count();
+    out.stats.pod_identities = identities.pods.len();
+    out.stats.cidr_identities = identities.cidrs.len();
+    out.stats.endpoints = out.endpoints.len();
+    out.stats.policy_entries = out.policy.len();
+}
+
+/// FRONTENDS and SERVICES (from the fitted rules), fitted in turn.
+fn compile_services(input: &CompileInput<'_>, out: &mut Compiled) {
+    let state = input.state;
+    let local_pods: Vec<_> = state
+        .peer_pods()
+        .filter(|p| p.node_name.as_deref() == Some(input.node_name))
+        .collect();
+    out.stats.local_pods_without_endpoint = local_pods
+        .iter()
+        .filter(|p| !input.endpoints.contains_key(&p.key))
+        .count();
+    let local_ips: std::collections::BTreeSet<IpAddr> = local_pods
+        .iter()
+        .flat_map(|p| p.ips.iter().copied())
+        .collect();
+    let frontends = crate::model::service::frontends(state);
+    out.frontends = frontends
+        .iter()
+        .map(|f| ((ip_key(f.vip), Prefix::host(ip_key(f.vip)).prefix_len()), 1))
+        .collect();
+    out.services = services::compile(out, &frontends, &local_ips, input.exits_guarded);
+    let shortfalls = capacity::fit_services(out, &input.capacities);
+    out.shortfalls.extend(shortfalls);
+}
+
+/// The pods a rule can name, with their namespaces' labels and identities, gathered once per
+/// compilation.
+struct PeerIndex<'a> {
+    namespaces: BTreeMap<&'a str, std::borrow::Cow<'a, crate::model::Labels>>,
+    pods: Vec<(&'a Pod, u32, &'a PodIdentityKey)>,
+    identities: &'a Identities,
+}
+
+impl<'a> PeerIndex<'a> {
+    fn new(state: &'a ClusterState, identities: &'a Identities) -> Self {
+        let namespaces = state
+            .peer_pods()
+            .map(|p| {
+                let ns = p.key.namespace.as_str();
+                (ns, state.namespace_labels(ns))
+            })
+            .collect();
+        let pods = state
+            .peer_pods()
+            .filter_map(|pod| {
+                let (key, id) = identities.pods.get_key_value(&PodIdentityKey::of(pod))?;
+                Some((pod, *id, key))
+            })
+            .collect();
+        PeerIndex {
+            namespaces,
+            pods,
+            identities,
+        }
+    }
+
+    /// The rules of `p` in the directions it isolates, peers resolved (once per rule: they depend
+    /// on the policy alone).
+    fn rules<'p>(&self, p: &'p ParsedPolicy<'_>) -> Vec<ResolvedRule<'a>>
+    where
+        'p: 'a,
+    {
+        p.rules
+            .iter()
+            .filter(|r| p.isolates(r.direction))
+            .map(|r| ResolvedRule {
+                direction: r.direction,
+                targets: self.resolve(p, &r.peers),
+                ports: &r.ports,
+            })
+            .collect()
+    }
+
+    fn resolve(&self, policy: &ParsedPolicy<'_>, peers: &Option<Vec<Peer>>) -> Vec<Target<'a>> {
         let Some(peers) = peers else {
             return vec![Target::Any];
         };
@@ -587,13 +703,13 @@ pub fn compile(input: &CompileInput<'_>) -> Compiled {
                     namespaces: ns,
                     pods,
                 } => {
-                    for (pod, id, key) in &peer_pods {
+                    for (pod, id, key) in &self.pods {
                         let ns_ok = match ns {
                             NamespaceMatch::Same => {
                                 pod.key.namespace == policy.policy.key.namespace
                             }
                             NamespaceMatch::Selector(s) => {
-                                s.matches(&namespaces[pod.key.namespace.as_str()])
+                                s.matches(&self.namespaces[pod.key.namespace.as_str()])
                             }
                         };
                         if ns_ok && pods.matches(&pod.labels) {
@@ -602,7 +718,7 @@ pub fn compile(input: &CompileInput<'_>) -> Compiled {
                     }
                 }
                 Peer::IpBlock { cidr, except } => {
-                    for (prefix, id) in &identities.cidrs {
+                    for (prefix, id) in &self.identities.cidrs {
                         if prefix.is_v4() == cidr.is_v4()
                             && cidr.contains(prefix)
                             && !except.iter().any(|e| e.contains(prefix))
@@ -614,104 +730,7 @@ pub fn compile(input: &CompileInput<'_>) -> Compiled {
             }
         }
         targets.into_values().collect()
-    };
-    let resolved: Vec<Vec<ResolvedRule<'_>>> = parsed
-        .iter()
-        .map(|p| {
-            p.rules
-                .iter()
-                .filter(|r| p.isolates(r.direction))
-                .map(|r| ResolvedRule {
-                    direction: r.direction,
-                    targets: resolve(p, &r.peers),
-                    ports: &r.ports,
-                })
-                .collect()
-        })
-        .collect();
-
-    for (key, &endpoint) in input.endpoints {
-        let pod = state.pods.get(key);
-        let mut flags = 0;
-        for (policy, rules) in parsed.iter().zip(&resolved) {
-            if policy.policy.key.namespace != key.namespace {
-                continue;
-            }
-            let Some(selector) = &policy.selector else {
-                flags |= endpoint_flags::ISOLATED_INGRESS | endpoint_flags::ISOLATED_EGRESS;
-                continue;
-            };
-            // A pod not in the state is isolated by every policy of its namespace (its labels are
-            // unknown), but only policies that select all pods grant it anything.
-            let selected = pod.map_or(selector.is_empty(), |p| selector.matches(&p.labels));
-            if !selected && pod.is_some() {
-                continue;
-            }
-            if policy.ingress {
-                flags |= endpoint_flags::ISOLATED_INGRESS;
-            }
-            if policy.egress {
-                flags |= endpoint_flags::ISOLATED_EGRESS;
-            }
-            if !selected {
-                continue;
-            }
-            for rule in rules {
-                emit_rule(
-                    &mut out.policy,
-                    Emit {
-                        endpoint,
-                        direction: rule.direction,
-                        policy: policy.id,
-                        local_pod: pod,
-                    },
-                    &rule.targets,
-                    rule.ports,
-                    &identities,
-                    &host_ports,
-                );
-            }
-        }
-        if pod.is_none() {
-            out.stats.unknown_endpoints += 1;
-        }
-        out.stats.isolated_ingress += usize::from(flags & endpoint_flags::ISOLATED_INGRESS != 0);
-        out.stats.isolated_egress += usize::from(flags & endpoint_flags::ISOLATED_EGRESS != 0);
-        let link = input.links.get(&endpoint).copied().unwrap_or_default();
-        out.endpoints.insert(endpoint, link.info(flags));
     }
-
-    pending::compile(input, &parsed, &mut out);
-    out.shortfalls = capacity::fit_rules(&mut out, &input.capacities);
-
-    out.stats.policies = parsed.len();
-    out.stats.invalid_policies = parsed.iter().filter(|p| !p.valid).count();
-    out.stats.pod_identities = identities.pods.len();
-    out.stats.cidr_identities = identities.cidrs.len();
-    out.stats.endpoints = out.endpoints.len();
-    let local_pods: Vec<_> = state
-        .peer_pods()
-        .filter(|p| p.node_name.as_deref() == Some(input.node_name))
-        .collect();
-    out.stats.local_pods_without_endpoint = local_pods
-        .iter()
-        .filter(|p| !input.endpoints.contains_key(&p.key))
-        .count();
-    out.stats.policy_entries = out.policy.len();
-    out.identities = identities;
-    let local_ips: std::collections::BTreeSet<IpAddr> = local_pods
-        .iter()
-        .flat_map(|p| p.ips.iter().copied())
-        .collect();
-    let frontends = crate::model::service::frontends(state);
-    out.frontends = frontends
-        .iter()
-        .map(|f| ((ip_key(f.vip), Prefix::host(ip_key(f.vip)).prefix_len()), 1))
-        .collect();
-    out.services = services::compile(&out, &frontends, &local_ips, input.exits_guarded);
-    let services_shortfalls = capacity::fit_services(&mut out, &input.capacities);
-    out.shortfalls.extend(services_shortfalls);
-    out
 }
 
 fn allocate_identities(state: &ClusterState, parsed: &[ParsedPolicy<'_>]) -> Identities {

@@ -25,6 +25,19 @@ pub struct Tables<'a> {
 }
 
 impl Contents {
+    /// The lookup model's answer for these contents: see [`Tables::allows`].
+    pub fn allows(
+        &self,
+        endpoint: u32,
+        peer: IpAddr,
+        direction: Direction,
+        protocol: u8,
+        port: u16,
+    ) -> bool {
+        self.tables()
+            .allows(endpoint, peer, direction, protocol, port)
+    }
+
     /// These contents as the lookup model reads them.
     pub fn tables(&self) -> Tables<'_> {
         Tables {

@@ -240,6 +240,19 @@ struct Case {
     peers: Vec<IpAddr>,
 }
 
+impl Case {
+    /// An update from `buffers` to `desired`, with every probe's old and new decision.
+    fn new(buffers: Buffers, desired: Contents, peers: Vec<IpAddr>) -> Case {
+        Case {
+            old: decisions(buffers.active().tables(), &peers),
+            new: decisions(desired.tables(), &peers),
+            buffers,
+            desired,
+            peers,
+        }
+    }
+}
+
 /// A generated case: the buffers as two updates left them (packets read `before`, the other
 /// buffer holds the state before that), and the state after the change.
 fn case(rng: &mut Rng) -> Case {
@@ -255,14 +268,7 @@ fn case(rng: &mut Rng) -> Case {
         generation,
         contents,
     };
-    let desired = compiled(&after);
-    Case {
-        old: decisions(buffers.active().tables(), &peers),
-        new: decisions(desired.tables(), &peers),
-        buffers,
-        desired,
-        peers,
-    }
+    Case::new(buffers, compiled(&after), peers)
 }
 
 #[test]
@@ -333,14 +339,7 @@ fn swap_case() -> Case {
         generation: 0,
         contents: [compiled(&before), Contents::default()],
     };
-    let desired = compiled(&after);
-    Case {
-        old: decisions(buffers.active().tables(), &peers),
-        new: decisions(desired.tables(), &peers),
-        buffers,
-        desired,
-        peers,
-    }
+    Case::new(buffers, compiled(&after), peers)
 }
 
 /// The writes of `c`'s update applied to the buffer packets read, one at a time.
