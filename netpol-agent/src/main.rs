@@ -7,6 +7,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use netpol_agent::{
     agent::{self, AgentConfig},
     datapath::{self, PinLayout, capacities::Capacities},
+    model::Protocol,
     observe,
     observe::control::{self, Status},
     observe::flows::{self, Filter, VerdictFilter},
@@ -207,6 +208,37 @@ enum Command {
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
     },
+    /// Explain a connection: its verdict, the policies that isolate each end, and the rules that
+    /// allow it, from the compiler that programs the datapath. Offline, against a manifest
+    /// directory or the Kubernetes API. Exit status: 0 allowed, 1 denied, 2 no answer (an unknown
+    /// pod, an unreadable source).
+    Explain {
+        /// The client: namespace/pod or an IP address.
+        #[arg(long)]
+        from: netpol_agent::observe::explain::Party,
+        /// The server: namespace/pod, a ClusterIP or another IP address.
+        #[arg(long)]
+        to: netpol_agent::observe::explain::Party,
+        /// Destination port.
+        #[arg(long)]
+        port: u16,
+        /// TCP, UDP or SCTP.
+        #[arg(long, default_value = "TCP", value_parser = parse_protocol)]
+        protocol: Protocol,
+        /// Read the cluster state from this manifest directory.
+        #[arg(long, conflicts_with = "kubeconfig")]
+        manifests: Option<PathBuf>,
+        /// kubeconfig for the Kubernetes API (the default without --manifests: kube's inference).
+        #[arg(long)]
+        kubeconfig: Option<PathBuf>,
+        /// Output format; `json` prints one object whose `verdict` is `allowed` or `denied`.
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+}
+
+fn parse_protocol(s: &str) -> Result<Protocol, String> {
+    Protocol::parse(&s.to_uppercase()).ok_or_else(|| format!("{s:?}: TCP, UDP or SCTP"))
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -455,6 +487,42 @@ fn main() -> anyhow::Result<()> {
                 }
                 std::process::exit(report.exit_code());
             }
+            Command::Explain {
+                from,
+                to,
+                port,
+                protocol,
+                manifests,
+                kubeconfig,
+                output,
+            } => {
+                let source = match manifests {
+                    Some(dir) => SourceConfig::Manifests(dir),
+                    None => SourceConfig::Kubernetes { kubeconfig },
+                };
+                let query = netpol_agent::observe::explain::Query {
+                    from,
+                    to,
+                    protocol,
+                    port,
+                };
+                let explained = read_state_once(&source).await.and_then(|state| {
+                    netpol_agent::observe::explain::explain(&state, &query)
+                        .with_context(|| format!("in the cluster state of {}", source.describe()))
+                });
+                let e = match explained {
+                    Ok(e) => e,
+                    Err(e) => {
+                        eprintln!("error: {e:#}");
+                        std::process::exit(2);
+                    }
+                };
+                match output {
+                    Output::Json => println!("{}", serde_json::to_string_pretty(&e)?),
+                    Output::Table => print!("{}", netpol_agent::observe::explain::render_text(&e)),
+                }
+                std::process::exit(i32::from(e.verdict != netpol_agent::observe::explain::Verdict::Allowed));
+            }
             Command::Cleanup { dirs } => {
                 if control::agent_is_running(&dirs.state_dir).await {
                     anyhow::bail!(
@@ -525,4 +593,22 @@ fn print_status(s: &Status) {
             println!("- {e}");
         }
     }
+}
+
+/// The first full cluster state `source` publishes (at most 60 s of waiting for the API).
+async fn read_state_once(
+    source: &SourceConfig,
+) -> anyhow::Result<std::sync::Arc<netpol_agent::model::ClusterState>> {
+    let mut rx = netpol_agent::sources::spawn(source).await?;
+    let wait = async {
+        loop {
+            if let Some(state) = rx.borrow_and_update().state.clone() {
+                return Ok(state);
+            }
+            rx.changed().await.context("the source stopped")?;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), wait)
+        .await
+        .with_context(|| format!("{} did not list within 60 s", source.describe()))?
 }

@@ -33,6 +33,10 @@ use crate::observe::control::SharedStatus;
 /// Default of `--health-addr` (see the module docs for why).
 pub const DEFAULT_HEALTH_ADDR: &str = "127.0.0.1:9101";
 
+/// Problems listed in a probe's answer at most: a kubelet probe needs the first ones, not a
+/// megabyte (`status` has them all).
+pub const MAX_PROBLEMS: usize = 20;
+
 /// `/healthz` fails when the sync loop has not ticked for this long.
 pub const STALL_AFTER: Duration = Duration::from_secs(30);
 
@@ -101,10 +105,13 @@ async fn serve(listener: TcpListener, status: SharedStatus, heartbeat: Heartbeat
 
 /// Status code and body for `path`.
 pub fn answer(path: &str, status: &SharedStatus, heartbeat: &Heartbeat) -> (StatusCode, String) {
-    let (ready, errors) = status
+    let (ready, errors, more) = status
         .lock()
-        .map(|s| (s.ready, s.errors.clone()))
-        .unwrap_or((false, vec!["status lock poisoned".to_owned()]));
+        .map(|s| {
+            let shown = s.errors.iter().take(MAX_PROBLEMS).cloned().collect();
+            (s.ready, shown, s.errors.len().saturating_sub(MAX_PROBLEMS))
+        })
+        .unwrap_or((false, vec!["status lock poisoned".to_owned()], 0));
     let (code, mut body) = match path {
         "/healthz" | "/livez" => match heartbeat.age() {
             Some(age) if age <= STALL_AFTER => (StatusCode::OK, "ok".to_owned()),
@@ -120,7 +127,7 @@ pub fn answer(path: &str, status: &SharedStatus, heartbeat: &Heartbeat) -> (Stat
         "/readyz" if ready => (StatusCode::OK, "ready".to_owned()),
         "/readyz" => (
             StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: waiting for the first full sync of the cluster state".to_owned(),
+            "not ready: the datapath does not enforce the cluster state in full yet (the first full sync, or a problem below)".to_owned(),
         ),
         _ => {
             return (
@@ -134,6 +141,11 @@ pub fn answer(path: &str, status: &SharedStatus, heartbeat: &Heartbeat) -> (Stat
         body.push_str("problem: ");
         body.push_str(&e);
         body.push('\n');
+    }
+    if more > 0 {
+        body.push_str(&format!(
+            "and {more} more problems (`netpol-agent status` lists them all)\n"
+        ));
     }
     (code, body)
 }
@@ -167,6 +179,12 @@ mod tests {
         assert_eq!(code, StatusCode::OK);
         assert!(body.contains("problem: Kubernetes API: pods: forbidden"));
         assert_eq!(answer("/x", &status, &hb).0, StatusCode::NOT_FOUND);
+        // Thousands of problems: a probe gets the first ones and a count.
+        status.lock().unwrap().errors = (0..5000).map(|i| format!("write {i} failed")).collect();
+        let (_, body) = answer("/readyz", &status, &hb);
+        assert_eq!(body.matches("problem: ").count(), MAX_PROBLEMS);
+        assert!(body.contains("and 4980 more problems"), "{body}");
+        assert!(body.len() < 2_000);
         hb.0.store(now_ms() - 31_000, Ordering::Relaxed);
         assert_eq!(
             answer("/healthz", &status, &hb).0,

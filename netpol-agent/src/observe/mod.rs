@@ -6,6 +6,7 @@
 //! agent and `netpol-agent flows` when no agent runs.
 
 pub mod control;
+pub mod explain;
 pub mod flows;
 pub mod health;
 pub mod metrics;

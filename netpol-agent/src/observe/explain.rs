@@ -1,0 +1,477 @@
+//! `netpol-agent explain`: why a connection is allowed or denied, and by which policy and rule.
+//!
+//! Not a second model of NetworkPolicy: every answer is the compiler's output read through the
+//! datapath's lookup model, for the whole state (the verdict), for each policy alone (which ones
+//! isolate the pod) and for each of their rules alone (which ones allow the connection).
+
+use std::net::IpAddr;
+
+use serde::Serialize;
+
+use crate::compiler::{self, CompileInput, PendingRule};
+use crate::datapath::Capacities;
+use crate::model::{ClusterState, Pod, PodKey, Policy, Protocol};
+use netpol_common::{Direction, endpoint_flags};
+
+/// The endpoint id the explained pod gets in its compilations.
+const ENDPOINT: u32 = 1;
+
+/// One end of the connection: a pod (`namespace/name`) or an address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Party {
+    Pod(PodKey),
+    Address(IpAddr),
+}
+
+impl std::str::FromStr for Party {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Ok(ip) = s.parse() {
+            return Ok(Party::Address(ip));
+        }
+        match s.split_once('/') {
+            Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+                Ok(Party::Pod(PodKey::new(ns, name)))
+            }
+            _ => Err(format!("{s:?} is neither namespace/pod nor an IP address")),
+        }
+    }
+}
+
+/// The connection to explain.
+#[derive(Clone, Debug)]
+pub struct Query {
+    pub from: Party,
+    pub to: Party,
+    pub protocol: Protocol,
+    pub port: u16,
+}
+
+/// Allowed or denied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    Allowed,
+    Denied,
+}
+
+impl Verdict {
+    fn of(allowed: bool) -> Self {
+        if allowed {
+            Verdict::Allowed
+        } else {
+            Verdict::Denied
+        }
+    }
+}
+
+/// What one pod's policies say about the connection, in one direction.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Side {
+    pub pod: String,
+    /// `egress` (at the client) or `ingress` (at the server).
+    pub direction: &'static str,
+    pub verdict: Verdict,
+    /// The policies that isolate the pod in this direction.
+    pub isolated_by: Vec<String>,
+    /// The rules that allow the connection: `namespace/policy egress[0]`.
+    pub allowed_by: Vec<String>,
+    pub reason: String,
+}
+
+/// The answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Explanation {
+    pub verdict: Verdict,
+    pub from: String,
+    pub to: String,
+    /// The addresses the connection goes between.
+    pub source: IpAddr,
+    pub destination: IpAddr,
+    /// `TCP`, `UDP` or `SCTP`.
+    pub protocol: String,
+    pub port: u16,
+    /// At the client pod; absent when the client is not a pod.
+    pub egress: Option<Side>,
+    /// At the server pod; absent when the server is not a pod (or is reached through a Service,
+    /// whose backends are judged at their own veths).
+    pub ingress: Option<Side>,
+    /// The Service whose ClusterIP the connection goes to, judged on its backends.
+    pub service: Option<String>,
+}
+
+/// Why a query cannot be answered.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ExplainError {
+    #[error("pod {0} is not in the cluster state")]
+    UnknownPod(PodKey),
+    #[error("pod {0} has no address (of the family of the other end)")]
+    NoAddress(PodKey),
+}
+
+/// Explains `q` against `state`.
+pub fn explain(state: &ClusterState, q: &Query) -> Result<Explanation, ExplainError> {
+    let (to_pod, destination) = resolve(state, &q.to, None)?;
+    let (from_pod, source) = resolve(state, &q.from, Some(destination))?;
+    let protocol = q.protocol.number();
+    let egress = from_pod.map(|p| side(state, p, Direction::Egress, destination, protocol, q.port));
+    let service = service_of(state, destination);
+    let ingress = match (to_pod, &service) {
+        (Some(p), None) => Some(side(state, p, Direction::Ingress, source, protocol, q.port)),
+        _ => None,
+    };
+    let allowed = [&egress, &ingress]
+        .iter()
+        .all(|s| s.as_ref().is_none_or(|s| s.verdict == Verdict::Allowed));
+    Ok(Explanation {
+        verdict: Verdict::of(allowed),
+        from: party_name(&q.from),
+        to: party_name(&q.to),
+        source,
+        destination,
+        protocol: super::flows::protocol_name(protocol).to_uppercase(),
+        port: q.port,
+        egress,
+        ingress,
+        service,
+    })
+}
+
+fn party_name(p: &Party) -> String {
+    match p {
+        Party::Pod(k) => k.to_string(),
+        Party::Address(ip) => ip.to_string(),
+    }
+}
+
+/// The pod (if one) and address of a party; a pod's address of `family_of`'s family when given,
+/// else its IPv4 one when it has one.
+fn resolve<'a>(
+    state: &'a ClusterState,
+    party: &Party,
+    family_of: Option<IpAddr>,
+) -> Result<(Option<&'a Pod>, IpAddr), ExplainError> {
+    let key = match party {
+        Party::Address(ip) => return Ok((None, *ip)),
+        Party::Pod(key) => key,
+    };
+    let pod = state
+        .pods
+        .get(key)
+        .ok_or_else(|| ExplainError::UnknownPod(key.clone()))?;
+    let want_v4 = family_of.is_none_or(|a| a.is_ipv4());
+    let ip = pod
+        .ips
+        .iter()
+        .find(|ip| ip.is_ipv4() == want_v4)
+        .or(if family_of.is_none() {
+            pod.ips.first()
+        } else {
+            None
+        })
+        .copied()
+        .ok_or_else(|| ExplainError::NoAddress(key.clone()))?;
+    Ok((Some(pod), ip))
+}
+
+/// The Service whose ClusterIP `ip` is.
+fn service_of(state: &ClusterState, ip: IpAddr) -> Option<String> {
+    state
+        .services
+        .values()
+        .find(|s| s.cluster_ips.contains(&ip))
+        .map(|s| s.key.to_string())
+}
+
+/// What `pod`'s policies say about its connection with `peer` in `direction`.
+fn side(
+    state: &ClusterState,
+    pod: &Pod,
+    direction: Direction,
+    peer: IpAddr,
+    protocol: u8,
+    port: u16,
+) -> Side {
+    let allows = |s: &ClusterState| {
+        let c = compile_for(s, pod);
+        let isolated = c.endpoints[&ENDPOINT].flags & isolation_flag(direction) != 0;
+        (
+            isolated,
+            c.allows(ENDPOINT, peer, direction, protocol, port),
+        )
+    };
+    let (_, allowed) = allows(state);
+    let in_namespace = state
+        .policies
+        .values()
+        .filter(|p| p.key.namespace == pod.key.namespace);
+    let isolated_by: Vec<&Policy> = in_namespace
+        .filter(|p| allows(&only(state, p, None)).0)
+        .collect();
+    let allowed_by = isolated_by
+        .iter()
+        .flat_map(|p| {
+            let rules = rule_count(p, direction);
+            (0..rules)
+                .filter(|i| allows(&only(state, p, Some((direction, *i)))).1)
+                .map(|i| format!("{} {}[{i}]", p.key, direction_name(direction)))
+                .collect::<Vec<_>>()
+        })
+        .collect::<Vec<_>>();
+    let isolated_by: Vec<String> = isolated_by.iter().map(|p| p.key.to_string()).collect();
+    let reason = match (isolated_by.is_empty(), allowed, allowed_by.is_empty()) {
+        (true, _, _) => format!(
+            "no policy isolates {} for {}: everything is allowed",
+            pod.key,
+            direction_name(direction)
+        ),
+        (false, true, false) => format!("allowed by {}", allowed_by.join(", ")),
+        (false, true, true) => "allowed by the policies together".to_owned(),
+        (false, false, _) => format!(
+            "isolated by {}, and no rule of theirs allows it",
+            isolated_by.join(", ")
+        ),
+    };
+    Side {
+        pod: pod.key.to_string(),
+        direction: direction_name(direction),
+        verdict: Verdict::of(allowed),
+        isolated_by,
+        allowed_by,
+        reason,
+    }
+}
+
+fn direction_name(d: Direction) -> &'static str {
+    match d {
+        Direction::Ingress => "ingress",
+        Direction::Egress => "egress",
+    }
+}
+
+fn isolation_flag(d: Direction) -> u32 {
+    match d {
+        Direction::Ingress => endpoint_flags::ISOLATED_INGRESS,
+        Direction::Egress => endpoint_flags::ISOLATED_EGRESS,
+    }
+}
+
+fn rule_count(p: &Policy, d: Direction) -> usize {
+    match d {
+        Direction::Ingress => p.spec.ingress.as_ref().map_or(0, Vec::len),
+        Direction::Egress => p.spec.egress.as_ref().map_or(0, Vec::len),
+    }
+}
+
+/// `state` with `policy` as its only policy; with `rule`, that policy keeps only that rule of its
+/// direction and none of the other (its isolation, `policyTypes`, unchanged).
+fn only(state: &ClusterState, policy: &Policy, rule: Option<(Direction, usize)>) -> ClusterState {
+    let mut s = state.clone();
+    let mut p = policy.clone();
+    if let Some((d, i)) = rule {
+        let types = p.spec.policy_types.clone().unwrap_or_else(|| {
+            let mut t = vec!["Ingress".to_owned()];
+            if p.spec.egress.as_ref().is_some_and(|e| !e.is_empty()) {
+                t.push("Egress".to_owned());
+            }
+            t
+        });
+        p.spec.policy_types = Some(types);
+        keep_rule(&mut p.spec.ingress, (d == Direction::Ingress).then_some(i));
+        keep_rule(&mut p.spec.egress, (d == Direction::Egress).then_some(i));
+    }
+    s.policies = [(p.key.clone(), p)].into_iter().collect();
+    s
+}
+
+/// Keeps only rule `i` of `rules` (none at all without an `i`).
+fn keep_rule<T>(rules: &mut Option<Vec<T>>, i: Option<usize>) {
+    *rules = match (rules.take(), i) {
+        (Some(mut r), Some(i)) if i < r.len() => Some(vec![r.swap_remove(i)]),
+        _ => None,
+    };
+}
+
+/// Compiles `state` with `pod` as the one local endpoint, on its node.
+fn compile_for(state: &ClusterState, pod: &Pod) -> compiler::Compiled {
+    let endpoints = [(pod.key.clone(), ENDPOINT)].into_iter().collect();
+    compiler::compile(&CompileInput {
+        state,
+        node_name: pod.node_name.as_deref().unwrap_or_default(),
+        endpoints: &endpoints,
+        host_addrs: &[],
+        links: &Default::default(),
+        pending: &Default::default(),
+        pending_rule: PendingRule::Drop,
+        exits_guarded: true,
+        capacities: Capacities::default(),
+    })
+}
+
+/// The explanation as text, one line per side.
+pub fn render_text(e: &Explanation) -> String {
+    let mut out = format!(
+        "{} -> {} {} {}: {}\n",
+        e.from,
+        e.to,
+        e.protocol,
+        e.port,
+        match e.verdict {
+            Verdict::Allowed => "allowed",
+            Verdict::Denied => "denied",
+        }
+    );
+    if let Some(svc) = &e.service {
+        out.push_str(&format!(
+            "  {} is the ClusterIP of Service {svc}: egress is judged on the backend kube-proxy picks, ingress at that backend\n",
+            e.destination
+        ));
+    }
+    for s in [&e.egress, &e.ingress].into_iter().flatten() {
+        out.push_str(&format!("  {} at {}: {}\n", s.direction, s.pod, s.reason));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Namespace, Object, Origin};
+
+    fn pod(ns: &str, name: &str, app: &str, ip: &str) -> Object {
+        Object::Pod(Pod {
+            key: PodKey::new(ns, name),
+            labels: [("app".to_owned(), app.to_owned())].into_iter().collect(),
+            node_name: Some("n1".into()),
+            host_network: false,
+            phase: Some("Running".into()),
+            ips: vec![ip.parse().unwrap()],
+            ports: Vec::new(),
+        })
+    }
+
+    fn policy(ns: &str, name: &str, spec: &str) -> Object {
+        Object::Policy(Policy {
+            key: PodKey::new(ns, name),
+            origin: Origin::Api,
+            spec: serde_yaml::from_str(spec).unwrap(),
+        })
+    }
+
+    fn state(objects: Vec<Object>) -> ClusterState {
+        let mut s = ClusterState::default();
+        for ns in ["x", "y"] {
+            s.insert(Object::Namespace(Namespace::implicit(ns)));
+        }
+        for o in objects {
+            s.insert(o);
+        }
+        s
+    }
+
+    fn query(from: &str, to: &str, port: u16) -> Query {
+        Query {
+            from: from.parse().unwrap(),
+            to: to.parse().unwrap(),
+            protocol: Protocol::Tcp,
+            port,
+        }
+    }
+
+    const DENY_ALL: &str = "podSelector: {}\npolicyTypes: [Ingress, Egress]";
+
+    #[test]
+    fn names_the_isolating_policies_and_the_rule_that_allows() {
+        let s = state(vec![
+            pod("x", "a", "web", "10.42.0.5"),
+            pod("y", "b", "db", "10.42.1.6"),
+            policy("x", "deny-all", DENY_ALL),
+            policy(
+                "x",
+                "web-out",
+                "podSelector: {matchLabels: {app: web}}\negress:\n- ports: [{port: 53, protocol: UDP}]\n- to: [{namespaceSelector: {}}]\n  ports: [{port: 5432}]",
+            ),
+            policy(
+                "y",
+                "db-in",
+                "podSelector: {}\ningress:\n- ports: [{port: 80}]",
+            ),
+        ]);
+        let e = explain(&s, &query("x/a", "y/b", 5432)).unwrap();
+        assert_eq!(e.verdict, Verdict::Denied);
+        let out = e.egress.as_ref().unwrap();
+        assert_eq!(out.verdict, Verdict::Allowed);
+        assert_eq!(out.isolated_by, vec!["x/deny-all", "x/web-out"]);
+        assert_eq!(out.allowed_by, vec!["x/web-out egress[1]"]);
+        let inside = e.ingress.as_ref().unwrap();
+        assert_eq!(inside.verdict, Verdict::Denied);
+        assert_eq!(inside.isolated_by, vec!["y/db-in"]);
+        assert!(inside.allowed_by.is_empty());
+        assert!(render_text(&e).contains("isolated by y/db-in, and no rule"));
+
+        let e = explain(&s, &query("x/a", "y/b", 80)).unwrap();
+        assert_eq!(e.verdict, Verdict::Denied, "x/a may not send to port 80");
+        assert_eq!(e.ingress.unwrap().allowed_by, vec!["y/db-in ingress[0]"]);
+        let json = serde_json::to_value(explain(&s, &query("x/a", "y/b", 5432)).unwrap()).unwrap();
+        assert_eq!(json["verdict"], "denied");
+        assert_eq!(json["egress"]["verdict"], "allowed");
+    }
+
+    #[test]
+    fn an_address_end_is_judged_only_at_the_pod_end() {
+        let s = state(vec![
+            pod("x", "a", "web", "10.42.0.5"),
+            policy("x", "deny-all", DENY_ALL),
+        ]);
+        let e = explain(&s, &query("192.0.2.1", "x/a", 443)).unwrap();
+        assert_eq!(e.verdict, Verdict::Denied);
+        assert!(e.egress.is_none());
+        assert_eq!(e.ingress.unwrap().isolated_by, vec!["x/deny-all"]);
+        let e = explain(&s, &query("x/a", "x/a", 1)).unwrap();
+        assert_eq!(e.source, e.destination);
+        assert_eq!(
+            explain(&s, &query("x/zz", "x/a", 1)).unwrap_err(),
+            ExplainError::UnknownPod(PodKey::new("x", "zz"))
+        );
+        let open = state(vec![pod("x", "a", "web", "10.42.0.5")]);
+        let e = explain(&open, &query("x/a", "192.0.2.1", 443)).unwrap();
+        assert_eq!(e.verdict, Verdict::Allowed);
+        assert!(e.egress.unwrap().reason.contains("no policy isolates"));
+        assert!("x/a/b".parse::<Party>().is_err() && "nonsense".parse::<Party>().is_err());
+    }
+
+    #[test]
+    fn a_cluster_ip_is_judged_on_its_backends() {
+        use crate::model::service::{Service, ServicePort, TargetPort};
+        let db = Service {
+            key: PodKey::new("y", "db"),
+            cluster_ips: vec!["10.43.0.20".parse().unwrap()],
+            ports: vec![ServicePort {
+                name: "pg".into(),
+                protocol: Protocol::Tcp,
+                port: 5432,
+                target: TargetPort::Number(5432),
+            }],
+            selector: Some([("app".to_owned(), "db".to_owned())].into_iter().collect()),
+        };
+        let s = state(vec![
+            pod("x", "a", "web", "10.42.0.5"),
+            pod("y", "b", "db", "10.42.1.6"),
+            policy("x", "deny-all", DENY_ALL),
+            policy(
+                "x",
+                "to-db",
+                "podSelector: {}\negress:\n- to: [{namespaceSelector: {}, podSelector: {matchLabels: {app: db}}}]\n  ports: [{port: 5432}]",
+            ),
+            Object::Service(db),
+        ]);
+        let e = explain(&s, &query("x/a", "10.43.0.20", 5432)).unwrap();
+        assert_eq!(e.service.as_deref(), Some("y/db"));
+        assert_eq!(e.verdict, Verdict::Allowed);
+        assert!(e.ingress.is_none());
+        assert_eq!(e.egress.unwrap().allowed_by, vec!["x/to-db egress[0]"]);
+        let e = explain(&s, &query("x/a", "10.43.0.20", 5433)).unwrap();
+        assert_eq!(e.verdict, Verdict::Denied);
+    }
+}
