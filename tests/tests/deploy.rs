@@ -405,6 +405,8 @@ fn podmonitor_scrapes_the_agents_metrics_port() {
     for e in endpoints {
         assert_eq!(e["port"].as_str(), Some("metrics"));
         assert_eq!(e["path"].as_str(), Some("/metrics"));
+        // The drop series' namespace and pod are the pod that lost packets, not the agent's.
+        assert_eq!(e["honorLabels"].as_bool(), Some(true));
     }
     let port = container
         .ports

@@ -13,7 +13,28 @@
 use std::{
     io,
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    sync::Arc,
+    thread::JoinHandle,
 };
+
+/// Whether a grace period must separate a buffer's writes from the switch to it. Not on x86, whose
+/// loads are not reordered with older loads: a packet that reads the new generation then reads the
+/// buffer as written before the switch. Weakly ordered CPUs (arm64) may read it first.
+pub const BEFORE_SWITCH: bool = !cfg!(any(target_arch = "x86_64", target_arch = "x86"));
+
+/// A grace period being waited for on a thread of its own, so that the switch it follows is not
+/// delayed by it; the next update finishes it before writing.
+#[derive(Debug)]
+pub struct Pending(JoinHandle<io::Result<()>>);
+
+impl Pending {
+    /// Waits until it is over.
+    pub fn finish(self) -> io::Result<()> {
+        self.0
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("the grace-period thread panicked")))
+    }
+}
 
 const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
@@ -95,6 +116,12 @@ impl Grace {
             ..MapCreate::default()
         })?;
         Ok(Grace { outer, inner })
+    }
+
+    /// Waits for a grace period on another thread.
+    pub fn start(self: &Arc<Self>) -> Pending {
+        let g = Arc::clone(self);
+        Pending(std::thread::spawn(move || g.wait()))
     }
 
     /// Returns once every BPF program that started before the call has finished.

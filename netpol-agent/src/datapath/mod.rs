@@ -11,7 +11,7 @@ pub mod pinned_maps;
 pub mod pins;
 mod upgrade;
 
-use std::{collections::BTreeMap, io};
+use std::{collections::BTreeMap, io, sync::Arc};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -207,7 +207,11 @@ pub struct Datapath {
     /// The sizes the decision maps were created with.
     capacities: Capacities,
     /// Waits for RCU grace periods.
-    grace: Grace,
+    grace: Arc<Grace>,
+    /// The grace period after the last switch, still running.
+    pending_grace: Option<grace::Pending>,
+    /// A switch happened and no grace period is known to have passed since.
+    grace_owed: bool,
     /// The buffers still have to be switched: set at start-up (a previous agent may have been
     /// killed between writing a buffer and switching to it), cleared only once a switch
     /// succeeded, so revoked flows always get re-checked.
@@ -272,7 +276,9 @@ impl Datapath {
             ct_count,
             mirror: Buffers::default(),
             capacities: *capacities,
-            grace: Grace::new().map_err(DatapathError::Grace)?,
+            grace: Arc::new(Grace::new().map_err(DatapathError::Grace)?),
+            pending_grace: None,
+            grace_owed: false,
             switch_pending: true,
         };
         let read_err = |source| DatapathError::Map {
@@ -346,11 +352,11 @@ impl Datapath {
         self.mirror.active()
     }
 
-    /// Makes packets read `desired`: writes it into the buffer they do not read, waits for a grace
-    /// period (every packet that then sees the new generation sees these writes, on any CPU),
-    /// switches with one write of the generation (which also has every established flow
-    /// re-checked), and waits for another (no packet still reads the old buffer, which the next
-    /// update writes). Only a buffer whose read-back equals `desired` is switched to: after any
+    /// Makes packets read `desired`: waits until no packet reads the buffer they do not read (the
+    /// grace period after the last switch), writes `desired` into it, switches with one write of
+    /// the generation (which also has every established flow re-checked; on weakly ordered CPUs
+    /// after another grace period, so that a packet that sees the new generation sees these
+    /// writes), and starts the next grace period in the background. Only a buffer whose read-back equals `desired` is switched to: after any
     /// failed write the previous policy stays in force and the update is retried
     /// ([`Datapath::switch_pending`]).
     pub fn apply(&mut self, desired: &Contents) -> Vec<WriteError> {
@@ -358,6 +364,9 @@ impl Datapath {
             return Vec::new();
         }
         self.switch_pending = true;
+        if let Err(e) = self.settle() {
+            return vec![e];
+        }
         let update = Update::new(&self.mirror, desired);
         let b = update.buffer;
         let mut errors = Vec::new();
@@ -395,20 +404,36 @@ impl Datapath {
         }
     }
 
-    /// The grace period, the switch to `generation`, the grace period.
+    /// The switch to `generation` (after a grace period where loads may be reordered), then a grace
+    /// period in the background: the next update waits for it before rewriting the buffer packets
+    /// read until now ([`Datapath::settle`]).
     fn switch(&mut self, generation: u32) -> Result<(), WriteError> {
-        let grace = |g: &Grace| {
-            g.wait()
-                .map_err(|e| WriteError::new("grace period (ARRAY_OF_MAPS update)", e))
-        };
-        grace(&self.grace)?;
+        if grace::BEFORE_SWITCH {
+            self.grace.wait().map_err(grace_error)?;
+        }
         self.config
             .set(CONFIG_GENERATION, generation, 0)
             .map_err(|e| WriteError::new(map_names::CONFIG, e))?;
         self.mirror.generation = generation;
         self.switch_pending = false;
-        // Before the next update may rewrite the buffer packets read until now.
-        grace(&self.grace)
+        self.grace_owed = true;
+        self.pending_grace = Some(self.grace.start());
+        Ok(())
+    }
+
+    /// Returns once no packet reads the buffer packets do not read now: the grace period started
+    /// after the last switch is over (or one is waited for here, if that one failed).
+    fn settle(&mut self) -> Result<(), WriteError> {
+        if let Some(pending) = self.pending_grace.take()
+            && pending.finish().is_ok()
+        {
+            self.grace_owed = false;
+        }
+        if self.grace_owed {
+            self.grace.wait().map_err(grace_error)?;
+            self.grace_owed = false;
+        }
+        Ok(())
     }
 
     /// Whether the last update is not in force yet: a write or the switch failed, and packets
@@ -674,6 +699,10 @@ fn program_mut<'a>(
     })?;
     prog.try_into()
         .map_err(|source| DatapathError::Program { name, source })
+}
+
+fn grace_error(e: io::Error) -> WriteError {
+    WriteError::new("grace period (ARRAY_OF_MAPS update)", e)
 }
 
 fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
