@@ -409,7 +409,10 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_current_thread()
+    // Two workers for the spawned tasks (probes, metrics, the status socket, the API watchers),
+    // so that they answer while the sync loop, on this thread, compiles.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;

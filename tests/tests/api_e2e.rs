@@ -105,9 +105,19 @@ fn policy_created_through_the_api_double_is_enforced() {
             .unwrap_or_else(|e| panic!("starting agent {i}: {e:#}"));
     }
     for i in 0..nodes.len() {
-        let s = wait_status(&mut c, i, "ready", |s| s.ready && s.pods == 9);
+        // Node 1's kube-router chains are a problem of its own, and only that.
+        let chains = if i == 1 { 2 } else { 0 };
+        let s = wait_status(&mut c, i, "ready", |s| {
+            s.ready && s.pods == 9 && s.kube_router_chains == chains && s.errors.len() == chains / 2
+        });
         assert!(s.source.starts_with("kubernetes:"), "{}", s.source);
-        assert!(s.errors.is_empty(), "{:?}", s.errors);
+        assert!(
+            s.errors.iter().all(
+                |e| e.contains("kube-router's NetworkPolicy rules are on this node (2 chains)")
+            ),
+            "{:?}",
+            s.errors
+        );
         let (code, body) = health(&c, i, "/readyz");
         assert_eq!(code, 200, "{body}");
         let (code, body) = health(&c, i, "/healthz");
@@ -165,7 +175,11 @@ fn policy_created_through_the_api_double_is_enforced() {
     // Back: the policy deleted through the API is lifted everywhere.
     double.set_unreachable(false);
     for i in 0..nodes.len() {
-        wait_status(&mut c, i, "recovery", |s| s.ready && s.errors.is_empty());
+        // Only node 1's kube-router problem stays.
+        let chains_problem = usize::from(i == 1);
+        wait_status(&mut c, i, "recovery", |s| {
+            s.ready && s.errors.len() == chains_problem
+        });
     }
     assert!(
         double
@@ -176,7 +190,7 @@ fn policy_created_through_the_api_double_is_enforced() {
         .unwrap_or_else(|e| panic!("{e:#}"));
 
     // kube-router's chains were found on node 1, and only there.
-    let warning = "kube-router's NetworkPolicy rules are on this node";
+    let warning = "kube-router's NetworkPolicy rules are on this node (K3s's built-in";
     assert!(
         c.agent_log(1).contains(warning),
         "no kube-router warning on node 1:\n{}",

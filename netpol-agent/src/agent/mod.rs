@@ -149,15 +149,23 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             crate::observe::health::bind(addr, status.clone(), heartbeat.clone()).await?,
         ));
     }
-    // One look at the node's iptables for kube-router's rules, off the sync loop's thread.
-    tokio::task::spawn_blocking(crate::verify::kube_router::warn_if_present);
+    // kube-router's rules on the node, looked for again every minute, off the sync loop's thread.
+    let kube_router_chains = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    servers
+        .0
+        .push(tokio::spawn(crate::verify::kube_router::watch(
+            kube_router_chains.clone(),
+        )));
 
     tracing::info!(node = %cfg.node_name, source = %cfg.source.describe(), pin_dir = %cfg.layout.root().display(), pending = ?cfg.pending_rule, "agent started");
     let mut sync = sync::Sync::new(cfg.clone(), datapath, discovery, status);
     sync.observer = Some(observer);
+    sync.kube_router_chains = kube_router_chains;
     sync.load_persisted();
     sync.take_snapshot(&snapshots.borrow_and_update());
     sync.reconcile();
+    // The probes answer from other threads: the loop is alive from its first pass on.
+    heartbeat.beat();
     let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())
         .context("installing SIGTERM handler")?;
     let mut tick = tokio::time::interval(RESCAN_INTERVAL);
@@ -180,11 +188,11 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 // Repairs first, so that the reconcile right after reports them.
                 sync.housekeeping();
                 sync.reconcile();
-                heartbeat.beat();
             }
             _ = sigterm.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
         }
+        heartbeat.beat();
     }
     sync.save_state(true);
     drop(servers);

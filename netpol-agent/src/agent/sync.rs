@@ -76,6 +76,10 @@ pub(super) struct Sync {
     last_tcx_check: Instant,
     /// Programs that run before the agent's on the hooks it attached to, as problems.
     tcx_order_problems: Vec<String>,
+    /// kube-router NetworkPolicy chains on the node (kept by a watcher task), and the count last
+    /// reported.
+    pub(super) kube_router_chains: Arc<std::sync::atomic::AtomicUsize>,
+    kube_router_reported: usize,
     /// The source's state not saved yet, and when the last save was.
     unsaved: bool,
     last_save: Option<Instant>,
@@ -112,6 +116,8 @@ impl Sync {
             last_ct_gc: Instant::now(),
             last_tcx_check: Instant::now(),
             tcx_order_problems: Vec::new(),
+            kube_router_chains: Arc::default(),
+            kube_router_reported: 0,
             unsaved: false,
             last_save: None,
         }
@@ -217,6 +223,13 @@ impl Sync {
 
     /// The periodic work besides the scan.
     pub(super) fn housekeeping(&mut self) {
+        let chains = self
+            .kube_router_chains
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if chains != self.kube_router_reported {
+            self.kube_router_reported = chains;
+            self.state_changed = true;
+        }
         self.heal();
         self.collect_conntrack();
         self.check_tcx_order();
@@ -429,6 +442,12 @@ impl Sync {
         errors.extend(self.persisted_note.iter().cloned());
         errors.extend(self.tcx_order_problems.iter().cloned());
         errors.extend(self.repairs.iter().map(|(_, note)| note.clone()));
+        if self.kube_router_reported > 0 {
+            errors.push(format!(
+                "kube-router's NetworkPolicy rules are on this node ({} chains): traffic passes only where both engines allow it; disable K3s's network policy controller and remove them (README, section K3s)",
+                self.kube_router_reported
+            ));
+        }
         errors
     }
 
@@ -700,6 +719,7 @@ impl Sync {
         // Ready once the source's own state is programmed, not a saved one.
         s.ready = self.persisted_note.is_none() && !self.datapath.switch_pending();
         s.last_sync_unix = Some(unix_now());
+        s.kube_router_chains = self.kube_router_reported;
         s.generation = self.datapath.generation();
         s.policies = state.policies.len();
         s.pods = state.pods.len();

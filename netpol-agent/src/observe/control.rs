@@ -97,6 +97,9 @@ pub struct Status {
     pub counters: Vec<(String, u64)>,
     /// Current problems: bad input (file, object, field), map writes that failed, attach failures.
     pub errors: Vec<String>,
+    /// kube-router NetworkPolicy chains on the node (another engine enforcing too).
+    #[serde(default)]
+    pub kube_router_chains: usize,
 }
 
 /// The status shared between the sync loop (writer) and the control socket (reader).

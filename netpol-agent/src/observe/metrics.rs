@@ -211,6 +211,12 @@ impl Collector for DatapathCollector {
         )?;
         gauge_family(
             &mut encoder,
+            "netpol_kube_router_chains",
+            "kube-router NetworkPolicy chains in this node's iptables (K3s's built-in controller or its leftovers), looked for every minute",
+            &[(vec![], status.kube_router_chains as i64)],
+        )?;
+        gauge_family(
+            &mut encoder,
             "netpol_ready",
             "1 once the datapath has been programmed from a full read of the cluster state",
             &[(vec![], i64::from(status.ready))],

@@ -71,17 +71,17 @@ pub fn scan() -> Findings {
 }
 
 /// Runs [`scan`] and warns once, clearly, when kube-router's rules are on this node.
-pub fn warn_if_present() {
+pub fn warn_if_present() -> usize {
     let f = scan();
     if f.read_with.is_empty() {
         tracing::info!(
             "no iptables-save found: cannot check this node for kube-router's NetworkPolicy rules"
         );
-        return;
+        return 0;
     }
     if f.chains.is_empty() {
         tracing::debug!(read_with = ?f.read_with, "no kube-router NetworkPolicy chains on this node");
-        return;
+        return 0;
     }
     let shown: Vec<&str> = f.chains.iter().take(5).map(String::as_str).collect();
     tracing::warn!(
@@ -92,6 +92,33 @@ pub fn warn_if_present() {
          --disable-network-policy and remove the KUBE-ROUTER-*/KUBE-NWPLCY-*/KUBE-POD-FW-* chains (README, \
          section K3s)"
     );
+    f.chains.len()
+}
+
+/// How often the agent looks for kube-router's chains again: K3s's controller can come back with a
+/// server restart that lacks `--disable-network-policy`.
+pub const WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Keeps `chains` at the number of kube-router NetworkPolicy chains on this node, looking every
+/// [`WATCH_INTERVAL`] (off the async threads: it runs `iptables-save`); logs when it changes.
+pub async fn watch(chains: std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::Ordering;
+    let mut last = None;
+    loop {
+        let found = tokio::task::spawn_blocking(|| scan().chains.len())
+            .await
+            .unwrap_or(0);
+        if last != Some(found) {
+            if found > 0 {
+                warn_if_present();
+            } else if last.is_some() {
+                tracing::info!("kube-router's NetworkPolicy chains are gone from this node");
+            }
+            last = Some(found);
+        }
+        chains.store(found, Ordering::Relaxed);
+        tokio::time::sleep(WATCH_INTERVAL).await;
+    }
 }
 
 #[cfg(test)]
