@@ -210,8 +210,9 @@ enum Command {
     },
     /// Explain a connection: its verdict, the policies that isolate each end, and the rules that
     /// allow it, from the compiler that programs the datapath. Offline, against a manifest
-    /// directory or the Kubernetes API. Exit status: 0 allowed, 1 denied, 2 no answer (an unknown
-    /// pod, an unreadable source).
+    /// directory or the Kubernetes API; with --live, also against the running agent's maps on this
+    /// node. Exit status: 0 allowed, 1 denied, 2 no answer (an unknown pod, an unreadable source),
+    /// 3 the datapath disagrees with the compiler.
     Explain {
         /// The client: namespace/pod or an IP address.
         #[arg(long)]
@@ -231,6 +232,13 @@ enum Command {
         /// kubeconfig for the Kubernetes API (the default without --manifests: kube's inference).
         #[arg(long)]
         kubeconfig: Option<PathBuf>,
+        /// Also read the running agent's maps on this node (its status socket and pins) for the
+        /// ends that are its pods, and say where they disagree. Without --manifests or
+        /// --kubeconfig, the cluster state is the one the agent saved.
+        #[arg(long)]
+        live: bool,
+        #[command(flatten)]
+        dirs: NodeDirs,
         /// Output format; `json` prints one object whose `verdict` is `allowed` or `denied`.
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
@@ -497,22 +505,25 @@ fn main() -> anyhow::Result<()> {
                 protocol,
                 manifests,
                 kubeconfig,
+                live,
+                dirs,
                 output,
             } => {
-                let source = match manifests {
-                    Some(dir) => SourceConfig::Manifests(dir),
-                    None => SourceConfig::Kubernetes { kubeconfig },
-                };
                 let query = netpol_agent::observe::explain::Query {
                     from,
                     to,
                     protocol,
                     port,
                 };
-                let explained = read_state_once(&source).await.and_then(|state| {
-                    netpol_agent::observe::explain::explain(&state, &query)
-                        .with_context(|| format!("in the cluster state of {}", source.describe()))
-                });
+                let offline = match (manifests, kubeconfig) {
+                    (Some(dir), _) => Some(SourceConfig::Manifests(dir)),
+                    (None, Some(kc)) => Some(SourceConfig::Kubernetes {
+                        kubeconfig: Some(kc),
+                    }),
+                    (None, None) if live => None,
+                    (None, None) => Some(SourceConfig::Kubernetes { kubeconfig: None }),
+                };
+                let explained = explain_connection(offline, live.then_some(&dirs), &query).await;
                 let e = match explained {
                     Ok(e) => e,
                     Err(e) => {
@@ -524,7 +535,9 @@ fn main() -> anyhow::Result<()> {
                     Output::Json => println!("{}", serde_json::to_string_pretty(&e)?),
                     Output::Table => print!("{}", netpol_agent::observe::explain::render_text(&e)),
                 }
-                std::process::exit(i32::from(e.verdict != netpol_agent::observe::explain::Verdict::Allowed));
+                let disagrees = e.live.as_ref().is_some_and(|l| !l.disagreements.is_empty());
+                let denied = e.verdict != netpol_agent::observe::explain::Verdict::Allowed;
+                std::process::exit(if disagrees { 3 } else { i32::from(denied) });
             }
             Command::Cleanup { dirs } => {
                 if control::agent_is_running(&dirs.state_dir).await {
@@ -614,4 +627,46 @@ async fn read_state_once(
     tokio::time::timeout(Duration::from_secs(60), wait)
         .await
         .with_context(|| format!("{} did not list within 60 s", source.describe()))?
+}
+
+/// `explain`: the compiler's answer for `query` over the state of `source` (or, with `live` and no
+/// source, the state the agent saved), compared with the running agent's maps when `live`.
+async fn explain_connection(
+    source: Option<SourceConfig>,
+    live: Option<&NodeDirs>,
+    query: &netpol_agent::observe::explain::Query,
+) -> anyhow::Result<netpol_agent::observe::explain::Explanation> {
+    let status = match live {
+        Some(dirs) => Some(control::request_status(&dirs.state_dir).await?),
+        None => None,
+    };
+    let (state, from) = match (&source, &status, live) {
+        (Some(source), _, _) => (read_state_once(source).await?, source.describe()),
+        (None, Some(status), Some(dirs)) => {
+            let saved = netpol_agent::sources::persisted::load(&dirs.state_dir, &status.node)?
+                .context(
+                    "the agent has saved no cluster state yet: give --manifests or --kubeconfig",
+                )?;
+            (
+                std::sync::Arc::new(saved.state),
+                "the agent's saved state".to_owned(),
+            )
+        }
+        _ => anyhow::bail!("no cluster state to explain against"),
+    };
+    let mut e = netpol_agent::observe::explain::explain(&state, query)
+        .with_context(|| format!("in the cluster state of {from}"))?;
+    if let (Some(status), Some(dirs)) = (status, live) {
+        let maps_dir = PinLayout::new(&dirs.pin_dir).maps_dir();
+        let (generation, maps) = datapath::pinned_read::read_live(&maps_dir)
+            .with_context(|| format!("reading the maps pinned under {}", maps_dir.display()))?;
+        let local = status
+            .endpoints
+            .iter()
+            .filter(|ep| !ep.pod.is_empty())
+            .map(|ep| (ep.pod.clone(), ep.ifindex))
+            .collect();
+        e.compare_live(&status.node, generation, &maps, &local);
+    }
+    Ok(e)
 }

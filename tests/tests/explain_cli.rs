@@ -74,3 +74,84 @@ fn explain_answers_with_the_rule_and_an_exit_status() {
     let (code, _) = explain(dir, &["--from", "x/nope", "--to", "x/b", "--port", "80"]);
     assert_eq!(code, 2);
 }
+
+/// `explain --live` on a simulated node with a running agent: the datapath's own decision beside
+/// the compiler's, and a disagreement (exit 3) when the state explained against is not the one the
+/// datapath enforces.
+#[test]
+fn explain_live_compares_with_the_running_agents_maps() {
+    use netpol_tests::cluster::{Cluster, default_probe_bin};
+    if !netpol_tests::privileged_or_skip(
+        "explain_live_compares_with_the_running_agents_maps",
+        "needs root (network namespaces, bpffs, BPF)",
+    ) {
+        return;
+    }
+    const DENY_X_INGRESS: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n\
+        metadata: {name: deny, namespace: x}\nspec: {podSelector: {}, policyTypes: [Ingress]}\n";
+    let mut c = Cluster::new(default_probe_bin()).expect("cluster");
+    c.apply_policies(DENY_X_INGRESS).unwrap();
+    c.start_agents(&default_agent_bin()).unwrap();
+    let server = c.pod("x/a").clone();
+    let node = server.node;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        c.check_agents().unwrap();
+        let isolated = c.agent_status(node, &default_agent_bin()).is_ok_and(|s| {
+            s.endpoints
+                .iter()
+                .any(|e| e.pod == "x/a" && e.isolated_ingress)
+        });
+        if isolated {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "x/a never isolated");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let n = &c.nodes[node];
+    let live = |manifests: &std::path::Path| {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &n.name])
+            .arg(default_agent_bin())
+            .args([
+                "explain", "--live", "-o", "json", "--from", "z/c", "--to", "x/a",
+            ])
+            .args(["--port", "80", "--manifests"])
+            .arg(manifests)
+            .arg("--pin-dir")
+            .arg(&n.pin_dir)
+            .arg("--state-dir")
+            .arg(&n.state_dir)
+            .output()
+            .expect("run explain --live");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+        (out.status.code().unwrap(), v)
+    };
+    let (code, v) = live(&c.manifest_dir);
+    assert_eq!(code, 1, "{v}");
+    assert_eq!(v["ingress"]["datapath"], "denied", "{v}");
+    assert_eq!(
+        v["live"]["disagreements"].as_array().unwrap().len(),
+        0,
+        "{v}"
+    );
+    // Explained against the same pods without the policy: the datapath still denies.
+    let guard = Dir(c.tmp_dir.join("explain-without-policy"));
+    std::fs::create_dir_all(&guard.0).unwrap();
+    std::fs::copy(
+        c.manifest_dir.join("objects.yaml"),
+        guard.0.join("objects.yaml"),
+    )
+    .unwrap();
+    let (code, v) = live(&guard.0);
+    assert_eq!(code, 3, "{v}");
+    assert_eq!(v["verdict"], "allowed");
+    assert_eq!(v["ingress"]["datapath"], "denied");
+    assert!(
+        v["live"]["disagreements"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("ingress at x/a")
+    );
+}

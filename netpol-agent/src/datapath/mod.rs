@@ -8,8 +8,8 @@ pub mod contents;
 mod grace;
 pub mod lookup;
 pub mod pinned_maps;
+pub mod pinned_read;
 pub mod pins;
-mod upgrade;
 
 use std::{collections::BTreeMap, io, sync::Arc};
 
@@ -313,7 +313,7 @@ impl Datapath {
             .contents
             .iter()
             .all(|c| c == &Contents::default());
-        if let Some(v1) = upgrade::read_v1(maps_dir).map_err(read_err)?
+        if let Some(v1) = pinned_read::read_v1(maps_dir).map_err(read_err)?
             && fresh
         {
             let plan = Plan::new(&Contents::default(), &v1);

@@ -78,6 +78,19 @@ pub struct Side {
     /// The rules that allow the connection: `namespace/policy egress[0]`.
     pub allowed_by: Vec<String>,
     pub reason: String,
+    /// What the running agent's datapath decides (`--live`, for a pod on its node).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub datapath: Option<Verdict>,
+}
+
+/// The running agent's datapath beside the compiler's answer (`--live`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Live {
+    pub node: String,
+    /// The policy generation whose buffer was read.
+    pub generation: u32,
+    /// The sides where the datapath decides otherwise than the compiler.
+    pub disagreements: Vec<String>,
 }
 
 /// The answer.
@@ -99,6 +112,51 @@ pub struct Explanation {
     pub ingress: Option<Side>,
     /// The Service whose ClusterIP the connection goes to, judged on its backends.
     pub service: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub live: Option<Live>,
+    /// IP protocol number.
+    #[serde(skip)]
+    protocol_number: u8,
+}
+
+impl Explanation {
+    /// Reads each side whose pod has an endpoint on `node` (`ifindex_of`, by `namespace/name`)
+    /// in the datapath's maps `maps` (the buffer of `generation`), and notes where they disagree
+    /// with the compiler.
+    pub fn compare_live(
+        &mut self,
+        node: &str,
+        generation: u32,
+        maps: &crate::datapath::Contents,
+        ifindex_of: &std::collections::BTreeMap<String, u32>,
+    ) {
+        let mut disagreements = Vec::new();
+        let (source, destination) = (self.source, self.destination);
+        let (protocol, port) = (self.protocol_number, self.port);
+        let sides = [
+            (self.egress.as_mut(), Direction::Egress, destination),
+            (self.ingress.as_mut(), Direction::Ingress, source),
+        ];
+        for (side, direction, peer) in sides {
+            let Some(side) = side else { continue };
+            let Some(&ifindex) = ifindex_of.get(&side.pod) else {
+                continue;
+            };
+            let live = Verdict::of(maps.allows(ifindex, peer, direction, protocol, port));
+            side.datapath = Some(live);
+            if live != side.verdict {
+                disagreements.push(format!(
+                    "{} at {}: the compiler says {:?}, the datapath on {node} {:?}",
+                    side.direction, side.pod, side.verdict, live
+                ));
+            }
+        }
+        self.live = Some(Live {
+            node: node.to_owned(),
+            generation,
+            disagreements,
+        });
+    }
 }
 
 /// Why a query cannot be answered.
@@ -135,6 +193,8 @@ pub fn explain(state: &ClusterState, q: &Query) -> Result<Explanation, ExplainEr
         egress,
         ingress,
         service,
+        live: None,
+        protocol_number: protocol,
     })
 }
 
@@ -240,6 +300,7 @@ fn side(
         isolated_by,
         allowed_by,
         reason,
+        datapath: None,
     }
 }
 
@@ -329,7 +390,16 @@ pub fn render_text(e: &Explanation) -> String {
         ));
     }
     for s in [&e.egress, &e.ingress].into_iter().flatten() {
-        out.push_str(&format!("  {} at {}: {}\n", s.direction, s.pod, s.reason));
+        out.push_str(&format!("  {} at {}: {}", s.direction, s.pod, s.reason));
+        if let Some(v) = s.datapath {
+            out.push_str(&format!(" (datapath: {v:?})"));
+        }
+        out.push('\n');
+    }
+    if let Some(live) = &e.live {
+        for d in &live.disagreements {
+            out.push_str(&format!("  DISAGREEMENT: {d}\n"));
+        }
     }
     out
 }
@@ -473,5 +543,33 @@ mod tests {
         assert_eq!(e.egress.unwrap().allowed_by, vec!["x/to-db egress[0]"]);
         let e = explain(&s, &query("x/a", "10.43.0.20", 5433)).unwrap();
         assert_eq!(e.verdict, Verdict::Denied);
+    }
+
+    #[test]
+    fn the_live_datapath_is_compared_side_by_side() {
+        let s = state(vec![
+            pod("x", "a", "web", "10.42.0.5"),
+            pod("x", "b", "db", "10.42.0.6"),
+            policy("x", "deny-all", DENY_ALL),
+        ]);
+        let mut e = explain(&s, &query("x/a", "x/b", 80)).unwrap();
+        // A datapath that still runs an older state where nothing isolated x/b (x/a not local).
+        let open_b = state(vec![
+            pod("x", "a", "web", "10.42.0.5"),
+            pod("x", "b", "db", "10.42.0.6"),
+        ]);
+        let maps = compile_for(&open_b, &open_b.pods[&PodKey::new("x", "b")]).contents();
+        let local = [("x/b".to_owned(), ENDPOINT)].into_iter().collect();
+        e.compare_live("n1", 7, &maps, &local);
+        let live = e.live.as_ref().unwrap();
+        assert_eq!(live.disagreements.len(), 1, "{live:?}");
+        assert!(live.disagreements[0].starts_with("ingress at x/b"));
+        assert_eq!(e.ingress.as_ref().unwrap().datapath, Some(Verdict::Allowed));
+        assert_eq!(
+            e.egress.as_ref().unwrap().datapath,
+            None,
+            "x/a is not on this node"
+        );
+        assert!(render_text(&e).contains("DISAGREEMENT: ingress at x/b"));
     }
 }
