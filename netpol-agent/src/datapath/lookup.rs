@@ -2,54 +2,12 @@
 //! contents: what the compiler's tests check semantics through, and what the update tests replay
 //! every intermediate state of an update through.
 
-use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use netpol_common::{
-    Direction, EndpointInfo, IpInfo, IpKey, PolicyKey, PolicyValue, SvcKey, SvcValue,
-    endpoint_flags, identity,
-};
+use netpol_common::{Direction, IpKey, PolicyKey, PolicyValue, SvcKey, endpoint_flags, identity};
 
 use super::Contents;
 use crate::model::identity::Prefix;
-
-/// The decision maps of one buffer, borrowed.
-#[derive(Clone, Copy, Debug)]
-pub struct Tables<'a> {
-    pub endpoints: &'a BTreeMap<u32, EndpointInfo>,
-    pub ipcache: &'a BTreeMap<IpKey, IpInfo>,
-    pub cidrs: &'a BTreeMap<(IpKey, u32), u32>,
-    pub policy: &'a BTreeMap<(PolicyKey, u32), PolicyValue>,
-    pub services: &'a BTreeMap<SvcKey, SvcValue>,
-    pub frontends: &'a BTreeMap<(IpKey, u32), u32>,
-}
-
-impl Contents {
-    /// The lookup model's answer for these contents: see [`Tables::allows`].
-    pub fn allows(
-        &self,
-        endpoint: u32,
-        peer: IpAddr,
-        direction: Direction,
-        protocol: u8,
-        port: u16,
-    ) -> bool {
-        self.tables()
-            .allows(endpoint, peer, direction, protocol, port)
-    }
-
-    /// These contents as the lookup model reads them.
-    pub fn tables(&self) -> Tables<'_> {
-        Tables {
-            endpoints: &self.endpoints,
-            ipcache: &self.ipcache,
-            cidrs: &self.cidrs,
-            policy: &self.policy,
-            services: &self.services,
-            frontends: &self.frontends,
-        }
-    }
-}
 
 /// The [`IpKey`] of an address (IPv4 as IPv4-mapped).
 pub fn ip_key(addr: IpAddr) -> IpKey {
@@ -59,7 +17,7 @@ pub fn ip_key(addr: IpAddr) -> IpKey {
     }
 }
 
-impl Tables<'_> {
+impl Contents {
     /// Would a new connection between the local `endpoint` and `peer` (the source for ingress,
     /// the destination for egress) to destination `port` be allowed? Conntrack is not modelled.
     ///

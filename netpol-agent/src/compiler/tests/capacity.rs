@@ -47,10 +47,7 @@ fn a_fitted_compilation_only_ever_denies_more() {
             );
         }
         let peers = peers(&[&s]);
-        let (all, some) = (
-            decisions(full.tables(), &peers),
-            decisions(fitted.tables(), &peers),
-        );
+        let (all, some) = (decisions(&full, &peers), decisions(&fitted, &peers));
         let opened: Vec<usize> = (0..all.len()).filter(|&i| some[i] && !all[i]).collect();
         assert!(
             opened.is_empty(),

@@ -9,7 +9,7 @@ use fastrand::Rng;
 use netpol_common::buffer;
 
 use super::*;
-use crate::datapath::{Buffers, Contents, Plan, Update, Write, lookup::Tables};
+use crate::datapath::{Buffers, Contents, Plan, Update, Write};
 
 const APPS: [&str; 3] = ["web", "db", "cache"];
 /// Peers that are no pod: inside and outside the generated ipBlocks.
@@ -180,7 +180,7 @@ pub(super) fn cluster(s: &Scenario) -> Cluster {
 }
 
 /// Every probe's decision: local endpoints 10 to 12 against every pod and external address.
-pub(super) fn decisions(t: Tables<'_>, peers: &[IpAddr]) -> Vec<bool> {
+pub(super) fn decisions(t: &Contents, peers: &[IpAddr]) -> Vec<bool> {
     let mut out = Vec::new();
     for ep in 10..13 {
         for peer in peers {
@@ -223,7 +223,7 @@ fn replay(
         if !touched {
             continue;
         }
-        let now = decisions(buffers.active().tables(), peers);
+        let now = decisions(buffers.active(), peers);
         let opened = (0..now.len()).find(|&p| now[p] && !old[p] && !new[p]);
         if let Some(p) = opened {
             return Some((i, p));
@@ -241,11 +241,25 @@ struct Case {
 }
 
 impl Case {
+    /// Replays the update's writes through the buffers; returns the buffers at the end, how many
+    /// writes there were, and the first probe an intermediate state opened.
+    fn replay_buffered(&self) -> (Buffers, usize, Option<(usize, usize)>) {
+        let update = Update::new(&self.buffers, &self.desired);
+        let writes = update.writes();
+        let (b, old, new) = (update.buffer, &self.old, &self.new);
+        let opened = replay(self.buffers.clone(), &writes, b, old, new, &self.peers);
+        let mut end = self.buffers.clone();
+        for w in &writes {
+            end.apply(b, *w);
+        }
+        (end, writes.len(), opened)
+    }
+
     /// An update from `buffers` to `desired`, with every probe's old and new decision.
     fn new(buffers: Buffers, desired: Contents, peers: Vec<IpAddr>) -> Case {
         Case {
-            old: decisions(buffers.active().tables(), &peers),
-            new: decisions(desired.tables(), &peers),
+            old: decisions(buffers.active(), &peers),
+            new: decisions(&desired, &peers),
             buffers,
             desired,
             peers,
@@ -277,26 +291,13 @@ fn no_intermediate_state_of_an_update_allows_what_both_states_deny() {
     let mut writes_checked = 0;
     for n in 0..150 {
         let c = case(&mut rng);
-        let update = Update::new(&c.buffers, &c.desired);
-        let writes = update.writes();
-        writes_checked += writes.len();
-        let opened = replay(
-            c.buffers.clone(),
-            &writes,
-            update.buffer,
-            &c.old,
-            &c.new,
-            &c.peers,
-        );
+        let (end, writes, opened) = c.replay_buffered();
+        writes_checked += writes;
         assert_eq!(
             opened, None,
             "case {n}: an intermediate state opened a probe"
         );
         // And the update arrives: packets read exactly the desired contents.
-        let mut end = c.buffers.clone();
-        for w in &writes {
-            end.apply(update.buffer, *w);
-        }
         assert_eq!(end.active(), &c.desired, "case {n}");
     }
     assert!(
@@ -364,16 +365,7 @@ fn a_relabel_and_a_policy_edit_at_once_are_safe_only_with_the_buffers() {
         opened_in_place(&c),
         "in place, the swap opens the peer on the way"
     );
-    let update = Update::new(&c.buffers, &c.desired);
-    let writes = update.writes();
-    let opened = replay(
-        c.buffers.clone(),
-        &writes,
-        update.buffer,
-        &c.old,
-        &c.new,
-        &c.peers,
-    );
+    let (_, _, opened) = c.replay_buffered();
     assert_eq!(opened, None);
 }
 
