@@ -27,7 +27,7 @@ use prometheus_client::{
 use tokio::net::TcpListener;
 
 use crate::{
-    observe::control::SharedStatus,
+    observe::control::{MapStatus, SharedStatus, Status},
     observe::flows::{direction_name, protocol_name, reason_name},
     observe::{ObserveMaps, Observer},
 };
@@ -92,45 +92,63 @@ fn gauge_family(
 
 impl Collector for DatapathCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let maps = ObserveMaps::open(self.observer.layout());
-        let mut drops: BTreeMap<Labels, u64> = BTreeMap::new();
-        let mut drop_bytes: BTreeMap<Labels, u64> = BTreeMap::new();
-        let mut unreported: BTreeMap<Labels, u64> = BTreeMap::new();
-        let mut verdicts: BTreeMap<Labels, u64> = BTreeMap::new();
-        let mut lost_events: BTreeMap<Labels, u64> = BTreeMap::new();
-        let mut entries = Vec::new();
-        if let Ok(maps) = &maps {
-            for (k, v) in maps.drops() {
-                // Only local pods (and, for a grace period, pods that just went away).
-                let Some(pod) = self.observer.endpoint_name(k.endpoint) else {
-                    continue;
-                };
-                let labels = vec![
-                    ("reason", reason_name(k.reason)),
-                    ("protocol", protocol_name(k.protocol)),
-                    ("direction", direction_name(k.direction).to_owned()),
-                    ("namespace", pod.namespace.clone()),
-                    ("pod", pod.name.clone()),
-                ];
-                *drops.entry(labels.clone()).or_default() += v.packets;
-                *unreported.entry(labels.clone()).or_default() += v.unreported;
-                *drop_bytes.entry(labels).or_default() += v.bytes;
-            }
-            let counts = maps.verdicts();
-            for dir in [Direction::Ingress, Direction::Egress] {
-                for (action, code) in [("allowed", verdict::ALLOWED), ("dropped", verdict::DROPPED)]
-                {
-                    for m in PolicyMatch::ALL {
-                        let n = counts[verdict_slot(dir as u8, code, m as u8) as usize];
-                        let labels = vec![
-                            ("direction", direction_name(dir as u8).to_owned()),
-                            ("action", action.to_owned()),
-                            ("match", m.name().to_owned()),
-                        ];
-                        verdicts.insert(labels, n);
-                    }
-                }
-            }
+        let c = self.counters();
+        let counters = [
+            (
+                "netpol_drop",
+                "Packets dropped by NetworkPolicy enforcement, by local pod",
+                &c.drops,
+            ),
+            (
+                "netpol_drop_bytes",
+                "Bytes dropped by NetworkPolicy enforcement, by local pod",
+                &c.drop_bytes,
+            ),
+            (
+                "netpol_drop_unreported",
+                "Dropped packets that got no drop event (the pod's event budget or the ring was exhausted), by local pod",
+                &c.unreported,
+            ),
+            (
+                "netpol_policy_verdicts",
+                "Policy decisions on new flows, by direction, action and what kind of rule decided",
+                &c.verdicts,
+            ),
+            (
+                "netpol_lost_events",
+                "Drop events (or counts) that could not be delivered or recorded, by where they were lost",
+                &c.lost_events,
+            ),
+        ];
+        for (name, help, values) in counters {
+            counter_family(&mut encoder, name, help, values)?;
+        }
+        let status = self.status.lock().map(|s| s.clone()).unwrap_or_default();
+        for (name, help, values) in status_gauges(&status, &c.entries) {
+            gauge_family(&mut encoder, name, help, &values)?;
+        }
+        Ok(())
+    }
+}
+
+/// What the metrics read from the datapath's counters.
+#[derive(Default)]
+struct Counters {
+    drops: BTreeMap<Labels, u64>,
+    drop_bytes: BTreeMap<Labels, u64>,
+    unreported: BTreeMap<Labels, u64>,
+    verdicts: BTreeMap<Labels, u64>,
+    lost_events: BTreeMap<Labels, u64>,
+    /// Entries of the observed maps (conntrack, flows, drops), by name.
+    entries: Vec<(&'static str, usize)>,
+}
+
+impl DatapathCollector {
+    fn counters(&self) -> Counters {
+        let mut c = Counters::default();
+        if let Ok(maps) = &ObserveMaps::open(self.observer.layout()) {
+            self.drop_counts(maps, &mut c);
+            c.verdicts = verdict_counts(maps);
             let l = maps.lost();
             for (source, slot) in [
                 ("rate-limit", lost::RATE_LIMITED),
@@ -138,139 +156,142 @@ impl Collector for DatapathCollector {
                 ("drop-counters-full", lost::DROPS_FULL),
                 ("flow-table-full", lost::FLOWS_FULL),
             ] {
-                lost_events.insert(vec![("source", source.to_owned())], l[slot as usize]);
+                c.lost_events
+                    .insert(vec![("source", source.to_owned())], l[slot as usize]);
             }
-            entries = maps.entries().to_vec();
+            c.entries = maps.entries().to_vec();
         }
-        lost_events.insert(
-            vec![("source", "follow-client".to_owned())],
-            self.observer
-                .follow_lost
-                .load(std::sync::atomic::Ordering::Relaxed),
-        );
-        counter_family(
-            &mut encoder,
-            "netpol_drop",
-            "Packets dropped by NetworkPolicy enforcement, by local pod",
-            &drops,
-        )?;
-        counter_family(
-            &mut encoder,
-            "netpol_drop_bytes",
-            "Bytes dropped by NetworkPolicy enforcement, by local pod",
-            &drop_bytes,
-        )?;
-        counter_family(
-            &mut encoder,
-            "netpol_drop_unreported",
-            "Dropped packets that got no drop event (the pod's event budget or the ring was exhausted), by local pod",
-            &unreported,
-        )?;
-        counter_family(
-            &mut encoder,
-            "netpol_policy_verdicts",
-            "Policy decisions on new flows, by direction, action and what kind of rule decided",
-            &verdicts,
-        )?;
-        counter_family(
-            &mut encoder,
-            "netpol_lost_events",
-            "Drop events (or counts) that could not be delivered or recorded, by where they were lost",
-            &lost_events,
-        )?;
+        let follow = self
+            .observer
+            .follow_lost
+            .load(std::sync::atomic::Ordering::Relaxed);
+        c.lost_events
+            .insert(vec![("source", "follow-client".to_owned())], follow);
+        c
+    }
 
-        let status = self.status.lock().map(|s| s.clone()).unwrap_or_default();
-        gauge_family(
-            &mut encoder,
+    /// Drops per local pod (and, for a grace period, pods that just went away).
+    fn drop_counts(&self, maps: &ObserveMaps, c: &mut Counters) {
+        for (k, v) in maps.drops() {
+            let Some(pod) = self.observer.endpoint_name(k.endpoint) else {
+                continue;
+            };
+            let labels = vec![
+                ("reason", reason_name(k.reason)),
+                ("protocol", protocol_name(k.protocol)),
+                ("direction", direction_name(k.direction).to_owned()),
+                ("namespace", pod.namespace.clone()),
+                ("pod", pod.name.clone()),
+            ];
+            *c.drops.entry(labels.clone()).or_default() += v.packets;
+            *c.unreported.entry(labels.clone()).or_default() += v.unreported;
+            *c.drop_bytes.entry(labels).or_default() += v.bytes;
+        }
+    }
+}
+
+/// Policy decisions of new flows by direction, action and match kind.
+fn verdict_counts(maps: &ObserveMaps) -> BTreeMap<Labels, u64> {
+    let counts = maps.verdicts();
+    let mut out = BTreeMap::new();
+    for dir in [Direction::Ingress, Direction::Egress] {
+        for (action, code) in [("allowed", verdict::ALLOWED), ("dropped", verdict::DROPPED)] {
+            for m in PolicyMatch::ALL {
+                let n = counts[verdict_slot(dir as u8, code, m as u8) as usize];
+                let labels = vec![
+                    ("direction", direction_name(dir as u8).to_owned()),
+                    ("action", action.to_owned()),
+                    ("match", m.name().to_owned()),
+                ];
+                out.insert(labels, n);
+            }
+        }
+    }
+    out
+}
+
+type Gauge = (&'static str, &'static str, Vec<(Labels, i64)>);
+
+/// The gauges read from the agent's status, and the map sizes.
+fn status_gauges(status: &Status, observed: &[(&'static str, usize)]) -> Vec<Gauge> {
+    let pending = status
+        .endpoints
+        .iter()
+        .filter(|e| e.pending.is_some())
+        .count();
+    let one = |v: i64| vec![(vec![], v)];
+    let per_map = |f: &dyn Fn(&MapStatus) -> i64| -> Vec<(Labels, i64)> {
+        status
+            .maps
+            .iter()
+            .map(|m| (vec![("map", m.name.clone())], f(m)))
+            .collect()
+    };
+    let (mut entries, mut capacities) = (
+        per_map(&|m| m.entries as i64),
+        per_map(&|m| i64::from(m.capacity)),
+    );
+    for (name, n) in observed {
+        entries.push((vec![("map", (*name).to_owned())], *n as i64));
+        let cap = match *name {
+            map_names::FLOWS => capacity::FLOWS,
+            map_names::DROPS => capacity::DROPS,
+            _ => capacity::CONNTRACK,
+        };
+        capacities.push((vec![("map", (*name).to_owned())], i64::from(cap)));
+    }
+    vec![
+        (
             "netpol_policies",
             "NetworkPolicies in the cluster state",
-            &[(vec![], status.policies as i64)],
-        )?;
-        let pending = status
-            .endpoints
-            .iter()
-            .filter(|e| e.pending.is_some())
-            .count();
-        gauge_family(
-            &mut encoder,
+            one(status.policies as i64),
+        ),
+        (
             "netpol_endpoints",
             "Local pods enforced on this node",
-            &[(vec![], (status.endpoints.len() - pending) as i64)],
-        )?;
-        gauge_family(
-            &mut encoder,
+            one((status.endpoints.len() - pending) as i64),
+        ),
+        (
             "netpol_pending_endpoints",
             "Pod veths with the programs but no pod matched yet (or any more): only the node reaches them",
-            &[(vec![], pending as i64)],
-        )?;
-        gauge_family(
-            &mut encoder,
+            one(pending as i64),
+        ),
+        (
             "netpol_errors",
             "Current problems (bad input, failed map writes, attach failures), as `status` lists them",
-            &[(vec![], status.errors.len() as i64)],
-        )?;
-        gauge_family(
-            &mut encoder,
+            one(status.errors.len() as i64),
+        ),
+        (
             "netpol_kube_router_chains",
             "kube-router NetworkPolicy chains in this node's iptables (K3s's built-in controller or its leftovers), looked for every minute",
-            &[(vec![], status.kube_router_chains as i64)],
-        )?;
-        gauge_family(
-            &mut encoder,
+            one(status.kube_router_chains as i64),
+        ),
+        (
             "netpol_ready",
             "1 once the datapath has been programmed from a full read of the cluster state",
-            &[(vec![], i64::from(status.ready))],
-        )?;
-        let mut map_entries: Vec<(Labels, i64)> = status
-            .maps
-            .iter()
-            .map(|m| (vec![("map", m.name.clone())], m.entries as i64))
-            .collect();
-        let mut map_capacity: Vec<(Labels, i64)> = status
-            .maps
-            .iter()
-            .map(|m| (vec![("map", m.name.clone())], i64::from(m.capacity)))
-            .collect();
-        for (name, n) in entries {
-            map_entries.push((vec![("map", name.to_owned())], n as i64));
-            let cap = match name {
-                map_names::FLOWS => capacity::FLOWS,
-                map_names::DROPS => capacity::DROPS,
-                _ => capacity::CONNTRACK,
-            };
-            map_capacity.push((vec![("map", name.to_owned())], i64::from(cap)));
-        }
-        gauge_family(
-            &mut encoder,
+            one(i64::from(status.ready)),
+        ),
+        (
             "netpol_map_entries",
             "Entries in each datapath map",
-            &map_entries,
-        )?;
-        gauge_family(
-            &mut encoder,
+            entries,
+        ),
+        (
             "netpol_map_capacity",
             "Capacity (max entries) of each datapath map",
-            &map_capacity,
-        )?;
-        let left_out: Vec<(Labels, i64)> = status
-            .maps
-            .iter()
-            .map(|m| (vec![("map", m.name.clone())], m.left_out as i64))
-            .collect();
-        gauge_family(
-            &mut encoder,
+            capacities,
+        ),
+        (
             "netpol_map_left_out_entries",
             "Entries the compiled policy wanted that a decision map could not hold (left out as denied; raise --max-*)",
-            &left_out,
-        )?;
-        gauge_family(
-            &mut encoder,
+            per_map(&|m| m.left_out as i64),
+        ),
+        (
             "netpol_build_info",
             "Build information; always 1",
-            &[(vec![("version", env!("CARGO_PKG_VERSION").to_owned())], 1)],
-        )?;
-        Ok(())
-    }
+            vec![(vec![("version", env!("CARGO_PKG_VERSION").to_owned())], 1)],
+        ),
+    ]
 }
 
 /// Binds `addr`; the returned future serves `/metrics` until dropped.

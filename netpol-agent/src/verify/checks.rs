@@ -7,8 +7,8 @@ use netpol_common::{endpoint_flags, map_labels, map_names};
 use super::{
     Check,
     gather::{
-        AgentEvidence, Chain, DatapathEvidence, KernelEvidence, LocalPods, RulesetDump,
-        parse_iptables_save, parse_nft_ruleset, parse_release,
+        AgentEvidence, Chain, DatapathEvidence, HookEvidence, KernelEvidence, LocalPods,
+        RulesetDump, parse_iptables_save, parse_nft_ruleset, parse_release,
     },
     selftest::SelfTestEvidence,
 };
@@ -230,86 +230,9 @@ pub fn attachments(a: &AgentEvidence, d: &DatapathEvidence) -> Check {
             fail("the agent reports it not attached".to_owned());
         }
         for h in &e.hooks {
-            let program = h.hook.program();
-            let link = match &h.link {
-                Ok(l) => l,
-                Err(err) => {
-                    fail(format!("{program}: {err}: not attached"));
-                    continue;
-                }
-            };
-            let attached = match &h.tcx {
-                Ok(ids) => ids,
-                Err(err) => {
-                    fail(format!("{program}: TCX query failed: {err}"));
-                    continue;
-                }
-            };
-            if !link.tcx {
-                fail(format!(
-                    "{program}: pinned link {} is not a TCX link",
-                    link.path
-                ));
-            }
-            if !attached.contains(&link.prog_id) {
-                fail(format!(
-                    "{program}: the pinned link's program {} is not attached (attached: {attached:?})",
-                    link.prog_id
-                ));
-            }
-            match d.programs.get(&link.prog_id) {
-                Some(p) if p.name != program => fail(format!(
-                    "{program}: the pinned link runs program {} named {:?}",
-                    p.id, p.name
-                )),
-                Some(p) => {
-                    if let Some(map_id) = endpoint_map_id
-                        && !p.map_ids.contains(&map_id)
-                    {
-                        fail(format!(
-                            "{program}: program {} does not use the {} pinned under --pin-dir (map id {map_id}): a stale program",
-                            p.id,
-                            map_labels::ENDPOINTS
-                        ));
-                    }
-                }
-                None => fail(format!(
-                    "{program}: program {} of the pinned link is not loaded",
-                    link.prog_id
-                )),
-            }
-            if let Some((cur, how)) = current.get(&h.hook)
-                && *cur != link.prog_id
-            {
-                fail(format!(
-                    "{program}: runs program {}, not the agent's current {program} {cur} ({how})",
-                    link.prog_id
-                ));
-            }
-            let name_of = |id: &u32| match d.programs.get(id) {
-                Some(p) => format!("{id} ({})", p.name),
-                None => id.to_string(),
-            };
-            // TCX runs programs in order: one before ours can pass packets past the policy.
-            let ours = attached.iter().position(|id| *id == link.prog_id);
-            let before: Vec<String> = attached[..ours.unwrap_or(0)].iter().map(name_of).collect();
-            if !before.is_empty() {
-                fail(format!(
-                    "{program}: programs run before the agent's on this hook: {} (a packet they pass with TC_ACT_OK never reaches the policy)",
-                    before.join(", ")
-                ));
-            }
-            let others: Vec<String> = attached[ours.map_or(0, |i| i + 1)..]
-                .iter()
-                .filter(|id| **id != link.prog_id)
-                .map(name_of)
-                .collect();
-            if !others.is_empty() {
-                warnings.push(format!(
-                    "{who}: {program}: other programs after the agent's on the same hook: {} (they also decide on the packets it allows)",
-                    others.join(", ")
-                ));
-            }
+            let (fails, warns) = hook_findings(h, &current, endpoint_map_id, d);
+            fails.into_iter().for_each(&mut fail);
+            warnings.extend(warns.into_iter().map(|w| format!("{who}: {w}")));
         }
     }
     let progs = Hook::ALL
@@ -362,6 +285,98 @@ pub fn attachments(a: &AgentEvidence, d: &DatapathEvidence) -> Check {
     } else {
         Check::warn(NAME, summary).with_details(warnings)
     }
+}
+
+/// What is wrong (failures) or worth a look (warnings) with the agent's program at hook `h` of one
+/// veth: the pinned link, its program, the maps it uses, and what else TCX runs there.
+fn hook_findings(
+    h: &HookEvidence,
+    current: &BTreeMap<Hook, (u32, &str)>,
+    endpoint_map_id: Option<u32>,
+    d: &DatapathEvidence,
+) -> (Vec<String>, Vec<String>) {
+    let (mut fails, mut warns) = (Vec::new(), Vec::new());
+    let program = h.hook.program();
+    let link = match &h.link {
+        Ok(l) => l,
+        Err(err) => {
+            fails.push(format!("{program}: {err}: not attached"));
+            return (fails, warns);
+        }
+    };
+    let attached = match &h.tcx {
+        Ok(ids) => ids,
+        Err(err) => {
+            fails.push(format!("{program}: TCX query failed: {err}"));
+            return (fails, warns);
+        }
+    };
+    if !link.tcx {
+        fails.push(format!(
+            "{program}: pinned link {} is not a TCX link",
+            link.path
+        ));
+    }
+    if !attached.contains(&link.prog_id) {
+        fails.push(format!(
+            "{program}: the pinned link's program {} is not attached (attached: {attached:?})",
+            link.prog_id
+        ));
+    }
+    match d.programs.get(&link.prog_id) {
+        Some(p) if p.name != program => fails.push(format!(
+            "{program}: the pinned link runs program {} named {:?}",
+            p.id, p.name
+        )),
+        Some(p) => {
+            if let Some(map_id) = endpoint_map_id
+                && !p.map_ids.contains(&map_id)
+            {
+                fails.push(format!(
+                    "{program}: program {} does not use the {} pinned under --pin-dir (map id {map_id}): a stale program",
+                    p.id,
+                    map_labels::ENDPOINTS
+                ));
+            }
+        }
+        None => fails.push(format!(
+            "{program}: program {} of the pinned link is not loaded",
+            link.prog_id
+        )),
+    }
+    if let Some((cur, how)) = current.get(&h.hook)
+        && *cur != link.prog_id
+    {
+        fails.push(format!(
+            "{program}: runs program {}, not the agent's current {program} {cur} ({how})",
+            link.prog_id
+        ));
+    }
+    let name_of = |id: &u32| match d.programs.get(id) {
+        Some(p) => format!("{id} ({})", p.name),
+        None => id.to_string(),
+    };
+    // TCX runs programs in order: one before ours can pass packets past the policy.
+    let ours = attached.iter().position(|id| *id == link.prog_id);
+    let before: Vec<String> = attached[..ours.unwrap_or(0)].iter().map(name_of).collect();
+    if !before.is_empty() {
+        fails.push(format!(
+            "{program}: programs run before the agent's on this hook: {} (a packet they pass with TC_ACT_OK never reaches the policy)",
+            before.join(", ")
+        ));
+    }
+    let others: Vec<String> = attached[ours.map_or(0, |i| i + 1)..]
+        .iter()
+        .filter(|id| **id != link.prog_id)
+        .map(name_of)
+        .collect();
+    if !others.is_empty() {
+        warns.push(format!(
+            "{program}: other programs after the agent's on the same hook: {} (they also decide on the packets it allows)",
+            others.join(", ")
+        ));
+    }
+    (fails, warns)
 }
 
 // ---------------------------------------------------------------------------------------- coverage
