@@ -283,7 +283,13 @@ impl Env {
 
     /// Makes `vip` a Service frontend address.
     fn frontend(&mut self, vip: IpAddr) {
-        let key = Key::new(128, ip_key(vip));
+        self.frontend_range(vip, 128);
+    }
+
+    /// Makes every address of `net`/`len` (IpKey bits) judged as a Service frontend, as the agent
+    /// writes frontends that do not fit one by one.
+    fn frontend_range(&mut self, net: IpAddr, len: u32) {
+        let key = Key::new(len, ip_key(net));
         self.both_trie(netpol_common::service::FRONTENDS_MAP_NAME, |m| {
             m.insert(&key, 1u32, 0).unwrap()
         });
@@ -2383,6 +2389,39 @@ fn replies_through_a_service_are_rechecked_against_its_verdict() {
 /// A Service frontend address is judged on its SERVICES verdict only: a rule that matches the
 /// address itself (an ipBlock around it, a rule without peers) does not allow it, so an excepted
 /// backend is not reached through its ClusterIP (upstream's "except clause" through a Service).
+/// Frontends past FRONTENDS' capacity are written as ranges: a pod cannot reach an address of the
+/// range through a rule that matches the address (an ipBlock, a rule without peers), whether or not
+/// the address is a ClusterIP; only a Service verdict opens it.
+#[test]
+fn an_address_in_a_frontend_range_is_judged_as_a_frontend() {
+    let Some(mut env) = env!() else { return };
+    env.isolate(false, true);
+    env.cidr(Ipv4Addr::new(10, 43, 0, 0).into(), 16, ID_CIDR);
+    env.allow(ID_CIDR, Egress, 0, 0, POLICY_PREFIX_ANY_PROTOCOL);
+    env.allow(identity::ANY, Egress, proto::TCP, 443, POLICY_PREFIX_FULL);
+    let inside: IpAddr = Ipv4Addr::new(10, 43, 7, 99).into();
+    let outside: IpAddr = Ipv4Addr::new(10, 43, 8, 1).into();
+    env.expect(
+        Egress,
+        &Packet::tcp(a(), inside, 40000, 80).build(),
+        Reason::AllowedPolicy,
+    );
+    env.frontend_range(Ipv4Addr::new(10, 43, 7, 0).into(), V4_MAPPED_PREFIX + 24);
+    for (port, sport) in [(80, 40001), (443, 40002)] {
+        env.expect(
+            Egress,
+            &Packet::tcp(a(), inside, sport, port).build(),
+            Reason::DroppedEgressDenied,
+        );
+    }
+    // Next to the range, the rules decide as before.
+    env.expect(
+        Egress,
+        &Packet::tcp(a(), outside, 40003, 80).build(),
+        Reason::AllowedPolicy,
+    );
+}
+
 #[test]
 fn a_frontend_address_is_judged_on_its_service_verdict_only() {
     use netpol_common::{SvcKey, SvcValue, service};
