@@ -1770,6 +1770,22 @@ fn a_reused_ifindex_gets_fresh_programs() {
     let node0 = c.nodes[0].name.clone();
     ip(&["netns", "add", &stray.0]);
     let index = gone.ifindex.to_string();
+    // The kernel destroys a deleted namespace's veth pair asynchronously.
+    wait_until("the removed pod's veth to be gone", CONVERGE, || {
+        let out = Command::new("ip")
+            .args(["-n", &node0, "-o", "link", "show"])
+            .output()
+            .map_err(|e| e.to_string())?;
+        let prefix = format!("{index}: ");
+        let listed = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .any(|l| l.starts_with(&prefix));
+        if listed {
+            Err(format!("ifindex {index} still listed"))
+        } else {
+            Ok(Some(()))
+        }
+    });
     ip(&[
         "-n", &node0, "link", "add", "vreuse0", "index", &index, "type", "veth", "peer", "name",
         "eth0", "netns", &stray.0,
