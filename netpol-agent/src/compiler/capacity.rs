@@ -27,6 +27,11 @@ pub struct Shortfall {
     pub effect: String,
 }
 
+/// How many of `len` entries a map of `cap` cannot hold; `None` when all fit.
+fn excess(len: usize, cap: u32) -> Option<usize> {
+    len.checked_sub(cap as usize).filter(|n| *n > 0)
+}
+
 /// Fits ENDPOINTS, CIDRS, POLICY and IPCACHE (before the Service verdicts are computed from them).
 pub fn fit_rules(out: &mut Compiled, caps: &Capacities) -> Vec<Shortfall> {
     prune_cidrs(out);
@@ -95,11 +100,7 @@ fn fit_endpoints(out: &mut Compiled, cap: u32) -> Option<Shortfall> {
 }
 
 fn fit_cidrs(out: &mut Compiled, cap: u32) -> Option<Shortfall> {
-    let excess = out
-        .cidrs
-        .len()
-        .checked_sub(cap as usize)
-        .filter(|n| *n > 0)?;
+    let excess = excess(out.cidrs.len(), cap)?;
     let mut by_length: Vec<((IpKey, u32), u32)> = out.cidrs.iter().map(|(k, v)| (*k, *v)).collect();
     by_length.sort_by_key(|((net, len), _)| (std::cmp::Reverse(*len), *net));
     let dropped: BTreeSet<u32> = by_length[cap as usize..]
@@ -123,11 +124,7 @@ fn fit_cidrs(out: &mut Compiled, cap: u32) -> Option<Shortfall> {
 /// Leaves out whole (endpoint, policy) groups of allows, the largest first, so that what remains of
 /// a policy at a pod is all of it.
 fn fit_policy(out: &mut Compiled, cap: u32) -> Option<Shortfall> {
-    let excess = out
-        .policy
-        .len()
-        .checked_sub(cap as usize)
-        .filter(|n| *n > 0)?;
+    let excess = excess(out.policy.len(), cap)?;
     let mut groups: BTreeMap<(u32, u32), usize> = BTreeMap::new();
     for ((k, _), v) in &out.policy {
         *groups.entry((k.endpoint, v.policy)).or_default() += 1;
@@ -159,11 +156,7 @@ fn fit_policy(out: &mut Compiled, cap: u32) -> Option<Shortfall> {
 /// Keeps the local pods' own addresses (their anti-spoofing entries), then the node's and pending
 /// ones, then peers; a peer left out loses the allows that name its pod identity.
 fn fit_ipcache(out: &mut Compiled, cap: u32) -> Option<Shortfall> {
-    let excess = out
-        .ipcache
-        .len()
-        .checked_sub(cap as usize)
-        .filter(|n| *n > 0)?;
+    let excess = excess(out.ipcache.len(), cap)?;
     let mut ranked: Vec<(u8, IpKey)> = out
         .ipcache
         .iter()
@@ -190,11 +183,7 @@ fn fit_ipcache(out: &mut Compiled, cap: u32) -> Option<Shortfall> {
 }
 
 fn fit_service_verdicts(out: &mut Compiled, cap: u32) -> Option<Shortfall> {
-    let excess = out
-        .services
-        .len()
-        .checked_sub(cap as usize)
-        .filter(|n| *n > 0)?;
+    let excess = excess(out.services.len(), cap)?;
     let dropped: Vec<_> = out.services.keys().skip(cap as usize).copied().collect();
     for k in &dropped {
         out.services.remove(k);

@@ -142,14 +142,10 @@ impl BufferMaps {
     /// What the buffer holds; an error when any map cannot be read whole (a partial read must
     /// never stand for the contents: a key missing from it would never be deleted).
     fn read(&self) -> Result<Contents, MapError> {
-        Ok(Contents {
-            endpoints: self.endpoints.iter().collect::<Result<_, _>>()?,
-            ipcache: self.ipcache.iter().collect::<Result<_, _>>()?,
-            cidrs: read_trie(&self.cidrs)?,
-            policy: read_trie(&self.policy)?,
-            services: self.services.iter().collect::<Result<_, _>>()?,
-            frontends: read_trie(&self.frontends)?,
-        })
+        let tries = (&self.cidrs, &self.policy);
+        let mut c = read_shared(&self.endpoints, &self.ipcache, tries, &self.services)?;
+        c.frontends = read_trie(&self.frontends)?;
+        Ok(c)
     }
 
     /// Makes one write (not a switch); returns the map it went to and the kernel's answer.
@@ -182,6 +178,27 @@ impl BufferMaps {
             Write::Switch(_) => (map_names::CONFIG, Ok(())),
         }
     }
+}
+
+/// ENDPOINTS, IPCACHE, CIDRS (with POLICY, in `tries`) and SERVICES read whole; FRONTENDS, whose
+/// map type the V1 layout had otherwise, is left empty for the caller.
+fn read_shared(
+    endpoints: &HashMap<MapData, u32, EndpointInfo>,
+    ipcache: &HashMap<MapData, IpKey, IpInfo>,
+    tries: (
+        &LpmTrie<MapData, IpKey, u32>,
+        &LpmTrie<MapData, PolicyKey, PolicyValue>,
+    ),
+    services: &HashMap<MapData, SvcKey, SvcValue>,
+) -> Result<Contents, MapError> {
+    Ok(Contents {
+        endpoints: endpoints.iter().collect::<Result<_, _>>()?,
+        ipcache: ipcache.iter().collect::<Result<_, _>>()?,
+        cidrs: read_trie(tries.0)?,
+        policy: read_trie(tries.1)?,
+        services: services.iter().collect::<Result<_, _>>()?,
+        frontends: Default::default(),
+    })
 }
 
 /// A whole LPM trie, keys with their prefix lengths.

@@ -10,7 +10,7 @@ use netpol_common::{
     buffer, map_names, service,
 };
 
-use super::{Contents, read_trie};
+use super::{Contents, read_shared, read_trie};
 
 /// The prefix length of one address in the frontends trie (V1 held addresses in a hash map).
 const HOST: u32 = 128;
@@ -31,14 +31,7 @@ fn read_common(maps_dir: &Path, names: [&str; 5]) -> Result<Contents, MapError> 
         LpmTrie::try_from(Map::LpmTrie(open(maps_dir, policy)?))?;
     let services: HashMap<_, SvcKey, SvcValue> =
         HashMap::try_from(Map::HashMap(open(maps_dir, services)?))?;
-    Ok(Contents {
-        endpoints: endpoints.iter().collect::<Result<_, _>>()?,
-        ipcache: ipcache.iter().collect::<Result<_, _>>()?,
-        cidrs: read_trie(&cidrs)?,
-        policy: read_trie(&policy)?,
-        services: services.iter().collect::<Result<_, _>>()?,
-        frontends: Default::default(),
-    })
+    read_shared(&endpoints, &ipcache, (&cidrs, &policy), &services)
 }
 
 /// The V1 decision maps pinned in `maps_dir`, or `None` when their endpoints map is not there.
