@@ -152,6 +152,7 @@ impl Synthetic {
             key: PodKey::new(format!("ns-{}", self.ns_of(j)), format!("np-{k}")),
             origin: Origin::Api,
             spec,
+            mode: None,
         }
     }
 
@@ -181,6 +182,7 @@ impl Synthetic {
             pending_rule: netpol_agent::compiler::PendingRule::Drop,
             exits_guarded: true,
             capacities: Default::default(),
+            default_mode: Default::default(),
         })
     }
 }

@@ -21,6 +21,7 @@ use netpol_common::{
 use crate::datapath::Contents;
 use crate::datapath::capacities::Capacities;
 use crate::model::identity::{Identities, PodIdentityKey, Prefix, fnv1a32};
+use crate::model::mode::{self, Mode};
 use crate::model::selector::Selector;
 use crate::model::{ClusterState, NamedPort, Origin, Pod, PodKey, Policy, Protocol};
 
@@ -55,6 +56,8 @@ pub struct CompileInput<'a> {
     pub exits_guarded: bool,
     /// What the maps hold: the output is fitted into it ([`capacity`]).
     pub capacities: Capacities,
+    /// The mode of policies whose object and namespace set none (`--default-mode`).
+    pub default_mode: Mode,
 }
 
 /// The link identity of a local pod's interface (the veth peer), as the kernel reports it.
@@ -122,6 +125,9 @@ pub struct Compiled {
     pub shortfalls: Vec<Shortfall>,
     /// The identities behind the numbers, for observability.
     pub identities: Identities,
+    /// The policies that isolate each endpoint, by (endpoint, direction): the enforced ones, or
+    /// the audited ones where none enforces (what a denial there names).
+    pub isolating: BTreeMap<(u32, Direction), Vec<PodKey>>,
     pub stats: Stats,
 }
 
@@ -223,6 +229,7 @@ struct ParsedPolicy<'a> {
     /// Empty when the policy has an error.
     rules: Vec<Rule>,
     valid: bool,
+    mode: Mode,
 }
 
 impl ParsedPolicy<'_> {
@@ -326,6 +333,7 @@ fn parse_policy(policy: &Policy) -> (ParsedPolicy<'_>, Vec<CompileError>) {
         egress,
         rules,
         valid,
+        mode: Mode::Enforce,
     };
     (parsed, errs.out)
 }
@@ -526,8 +534,12 @@ pub fn compile(input: &CompileInput<'_>) -> Compiled {
         .policies
         .values()
         .map(|policy| {
-            let (p, errors) = parse_policy(policy);
+            let (mut p, errors) = parse_policy(policy);
             out.errors.extend(errors);
+            let resolved = state.policy_mode(policy, input.default_mode);
+            p.mode = resolved.mode;
+            out.errors
+                .extend(resolved.error.map(|e| mode_error(policy, e)));
             p
         })
         .collect();
@@ -541,23 +553,30 @@ pub fn compile(input: &CompileInput<'_>) -> Compiled {
     let resolved: Vec<Vec<ResolvedRule<'_>>> = parsed.iter().map(|p| peers.rules(p)).collect();
     for (key, &endpoint) in input.endpoints {
         let pod = state.pods.get(key);
-        let flags = endpoint_flags_and_rules(key, pod, &parsed, &resolved, |rule, policy| {
-            let to = Emit {
-                endpoint,
-                direction: rule.direction,
-                policy,
-                local_pod: pod,
-            };
-            let (targets, ports) = (&rule.targets, rule.ports);
-            emit_rule(
-                &mut out.policy,
-                to,
-                targets,
-                ports,
-                &identities,
-                &host_ports,
-            );
-        });
+        let (flags, isolating) =
+            endpoint_flags_and_rules(key, pod, &parsed, &resolved, |rule, policy| {
+                let to = Emit {
+                    endpoint,
+                    direction: rule.direction,
+                    policy,
+                    local_pod: pod,
+                };
+                let (targets, ports) = (&rule.targets, rule.ports);
+                emit_rule(
+                    &mut out.policy,
+                    to,
+                    targets,
+                    ports,
+                    &identities,
+                    &host_ports,
+                );
+            });
+        for (dir, policies) in [Direction::Ingress, Direction::Egress]
+            .into_iter()
+            .zip(isolating)
+        {
+            out.isolating.insert((endpoint, dir), policies);
+        }
         out.stats.unknown_endpoints += usize::from(pod.is_none());
         out.stats.isolated_ingress += usize::from(flags & endpoint_flags::ISOLATED_INGRESS != 0);
         out.stats.isolated_egress += usize::from(flags & endpoint_flags::ISOLATED_EGRESS != 0);
@@ -572,22 +591,46 @@ pub fn compile(input: &CompileInput<'_>) -> Compiled {
     out
 }
 
+/// A bad mode annotation of `policy` (or of its namespace, `on_namespace`).
+fn mode_error(policy: &Policy, (on_namespace, e): (bool, mode::ModeError)) -> CompileError {
+    let field = if on_namespace {
+        format!("Namespace {} {}", policy.key.namespace, mode::FIELD)
+    } else {
+        mode::FIELD.to_owned()
+    };
+    CompileError {
+        policy: policy.key.clone(),
+        origin: policy.origin.clone(),
+        field,
+        reason: e.to_string(),
+    }
+}
+
 /// The isolation flags of the endpoint of pod `key` (`pod` when the state has it); `emit` gets each
-/// rule of each policy that selects it, with the policy's id.
+/// rule that decides for it, with its policy's id.
+///
+/// Per direction, enforced policies come first: when one isolates the pod, only enforced rules are
+/// written, so an audited policy never changes what an enforced one drops. Otherwise, when an
+/// audited policy isolates it, the audited rules are written and the direction is flagged audit:
+/// what they do not allow passes as a would-be drop.
 fn endpoint_flags_and_rules<'r>(
     key: &PodKey,
     pod: Option<&Pod>,
     parsed: &[ParsedPolicy<'_>],
     resolved: &'r [Vec<ResolvedRule<'r>>],
     mut emit: impl FnMut(&'r ResolvedRule<'r>, u32),
-) -> u32 {
-    let mut flags = 0;
+) -> (u32, [Vec<PodKey>; 2]) {
+    // The isolating policies by mode and direction, and the rules of those that select the pod.
+    let mut isolating: [[Vec<PodKey>; 2]; 2] = Default::default();
+    let mut grants = Vec::new();
     for (policy, rules) in parsed.iter().zip(resolved) {
         if policy.policy.key.namespace != key.namespace {
             continue;
         }
+        let by_mode = &mut isolating[policy.mode as usize];
+        let name = &policy.policy.key;
         let Some(selector) = &policy.selector else {
-            flags |= endpoint_flags::ISOLATED_INGRESS | endpoint_flags::ISOLATED_EGRESS;
+            by_mode.iter_mut().for_each(|d| d.push(name.clone()));
             continue;
         };
         // A pod not in the state is isolated by every policy of its namespace (its labels are
@@ -596,17 +639,42 @@ fn endpoint_flags_and_rules<'r>(
         if !selected && pod.is_some() {
             continue;
         }
-        if policy.ingress {
-            flags |= endpoint_flags::ISOLATED_INGRESS;
-        }
-        if policy.egress {
-            flags |= endpoint_flags::ISOLATED_EGRESS;
+        for (dir, isolates) in [
+            (Direction::Ingress, policy.ingress),
+            (Direction::Egress, policy.egress),
+        ] {
+            if isolates {
+                by_mode[dir as usize].push(name.clone());
+            }
         }
         if selected {
-            rules.iter().for_each(|rule| emit(rule, policy.id));
+            grants.extend(rules.iter().map(|rule| (rule, policy.id, policy.mode)));
         }
     }
-    flags
+    let [enforced, audited] = isolating;
+    let mut flags = 0;
+    let mut deciding = [None, None];
+    let mut names: [Vec<PodKey>; 2] = Default::default();
+    for ((dir, enforced), audited) in [Direction::Ingress, Direction::Egress]
+        .into_iter()
+        .zip(enforced)
+        .zip(audited)
+    {
+        let d = dir as usize;
+        if !enforced.is_empty() {
+            flags |= endpoint_flags::isolated(dir);
+            (deciding[d], names[d]) = (Some(Mode::Enforce), enforced);
+        } else if !audited.is_empty() {
+            flags |= endpoint_flags::isolated(dir) | endpoint_flags::audit(dir);
+            (deciding[d], names[d]) = (Some(Mode::Audit), audited);
+        }
+    }
+    for (rule, id, mode) in grants {
+        if deciding[rule.direction as usize] == Some(mode) {
+            emit(rule, id);
+        }
+    }
+    (flags, names)
 }
 
 /// The counts of `status` and the logs.

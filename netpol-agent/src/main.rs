@@ -164,6 +164,11 @@ enum Command {
         /// endpoint yet (the veth can only be one of them).
         #[arg(long, value_enum, default_value = "drop")]
         pending: netpol_agent::compiler::PendingRule,
+        /// The mode of policies that set none, themselves or through their namespace (annotation
+        /// `netpol.io/mode`): `audit` passes what they deny and records it as a would-be drop, for
+        /// a first install beside another engine.
+        #[arg(long, value_enum, default_value = "enforce")]
+        default_mode: netpol_agent::model::mode::Mode,
     },
     /// Show the running agent's endpoints, map use, counters and problems.
     Status {
@@ -237,6 +242,9 @@ enum Command {
         /// --kubeconfig, the cluster state is the one the agent saved.
         #[arg(long)]
         live: bool,
+        /// The agent's `--default-mode`: the mode of policies that set none.
+        #[arg(long, value_enum, default_value = "enforce")]
+        default_mode: netpol_agent::model::mode::Mode,
         #[command(flatten)]
         dirs: NodeDirs,
         /// Output format; `json` prints one object whose `verdict` is `allowed` or `denied`.
@@ -260,6 +268,8 @@ enum FlowsOutput {
 enum VerdictArg {
     Allowed,
     Dropped,
+    /// Passed under audit mode, denied by the audited policies (would-be drops).
+    Audit,
 }
 
 /// Filters and output of `flows`.
@@ -284,6 +294,7 @@ struct FlowsArgs {
     /// tcp, udp, sctp, icmp, icmpv6 or a protocol number.
     #[arg(long)]
     protocol: Option<String>,
+    /// Only flows with this verdict.
     #[arg(long, value_enum)]
     verdict: Option<VerdictArg>,
     /// Flows seen within this long (`30s`, `5m`, `2h`).
@@ -311,6 +322,7 @@ impl FlowsArgs {
             verdict: self.verdict.map(|v| match v {
                 VerdictArg::Allowed => VerdictFilter::Allowed,
                 VerdictArg::Dropped => VerdictFilter::Dropped,
+                VerdictArg::Audit => VerdictFilter::Audit,
             }),
             since_ms: self
                 .since
@@ -436,6 +448,7 @@ fn main() -> anyhow::Result<()> {
                 ct,
                 sizes,
                 pending,
+                default_mode,
             } => {
                 let health_addr = match health_addr.as_str() {
                     "off" | "" => None,
@@ -463,6 +476,7 @@ fn main() -> anyhow::Result<()> {
                     ct_quota: ct.ct_quota_per_endpoint,
                     pending_rule: pending,
                     capacities: sizes.capacities()?,
+                    default_mode,
                 })
                 .await
             }
@@ -506,6 +520,7 @@ fn main() -> anyhow::Result<()> {
                 manifests,
                 kubeconfig,
                 live,
+                default_mode,
                 dirs,
                 output,
             } => {
@@ -514,6 +529,7 @@ fn main() -> anyhow::Result<()> {
                     to,
                     protocol,
                     port,
+                    default_mode,
                 };
                 let offline = match (manifests, kubeconfig) {
                     (Some(dir), _) => Some(SourceConfig::Manifests(dir)),

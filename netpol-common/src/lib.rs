@@ -81,7 +81,10 @@ pub mod map_names {
     pub const LOST: &str = "NP_LOST_V1";
     /// `PerCpuArray<u64>` of length [`super::VERDICT_SLOTS`]: policy decisions of new flows per
     /// direction, action and [`super::PolicyMatch`]; see [`super::verdict_slot`].
-    pub const VERDICTS: &str = "NP_VERDICTS_V1";
+    pub const VERDICTS: &str = "NP_VERDICTS_V2";
+    /// Counters of an older layout, unpinned without being read: `NP_VERDICTS_V1` had no slots
+    /// for audited decisions (counters restart from zero, which Prometheus takes as a reset).
+    pub const RETIRED: [&str; 1] = ["NP_VERDICTS_V1"];
     /// `LruHashMap<FragKey, FragValue>`: fragmented datagrams whose first fragment was allowed, so
     /// their later fragments (which carry no ports) pass with it.
     pub const FRAGS: &str = "NP_FRAGS_V1";
@@ -251,6 +254,28 @@ pub mod endpoint_flags {
     /// The agent has not matched the veth with a pod yet (or no longer can): the endpoint is
     /// isolated as the pending rule says and its denials are counted as `pending`.
     pub const PENDING: u32 = 1 << 2;
+    /// The ingress isolation comes from policies in audit mode only: a packet no rule allows
+    /// passes, counted as [`super::Reason::AuditedIngressDenied`]. Never set together with an
+    /// enforced isolation of that direction (the compiler then writes the enforced rules alone).
+    pub const AUDIT_INGRESS: u32 = 1 << 3;
+    /// As [`AUDIT_INGRESS`], for egress ([`super::Reason::AuditedEgressDenied`]).
+    pub const AUDIT_EGRESS: u32 = 1 << 4;
+
+    /// The isolation bit of `direction`.
+    pub const fn isolated(direction: super::Direction) -> u32 {
+        match direction {
+            super::Direction::Ingress => ISOLATED_INGRESS,
+            super::Direction::Egress => ISOLATED_EGRESS,
+        }
+    }
+
+    /// The audit bit of `direction`.
+    pub const fn audit(direction: super::Direction) -> u32 {
+        match direction {
+            super::Direction::Ingress => AUDIT_INGRESS,
+            super::Direction::Egress => AUDIT_EGRESS,
+        }
+    }
 }
 
 /// Value of the ENDPOINTS map, keyed by the host veth's ifindex (which is also the endpoint id used
@@ -418,6 +443,9 @@ pub mod ct_flags {
     pub const ESTABLISHED: u32 = 1 << 1;
     /// A TCP FIN or RST has been seen.
     pub const CLOSING: u32 = 1 << 2;
+    /// The flow passed only because its direction's isolation is in audit mode: each packet of it
+    /// in that direction counts as a would-be drop (replies do not).
+    pub const AUDITED: u32 = 1 << 3;
 }
 
 /// Value of the CONNTRACK map.
@@ -456,6 +484,11 @@ pub enum Reason {
     AllowedServiceDeferred = 7,
     /// Allowed: a later fragment of a datagram whose first fragment was allowed.
     AllowedFragment = 8,
+    /// Passed, but only because the pod's ingress isolation is in audit mode: no rule allows it, so
+    /// an enforced policy would drop it (a would-be drop, Hubble's `AUDIT` verdict).
+    AuditedIngressDenied = 9,
+    /// As [`Reason::AuditedIngressDenied`], for egress.
+    AuditedEgressDenied = 10,
     /// Dropped: the pod is isolated for ingress and no rule allows it.
     DroppedIngressDenied = 16,
     /// Dropped: the pod is isolated for egress and no rule allows it.
@@ -488,7 +521,7 @@ pub const REASON_SLOTS: u32 = 32;
 
 impl Reason {
     /// Every reason, for userspace reporting.
-    pub const ALL: [Reason; 19] = [
+    pub const ALL: [Reason; 21] = [
         Reason::AllowedNotPoliced,
         Reason::AllowedNotIsolated,
         Reason::AllowedPolicy,
@@ -498,6 +531,8 @@ impl Reason {
         Reason::AllowedService,
         Reason::AllowedServiceDeferred,
         Reason::AllowedFragment,
+        Reason::AuditedIngressDenied,
+        Reason::AuditedEgressDenied,
         Reason::DroppedIngressDenied,
         Reason::DroppedEgressDenied,
         Reason::DroppedSpoofedSource,
@@ -515,6 +550,19 @@ impl Reason {
         (self as u32) >= 16
     }
 
+    /// True for the would-be drops of audit mode (the packet passed).
+    pub const fn is_audit(self) -> bool {
+        matches!(
+            self,
+            Reason::AuditedIngressDenied | Reason::AuditedEgressDenied
+        )
+    }
+
+    /// The [`verdict`] of a packet with this reason.
+    pub const fn verdict(self) -> u8 {
+        verdict::of(self as u8)
+    }
+
     /// The stable, kebab-case name used in logs, `status` and metrics.
     pub const fn name(self) -> &'static str {
         match self {
@@ -527,6 +575,8 @@ impl Reason {
             Reason::AllowedService => "service",
             Reason::AllowedServiceDeferred => "service-deferred",
             Reason::AllowedFragment => "fragment",
+            Reason::AuditedIngressDenied => "audit-ingress-denied",
+            Reason::AuditedEgressDenied => "audit-egress-denied",
             Reason::DroppedIngressDenied => "ingress-denied",
             Reason::DroppedEgressDenied => "egress-denied",
             Reason::DroppedSpoofedSource => "spoofed-source",
@@ -614,6 +664,21 @@ const _: () = assert!(size_of::<FlowKey>() == 44);
 pub mod verdict {
     pub const ALLOWED: u8 = 0;
     pub const DROPPED: u8 = 1;
+    /// Passed, but an enforced policy would have dropped it (audit mode).
+    pub const AUDIT: u8 = 2;
+
+    /// The verdict of a [`super::Reason`] code.
+    pub const fn of(reason: u8) -> u8 {
+        if reason >= super::Reason::DroppedIngressDenied as u8 {
+            DROPPED
+        } else if reason == super::Reason::AuditedIngressDenied as u8
+            || reason == super::Reason::AuditedEgressDenied as u8
+        {
+            AUDIT
+        } else {
+            ALLOWED
+        }
+    }
 }
 
 /// What kind of policy rule decided a new flow (Hubble's `match` label).
@@ -661,11 +726,11 @@ impl PolicyMatch {
 }
 
 /// Length of the VERDICTS array.
-pub const VERDICT_SLOTS: u32 = 16;
+pub const VERDICT_SLOTS: u32 = 32;
 
 /// Slot of VERDICTS counting decisions in `direction` with `verdict` ([`verdict`]) and `matched`.
 pub const fn verdict_slot(direction: u8, verdict: u8, matched: u8) -> u32 {
-    ((direction as u32 & 1) << 3) | ((verdict as u32 & 1) << 2) | (matched as u32 & 3)
+    ((direction as u32 & 1) << 4) | ((verdict as u32 & 3) << 2) | (matched as u32 & 3)
 }
 
 /// Value of the FLOWS map, one per CPU: userspace adds `packets` and `bytes` over CPUs, takes the
@@ -687,7 +752,7 @@ pub struct FlowValue {
     pub policy: u32,
     /// [`Reason`] code of the last packet's verdict (of the decision, when `decided_ns` is set).
     pub reason: u8,
-    /// [`verdict`] of that reason.
+    /// [`verdict`] of that reason ([`verdict::of`]).
     pub verdict: u8,
     /// [`PolicyMatch`] code of the decision.
     pub matched: u8,

@@ -28,7 +28,7 @@ use netpol_common::{
     DEFAULT_EVENT_RATE, Direction, DropEvent, DropKey, DropValue, EndpointInfo, FlowKey, FlowValue,
     FragKey, FragValue, IpKey, POLICY_PREFIX_ANY_PROTOCOL, POLICY_PREFIX_FULL, PolicyKey,
     PolicyMatch, Reason, SvcKey, TokenBucket, ct_flags, endpoint_flags, identity, lost, proto,
-    service, verdict_slot,
+    service, verdict, verdict_slot,
 };
 
 use crate::{
@@ -86,7 +86,7 @@ pub fn tunnel_egress(ctx: TcContext) -> i32 {
     };
     let code = (decision & 0xff) as u32;
     count(&COUNTERS, code);
-    if code >= Reason::DroppedIngressDenied as u32 {
+    if verdict::of(code as u8) != verdict::ALLOWED {
         let client = client_of(&pkt, 0);
         record(
             &pkt,
@@ -95,10 +95,8 @@ pub fn tunnel_egress(ctx: TcContext) -> i32 {
             decision | FLOW,
             ctx.len(),
         );
-        TC_ACT_SHOT
-    } else {
-        PASS
     }
+    if is_drop(decision) { TC_ACT_SHOT } else { PASS }
 }
 
 /// The local pod that sent a packet whose egress was deferred: the owner of its source address, or,
@@ -204,6 +202,7 @@ fn try_classify(
         Parsed::Arp => Reason::AllowedNotPoliced,
         Parsed::Neighbour => link::neighbour(ctx, pkt, ifindex, ep, egress)?,
         // NetworkPolicy speaks of IP only: a pod isolated in this direction gets nothing else.
+        Parsed::OtherEtherType if audit(ep, dir) => audited(dir),
         Parsed::OtherEtherType if isolated(ep, dir) => Reason::DroppedEtherType,
         Parsed::OtherEtherType => Reason::AllowedNotPoliced,
     };
@@ -212,11 +211,13 @@ fn try_classify(
 
 #[inline(always)]
 fn isolated(ep: &EndpointInfo, dir: Direction) -> bool {
-    let flag = match dir {
-        Direction::Ingress => endpoint_flags::ISOLATED_INGRESS,
-        Direction::Egress => endpoint_flags::ISOLATED_EGRESS,
-    };
-    ep.flags & flag != 0
+    ep.flags & endpoint_flags::isolated(dir) != 0
+}
+
+/// Whether `ep`'s isolation in `dir` is in audit mode (its denials pass as would-be drops).
+#[inline(always)]
+fn audit(ep: &EndpointInfo, dir: Direction) -> bool {
+    ep.flags & endpoint_flags::audit(dir) != 0
 }
 
 /// A CONFIG slot (0 when unset).
@@ -262,12 +263,12 @@ fn quote_fits(pkt: &Packet, quoted: &CtKey, dir: Direction) -> bool {
 #[inline(never)]
 fn record(pkt: &Packet, ifindex: u32, dir: u8, decision: u64, len: u32) {
     let reason = (decision & 0xff) as u8;
-    let dropped = reason >= Reason::DroppedIngressDenied as u8;
+    let verdict = verdict::of(reason);
     let matched = ((decision >> 8) & 0xff) as u8;
     // SAFETY: a helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     if decision & DECIDED != 0 {
-        count(&VERDICTS, verdict_slot(dir, dropped as u8, matched));
+        count(&VERDICTS, verdict_slot(dir, verdict, matched));
     }
     let mut key = FlowKey {
         endpoint: ifindex,
@@ -282,7 +283,8 @@ fn record(pkt: &Packet, ifindex: u32, dir: u8, decision: u64, len: u32) {
         key.protocol = pkt.proto;
         record_flow(&key, decision, now, len);
     }
-    if dropped {
+    // A would-be drop of audit mode is counted and reported as a drop is, under its own reason.
+    if verdict != verdict::ALLOWED {
         let counted = count_drop(&key, reason, len);
         if !send_event(&key, reason, len, now)
             && let Some(v) = counted
@@ -320,7 +322,7 @@ fn record_flow(key: &FlowKey, decision: u64, now: u64, len: u32) {
         // A conntrack hit keeps the decision this CPU took for the flow.
         if decision & DECIDED != 0 || v.decided_ns == 0 {
             v.reason = reason;
-            v.verdict = (reason >= Reason::DroppedIngressDenied as u8) as u8;
+            v.verdict = verdict::of(reason);
             v.matched = ((decision >> 8) & 0xff) as u8;
             v.policy = (decision >> 32) as u32;
         }
@@ -622,7 +624,7 @@ fn tracked(
                 defer(ctx);
             }
             if (*entry).generation == generation {
-                return Some(reason_only(Reason::AllowedEstablished));
+                return Some(established((*entry).flags, dir));
             }
         }
         let decision = through_service(ctx, pkt, ifindex, dir, decide(pkt, ifindex, ep_flags, dir));
@@ -736,7 +738,8 @@ fn revalidated(key: &CtKey, entry: *mut CtValue, decision: u64, generation: u32)
         // SAFETY: map values stay valid for the duration of the program.
         unsafe {
             (*entry).generation = generation;
-            (*entry).flags = ((*entry).flags & !ct_flags::SERVICE_DEFERRED) | ct_flags_of(decision);
+            let kept = (*entry).flags & !(ct_flags::SERVICE_DEFERRED | ct_flags::AUDITED);
+            (*entry).flags = kept | ct_flags_of(decision);
         }
     }
     decision
@@ -782,10 +785,33 @@ fn defer(ctx: &TcContext) {
 
 #[inline(always)]
 fn ct_flags_of(decision: u64) -> u32 {
-    if decision & 0xff == Reason::AllowedServiceDeferred as u64 {
+    let reason = decision & 0xff;
+    if reason == Reason::AllowedServiceDeferred as u64 {
         ct_flags::SERVICE_DEFERRED
+    } else if verdict::of(reason as u8) == verdict::AUDIT {
+        ct_flags::AUDITED
     } else {
         0
+    }
+}
+
+/// The verdict of a packet of a tracked flow in the direction it was allowed in: a flow that passed
+/// only under audit mode stays a would-be drop, packet by packet.
+#[inline(always)]
+fn established(flags: u32, dir: Direction) -> u64 {
+    if flags & ct_flags::AUDITED == 0 {
+        reason_only(Reason::AllowedEstablished)
+    } else {
+        reason_only(audited(dir))
+    }
+}
+
+/// The audit-mode reason of a denial in `dir`.
+#[inline(always)]
+fn audited(dir: Direction) -> Reason {
+    match dir {
+        Direction::Ingress => Reason::AuditedIngressDenied,
+        Direction::Egress => Reason::AuditedEgressDenied,
     }
 }
 
@@ -814,9 +840,11 @@ fn through_service(
     }
 }
 
+/// An egress denial, enforced or audited: a Service frontend's verdict may still allow it.
 #[inline(always)]
 fn is_denied_egress(decision: u64) -> bool {
-    decision & 0xff == Reason::DroppedEgressDenied as u64
+    let reason = decision & 0xff;
+    reason == Reason::DroppedEgressDenied as u64 || reason == Reason::AuditedEgressDenied as u64
 }
 
 /// The SERVICES verdict (allow or defer) and policy of `endpoint` towards the frontend `vip`:`port`.
@@ -870,16 +898,7 @@ fn policy(pkt: &Packet, ifindex: u32, ep_flags: u32, dir: Direction, ask: Ask) -
         Ask::Packet => (dir, pkt.dport),
         Ask::Answered => (dir.opposite(), pkt.sport),
     };
-    let (isolated, denied) = match dir {
-        Direction::Ingress => (
-            ep_flags & endpoint_flags::ISOLATED_INGRESS != 0,
-            Reason::DroppedIngressDenied,
-        ),
-        Direction::Egress => (
-            ep_flags & endpoint_flags::ISOLATED_EGRESS != 0,
-            Reason::DroppedEgressDenied,
-        ),
-    };
+    let isolated = ep_flags & endpoint_flags::isolated(dir) != 0;
     let peer_identity = pkt
         .buffer
         .address(peer)
@@ -894,7 +913,7 @@ fn policy(pkt: &Packet, ifindex: u32, ep_flags: u32, dir: Direction, ask: Ask) -
     // A Service's virtual address is judged on its backends (SERVICES, by the caller), never by a
     // rule that happens to match the address itself.
     if dir == Direction::Egress && pkt.buffer.is_frontend(peer) {
-        return refused(ep_flags, denied);
+        return refused(ep_flags, dir);
     }
 
     let mut key = Key::new(
@@ -923,15 +942,23 @@ fn policy(pkt: &Packet, ifindex: u32, ep_flags: u32, dir: Direction, ask: Ask) -
     if let Some(v) = pkt.buffer.policy(&key) {
         return allowed(pkt.buffer, &mut key, v.policy);
     }
-    refused(ep_flags, denied)
+    refused(ep_flags, dir)
 }
 
-/// A packet no rule allows: `denied`, or `pending` at an endpoint whose pod is not known.
+/// A packet no rule allows in `dir`: passed as a would-be drop when the isolation of that direction
+/// is in audit mode, else dropped as denied (`pending` at an endpoint whose pod is not known).
 #[inline(always)]
-fn refused(ep_flags: u32, denied: Reason) -> u64 {
+fn refused(ep_flags: u32, dir: Direction) -> u64 {
+    if ep_flags & endpoint_flags::audit(dir) != 0 {
+        return reason_only(audited(dir)) | DECIDED;
+    }
     if ep_flags & endpoint_flags::PENDING != 0 {
         return reason_only(Reason::DroppedPending) | DECIDED;
     }
+    let denied = match dir {
+        Direction::Ingress => Reason::DroppedIngressDenied,
+        Direction::Egress => Reason::DroppedEgressDenied,
+    };
     reason_only(denied) | DECIDED
 }
 

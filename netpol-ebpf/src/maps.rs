@@ -166,7 +166,7 @@ pub static EVENT_BUDGET: LruPerCpuHashMap<u32, TokenBucket> =
 pub static LOST: PerCpuArray<u64> = PerCpuArray::pinned(LOST_SLOTS, 0);
 
 /// Policy decisions of new flows, per CPU; see `netpol_common::verdict_slot`.
-#[map(name = "NP_VERDICTS_V1")]
+#[map(name = "NP_VERDICTS_V2")]
 pub static VERDICTS: PerCpuArray<u64> = PerCpuArray::pinned(VERDICT_SLOTS, 0);
 
 /// Conntrack entries per endpoint, against the quota.
@@ -227,6 +227,6 @@ const _: () = assert!(str_eq("NP_DROPS_V1", map_names::DROPS));
 const _: () = assert!(str_eq("NP_EVENTS_V1", map_names::EVENTS));
 const _: () = assert!(str_eq("NP_EVBUDGET_V1", map_names::EVENT_BUDGET));
 const _: () = assert!(str_eq("NP_LOST_V1", map_names::LOST));
-const _: () = assert!(str_eq("NP_VERDICTS_V1", map_names::VERDICTS));
+const _: () = assert!(str_eq("NP_VERDICTS_V2", map_names::VERDICTS));
 const _: () = assert!(str_eq("NP_FRAGS_V1", map_names::FRAGS));
 const _: () = assert!(str_eq("NP_CTCOUNT_V1", map_names::CT_COUNT));

@@ -2528,3 +2528,159 @@ fn a_pending_pod_cannot_spoof_or_slip_out_sideways() {
         Reason::DroppedPending,
     );
 }
+
+// Audit mode: the isolation of a direction comes from audited policies only. What no rule allows
+// passes as a would-be drop, counted, recorded and reported like a drop; nothing else is relaxed.
+
+const AUDIT_BOTH: u32 = endpoint_flags::ISOLATED_INGRESS
+    | endpoint_flags::ISOLATED_EGRESS
+    | endpoint_flags::AUDIT_INGRESS
+    | endpoint_flags::AUDIT_EGRESS;
+
+#[test]
+fn audit_mode_passes_denials_as_would_be_drops_and_records_them() {
+    let Some(mut env) = env!() else { return };
+    env.set_event_rate(1000);
+    env.endpoint(EP, AUDIT_BOTH);
+    env.allow(ID_B, Ingress, proto::TCP, 80, POLICY_PREFIX_FULL);
+    env.expect(
+        Ingress,
+        &Packet::tcp(b(), a(), 40000, 80).build(),
+        Reason::AllowedPolicy,
+    );
+    let denied = Packet::tcp(b(), a(), 40001, 81).build();
+    env.expect(Ingress, &denied, Reason::AuditedIngressDenied);
+    // Every packet of the flow stays a would-be drop; its replies pass as replies.
+    env.expect(Ingress, &denied, Reason::AuditedIngressDenied);
+    env.expect(
+        Egress,
+        &Packet::tcp(a(), b(), 81, 40001).build(),
+        Reason::AllowedReply,
+    );
+    env.expect(
+        Egress,
+        &Packet::udp(a6(), b6(), 5000, 53).build(),
+        Reason::AuditedEgressDenied,
+    );
+
+    let key = flow_key(b(), a(), 40001, 81, proto::TCP, Ingress);
+    let flow = env.flow(key);
+    assert_eq!(flow.verdict, verdict::AUDIT);
+    assert_eq!(flow.packets, 2);
+    let audit_drops: Vec<_> = env
+        .drops()
+        .into_iter()
+        .filter(|(k, _)| k.reason == Reason::AuditedIngressDenied as u8)
+        .collect();
+    assert_eq!(audit_drops.len(), 1, "{audit_drops:?}");
+    assert_eq!(audit_drops[0].1.packets, 2);
+    let events = env.events();
+    assert_eq!(events.len(), 3, "{events:?}");
+    assert_eq!(events[0].key, key);
+    assert_eq!(verdict::of(events[0].reason), verdict::AUDIT);
+    let v = env.verdicts();
+    assert_eq!(
+        v[verdict_slot(Ingress as u8, verdict::AUDIT, 0) as usize],
+        1
+    );
+    assert_eq!(v[verdict_slot(Egress as u8, verdict::AUDIT, 0) as usize], 1);
+    assert_eq!(
+        v[verdict_slot(Ingress as u8, verdict::DROPPED, 0) as usize],
+        0
+    );
+}
+
+#[test]
+fn audit_mode_relaxes_only_policy_denials() {
+    let Some(mut env) = env!() else { return };
+    env.endpoint(EP, AUDIT_BOTH);
+    // A hostile pod in audit mode still cannot spoof its source, address or link.
+    env.expect(
+        Egress,
+        &Packet::tcp(b(), POD_C.into(), 1, 80).build(),
+        Reason::DroppedSpoofedSource,
+    );
+    env.expect(
+        Egress,
+        &packets::ethernet_from(OTHER_MAC, 0x88cc),
+        Reason::DroppedSpoofedLink,
+    );
+    // Nor reach another pod's address through this veth.
+    env.expect(
+        Ingress,
+        &Packet::tcp(b(), POD_C.into(), 1, 80).build(),
+        Reason::DroppedNotForPod,
+    );
+    // Non-IP frames at a pod isolated in audit mode are would-be drops, not drops.
+    let mut lldp = packets::ethernet(0x88cc);
+    lldp.extend_from_slice(&[0; 46]);
+    env.expect(Egress, &lldp, Reason::AuditedEgressDenied);
+    env.expect(Ingress, &lldp, Reason::AuditedIngressDenied);
+    // Audit in one direction leaves the other enforced.
+    env.endpoint(
+        EP,
+        endpoint_flags::ISOLATED_INGRESS
+            | endpoint_flags::ISOLATED_EGRESS
+            | endpoint_flags::AUDIT_EGRESS,
+    );
+    env.expect(
+        Ingress,
+        &Packet::tcp(b(), a(), 40000, 80).build(),
+        Reason::DroppedIngressDenied,
+    );
+    env.expect(
+        Egress,
+        &Packet::tcp(a(), b(), 40000, 80).build(),
+        Reason::AuditedEgressDenied,
+    );
+    // An audit bit without its isolation bit changes nothing (not isolated: allowed).
+    env.endpoint(EP, endpoint_flags::AUDIT_INGRESS);
+    env.expect(
+        Ingress,
+        &Packet::tcp(b(), a(), 40001, 80).build(),
+        Reason::AllowedNotIsolated,
+    );
+}
+
+#[test]
+fn an_audited_flow_is_dropped_once_its_policy_is_enforced() {
+    let Some(mut env) = env!() else { return };
+    env.endpoint(EP, AUDIT_BOTH);
+    let syn = Packet::tcp(b(), a(), 40000, 81).build();
+    env.expect(Ingress, &syn, Reason::AuditedIngressDenied);
+    // The same policy switched to enforce (a new generation): the tracked flow is re-checked.
+    env.endpoint(
+        EP,
+        endpoint_flags::ISOLATED_INGRESS | endpoint_flags::ISOLATED_EGRESS,
+    );
+    env.set_generation(2);
+    env.expect(Ingress, &syn, Reason::DroppedIngressDenied);
+    env.expect(
+        Egress,
+        &Packet::tcp(a(), b(), 81, 40000).build(),
+        Reason::DroppedEgressDenied,
+    );
+    assert!(env.conntrack().is_empty(), "the audited flow was forgotten");
+}
+
+#[test]
+fn a_pending_endpoint_in_audit_mode_passes_would_be_drops() {
+    let Some(mut env) = env!() else { return };
+    env.endpoint(EP, AUDIT_BOTH | endpoint_flags::PENDING);
+    env.expect(
+        Ingress,
+        &Packet::tcp(b(), a(), 40000, 80).build(),
+        Reason::AuditedIngressDenied,
+    );
+    env.endpoint(
+        EP,
+        endpoint_flags::ISOLATED_INGRESS
+            | endpoint_flags::ISOLATED_EGRESS
+            | endpoint_flags::PENDING,
+    );
+    env.expect(
+        Ingress,
+        &Packet::tcp(b(), a(), 40001, 80).build(),
+        Reason::DroppedPending,
+    );
+}

@@ -53,6 +53,8 @@ pub struct AgentConfig {
     pub pending_rule: PendingRule,
     /// Sizes of the decision maps (`--max-*`).
     pub capacities: Capacities,
+    /// The mode of policies that set none (`--default-mode`).
+    pub default_mode: crate::model::mode::Mode,
 }
 
 /// Takes an exclusive `flock` on a directory, so two agents can never share a pin or state directory.
@@ -157,7 +159,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             kube_router_chains.clone(),
         )));
 
-    tracing::info!(node = %cfg.node_name, source = %cfg.source.describe(), pin_dir = %cfg.layout.root().display(), pending = ?cfg.pending_rule, "agent started");
+    tracing::info!(node = %cfg.node_name, source = %cfg.source.describe(), pin_dir = %cfg.layout.root().display(), pending = ?cfg.pending_rule, default_mode = cfg.default_mode.name(), "agent started");
     let mut sync = sync::Sync::new(cfg.clone(), datapath, discovery, status);
     sync.observer = Some(observer);
     sync.kube_router_chains = kube_router_chains;

@@ -404,6 +404,7 @@ impl Sync {
             pending_rule: self.cfg.pending_rule,
             exits_guarded,
             capacities: self.cfg.capacities,
+            default_mode: self.cfg.default_mode,
         });
         let mut errors = self.base_errors();
         errors.extend(effective.errors.iter().map(|e| e.to_string()));
@@ -426,7 +427,7 @@ impl Sync {
         self.publish(&effective, &view, &matching, &compiled);
         self.claims.answer(&matching, &self.attached);
         if let Some(observer) = &self.observer {
-            observer.publish(&effective, &matching.endpoints);
+            observer.publish(&effective, &matching.endpoints, &compiled.isolating);
             if let Some(seen_at) = self.unprogrammed_since.take() {
                 observer.programmed(seen_at);
             }

@@ -11,6 +11,7 @@ use netpol_common::{Direction, IpInfo, endpoint_flags, identity};
 use serde::{Deserialize, Serialize};
 
 use super::{CompileInput, Compiled, ParsedPolicy, ip_key};
+use crate::model::mode::Mode;
 
 /// What a pending endpoint may do (`--pending`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -75,12 +76,14 @@ pub(super) fn compile(input: &CompileInput<'_>, parsed: &[ParsedPolicy<'_>], out
         PendingRule::Drop => ISOLATED_BOTH,
         PendingRule::AllowUnselected => unselected_isolation(input, parsed),
     };
+    let audit = audit_bits(input, parsed);
     for (&endpoint, pending) in input.pending {
         // Only a veth that never had a pod can be a new one; any other stays closed.
         let isolation = match pending.reason {
             PendingReason::UnknownPod => relaxed,
             _ => ISOLATED_BOTH,
         };
+        let isolation = isolation | (audit & isolation_as_audit(isolation));
         let link = input.links.get(&endpoint).copied().unwrap_or_default();
         out.endpoints
             .insert(endpoint, link.info(isolation | endpoint_flags::PENDING));
@@ -91,6 +94,26 @@ pub(super) fn compile(input: &CompileInput<'_>, parsed: &[ParsedPolicy<'_>], out
             });
         }
     }
+}
+
+/// The audit bits of both directions when a pending veth's denials may pass as would-be drops: the
+/// node's default mode is audit and no policy enforces anything (a pending veth may be any pod, so
+/// a single enforced policy keeps them all closed). Otherwise none.
+fn audit_bits(input: &CompileInput<'_>, parsed: &[ParsedPolicy<'_>]) -> u32 {
+    let all_audited = parsed.iter().all(|p| p.mode == Mode::Audit);
+    if input.default_mode == Mode::Audit && all_audited {
+        endpoint_flags::AUDIT_INGRESS | endpoint_flags::AUDIT_EGRESS
+    } else {
+        0
+    }
+}
+
+/// The audit bits matching the isolated directions of `isolation`.
+fn isolation_as_audit(isolation: u32) -> u32 {
+    [Direction::Ingress, Direction::Egress]
+        .into_iter()
+        .filter(|d| isolation & endpoint_flags::isolated(*d) != 0)
+        .fold(0, |bits, d| bits | endpoint_flags::audit(d))
 }
 
 /// The isolation a pending veth needs under [`PendingRule::AllowUnselected`]: the union of what

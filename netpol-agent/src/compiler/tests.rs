@@ -9,8 +9,10 @@ use netpol_common::proto::{ICMP, SCTP, TCP, UDP};
 use netpol_common::{POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTOCOL, endpoint_flags, identity};
 
 use super::*;
+use crate::model::mode::Mode;
 use crate::model::{NamedPort, Namespace, Object};
 
+mod audit;
 mod capacity;
 mod updates;
 
@@ -26,6 +28,7 @@ struct Cluster {
     pending: PendingEndpoints,
     pending_rule: PendingRule,
     capacities: Capacities,
+    default_mode: Mode,
 }
 
 fn ip(s: &str) -> IpAddr {
@@ -49,6 +52,7 @@ impl Cluster {
             pending: BTreeMap::new(),
             pending_rule: PendingRule::Drop,
             capacities: Capacities::default(),
+            default_mode: Mode::Enforce,
         };
         c.namespace("default", &[]);
         c
@@ -115,7 +119,19 @@ impl Cluster {
             key: PodKey::new(ns, name),
             origin: Origin::Api,
             spec: serde_yaml::from_str(spec).unwrap(),
+            mode: None,
         }));
+    }
+
+    /// Sets the mode annotation of a policy.
+    fn policy_mode(&mut self, ns: &str, name: &str, mode: &str) {
+        let key = PodKey::new(ns, name);
+        self.state.policies.get_mut(&key).unwrap().mode = Some(mode.into());
+    }
+
+    /// Sets the mode annotation of a namespace.
+    fn namespace_mode(&mut self, ns: &str, mode: &str) {
+        self.state.namespaces.get_mut(ns).unwrap().mode = Some(mode.into());
     }
 
     fn compile(&self) -> Compiled {
@@ -129,6 +145,7 @@ impl Cluster {
             pending_rule: self.pending_rule,
             exits_guarded: self.exits_guarded,
             capacities: self.capacities,
+            default_mode: self.default_mode,
         });
         check_invariants(&c);
         c

@@ -111,11 +111,12 @@ pub fn check(maps_dir: &Path, object: &[u8], sizes: &[(&str, u32)]) -> Result<()
     Ok(())
 }
 
-/// Unpins the maps of older layouts ([`map_names::OBSOLETE`]) under `maps_dir`; returns the names
-/// removed. Programs still attached keep those maps alive until they are replaced.
+/// Unpins the maps of older layouts ([`map_names::OBSOLETE`], [`map_names::RETIRED`]) under
+/// `maps_dir`; returns the names removed. Programs still attached keep those maps alive until they
+/// are replaced.
 pub fn remove_obsolete(maps_dir: &Path) -> std::io::Result<Vec<&'static str>> {
     let mut removed = Vec::new();
-    for name in map_names::OBSOLETE {
+    for name in map_names::OBSOLETE.into_iter().chain(map_names::RETIRED) {
         match std::fs::remove_file(maps_dir.join(name)) {
             Ok(()) => removed.push(name),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -162,7 +163,7 @@ mod tests {
         for name in netpol_common::service::MAP_NAME {
             assert!(maps.contains_key(name));
         }
-        for name in map_names::OBSOLETE {
+        for name in map_names::OBSOLETE.into_iter().chain(map_names::RETIRED) {
             assert!(!maps.contains_key(name));
         }
     }

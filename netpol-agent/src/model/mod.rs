@@ -2,6 +2,7 @@
 //! what policy needs, whatever source (manifest directory or API) they came from.
 
 pub mod identity;
+pub mod mode;
 pub mod selector;
 pub mod service;
 
@@ -187,6 +188,9 @@ pub struct Namespace {
     pub name: String,
     /// Always includes [`NAMESPACE_NAME_LABEL`].
     pub labels: Labels,
+    /// The [`mode::ANNOTATION`], as written: the mode of the namespace's policies that set none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
 }
 
 impl Namespace {
@@ -195,6 +199,7 @@ impl Namespace {
         Namespace {
             name: name.to_owned(),
             labels: namespace_labels(name, Labels::new()),
+            mode: None,
         }
     }
 
@@ -205,6 +210,7 @@ impl Namespace {
         Ok(Namespace {
             labels: namespace_labels(&name, labels),
             name,
+            mode: mode::annotation(&ns.metadata),
         })
     }
 }
@@ -350,6 +356,9 @@ pub struct Policy {
     pub key: PodKey,
     pub origin: Origin,
     pub spec: NetworkPolicySpec,
+    /// The [`mode::ANNOTATION`], as written (the compiler resolves and checks it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
 }
 
 impl Policy {
@@ -366,6 +375,7 @@ impl Policy {
             ),
             origin,
             spec: policy.spec.clone().unwrap_or_default(),
+            mode: mode::annotation(&policy.metadata),
         })
     }
 }
@@ -445,6 +455,15 @@ impl ClusterState {
             Some(ns) => Cow::Borrowed(&ns.labels),
             None => Cow::Owned(Namespace::implicit(name).labels),
         }
+    }
+
+    /// The mode of `policy` on a node whose default is `default` ([`mode::resolve`]).
+    pub fn policy_mode(&self, policy: &Policy, default: mode::Mode) -> mode::Resolved {
+        let namespace = self
+            .namespaces
+            .get(&policy.key.namespace)
+            .and_then(|ns| ns.mode.as_deref());
+        mode::resolve(policy.mode.as_deref(), namespace, default)
     }
 
     /// The pods that policies can see as peers ([`Pod::is_policy_peer`]).

@@ -10,6 +10,7 @@ use serde::Serialize;
 
 use crate::compiler::{self, CompileInput, PendingRule};
 use crate::datapath::Capacities;
+use crate::model::mode::Mode;
 use crate::model::{ClusterState, Pod, PodKey, Policy, Protocol};
 use netpol_common::{Direction, endpoint_flags};
 
@@ -46,6 +47,8 @@ pub struct Query {
     pub to: Party,
     pub protocol: Protocol,
     pub port: u16,
+    /// The mode of policies that set none (the agent's `--default-mode`).
+    pub default_mode: Mode,
 }
 
 /// Allowed or denied.
@@ -73,8 +76,11 @@ pub struct Side {
     /// `egress` (at the client) or `ingress` (at the server).
     pub direction: &'static str,
     pub verdict: Verdict,
-    /// The policies that isolate the pod in this direction.
+    /// The policies that isolate the pod in this direction and decide: the enforced ones, or the
+    /// audited ones when none enforces.
     pub isolated_by: Vec<String>,
+    /// Those policies are in audit mode: a denial passes, recorded as a would-be drop.
+    pub audit: bool,
     /// The rules that allow the connection: `namespace/policy egress[0]`.
     pub allowed_by: Vec<String>,
     pub reason: String,
@@ -173,10 +179,18 @@ pub fn explain(state: &ClusterState, q: &Query) -> Result<Explanation, ExplainEr
     let (to_pod, destination) = resolve(state, &q.to, None)?;
     let (from_pod, source) = resolve(state, &q.from, Some(destination))?;
     let protocol = q.protocol.number();
-    let egress = from_pod.map(|p| side(state, p, Direction::Egress, destination, protocol, q.port));
+    let at = |pod, direction, peer| Probe {
+        pod,
+        direction,
+        peer,
+        protocol,
+        port: q.port,
+        default_mode: q.default_mode,
+    };
+    let egress = from_pod.map(|p| side(state, at(p, Direction::Egress, destination)));
     let service = service_of(state, destination);
     let ingress = match (to_pod, &service) {
-        (Some(p), None) => Some(side(state, p, Direction::Ingress, source, protocol, q.port)),
+        (Some(p), None) => Some(side(state, at(p, Direction::Ingress, source))),
         _ => None,
     };
     let allowed = [&egress, &ingress]
@@ -244,32 +258,32 @@ fn service_of(state: &ClusterState, ip: IpAddr) -> Option<String> {
         .map(|s| s.key.to_string())
 }
 
-/// What `pod`'s policies say about its connection with `peer` in `direction`.
-fn side(
-    state: &ClusterState,
-    pod: &Pod,
+/// One end of the connection, as [`side`] judges it.
+#[derive(Clone, Copy)]
+struct Probe<'a> {
+    pod: &'a Pod,
     direction: Direction,
     peer: IpAddr,
     protocol: u8,
     port: u16,
-) -> Side {
+    default_mode: Mode,
+}
+
+/// What the pod's policies say about its connection with the peer in the probe's direction.
+fn side(state: &ClusterState, at: Probe<'_>) -> Side {
+    let (pod, direction) = (at.pod, at.direction);
     let allows = |s: &ClusterState| {
-        let c = compile_for(s, pod);
-        let isolated = c.endpoints[&ENDPOINT].flags & isolation_flag(direction) != 0;
-        (
-            isolated,
-            c.allows(ENDPOINT, peer, direction, protocol, port),
-        )
+        let c = compile_for(s, pod, at.default_mode);
+        let allowed = c.allows(ENDPOINT, at.peer, direction, at.protocol, at.port);
+        (c, allowed)
     };
-    let (_, allowed) = allows(state);
-    let in_namespace = state
-        .policies
-        .values()
-        .filter(|p| p.key.namespace == pod.key.namespace);
-    let isolated_by: Vec<&Policy> = in_namespace
-        .filter(|p| allows(&only(state, p, None)).0)
+    let (compiled, allowed) = allows(state);
+    let audit = compiled.endpoints[&ENDPOINT].flags & endpoint_flags::audit(direction) != 0;
+    let deciding: Vec<&Policy> = compiled.isolating[&(ENDPOINT, direction)]
+        .iter()
+        .filter_map(|k| state.policies.get(k))
         .collect();
-    let allowed_by = isolated_by
+    let allowed_by = deciding
         .iter()
         .flat_map(|p| {
             let rules = rule_count(p, direction);
@@ -279,8 +293,8 @@ fn side(
                 .collect::<Vec<_>>()
         })
         .collect::<Vec<_>>();
-    let isolated_by: Vec<String> = isolated_by.iter().map(|p| p.key.to_string()).collect();
-    let reason = match (isolated_by.is_empty(), allowed, allowed_by.is_empty()) {
+    let isolated_by: Vec<String> = deciding.iter().map(|p| p.key.to_string()).collect();
+    let mut reason = match (isolated_by.is_empty(), allowed, allowed_by.is_empty()) {
         (true, _, _) => format!(
             "no policy isolates {} for {}: everything is allowed",
             pod.key,
@@ -293,11 +307,15 @@ fn side(
             isolated_by.join(", ")
         ),
     };
+    if audit && !allowed {
+        reason.push_str(" (audit mode: the packets pass, recorded as would-be drops)");
+    }
     Side {
         pod: pod.key.to_string(),
         direction: direction_name(direction),
         verdict: Verdict::of(allowed),
         isolated_by,
+        audit,
         allowed_by,
         reason,
         datapath: None,
@@ -308,13 +326,6 @@ fn direction_name(d: Direction) -> &'static str {
     match d {
         Direction::Ingress => "ingress",
         Direction::Egress => "egress",
-    }
-}
-
-fn isolation_flag(d: Direction) -> u32 {
-    match d {
-        Direction::Ingress => endpoint_flags::ISOLATED_INGRESS,
-        Direction::Egress => endpoint_flags::ISOLATED_EGRESS,
     }
 }
 
@@ -355,7 +366,7 @@ fn keep_rule<T>(rules: &mut Option<Vec<T>>, i: Option<usize>) {
 }
 
 /// Compiles `state` with `pod` as the one local endpoint, on its node.
-fn compile_for(state: &ClusterState, pod: &Pod) -> compiler::Compiled {
+fn compile_for(state: &ClusterState, pod: &Pod, default_mode: Mode) -> compiler::Compiled {
     let endpoints = [(pod.key.clone(), ENDPOINT)].into_iter().collect();
     compiler::compile(&CompileInput {
         state,
@@ -367,6 +378,7 @@ fn compile_for(state: &ClusterState, pod: &Pod) -> compiler::Compiled {
         pending_rule: PendingRule::Drop,
         exits_guarded: true,
         capacities: Capacities::default(),
+        default_mode,
     })
 }
 
@@ -426,6 +438,7 @@ mod tests {
             key: PodKey::new(ns, name),
             origin: Origin::Api,
             spec: serde_yaml::from_str(spec).unwrap(),
+            mode: None,
         })
     }
 
@@ -446,6 +459,7 @@ mod tests {
             to: to.parse().unwrap(),
             protocol: Protocol::Tcp,
             port,
+            default_mode: Mode::Enforce,
         }
     }
 
@@ -486,6 +500,42 @@ mod tests {
         let json = serde_json::to_value(explain(&s, &query("x/a", "y/b", 5432)).unwrap()).unwrap();
         assert_eq!(json["verdict"], "denied");
         assert_eq!(json["egress"]["verdict"], "allowed");
+    }
+
+    #[test]
+    fn audited_policies_decide_only_where_none_is_enforced() {
+        let staged = |name: &str, spec: &str| {
+            let Object::Policy(mut p) = policy("y", name, spec) else {
+                unreachable!()
+            };
+            p.mode = Some("audit".into());
+            Object::Policy(p)
+        };
+        let objects = vec![
+            pod("x", "a", "web", "10.42.0.5"),
+            pod("y", "b", "db", "10.42.1.6"),
+            staged("db-in", "podSelector: {}\ningress:\n- ports: [{port: 80}]"),
+        ];
+        let e = explain(&state(objects.clone()), &query("x/a", "y/b", 5432)).unwrap();
+        let inside = e.ingress.as_ref().unwrap();
+        assert_eq!(inside.verdict, Verdict::Denied);
+        assert!(inside.audit);
+        assert_eq!(inside.isolated_by, vec!["y/db-in"]);
+        assert!(render_text(&e).contains("audit mode: the packets pass"));
+        let e = explain(&state(objects.clone()), &query("x/a", "y/b", 80)).unwrap();
+        assert_eq!(e.ingress.unwrap().allowed_by, vec!["y/db-in ingress[0]"]);
+
+        let mut enforced = objects;
+        enforced.push(policy("y", "deny-all", DENY_ALL));
+        let e = explain(&state(enforced), &query("x/a", "y/b", 80)).unwrap();
+        let inside = e.ingress.unwrap();
+        assert_eq!(
+            inside.verdict,
+            Verdict::Denied,
+            "the audited allow does not count"
+        );
+        assert!(!inside.audit);
+        assert_eq!(inside.isolated_by, vec!["y/deny-all"]);
     }
 
     #[test]
@@ -558,7 +608,8 @@ mod tests {
             pod("x", "a", "web", "10.42.0.5"),
             pod("x", "b", "db", "10.42.0.6"),
         ]);
-        let maps = compile_for(&open_b, &open_b.pods[&PodKey::new("x", "b")]).contents();
+        let maps =
+            compile_for(&open_b, &open_b.pods[&PodKey::new("x", "b")], Mode::Enforce).contents();
         let local = [("x/b".to_owned(), ENDPOINT)].into_iter().collect();
         e.compare_live("n1", 7, &maps, &local);
         let live = e.live.as_ref().unwrap();

@@ -15,7 +15,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     compiler::policy_id,
-    model::selector::Selector,
     model::{ClusterState, PodKey},
 };
 
@@ -68,7 +67,7 @@ pub fn from_event(e: &DropEvent) -> RawFlow {
         first_seen_ns: e.timestamp_ns,
         last_seen_ns: e.timestamp_ns,
         reason: e.reason,
-        verdict: verdict::DROPPED,
+        verdict: verdict::of(e.reason),
         matched: 0,
         policy: 0,
     }
@@ -99,8 +98,13 @@ pub struct Resolver {
 }
 
 impl Resolver {
-    /// A resolver for `state`, with the local `endpoints` (pod -> host veth ifindex).
-    pub fn new(state: &ClusterState, endpoints: &BTreeMap<PodKey, u32>) -> Self {
+    /// A resolver for `state`, with the local `endpoints` (pod -> host veth ifindex) and the
+    /// policies that isolate them as compiled ([`crate::compiler::Compiled::isolating`]).
+    pub fn new(
+        state: &ClusterState,
+        endpoints: &BTreeMap<PodKey, u32>,
+        isolating: &BTreeMap<(u32, Direction), Vec<PodKey>>,
+    ) -> Self {
         let pods_by_ip = state
             .pods
             .values()
@@ -112,29 +116,13 @@ impl Resolver {
             .keys()
             .map(|k| (policy_id(k), k.to_string()))
             .collect();
-        let mut isolating = HashMap::new();
-        for (pod_key, ifindex) in endpoints {
-            let labels = state.pods.get(pod_key).map(|p| &p.labels);
-            for dir in [Direction::Ingress, Direction::Egress] {
-                let names: Vec<String> = state
-                    .policies
-                    .values()
-                    .filter(|p| p.key.namespace == pod_key.namespace)
-                    .filter(|p| isolates(&p.spec, dir))
-                    .filter(|p| match (&p.spec.pod_selector, labels) {
-                        (None, _) => true,
-                        // A pod the agent does not know is isolated by every policy of its
-                        // namespace; so is every pod by a policy whose selector is broken.
-                        (Some(_), None) => true,
-                        (Some(sel), Some(labels)) => Selector::parse(sel, "spec.podSelector")
-                            .map(|s| s.matches(labels))
-                            .unwrap_or(true),
-                    })
-                    .map(|p| p.key.to_string())
-                    .collect();
-                isolating.insert((*ifindex, dir as u8), names);
-            }
-        }
+        let isolating = isolating
+            .iter()
+            .map(|((ifindex, dir), keys)| {
+                let names = keys.iter().map(PodKey::to_string).collect();
+                ((*ifindex, *dir as u8), names)
+            })
+            .collect();
         Resolver {
             pods_by_ip,
             endpoints: endpoints.iter().map(|(k, v)| (*v, k.clone())).collect(),
@@ -175,18 +163,6 @@ impl Resolver {
     }
 }
 
-/// Whether a policy spec isolates its pods in `dir` (`policyTypes`, defaulting as the compiler does).
-fn isolates(spec: &k8s_openapi::api::networking::v1::NetworkPolicySpec, dir: Direction) -> bool {
-    match &spec.policy_types {
-        Some(types) if !types.is_empty() => types.iter().any(|t| match t.as_str() {
-            "Ingress" => dir == Direction::Ingress,
-            "Egress" => dir == Direction::Egress,
-            _ => true,
-        }),
-        _ => dir == Direction::Ingress || spec.egress.is_some(),
-    }
-}
-
 /// One flow as `flows` prints it. The JSON fields are a stable interface.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Flow {
@@ -200,12 +176,13 @@ pub struct Flow {
     pub protocol: String,
     /// `ingress` (to the local pod) or `egress` (from it).
     pub direction: String,
-    /// `allowed` or `dropped`.
+    /// `allowed`, `dropped`, or `audit` (passed, but denied by the audited policies that isolate
+    /// the pod: a would-be drop).
     pub verdict: String,
     /// The reason code's name (`policy`, `established`, `ingress-denied`, ...).
     pub reason: String,
-    /// For an allow by policy: the policy that allowed it. For a drop by isolation: the policies that
-    /// isolate the pod in that direction. Otherwise empty.
+    /// For an allow by policy: the policy that allowed it. For a denial (dropped or audit): the
+    /// policies that isolate the pod in that direction (in audit mode for an audit). Otherwise empty.
     pub policies: Vec<String>,
     pub packets: u64,
     pub bytes: u64,
@@ -240,6 +217,15 @@ pub fn protocol_name(p: u8) -> String {
 /// Name of a reason code.
 pub fn reason_name(code: u8) -> String {
     Reason::from_code(u32::from(code)).map_or_else(|| format!("reason-{code}"), |r| r.name().into())
+}
+
+/// Name of a [`verdict`] code.
+pub fn verdict_name(code: u8) -> &'static str {
+    match code {
+        verdict::DROPPED => "dropped",
+        verdict::AUDIT => "audit",
+        _ => "allowed",
+    }
 }
 
 /// Name of a direction code.
@@ -278,10 +264,14 @@ pub fn rfc3339(unix_ns: u64) -> String {
 /// Resolves a raw flow into what `flows` shows.
 pub fn resolve(raw: &RawFlow, resolver: &Resolver, clock: &Clock) -> Flow {
     let (src, dst) = (ip_of(&raw.key.src), ip_of(&raw.key.dst));
-    let dropped = raw.verdict == verdict::DROPPED;
     let policies = match Reason::from_code(u32::from(raw.reason)) {
         Some(Reason::AllowedPolicy) if raw.policy != 0 => vec![resolver.policy(raw.policy)],
-        Some(Reason::DroppedIngressDenied | Reason::DroppedEgressDenied) => resolver
+        Some(
+            Reason::DroppedIngressDenied
+            | Reason::DroppedEgressDenied
+            | Reason::AuditedIngressDenied
+            | Reason::AuditedEgressDenied,
+        ) => resolver
             .isolating(raw.key.endpoint, raw.key.direction)
             .to_vec(),
         _ => Vec::new(),
@@ -294,7 +284,7 @@ pub fn resolve(raw: &RawFlow, resolver: &Resolver, clock: &Clock) -> Flow {
         dst_port: raw.key.dst_port,
         protocol: protocol_name(raw.key.protocol),
         direction: direction_name(raw.key.direction).into(),
-        verdict: if dropped { "dropped" } else { "allowed" }.into(),
+        verdict: verdict_name(raw.verdict).into(),
         reason: reason_name(raw.reason),
         policies,
         packets: raw.packets,
@@ -310,6 +300,8 @@ pub fn resolve(raw: &RawFlow, resolver: &Resolver, clock: &Clock) -> Flow {
 pub enum VerdictFilter {
     Allowed,
     Dropped,
+    /// Would-be drops of audit mode.
+    Audit,
 }
 
 /// The filters of `flows`. Every set filter must match.
@@ -427,6 +419,7 @@ impl Filter {
             let want = match v {
                 VerdictFilter::Allowed => "allowed",
                 VerdictFilter::Dropped => "dropped",
+                VerdictFilter::Audit => "audit",
             };
             if flow.verdict != want {
                 return false;
@@ -627,6 +620,7 @@ mod tests {
                 key,
                 origin: crate::model::Origin::Api,
                 spec: policy,
+                mode: None,
             },
         );
         s
@@ -673,7 +667,11 @@ mod tests {
     fn resolves_pods_policies_and_isolation() {
         let s = state();
         let endpoints = BTreeMap::from([(PodKey::new("x", "a"), 7)]);
-        let r = Resolver::new(&s, &endpoints);
+        let isolating = BTreeMap::from([
+            ((7, Direction::Ingress), vec![PodKey::new("x", "deny-a")]),
+            ((7, Direction::Egress), vec![]),
+        ]);
+        let r = Resolver::new(&s, &endpoints, &isolating);
         let clock = Clock {
             mono_ns: 1_000_000_000,
             unix_ns: 1_700_000_000_000_000_000,

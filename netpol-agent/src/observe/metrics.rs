@@ -110,6 +110,11 @@ impl Collector for DatapathCollector {
                 &c.unreported,
             ),
             (
+                "netpol_audit",
+                "Packets that passed only because the policies isolating their pod are in audit mode (would-be drops), by local pod",
+                &c.audits,
+            ),
+            (
                 "netpol_policy_verdicts",
                 "Policy decisions on new flows, by direction, action and what kind of rule decided",
                 &c.verdicts,
@@ -137,6 +142,7 @@ struct Counters {
     drops: BTreeMap<Labels, u64>,
     drop_bytes: BTreeMap<Labels, u64>,
     unreported: BTreeMap<Labels, u64>,
+    audits: BTreeMap<Labels, u64>,
     verdicts: BTreeMap<Labels, u64>,
     lost_events: BTreeMap<Labels, u64>,
     /// Entries of the observed maps (conntrack, flows, drops), by name.
@@ -183,6 +189,10 @@ impl DatapathCollector {
                 ("namespace", pod.namespace.clone()),
                 ("pod", pod.name.clone()),
             ];
+            if verdict::of(k.reason) == verdict::AUDIT {
+                *c.audits.entry(labels).or_default() += v.packets;
+                continue;
+            }
             *c.drops.entry(labels.clone()).or_default() += v.packets;
             *c.unreported.entry(labels.clone()).or_default() += v.unreported;
             *c.drop_bytes.entry(labels).or_default() += v.bytes;
@@ -195,7 +205,12 @@ fn verdict_counts(maps: &ObserveMaps) -> BTreeMap<Labels, u64> {
     let counts = maps.verdicts();
     let mut out = BTreeMap::new();
     for dir in [Direction::Ingress, Direction::Egress] {
-        for (action, code) in [("allowed", verdict::ALLOWED), ("dropped", verdict::DROPPED)] {
+        let actions = [
+            ("allowed", verdict::ALLOWED),
+            ("dropped", verdict::DROPPED),
+            ("audit", verdict::AUDIT),
+        ];
+        for (action, code) in actions {
             for m in PolicyMatch::ALL {
                 let n = counts[verdict_slot(dir as u8, code, m as u8) as usize];
                 let labels = vec![

@@ -181,8 +181,13 @@ impl Observer {
     }
 
     /// Publishes the cluster state and local endpoints the datapath was just programmed with.
-    pub fn publish(&self, state: &ClusterState, endpoints: &BTreeMap<PodKey, u32>) {
-        let resolver = Resolver::new(state, endpoints);
+    pub fn publish(
+        &self,
+        state: &ClusterState,
+        endpoints: &BTreeMap<PodKey, u32>,
+        isolating: &BTreeMap<(u32, netpol_common::Direction), Vec<PodKey>>,
+    ) {
+        let resolver = Resolver::new(state, endpoints, isolating);
         if let Ok(mut names) = self.names.lock() {
             update_names(&mut names, resolver.endpoints(), Instant::now());
         }

@@ -419,6 +419,8 @@ fn isolating_stand_in(object: &ObjectRef, origin: &Origin) -> Policy {
             policy_types: Some(vec!["Ingress".into(), "Egress".into()]),
             ..Default::default()
         },
+        // Its annotations are unreadable: it takes its namespace's mode, or the node's.
+        mode: None,
     }
 }
 

@@ -645,6 +645,7 @@ fn policy_contents(ifindex: u32, link: EndpointLink) -> anyhow::Result<Contents>
                 key,
                 origin: origin.clone(),
                 spec: serde_json::from_value(spec)?,
+                mode: None,
             },
         );
     }
@@ -661,6 +662,7 @@ fn policy_contents(ifindex: u32, link: EndpointLink) -> anyhow::Result<Contents>
         pending_rule: crate::compiler::PendingRule::Drop,
         exits_guarded: true,
         capacities: Default::default(),
+        default_mode: Default::default(),
     });
     if !compiled.errors.is_empty() {
         bail!("compiling the self-test policies: {:?}", compiled.errors);
