@@ -1210,6 +1210,32 @@ impl Cluster {
         Ok(serde_json::from_slice(&out.stdout)?)
     }
 
+    /// Waits until the agent of pod `id`'s node reports the pod isolated for ingress (enforced or
+    /// audited); fails after `timeout` or when an agent dies.
+    pub fn wait_isolated_ingress(&mut self, id: &str, timeout: Duration) -> Result<()> {
+        let node = self.pod(id).node;
+        let bin = self
+            .agent_bin
+            .clone()
+            .ok_or_else(|| anyhow!("no agent started"))?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.check_agents()?;
+            let isolated = self.agent_status(node, &bin).is_ok_and(|s| {
+                s.endpoints
+                    .iter()
+                    .any(|e| e.pod == id && e.isolated_ingress)
+            });
+            if isolated {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("{id} not isolated within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// The agent log of node `index` (whole file).
     pub fn agent_log(&self, index: usize) -> String {
         fs::read_to_string(&self.nodes[index].agent_log).unwrap_or_default()

@@ -3,6 +3,7 @@
 //! crafted packets
 //! ([`packets`]), a pod that talks from its first instant and the CNI plugin as a runtime runs it
 //! ([`first_packet`]), and the rule that privileged tests may only skip where they cannot run.
+pub mod agent_cli;
 pub mod apiserver_double;
 pub mod cluster;
 pub mod first_packet;

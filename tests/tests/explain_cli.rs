@@ -94,20 +94,8 @@ fn explain_live_compares_with_the_running_agents_maps() {
     c.start_agents(&default_agent_bin()).unwrap();
     let server = c.pod("x/a").clone();
     let node = server.node;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
-        c.check_agents().unwrap();
-        let isolated = c.agent_status(node, &default_agent_bin()).is_ok_and(|s| {
-            s.endpoints
-                .iter()
-                .any(|e| e.pod == "x/a" && e.isolated_ingress)
-        });
-        if isolated {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "x/a never isolated");
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    c.wait_isolated_ingress("x/a", std::time::Duration::from_secs(30))
+        .unwrap();
     let n = &c.nodes[node];
     let live = |manifests: &std::path::Path| {
         let out = Command::new("ip")

@@ -14,6 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use netpol_tests::agent_cli::{self, flows, flows_cmd, summary};
 use netpol_tests::cluster::{Cluster, Family, Proto, default_agent_bin};
 use serde_json::Value;
 
@@ -65,71 +66,7 @@ fn cluster(test: &str) -> Option<Cluster> {
 
 /// `netpol-probe flood` from pod `from`: `count` datagrams from `sport` to `to`:`port`.
 fn flood(c: &Cluster, from: &str, sport: u16, to: &str, port: u16, count: u64) -> u64 {
-    let target = format!("udp/{}/{port}", c.pod(to).ip(Family::V4));
-    let out = Command::new("ip")
-        .args(["netns", "exec", &c.pod(from).netns, PROBE_BIN, "flood"])
-        .args(["--count", &count.to_string(), "--sport", &sport.to_string()])
-        .args(["--size", &PAYLOAD.to_string(), &target])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "flood: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    v["sent"].as_u64().unwrap()
-}
-
-fn agent_cmd(c: &Cluster, node: usize) -> Command {
-    let n = &c.nodes[node];
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", &n.name])
-        .arg(default_agent_bin())
-        .args(["flows", "--pin-dir"])
-        .arg(&n.pin_dir)
-        .arg("--state-dir")
-        .arg(&n.state_dir);
-    cmd
-}
-
-/// `netpol-agent flows -o json ARGS` on `node`.
-fn flows(c: &Cluster, node: usize, args: &[&str]) -> (Vec<Value>, String) {
-    let out = agent_cmd(c, node)
-        .args(["-o", "json"])
-        .args(args)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(out.status.success(), "flows failed: {stderr}");
-    let v: Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
-    (v.as_array().unwrap().clone(), stderr)
-}
-
-/// The fields that identify and count a flow, for whole-set comparisons.
-fn summary(f: &Value) -> String {
-    format!(
-        "{} {}:{} -> {} {}:{} {} {} {} {} {:?} packets={} bytes={}",
-        f["src_pod"].as_str().unwrap_or("-"),
-        f["src_ip"].as_str().unwrap(),
-        f["src_port"],
-        f["dst_pod"].as_str().unwrap_or("-"),
-        f["dst_ip"].as_str().unwrap(),
-        f["dst_port"],
-        f["protocol"].as_str().unwrap(),
-        f["direction"].as_str().unwrap(),
-        f["verdict"].as_str().unwrap(),
-        f["reason"].as_str().unwrap(),
-        f["policies"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|p| p.as_str().unwrap().to_owned())
-            .collect::<Vec<_>>(),
-        f["packets"],
-        f["bytes"],
-    )
+    agent_cli::flood(c, from, sport, (to, port), count, PAYLOAD)
 }
 
 fn sorted(mut v: Vec<String>) -> Vec<String> {
@@ -251,7 +188,7 @@ fn flows_report_exactly_the_traffic_and_follow_sees_new_drops() {
     assert!(one[0]["time"].as_str().unwrap().ends_with('Z'));
 
     // --follow: a new drop shows within a second.
-    let mut follow = agent_cmd(&c, 0)
+    let mut follow = flows_cmd(&c, 0)
         .args(["-f", "-o", "jsonl", "--verdict", "dropped", "--to", "x/a"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
