@@ -151,6 +151,19 @@ fn the_decision_maps_of_the_unbuffered_layout_are_adopted_then_unpinned() {
     bpftool_map(&maps.join(policy), policy, &lpm("16", "8"));
     bpftool_map(&maps.join(services), services, &hash("24", "8"));
     bpftool_map(&maps.join(frontends), frontends, &hash("16", "4"));
+    // A counter map of an older layout is unpinned, not read.
+    let [verdicts_v1] = map_names::RETIRED;
+    let array = [
+        "type",
+        "percpu_array",
+        "key",
+        "4",
+        "value",
+        "8",
+        "entries",
+        "16",
+    ];
+    bpftool_map(&maps.join(verdicts_v1), verdicts_v1, &array);
     let mut want = one_endpoint();
     let addr = IpKey::from_v4([10, 42, 0, 7]);
     let info = IpInfo {
@@ -183,9 +196,10 @@ fn the_decision_maps_of_the_unbuffered_layout_are_adopted_then_unpinned() {
     m.insert(vip, 1, 0).unwrap();
 
     let mut dp = Datapath::open(layout.clone(), &Default::default()).expect("open");
-    for name in map_names::OBSOLETE {
+    for name in map_names::OBSOLETE.into_iter().chain(map_names::RETIRED) {
         assert!(!maps.join(name).exists(), "{name} is still pinned");
     }
+    assert!(maps.join(map_names::VERDICTS).exists());
     assert_eq!(
         dp.contents(),
         &want,
