@@ -15,7 +15,7 @@ use k8s_openapi::api::networking::v1::{IPBlock, NetworkPolicyPeer, NetworkPolicy
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use netpol_common::{
     Direction, EndpointInfo, IpInfo, IpKey, POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTOCOL,
-    POLICY_PREFIX_FULL, PolicyKey, PolicyValue, endpoint_flags, identity,
+    POLICY_PREFIX_FULL, PolicyKey, PolicyValue, endpoint_flags, identity, rule_code,
 };
 
 use crate::datapath::Contents;
@@ -213,6 +213,8 @@ enum PortMatch {
 #[derive(Clone, Debug)]
 struct Rule {
     direction: Direction,
+    /// Its index among the policy's rules of its direction (`ingress[index]`).
+    index: u32,
     peers: Option<Vec<Peer>>,
     ports: Vec<PortMatch>,
 }
@@ -309,6 +311,7 @@ fn parse_policy(policy: &Policy) -> (ParsedPolicy<'_>, Vec<CompileError>) {
         let field = format!("spec.ingress[{i}]");
         rules.push(Rule {
             direction: Direction::Ingress,
+            index: i as u32,
             peers: parse_peers(rule.from.as_deref(), &format!("{field}.from"), &mut errs),
             ports: parse_ports(rule.ports.as_deref(), &format!("{field}.ports"), &mut errs),
         });
@@ -317,6 +320,7 @@ fn parse_policy(policy: &Policy) -> (ParsedPolicy<'_>, Vec<CompileError>) {
         let field = format!("spec.egress[{i}]");
         rules.push(Rule {
             direction: Direction::Egress,
+            index: i as u32,
             peers: parse_peers(rule.to.as_deref(), &format!("{field}.to"), &mut errs),
             ports: parse_ports(rule.ports.as_deref(), &format!("{field}.ports"), &mut errs),
         });
@@ -522,6 +526,8 @@ enum Target<'a> {
 /// A rule of a valid policy with its peers resolved to identities.
 struct ResolvedRule<'a> {
     direction: Direction,
+    /// [`rule_code`] of the rule in its policy.
+    code: u32,
     targets: Vec<Target<'a>>,
     ports: &'a [PortMatch],
 }
@@ -558,7 +564,10 @@ pub fn compile(input: &CompileInput<'_>) -> Compiled {
                 let to = Emit {
                     endpoint,
                     direction: rule.direction,
-                    policy,
+                    rule: PolicyValue {
+                        policy,
+                        rule: rule.code,
+                    },
                     local_pod: pod,
                 };
                 let (targets, ports) = (&rule.targets, rule.ports);
@@ -754,6 +763,7 @@ impl<'a> PeerIndex<'a> {
             .filter(|r| p.isolates(r.direction))
             .map(|r| ResolvedRule {
                 direction: r.direction,
+                code: rule_code::of(r.direction, r.index),
                 targets: self.resolve(p, &r.peers),
                 ports: &r.ports,
             })
@@ -862,7 +872,8 @@ fn fill_ipcache(
 struct Emit<'a> {
     endpoint: u32,
     direction: Direction,
-    policy: u32,
+    /// The rule the entries come from (their value).
+    rule: PolicyValue,
     /// The endpoint's pod, whose named ports ingress rules resolve against.
     local_pod: Option<&'a Pod>,
 }
@@ -918,10 +929,7 @@ fn emit_rule(
             protocol,
             port_be: port.to_be_bytes(),
         };
-        policy.entry((key, len)).or_insert(PolicyValue {
-            policy: at.policy,
-            _pad: 0,
-        });
+        policy.entry((key, len)).or_insert(at.rule);
     };
     for port in ports {
         for target in targets {

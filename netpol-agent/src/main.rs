@@ -185,6 +185,15 @@ enum Command {
         #[command(flatten)]
         args: FlowsArgs,
     },
+    /// Every policy with its mode, the local pods it decides for, and the hit counters of each of
+    /// its rules on this node (`never matched` where nothing hit a rule), from the running agent.
+    Policies {
+        #[command(flatten)]
+        dirs: NodeDirs,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
     /// Remove everything the agent attached and pinned (stops enforcement on this node).
     Cleanup {
         #[command(flatten)]
@@ -481,6 +490,16 @@ fn main() -> anyhow::Result<()> {
                 .await
             }
             Command::Flows { dirs, args } => run_flows(dirs, args).await,
+            Command::Policies { dirs, output } => {
+                let reports = netpol_agent::observe::policies::request(&dirs.state_dir).await?;
+                match output {
+                    Output::Json => println!("{}", serde_json::to_string_pretty(&reports)?),
+                    Output::Table => {
+                        println!("{}", netpol_agent::observe::policies::render_table(&reports))
+                    }
+                }
+                Ok(())
+            }
             Command::Status { dirs, output } => {
                 let status = control::request_status(&dirs.state_dir).await?;
                 match output {

@@ -179,7 +179,7 @@ fn the_decision_maps_of_the_unbuffered_layout_are_adopted_then_unpinned() {
         port_be: 80u16.to_be_bytes(),
     };
     want.policy
-        .insert((key, 96), PolicyValue { policy: 5, _pad: 0 });
+        .insert((key, 96), PolicyValue { policy: 5, rule: 0 });
     let vip = IpKey::from_v4([10, 43, 0, 10]);
     want.frontends.insert((vip, 128), 1);
     let open = |name: &str| MapData::from_pin(maps.join(name)).expect("pinned");
@@ -190,7 +190,7 @@ fn the_decision_maps_of_the_unbuffered_layout_are_adopted_then_unpinned() {
     m.insert(addr, info, 0).unwrap();
     let mut m: LpmTrie<_, PolicyKey, PolicyValue> =
         LpmTrie::try_from(Map::LpmTrie(open(policy))).unwrap();
-    m.insert(&Key::new(96, key), PolicyValue { policy: 5, _pad: 0 }, 0)
+    m.insert(&Key::new(96, key), PolicyValue { policy: 5, rule: 0 }, 0)
         .unwrap();
     let mut m: HashMap<_, IpKey, u32> = HashMap::try_from(Map::HashMap(open(frontends))).unwrap();
     m.insert(vip, 1, 0).unwrap();
@@ -278,6 +278,7 @@ fn expired_conntrack_entries_are_collected() {
         generation: 0,
         flags: 0,
         last_seen_ns: now.saturating_sub(ago_s * 1_000_000_000),
+        rule: Default::default(),
     };
     ct.insert(flow(1), seen(120), 0).unwrap();
     ct.insert(flow(2), seen(5), 0).unwrap();
@@ -297,4 +298,59 @@ fn expired_conntrack_entries_are_collected() {
         [(7, 1)],
         "exact counts, endpoints without entries forgotten"
     );
+}
+
+/// Connections tracked by an agent of the layout before rule counters keep their replies: the V1
+/// conntrack entries are copied (without a rule) into the current map, then the V1 pin goes.
+#[test]
+fn the_conntrack_entries_of_the_v1_layout_are_adopted_then_unpinned() {
+    if !common::privileged("the datapath test") {
+        return;
+    }
+    use aya::maps::{HashMap, Map, MapData};
+    use netpol_common::{CtKey, CtValue, CtValueV1, RuleKey, ct_flags, proto};
+
+    let dir = PinDir::new("ctv1");
+    let layout = PinLayout::new(&dir.0);
+    layout.prepare().expect("prepare the pin directory");
+    let maps = layout.maps_dir();
+    let v1 = map_names::CONNTRACK_V1;
+    let spec = [
+        "type", "lru_hash", "key", "44", "value", "16", "entries", "64",
+    ];
+    bpftool_map(&maps.join(v1), v1, &spec);
+    let mut old: HashMap<_, CtKey, CtValueV1> =
+        HashMap::try_from(Map::LruHashMap(MapData::from_pin(maps.join(v1)).unwrap())).unwrap();
+    let key = CtKey {
+        src_port: 40000,
+        dst_port: 5432,
+        endpoint: 7,
+        protocol: proto::TCP,
+        ..CtKey::default()
+    };
+    let value = CtValueV1 {
+        generation: 3,
+        flags: ct_flags::ESTABLISHED,
+        last_seen_ns: 12_345,
+    };
+    old.insert(key, value, 0).unwrap();
+    drop(old);
+
+    let _dp = Datapath::open(layout.clone(), &Default::default()).expect("open");
+    assert!(
+        !maps.join(v1).exists(),
+        "the V1 conntrack map is still pinned"
+    );
+    let ct: HashMap<_, CtKey, CtValue> = HashMap::try_from(Map::LruHashMap(
+        MapData::from_pin(maps.join(map_names::CONNTRACK)).unwrap(),
+    ))
+    .unwrap();
+    let entries: Vec<(CtKey, CtValue)> = ct.iter().map(Result::unwrap).collect();
+    let want = CtValue {
+        generation: 3,
+        flags: ct_flags::ESTABLISHED,
+        last_seen_ns: 12_345,
+        rule: RuleKey::default(),
+    };
+    assert_eq!(entries, [(key, want)]);
 }

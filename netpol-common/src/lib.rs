@@ -59,7 +59,14 @@ pub mod map_names {
         "NP_FRONTENDS_V1",
     ];
     /// `LruHashMap<CtKey, CtValue>`: connections allowed so far, so replies pass.
-    pub const CONNTRACK: &str = "NP_CT_V1";
+    pub const CONNTRACK: &str = "NP_CT_V2";
+    /// The conntrack map of the layout before rule counters (`CtValue` without its rule): an agent
+    /// of this build copies its entries into [`CONNTRACK`], then unpins it.
+    pub const CONNTRACK_V1: &str = "NP_CT_V1";
+    /// `PerCpuHashMap<RuleKey, RuleHits>`: packets, bytes, connections and the last hit of each
+    /// policy rule that allowed something. Not LRU: the agent removes the entries of policies that
+    /// are gone.
+    pub const RULE_HITS: &str = "NP_RULEHITS_V1";
     /// `Array<u32>` of length [`super::CONFIG_LEN`]: see [`super::CONFIG_GENERATION`].
     pub const CONFIG: &str = "NP_CONFIG_V1";
     /// `PerCpuArray<u64>` indexed by [`super::Reason`]: packets per verdict reason.
@@ -118,6 +125,7 @@ pub mod map_names {
             && fits(VERDICTS)
             && fits(FRAGS)
             && fits(CT_COUNT)
+            && fits(RULE_HITS)
     );
 }
 
@@ -148,6 +156,8 @@ pub mod capacity {
     pub const EVENTS_BYTES: u32 = 256 * 1024;
     /// Fragmented datagrams in reassembly at once (LRU: the oldest is forgotten first).
     pub const FRAGS: u32 = 8_192;
+    /// Policy rules with hit counters (per CPU: about `RULES x (70 + 32 x CPUs)` bytes).
+    pub const RULES: u32 = 8_192;
 }
 
 /// Index of the policy generation in the CONFIG map. Its lowest bit names the [`buffer`] packets
@@ -402,16 +412,66 @@ pub const POLICY_PREFIX_ANY_PORT: u32 = 80;
 /// Prefix length (bits) of a policy key that matches one port.
 pub const POLICY_PREFIX_FULL: u32 = 96;
 
-/// Value of the POLICY trie.
+/// Value of the POLICY trie: the rule that allows (one of them, when several do), which is also
+/// the key of its hit counters.
+pub type PolicyValue = RuleKey;
+
+/// A rule of a policy: the policy's id and [`rule_code`] of the rule. Key of the RULE_HITS map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct RuleKey {
+    /// Identifier of the policy, for observability (a hash of `namespace/name`).
+    pub policy: u32,
+    /// [`rule_code`] of the rule, [`rule_code::NONE`] when it is not known (nothing is counted).
+    pub rule: u32,
+}
+const _: () = assert!(size_of::<RuleKey>() == 8);
+
+/// A rule's direction and index in its policy (`ingress[2]`) as one number that fits the 14 bits a
+/// decision carries it in.
+pub mod rule_code {
+    /// No rule: nothing is counted.
+    pub const NONE: u32 = 0;
+    /// The largest rule index that gets a code (later rules allow, but are not counted).
+    pub const MAX_INDEX: u32 = 0xfff;
+    const PRESENT: u32 = 1 << 13;
+
+    /// The code of rule `index` of `direction`, [`NONE`] past [`MAX_INDEX`].
+    pub const fn of(direction: super::Direction, index: u32) -> u32 {
+        if index > MAX_INDEX {
+            return NONE;
+        }
+        PRESENT | ((direction as u32) << 12) | index
+    }
+
+    /// The direction and index of a code, `None` for [`NONE`] and non-codes.
+    pub const fn parse(code: u32) -> Option<(super::Direction, u32)> {
+        if code & !(PRESENT | 0x1fff) != 0 || code & PRESENT == 0 {
+            return None;
+        }
+        let direction = if code & (1 << 12) == 0 {
+            super::Direction::Ingress
+        } else {
+            super::Direction::Egress
+        };
+        Some((direction, code & MAX_INDEX))
+    }
+}
+
+/// Value of the RULE_HITS map, one per CPU: userspace adds the counts and takes the latest hit.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct PolicyValue {
-    /// Identifier of (one of) the policies that allow this, for observability.
-    pub policy: u32,
-    /// Reserved, zero.
-    pub _pad: u32,
+pub struct RuleHits {
+    /// Packets of the connections the rule allowed, both ways.
+    pub packets: u64,
+    /// Bytes of those packets (`skb->len`).
+    pub bytes: u64,
+    /// Connections the rule allowed (first packets of untracked flows).
+    pub connections: u64,
+    /// `bpf_ktime_get_ns` of the last packet.
+    pub last_hit_ns: u64,
 }
-const _: () = assert!(size_of::<PolicyValue>() == 8);
+const _: () = assert!(size_of::<RuleHits>() == 32);
 
 /// Key of the CONNTRACK map: a flow as its first packet was seen at one endpoint, in one direction.
 /// For ICMP echo, `src_port` is the echo id for requests and `dst_port` for replies (the other is 0),
@@ -458,8 +518,21 @@ pub struct CtValue {
     pub flags: u32,
     /// `bpf_ktime_get_ns` of the last packet.
     pub last_seen_ns: u64,
+    /// The rule that allowed the flow, whose counters its packets add to.
+    pub rule: RuleKey,
 }
-const _: () = assert!(size_of::<CtValue>() == 16);
+const _: () = assert!(size_of::<CtValue>() == 24);
+
+/// Value of the CONNTRACK map of the V1 layout ([`map_names::CONNTRACK_V1`]): [`CtValue`] without
+/// its rule.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CtValueV1 {
+    pub generation: u32,
+    pub flags: u32,
+    pub last_seen_ns: u64,
+}
+const _: () = assert!(size_of::<CtValueV1>() == 16);
 
 /// Why a packet got its verdict. Stable codes: never reused, never renumbered. Index into COUNTERS.
 #[repr(u32)]
@@ -915,7 +988,9 @@ mod user {
     unsafe impl aya::Pod for super::IpKey {}
     unsafe impl aya::Pod for super::IpInfo {}
     unsafe impl aya::Pod for super::PolicyKey {}
-    unsafe impl aya::Pod for super::PolicyValue {}
+    unsafe impl aya::Pod for super::RuleKey {}
+    unsafe impl aya::Pod for super::RuleHits {}
+    unsafe impl aya::Pod for super::CtValueV1 {}
     unsafe impl aya::Pod for super::CtKey {}
     unsafe impl aya::Pod for super::CtValue {}
     unsafe impl aya::Pod for super::FlowKey {}

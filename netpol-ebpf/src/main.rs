@@ -27,24 +27,28 @@ use netpol_common::{
     CONFIG_CT_QUOTA, CONFIG_EVENT_RATE, CtKey, CtTimeouts, CtValue, DEFAULT_CT_QUOTA,
     DEFAULT_EVENT_RATE, Direction, DropEvent, DropKey, DropValue, EndpointInfo, FlowKey, FlowValue,
     FragKey, FragValue, IpKey, POLICY_PREFIX_ANY_PROTOCOL, POLICY_PREFIX_FULL, PolicyKey,
-    PolicyMatch, Reason, SvcKey, TokenBucket, ct_flags, endpoint_flags, identity, lost, proto,
-    service, verdict, verdict_slot,
+    PolicyMatch, PolicyValue, Reason, RuleHits, RuleKey, SvcKey, TokenBucket, ct_flags,
+    endpoint_flags, identity, lost, proto, rule_code, service, verdict, verdict_slot,
 };
 
 use crate::{
     maps::{
         Buffer, CONFIG, CONNTRACK, COUNTERS, CT_COUNT, DROPS, EVENT_BUDGET, EVENTS, FLOWS, FRAGS,
-        LOST, VERDICTS, get_or_create,
+        LOST, RULE_HITS, VERDICTS, get_or_create,
     },
     parse::{Malformed, Packet, Parsed, same},
 };
 
 // A decision travels as one u64 (a BPF function returns one register):
-// bits 0-7 the `Reason` code, 8-15 the `PolicyMatch` code, bit 16 `FLOW` (the packet's 5-tuple was
-// parsed: record a flow), bit 17 `DECIDED` (policy was evaluated, not a conntrack hit), bits 32-63
-// the id of the policy that allowed it.
+// bits 0-7 the `Reason` code, 8-14 the `PolicyMatch` code, bit 15 `NEW` (the first packet of a flow
+// now tracked: a connection), bit 16 `FLOW` (the packet's 5-tuple was parsed: record a flow), bit 17
+// `DECIDED` (policy was evaluated, not a conntrack hit), bits 18-31 the `rule_code` of the rule that
+// allowed it, bits 32-63 the id of the policy that allowed it (together: the rule's `RuleKey`).
+const NEW: u64 = 1 << 15;
 const FLOW: u64 = 1 << 16;
 const DECIDED: u64 = 1 << 17;
+const RULE_SHIFT: u64 = 18;
+const RULE_MASK: u64 = 0x3fff;
 const NS_PER_SEC: u64 = 1_000_000_000;
 /// What an allowed packet returns: `TCX_NEXT` (`TC_ACT_UNSPEC`), so that TCX programs after ours and
 /// legacy clsact filters (K3s's `bandwidth` plugin) still see it; `TC_ACT_OK` would end the chain.
@@ -264,9 +268,10 @@ fn quote_fits(pkt: &Packet, quoted: &CtKey, dir: Direction) -> bool {
 fn record(pkt: &Packet, ifindex: u32, dir: u8, decision: u64, len: u32) {
     let reason = (decision & 0xff) as u8;
     let verdict = verdict::of(reason);
-    let matched = ((decision >> 8) & 0xff) as u8;
+    let matched = ((decision >> 8) & 0x7f) as u8;
     // SAFETY: a helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
+    count_rule(decision, len, now);
     if decision & DECIDED != 0 {
         count(&VERDICTS, verdict_slot(dir, verdict, matched));
     }
@@ -291,6 +296,45 @@ fn record(pkt: &Packet, ifindex: u32, dir: u8, decision: u64, len: u32) {
         {
             // SAFETY: this CPU's copy of the value.
             unsafe { (*v).unreported += 1 };
+        }
+    }
+}
+
+/// The rule a decision names (its policy and [`rule_code`]); its code is NONE when no rule allowed.
+#[inline(always)]
+fn rule_of(decision: u64) -> RuleKey {
+    RuleKey {
+        policy: (decision >> 32) as u32,
+        rule: ((decision >> RULE_SHIFT) & RULE_MASK) as u32,
+    }
+}
+
+/// The decision bits that name `rule`.
+#[inline(always)]
+fn rule_bits(rule: RuleKey) -> u64 {
+    (((rule.rule as u64) & RULE_MASK) << RULE_SHIFT) | ((rule.policy as u64) << 32)
+}
+
+/// Adds the packet to the hit counters of the rule that allowed its flow, if one did: a packet,
+/// its bytes, the time, and a connection for the first packet of a tracked flow. A full map only
+/// costs the counts (the agent reports its use).
+#[inline(always)]
+fn count_rule(decision: u64, len: u32, now: u64) {
+    let key = rule_of(decision);
+    if key.rule == rule_code::NONE || is_drop(decision) {
+        return;
+    }
+    let Some(ptr) = get_or_create!(RULE_HITS, &key, &RuleHits::default()) else {
+        return;
+    };
+    // SAFETY: this CPU's copy of the value: nothing else writes it while this program runs here.
+    unsafe {
+        let v = &mut *ptr;
+        v.packets += 1;
+        v.bytes += len as u64;
+        v.last_hit_ns = now;
+        if decision & NEW != 0 {
+            v.connections += 1;
         }
     }
 }
@@ -323,7 +367,7 @@ fn record_flow(key: &FlowKey, decision: u64, now: u64, len: u32) {
         if decision & DECIDED != 0 || v.decided_ns == 0 {
             v.reason = reason;
             v.verdict = verdict::of(reason);
-            v.matched = ((decision >> 8) & 0xff) as u8;
+            v.matched = ((decision >> 8) & 0x7f) as u8;
             v.policy = (decision >> 32) as u32;
         }
         if decision & DECIDED != 0 {
@@ -492,10 +536,13 @@ fn decide_ip(
             generation,
             flags: ct_flags_of(decision) | closing,
             last_seen_ns: now,
+            rule: rule_of(decision),
         };
         // A full table only costs the reply its fast path; the LRU evicts the oldest flow anyway.
         if CONNTRACK.insert(&key, &value, BPF_ANY as u64).is_err() {
             release_ct_slot(ifindex);
+        } else {
+            return Ok(decision | NEW);
         }
     }
     Ok(decision)
@@ -624,7 +671,7 @@ fn tracked(
                 defer(ctx);
             }
             if (*entry).generation == generation {
-                return Some(established((*entry).flags, dir));
+                return Some(established((*entry).flags, dir) | rule_bits((*entry).rule));
             }
         }
         let decision = through_service(ctx, pkt, ifindex, dir, decide(pkt, ifindex, ep_flags, dir));
@@ -635,15 +682,16 @@ fn tracked(
     if let Some(entry) = live_entry(key, now) {
         follow_state(entry, pkt, true, now);
         // SAFETY: as above.
-        if unsafe { (*entry).generation } == generation {
-            return Some(reason_only(Reason::AllowedReply));
+        let (generation_seen, rule) = unsafe { ((*entry).generation, (*entry).rule) };
+        if generation_seen == generation {
+            return Some(reason_only(Reason::AllowedReply) | rule_bits(rule));
         }
         let decision = reply_recheck(pkt, ifindex, ep_flags, dir);
         let decision = revalidated(key, entry, decision, generation);
         return Some(if is_drop(decision) {
             decision
         } else {
-            reason_only(Reason::AllowedReply)
+            reason_only(Reason::AllowedReply) | rule_bits(rule_of(decision))
         });
     }
     reverse(key);
@@ -740,6 +788,7 @@ fn revalidated(key: &CtKey, entry: *mut CtValue, decision: u64, generation: u32)
             (*entry).generation = generation;
             let kept = (*entry).flags & !(ct_flags::SERVICE_DEFERRED | ct_flags::AUDITED);
             (*entry).flags = kept | ct_flags_of(decision);
+            (*entry).rule = rule_of(decision);
         }
     }
     decision
@@ -929,18 +978,18 @@ fn policy(pkt: &Packet, ifindex: u32, ep_flags: u32, dir: Direction, ask: Ask) -
     if peer_identity != identity::NONE {
         key.data.identity = peer_identity;
         if let Some(v) = pkt.buffer.policy(&key) {
-            return allowed(pkt.buffer, &mut key, v.policy);
+            return allowed(pkt.buffer, &mut key, v);
         }
     }
     if let Some(id) = pkt.buffer.cidr(peer) {
         key.data.identity = id;
         if let Some(v) = pkt.buffer.policy(&key) {
-            return allowed(pkt.buffer, &mut key, v.policy);
+            return allowed(pkt.buffer, &mut key, v);
         }
     }
     key.data.identity = identity::ANY;
     if let Some(v) = pkt.buffer.policy(&key) {
-        return allowed(pkt.buffer, &mut key, v.policy);
+        return allowed(pkt.buffer, &mut key, v);
     }
     refused(ep_flags, dir)
 }
@@ -962,11 +1011,11 @@ fn refused(ep_flags: u32, dir: Direction) -> u64 {
     reason_only(denied) | DECIDED
 }
 
-/// The decision for a packet that the POLICY entry of `key` (whose value names `policy_id`) allows.
+/// The decision for a packet that the POLICY entry of `key` (whose value names `rule`) allows.
 /// What kind of rule it was (for metrics) costs one more lookup, on new flows only: whether a rule
 /// without ports also matches.
 #[inline(always)]
-fn allowed(buffer: Buffer, key: &mut Key<PolicyKey>, policy_id: u32) -> u64 {
+fn allowed(buffer: Buffer, key: &mut Key<PolicyKey>, rule: PolicyValue) -> u64 {
     let any_identity = key.data.identity == identity::ANY;
     key.prefix_len = POLICY_PREFIX_ANY_PROTOCOL;
     let matched = match (buffer.policy(key).is_some(), any_identity) {
@@ -974,10 +1023,7 @@ fn allowed(buffer: Buffer, key: &mut Key<PolicyKey>, policy_id: u32) -> u64 {
         (true, false) => PolicyMatch::L3,
         (false, _) => PolicyMatch::L3L4,
     };
-    reason_only(Reason::AllowedPolicy)
-        | ((matched as u64) << 8)
-        | DECIDED
-        | ((policy_id as u64) << 32)
+    reason_only(Reason::AllowedPolicy) | ((matched as u64) << 8) | DECIDED | rule_bits(rule)
 }
 
 #[cfg(not(test))]

@@ -13,7 +13,8 @@ use aya_ebpf::{
 use netpol_common::{
     CONFIG_GENERATION, CONFIG_LEN, CtKey, CtValue, DropKey, DropValue, EndpointInfo, FlowKey,
     FlowValue, FragKey, FragValue, IpInfo, IpKey, LOST_SLOTS, PolicyKey, PolicyValue, REASON_SLOTS,
-    SvcKey, SvcValue, TokenBucket, VERDICT_SLOTS, buffer, capacity, map_names, service,
+    RuleHits, RuleKey, SvcKey, SvcValue, TokenBucket, VERDICT_SLOTS, buffer, capacity, map_names,
+    service,
 };
 
 // The decision maps, once per buffer (see `netpol_common::buffer`): packets read the buffer the
@@ -129,7 +130,7 @@ impl Buffer {
 }
 
 /// Flows allowed so far.
-#[map(name = "NP_CT_V1")]
+#[map(name = "NP_CT_V2")]
 pub static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(capacity::CONNTRACK, 0);
 
 /// Agent-controlled settings; see `netpol_common::CONFIG_GENERATION`.
@@ -168,6 +169,10 @@ pub static LOST: PerCpuArray<u64> = PerCpuArray::pinned(LOST_SLOTS, 0);
 /// Policy decisions of new flows, per CPU; see `netpol_common::verdict_slot`.
 #[map(name = "NP_VERDICTS_V2")]
 pub static VERDICTS: PerCpuArray<u64> = PerCpuArray::pinned(VERDICT_SLOTS, 0);
+
+/// Hits of each policy rule, per CPU.
+#[map(name = "NP_RULEHITS_V1")]
+pub static RULE_HITS: PerCpuHashMap<RuleKey, RuleHits> = PerCpuHashMap::pinned(capacity::RULES, 0);
 
 /// Conntrack entries per endpoint, against the quota.
 #[map(name = "NP_CTCOUNT_V1")]
@@ -219,11 +224,12 @@ const _: () = assert!(str_eq("NP_SERVICES0_V2", service::MAP_NAME[0]));
 const _: () = assert!(str_eq("NP_SERVICES1_V2", service::MAP_NAME[1]));
 const _: () = assert!(str_eq("NP_FRONTEND0_V2", service::FRONTENDS_MAP_NAME[0]));
 const _: () = assert!(str_eq("NP_FRONTEND1_V2", service::FRONTENDS_MAP_NAME[1]));
-const _: () = assert!(str_eq("NP_CT_V1", map_names::CONNTRACK));
+const _: () = assert!(str_eq("NP_CT_V2", map_names::CONNTRACK));
 const _: () = assert!(str_eq("NP_CONFIG_V1", map_names::CONFIG));
 const _: () = assert!(str_eq("NP_COUNTERS_V1", map_names::COUNTERS));
 const _: () = assert!(str_eq("NP_FLOWS_V1", map_names::FLOWS));
 const _: () = assert!(str_eq("NP_DROPS_V1", map_names::DROPS));
+const _: () = assert!(str_eq("NP_RULEHITS_V1", map_names::RULE_HITS));
 const _: () = assert!(str_eq("NP_EVENTS_V1", map_names::EVENTS));
 const _: () = assert!(str_eq("NP_EVBUDGET_V1", map_names::EVENT_BUDGET));
 const _: () = assert!(str_eq("NP_LOST_V1", map_names::LOST));

@@ -23,10 +23,14 @@ use netpol_common::{
     CONFIG_EVENT_RATE, CONFIG_GENERATION, CtKey, CtValue, Direction, DropEvent, DropKey, DropValue,
     EndpointInfo, FlowKey, FlowValue, IpInfo, IpKey, LOST_SLOTS, POLICY_PREFIX_ANY_PORT,
     POLICY_PREFIX_ANY_PROTOCOL, POLICY_PREFIX_FULL, PolicyKey, PolicyMatch, PolicyValue,
-    REASON_SLOTS, Reason, V4_MAPPED_PREFIX, VERDICT_SLOTS, ct_flags, endpoint_flags, identity,
-    lost, map_names, program_names, proto, verdict, verdict_slot,
+    REASON_SLOTS, Reason, RuleHits, RuleKey, V4_MAPPED_PREFIX, VERDICT_SLOTS, ct_flags,
+    endpoint_flags, identity, lost, map_names, program_names, proto, rule_code, verdict,
+    verdict_slot,
 };
 use netpol_tests::packets::{self, Ext, L4, Packet};
+
+/// What a POLICY entry matches: (identity, direction, protocol, port, prefix length).
+type AllowKey = (u32, Direction, u8, u16, u32);
 
 /// What an allowed packet returns: `TCX_NEXT` (`TC_ACT_UNSPEC`, -1), so later TCX programs and
 /// legacy clsact filters still run.
@@ -262,10 +266,37 @@ impl Env {
         )
     }
 
+    /// Allows with rule `[0]` of policy 7 in `dir` (whose hits are counted).
     fn allow(&mut self, identity: u32, dir: Direction, protocol: u8, port: u16, prefix: u32) {
+        let rule = PolicyValue {
+            policy: 7,
+            rule: rule_code::of(dir, 0),
+        };
+        self.allow_by(rule, (identity, dir, protocol, port, prefix));
+    }
+
+    /// Allows `(identity, dir, protocol, port, prefix)` with the entry value `rule`.
+    fn allow_by(&mut self, rule: PolicyValue, (identity, dir, protocol, port, prefix): AllowKey) {
         let key = Self::policy_key(identity, dir, protocol, port, prefix);
-        let value = PolicyValue { policy: 7, _pad: 0 };
-        self.both_trie(map_names::POLICY, |m| m.insert(&key, value, 0).unwrap());
+        self.both_trie(map_names::POLICY, |m| m.insert(&key, rule, 0).unwrap());
+    }
+
+    /// RULE_HITS, summed over CPUs (the latest hit).
+    fn rule_hits(&self) -> Vec<(RuleKey, RuleHits)> {
+        let m: PerCpuHashMap<_, RuleKey, RuleHits> =
+            PerCpuHashMap::try_from(self.ebpf.map(map_names::RULE_HITS).unwrap()).unwrap();
+        m.iter()
+            .map(Result::unwrap)
+            .map(|(k, per_cpu)| {
+                let sum = per_cpu.iter().fold(RuleHits::default(), |a, v| RuleHits {
+                    packets: a.packets + v.packets,
+                    bytes: a.bytes + v.bytes,
+                    connections: a.connections + v.connections,
+                    last_hit_ns: a.last_hit_ns.max(v.last_hit_ns),
+                });
+                (k, sum)
+            })
+            .collect()
     }
 
     fn revoke(&mut self, identity: u32, dir: Direction, protocol: u8, port: u16, prefix: u32) {
@@ -1018,7 +1049,7 @@ fn packets_read_only_the_buffer_the_generation_names() {
     {
         let mut m: LpmTrie<_, PolicyKey, PolicyValue> =
             LpmTrie::try_from(env.ebpf.map_mut(map_names::POLICY[1]).unwrap()).unwrap();
-        m.insert(&key, PolicyValue { policy: 7, _pad: 0 }, 0)
+        m.insert(&key, PolicyValue { policy: 7, rule: 0 }, 0)
             .unwrap();
     }
     env.expect(Ingress, &from_b, Reason::DroppedIngressDenied);
@@ -2683,4 +2714,108 @@ fn a_pending_endpoint_in_audit_mode_passes_would_be_drops() {
         &Packet::tcp(b(), a(), 40001, 80).build(),
         Reason::DroppedPending,
     );
+}
+
+// Hit counters: every packet of a connection a rule allowed, both ways, counts to that rule; a
+// connection counts once; nothing denied, audited or merely not isolated counts anywhere.
+
+#[test]
+fn rule_hits_count_exactly_the_connections_and_packets_a_rule_allowed() {
+    let Some(mut env) = env!() else { return };
+    env.isolate(true, true);
+    let web = PolicyValue {
+        policy: 11,
+        rule: rule_code::of(Ingress, 2),
+    };
+    let dns = PolicyValue {
+        policy: 12,
+        rule: rule_code::of(Egress, 0),
+    };
+    env.allow_by(web, (ID_B, Ingress, proto::TCP, 80, POLICY_PREFIX_FULL));
+    env.allow_by(
+        dns,
+        (identity::ANY, Egress, proto::UDP, 53, POLICY_PREFIX_FULL),
+    );
+    let mut bytes = 0;
+    for sport in [40000, 40001, 40002] {
+        let syn = Packet::tcp(b(), a(), sport, 80).build();
+        let answer = Packet::tcp(a(), b(), 80, sport).build();
+        env.expect(Ingress, &syn, Reason::AllowedPolicy);
+        env.expect(Egress, &answer, Reason::AllowedReply);
+        env.expect(Ingress, &syn, Reason::AllowedEstablished);
+        bytes += 2 * syn.len() as u64 + answer.len() as u64;
+    }
+    let query = Packet::udp(a6(), b6(), 5353, 53).build();
+    env.expect(Egress, &query, Reason::AllowedPolicy);
+    // A hostile pod's denied or spoofed packets count to no rule.
+    env.expect(
+        Ingress,
+        &Packet::tcp(b(), a(), 40003, 81).build(),
+        Reason::DroppedIngressDenied,
+    );
+    env.expect(
+        Egress,
+        &Packet::udp(b(), POD_C.into(), 5353, 53).build(),
+        Reason::DroppedSpoofedSource,
+    );
+    let mut hits = env.rule_hits();
+    hits.sort_by_key(|(k, _)| *k);
+    assert_eq!(hits.len(), 2, "{hits:?}");
+    let (k, h) = hits[0];
+    assert_eq!(k, web);
+    assert_eq!((h.connections, h.packets, h.bytes), (3, 9, bytes));
+    assert!(h.last_hit_ns > 0);
+    let (k, h) = hits[1];
+    assert_eq!(k, dns);
+    assert_eq!(
+        (h.connections, h.packets, h.bytes),
+        (1, 1, query.len() as u64)
+    );
+}
+
+#[test]
+fn a_rechecked_flow_counts_to_the_rule_that_allows_it_now() {
+    let Some(mut env) = env!() else { return };
+    env.isolate(true, false);
+    let old = PolicyValue {
+        policy: 21,
+        rule: rule_code::of(Ingress, 0),
+    };
+    let new = PolicyValue {
+        policy: 22,
+        rule: rule_code::of(Ingress, 4),
+    };
+    env.allow_by(old, (ID_B, Ingress, proto::TCP, 80, POLICY_PREFIX_FULL));
+    let syn = Packet::tcp(b(), a(), 40000, 80).build();
+    env.expect(Ingress, &syn, Reason::AllowedPolicy);
+    env.allow_by(new, (ID_B, Ingress, proto::TCP, 80, POLICY_PREFIX_FULL));
+    env.set_generation(2);
+    env.expect(Ingress, &syn, Reason::AllowedPolicy);
+    env.expect(Ingress, &syn, Reason::AllowedEstablished);
+    let hits = env.rule_hits();
+    let of = |rule: PolicyValue| hits.iter().find(|(k, _)| *k == rule).map(|(_, h)| *h);
+    let (o, n) = (of(old).unwrap(), of(new).unwrap());
+    assert_eq!((o.connections, o.packets), (1, 1));
+    assert_eq!(
+        (n.connections, n.packets),
+        (0, 2),
+        "a re-check is not a new connection"
+    );
+    // Audited and unisolated traffic counts nowhere.
+    env.endpoint(
+        EP,
+        endpoint_flags::ISOLATED_INGRESS | endpoint_flags::AUDIT_INGRESS,
+    );
+    env.set_generation(4);
+    env.expect(
+        Ingress,
+        &Packet::tcp(b(), a(), 40001, 81).build(),
+        Reason::AuditedIngressDenied,
+    );
+    env.expect(
+        Egress,
+        &Packet::tcp(a(), b(), 40002, 443).build(),
+        Reason::AllowedNotIsolated,
+    );
+    assert_eq!(env.rule_hits().len(), 2);
 }

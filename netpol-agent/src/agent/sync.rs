@@ -427,7 +427,12 @@ impl Sync {
         self.publish(&effective, &view, &matching, &compiled);
         self.claims.answer(&matching, &self.attached);
         if let Some(observer) = &self.observer {
-            observer.publish(&effective, &matching.endpoints, &compiled.isolating);
+            observer.publish(
+                &effective,
+                &matching.endpoints,
+                &compiled.isolating,
+                self.cfg.default_mode,
+            );
             if let Some(seen_at) = self.unprogrammed_since.take() {
                 observer.programmed(seen_at);
             }

@@ -14,6 +14,7 @@ use crate::model::{NamedPort, Namespace, Object};
 
 mod audit;
 mod capacity;
+mod rule_codes;
 mod updates;
 
 const NODE: &str = "node-a";

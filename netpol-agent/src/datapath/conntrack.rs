@@ -3,8 +3,10 @@
 //! packet of its flow comes; collection frees the entries of flows that sent nothing since.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 
-use netpol_common::{CtKey, CtTimeouts, CtValue};
+use aya::maps::{HashMap, Map, MapData, MapError};
+use netpol_common::{CtKey, CtTimeouts, CtValue, CtValueV1, RuleKey, map_names};
 
 const NS_PER_SEC: u64 = 1_000_000_000;
 
@@ -34,6 +36,42 @@ pub fn sweep(
     (stale, counts)
 }
 
+/// Copies the entries of the V1 conntrack map pinned in `maps_dir` (if there is one) into `ct`,
+/// without a rule (their packets are not counted until the flow is re-checked), then unpins it:
+/// connections open through an agent of the older layout keep their replies. Returns how many
+/// were copied. Entries the old programs create between the copy and their replacement are not
+/// copied: those flows are decided again, as new ones.
+pub fn adopt_v1(
+    maps_dir: &Path,
+    ct: &mut HashMap<MapData, CtKey, CtValue>,
+) -> Result<usize, MapError> {
+    let path = maps_dir.join(map_names::CONNTRACK_V1);
+    if !path.exists() {
+        return Ok(0);
+    }
+    let old: HashMap<_, CtKey, CtValueV1> =
+        HashMap::try_from(Map::LruHashMap(MapData::from_pin(&path)?))?;
+    let mut copied = 0;
+    for (key, v) in old.iter().filter_map(Result::ok) {
+        let value = CtValue {
+            generation: v.generation,
+            flags: v.flags,
+            last_seen_ns: v.last_seen_ns,
+            rule: RuleKey::default(),
+        };
+        if ct.insert(key, value, 0).is_ok() {
+            copied += 1;
+        }
+    }
+    std::fs::remove_file(&path).map_err(|e| {
+        MapError::SyscallError(aya::sys::SyscallError {
+            call: "unlink",
+            io_error: e,
+        })
+    })?;
+    Ok(copied)
+}
+
 /// `CLOCK_MONOTONIC` now, in nanoseconds.
 pub fn monotonic_now_ns() -> u64 {
     let mut ts = libc::timespec {
@@ -60,6 +98,7 @@ mod tests {
             generation: 0,
             flags,
             last_seen_ns: last_seen_s * NS_PER_SEC,
+            rule: RuleKey::default(),
         };
         (key, value)
     }

@@ -287,16 +287,16 @@ mod tests {
         let mut current = Contents::default();
         current
             .policy
-            .insert(key(1, 300), PolicyValue { policy: 1, _pad: 0 });
+            .insert(key(1, 300), PolicyValue { policy: 1, rule: 0 });
         current
             .policy
-            .insert(key(1, 301), PolicyValue { policy: 1, _pad: 0 });
+            .insert(key(1, 301), PolicyValue { policy: 1, rule: 0 });
         current.endpoints.insert(1, EndpointInfo::default());
         let mut desired = current.clone();
         desired.policy.remove(&key(1, 301));
         desired
             .policy
-            .insert(key(1, 302), PolicyValue { policy: 2, _pad: 0 });
+            .insert(key(1, 302), PolicyValue { policy: 2, rule: 0 });
         desired
             .endpoints
             .insert(1, EndpointInfo::new(ISOLATED_INGRESS, [0; 6], [0; 16]));
@@ -304,7 +304,7 @@ mod tests {
         let plan = Plan::new(&current, &desired);
         assert_eq!(
             plan.policy.upserts,
-            vec![(key(1, 302), PolicyValue { policy: 2, _pad: 0 })]
+            vec![(key(1, 302), PolicyValue { policy: 2, rule: 0 })]
         );
         assert_eq!(plan.policy.deletes, vec![key(1, 301)]);
         assert_eq!(plan.endpoints.upserts.len(), 1);
@@ -347,7 +347,7 @@ mod tests {
         let mut desired = Contents::default();
         desired
             .policy
-            .insert(key(1, 300), PolicyValue { policy: 1, _pad: 0 });
+            .insert(key(1, 300), PolicyValue { policy: 1, rule: 0 });
         desired.endpoints.insert(1, EndpointInfo::default());
         for generation in [0, 1, 7, u32::MAX] {
             let buffers = Buffers {
@@ -371,11 +371,11 @@ mod tests {
         let mut current = Contents::default();
         current
             .policy
-            .insert(key(1, 300), PolicyValue { policy: 1, _pad: 0 });
+            .insert(key(1, 300), PolicyValue { policy: 1, rule: 0 });
         let mut desired = Contents::default();
         desired
             .policy
-            .insert(key(1, 301), PolicyValue { policy: 1, _pad: 0 });
+            .insert(key(1, 301), PolicyValue { policy: 1, rule: 0 });
         let plan = Plan::new(&current, &desired);
         let writes = plan.writes();
         assert!(matches!(writes[0], Write::Policy(_, None)));

@@ -313,6 +313,18 @@ impl Datapath {
             ],
         };
         datapath.adopt_v1(&maps_dir)?;
+        let copied = conntrack::adopt_v1(&maps_dir, &mut datapath.conntrack).map_err(|source| {
+            DatapathError::Map {
+                name: map_names::CONNTRACK_V1,
+                source,
+            }
+        })?;
+        if copied > 0 {
+            tracing::info!(
+                entries = copied,
+                "adopted the conntrack entries of the V1 layout"
+            );
+        }
         // A previous agent may have died between its switch and its grace period.
         datapath.grace.wait().map_err(DatapathError::Grace)?;
         Ok(datapath)

@@ -151,6 +151,10 @@ async fn answer(
             let snapshot = status.lock().map(|s| s.clone()).unwrap_or_default();
             serde_json::to_vec(&snapshot)?
         }
+        "policies" => match &observer {
+            Some(observer) => serde_json::to_vec(&crate::observe::policies::answer(observer))?,
+            None => serde_json::to_vec(&serde_json::json!({ "error": "no observer" }))?,
+        },
         other => serde_json::to_vec(
             &serde_json::json!({ "error": format!("unknown request {other:?}") }),
         )?,

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     compiler::policy_id,
-    model::{ClusterState, PodKey},
+    model::{ClusterState, PodKey, mode::Mode},
 };
 
 /// A flow record with its per-CPU values merged, or one drop event. Times are CLOCK_MONOTONIC ns.
@@ -95,6 +95,23 @@ pub struct Resolver {
     policies: HashMap<u32, String>,
     /// (endpoint, direction) -> `namespace/name` of the policies that isolate it that way.
     isolating: HashMap<(u32, u8), Vec<String>>,
+    /// Every policy, for `policies`.
+    catalog: Vec<PolicyInfo>,
+    /// Made from a published cluster state (not the empty default of an agent just started).
+    published: bool,
+}
+
+/// What `policies` reports of a policy besides its counters.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicyInfo {
+    pub key: PodKey,
+    pub id: u32,
+    pub mode: Mode,
+    /// Rules of each direction in the spec (a direction the policy does not isolate included).
+    pub ingress_rules: u32,
+    pub egress_rules: u32,
+    /// Local pods it isolates and decides for, in either direction.
+    pub local_pods: usize,
 }
 
 impl Resolver {
@@ -104,7 +121,9 @@ impl Resolver {
         state: &ClusterState,
         endpoints: &BTreeMap<PodKey, u32>,
         isolating: &BTreeMap<(u32, Direction), Vec<PodKey>>,
+        default_mode: Mode,
     ) -> Self {
+        let catalog = catalog(state, isolating, default_mode);
         let pods_by_ip = state
             .pods
             .values()
@@ -128,7 +147,24 @@ impl Resolver {
             endpoints: endpoints.iter().map(|(k, v)| (*v, k.clone())).collect(),
             policies,
             isolating,
+            catalog,
+            published: true,
         }
+    }
+
+    /// Whether this resolver comes from a published cluster state.
+    pub fn published(&self) -> bool {
+        self.published
+    }
+
+    /// Whether a policy of the state has id `id`.
+    pub fn knows_policy(&self, id: u32) -> bool {
+        self.policies.contains_key(&id)
+    }
+
+    /// Every policy of the state, by namespace and name.
+    pub fn catalog(&self) -> &[PolicyInfo] {
+        &self.catalog
     }
 
     /// The pod that has `ip`, if any.
@@ -161,6 +197,33 @@ impl Resolver {
             .map(Vec::as_slice)
             .unwrap_or_default()
     }
+}
+
+/// Every policy of `state` with its mode, rule counts and the local pods it decides for.
+fn catalog(
+    state: &ClusterState,
+    isolating: &BTreeMap<(u32, Direction), Vec<PodKey>>,
+    default_mode: Mode,
+) -> Vec<PolicyInfo> {
+    let mut local_pods: HashMap<&PodKey, BTreeSet<u32>> = HashMap::new();
+    for ((endpoint, _), keys) in isolating {
+        for k in keys {
+            local_pods.entry(k).or_default().insert(*endpoint);
+        }
+    }
+    let count = |rules: Option<usize>| rules.unwrap_or(0) as u32;
+    state
+        .policies
+        .values()
+        .map(|p| PolicyInfo {
+            key: p.key.clone(),
+            id: policy_id(&p.key),
+            mode: state.policy_mode(p, default_mode).mode,
+            ingress_rules: count(p.spec.ingress.as_ref().map(Vec::len)),
+            egress_rules: count(p.spec.egress.as_ref().map(Vec::len)),
+            local_pods: local_pods.get(&p.key).map_or(0, BTreeSet::len),
+        })
+        .collect()
 }
 
 /// One flow as `flows` prints it. The JSON fields are a stable interface.
@@ -671,7 +734,7 @@ mod tests {
             ((7, Direction::Ingress), vec![PodKey::new("x", "deny-a")]),
             ((7, Direction::Egress), vec![]),
         ]);
-        let r = Resolver::new(&s, &endpoints, &isolating);
+        let r = Resolver::new(&s, &endpoints, &isolating, Mode::Enforce);
         let clock = Clock {
             mono_ns: 1_000_000_000,
             unix_ns: 1_700_000_000_000_000_000,

@@ -120,6 +120,21 @@ impl Collector for DatapathCollector {
                 &c.verdicts,
             ),
             (
+                "netpol_policy_rule_hits",
+                "Packets (both ways) of the connections each policy rule allowed on this node",
+                &c.rule_hits,
+            ),
+            (
+                "netpol_policy_rule_bytes",
+                "Bytes (both ways) of the connections each policy rule allowed on this node",
+                &c.rule_bytes,
+            ),
+            (
+                "netpol_policy_rule_connections",
+                "Connections each policy rule allowed on this node",
+                &c.rule_connections,
+            ),
+            (
                 "netpol_lost_events",
                 "Drop events (or counts) that could not be delivered or recorded, by where they were lost",
                 &c.lost_events,
@@ -144,6 +159,9 @@ struct Counters {
     unreported: BTreeMap<Labels, u64>,
     audits: BTreeMap<Labels, u64>,
     verdicts: BTreeMap<Labels, u64>,
+    rule_hits: BTreeMap<Labels, u64>,
+    rule_bytes: BTreeMap<Labels, u64>,
+    rule_connections: BTreeMap<Labels, u64>,
     lost_events: BTreeMap<Labels, u64>,
     /// Entries of the observed maps (conntrack, flows, drops), by name.
     entries: Vec<(&'static str, usize)>,
@@ -155,6 +173,7 @@ impl DatapathCollector {
         if let Ok(maps) = &ObserveMaps::open(self.observer.layout()) {
             self.drop_counts(maps, &mut c);
             c.verdicts = verdict_counts(maps);
+            self.rule_counts(maps, &mut c);
             let l = maps.lost();
             for (source, slot) in [
                 ("rate-limit", lost::RATE_LIMITED),
@@ -196,6 +215,32 @@ impl DatapathCollector {
             *c.drops.entry(labels.clone()).or_default() += v.packets;
             *c.unreported.entry(labels.clone()).or_default() += v.unreported;
             *c.drop_bytes.entry(labels).or_default() += v.bytes;
+        }
+    }
+}
+
+impl DatapathCollector {
+    /// Hits per policy rule (of policies the agent knows: a gone policy's counters are removed).
+    fn rule_counts(&self, maps: &ObserveMaps, c: &mut Counters) {
+        let resolver = self.observer.resolver();
+        for (key, hits) in maps.rule_hits() {
+            let (Some(policy), Some(rule)) = (
+                resolver.catalog().iter().find(|p| p.id == key.policy),
+                super::policies::rule_name(key.rule),
+            ) else {
+                continue;
+            };
+            let direction = rule.split('[').next().unwrap_or_default().to_owned();
+            let labels = vec![
+                ("policy_namespace", policy.key.namespace.clone()),
+                ("policy", policy.key.name.clone()),
+                ("rule", rule),
+                ("direction", direction),
+                ("action", "allowed".to_owned()),
+            ];
+            c.rule_hits.insert(labels.clone(), hits.packets);
+            c.rule_bytes.insert(labels.clone(), hits.bytes);
+            c.rule_connections.insert(labels, hits.connections);
         }
     }
 }
@@ -251,6 +296,7 @@ fn status_gauges(status: &Status, observed: &[(&'static str, usize)]) -> Vec<Gau
         let cap = match *name {
             map_names::FLOWS => capacity::FLOWS,
             map_names::DROPS => capacity::DROPS,
+            map_names::RULE_HITS => capacity::RULES,
             _ => capacity::CONNTRACK,
         };
         capacities.push((vec![("map", (*name).to_owned())], i64::from(cap)));

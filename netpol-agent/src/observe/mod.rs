@@ -10,6 +10,7 @@ pub mod explain;
 pub mod flows;
 pub mod health;
 pub mod metrics;
+pub mod policies;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -23,8 +24,8 @@ use std::{
 use anyhow::Context as _;
 use aya::maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
 use netpol_common::{
-    CtKey, CtValue, DropEvent, DropKey, DropValue, FlowKey, FlowValue, LOST_SLOTS, VERDICT_SLOTS,
-    map_names,
+    CtKey, CtValue, DropEvent, DropKey, DropValue, FlowKey, FlowValue, LOST_SLOTS, RuleHits,
+    RuleKey, VERDICT_SLOTS, map_names,
 };
 use prometheus_client::metrics::histogram::Histogram;
 use tokio::{io::unix::AsyncFd, sync::broadcast};
@@ -53,6 +54,7 @@ pub struct ObserveMaps {
     verdicts: PerCpuArray<MapData, u64>,
     lost: PerCpuArray<MapData, u64>,
     conntrack: BpfHashMap<MapData, CtKey, CtValue>,
+    rule_hits: PerCpuHashMap<MapData, RuleKey, RuleHits>,
 }
 
 impl ObserveMaps {
@@ -64,7 +66,38 @@ impl ObserveMaps {
             verdicts: open(layout, map_names::VERDICTS)?.try_into()?,
             lost: open(layout, map_names::LOST)?.try_into()?,
             conntrack: open(layout, map_names::CONNTRACK)?.try_into()?,
+            rule_hits: open(layout, map_names::RULE_HITS)?.try_into()?,
         })
+    }
+
+    /// The hit counters of every rule that allowed something, summed over CPUs (the latest hit).
+    pub fn rule_hits(&self) -> Vec<(RuleKey, RuleHits)> {
+        self.rule_hits
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, per_cpu)| {
+                let sum = per_cpu.iter().fold(RuleHits::default(), |a, v| RuleHits {
+                    packets: a.packets + v.packets,
+                    bytes: a.bytes + v.bytes,
+                    connections: a.connections + v.connections,
+                    last_hit_ns: a.last_hit_ns.max(v.last_hit_ns),
+                });
+                (k, sum)
+            })
+            .collect()
+    }
+
+    /// Removes the hit counters of rules whose policy `known` does not know.
+    pub fn remove_rule_hits(&mut self, known: impl Fn(u32) -> bool) {
+        let stale: Vec<RuleKey> = self
+            .rule_hits
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !known(k.policy))
+            .collect();
+        for k in stale {
+            let _ = self.rule_hits.remove(&k);
+        }
     }
 
     /// Every flow record, per-CPU values merged.
@@ -104,12 +137,13 @@ impl ObserveMaps {
         Self::sums(&self.lost, LOST_SLOTS)
     }
 
-    /// Entries of FLOWS, DROPS and CONNTRACK.
-    pub fn entries(&self) -> [(&'static str, usize); 3] {
+    /// Entries of FLOWS, DROPS, CONNTRACK and RULE_HITS.
+    pub fn entries(&self) -> [(&'static str, usize); 4] {
         [
             (map_names::FLOWS, self.flows.keys().count()),
             (map_names::DROPS, self.drops.keys().count()),
             (map_names::CONNTRACK, self.conntrack.keys().count()),
+            (map_names::RULE_HITS, self.rule_hits.keys().count()),
         ]
     }
 
@@ -186,8 +220,9 @@ impl Observer {
         state: &ClusterState,
         endpoints: &BTreeMap<PodKey, u32>,
         isolating: &BTreeMap<(u32, netpol_common::Direction), Vec<PodKey>>,
+        default_mode: crate::model::mode::Mode,
     ) {
-        let resolver = Resolver::new(state, endpoints, isolating);
+        let resolver = Resolver::new(state, endpoints, isolating, default_mode);
         if let Ok(mut names) = self.names.lock() {
             update_names(&mut names, resolver.endpoints(), Instant::now());
         }
@@ -225,7 +260,11 @@ impl Observer {
     /// Removes the drop counters of endpoints gone for longer than [`GONE_GRACE`] (or never known
     /// for that long), so their metric series end and a reused ifindex starts from zero.
     fn reap(&self, maps: &mut ObserveMaps, unknown_since: &mut HashMap<u32, Instant>) {
-        let current = self.resolver().endpoints().clone();
+        let resolver = self.resolver();
+        if resolver.published() {
+            maps.remove_rule_hits(|id| resolver.knows_policy(id));
+        }
+        let current = resolver.endpoints().clone();
         let mut stale: Vec<u32> = maps
             .drops()
             .into_iter()
