@@ -86,3 +86,27 @@ pub fn summary(f: &Value) -> String {
         f["bytes"],
     )
 }
+
+/// `netpol-agent policies -o json` on `node`.
+pub fn policies(c: &Cluster, node: usize) -> Vec<Value> {
+    let n = &c.nodes[node];
+    let out = Command::new("ip")
+        .args(["netns", "exec", &n.name])
+        .arg(default_agent_bin())
+        .args(["policies", "-o", "json", "--pin-dir"])
+        .arg(&n.pin_dir)
+        .arg("--state-dir")
+        .arg(&n.state_dir)
+        .output()
+        .expect("running netpol-agent policies");
+    assert!(
+        out.status.success(),
+        "policies failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice::<Value>(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
