@@ -218,6 +218,11 @@ enum Command {
         /// KUBECONFIG, then ~/.kube/config).
         #[arg(long, requires = "cluster")]
         kubeconfig: Option<PathBuf>,
+        /// Instead of checks, where this node's recent flows show netpol-agent and another filter
+        /// (kube-router) disagree: flows it would drop (audit mode) that went on, and flows it
+        /// allows that got no reply. Exit status 1 when there are any.
+        #[arg(long, conflicts_with_all = ["cluster", "self_test"])]
+        compare: bool,
         /// Output format.
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
@@ -513,8 +518,20 @@ fn main() -> anyhow::Result<()> {
                 self_test,
                 cluster,
                 kubeconfig,
+                compare,
                 output,
             } => {
+                if compare {
+                    let diffs = netpol_agent::verify::compare_flows(&dirs.state_dir).await?;
+                    match output {
+                        Output::Json => println!("{}", serde_json::to_string_pretty(&diffs)?),
+                        Output::Table => print!(
+                            "{}",
+                            netpol_agent::verify::compare::render_text(&diffs)
+                        ),
+                    }
+                    std::process::exit(i32::from(!diffs.is_empty()));
+                }
                 let report = if cluster {
                     netpol_agent::verify::verify_cluster(kubeconfig.as_ref()).await
                 } else {

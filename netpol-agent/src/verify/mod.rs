@@ -7,6 +7,7 @@
 
 pub mod checks;
 pub mod cluster;
+pub mod compare;
 pub mod gather;
 pub mod kube_router;
 pub mod selftest;
@@ -178,6 +179,54 @@ pub struct VerifyOptions {
 }
 
 /// Gathers the evidence and judges it.
+/// `verify --compare` on the node of the agent behind `state_dir`: its recent flows, judged against
+/// the cluster state it saved ([`compare`]).
+pub async fn compare_flows(
+    state_dir: &std::path::Path,
+) -> anyhow::Result<Vec<compare::Difference>> {
+    use anyhow::Context as _;
+    let status = crate::observe::control::request_status(state_dir).await?;
+    let flows = crate::observe::request_flows(state_dir, &Default::default()).await?;
+    let saved = crate::sources::persisted::load(state_dir, &status.node)?
+        .context("the agent has saved no cluster state yet")?;
+    let state = saved.state;
+    let allowed = |f: &crate::observe::flows::Flow| end_to_end(&state, f);
+    let other = (status.kube_router_chains > 0).then_some("kube-router");
+    let cx = compare::Context {
+        now: chrono::Utc::now(),
+        allowed_end_to_end: &allowed,
+        other,
+    };
+    Ok(compare::differences(&flows, &cx))
+}
+
+/// Whether `state`'s policies allow the connection of flow `f` at both ends, with the rules that do.
+fn end_to_end(
+    state: &crate::model::ClusterState,
+    f: &crate::observe::flows::Flow,
+) -> Option<(bool, Vec<String>)> {
+    use crate::observe::explain::{self, Party, Verdict};
+    let party = |pod: &Option<String>, ip: &str| match pod {
+        Some(p) => p.parse().ok(),
+        None => ip.parse().ok().map(Party::Address),
+    };
+    let query = explain::Query {
+        from: party(&f.src_pod, &f.src_ip)?,
+        // A pod, or an address (a ClusterIP is judged as its Service).
+        to: party(&f.dst_pod, &f.dst_ip)?,
+        protocol: crate::model::Protocol::parse(&f.protocol.to_uppercase())?,
+        port: f.dst_port,
+        default_mode: Default::default(),
+    };
+    let e = explain::explain(state, &query).ok()?;
+    let rules = [&e.egress, &e.ingress]
+        .into_iter()
+        .flatten()
+        .flat_map(|s| s.allowed_by.iter().cloned())
+        .collect();
+    Some((e.verdict == Verdict::Allowed, rules))
+}
+
 pub async fn verify(opts: &VerifyOptions) -> Report {
     let kernel = gather::kernel(&opts.layout);
     let agent = gather::agent(&opts.state_dir).await;
