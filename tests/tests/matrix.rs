@@ -205,7 +205,54 @@ fn run_direct(s: &Scenario) -> Option<Cluster> {
     start(&mut c);
     let r = (s.expected)(&c);
     expect(&mut c, &r, s.cases);
+    explain_agrees(&c, &r, s.cases);
     Some(c)
+}
+
+/// `netpol-agent explain`, over the same manifests, answers every IPv4 cell of the scenario as the
+/// probes found it (the probed matrix equals `r` once `expect` returned).
+fn explain_agrees(c: &Cluster, r: &Reachability, cases: &[(u16, Proto, Family)]) {
+    use netpol_agent::model::Protocol;
+    use netpol_agent::observe::explain::{Query, Verdict, explain};
+    let state = netpol_agent::sources::manifests::ManifestSource::new()
+        .load(&c.manifest_dir)
+        .expect("reading the manifests");
+    let mut wrong = Vec::new();
+    for &(port, proto, _) in cases.iter().filter(|(_, _, f)| *f == Family::V4) {
+        let protocol = match proto {
+            Proto::Tcp => Protocol::Tcp,
+            Proto::Udp => Protocol::Udp,
+        };
+        for (from, to) in c
+            .pod_ids()
+            .iter()
+            .flat_map(|f| c.pod_ids().into_iter().map(move |t| (f.clone(), t)))
+        {
+            if from == to {
+                continue;
+            }
+            let q = Query {
+                from: from.parse().unwrap(),
+                to: to.parse().unwrap(),
+                protocol,
+                port,
+                default_mode: Default::default(),
+            };
+            let e = explain(&state, &q).unwrap_or_else(|e| panic!("explain {from} -> {to}: {e}"));
+            let probed = r.get(&from, &to);
+            if (e.verdict == Verdict::Allowed) != probed {
+                wrong.push(format!(
+                    "{from} -> {to} {proto:?} {port}: probed {probed}, explain {:?}",
+                    e.verdict
+                ));
+            }
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "explain disagrees with the probes:\n{}",
+        wrong.join("\n")
+    );
 }
 
 const DEFAULT_DENY_INGRESS: Scenario = Scenario {
