@@ -190,6 +190,10 @@ enum Command {
     Policies {
         #[command(flatten)]
         dirs: NodeDirs,
+        /// Also call `never matched` the rules whose last hit is older than this (`30d`, `12h`):
+        /// the rules a review should question.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        since: Option<Duration>,
         /// Output format.
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
@@ -495,8 +499,16 @@ fn main() -> anyhow::Result<()> {
                 .await
             }
             Command::Flows { dirs, args } => run_flows(dirs, args).await,
-            Command::Policies { dirs, output } => {
-                let reports = netpol_agent::observe::policies::request(&dirs.state_dir).await?;
+            Command::Policies {
+                dirs,
+                since,
+                output,
+            } => {
+                let mut reports = netpol_agent::observe::policies::request(&dirs.state_dir).await?;
+                if let Some(since) = since {
+                    let cutoff = chrono::Utc::now() - since;
+                    netpol_agent::observe::policies::forget_hits_before(&mut reports, cutoff);
+                }
                 match output {
                     Output::Json => println!("{}", serde_json::to_string_pretty(&reports)?),
                     Output::Table => {

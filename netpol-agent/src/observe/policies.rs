@@ -71,6 +71,21 @@ pub async fn request(state_dir: &std::path::Path) -> anyhow::Result<Vec<PolicyRe
     }
 }
 
+/// Marks the rules whose last hit is before `cutoff` as never matched (their counts stay): what
+/// `policies --since` reviews.
+pub fn forget_hits_before(reports: &mut [PolicyReport], cutoff: chrono::DateTime<chrono::Utc>) {
+    for r in reports.iter_mut().flat_map(|p| p.rules.iter_mut()) {
+        let old = r
+            .last_hit
+            .as_deref()
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+            .is_some_and(|t| t < cutoff);
+        if old {
+            r.last_hit = None;
+        }
+    }
+}
+
 /// The rule name of a [`rule_code`] (`ingress[0]`).
 pub fn rule_name(code: u32) -> Option<String> {
     let (direction, index) = rule_code::parse(code)?;
@@ -226,6 +241,12 @@ mod tests {
         assert_eq!(hit.last_hit.as_deref(), Some("2023-11-14T22:13:21.000Z"));
         let table = render_table(&out);
         assert_eq!(table.matches("never matched").count(), 2, "{table}");
+        let mut since = out.clone();
+        forget_hits_before(&mut since, "2023-11-14T22:13:22Z".parse().unwrap());
+        assert_eq!(since[0].rules[1].last_hit, None, "hit before the cutoff");
+        let mut since = out;
+        forget_hits_before(&mut since, "2023-11-14T22:13:20Z".parse().unwrap());
+        assert!(since[0].rules[1].last_hit.is_some(), "hit after the cutoff");
     }
 
     #[test]
