@@ -51,13 +51,25 @@ pub struct Difference {
     pub explanation: String,
 }
 
+/// What netpol-agent's policies say of a connection end to end.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndToEnd {
+    /// Both ends allow it.
+    pub allowed: bool,
+    /// The rules that allow it (`namespace/policy ingress[0]`).
+    pub rules: Vec<String>,
+}
+
+/// Judges the connection of a flow end to end; `None` when it cannot tell (an unknown pod).
+pub type Judge<'a> = &'a dyn Fn(&Flow) -> Option<EndToEnd>;
+
 /// What [`differences`] needs besides the flows.
 pub struct Context<'a> {
     /// When the flows were read.
     pub now: DateTime<Utc>,
     /// Whether netpol-agent's policies allow the connection of an egress flow end to end, with
     /// the policies that allow it; `None` when it cannot tell (an unknown pod).
-    pub allowed_end_to_end: &'a dyn Fn(&Flow) -> Option<(bool, Vec<String>)>,
+    pub allowed_end_to_end: Judge<'a>,
     /// The other engine whose rules are on the node (`kube-router`), if any.
     pub other: Option<&'a str>,
 }
@@ -103,9 +115,11 @@ fn allowed_no_reply(f: &Flow, flows: &[Flow], cx: &Context<'_>) -> Option<Differ
     if !settled(f, cx.now) || has_reply(f, flows) {
         return None;
     }
-    let (true, policies) = (cx.allowed_end_to_end)(f)? else {
+    let judged = (cx.allowed_end_to_end)(f)?;
+    if !judged.allowed {
         return None;
-    };
+    }
+    let policies = judged.rules;
     let explanation = match cx.other {
         Some(other) => format!("netpol-agent allows it, but no reply came: {other} dropped it?"),
         None => "netpol-agent allows it, but no reply came: dropped on the way, or the peer never answers".to_owned(),
@@ -194,7 +208,7 @@ mod tests {
         }
     }
 
-    fn cx<'a>(allowed: &'a dyn Fn(&Flow) -> Option<(bool, Vec<String>)>) -> Context<'a> {
+    fn cx(allowed: Judge<'_>) -> Context<'_> {
         Context {
             now: "2026-11-30T10:00:05Z".parse().unwrap(),
             allowed_end_to_end: allowed,
@@ -219,7 +233,12 @@ mod tests {
             // Denied by both: no reply, but netpol-agent denies it end to end.
             flow(c, a, 1000, 82, "egress"),
         ];
-        let verdict = |f: &Flow| Some((f.dst_port != 82, vec!["x/p".to_owned()]));
+        let verdict = |f: &Flow| {
+            Some(EndToEnd {
+                allowed: f.dst_port != 82,
+                rules: vec!["x/p".to_owned()],
+            })
+        };
         let d = differences(&flows, &cx(&verdict));
         let got: Vec<(Kind, &str, &str)> = d
             .iter()
@@ -240,7 +259,12 @@ mod tests {
     fn a_reply_in_flight_is_not_a_difference() {
         let mut fresh = flow("10.42.0.3", "10.42.0.2", 1000, 80, "egress");
         fresh.time = "2026-11-30T10:00:04.500Z".into();
-        let verdict = |_: &Flow| Some((true, Vec::new()));
+        let verdict = |_: &Flow| {
+            Some(EndToEnd {
+                allowed: true,
+                rules: Vec::new(),
+            })
+        };
         assert!(differences(&[fresh], &cx(&verdict)).is_empty());
         // An audited egress flow without a reply: both drop it, as far as the node can tell.
         let mut audited_out = flow("10.42.0.3", "10.42.0.2", 1000, 80, "egress");

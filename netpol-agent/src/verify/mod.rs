@@ -204,7 +204,7 @@ pub async fn compare_flows(
 fn end_to_end(
     state: &crate::model::ClusterState,
     f: &crate::observe::flows::Flow,
-) -> Option<(bool, Vec<String>)> {
+) -> Option<compare::EndToEnd> {
     use crate::observe::explain::{self, Party, Verdict};
     let party = |pod: &Option<String>, ip: &str| match pod {
         Some(p) => p.parse().ok(),
@@ -224,7 +224,10 @@ fn end_to_end(
         .flatten()
         .flat_map(|s| s.allowed_by.iter().cloned())
         .collect();
-    Some((e.verdict == Verdict::Allowed, rules))
+    Some(compare::EndToEnd {
+        allowed: e.verdict == Verdict::Allowed,
+        rules,
+    })
 }
 
 pub async fn verify(opts: &VerifyOptions) -> Report {
