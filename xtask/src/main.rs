@@ -1,5 +1,6 @@
-//! Developer tasks: `cargo xtask setup | test | demo | bench`.
+//! Developer tasks: `cargo xtask setup | test | demo | bench | manifests`.
 
+mod manifests;
 mod setup;
 
 use std::{
@@ -40,6 +41,10 @@ enum Task {
         #[arg(long)]
         quick: bool,
     },
+    /// Render the single-file manifests from deploy/: install.yaml (the kustomize base, for
+    /// `kubectl apply -f` and K3s's auto-deploy directory) and monitoring.yaml (PodMonitor and
+    /// PrometheusRule).
+    Manifests,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -49,6 +54,7 @@ fn main() -> anyhow::Result<()> {
         Task::Demo => demo(),
         Task::Test { args } => test(&args),
         Task::Bench { quick } => bench(quick),
+        Task::Manifests => manifests::run(&workspace_root()),
     }
 }
 
