@@ -936,11 +936,11 @@ pub mod service {
     /// Capacity: (egress-isolated local pod, service frontend) pairs whose verdict is not a plain deny.
     pub const CAPACITY: u32 = 65_536;
     /// Every backend of the frontend is allowed: the connection is allowed at the pod's veth.
-    pub const VERDICT_ALLOW: u32 = 1;
+    pub const VERDICT_ALLOW: u16 = 1;
     /// Some backends are allowed, some not: allowed at the pod's veth with [`DEFER_MARK`] set on the
     /// packet, and decided after kube-proxy's DNAT where the backend is known (the backend's veth for a
     /// local backend, the Flannel VXLAN device for a remote one).
-    pub const VERDICT_DEFER: u32 = 2;
+    pub const VERDICT_DEFER: u16 = 2;
     /// Name of the `LpmTrie<IpKey, u32>` of every Service frontend address (ClusterIP): an egress
     /// packet to one is judged on the Service's backends (SERVICES), never by a rule that happens to
     /// match the virtual address (an ipBlock around it, a rule without peers). A trie, so that more
@@ -970,13 +970,18 @@ pub struct SvcKey {
 }
 const _: () = assert!(size_of::<SvcKey>() == 24);
 
-/// Value of the SERVICES map.
+/// Value of the SERVICES map. (Before rule counters `verdict` was a `u32` whose high half was zero:
+/// on the little-endian CPUs the datapath runs on, such an entry reads as rule NONE.)
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct SvcValue {
     /// [`service::VERDICT_ALLOW`] or [`service::VERDICT_DEFER`].
-    pub verdict: u32,
-    /// Id of (one of) the policies that allow a backend, for observability.
+    pub verdict: u16,
+    /// [`rule_code`] of (one of) the rules that allow a backend: the rule a connection allowed
+    /// outright at the pod's veth counts to (a deferred one counts to the rule that allows the
+    /// backend kube-proxy picked).
+    pub rule: u16,
+    /// Id of the policy of that rule.
     pub policy: u32,
 }
 const _: () = assert!(size_of::<SvcValue>() == 8);

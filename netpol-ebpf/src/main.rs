@@ -27,7 +27,7 @@ use netpol_common::{
     CONFIG_CT_QUOTA, CONFIG_EVENT_RATE, CtKey, CtTimeouts, CtValue, DEFAULT_CT_QUOTA,
     DEFAULT_EVENT_RATE, Direction, DropEvent, DropKey, DropValue, EndpointInfo, FlowKey, FlowValue,
     FragKey, FragValue, IpKey, POLICY_PREFIX_ANY_PROTOCOL, POLICY_PREFIX_FULL, PolicyKey,
-    PolicyMatch, PolicyValue, Reason, RuleHits, RuleKey, SvcKey, TokenBucket, ct_flags,
+    PolicyMatch, PolicyValue, Reason, RuleHits, RuleKey, SvcKey, SvcValue, TokenBucket, ct_flags,
     endpoint_flags, identity, lost, proto, rule_code, service, verdict, verdict_slot,
 };
 
@@ -90,6 +90,7 @@ pub fn tunnel_egress(ctx: TcContext) -> i32 {
     };
     let code = (decision & 0xff) as u32;
     count(&COUNTERS, code);
+    count_deferred(decision, ctx.len());
     if verdict::of(code as u8) != verdict::ALLOWED {
         let client = client_of(&pkt, 0);
         record(
@@ -206,7 +207,7 @@ fn try_classify(
         Parsed::Arp => Reason::AllowedNotPoliced,
         Parsed::Neighbour => link::neighbour(ctx, pkt, ifindex, ep, egress)?,
         // NetworkPolicy speaks of IP only: a pod isolated in this direction gets nothing else.
-        Parsed::OtherEtherType if audit(ep, dir) => audited(dir),
+        Parsed::OtherEtherType if isolated(ep, dir) && audit(ep, dir) => audited(dir),
         Parsed::OtherEtherType if isolated(ep, dir) => Reason::DroppedEtherType,
         Parsed::OtherEtherType => Reason::AllowedNotPoliced,
     };
@@ -288,15 +289,29 @@ fn record(pkt: &Packet, ifindex: u32, dir: u8, decision: u64, len: u32) {
         key.protocol = pkt.proto;
         record_flow(&key, decision, now, len);
     }
-    // A would-be drop of audit mode is counted and reported as a drop is, under its own reason.
+    // A would-be drop of audit mode is counted as a drop is, under its own reason; it is reported
+    // by an event when decided (not for each packet of an audited flow, which would use up the
+    // pod's event budget that its real drops need).
     if verdict != verdict::ALLOWED {
         let counted = count_drop(&key, reason, len);
-        if !send_event(&key, reason, len, now)
+        let report = verdict == verdict::DROPPED || decision & DECIDED != 0;
+        if report
+            && !send_event(&key, reason, len, now)
             && let Some(v) = counted
         {
             // SAFETY: this CPU's copy of the value.
             unsafe { (*v).unreported += 1 };
         }
+    }
+}
+
+/// Counts a packet of a Service connection whose egress was decided after DNAT to the rule that
+/// allows the backend kube-proxy picked (per packet: such a flow is decided again each time).
+#[inline(always)]
+fn count_deferred(decision: u64, len: u32) {
+    if !is_drop(decision) {
+        // SAFETY: a helper without preconditions.
+        count_rule(decision, len, unsafe { bpf_ktime_get_ns() });
     }
 }
 
@@ -493,6 +508,19 @@ fn decide_ip(
             let decision = deferred_egress(pkt, ifindex);
             if is_drop(decision) {
                 return Ok(decision);
+            }
+            count_deferred(decision, ctx.len());
+            // The client's would-be drop is recorded under the client, as at the tunnel; this
+            // packet's own verdict is the backend's ingress decision below.
+            if verdict::of(decision as u8) == verdict::AUDIT {
+                let client = client_of(pkt, ifindex);
+                record(
+                    pkt,
+                    client,
+                    Direction::Egress as u8,
+                    decision | FLOW,
+                    ctx.len(),
+                );
             }
         }
     }
@@ -813,7 +841,7 @@ fn reply_recheck(pkt: &Packet, ifindex: u32, ep_flags: u32, dir: Direction) -> u
         return decision;
     }
     match service_verdict(pkt.buffer, ifindex, peer_of(pkt, dir), pkt.sport, pkt.proto) {
-        Some((_, policy_id)) => service_decision(Reason::AllowedService, policy_id),
+        Some(v) => service_decision(Reason::AllowedService, v),
         None => decision,
     }
 }
@@ -878,12 +906,12 @@ fn through_service(
         return decision;
     }
     match service_verdict(pkt.buffer, ifindex, &pkt.dst, pkt.dport, pkt.proto) {
-        Some((service::VERDICT_ALLOW, policy_id)) => {
-            service_decision(Reason::AllowedService, policy_id)
+        Some(v) if v.verdict == service::VERDICT_ALLOW => {
+            service_decision(Reason::AllowedService, v)
         }
-        Some((_, policy_id)) => {
+        Some(v) => {
             defer(ctx);
-            service_decision(Reason::AllowedServiceDeferred, policy_id)
+            service_decision(Reason::AllowedServiceDeferred, v)
         }
         None => decision,
     }
@@ -896,7 +924,8 @@ fn is_denied_egress(decision: u64) -> bool {
     reason == Reason::DroppedEgressDenied as u64 || reason == Reason::AuditedEgressDenied as u64
 }
 
-/// The SERVICES verdict (allow or defer) and policy of `endpoint` towards the frontend `vip`:`port`.
+/// The SERVICES verdict (allow or defer) of `endpoint` towards the frontend `vip`:`port`, with
+/// its rule.
 #[inline(always)]
 fn service_verdict(
     buffer: Buffer,
@@ -904,7 +933,7 @@ fn service_verdict(
     vip: &[u8; 16],
     port: u16,
     protocol: u8,
-) -> Option<(u32, u32)> {
+) -> Option<SvcValue> {
     let key = SvcKey {
         endpoint,
         vip: IpKey { addr: *vip },
@@ -914,16 +943,26 @@ fn service_verdict(
     };
     let v = buffer.service(&key)?;
     // SAFETY: map values are valid for the duration of the program.
-    let (verdict, policy_id) = unsafe { ((*v).verdict, (*v).policy) };
-    match verdict {
-        service::VERDICT_ALLOW | service::VERDICT_DEFER => Some((verdict, policy_id)),
+    let v = unsafe { *v };
+    match v.verdict {
+        service::VERDICT_ALLOW | service::VERDICT_DEFER => Some(v),
         _ => None,
     }
 }
 
+/// The decision through a Service frontend with verdict `v`: allowed outright, it counts to the
+/// verdict's rule; deferred, to the rule that allows the backend, after DNAT (not here too).
 #[inline(always)]
-fn service_decision(reason: Reason, policy_id: u32) -> u64 {
-    reason_only(reason) | ((PolicyMatch::L3L4 as u64) << 8) | DECIDED | ((policy_id as u64) << 32)
+fn service_decision(reason: Reason, v: SvcValue) -> u64 {
+    let rule = RuleKey {
+        policy: v.policy,
+        rule: if reason == Reason::AllowedService {
+            v.rule as u32
+        } else {
+            rule_code::NONE
+        },
+    };
+    reason_only(reason) | ((PolicyMatch::L3L4 as u64) << 8) | DECIDED | rule_bits(rule)
 }
 
 #[inline(always)]

@@ -1126,6 +1126,7 @@ fn every_decision_map_is_read_from_the_packets_buffer() {
         };
         let verdict = SvcValue {
             verdict: service::VERDICT_ALLOW,
+            rule: 0,
             policy: 9,
         };
         m.insert(key, verdict, 0).unwrap();
@@ -2403,6 +2404,7 @@ fn replies_through_a_service_are_rechecked_against_its_verdict() {
     };
     let verdict = SvcValue {
         verdict: service::VERDICT_ALLOW,
+        rule: rule_code::of(Egress, 1) as u16,
         policy: 9,
     };
     env.service(key, Some(verdict));
@@ -2410,6 +2412,17 @@ fn replies_through_a_service_are_rechecked_against_its_verdict() {
     let answer = Packet::udp(vip, a(), 53, 5000).build();
     env.expect(Egress, &query, Reason::AllowedService);
     env.expect(Ingress, &answer, Reason::AllowedReply);
+    // Allowed outright at the pod's veth: the connection counts to the verdict's rule.
+    let rule = RuleKey {
+        policy: 9,
+        rule: rule_code::of(Egress, 1),
+    };
+    let hits = env.rule_hits();
+    let counted = hits
+        .iter()
+        .find(|(k, _)| *k == rule)
+        .map(|(_, h)| (h.connections, h.packets));
+    assert_eq!(counted, Some((1, 2)), "{hits:?}");
     env.set_generation(1);
     env.expect(Ingress, &answer, Reason::AllowedReply);
     env.service(key, None);
@@ -2488,6 +2501,7 @@ fn a_frontend_address_is_judged_on_its_service_verdict_only() {
     };
     let verdict = SvcValue {
         verdict: service::VERDICT_DEFER,
+        rule: rule_code::of(Egress, 1) as u16,
         policy: 9,
     };
     env.service(key, Some(verdict));
@@ -2495,6 +2509,10 @@ fn a_frontend_address_is_judged_on_its_service_verdict_only() {
         Egress,
         &Packet::tcp(a(), vip, 40003, 80).build(),
         Reason::AllowedServiceDeferred,
+    );
+    assert!(
+        !env.rule_hits().iter().any(|(k, _)| k.policy == 9),
+        "a deferred connection counts after DNAT, to the backend's rule, not here"
     );
     // Ingress from the address is unaffected (not a client's destination).
     env.expect(
@@ -2605,8 +2623,9 @@ fn audit_mode_passes_denials_as_would_be_drops_and_records_them() {
         .collect();
     assert_eq!(audit_drops.len(), 1, "{audit_drops:?}");
     assert_eq!(audit_drops[0].1.packets, 2);
+    // One event per decision: the audited flow's later packets are counted, not reported.
     let events = env.events();
-    assert_eq!(events.len(), 3, "{events:?}");
+    assert_eq!(events.len(), 2, "{events:?}");
     assert_eq!(events[0].key, key);
     assert_eq!(verdict::of(events[0].reason), verdict::AUDIT);
     let v = env.verdicts();
@@ -2818,4 +2837,68 @@ fn a_rechecked_flow_counts_to_the_rule_that_allows_it_now() {
         Reason::AllowedNotIsolated,
     );
     assert_eq!(env.rule_hits().len(), 2);
+}
+
+/// A Service connection whose egress was deferred to after DNAT is decided, and counted, under
+/// its client: at a local backend's veth an audited denial is recorded as the client's would-be
+/// drop (the packet's own verdict is the backend's), and an allowed one counts to the rule that
+/// allows the backend, there and at the tunnel.
+#[test]
+fn deferred_service_egress_is_audited_and_counted_under_the_client() {
+    let Some(mut env) = env!() else { return };
+    let client = 2;
+    let pod_d: IpAddr = Ipv4Addr::new(10, 42, 0, 6).into();
+    env.endpoint(
+        client,
+        endpoint_flags::ISOLATED_EGRESS | endpoint_flags::AUDIT_EGRESS,
+    );
+    env.ip(pod_d, ID_C, client);
+    let mark = Some(netpol_common::service::DEFER_MARK);
+    let to_backend = |sport| Packet::tcp(pod_d, a(), sport, 80).build();
+    let (_, reason) = env
+        .try_run_program(program_names::POD_INGRESS, &to_backend(40000), mark)
+        .unwrap();
+    assert_eq!(
+        reason,
+        Reason::AllowedNotIsolated,
+        "the backend's own verdict"
+    );
+    let audited: Vec<_> = env
+        .drops()
+        .into_iter()
+        .filter(|(k, _)| k.endpoint == client)
+        .map(|(k, v)| (k.reason, v.packets))
+        .collect();
+    assert_eq!(audited, [(Reason::AuditedEgressDenied as u8, 1)]);
+
+    let rule = |index| PolicyValue {
+        policy: 31,
+        rule: rule_code::of(Egress, index),
+    };
+    for (peer, index) in [(ID_A, 0), (ID_B, 1)] {
+        let key = Key::new(
+            POLICY_PREFIX_FULL,
+            PolicyKey {
+                endpoint: client,
+                identity: peer,
+                direction: Egress as u8,
+                protocol: proto::TCP,
+                port_be: 80u16.to_be_bytes(),
+            },
+        );
+        env.both_trie(map_names::POLICY, |m| {
+            m.insert(&key, rule(index), 0).unwrap()
+        });
+    }
+    env.try_run_program(program_names::POD_INGRESS, &to_backend(40001), mark)
+        .unwrap();
+    let remote = Packet::tcp(pod_d, b(), 40002, 80).build();
+    let (action, reason) = env
+        .try_run_program(program_names::TUNNEL_EGRESS, &remote, mark)
+        .unwrap();
+    assert_eq!((action, reason), (TCX_NEXT, Reason::AllowedPolicy));
+    let hits = env.rule_hits();
+    let packets = |r: PolicyValue| hits.iter().find(|(k, _)| *k == r).map(|(_, h)| h.packets);
+    assert_eq!(packets(rule(0)), Some(1), "the local backend: {hits:?}");
+    assert_eq!(packets(rule(1)), Some(1), "the remote backend: {hits:?}");
 }

@@ -9,7 +9,7 @@ use std::net::IpAddr;
 
 use netpol_common::{
     Direction, IpKey, POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTOCOL, POLICY_PREFIX_FULL,
-    PolicyKey, SvcKey, SvcValue, endpoint_flags, identity, service,
+    PolicyKey, PolicyValue, SvcKey, SvcValue, endpoint_flags, identity, service,
 };
 
 use super::{Compiled, ip_key};
@@ -29,15 +29,14 @@ fn mask<const N: usize>(mut bytes: [u8; N], bits: u32) -> [u8; N] {
 }
 
 /// The datapath's egress decision for a new connection, computed on the compiled contents with exact
-/// lookups per prefix length (instead of [`Compiled::allows`]'s scan). Returns the id of an allowing
-/// policy.
+/// lookups per prefix length (instead of [`Compiled::allows`]'s scan). Returns an allowing rule.
 fn egress_allows(
     c: &Compiled,
     endpoint: u32,
     peer: IpAddr,
     protocol: u8,
     port: u16,
-) -> Option<u32> {
+) -> Option<PolicyValue> {
     let key = ip_key(peer);
     let mut ids = Vec::with_capacity(3);
     if let Some(info) = c.ipcache.get(&key) {
@@ -83,7 +82,7 @@ fn egress_allows(
                 ..full
             };
             if let Some(v) = c.policy.get(&(k, len)) {
-                return Some(v.policy);
+                return Some(*v);
             }
         }
     }
@@ -123,9 +122,9 @@ struct Locality<'a> {
 fn frontend_verdict(
     c: &Compiled,
     backends: &[(IpAddr, u16)],
-    verdicts: &[Option<u32>],
+    verdicts: &[Option<PolicyValue>],
     local: &Locality<'_>,
-) -> Option<u32> {
+) -> Option<u16> {
     let allowed = verdicts.iter().flatten().count();
     if allowed == 0 {
         return None;
@@ -164,7 +163,7 @@ pub(super) fn compile(
         }
         for f in frontends.iter().filter(|f| !f.backends.is_empty()) {
             let protocol = f.protocol.number();
-            let verdicts: Vec<Option<u32>> = f
+            let verdicts: Vec<Option<PolicyValue>> = f
                 .backends
                 .iter()
                 .map(|(ip, port)| egress_allows(c, endpoint, *ip, protocol, *port))
@@ -179,8 +178,18 @@ pub(super) fn compile(
                 protocol,
                 _pad: 0,
             };
-            let policy = verdicts.iter().flatten().next().copied().unwrap_or(0);
-            out.insert(key, SvcValue { verdict, policy });
+            let rule = verdicts
+                .iter()
+                .flatten()
+                .next()
+                .copied()
+                .unwrap_or_default();
+            let value = SvcValue {
+                verdict,
+                rule: rule.rule as u16,
+                policy: rule.policy,
+            };
+            out.insert(key, value);
         }
     }
     out

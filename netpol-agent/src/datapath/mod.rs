@@ -313,21 +313,29 @@ impl Datapath {
             ],
         };
         datapath.adopt_v1(&maps_dir)?;
-        let copied = conntrack::adopt_v1(&maps_dir, &mut datapath.conntrack).map_err(|source| {
-            DatapathError::Map {
-                name: map_names::CONNTRACK_V1,
-                source,
-            }
-        })?;
-        if copied > 0 {
-            tracing::info!(
-                entries = copied,
-                "adopted the conntrack entries of the V1 layout"
-            );
-        }
+        datapath.adopt_conntrack_v1(&maps_dir);
         // A previous agent may have died between its switch and its grace period.
         datapath.grace.wait().map_err(DatapathError::Grace)?;
         Ok(datapath)
+    }
+
+    /// Copies the conntrack entries an agent of the V1 layout pinned. Failing to copy only costs
+    /// those flows their fast path (they are decided again, closed where policy says so); refusing
+    /// to start would leave new pods without programs.
+    fn adopt_conntrack_v1(&mut self, maps_dir: &std::path::Path) {
+        match conntrack::adopt_v1(maps_dir, &mut self.conntrack) {
+            Ok(0) => {}
+            Ok(copied) => {
+                tracing::info!(
+                    entries = copied,
+                    "adopted the conntrack entries of the V1 layout"
+                )
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not copy the V1 conntrack entries; their flows are decided again");
+                let _ = std::fs::remove_file(maps_dir.join(map_names::CONNTRACK_V1));
+            }
+        }
     }
 
     /// Takes over the decision maps an agent of the V1 layout pinned (into both buffers, when they
