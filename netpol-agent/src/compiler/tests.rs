@@ -1257,7 +1257,7 @@ impl Cluster {
     }
 }
 
-fn svc_verdict(c: &Compiled, ep: u32, vip: &str, protocol: u8, port: u16) -> Option<u32> {
+fn svc_verdict(c: &Compiled, ep: u32, vip: &str, protocol: u8, port: u16) -> Option<u16> {
     let key = SvcKey {
         endpoint: ep,
         vip: ip_key(ip(vip)),
@@ -1326,6 +1326,17 @@ spec: {clusterIP: 10.43.0.80, selector: {app: web}, ports: [{port: 80}]}
         None,
         "web is not allowed"
     );
+    // The verdict names the rule that allows a backend, whose hit counters it adds to.
+    let key = SvcKey {
+        endpoint: client,
+        vip: ip_key(ip("10.43.0.10")),
+        port_be: 53u16.to_be_bytes(),
+        protocol: UDP,
+        _pad: 0,
+    };
+    let v = out.services[&key];
+    assert_eq!(v.policy, policy_id(&PodKey::new("default", "dns-only")));
+    assert_eq!(u32::from(v.rule), netpol_common::rule_code::of(Egress, 0));
     // The ClusterIP is judged on its backends: allowed (deferred to after DNAT), web's is not.
     assert!(out.allows(client, ip("10.43.0.10"), Egress, UDP, 53));
     assert!(!out.allows(client, ip("10.43.0.80"), Egress, TCP, 80));
