@@ -1,5 +1,6 @@
-//! Developer tasks: `cargo xtask setup | test | demo | bench | manifests`.
+//! Developer tasks: `cargo xtask setup | test | demo | bench | manifests | image`.
 
+mod image;
 mod manifests;
 mod setup;
 
@@ -45,6 +46,10 @@ enum Task {
     /// `kubectl apply -f` and K3s's auto-deploy directory) and monitoring.yaml (PodMonitor and
     /// PrometheusRule).
     Manifests,
+    /// Build the agent as a static binary in an OCI image from scratch, for amd64 and arm64:
+    /// target/image/netpol-agent-<version>-<arch>.oci.tar (for `k3s ctr images import` or K3s's
+    /// images directory), reproducible from the commit.
+    Image,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -55,6 +60,7 @@ fn main() -> anyhow::Result<()> {
         Task::Test { args } => test(&args),
         Task::Bench { quick } => bench(quick),
         Task::Manifests => manifests::run(&workspace_root()),
+        Task::Image => image::run(),
     }
 }
 

@@ -88,7 +88,16 @@ pub fn install_ebpf_toolchain() -> anyhow::Result<()> {
 }
 
 fn install_debian_packages() -> anyhow::Result<()> {
-    let mut missing: Vec<&str> = DEBIAN_PACKAGES
+    let mut wanted = DEBIAN_PACKAGES.to_vec();
+    if output(Command::new("kubectl").args(["version", "--client"])).is_none() {
+        wanted.push(KUBECTL_PACKAGE);
+    }
+    install_packages(&wanted)
+}
+
+/// Installs the Debian packages of `wanted` that are missing (as root; otherwise says what is).
+pub fn install_packages(wanted: &[&str]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = wanted
         .iter()
         .copied()
         .filter(|p| {
@@ -96,9 +105,6 @@ fn install_debian_packages() -> anyhow::Result<()> {
                 .is_some_and(|s| s.contains("install ok installed"))
         })
         .collect();
-    if output(Command::new("kubectl").args(["version", "--client"])).is_none() {
-        missing.push(KUBECTL_PACKAGE);
-    }
     if !missing.is_empty() {
         if !privileged() {
             eprintln!(
