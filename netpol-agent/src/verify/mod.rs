@@ -10,6 +10,7 @@ pub mod cluster;
 pub mod compare;
 pub mod gather;
 pub mod kube_router;
+pub mod links;
 pub mod selftest;
 
 use std::{borrow::Cow, fmt::Write as _, path::PathBuf};

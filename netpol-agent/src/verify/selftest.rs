@@ -27,7 +27,6 @@ use std::{
     },
     panic::AssertUnwindSafe,
     path::PathBuf,
-    process::{Command, Stdio},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -50,6 +49,7 @@ use crate::{
     datapath::{self, Contents, Datapath, Hook, PinLayout, pins},
     discovery::Discovery,
     model::{ClusterState, Namespace, Origin, Pod, PodKey, Policy},
+    verify::links::{Links, ifindex},
 };
 
 /// Host-side veth in the scratch "node" namespace.
@@ -220,33 +220,6 @@ fn setns(fd: &OwnedFd) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs `ip ARGS` in the calling thread's network namespace (a child inherits the thread's).
-fn ip(args: &[&str]) -> anyhow::Result<()> {
-    let out = Command::new("ip")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .context("running ip (iproute2)")?;
-    if !out.status.success() {
-        bail!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
-}
-
-fn ifindex(name: &str) -> anyhow::Result<u32> {
-    let c = CString::new(name)?;
-    // SAFETY: `c` is a valid NUL-terminated string.
-    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    if i == 0 {
-        return Err(errno("if_nametoindex"));
-    }
-    Ok(i)
-}
-
 impl Scratch {
     fn test(&mut self, ev: &mut SelfTestEvidence) -> anyhow::Result<()> {
         // A private mount namespace: the scratch bpffs is never visible to the node.
@@ -285,45 +258,22 @@ impl Scratch {
             ev.netns_inodes[0], ev.netns_inodes[1]
         ));
 
-        // The veth pair, pod side configured from inside the pod namespace.
+        // The veth pair, pod side configured from inside the pod namespace (a netlink socket
+        // belongs to the namespace of the thread that opens it).
         setns(host)?;
-        let pod_ns_path = format!("/proc/{}/fd/{}", std::process::id(), pod.as_raw_fd());
-        ip(&["link", "set", "lo", "up"])?;
-        ip(&[
-            "link",
-            "add",
-            HOST_VETH,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            POD_VETH,
-            "netns",
-            &pod_ns_path,
-        ])?;
+        let mut links = Links::open()?;
+        links.set_up("lo")?;
+        links.add_veth(HOST_VETH, POD_VETH, pod.as_raw_fd())?;
         self.veth_created = true;
-        ip(&["addr", "add", &format!("{HOST_V4}/24"), "dev", HOST_VETH])?;
-        ip(&[
-            "addr",
-            "add",
-            &format!("{HOST_V6}/64"),
-            "dev",
-            HOST_VETH,
-            "nodad",
-        ])?;
-        ip(&["link", "set", HOST_VETH, "up"])?;
+        links.add_address(HOST_VETH, HOST_V4.into(), 24)?;
+        links.add_address(HOST_VETH, HOST_V6.into(), 64)?;
+        links.set_up(HOST_VETH)?;
         setns(pod)?;
-        ip(&["link", "set", "lo", "up"])?;
-        ip(&["addr", "add", &format!("{POD_V4}/24"), "dev", POD_VETH])?;
-        ip(&[
-            "addr",
-            "add",
-            &format!("{POD_V6}/64"),
-            "dev",
-            POD_VETH,
-            "nodad",
-        ])?;
-        ip(&["link", "set", POD_VETH, "up"])?;
+        let mut links = Links::open()?;
+        links.set_up("lo")?;
+        links.add_address(POD_VETH, POD_V4.into(), 24)?;
+        links.add_address(POD_VETH, POD_V6.into(), 64)?;
+        links.set_up(POD_VETH)?;
         setns(host)?;
         ev.steps.push(format!(
             "veth {HOST_VETH} ({HOST_V4}, {HOST_V6}) <-> pod {POD_VETH} ({POD_V4}, {POD_V6})"
@@ -445,7 +395,10 @@ impl Scratch {
             let _ = datapath::cleanup(&PinLayout::new(&self.dir));
         }
         if self.veth_created {
-            note("deleting the veth", ip(&["link", "del", HOST_VETH]));
+            note(
+                "deleting the veth",
+                Links::open().and_then(|mut l| l.delete(HOST_VETH)),
+            );
             self.veth_created = false;
         }
         if self.dir_created {
