@@ -218,6 +218,8 @@ fn assemble(
                 "/usr/local/bin/netpol-agent",
                 "--config.cmd",
                 "run",
+                "--config.label",
+                &format!("io.netpol.rustc={}", rustc_version()?),
             ]),
     )?;
     check(Command::new("umoci").args(["gc", "--layout"]).arg(&layout))?;
@@ -264,6 +266,17 @@ fn name_image(layout: &Path, reference: &str) -> anyhow::Result<String> {
     let digest = m["digest"].as_str().unwrap_or_default().to_owned();
     std::fs::write(&path, serde_json::to_vec(&index)?)?;
     Ok(digest)
+}
+
+/// `rustc -V` of the toolchain that builds the agent: the one input of the binary the commit does
+/// not pin.
+fn rustc_version() -> anyhow::Result<String> {
+    let out = Command::new("rustc")
+        .arg("-V")
+        .output()
+        .context("running rustc -V")?;
+    ensure!(out.status.success(), "rustc -V failed");
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
 /// RFC 3339 (UTC) of a Unix time, with `date` (xtask builds with stable Rust alone and few crates).
