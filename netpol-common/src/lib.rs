@@ -473,6 +473,22 @@ pub struct RuleHits {
 }
 const _: () = assert!(size_of::<RuleHits>() == 32);
 
+impl RuleHits {
+    /// Two CPUs' counts together: counts added, the later hit.
+    pub const fn plus(self, other: RuleHits) -> RuleHits {
+        RuleHits {
+            packets: self.packets + other.packets,
+            bytes: self.bytes + other.bytes,
+            connections: self.connections + other.connections,
+            last_hit_ns: if self.last_hit_ns > other.last_hit_ns {
+                self.last_hit_ns
+            } else {
+                other.last_hit_ns
+            },
+        }
+    }
+}
+
 /// Key of the CONNTRACK map: a flow as its first packet was seen at one endpoint, in one direction.
 /// For ICMP echo, `src_port` is the echo id for requests and `dst_port` for replies (the other is 0),
 /// so a reply's reversed tuple equals its request's.

@@ -288,12 +288,7 @@ impl Env {
         m.iter()
             .map(Result::unwrap)
             .map(|(k, per_cpu)| {
-                let sum = per_cpu.iter().fold(RuleHits::default(), |a, v| RuleHits {
-                    packets: a.packets + v.packets,
-                    bytes: a.bytes + v.bytes,
-                    connections: a.connections + v.connections,
-                    last_hit_ns: a.last_hit_ns.max(v.last_hit_ns),
-                });
+                let sum = per_cpu.iter().fold(RuleHits::default(), |a, v| a.plus(*v));
                 (k, sum)
             })
             .collect()

@@ -76,12 +76,7 @@ impl ObserveMaps {
             .iter()
             .filter_map(Result::ok)
             .map(|(k, per_cpu)| {
-                let sum = per_cpu.iter().fold(RuleHits::default(), |a, v| RuleHits {
-                    packets: a.packets + v.packets,
-                    bytes: a.bytes + v.bytes,
-                    connections: a.connections + v.connections,
-                    last_hit_ns: a.last_hit_ns.max(v.last_hit_ns),
-                });
+                let sum = per_cpu.iter().fold(RuleHits::default(), |a, v| a.plus(*v));
                 (k, sum)
             })
             .collect()
@@ -449,22 +444,36 @@ pub async fn request_flows(
     state_dir: &std::path::Path,
     filter: &flows::Filter,
 ) -> anyhow::Result<Vec<flows::Flow>> {
+    let req = format!("flows {}", serde_json::to_string(filter)?);
+    request_answer(state_dir, &req, "flows").await
+}
+
+/// Sends the one-line `request` to the agent behind `state_dir` and decodes the field `key` of its
+/// JSON answer (`{"<key>": ...}`, or `{"error": "..."}`).
+async fn request_answer<T: serde::de::DeserializeOwned>(
+    state_dir: &std::path::Path,
+    request: &str,
+    key: &str,
+) -> anyhow::Result<T> {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let mut stream = connect(state_dir).await?;
-    let req = format!("flows {}\n", serde_json::to_string(filter)?);
-    stream.write_all(req.as_bytes()).await?;
+    stream
+        .write_all(format!("{request}\n").as_bytes())
+        .await
+        .with_context(|| format!("sending the {key} request"))?;
     let mut body = Vec::new();
-    stream.read_to_end(&mut body).await?;
-    #[derive(serde::Deserialize)]
-    struct Answer {
-        flows: Option<Vec<flows::Flow>>,
-        error: Option<String>,
+    stream
+        .read_to_end(&mut body)
+        .await
+        .with_context(|| format!("reading the {key} answer"))?;
+    let mut answer: serde_json::Value =
+        serde_json::from_slice(&body).with_context(|| format!("decoding the {key} answer"))?;
+    if let Some(e) = answer.get("error").and_then(serde_json::Value::as_str) {
+        anyhow::bail!("{e}");
     }
-    let a: Answer = serde_json::from_slice(&body).context("decoding the flows answer")?;
-    match (a.flows, a.error) {
-        (_, Some(e)) => anyhow::bail!("{e}"),
-        (Some(f), None) => Ok(f),
-        (None, None) => anyhow::bail!("the agent does not serve flows (an older agent?)"),
+    match answer.get_mut(key).map(serde_json::Value::take) {
+        Some(v) => serde_json::from_value(v).with_context(|| format!("decoding the {key} answer")),
+        None => anyhow::bail!("the agent does not serve {key} (an older agent?)"),
     }
 }
 

@@ -46,29 +46,7 @@ pub fn answer(observer: &super::Observer) -> serde_json::Value {
 
 /// Asks the agent behind `state_dir` for its policy report.
 pub async fn request(state_dir: &std::path::Path) -> anyhow::Result<Vec<PolicyReport>> {
-    use anyhow::Context as _;
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut stream = super::connect(state_dir).await?;
-    stream
-        .write_all(b"policies\n")
-        .await
-        .context("sending the policies request")?;
-    let mut body = Vec::new();
-    stream
-        .read_to_end(&mut body)
-        .await
-        .context("reading the policies answer")?;
-    #[derive(Deserialize)]
-    struct Answer {
-        policies: Option<Vec<PolicyReport>>,
-        error: Option<String>,
-    }
-    let a: Answer = serde_json::from_slice(&body).context("decoding the policies answer")?;
-    match (a.policies, a.error) {
-        (_, Some(e)) => anyhow::bail!("{e}"),
-        (Some(p), None) => Ok(p),
-        (None, None) => anyhow::bail!("the agent does not serve policies (an older agent?)"),
-    }
+    super::request_answer(state_dir, "policies", "policies").await
 }
 
 /// Marks the rules whose last hit is before `cutoff` as never matched (their counts stay): what
