@@ -5,10 +5,10 @@
 //! it; after a switch, kube-router's leftover chains keep enforcing the policies of the day they were
 //! left. The agent warns once, at start-up, when it finds them.
 //!
-//! The check reads `iptables-save`/`ip6tables-save` output (legacy and nft back ends) rather than
-//! netlink: it runs once, reads only, and the save format is the one stable interface to both back
-//! ends (legacy tables have no netlink API; decoding iptables-nft's compat expressions from raw
-//! nftables would be far more code for a warning).
+//! The check reads the chain names from the kernel ([`super::netfilter`]: nftables over netlink,
+//! which holds iptables-nft's chains, and legacy iptables through getsockopt), so it works in the
+//! agent's image, which has no iptables; where netlink is refused it falls back to
+//! `iptables-save`/`ip6tables-save` output.
 
 use std::{collections::BTreeSet, process::Command};
 
@@ -47,8 +47,36 @@ pub struct Findings {
     pub read_with: Vec<String>,
 }
 
-/// Runs the save commands that exist and collects kube-router's chains.
+/// Reads the node's chains from the kernel (or, where it refuses, with the save commands) and
+/// collects kube-router's.
 pub fn scan() -> Findings {
+    let ours = |names: Vec<String>| {
+        names
+            .into_iter()
+            .filter(|n| CHAIN_PREFIXES.iter().any(|p| n.starts_with(p)))
+            .collect::<Vec<_>>()
+    };
+    match super::netfilter::nft_chains() {
+        Ok(nft) => {
+            let mut chains: BTreeSet<String> = ours(nft).into_iter().collect();
+            chains.extend(ours(super::netfilter::legacy_chains()));
+            Findings {
+                chains,
+                read_with: vec![
+                    "nftables (netlink)".into(),
+                    "iptables legacy (getsockopt)".into(),
+                ],
+            }
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "nftables netlink refused; reading iptables-save");
+            scan_save_commands()
+        }
+    }
+}
+
+/// Runs the save commands that exist and collects kube-router's chains.
+fn scan_save_commands() -> Findings {
     let mut findings = Findings::default();
     for cmd in SAVE_COMMANDS {
         // iptables-save exists where the back-end specific ones do not (older distributions).

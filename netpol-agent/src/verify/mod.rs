@@ -11,6 +11,7 @@ pub mod compare;
 pub mod gather;
 pub mod kube_router;
 pub mod links;
+pub mod netfilter;
 pub mod selftest;
 
 use std::{borrow::Cow, fmt::Write as _, path::PathBuf};
