@@ -464,7 +464,7 @@ fn is_agent_pod(labels: &BTreeMap<String, String>) -> bool {
 }
 
 /// The panels [`expect_panel`] knows: every panel of the dashboard, no more, no less.
-const PANELS: [&str; 13] = [
+const PANELS: [&str; 16] = [
     "Drops/s (all selected pods)",
     "Policies",
     "Local endpoints",
@@ -478,6 +478,9 @@ const PANELS: [&str; 13] = [
     "Map use (entries / capacity)",
     "Policy implementation delay",
     "Lost drop events/s by source",
+    "kube-router chains on the nodes",
+    "Would-be drops/s (audit mode) by pod and reason",
+    "Rule hits/s by policy and rule",
 ];
 
 /// What panel `title` must show for `sel`: its queries' results are `r`, one per query.
@@ -547,6 +550,11 @@ fn expect_panel(
                 _ => Ok(()),
             }
         }
+        "kube-router chains on the nodes" => one_value(&r[0], |v| v == 0.0),
+        // No policy is audited here.
+        "Would-be drops/s (audit mode) by pod and reason" if r[0].is_empty() => Ok(()),
+        "Would-be drops/s (audit mode) by pod and reason" => Err(format!("got {r:?}")),
+        "Rule hits/s by policy and rule" => rule_hits(&r[0], sel, truth),
         other => Err(format!(
             "no expectation for panel {other:?}: add one to this test"
         )),
@@ -606,6 +614,28 @@ fn nonzero(s: &[Series], labels: &[&str]) -> BTreeSet<Vec<String>> {
         .filter(|s| s.value > 0.0)
         .map(|s| s.key(labels))
         .collect()
+}
+
+/// Rule hits: x/b's allowed flow into x/a counts to x/allow-b's `ingress[0]`, on x/a's node; no
+/// other rule allowed anything.
+fn rule_hits(s: &[Series], sel: &Selection, truth: &Truth) -> Result<(), String> {
+    let labels = ["policy_namespace", "policy", "rule"];
+    let seen = sel.has_node(&truth.drops[0].node) && sel.namespace.is_none_or(|n| n == "x");
+    let want: BTreeSet<Vec<String>> = seen
+        .then(|| {
+            vec![
+                "x".to_owned(),
+                "allow-b".to_owned(),
+                "ingress[0]".to_owned(),
+            ]
+        })
+        .into_iter()
+        .collect();
+    if s.len() == want.len() && nonzero(s, &labels) == want {
+        Ok(())
+    } else {
+        Err(format!("want {want:?}, got {s:?}"))
+    }
 }
 
 /// New-flow decisions: drops at x/a's ingress and y/a's egress, and x/b's allowed flow into x/a,
