@@ -351,7 +351,12 @@ impl FlowsArgs {
                 .map(|d| d.as_millis() as u64),
             last: self.last,
         };
-        filter.validate().map_err(anyhow::Error::msg)?;
+        if self.follow {
+            filter.validate_follow()
+        } else {
+            filter.validate()
+        }
+        .map_err(anyhow::Error::msg)?;
         Ok(filter)
     }
 

@@ -410,6 +410,20 @@ impl Filter {
         Ok(())
     }
 
+    /// The filter of `flows --follow`, which streams the drop events: drops and would-be drops
+    /// (audit), never allowed packets. Asking it for allowed ones is an error, not silence.
+    pub fn validate_follow(&self) -> Result<(), String> {
+        self.validate()?;
+        if self.verdict == Some(VerdictFilter::Allowed) {
+            return Err(
+                "--follow streams drops and would-be drops (audit) only: allowed packets send no \
+                 events; use `flows --verdict allowed` (without --follow) for the recent ones"
+                    .to_owned(),
+            );
+        }
+        Ok(())
+    }
+
     fn peer(&self, s: &str) -> PeerMatch {
         if looks_like_address(s)
             && let Ok(net) = s.parse::<IpNetwork>()
@@ -724,6 +738,24 @@ mod tests {
         assert_eq!((m.first_seen_ns, m.last_seen_ns), (10, 90));
         assert_eq!((m.reason, m.policy), (Reason::AllowedPolicy as u8, 9));
         assert_eq!(merge(k, &[FlowValue::default()]), None);
+    }
+
+    #[test]
+    fn follow_refuses_to_wait_for_allowed_packets() {
+        let allowed = Filter {
+            verdict: Some(VerdictFilter::Allowed),
+            ..Filter::default()
+        };
+        assert!(allowed.validate().is_ok());
+        let e = allowed.validate_follow().unwrap_err();
+        assert!(e.contains("drops and would-be drops"), "{e}");
+        for v in [VerdictFilter::Dropped, VerdictFilter::Audit] {
+            let f = Filter {
+                verdict: Some(v),
+                ..Filter::default()
+            };
+            assert!(f.validate_follow().is_ok());
+        }
     }
 
     #[test]

@@ -393,7 +393,12 @@ pub async fn answer_flows(
             },
         }
     };
-    if let Err(e) = filter.validate() {
+    let valid = if follow {
+        filter.validate_follow()
+    } else {
+        filter.validate()
+    };
+    if let Err(e) = valid {
         let body = serde_json::json!({ "error": e });
         write.write_all(body.to_string().as_bytes()).await?;
         write.write_all(b"\n").await?;
