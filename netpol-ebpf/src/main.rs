@@ -309,10 +309,8 @@ fn record(pkt: &Packet, ifindex: u32, dir: u8, decision: u64, len: u32) {
 /// allows the backend kube-proxy picked (per packet: such a flow is decided again each time).
 #[inline(always)]
 fn count_deferred(decision: u64, len: u32) {
-    if !is_drop(decision) {
-        // SAFETY: a helper without preconditions.
-        count_rule(decision, len, unsafe { bpf_ktime_get_ns() });
-    }
+    // SAFETY: a helper without preconditions.
+    count_rule(decision, len, unsafe { bpf_ktime_get_ns() });
 }
 
 /// The rule a decision names (its policy and [`rule_code`]); its code is NONE when no rule allowed.

@@ -36,17 +36,22 @@ pub fn flood(
     v["sent"].as_u64().expect("flood reports what it sent")
 }
 
-/// `netpol-agent flows` on `node`, with that node's pin and state directories.
-pub fn flows_cmd(c: &Cluster, node: usize) -> Command {
+/// `netpol-agent SUBCOMMAND` on `node`, with that node's pin and state directories.
+fn agent_cmd(c: &Cluster, node: usize, subcommand: &str) -> Command {
     let n = &c.nodes[node];
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", &n.name])
         .arg(default_agent_bin())
-        .args(["flows", "--pin-dir"])
+        .args([subcommand, "--pin-dir"])
         .arg(&n.pin_dir)
         .arg("--state-dir")
         .arg(&n.state_dir);
     cmd
+}
+
+/// `netpol-agent flows` on `node`.
+pub fn flows_cmd(c: &Cluster, node: usize) -> Command {
+    agent_cmd(c, node, "flows")
 }
 
 /// `netpol-agent flows -o json ARGS` on `node`: the flows, and what it printed on stderr.
@@ -89,14 +94,8 @@ pub fn summary(f: &Value) -> String {
 
 /// `netpol-agent policies -o json` on `node`.
 pub fn policies(c: &Cluster, node: usize) -> Vec<Value> {
-    let n = &c.nodes[node];
-    let out = Command::new("ip")
-        .args(["netns", "exec", &n.name])
-        .arg(default_agent_bin())
-        .args(["policies", "-o", "json", "--pin-dir"])
-        .arg(&n.pin_dir)
-        .arg("--state-dir")
-        .arg(&n.state_dir)
+    let out = agent_cmd(c, node, "policies")
+        .args(["-o", "json"])
         .output()
         .expect("running netpol-agent policies");
     assert!(

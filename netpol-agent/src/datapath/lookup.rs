@@ -37,11 +37,7 @@ impl Contents {
         let Some(info) = self.endpoints.get(&endpoint) else {
             return false;
         };
-        let flag = match direction {
-            Direction::Ingress => endpoint_flags::ISOLATED_INGRESS,
-            Direction::Egress => endpoint_flags::ISOLATED_EGRESS,
-        };
-        if info.flags & flag == 0 {
+        if info.flags & endpoint_flags::isolated(direction) == 0 {
             return true;
         }
         let peer = ip_key(peer);

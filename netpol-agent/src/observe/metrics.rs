@@ -11,7 +11,12 @@
 //! node's address); the series name namespaces and pods, so restrict it (`127.0.0.1:9102`) or firewall
 //! it where that matters.
 
-use std::{collections::BTreeMap, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::SocketAddr,
+    sync::Arc,
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use http_body_util::Full;
@@ -28,7 +33,7 @@ use tokio::net::TcpListener;
 
 use crate::{
     observe::control::{MapStatus, SharedStatus, Status},
-    observe::flows::{direction_name, protocol_name, reason_name},
+    observe::flows::{PolicyInfo, direction_name, protocol_name, reason_name},
     observe::{ObserveMaps, Observer},
 };
 
@@ -223,14 +228,17 @@ impl DatapathCollector {
     /// Hits per policy rule (of policies the agent knows: a gone policy's counters are removed).
     fn rule_counts(&self, maps: &ObserveMaps, c: &mut Counters) {
         let resolver = self.observer.resolver();
+        let policies: HashMap<u32, &PolicyInfo> =
+            resolver.catalog().iter().map(|p| (p.id, p)).collect();
         for (key, hits) in maps.rule_hits() {
-            let (Some(policy), Some(rule)) = (
-                resolver.catalog().iter().find(|p| p.id == key.policy),
+            let (Some(policy), Some(rule), Some((dir, _))) = (
+                policies.get(&key.policy),
                 super::policies::rule_name(key.rule),
+                netpol_common::rule_code::parse(key.rule),
             ) else {
                 continue;
             };
-            let direction = rule.split('[').next().unwrap_or_default().to_owned();
+            let direction = direction_name(dir as u8).to_owned();
             let labels = vec![
                 ("policy_namespace", policy.key.namespace.clone()),
                 ("policy", policy.key.name.clone()),

@@ -1,11 +1,13 @@
 //! `netpol-agent policies`: every policy with its mode, the local pods it decides for, and the hit
 //! counters of each of its rules, so that a review finds the rules nothing uses.
 
+use std::collections::HashMap;
+
 use serde::{Deserialize, Serialize};
 
 use netpol_common::{Direction, RuleHits, RuleKey, rule_code};
 
-use super::flows::{Clock, PolicyInfo, Resolver, rfc3339};
+use super::flows::{Clock, PolicyInfo, Resolver, direction_name, rfc3339};
 
 /// One rule of a policy and what it allowed on this node.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -67,11 +69,7 @@ pub fn forget_hits_before(reports: &mut [PolicyReport], cutoff: chrono::DateTime
 /// The rule name of a [`rule_code`] (`ingress[0]`).
 pub fn rule_name(code: u32) -> Option<String> {
     let (direction, index) = rule_code::parse(code)?;
-    let dir = match direction {
-        Direction::Ingress => "ingress",
-        Direction::Egress => "egress",
-    };
-    Some(format!("{dir}[{index}]"))
+    Some(format!("{}[{index}]", direction_name(direction as u8)))
 }
 
 /// The report of every policy `resolver` knows, with the counters `hits` read from the datapath.
@@ -80,6 +78,7 @@ pub fn report(
     hits: &[(RuleKey, RuleHits)],
     clock: &Clock,
 ) -> Vec<PolicyReport> {
+    let hits: HashMap<RuleKey, RuleHits> = hits.iter().copied().collect();
     resolver
         .catalog()
         .iter()
@@ -87,12 +86,12 @@ pub fn report(
             policy: p.key.to_string(),
             mode: p.mode.name().to_owned(),
             local_pods: p.local_pods,
-            rules: rules_of(p, hits, clock),
+            rules: rules_of(p, &hits, clock),
         })
         .collect()
 }
 
-fn rules_of(p: &PolicyInfo, hits: &[(RuleKey, RuleHits)], clock: &Clock) -> Vec<RuleReport> {
+fn rules_of(p: &PolicyInfo, hits: &HashMap<RuleKey, RuleHits>, clock: &Clock) -> Vec<RuleReport> {
     let rules = [
         (Direction::Ingress, p.ingress_rules),
         (Direction::Egress, p.egress_rules),
@@ -105,11 +104,7 @@ fn rules_of(p: &PolicyInfo, hits: &[(RuleKey, RuleHits)], clock: &Clock) -> Vec<
                 policy: p.id,
                 rule: code,
             };
-            let h = hits
-                .iter()
-                .find(|(k, _)| *k == key)
-                .map(|(_, h)| *h)
-                .unwrap_or_default();
+            let h = hits.get(&key).copied().unwrap_or_default();
             Some(RuleReport {
                 rule: rule_name(code)?,
                 packets: h.packets,
