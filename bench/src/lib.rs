@@ -23,6 +23,8 @@ pub mod control;
 pub mod datapath;
 pub mod first_packet;
 pub mod iptables;
+pub mod ladder;
+pub mod mix;
 pub mod synth;
 pub mod traffic;
 

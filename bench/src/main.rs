@@ -53,6 +53,12 @@ enum Internal {
         quick: bool,
     },
     /// (internal) Connect/read/close loop; prints JSON.
+    /// One full compile of the realistic mix at each size (pods/policies/local pods).
+    #[command(hide = true)]
+    ProbeCompile {
+        #[arg(long, num_args = 1.., default_values = ["5000/1000/110"])]
+        sizes: Vec<String>,
+    },
     #[command(hide = true)]
     ConnectLoop {
         #[arg(long)]
@@ -98,6 +104,21 @@ fn main() -> anyhow::Result<()> {
                 ))?;
             eprintln!("{}", part.table());
             println!("{}", serde_json::to_string_pretty(&part)?);
+            return Ok(());
+        }
+        Some(Internal::ProbeCompile { sizes }) => {
+            for size in sizes {
+                let n: Vec<usize> = size
+                    .split('/')
+                    .map(str::parse)
+                    .collect::<Result<_, _>>()
+                    .context("sizes are pods/policies/local")?;
+                netpol_bench::ladder::probe(netpol_bench::mix::MixSpec {
+                    pods: n[0],
+                    policies: n[1],
+                    local_pods: n[2],
+                });
+            }
             return Ok(());
         }
         Some(Internal::ConnectLoop { addr, port, secs }) => {

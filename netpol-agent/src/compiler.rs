@@ -556,30 +556,46 @@ pub fn compile(input: &CompileInput<'_>) -> Compiled {
     fill_ipcache(input, &identities, &mut out.ipcache);
     let host_ports = host_ports(state, &identities);
     let peers = PeerIndex::new(state, &identities);
-    let resolved: Vec<Vec<ResolvedRule<'_>>> = parsed.iter().map(|p| peers.rules(p)).collect();
+    let by_namespace = policies_by_namespace(&parsed);
+    // Only the policies of namespaces with a local endpoint can select one: the others' peers are
+    // never resolved (their rules cannot decide for this node).
+    let resolved: Vec<Vec<ResolvedRule<'_>>> = parsed
+        .iter()
+        .map(|p| {
+            let local = input
+                .endpoints
+                .range(PodKey::new(p.policy.key.namespace.clone(), String::new())..)
+                .next()
+                .is_some_and(|(k, _)| k.namespace == p.policy.key.namespace);
+            if local { peers.rules(p) } else { Vec::new() }
+        })
+        .collect();
     for (key, &endpoint) in input.endpoints {
         let pod = state.pods.get(key);
-        let (flags, isolating) =
-            endpoint_flags_and_rules(key, pod, &parsed, &resolved, |rule, policy| {
-                let to = Emit {
-                    endpoint,
-                    direction: rule.direction,
-                    rule: PolicyValue {
-                        policy,
-                        rule: rule.code,
-                    },
-                    local_pod: pod,
-                };
-                let (targets, ports) = (&rule.targets, rule.ports);
-                emit_rule(
-                    &mut out.policy,
-                    to,
-                    targets,
-                    ports,
-                    &identities,
-                    &host_ports,
-                );
-            });
+        let in_namespace = by_namespace
+            .get(key.namespace.as_str())
+            .map_or(&[][..], Vec::as_slice);
+        let candidates = in_namespace.iter().map(|&i| (&parsed[i], &resolved[i]));
+        let (flags, isolating) = endpoint_flags_and_rules(key, pod, candidates, |rule, policy| {
+            let to = Emit {
+                endpoint,
+                direction: rule.direction,
+                rule: PolicyValue {
+                    policy,
+                    rule: rule.code,
+                },
+                local_pod: pod,
+            };
+            let (targets, ports) = (&rule.targets, rule.ports);
+            emit_rule(
+                &mut out.policy,
+                to,
+                targets,
+                ports,
+                &identities,
+                &host_ports,
+            );
+        });
         for (dir, policies) in [Direction::Ingress, Direction::Egress]
             .into_iter()
             .zip(isolating)
@@ -622,20 +638,17 @@ fn mode_error(policy: &Policy, (on_namespace, e): (bool, mode::ModeError)) -> Co
 /// written, so an audited policy never changes what an enforced one drops. Otherwise, when an
 /// audited policy isolates it, the audited rules are written and the direction is flagged audit:
 /// what they do not allow passes as a would-be drop.
-fn endpoint_flags_and_rules<'r>(
+fn endpoint_flags_and_rules<'p, 'r: 'p>(
     key: &PodKey,
     pod: Option<&Pod>,
-    parsed: &[ParsedPolicy<'_>],
-    resolved: &'r [Vec<ResolvedRule<'r>>],
+    policies: impl Iterator<Item = (&'p ParsedPolicy<'p>, &'r Vec<ResolvedRule<'r>>)>,
     mut emit: impl FnMut(&'r ResolvedRule<'r>, u32),
 ) -> (u32, [Vec<PodKey>; 2]) {
     // The isolating policies by mode and direction, and the rules of those that select the pod.
     let mut isolating: [[Vec<PodKey>; 2]; 2] = Default::default();
     let mut grants = Vec::new();
-    for (policy, rules) in parsed.iter().zip(resolved) {
-        if policy.policy.key.namespace != key.namespace {
-            continue;
-        }
+    for (policy, rules) in policies {
+        debug_assert_eq!(policy.policy.key.namespace, key.namespace);
         let by_mode = &mut isolating[policy.mode as usize];
         let name = &policy.policy.key;
         let Some(selector) = &policy.selector else {
@@ -686,6 +699,17 @@ fn endpoint_flags_and_rules<'r>(
     (flags, names)
 }
 
+/// The indices of `parsed` by the policies' namespace.
+fn policies_by_namespace<'a>(parsed: &'a [ParsedPolicy<'_>]) -> BTreeMap<&'a str, Vec<usize>> {
+    let mut out: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+    for (i, p) in parsed.iter().enumerate() {
+        out.entry(p.policy.key.namespace.as_str())
+            .or_default()
+            .push(i);
+    }
+    out
+}
+
 /// The counts of `status` and the logs.
 fn fill_stats(out: &mut Compiled, parsed: &[ParsedPolicy<'_>], identities: &Identities) {
     out.stats.policies = parsed.len();
@@ -721,33 +745,36 @@ fn compile_services(input: &CompileInput<'_>, out: &mut Compiled) {
     out.shortfalls.extend(shortfalls);
 }
 
-/// The pods a rule can name, with their namespaces' labels and identities, gathered once per
-/// compilation.
+/// The pod identities a rule can name, grouped by namespace with the namespace's labels, gathered
+/// once per compilation: a selector is matched once per identity (pods with the same namespace,
+/// labels and ports share one), and only in the namespaces a peer's namespace part admits.
 struct PeerIndex<'a> {
-    namespaces: BTreeMap<&'a str, std::borrow::Cow<'a, crate::model::Labels>>,
-    pods: Vec<(&'a Pod, u32, &'a PodIdentityKey)>,
+    namespaces: BTreeMap<&'a str, NamespaceIdentities<'a>>,
     identities: &'a Identities,
+}
+
+/// The pod identities of one namespace.
+struct NamespaceIdentities<'a> {
+    labels: std::borrow::Cow<'a, crate::model::Labels>,
+    pods: Vec<(u32, &'a PodIdentityKey)>,
 }
 
 impl<'a> PeerIndex<'a> {
     fn new(state: &'a ClusterState, identities: &'a Identities) -> Self {
-        let namespaces = state
-            .peer_pods()
-            .map(|p| {
-                let ns = p.key.namespace.as_str();
-                (ns, state.namespace_labels(ns))
-            })
-            .collect();
-        let pods = state
-            .peer_pods()
-            .filter_map(|pod| {
-                let (key, id) = identities.pods.get_key_value(&PodIdentityKey::of(pod))?;
-                Some((pod, *id, key))
-            })
-            .collect();
+        let mut namespaces: BTreeMap<&str, NamespaceIdentities<'_>> = BTreeMap::new();
+        for (key, id) in &identities.pods {
+            let ns = key.namespace.as_str();
+            namespaces
+                .entry(ns)
+                .or_insert_with(|| NamespaceIdentities {
+                    labels: state.namespace_labels(ns),
+                    pods: Vec::new(),
+                })
+                .pods
+                .push((*id, key));
+        }
         PeerIndex {
             namespaces,
-            pods,
             identities,
         }
     }
@@ -781,16 +808,20 @@ impl<'a> PeerIndex<'a> {
                     namespaces: ns,
                     pods,
                 } => {
-                    for (pod, id, key) in &self.pods {
-                        let ns_ok = match ns {
-                            NamespaceMatch::Same => {
-                                pod.key.namespace == policy.policy.key.namespace
-                            }
-                            NamespaceMatch::Selector(s) => {
-                                s.matches(&self.namespaces[pod.key.namespace.as_str()])
-                            }
-                        };
-                        if ns_ok && pods.matches(&pod.labels) {
+                    let in_scope: Vec<&NamespaceIdentities<'_>> = match ns {
+                        NamespaceMatch::Same => self
+                            .namespaces
+                            .get(policy.policy.key.namespace.as_str())
+                            .into_iter()
+                            .collect(),
+                        NamespaceMatch::Selector(s) => self
+                            .namespaces
+                            .values()
+                            .filter(|n| s.matches(&n.labels))
+                            .collect(),
+                    };
+                    for (id, key) in in_scope.into_iter().flat_map(|n| &n.pods) {
+                        if pods.matches(&key.labels) {
                             targets.insert(*id, Target::Pod(*id, key));
                         }
                     }

@@ -4,7 +4,7 @@
 //! known, wherever a hook can decide there; allowed outright where it cannot and every backend is
 //! allowed; denied otherwise. The frontend's own address never matches a rule (FRONTENDS).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 
 use netpol_common::{
@@ -28,35 +28,45 @@ fn mask<const N: usize>(mut bytes: [u8; N], bits: u32) -> [u8; N] {
     bytes
 }
 
-/// The datapath's egress decision for a new connection, computed on the compiled contents with exact
-/// lookups per prefix length (instead of [`Compiled::allows`]'s scan). Returns an allowing rule.
+/// The identities the datapath looks a peer address up by: its IPCACHE identity and the identity
+/// of its longest CIDR prefix. The egress decision depends on the address through these alone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct PeerIds {
+    pod: Option<u32>,
+    cidr: Option<u32>,
+}
+
+impl PeerIds {
+    fn of(c: &Compiled, peer: IpAddr) -> Self {
+        let key = ip_key(peer);
+        let cidr = (0..=128u32).rev().find_map(|len| {
+            let masked = IpKey {
+                addr: mask(key.addr, len),
+            };
+            c.cidrs.get(&(masked, len)).copied()
+        });
+        PeerIds {
+            pod: c.ipcache.get(&key).map(|info| info.identity),
+            cidr,
+        }
+    }
+}
+
+/// The datapath's egress decision for a new connection to a peer with `ids`, computed on the
+/// compiled contents with exact lookups per prefix length (instead of [`Compiled::allows`]'s scan).
+/// Returns an allowing rule.
 fn egress_allows(
     c: &Compiled,
     endpoint: u32,
-    peer: IpAddr,
+    peer: PeerIds,
     protocol: u8,
     port: u16,
 ) -> Option<PolicyValue> {
-    let key = ip_key(peer);
-    let mut ids = Vec::with_capacity(3);
-    if let Some(info) = c.ipcache.get(&key) {
-        ids.push(info.identity);
-    }
-    if let Some(id) = (0..=128u32).rev().find_map(|len| {
-        c.cidrs.get(&(
-            IpKey {
-                addr: mask(key.addr, len),
-            },
-            len,
-        ))
-    }) {
-        ids.push(*id);
-    }
-    ids.push(identity::ANY);
+    let ids = [peer.pod, peer.cidr, Some(identity::ANY)];
     let lens = std::iter::once(POLICY_PREFIX_FULL)
         .chain((POLICY_PREFIX_ANY_PORT + 1..POLICY_PREFIX_FULL).rev())
         .chain([POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTOCOL]);
-    for id in ids {
+    for id in ids.into_iter().flatten() {
         let full = PolicyKey {
             endpoint,
             identity: id,
@@ -115,29 +125,47 @@ struct Locality<'a> {
 /// (no entry: a frontend address is judged on its SERVICES entry only).
 ///
 /// Deferred (decided after kube-proxy's DNAT, on the backend it picked) whenever a hook can decide
-/// every backend there, even when all are allowed: kube-proxy may send to a backend the agent does
-/// not know yet (a new canary pod), which the hook then judges as what it is. Allowed outright only
-/// when every backend is allowed and some cannot be decided after DNAT (node or external
-/// addresses, the `kubernetes` Service); with some denied there, denied (fail closed).
-fn frontend_verdict(
-    c: &Compiled,
-    backends: &[(IpAddr, u16)],
-    verdicts: &[Option<PolicyValue>],
-    local: &Locality<'_>,
-) -> Option<u16> {
+/// every backend there (`deferrable`), even when all are allowed: kube-proxy may send to a backend
+/// the agent does not know yet (a new canary pod), which the hook then judges as what it is. Allowed
+/// outright only when every backend is allowed and some cannot be decided after DNAT (node or
+/// external addresses, the `kubernetes` Service); with some denied there, denied (fail closed).
+fn frontend_verdict(deferrable: bool, verdicts: &[Option<PolicyValue>]) -> Option<u16> {
     let allowed = verdicts.iter().flatten().count();
     if allowed == 0 {
         return None;
     }
-    let deferrable = backends
-        .iter()
-        .all(|(ip, _)| decided_after_dnat(c, *ip, local));
     if deferrable {
         Some(service::VERDICT_DEFER)
     } else if allowed == verdicts.len() {
         Some(service::VERDICT_ALLOW)
     } else {
         None
+    }
+}
+
+/// A frontend with what every endpoint's verdict on it needs, worked out once.
+struct Judged<'a> {
+    frontend: &'a Frontend,
+    /// Every backend is decided after DNAT ([`decided_after_dnat`]).
+    deferrable: bool,
+    /// Each backend's lookup identities and port.
+    backends: Vec<(PeerIds, u16)>,
+}
+
+impl<'a> Judged<'a> {
+    fn new(c: &Compiled, frontend: &'a Frontend, local: &Locality<'_>) -> Self {
+        Judged {
+            frontend,
+            deferrable: frontend
+                .backends
+                .iter()
+                .all(|(ip, _)| decided_after_dnat(c, *ip, local)),
+            backends: frontend
+                .backends
+                .iter()
+                .map(|(ip, port)| (PeerIds::of(c, *ip), *port))
+                .collect(),
+        }
     }
 }
 
@@ -153,6 +181,20 @@ pub(super) fn compile(
         ips: local_ips,
         exits_guarded,
     };
+    let judged: Vec<Judged<'_>> = frontends
+        .iter()
+        .filter(|f| !f.backends.is_empty())
+        .map(|f| Judged::new(c, f, &local))
+        .collect();
+    let mut egress_ids: HashMap<u32, HashSet<u32>> = HashMap::new();
+    for (key, _) in c.policy.keys() {
+        if key.direction == Direction::Egress as u8 {
+            egress_ids
+                .entry(key.endpoint)
+                .or_default()
+                .insert(key.identity);
+        }
+    }
     let mut out = BTreeMap::new();
     for (&endpoint, info) in &c.endpoints {
         // A pending endpoint reaches no Service: nothing of its own opens a way through one.
@@ -161,38 +203,66 @@ pub(super) fn compile(
         {
             continue;
         }
-        for f in frontends.iter().filter(|f| !f.backends.is_empty()) {
-            let protocol = f.protocol.number();
-            let verdicts: Vec<Option<PolicyValue>> = f
-                .backends
-                .iter()
-                .map(|(ip, port)| egress_allows(c, endpoint, *ip, protocol, *port))
-                .collect();
-            let Some(verdict) = frontend_verdict(c, &f.backends, &verdicts, &local) else {
-                continue;
-            };
-            let key = SvcKey {
-                endpoint,
-                vip: ip_key(f.vip),
-                port_be: f.port.to_be_bytes(),
-                protocol,
-                _pad: 0,
-            };
-            let rule = verdicts
-                .iter()
-                .flatten()
-                .next()
-                .copied()
-                .unwrap_or_default();
-            let value = SvcValue {
-                verdict,
-                rule: rule.rule as u16,
-                policy: rule.policy,
-            };
-            out.insert(key, value);
-        }
+        let named = egress_ids.get(&endpoint).cloned().unwrap_or_default();
+        endpoint_services(c, (endpoint, &named), &judged, &mut out);
     }
     out
+}
+
+/// The SERVICES entries of one endpoint, given the identities its egress entries name. Backends
+/// with the same lookup identities and port get the same decision, so each is asked once (replicas
+/// share an identity); a backend none of whose identities the endpoint names is denied at once.
+fn endpoint_services(
+    c: &Compiled,
+    (endpoint, named): (u32, &HashSet<u32>),
+    judged: &[Judged<'_>],
+    out: &mut BTreeMap<SvcKey, SvcValue>,
+) {
+    let any = named.contains(&identity::ANY);
+    let may_allow = |ids: PeerIds| {
+        any || [ids.pod, ids.cidr]
+            .iter()
+            .flatten()
+            .any(|i| named.contains(i))
+    };
+    let mut decided: HashMap<(PeerIds, u8, u16), Option<PolicyValue>> = HashMap::new();
+    for j in judged {
+        let protocol = j.frontend.protocol.number();
+        let verdicts: Vec<Option<PolicyValue>> = j
+            .backends
+            .iter()
+            .map(|&(ids, port)| {
+                if !may_allow(ids) {
+                    return None;
+                }
+                *decided
+                    .entry((ids, protocol, port))
+                    .or_insert_with(|| egress_allows(c, endpoint, ids, protocol, port))
+            })
+            .collect();
+        let Some(verdict) = frontend_verdict(j.deferrable, &verdicts) else {
+            continue;
+        };
+        let key = SvcKey {
+            endpoint,
+            vip: ip_key(j.frontend.vip),
+            port_be: j.frontend.port.to_be_bytes(),
+            protocol,
+            _pad: 0,
+        };
+        let rule = verdicts
+            .iter()
+            .flatten()
+            .next()
+            .copied()
+            .unwrap_or_default();
+        let value = SvcValue {
+            verdict,
+            rule: rule.rule as u16,
+            policy: rule.policy,
+        };
+        out.insert(key, value);
+    }
 }
 
 #[cfg(test)]

@@ -185,6 +185,20 @@ impl ManifestSource {
     }
 }
 
+/// Converts Kubernetes objects as one manifest file's would be (for generated clusters: the bench's
+/// mix): each becomes part of the state or, when it does not convert, an error in it.
+pub fn state_from_objects(values: Vec<Value>) -> ClusterState {
+    let mut contents = FileContents::default();
+    let mut state = ClusterState::default();
+    for value in values {
+        read_object(value, Origin::Api, &mut contents, &mut state.errors);
+    }
+    for (_, object) in contents.objects {
+        state.insert(object);
+    }
+    state
+}
+
 /// The manifest files of `dir`, sorted. Hidden entries are skipped, which also skips the `..data`
 /// machinery of a mounted ConfigMap while following its visible symlinks.
 fn manifest_files(dir: &Path) -> io::Result<Vec<PathBuf>> {
