@@ -519,6 +519,8 @@ fn is_port_name(s: &str) -> bool {
 #[derive(Clone, Copy, Debug)]
 enum Target<'a> {
     Any,
+    /// Every pod of the cluster: [`identity::ALL_PODS`].
+    AllPods,
     Pod(u32, &'a PodIdentityKey),
     Cidr(u32),
 }
@@ -805,6 +807,12 @@ impl<'a> PeerIndex<'a> {
         for peer in peers {
             match peer {
                 Peer::Pods {
+                    namespaces: NamespaceMatch::Selector(ns),
+                    pods,
+                } if ns.is_empty() && pods.is_empty() => {
+                    targets.insert(identity::ALL_PODS, Target::AllPods);
+                }
+                Peer::Pods {
                     namespaces: ns,
                     pods,
                 } => {
@@ -966,6 +974,7 @@ fn emit_rule(
         for target in targets {
             let identity = match target {
                 Target::Any => identity::ANY,
+                Target::AllPods => identity::ALL_PODS,
                 Target::Pod(id, _) | Target::Cidr(id) => *id,
             };
             match port {
@@ -991,7 +1000,7 @@ fn emit_rule(
                             put(*id, proto.number(), n, POLICY_PREFIX_FULL);
                         }
                     }
-                    (Direction::Egress, Target::Any) => {
+                    (Direction::Egress, Target::Any | Target::AllPods) => {
                         for (key, id) in &identities.pods {
                             if let Some(n) = resolve_named(key, name, *proto) {
                                 put(*id, proto.number(), n, POLICY_PREFIX_FULL);

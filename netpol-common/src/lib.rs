@@ -363,10 +363,19 @@ pub mod identity {
     pub const ANY: u32 = 2;
     /// An address of a local endpoint whose pod is not identified yet: it matches no pod selector.
     pub const PENDING: u32 = 3;
+    /// Wildcard peer in [`super::PolicyKey`]: every pod of the cluster (a peer that selects all
+    /// namespaces and all their pods), matched by any peer whose IPCACHE identity is a pod's. One
+    /// entry instead of one per pod identity.
+    pub const ALL_PODS: u32 = 4;
     /// First identity given to pods.
     pub const FIRST_POD: u32 = 256;
     /// First identity given to ipBlock prefixes; pod identities stay below it.
     pub const FIRST_CIDR: u32 = 0x8000_0000;
+
+    /// Whether `id` is a pod identity (of a peer pod of the cluster).
+    pub const fn is_pod(id: u32) -> bool {
+        id >= FIRST_POD && id < FIRST_CIDR
+    }
 }
 
 /// Value of the IPCACHE map.

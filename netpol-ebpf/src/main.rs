@@ -670,7 +670,7 @@ fn error_sender_fits(pkt: &Packet, quoted: &CtKey) -> bool {
         .address(&pkt.src)
         // SAFETY: map values are valid for the duration of the program.
         .map_or(identity::NONE, |info| unsafe { (*info).identity });
-    !(identity::FIRST_POD..identity::FIRST_CIDR).contains(&id)
+    !identity::is_pod(id)
 }
 
 /// The decision for a packet of a tracked flow, forward or reply; `None` when the flow is not
@@ -1014,6 +1014,14 @@ fn policy(pkt: &Packet, ifindex: u32, ep_flags: u32, dir: Direction, ask: Ask) -
     );
     if peer_identity != identity::NONE {
         key.data.identity = peer_identity;
+        if let Some(v) = pkt.buffer.policy(&key) {
+            return allowed(pkt.buffer, &mut key, v);
+        }
+    }
+    // Only an address IPCACHE knows as a pod's matches a rule for every pod: the node, a pending
+    // endpoint and addresses outside the cluster never do.
+    if identity::is_pod(peer_identity) {
+        key.data.identity = identity::ALL_PODS;
         if let Some(v) = pkt.buffer.policy(&key) {
             return allowed(pkt.buffer, &mut key, v);
         }

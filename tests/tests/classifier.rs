@@ -766,6 +766,39 @@ fn any_identity_rule() {
     );
 }
 
+/// A rule for every pod (`namespaceSelector: {}`) is one ALL_PODS entry: it matches a peer that
+/// IPCACHE knows as a pod, of either family. What a hostile pod could pass off as a pod does not
+/// match: an address outside the cluster (also one with an ipBlock identity), the node, a pending
+/// endpoint's address, or an address of the pod network that no pod holds.
+#[test]
+fn all_pods_rule_matches_pod_identities_only() {
+    let Some(mut env) = env!() else { return };
+    env.isolate(true, true);
+    env.cidr(EXTERNAL.into(), 24, ID_CIDR);
+    let pending = Ipv4Addr::new(10, 42, 1, 50);
+    env.ip(pending.into(), identity::PENDING, 0);
+    env.allow(identity::ALL_PODS, Ingress, proto::TCP, 80, POLICY_PREFIX_FULL);
+    env.allow(identity::ALL_PODS, Egress, proto::TCP, 80, POLICY_PREFIX_FULL);
+    let cases = [
+        (Ingress, b(), a(), 80, Reason::AllowedPolicy),
+        (Ingress, b6(), a6(), 80, Reason::AllowedPolicy),
+        (Ingress, POD_C.into(), a(), 80, Reason::AllowedPolicy),
+        (Ingress, b(), a(), 81, Reason::DroppedIngressDenied),
+        (Ingress, EXTERNAL.into(), a(), 80, Reason::DroppedIngressDenied),
+        (Ingress, pending.into(), a(), 80, Reason::DroppedIngressDenied),
+        (Ingress, Ipv4Addr::new(10, 42, 1, 99).into(), a(), 80, Reason::DroppedIngressDenied),
+        (Egress, a(), b(), 80, Reason::AllowedPolicy),
+        (Egress, a6(), b6(), 80, Reason::AllowedPolicy),
+        (Egress, a(), EXTERNAL.into(), 80, Reason::DroppedEgressDenied),
+        (Egress, a(), NODE.into(), 80, Reason::DroppedEgressDenied),
+        (Egress, a(), pending.into(), 80, Reason::DroppedEgressDenied),
+    ];
+    for (n, (dir, src, dst, port, reason)) in cases.into_iter().enumerate() {
+        let sport = 40000 + n as u16;
+        env.expect(dir, &Packet::tcp(src, dst, sport, port).build(), reason);
+    }
+}
+
 #[test]
 fn cidr_identity_with_except() {
     let Some(mut env) = env!() else { return };

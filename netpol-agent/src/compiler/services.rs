@@ -37,6 +37,13 @@ struct PeerIds {
 }
 
 impl PeerIds {
+    /// [`identity::ALL_PODS`] when the peer is a pod.
+    fn all_pods(&self) -> Option<u32> {
+        self.pod
+            .filter(|id| identity::is_pod(*id))
+            .map(|_| identity::ALL_PODS)
+    }
+
     fn of(c: &Compiled, peer: IpAddr) -> Self {
         let key = ip_key(peer);
         let cidr = (0..=128u32).rev().find_map(|len| {
@@ -62,7 +69,7 @@ fn egress_allows(
     protocol: u8,
     port: u16,
 ) -> Option<PolicyValue> {
-    let ids = [peer.pod, peer.cidr, Some(identity::ANY)];
+    let ids = [peer.pod, peer.all_pods(), peer.cidr, Some(identity::ANY)];
     let lens = std::iter::once(POLICY_PREFIX_FULL)
         .chain((POLICY_PREFIX_ANY_PORT + 1..POLICY_PREFIX_FULL).rev())
         .chain([POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTOCOL]);
@@ -107,7 +114,7 @@ fn egress_allows(
 /// decides: the frontend then fails closed.
 fn decided_after_dnat(c: &Compiled, ip: IpAddr, local: &Locality<'_>) -> bool {
     c.ipcache.get(&ip_key(ip)).is_some_and(|info| {
-        let pod = (identity::FIRST_POD..identity::FIRST_CIDR).contains(&info.identity);
+        let pod = identity::is_pod(info.identity);
         let remote = !local.ips.contains(&ip);
         pod && (info.endpoint != 0 || (remote && local.exits_guarded))
     })
@@ -220,7 +227,7 @@ fn endpoint_services(
 ) {
     let any = named.contains(&identity::ANY);
     let may_allow = |ids: PeerIds| {
-        any || [ids.pod, ids.cidr]
+        any || [ids.pod, ids.all_pods(), ids.cidr]
             .iter()
             .flatten()
             .any(|i| named.contains(i))

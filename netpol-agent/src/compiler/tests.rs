@@ -397,6 +397,45 @@ fn empty_namespace_selector_means_every_namespace() {
     assert!(!tcp_in(&out, t, "8.8.8.8", 1), "not outside the cluster");
 }
 
+/// Every pod of the cluster is one wildcard entry per port, whatever the number of pods; the node,
+/// addresses outside the cluster and a pod created after the compilation that IPCACHE does not know
+/// never match it. Egress to a named port still resolves the name on each pod.
+#[test]
+fn a_peer_of_every_pod_is_one_wildcard_entry() {
+    let (mut c, t) = two_namespaces();
+    c.ports("prod", "web", &[("http", Protocol::Tcp, 8080)]);
+    c.policy(
+        "default",
+        "p",
+        "podSelector: {}\npolicyTypes: [Ingress, Egress]\n\
+         ingress:\n- from: [{namespaceSelector: {}, podSelector: {}}]\n  ports: [{port: 80}]\n\
+         egress:\n- to: [{namespaceSelector: {}}]\n  ports: [{port: http}]",
+    );
+    let out = c.compile();
+    let ingress: Vec<_> = out
+        .policy
+        .keys()
+        .filter(|(k, _)| k.direction == Ingress as u8)
+        .collect();
+    assert_eq!(ingress.len(), 1, "{ingress:?}");
+    assert_eq!(ingress[0].0.identity, identity::ALL_PODS);
+    for peer in ["10.0.1.1", "10.1.0.1", "10.2.0.2"] {
+        assert!(tcp_in(&out, t, peer, 80), "{peer}");
+        assert!(!tcp_in(&out, t, peer, 81), "{peer} on another port");
+    }
+    for outsider in ["8.8.8.8", "10.9.9.9"] {
+        assert!(!tcp_in(&out, t, outsider, 80), "{outsider} is no pod");
+    }
+    assert!(!tcp_out(&out, t, "192.168.1.10", 8080), "the node is no pod");
+    assert!(tcp_out(&out, t, "10.2.0.2", 8080), "the named port of prod/web");
+    assert!(!tcp_out(&out, t, "10.1.0.2", 8080), "dev/web has no port named http");
+    assert!(
+        out.policy.keys().all(|(k, _)| k.direction == Ingress as u8
+            || k.identity != identity::ALL_PODS),
+        "named egress ports are per pod"
+    );
+}
+
 #[test]
 fn namespace_and_pod_selector_in_one_peer_are_anded() {
     let (mut c, t) = two_namespaces();

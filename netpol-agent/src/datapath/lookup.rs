@@ -24,8 +24,8 @@ impl Contents {
     /// Unknown endpoints are denied; a direction the endpoint is not isolated in is allowed; at
     /// ingress the node itself ([`identity::HOST`]) is allowed; at egress a Service frontend is
     /// allowed when SERVICES has a verdict for it (outright or deferred); otherwise the peer's
-    /// IPCACHE identity, its longest-prefix CIDR identity and [`identity::ANY`] are each looked
-    /// up, longest prefix first, in POLICY.
+    /// IPCACHE identity, [`identity::ALL_PODS`] when that is a pod's, its longest-prefix CIDR
+    /// identity and [`identity::ANY`] are each looked up, longest prefix first, in POLICY.
     pub fn allows(
         &self,
         endpoint: u32,
@@ -62,7 +62,10 @@ impl Contents {
             .filter(|((net, len), _)| Prefix::new(*net, *len).contains(&Prefix::host(peer)))
             .max_by_key(|((_, len), _)| *len)
             .map(|(_, id)| *id);
-        [pod_identity, cidr_identity, Some(identity::ANY)]
+        let all_pods = pod_identity
+            .filter(|id| identity::is_pod(*id))
+            .map(|_| identity::ALL_PODS);
+        [pod_identity, all_pods, cidr_identity, Some(identity::ANY)]
             .into_iter()
             .flatten()
             .any(|identity| {
