@@ -50,7 +50,7 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
     sorted[i.clamp(1, sorted.len()) - 1]
 }
 
-fn latency(samples: &[(f64, f64)]) -> Latency {
+pub fn latency(samples: &[(f64, f64)]) -> Latency {
     let mut total: Vec<f64> = samples.iter().map(|(c, a)| c + a).collect();
     total.sort_by(f64::total_cmp);
     let mut share: Vec<f64> = samples.iter().map(|(c, a)| c / (c + a).max(1e-9)).collect();

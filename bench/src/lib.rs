@@ -109,6 +109,9 @@ pub struct Report {
     pub api_memory: Option<api_memory::Part>,
     #[serde(default)]
     pub first_packet: Option<first_packet::Part>,
+    /// The scale ladder on the realistic mix, one rung per size.
+    #[serde(default)]
+    pub ladder: Vec<ladder::Rung>,
     pub targets: Vec<Target>,
     /// Parts that failed, with why.
     pub errors: Vec<String>,
@@ -146,6 +149,24 @@ pub fn control_spec(quick: bool) -> (synth::Spec, usize) {
     }
 }
 
+/// Runs one rung of the ladder in a child process (its own peak RSS).
+fn rung_in_child(o: &Options, spec: mix::MixSpec) -> anyhow::Result<ladder::Rung> {
+    let out = Command::new(&o.bench_bin)
+        .arg("ladder-rung")
+        .args(["--pods", &spec.pods.to_string()])
+        .args(["--policies", &spec.policies.to_string()])
+        .args(["--changes", if o.quick { "10" } else { "100" }])
+        .output()
+        .with_context(|| format!("running {} ladder-rung", o.bench_bin.display()))?;
+    if !out.status.success() {
+        bail!(
+            "ladder rung {spec:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
 fn control_in_child(o: &Options) -> anyhow::Result<control::Part> {
     let out = Command::new(&o.bench_bin)
         .arg("control-plane")
@@ -178,12 +199,12 @@ pub fn run(o: &Options) -> Report {
         rounds: 3,
         samples: if o.quick { 500 } else { 2_000 },
     };
-    eprintln!("bench: 1/6 datapath (BPF_PROG_TEST_RUN)");
+    eprintln!("bench: 1/7 datapath (BPF_PROG_TEST_RUN)");
     match datapath::run(&dp) {
         Ok(p) => r.datapath = Some(p),
         Err(e) => r.errors.push(format!("datapath: {e:#}")),
     }
-    eprintln!("bench: 2/6 iptables");
+    eprintln!("bench: 2/7 iptables");
     match iptables::run(&iptables::Settings {
         sizes: sizes(o.quick),
         packets: if o.quick { 50_000 } else { 100_000 },
@@ -192,7 +213,7 @@ pub fn run(o: &Options) -> Report {
         Ok(p) => r.iptables = Some(p),
         Err(e) => r.errors.push(format!("iptables: {e:#}")),
     }
-    eprintln!("bench: 3/6 pod traffic");
+    eprintln!("bench: 3/7 pod traffic");
     match traffic::run(&traffic::Settings {
         agent_bin: o.agent_bin.clone(),
         probe_bin: o.probe_bin.clone(),
@@ -203,19 +224,19 @@ pub fn run(o: &Options) -> Report {
         Ok(p) => r.traffic = Some(p),
         Err(e) => r.errors.push(format!("traffic: {e:#}")),
     }
-    eprintln!("bench: 4/6 control plane");
+    eprintln!("bench: 4/7 control plane");
     match control_in_child(o) {
         Ok(p) => r.control_plane = Some(p),
         Err(e) => r.errors.push(format!("control plane: {e:#}")),
     }
-    eprintln!("bench: 5/6 agent memory on the API source");
+    eprintln!("bench: 5/7 agent memory on the API source");
     match api_memory::run(&o.agent_bin, api_memory::Spec::new(o.quick)) {
         Ok(p) => r.api_memory = Some(p),
         Err(e) => r
             .errors
             .push(format!("agent memory on the API source: {e:#}")),
     }
-    eprintln!("bench: 6/6 time to first packet");
+    eprintln!("bench: 6/7 time to first packet");
     match first_packet::run(&first_packet::Settings::new(
         o.quick,
         &o.agent_bin,
@@ -224,6 +245,13 @@ pub fn run(o: &Options) -> Report {
     )) {
         Ok(p) => r.first_packet = Some(p),
         Err(e) => r.errors.push(format!("first packet: {e:#}")),
+    }
+    eprintln!("bench: 7/7 scale ladder");
+    for spec in ladder::rungs(o.quick) {
+        match rung_in_child(o, spec) {
+            Ok(rung) => r.ladder.push(rung),
+            Err(e) => r.errors.push(format!("scale ladder: {e:#}")),
+        }
     }
     r.crossover = crossover(&r);
     r.targets = targets(&r);
@@ -392,6 +420,42 @@ fn targets(r: &Report) -> Vec<Target> {
             cp.peak_rss_mib < 100.0,
         );
     }
+    if let Some(top) = r.ladder.last()
+        && let Some(spec) = top.spec
+    {
+        let at = format!("{} pods / {} policies", spec.pods, spec.policies);
+        push(
+            "ladder: ready",
+            "< 10 s at 50,000 pods / 10,000 policies",
+            format!("{:.0} ms at {at}", top.ready_ms),
+            top.ready_ms < 10_000.0,
+        );
+        let worst = [&top.policy_edits, &top.relabels, &top.churn]
+            .into_iter()
+            .map(|l| l.p99_ms)
+            .fold(0.0, f64::max);
+        push(
+            "ladder: change-to-enforced p99",
+            "< 100 ms (edits, relabels, churn)",
+            format!(
+                "{:.0} / {:.0} / {:.0} ms at {at}",
+                top.policy_edits.p99_ms, top.relabels.p99_ms, top.churn.p99_ms
+            ),
+            worst < 100.0,
+        );
+        push(
+            "ladder: peak RSS",
+            "< 256 MiB",
+            format!("{:.0} MiB at {at}", top.peak_rss_mib),
+            top.peak_rss_mib < 256.0,
+        );
+        push(
+            "ladder: capacity",
+            "no map short",
+            format!("{} shortfalls at {at}", top.shortfalls),
+            top.shortfalls == 0,
+        );
+    }
     if let Some(am) = &r.api_memory {
         push(
             "agent peak RSS, API source",
@@ -494,6 +558,12 @@ impl Report {
         match &self.first_packet {
             None => m.push("first-packet part missing".into()),
             Some(f) => m.extend(f.missing()),
+        }
+        let rungs = ladder::rungs(self.quick).len();
+        if self.ladder.len() != rungs
+            || self.ladder.iter().any(|r| r.ready_ms <= 0.0 || r.churn.count == 0)
+        {
+            m.push(format!("ladder: {} of {rungs} rungs complete", self.ladder.len()));
         }
         if self.targets.len() < 6 + usize::from(!self.quick) {
             m.push(format!("only {} targets evaluated", self.targets.len()));
@@ -651,6 +721,9 @@ impl Report {
                 );
             }
             let _ = writeln!(o, "| peak RSS (VmHWM) | {:.1} MiB |\n", c.peak_rss_mib);
+        }
+        if !self.ladder.is_empty() {
+            o.push_str(&ladder::table(&self.ladder));
         }
         if let Some(a) = &self.api_memory {
             let _ = writeln!(

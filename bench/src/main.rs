@@ -53,6 +53,16 @@ enum Internal {
         quick: bool,
     },
     /// (internal) Connect/read/close loop; prints JSON.
+    /// One rung of the scale ladder (JSON on stdout).
+    #[command(hide = true)]
+    LadderRung {
+        #[arg(long)]
+        pods: usize,
+        #[arg(long)]
+        policies: usize,
+        #[arg(long, default_value_t = 100)]
+        changes: usize,
+    },
     /// One full compile of the realistic mix at each size (pods/policies/local pods).
     #[command(hide = true)]
     ProbeCompile {
@@ -104,6 +114,21 @@ fn main() -> anyhow::Result<()> {
                 ))?;
             eprintln!("{}", part.table());
             println!("{}", serde_json::to_string_pretty(&part)?);
+            return Ok(());
+        }
+        Some(Internal::LadderRung {
+            pods,
+            policies,
+            changes,
+        }) => {
+            let spec = netpol_bench::mix::MixSpec {
+                pods,
+                policies,
+                local_pods: 110,
+            };
+            let rung = netpol_bench::ladder::run(spec, changes)?;
+            eprint!("{}", netpol_bench::ladder::table(std::slice::from_ref(&rung)));
+            println!("{}", serde_json::to_string(&rung)?);
             return Ok(());
         }
         Some(Internal::ProbeCompile { sizes }) => {
