@@ -21,6 +21,8 @@ pub struct Loaded {
     pub mix: Mix,
     pub state: ClusterState,
     pub endpoints: BTreeMap<PodKey, u32>,
+    /// The agent's compiler, kept across changes as the agent keeps it.
+    compiler: compiler::Compiler,
 }
 
 impl Loaded {
@@ -44,11 +46,13 @@ impl Loaded {
             mix,
             state,
             endpoints,
+            compiler: compiler::Compiler::default(),
         }
     }
 
-    pub fn compile(&self) -> Compiled {
-        compiler::compile(&CompileInput {
+    /// Compiles with the kept compiler (incremental after the first call).
+    pub fn compile(&mut self) -> Compiled {
+        self.compiler.compile(&CompileInput {
             state: &self.state,
             node_name: NODE,
             endpoints: &self.endpoints,
@@ -66,7 +70,7 @@ impl Loaded {
 /// Times one full compile of `spec`, printing what it produced.
 pub fn probe(spec: MixSpec) {
     let t = Instant::now();
-    let loaded = Loaded::new(spec);
+    let mut loaded = Loaded::new(spec);
     let gen_ms = t.elapsed().as_secs_f64() * 1e3;
     let t = Instant::now();
     let c = loaded.compile();
@@ -149,7 +153,7 @@ pub fn run(spec: MixSpec, changes: usize) -> anyhow::Result<Rung> {
     let shortfalls = compiled.shortfalls.len();
     drop(compiled);
     let cpu_before = cpu_ms();
-    let mut step = |loaded: &Loaded| -> anyhow::Result<(f64, f64)> {
+    let mut step = |loaded: &mut Loaded| -> anyhow::Result<(f64, f64)> {
         let t = Instant::now();
         let c = loaded.compile();
         let compile = ms(t);
@@ -162,17 +166,17 @@ pub fn run(spec: MixSpec, changes: usize) -> anyhow::Result<Rung> {
     let mut edits = Vec::new();
     for n in 0..changes {
         loaded.edit_policy(n);
-        edits.push(step(&loaded)?);
+        edits.push(step(&mut loaded)?);
     }
     let mut relabels = Vec::new();
     for n in 0..changes {
         loaded.relabel(n);
-        relabels.push(step(&loaded)?);
+        relabels.push(step(&mut loaded)?);
     }
     let mut churn = Vec::new();
     for n in 0..changes {
         loaded.churn(n, changes);
-        churn.push(step(&loaded)?);
+        churn.push(step(&mut loaded)?);
     }
     let cpu_ms_per_change = (cpu_ms() - cpu_before) / (3 * changes).max(1) as f64;
     Ok(Rung {
@@ -202,7 +206,10 @@ fn cpu_ms() -> f64 {
     tv(usage.ru_utime) + tv(usage.ru_stime)
 }
 
-fn map_use(c: &Compiled, caps: &netpol_agent::datapath::capacities::Capacities) -> Vec<(String, usize, u32)> {
+fn map_use(
+    c: &Compiled,
+    caps: &netpol_agent::datapath::capacities::Capacities,
+) -> Vec<(String, usize, u32)> {
     vec![
         ("endpoints".into(), c.endpoints.len(), caps.endpoints),
         ("ipcache".into(), c.ipcache.len(), caps.ipcache),
@@ -263,7 +270,11 @@ impl Loaded {
     fn pod_for(&self, n: usize) -> usize {
         let stride = (self.mix.tenant_pods() / self.mix.spec.local_pods).max(1);
         let local = (n / 2 % self.mix.spec.local_pods) * stride;
-        if n.is_multiple_of(2) { local } else { local + 1 }
+        if n.is_multiple_of(2) {
+            local
+        } else {
+            local + 1
+        }
     }
 }
 
@@ -278,12 +289,7 @@ pub fn table(rungs: &[Rung]) -> String {
     );
     for r in rungs {
         let Some(s) = r.spec else { continue };
-        let entries = |name: &str| {
-            r.maps
-                .iter()
-                .find(|m| m.0 == name)
-                .map_or(0, |m| m.1)
-        };
+        let entries = |name: &str| r.maps.iter().find(|m| m.0 == name).map_or(0, |m| m.1);
         let _ = writeln!(
             o,
             "| {} / {} | {:.0} ms | {:.0} / {:.0} ms | {:.0} / {:.0} ms | {:.0} / {:.0} ms | {:.0} ms | {:.0} MiB | {} / {} / {} |",

@@ -10,6 +10,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use k8s_openapi::api::networking::v1::{IPBlock, NetworkPolicyPeer, NetworkPolicyPort};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -27,6 +28,7 @@ use crate::model::{ClusterState, NamedPort, Origin, Pod, PodKey, Policy, Protoco
 
 pub mod capacity;
 mod pending;
+mod pods;
 mod services;
 #[cfg(test)]
 mod tests;
@@ -534,8 +536,36 @@ struct ResolvedRule<'a> {
     ports: &'a [PortMatch],
 }
 
-/// Compiles the state into map contents.
+/// Compiles the state into map contents, from scratch: the reference that [`Compiler`], which keeps
+/// what it can between compilations, must always agree with.
 pub fn compile(input: &CompileInput<'_>) -> Compiled {
+    let keys = input.state.peer_pods().map(PodIdentityKey::of).collect();
+    let numbers = Arc::new(crate::model::identity::number_pods(keys));
+    let ipcache = pod_ipcache(input, &numbers);
+    compile_with(input, &numbers, ipcache)
+}
+
+/// The compiler with what it keeps between compilations: the pod-wide stage ([`pods::PodStage`]),
+/// updated for the pods that changed. Its output is always what [`compile`] gives for the same input.
+#[derive(Clone, Debug, Default)]
+pub struct Compiler {
+    pods: pods::PodStage,
+}
+
+impl Compiler {
+    /// Compiles `input`, reusing what did not change since the last call.
+    pub fn compile(&mut self, input: &CompileInput<'_>) -> Compiled {
+        self.pods.update(input.state, input.endpoints);
+        compile_with(input, self.pods.numbers(), self.pods.ipcache().clone())
+    }
+}
+
+/// The compilation given the pod identities and the IPCACHE entries of the pods' addresses.
+fn compile_with(
+    input: &CompileInput<'_>,
+    pod_numbers: &Arc<BTreeMap<PodIdentityKey, u32>>,
+    pod_ipcache: BTreeMap<IpKey, IpInfo>,
+) -> Compiled {
     let state = input.state;
     let mut out = Compiled::default();
     let parsed: Vec<ParsedPolicy<'_>> = state
@@ -551,11 +581,15 @@ pub fn compile(input: &CompileInput<'_>) -> Compiled {
             p
         })
         .collect();
-    let identities = allocate_identities(state, &parsed);
+    let identities = Identities {
+        pods: pod_numbers.clone(),
+        cidrs: cidr_identities(state, &parsed),
+    };
     for (prefix, id) in &identities.cidrs {
         out.cidrs.insert((prefix.addr(), prefix.prefix_len()), *id);
     }
-    fill_ipcache(input, &identities, &mut out.ipcache);
+    out.ipcache = pod_ipcache;
+    add_host_addrs(input, &mut out.ipcache);
     let host_ports = host_ports(state, &identities);
     let peers = PeerIndex::new(state, &identities);
     let by_namespace = policies_by_namespace(&parsed);
@@ -764,7 +798,7 @@ struct NamespaceIdentities<'a> {
 impl<'a> PeerIndex<'a> {
     fn new(state: &'a ClusterState, identities: &'a Identities) -> Self {
         let mut namespaces: BTreeMap<&str, NamespaceIdentities<'_>> = BTreeMap::new();
-        for (key, id) in &identities.pods {
+        for (key, id) in identities.pods.iter() {
             let ns = key.namespace.as_str();
             namespaces
                 .entry(ns)
@@ -850,7 +884,8 @@ impl<'a> PeerIndex<'a> {
     }
 }
 
-fn allocate_identities(state: &ClusterState, parsed: &[ParsedPolicy<'_>]) -> Identities {
+/// The ipBlock prefixes of every policy, numbered.
+fn cidr_identities(state: &ClusterState, parsed: &[ParsedPolicy<'_>]) -> BTreeMap<Prefix, u32> {
     let mut prefixes = BTreeSet::new();
     for rule in parsed.iter().flat_map(|p| &p.rules) {
         let named = rule.ports.iter().any(|p| matches!(p, PortMatch::Named(..)));
@@ -872,16 +907,17 @@ fn allocate_identities(state: &ClusterState, parsed: &[ParsedPolicy<'_>]) -> Ide
     {
         prefixes.insert(Prefix::all_v4());
     }
-    Identities::allocate(state.peer_pods().map(PodIdentityKey::of), prefixes)
+    crate::model::identity::number_cidrs(prefixes)
 }
 
-fn fill_ipcache(
+/// IPCACHE entries of every peer pod address, in one pass over the pods in name order.
+fn pod_ipcache(
     input: &CompileInput<'_>,
-    identities: &Identities,
-    ipcache: &mut BTreeMap<IpKey, IpInfo>,
-) {
+    numbers: &BTreeMap<PodIdentityKey, u32>,
+) -> BTreeMap<IpKey, IpInfo> {
+    let mut ipcache = BTreeMap::new();
     for pod in input.state.peer_pods() {
-        let Some(identity) = identities.pod(pod) else {
+        let Some(&identity) = numbers.get(&PodIdentityKey::of(pod)) else {
             continue;
         };
         let endpoint = input.endpoints.get(&pod.key).copied().unwrap_or(0);
@@ -890,7 +926,7 @@ fn fill_ipcache(
             ipcache
                 .entry(ip_key(*ip))
                 // Two pods claiming one address: the local one keeps it, for the anti-spoofing check.
-                .and_modify(|old| {
+                .and_modify(|old: &mut IpInfo| {
                     if old.endpoint == 0 {
                         *old = info;
                     }
@@ -898,6 +934,11 @@ fn fill_ipcache(
                 .or_insert(info);
         }
     }
+    ipcache
+}
+
+/// The node's own addresses as [`identity::HOST`], where no pod claims them.
+fn add_host_addrs(input: &CompileInput<'_>, ipcache: &mut BTreeMap<IpKey, IpInfo>) {
     for addr in input.host_addrs {
         // A pod address wins over a host address: HOST is allowed everywhere, the pod is not.
         ipcache.entry(ip_key(*addr)).or_insert(IpInfo {
@@ -1001,7 +1042,7 @@ fn emit_rule(
                         }
                     }
                     (Direction::Egress, Target::Any | Target::AllPods) => {
-                        for (key, id) in &identities.pods {
+                        for (key, id) in identities.pods.iter() {
                             if let Some(n) = resolve_named(key, name, *proto) {
                                 put(*id, proto.number(), n, POLICY_PREFIX_FULL);
                             }

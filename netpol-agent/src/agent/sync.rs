@@ -83,6 +83,8 @@ pub(super) struct Sync {
     /// The source's state not saved yet, and when the last save was.
     unsaved: bool,
     last_save: Option<Instant>,
+    /// The compiler, with what it keeps between compilations.
+    compiler: compiler::Compiler,
 }
 
 impl Sync {
@@ -120,6 +122,7 @@ impl Sync {
             kube_router_reported: 0,
             unsaved: false,
             last_save: None,
+            compiler: compiler::Compiler::default(),
         }
     }
 
@@ -394,7 +397,7 @@ impl Sync {
         let wanted = wanted_veths(&view, &matching);
         let exits = view.exits(|i| wanted.contains_key(&i));
         let exits_guarded = exits.iter().all(|e| self.tunnels.contains(&e.ifindex));
-        let compiled = compiler::compile(&CompileInput {
+        let compiled = self.compiler.compile(&CompileInput {
             state: &effective,
             node_name: &node,
             endpoints: &matching.endpoints,

@@ -4,7 +4,7 @@
 //! known, wherever a hook can decide there; allowed outright where it cannot and every backend is
 //! allowed; denied otherwise. The frontend's own address never matches a rule (FRONTENDS).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
 use netpol_common::{
@@ -44,9 +44,10 @@ impl PeerIds {
             .map(|_| identity::ALL_PODS)
     }
 
-    fn of(c: &Compiled, peer: IpAddr) -> Self {
+    /// The identities of `peer`; `lens` are the prefix lengths CIDRS has, longest first.
+    fn of(c: &Compiled, peer: IpAddr, lens: &[u32]) -> Self {
         let key = ip_key(peer);
-        let cidr = (0..=128u32).rev().find_map(|len| {
+        let cidr = lens.iter().find_map(|&len| {
             let masked = IpKey {
                 addr: mask(key.addr, len),
             };
@@ -160,7 +161,7 @@ struct Judged<'a> {
 }
 
 impl<'a> Judged<'a> {
-    fn new(c: &Compiled, frontend: &'a Frontend, local: &Locality<'_>) -> Self {
+    fn new(c: &Compiled, frontend: &'a Frontend, local: &Locality<'_>, lens: &[u32]) -> Self {
         Judged {
             frontend,
             deferrable: frontend
@@ -170,14 +171,26 @@ impl<'a> Judged<'a> {
             backends: frontend
                 .backends
                 .iter()
-                .map(|(ip, port)| (PeerIds::of(c, *ip), *port))
+                .map(|(ip, port)| (PeerIds::of(c, *ip, lens), *port))
                 .collect(),
         }
+    }
+
+    /// The identities an entry must name for the frontend to allow anything.
+    fn named_by(&self) -> impl Iterator<Item = u32> + '_ {
+        self.backends
+            .iter()
+            .flat_map(|(ids, _)| [ids.pod, ids.all_pods(), ids.cidr])
+            .flatten()
     }
 }
 
 /// The SERVICES entries for the egress-isolated endpoints of `c`; `local_ips` are the addresses of
 /// this node's pods.
+///
+/// An endpoint can get an entry only for a frontend with a backend whose identities one of its
+/// egress entries names (or any, with an [`identity::ANY`] entry): the frontends are indexed by
+/// those identities, so each endpoint looks at its candidates only.
 pub(super) fn compile(
     c: &Compiled,
     frontends: &[Frontend],
@@ -188,12 +201,19 @@ pub(super) fn compile(
         ips: local_ips,
         exits_guarded,
     };
+    let lens = cidr_lengths(c);
     let judged: Vec<Judged<'_>> = frontends
         .iter()
         .filter(|f| !f.backends.is_empty())
-        .map(|f| Judged::new(c, f, &local))
+        .map(|f| Judged::new(c, f, &local, &lens))
         .collect();
-    let mut egress_ids: HashMap<u32, HashSet<u32>> = HashMap::new();
+    let mut by_identity: HashMap<u32, BTreeSet<usize>> = HashMap::new();
+    for (i, j) in judged.iter().enumerate() {
+        for id in j.named_by() {
+            by_identity.entry(id).or_default().insert(i);
+        }
+    }
+    let mut egress_ids: BTreeMap<u32, BTreeSet<u32>> = BTreeMap::new();
     for (key, _) in c.policy.keys() {
         if key.direction == Direction::Egress as u8 {
             egress_ids
@@ -210,38 +230,46 @@ pub(super) fn compile(
         {
             continue;
         }
-        let named = egress_ids.get(&endpoint).cloned().unwrap_or_default();
-        endpoint_services(c, (endpoint, &named), &judged, &mut out);
+        let named = egress_ids.get(&endpoint);
+        let candidates: BTreeSet<usize> = if named.is_some_and(|n| n.contains(&identity::ANY)) {
+            (0..judged.len()).collect()
+        } else {
+            named
+                .into_iter()
+                .flatten()
+                .filter_map(|id| by_identity.get(id))
+                .flatten()
+                .copied()
+                .collect()
+        };
+        let candidates = candidates.into_iter().map(|i| &judged[i]);
+        endpoint_services(c, endpoint, candidates, &mut out);
     }
     out
 }
 
-/// The SERVICES entries of one endpoint, given the identities its egress entries name. Backends
-/// with the same lookup identities and port get the same decision, so each is asked once (replicas
-/// share an identity); a backend none of whose identities the endpoint names is denied at once.
-fn endpoint_services(
+/// The prefix lengths CIDRS has, longest first: the only ones a longest-prefix match can end on.
+fn cidr_lengths(c: &Compiled) -> Vec<u32> {
+    let lens: BTreeSet<u32> = c.cidrs.keys().map(|(_, len)| *len).collect();
+    lens.into_iter().rev().collect()
+}
+
+/// The SERVICES entries of one endpoint for the frontends it may reach. Backends with the same
+/// lookup identities and port get the same decision, so each is asked once (replicas share an
+/// identity).
+fn endpoint_services<'j, 'f: 'j>(
     c: &Compiled,
-    (endpoint, named): (u32, &HashSet<u32>),
-    judged: &[Judged<'_>],
+    endpoint: u32,
+    candidates: impl Iterator<Item = &'j Judged<'f>>,
     out: &mut BTreeMap<SvcKey, SvcValue>,
 ) {
-    let any = named.contains(&identity::ANY);
-    let may_allow = |ids: PeerIds| {
-        any || [ids.pod, ids.all_pods(), ids.cidr]
-            .iter()
-            .flatten()
-            .any(|i| named.contains(i))
-    };
     let mut decided: HashMap<(PeerIds, u8, u16), Option<PolicyValue>> = HashMap::new();
-    for j in judged {
+    for j in candidates {
         let protocol = j.frontend.protocol.number();
         let verdicts: Vec<Option<PolicyValue>> = j
             .backends
             .iter()
             .map(|&(ids, port)| {
-                if !may_allow(ids) {
-                    return None;
-                }
                 *decided
                     .entry((ids, protocol, port))
                     .or_insert_with(|| egress_allows(c, endpoint, ids, protocol, port))

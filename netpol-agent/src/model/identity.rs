@@ -7,6 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::sync::Arc;
 
 use netpol_common::{IpKey, identity};
 
@@ -165,10 +166,11 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(s.as_bytes());
 }
 
-/// The identities of one compilation.
+/// The identities of one compilation. The pod part is shared with the compiler's pod stage, which
+/// keeps it between compilations.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Identities {
-    pub pods: BTreeMap<PodIdentityKey, u32>,
+    pub pods: Arc<BTreeMap<PodIdentityKey, u32>>,
     pub cidrs: BTreeMap<Prefix, u32>,
 }
 
@@ -179,13 +181,9 @@ impl Identities {
         pods: impl IntoIterator<Item = PodIdentityKey>,
         cidrs: impl IntoIterator<Item = Prefix>,
     ) -> Self {
-        let pods: BTreeSet<_> = pods.into_iter().collect();
-        let cidrs: BTreeSet<_> = cidrs.into_iter().collect();
-        let pod_range = identity::FIRST_POD..=identity::FIRST_CIDR - 1;
-        let cidr_range = identity::FIRST_CIDR..=u32::MAX;
         Identities {
-            pods: number(pods, pod_range, PodIdentityKey::encode),
-            cidrs: number(cidrs, cidr_range, Prefix::encode),
+            pods: Arc::new(number_pods(pods.into_iter().collect())),
+            cidrs: number_cidrs(cidrs.into_iter().collect()),
         }
     }
 
@@ -193,6 +191,17 @@ impl Identities {
     pub fn pod(&self, pod: &Pod) -> Option<u32> {
         self.pods.get(&PodIdentityKey::of(pod)).copied()
     }
+}
+
+/// The numbers of a set of pod identity keys ([`Identities::allocate`]).
+pub fn number_pods(keys: BTreeSet<PodIdentityKey>) -> BTreeMap<PodIdentityKey, u32> {
+    let range = identity::FIRST_POD..=identity::FIRST_CIDR - 1;
+    number(keys, range, PodIdentityKey::encode)
+}
+
+/// The numbers of a set of prefixes ([`Identities::allocate`]).
+pub fn number_cidrs(prefixes: BTreeSet<Prefix>) -> BTreeMap<Prefix, u32> {
+    number(prefixes, identity::FIRST_CIDR..=u32::MAX, Prefix::encode)
 }
 
 fn number<K: Ord>(

@@ -44,7 +44,7 @@ fn peer(rng: &mut Rng) -> String {
     }
 }
 
-fn pick<T: Copy>(rng: &mut Rng, from: &[T]) -> T {
+pub(super) fn pick<T: Copy>(rng: &mut Rng, from: &[T]) -> T {
     from[rng.usize(0..from.len())]
 }
 
@@ -75,7 +75,7 @@ fn rule(rng: &mut Rng, peers_key: &str) -> String {
     out
 }
 
-fn policy_spec(rng: &mut Rng) -> String {
+pub(super) fn policy_spec(rng: &mut Rng) -> String {
     let selector = if rng.bool() {
         "{}".to_owned()
     } else {
