@@ -138,7 +138,9 @@ async fn answer(
     BufReader::new(read).read_line(&mut line).await?;
     let (verb, arg) = line.trim().split_once(' ').unwrap_or((line.trim(), ""));
     if let ("flows" | "follow", Some(observer)) = (verb, &observer) {
-        return crate::observe::answer_flows(verb == "follow", arg, observer.clone(), write).await;
+        let node = status.lock().map(|s| s.node.clone()).unwrap_or_default();
+        let follow = verb == "follow";
+        return crate::observe::answer_flows(follow, arg, observer.clone(), node, write).await;
     }
     if verb == cni::ADD_VERB || verb == cni::DEL_VERB {
         let answer = answer_cni(verb, arg, cni).await;
