@@ -25,8 +25,35 @@ use netpol_agent::{
 #[derive(Parser)]
 #[command(version, about)]
 struct Cli {
+    /// Log lines as text, or as one JSON object per line (for a log collector).
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+/// `--log-format`.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Logs to stderr in `format`, filtered by `RUST_LOG` (default: info, and quieter where noted).
+fn init_logging(format: LogFormat) {
+    // netlink-packet-route warns on every dump about attributes newer kernels add; kube's client
+    // and watchers log every failed request and retry, while the API source reports faults itself,
+    // once per change.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        "info,netlink_packet_route=error,kube_client=off,kube_runtime=off".into()
+    });
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
 }
 
 /// Where an agent keeps its node state; every subcommand that touches node state takes these.
@@ -204,6 +231,13 @@ enum Command {
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
     },
+    /// Print the shell completions of netpol-agent (`source <(netpol-agent completions bash)`).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (netpol-agent.1, netpol-agent-flows.1, ...) into DIR.
+    Man { dir: PathBuf },
     /// Remove everything the agent attached and pinned (stops enforcement on this node).
     Cleanup {
         #[command(flatten)]
@@ -396,20 +430,15 @@ async fn follow_flows(source: &FlowSource, filter: Filter, format: Format) -> an
     source.follow(&live, print).await
 }
 
-fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            // netlink-packet-route warns on every dump about attributes newer kernels add; kube's
-            // client and watchers log every failed request and retry, while the API source reports
-            // faults itself, once per change.
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-                "info,netlink_packet_route=error,kube_client=off,kube_runtime=off".into()
-            }),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let matches = Cli::command().get_matches();
+fn main() -> anyhow::Result<std::process::ExitCode> {
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if netpol_agent::kubectl::invoked_as_plugin(argv.first()) {
+        init_logging(LogFormat::Text);
+        return netpol_agent::kubectl::main(argv);
+    }
+    let matches = Cli::command().get_matches_from(argv);
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    init_logging(cli.log_format);
     // Two workers for the spawned tasks (probes, metrics, the status socket, the API watchers),
     // so that they answer while the sync loop, on this thread, compiles.
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -419,6 +448,17 @@ fn main() -> anyhow::Result<()> {
         .context("starting the tokio runtime")?;
     runtime.block_on(async {
         match cli.command {
+            Command::Completions { shell } => {
+                let mut cmd = Cli::command();
+                clap_complete::generate(shell, &mut cmd, "netpol-agent", &mut std::io::stdout());
+                Ok(())
+            }
+            Command::Man { dir } => {
+                std::fs::create_dir_all(&dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+                clap_mangen::generate_to(Cli::command(), &dir)
+                    .with_context(|| format!("writing the man pages into {}", dir.display()))
+            }
             Command::Run {
                 node_name,
                 manifests,
@@ -584,7 +624,8 @@ fn main() -> anyhow::Result<()> {
                 Ok(())
             }
         }
-    })
+    })?;
+    Ok(std::process::ExitCode::SUCCESS)
 }
 
 fn print_status(s: &Status) {
