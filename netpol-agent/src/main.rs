@@ -741,3 +741,51 @@ async fn explain_connection(
     }
     Ok(e)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// docs/man holds what `netpol-agent man` writes now: `cargo xtask man` after a change of flags.
+    #[test]
+    fn the_man_pages_in_docs_are_current() {
+        let docs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/man");
+        let fresh = std::env::temp_dir().join(format!("netpol-man-{}", std::process::id()));
+        std::fs::create_dir_all(&fresh).unwrap();
+        clap_mangen::generate_to(Cli::command(), &fresh).unwrap();
+        let names = |dir: &std::path::Path| -> Vec<String> {
+            let mut v: Vec<String> = std::fs::read_dir(dir)
+                .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            v.sort();
+            v
+        };
+        let stale = "docs/man is stale: run `cargo xtask man`";
+        assert_eq!(names(&docs), names(&fresh), "{stale}");
+        for name in names(&fresh) {
+            let read = |dir: &std::path::Path| std::fs::read_to_string(dir.join(&name)).unwrap();
+            assert!(read(&docs) == read(&fresh), "{name}: {stale}");
+        }
+        std::fs::remove_dir_all(&fresh).unwrap();
+    }
+
+    #[test]
+    fn completions_cover_every_subcommand() {
+        let mut out = Vec::new();
+        clap_complete::generate(
+            clap_complete::Shell::Bash,
+            &mut Cli::command(),
+            "netpol-agent",
+            &mut out,
+        );
+        let script = String::from_utf8(out).unwrap();
+        for sub in Cli::command().get_subcommands() {
+            assert!(script.contains(sub.get_name()), "{}", sub.get_name());
+        }
+        assert!(
+            script.contains("--traffic-direction"),
+            "flows' flags complete too"
+        );
+    }
+}
