@@ -8,6 +8,7 @@
 pub mod control;
 pub mod explain;
 pub mod flows;
+mod flows_answer;
 pub mod follow;
 pub mod health;
 pub mod metrics;
@@ -31,8 +32,10 @@ use tokio::{io::unix::AsyncFd, sync::broadcast};
 use crate::{
     datapath::PinLayout,
     model::{ClusterState, PodKey},
-    observe::flows::{Clock, Filter, Flow, RawFlow, Resolver, View},
+    observe::flows::{Clock, Filter, Flow, RawFlow, Resolver},
 };
+
+pub use flows_answer::answer_flows;
 
 /// How long the drop counters (and metric series) of a pod that is gone are kept.
 pub const GONE_GRACE: Duration = Duration::from_secs(60);
@@ -366,72 +369,6 @@ pub async fn run(observer: Arc<Observer>) {
             }
         }
     }
-}
-
-/// Answers a `flows` or `follow` request on the control socket, as node `node`. The argument is
-/// a JSON [`Filter`] (empty: no filter). `flows` answers `{"flows": [...]}` (or `{"error": ...}`);
-/// `follow` streams one JSON [`Flow`] per line, for every new flow that matches (see
-/// [`follow`]), until the client goes away; a bad filter gets one `{"error": ...}` line.
-pub async fn answer_flows(
-    follow: bool,
-    arg: &str,
-    observer: Arc<Observer>,
-    node: String,
-    mut write: tokio::net::unix::OwnedWriteHalf,
-) -> anyhow::Result<()> {
-    use tokio::io::AsyncWriteExt as _;
-    let compiled = if arg.trim().is_empty() {
-        Ok(Filter::default())
-    } else {
-        serde_json::from_str::<Filter>(arg).map_err(|e| format!("bad filter: {e}"))
-    }
-    .and_then(|f| f.compile().map(|m| (f, m)).map_err(|e| e.to_string()));
-    let (filter, matcher) = match compiled {
-        Ok(fm) => fm,
-        Err(e) => {
-            let body = serde_json::json!({ "error": e });
-            write.write_all(format!("{body}\n").as_bytes()).await?;
-            return Ok(());
-        }
-    };
-    if follow {
-        let obs = observer.clone();
-        let sources = follow::Sources {
-            drops: observer.subscribe(),
-            layout: observer.layout(),
-            resolver: move || obs.resolver(),
-            node: &node,
-            lost: &observer.follow_lost,
-        };
-        let mut follow = follow::Follow::start(sources, &filter).await?;
-        while let Some(batch) = follow.next(&matcher).await? {
-            for flow in batch {
-                let mut line = serde_json::to_vec(&flow)?;
-                line.push(b'\n');
-                write.write_all(&line).await?;
-            }
-        }
-        return Ok(());
-    }
-    let obs = observer.clone();
-    let result = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<Flow>> {
-        let maps = ObserveMaps::open(obs.layout())?;
-        let resolver = obs.resolver();
-        let view = View {
-            resolver: &resolver,
-            clock: clock(),
-            node: &node,
-        };
-        Ok(flows::select(&maps.flows(), &view, &matcher))
-    })
-    .await?;
-    let body = match result {
-        Ok(f) => serde_json::json!({ "flows": f }),
-        Err(e) => serde_json::json!({ "error": format!("{e:#}") }),
-    };
-    write.write_all(body.to_string().as_bytes()).await?;
-    write.shutdown().await?;
-    Ok(())
 }
 
 /// Client side of `flows`: the agent's flows matching `filter`.
