@@ -202,7 +202,10 @@ fn cpu_ms() -> f64 {
     tv(usage.ru_utime) + tv(usage.ru_stime)
 }
 
-fn map_use(c: &Compiled, caps: &netpol_agent::datapath::capacities::Capacities) -> Vec<(String, usize, u32)> {
+fn map_use(
+    c: &Compiled,
+    caps: &netpol_agent::datapath::capacities::Capacities,
+) -> Vec<(String, usize, u32)> {
     vec![
         ("endpoints".into(), c.endpoints.len(), caps.endpoints),
         ("ipcache".into(), c.ipcache.len(), caps.ipcache),
@@ -263,7 +266,11 @@ impl Loaded {
     fn pod_for(&self, n: usize) -> usize {
         let stride = (self.mix.tenant_pods() / self.mix.spec.local_pods).max(1);
         let local = (n / 2 % self.mix.spec.local_pods) * stride;
-        if n.is_multiple_of(2) { local } else { local + 1 }
+        if n.is_multiple_of(2) {
+            local
+        } else {
+            local + 1
+        }
     }
 }
 
@@ -278,12 +285,7 @@ pub fn table(rungs: &[Rung]) -> String {
     );
     for r in rungs {
         let Some(s) = r.spec else { continue };
-        let entries = |name: &str| {
-            r.maps
-                .iter()
-                .find(|m| m.0 == name)
-                .map_or(0, |m| m.1)
-        };
+        let entries = |name: &str| r.maps.iter().find(|m| m.0 == name).map_or(0, |m| m.1);
         let _ = writeln!(
             o,
             "| {} / {} | {:.0} ms | {:.0} / {:.0} ms | {:.0} / {:.0} ms | {:.0} / {:.0} ms | {:.0} ms | {:.0} MiB | {} / {} / {} |",

@@ -561,9 +561,15 @@ impl Report {
         }
         let rungs = ladder::rungs(self.quick).len();
         if self.ladder.len() != rungs
-            || self.ladder.iter().any(|r| r.ready_ms <= 0.0 || r.churn.count == 0)
+            || self
+                .ladder
+                .iter()
+                .any(|r| r.ready_ms <= 0.0 || r.churn.count == 0)
         {
-            m.push(format!("ladder: {} of {rungs} rungs complete", self.ladder.len()));
+            m.push(format!(
+                "ladder: {} of {rungs} rungs complete",
+                self.ladder.len()
+            ));
         }
         if self.targets.len() < 6 + usize::from(!self.quick) {
             m.push(format!("only {} targets evaluated", self.targets.len()));

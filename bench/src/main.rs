@@ -127,7 +127,10 @@ fn main() -> anyhow::Result<()> {
                 local_pods: 110,
             };
             let rung = netpol_bench::ladder::run(spec, changes)?;
-            eprint!("{}", netpol_bench::ladder::table(std::slice::from_ref(&rung)));
+            eprint!(
+                "{}",
+                netpol_bench::ladder::table(std::slice::from_ref(&rung))
+            );
             println!("{}", serde_json::to_string(&rung)?);
             return Ok(());
         }

@@ -777,19 +777,55 @@ fn all_pods_rule_matches_pod_identities_only() {
     env.cidr(EXTERNAL.into(), 24, ID_CIDR);
     let pending = Ipv4Addr::new(10, 42, 1, 50);
     env.ip(pending.into(), identity::PENDING, 0);
-    env.allow(identity::ALL_PODS, Ingress, proto::TCP, 80, POLICY_PREFIX_FULL);
-    env.allow(identity::ALL_PODS, Egress, proto::TCP, 80, POLICY_PREFIX_FULL);
+    env.allow(
+        identity::ALL_PODS,
+        Ingress,
+        proto::TCP,
+        80,
+        POLICY_PREFIX_FULL,
+    );
+    env.allow(
+        identity::ALL_PODS,
+        Egress,
+        proto::TCP,
+        80,
+        POLICY_PREFIX_FULL,
+    );
     let cases = [
         (Ingress, b(), a(), 80, Reason::AllowedPolicy),
         (Ingress, b6(), a6(), 80, Reason::AllowedPolicy),
         (Ingress, POD_C.into(), a(), 80, Reason::AllowedPolicy),
         (Ingress, b(), a(), 81, Reason::DroppedIngressDenied),
-        (Ingress, EXTERNAL.into(), a(), 80, Reason::DroppedIngressDenied),
-        (Ingress, pending.into(), a(), 80, Reason::DroppedIngressDenied),
-        (Ingress, Ipv4Addr::new(10, 42, 1, 99).into(), a(), 80, Reason::DroppedIngressDenied),
+        (
+            Ingress,
+            EXTERNAL.into(),
+            a(),
+            80,
+            Reason::DroppedIngressDenied,
+        ),
+        (
+            Ingress,
+            pending.into(),
+            a(),
+            80,
+            Reason::DroppedIngressDenied,
+        ),
+        (
+            Ingress,
+            Ipv4Addr::new(10, 42, 1, 99).into(),
+            a(),
+            80,
+            Reason::DroppedIngressDenied,
+        ),
         (Egress, a(), b(), 80, Reason::AllowedPolicy),
         (Egress, a6(), b6(), 80, Reason::AllowedPolicy),
-        (Egress, a(), EXTERNAL.into(), 80, Reason::DroppedEgressDenied),
+        (
+            Egress,
+            a(),
+            EXTERNAL.into(),
+            80,
+            Reason::DroppedEgressDenied,
+        ),
         (Egress, a(), NODE.into(), 80, Reason::DroppedEgressDenied),
         (Egress, a(), pending.into(), 80, Reason::DroppedEgressDenied),
     ];

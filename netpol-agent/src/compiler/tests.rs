@@ -426,12 +426,22 @@ fn a_peer_of_every_pod_is_one_wildcard_entry() {
     for outsider in ["8.8.8.8", "10.9.9.9"] {
         assert!(!tcp_in(&out, t, outsider, 80), "{outsider} is no pod");
     }
-    assert!(!tcp_out(&out, t, "192.168.1.10", 8080), "the node is no pod");
-    assert!(tcp_out(&out, t, "10.2.0.2", 8080), "the named port of prod/web");
-    assert!(!tcp_out(&out, t, "10.1.0.2", 8080), "dev/web has no port named http");
     assert!(
-        out.policy.keys().all(|(k, _)| k.direction == Ingress as u8
-            || k.identity != identity::ALL_PODS),
+        !tcp_out(&out, t, "192.168.1.10", 8080),
+        "the node is no pod"
+    );
+    assert!(
+        tcp_out(&out, t, "10.2.0.2", 8080),
+        "the named port of prod/web"
+    );
+    assert!(
+        !tcp_out(&out, t, "10.1.0.2", 8080),
+        "dev/web has no port named http"
+    );
+    assert!(
+        out.policy
+            .keys()
+            .all(|(k, _)| k.direction == Ingress as u8 || k.identity != identity::ALL_PODS),
         "named egress ports are per pod"
     );
 }
