@@ -128,11 +128,18 @@ pub struct FilterError {
 impl Filter {
     /// Checks every value and prepares the matching.
     pub fn compile(&self) -> Result<Matcher, FilterError> {
-        let include = Compiled::new(&self.include).map_err(|e| e.negated(false))?;
+        let include =
+            Compiled::new(&self.include, &self.include.namespace).map_err(|e| e.negated(false))?;
         let exclude = if self.exclude.is_empty() {
             None
         } else {
-            Some(Compiled::new(&self.exclude).map_err(|e| e.negated(true))?)
+            // `-n x --not --pod a` hides x/a: pod names after --not take the namespace given with
+            // -n when no negated -n gives them another.
+            let namespaces = match self.exclude.namespace.is_empty() {
+                true => &self.include.namespace,
+                false => &self.exclude.namespace,
+            };
+            Some(Compiled::new(&self.exclude, namespaces).map_err(|e| e.negated(true))?)
         };
         Ok(Matcher {
             include,
@@ -200,8 +207,9 @@ struct Compiled {
 }
 
 impl Compiled {
-    fn new(f: &FlowFilter) -> Result<Self, FilterError> {
-        let qualify = |names: &[String]| qualify(&f.namespace, names);
+    /// `f` checked, its pod names without a namespace put in each of `namespaces`.
+    fn new(f: &FlowFilter, namespaces: &[String]) -> Result<Self, FilterError> {
+        let qualify = |names: &[String]| qualify(namespaces, names);
         Ok(Compiled {
             namespaces: f.namespace.clone(),
             pods: qualify(&f.pod),
@@ -646,6 +654,25 @@ mod tests {
             FlowFilter {
                 label: strings(&["app=db"]),
                 ..dropped()
+            }
+        ));
+        // Pod names after --not take the namespace of -n: y/a is hidden, x/a is not this flow.
+        let in_ns = |ns: &str| FlowFilter {
+            namespace: strings(&[ns]),
+            ..f()
+        };
+        assert!(!shown(
+            in_ns("y"),
+            FlowFilter {
+                pod: strings(&["a"]),
+                ..f()
+            }
+        ));
+        assert!(shown(
+            in_ns("x"),
+            FlowFilter {
+                pod: strings(&["a"]),
+                ..f()
             }
         ));
     }
