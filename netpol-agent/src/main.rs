@@ -3,14 +3,20 @@
 use std::{path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{
+    ArgMatches, Args, CommandFactory as _, FromArgMatches as _, Parser, Subcommand, ValueEnum,
+};
 use netpol_agent::{
     agent::{self, AgentConfig},
     datapath::{self, PinLayout, capacities::Capacities},
     model::Protocol,
     observe,
     observe::control::{self, Status},
-    observe::flows::{self, Filter, VerdictFilter},
+    observe::flows::{
+        self, Filter,
+        args::{self as flow_args, FlowsArgs},
+        render::{self, Format},
+    },
     observe::metrics,
     sources::SourceConfig,
 };
@@ -19,8 +25,35 @@ use netpol_agent::{
 #[derive(Parser)]
 #[command(version, about)]
 struct Cli {
+    /// Log lines as text, or as one JSON object per line (for a log collector).
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+/// `--log-format`.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Logs to stderr in `format`, filtered by `RUST_LOG` (default: info, and quieter where noted).
+fn init_logging(format: LogFormat) {
+    // netlink-packet-route warns on every dump about attributes newer kernels add; kube's client
+    // and watchers log every failed request and retry, while the API source reports faults itself,
+    // once per change.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        "info,netlink_packet_route=error,kube_client=off,kube_runtime=off".into()
+    });
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
 }
 
 /// Where an agent keeps its node state; every subcommand that touches node state takes these.
@@ -178,7 +211,7 @@ enum Command {
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
     },
-    /// Show recent flows through the local pods (allowed and dropped), or follow new drops.
+    /// Show recent flows through the local pods (allowed, dropped, audit), or follow new ones.
     Flows {
         #[command(flatten)]
         dirs: NodeDirs,
@@ -198,6 +231,13 @@ enum Command {
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
     },
+    /// Print the shell completions of netpol-agent (`source <(netpol-agent completions bash)`).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (netpol-agent.1, netpol-agent-flows.1, ...) into DIR.
+    Man { dir: PathBuf },
     /// Remove everything the agent attached and pinned (stops enforcement on this node).
     Cleanup {
         #[command(flatten)]
@@ -275,183 +315,130 @@ fn parse_protocol(s: &str) -> Result<Protocol, String> {
     Protocol::parse(&s.to_uppercase()).ok_or_else(|| format!("{s:?}: TCP, UDP or SCTP"))
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum FlowsOutput {
-    Table,
-    Json,
-    Jsonl,
+/// Where `flows` reads: the running agent, or the pinned maps when none answers.
+struct FlowSource {
+    dirs: NodeDirs,
+    /// An agent answers on the control socket.
+    running: bool,
+    /// The node's name for records read from the pins (the agent names its own).
+    node: String,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum VerdictArg {
-    Allowed,
-    Dropped,
-    /// Passed under audit mode, denied by the audited policies (would-be drops).
-    Audit,
-}
-
-/// Filters and output of `flows`.
-#[derive(Args)]
-struct FlowsArgs {
-    /// Flows with a pod of this namespace on either side (also the namespace of --pod, --from, --to
-    /// given without one).
-    #[arg(short, long)]
-    namespace: Option<String>,
-    /// Flows with this pod (`namespace/name` or `name`) on either side.
-    #[arg(long)]
-    pod: Option<String>,
-    /// Flows from this pod (`namespace/name` or `name`) or CIDR.
-    #[arg(long)]
-    from: Option<String>,
-    /// Flows to this pod (`namespace/name` or `name`) or CIDR.
-    #[arg(long)]
-    to: Option<String>,
-    /// Flows with this source or destination port.
-    #[arg(long)]
-    port: Option<u16>,
-    /// tcp, udp, sctp, icmp, icmpv6 or a protocol number.
-    #[arg(long)]
-    protocol: Option<String>,
-    /// Only flows with this verdict.
-    #[arg(long, value_enum)]
-    verdict: Option<VerdictArg>,
-    /// Flows seen within this long (`30s`, `5m`, `2h`).
-    #[arg(long)]
-    since: Option<String>,
-    /// Only the last N flows.
-    #[arg(long)]
-    last: Option<usize>,
-    /// Stream new drops as they happen (after the --last N flows, when given).
-    #[arg(short, long)]
-    follow: bool,
-    #[arg(short, long, value_enum, default_value = "table")]
-    output: FlowsOutput,
-}
-
-impl FlowsArgs {
-    fn filter(&self) -> anyhow::Result<Filter> {
-        let filter = Filter {
-            namespace: self.namespace.clone(),
-            pod: self.pod.clone(),
-            from: self.from.clone(),
-            to: self.to.clone(),
-            port: self.port,
-            protocol: self.protocol.clone(),
-            verdict: self.verdict.map(|v| match v {
-                VerdictArg::Allowed => VerdictFilter::Allowed,
-                VerdictArg::Dropped => VerdictFilter::Dropped,
-                VerdictArg::Audit => VerdictFilter::Audit,
-            }),
-            since_ms: self
-                .since
-                .as_deref()
-                .map(flows::parse_duration)
-                .transpose()
-                .map_err(anyhow::Error::msg)?
-                .map(|d| d.as_millis() as u64),
-            last: self.last,
+impl FlowSource {
+    async fn new(dirs: NodeDirs) -> Self {
+        let running = control::agent_is_running(&dirs.state_dir).await;
+        let node = match running {
+            true => String::new(),
+            false => observe::node_name_without_agent(&dirs.state_dir),
         };
-        if self.follow {
-            filter.validate_follow()
-        } else {
-            filter.validate()
+        FlowSource {
+            dirs,
+            running,
+            node,
         }
-        .map_err(anyhow::Error::msg)?;
-        Ok(filter)
     }
 
-    fn format(&self) -> flows::Format {
-        match self.output {
-            FlowsOutput::Table => flows::Format::Table,
-            FlowsOutput::Json => flows::Format::Json,
-            FlowsOutput::Jsonl => flows::Format::Jsonl,
+    /// The recent flows that `filter` lets through.
+    async fn recent(&self, filter: &Filter) -> anyhow::Result<Vec<flows::Flow>> {
+        if self.running {
+            return observe::request_flows(&self.dirs.state_dir, filter).await;
+        }
+        let layout = PinLayout::new(&self.dirs.pin_dir);
+        let maps = observe::ObserveMaps::open(&layout)
+            .context("no agent is running and the pinned maps cannot be read")?;
+        let resolver = flows::Resolver::default();
+        let view = flows::View {
+            resolver: &resolver,
+            clock: observe::clock(),
+            node: &self.node,
+        };
+        Ok(flows::select(&maps.flows(), &view, &filter.compile()?))
+    }
+
+    /// Follows new flows until the agent goes (or forever on the pins).
+    async fn follow(
+        &self,
+        filter: &Filter,
+        each: impl FnMut(flows::Flow) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        if self.running {
+            observe::follow_flows(&self.dirs.state_dir, filter, each).await
+        } else {
+            let layout = PinLayout::new(&self.dirs.pin_dir);
+            observe::follow_pinned(&layout, &self.node, filter, each).await
         }
     }
 }
 
-async fn run_flows(dirs: NodeDirs, args: FlowsArgs) -> anyhow::Result<()> {
-    use std::io::Write as _;
-    let filter = args.filter()?;
-    let format = args.format();
-    let running = control::agent_is_running(&dirs.state_dir).await;
-    if !running {
+async fn run_flows(dirs: NodeDirs, args: FlowsArgs, matches: &ArgMatches) -> anyhow::Result<()> {
+    let filter = args
+        .filter(matches, flow_args::now_ms())
+        .map_err(anyhow::Error::msg)?;
+    let matcher = filter.compile()?;
+    let source = FlowSource::new(dirs).await;
+    if !source.running {
+        let socket = control::socket_path(&source.dirs.state_dir);
+        anyhow::ensure!(
+            !matcher.uses_labels(),
+            "-l, --from-label and --to-label need the pods' labels, which only a running agent \
+             has, and no agent answers at {}",
+            socket.display()
+        );
         eprintln!(
             "note: no agent answers at {}; reading the pinned maps under {} directly: addresses are not \
              resolved to pods and policies are not named",
-            control::socket_path(&dirs.state_dir).display(),
-            dirs.pin_dir.display()
+            socket.display(),
+            source.dirs.pin_dir.display()
         );
     }
-    let layout = PinLayout::new(&dirs.pin_dir);
-    // Streaming prints one flow per line: JSON becomes JSON lines.
+    if args.follow {
+        return follow_flows(&source, filter, args.format()).await;
+    }
+    let found = source.recent(&filter).await?;
+    print!("{}", render::render(&found, args.format()));
+    Ok(())
+}
+
+/// `flows --follow`: the recent flows first when --since or --last asks for them, then every new
+/// one, one line each (compact for the table, JSON lines for JSON).
+async fn follow_flows(source: &FlowSource, filter: Filter, format: Format) -> anyhow::Result<()> {
+    use std::io::Write as _;
     let print = |flow: flows::Flow| -> anyhow::Result<()> {
         let line = match format {
-            flows::Format::Table => flows::table_row(&flow),
-            _ => serde_json::to_string(&flow)?,
+            Format::Table => render::compact(&flow),
+            Format::Json | Format::Jsonl => serde_json::to_string(&flow)?,
         };
         let mut out = std::io::stdout().lock();
         writeln!(out, "{line}")?;
         out.flush()?;
         Ok(())
     };
-    if args.follow {
-        if matches!(format, flows::Format::Table) {
-            println!("{}", flows::table_header());
-        }
-        if filter.last.is_some() {
-            let recent = if running {
-                observe::request_flows(&dirs.state_dir, &filter).await?
-            } else {
-                pinned_flows(&layout, &filter)?
-            };
-            for f in recent {
-                print(f)?;
-            }
-        }
-        let live = Filter {
-            since_ms: None,
-            last: None,
-            ..filter
-        };
-        return if running {
-            observe::follow_flows(&dirs.state_dir, &live, print).await
-        } else {
-            observe::follow_pinned(&layout, &live, print).await
-        };
+    if filter.last.is_some() || filter.since_unix_ms.is_some() {
+        source
+            .recent(&filter)
+            .await?
+            .into_iter()
+            .try_for_each(print)?;
     }
-    let found = if running {
-        observe::request_flows(&dirs.state_dir, &filter).await?
-    } else {
-        pinned_flows(&layout, &filter)?
+    let live = Filter {
+        since_unix_ms: None,
+        until_unix_ms: None,
+        first: None,
+        last: None,
+        ..filter
     };
-    print!("{}", flows::render(&found, format));
-    Ok(())
+    source.follow(&live, print).await
 }
 
-fn pinned_flows(layout: &PinLayout, filter: &Filter) -> anyhow::Result<Vec<flows::Flow>> {
-    let maps = observe::ObserveMaps::open(layout)
-        .context("no agent is running and the pinned maps cannot be read")?;
-    Ok(flows::select(
-        &maps.flows(),
-        &flows::Resolver::default(),
-        &observe::clock(),
-        filter,
-    ))
-}
-
-fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            // netlink-packet-route warns on every dump about attributes newer kernels add; kube's
-            // client and watchers log every failed request and retry, while the API source reports
-            // faults itself, once per change.
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-                "info,netlink_packet_route=error,kube_client=off,kube_runtime=off".into()
-            }),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let cli = Cli::parse();
+fn main() -> anyhow::Result<std::process::ExitCode> {
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if netpol_agent::kubectl::invoked_as_plugin(argv.first()) {
+        init_logging(LogFormat::Text);
+        return netpol_agent::kubectl::main(argv);
+    }
+    let matches = Cli::command().get_matches_from(argv);
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    init_logging(cli.log_format);
     // Two workers for the spawned tasks (probes, metrics, the status socket, the API watchers),
     // so that they answer while the sync loop, on this thread, compiles.
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -461,6 +448,17 @@ fn main() -> anyhow::Result<()> {
         .context("starting the tokio runtime")?;
     runtime.block_on(async {
         match cli.command {
+            Command::Completions { shell } => {
+                let mut cmd = Cli::command();
+                clap_complete::generate(shell, &mut cmd, "netpol-agent", &mut std::io::stdout());
+                Ok(())
+            }
+            Command::Man { dir } => {
+                std::fs::create_dir_all(&dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+                clap_mangen::generate_to(Cli::command(), &dir)
+                    .with_context(|| format!("writing the man pages into {}", dir.display()))
+            }
             Command::Run {
                 node_name,
                 manifests,
@@ -503,7 +501,10 @@ fn main() -> anyhow::Result<()> {
                 })
                 .await
             }
-            Command::Flows { dirs, args } => run_flows(dirs, args).await,
+            Command::Flows { dirs, args } => {
+                let flows = matches.subcommand_matches("flows").unwrap_or(&matches);
+                run_flows(dirs, args, flows).await
+            }
             Command::Policies {
                 dirs,
                 since,
@@ -623,7 +624,8 @@ fn main() -> anyhow::Result<()> {
                 Ok(())
             }
         }
-    })
+    })?;
+    Ok(std::process::ExitCode::SUCCESS)
 }
 
 fn print_status(s: &Status) {
@@ -738,4 +740,52 @@ async fn explain_connection(
         e.compare_live(&status.node, generation, &maps, &local);
     }
     Ok(e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// docs/man holds what `netpol-agent man` writes now: `cargo xtask man` after a change of flags.
+    #[test]
+    fn the_man_pages_in_docs_are_current() {
+        let docs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/man");
+        let fresh = std::env::temp_dir().join(format!("netpol-man-{}", std::process::id()));
+        std::fs::create_dir_all(&fresh).unwrap();
+        clap_mangen::generate_to(Cli::command(), &fresh).unwrap();
+        let names = |dir: &std::path::Path| -> Vec<String> {
+            let mut v: Vec<String> = std::fs::read_dir(dir)
+                .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            v.sort();
+            v
+        };
+        let stale = "docs/man is stale: run `cargo xtask man`";
+        assert_eq!(names(&docs), names(&fresh), "{stale}");
+        for name in names(&fresh) {
+            let read = |dir: &std::path::Path| std::fs::read_to_string(dir.join(&name)).unwrap();
+            assert!(read(&docs) == read(&fresh), "{name}: {stale}");
+        }
+        std::fs::remove_dir_all(&fresh).unwrap();
+    }
+
+    #[test]
+    fn completions_cover_every_subcommand() {
+        let mut out = Vec::new();
+        clap_complete::generate(
+            clap_complete::Shell::Bash,
+            &mut Cli::command(),
+            "netpol-agent",
+            &mut out,
+        );
+        let script = String::from_utf8(out).unwrap();
+        for sub in Cli::command().get_subcommands() {
+            assert!(script.contains(sub.get_name()), "{}", sub.get_name());
+        }
+        assert!(
+            script.contains("--traffic-direction"),
+            "flows' flags complete too"
+        );
+    }
 }

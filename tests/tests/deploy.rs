@@ -1,6 +1,6 @@
 //! The deploy/ kustomize base: it renders with `kubectl kustomize`, the result validates against the
 //! Kubernetes schemas offline (`kubernetes-validate --strict`, installed by `cargo xtask setup`), and
-//! the security-relevant fields are what the README promises.
+//! the security-relevant fields are what docs/install.md promises.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};

@@ -187,6 +187,8 @@ fn flows_report_exactly_the_traffic_and_follow_sees_new_drops() {
     assert_eq!(have, keys);
     assert!(one[0]["time"].as_str().unwrap().ends_with('Z'));
 
+    hubble_level_filters(&c, &cc);
+
     // --follow: a new drop shows within a second.
     let mut follow = flows_cmd(&c, 0)
         .args(["-f", "-o", "jsonl", "--verdict", "dropped", "--to", "x/a"])
@@ -230,11 +232,17 @@ fn flows_report_exactly_the_traffic_and_follow_sees_new_drops() {
     assert_eq!(got[0]["src_pod"], Value::Null);
     assert_eq!(got[0]["src_ip"], cc.as_str());
     assert_eq!(got[0]["packets"], 30);
+    assert_eq!(
+        got[0]["node"],
+        c.nodes[0].name.as_str(),
+        "the node the saved state names"
+    );
 }
 
 fn got_fields() -> Vec<&'static str> {
     vec![
         "time",
+        "node",
         "src_ip",
         "src_port",
         "dst_ip",
@@ -249,6 +257,290 @@ fn got_fields() -> Vec<&'static str> {
         "src_pod",
         "dst_pod",
     ]
+}
+
+/// The filters beyond the first set, on the traffic of the test above: x/b -> x/a UDP 80 from port
+/// 20001 (allowed), x/c (`cc`) -> x/a UDP 81 from port 20002 (dropped at x/a, allowed out of x/c).
+fn hubble_level_filters(c: &Cluster, cc: &str) {
+    let count = |args: &[&str]| flows(c, 0, args).0.len();
+    let both_ports = ["--port", "20001", "--port", "20002"];
+    // Repeated filters are alternatives; different filters all apply.
+    assert_eq!(
+        count(&[&both_ports[..], &["--pod", "x/b", "--pod", "x/c"]].concat()),
+        4
+    );
+    assert_eq!(count(&[&both_ports[..], &["--pod", "x/b"]].concat()), 2);
+    // --not hides what the next filter matches.
+    let (got, _) = flows(c, 0, &["--port", "20002", "--not", "--verdict", "dropped"]);
+    assert_eq!(got.len(), 1);
+    assert_eq!(
+        (got[0]["verdict"].as_str(), got[0]["direction"].as_str()),
+        (Some("allowed"), Some("egress"))
+    );
+    let (got, _) = flows(c, 0, &["--port", "20002", "--traffic-direction", "ingress"]);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0]["reason"], "ingress-denied");
+    let (got, _) = flows(c, 0, &["--port", "20002", "--reason", "not-isolated"]);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0]["src_ip"], cc);
+    // Label selectors, on the pods' labels (pod=<name>).
+    assert_eq!(count(&["--port", "20002", "-l", "pod=c"]), 2);
+    assert_eq!(
+        count(&[
+            "--port",
+            "20002",
+            "--from-label",
+            "pod=c",
+            "--to-label",
+            "pod in (a,b)"
+        ]),
+        2
+    );
+    assert_eq!(count(&["--port", "20002", "--to-label", "pod=c"]), 0);
+    assert_eq!(
+        count(&["--port", "20002", "--not", "-l", "pod notin (a)"]),
+        0
+    );
+    // Time window and counts.
+    assert_eq!(count(&[&both_ports[..], &["--since", "10m"]].concat()), 4);
+    assert_eq!(count(&[&both_ports[..], &["--until", "10m"]].concat()), 0);
+    let (first, _) = flows(c, 0, &[&both_ports[..], &["--first", "1"]].concat());
+    let (all, _) = flows(c, 0, &both_ports);
+    assert_eq!(first, all[..1]);
+    // Every record names the node; the table fits it and the pod names.
+    assert!(
+        all.iter().all(|f| f["node"] == c.nodes[0].name.as_str()),
+        "{all:?}"
+    );
+    let table = flows_cmd(c, 0).args(["--port", "20002"]).output().unwrap();
+    let table = String::from_utf8_lossy(&table.stdout);
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 3, "{table}");
+    assert!(
+        lines[0].contains("NODE") && lines[1].contains(&c.nodes[0].name),
+        "{table}"
+    );
+    assert!(
+        lines.iter().skip(1).all(|l| l.contains("x/c:20002")),
+        "{table}"
+    );
+}
+
+/// Lines of a running `flows -f -o jsonl`, as they come.
+fn follow_lines(
+    mut follow: std::process::Child,
+) -> (std::process::Child, std::sync::mpsc::Receiver<Value>) {
+    let stdout = follow.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let Ok(v) = serde_json::from_str::<Value>(&line) else {
+                break;
+            };
+            if tx.send(v).is_err() {
+                break;
+            }
+        }
+    });
+    (follow, rx)
+}
+
+#[test]
+fn follow_reports_allowed_flows_as_well_as_drops() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(c) = cluster("follow_reports_allowed_flows_as_well_as_drops") else {
+        return;
+    };
+    // No --verdict: every verdict; two ports: either.
+    let child = flows_cmd(&c, 0)
+        .args(["-f", "-o", "jsonl", "--port", "20004", "--port", "20005"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (mut child, rx) = follow_lines(child);
+    // Send until both kinds show (the follower may start after the first datagrams).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (mut allowed, mut dropped) = (None, None);
+    while (allowed.is_none() || dropped.is_none()) && Instant::now() < deadline {
+        flood(&c, "x/b", 20004, "x/a", 80, 1);
+        flood(&c, "x/c", 20005, "x/a", 81, 1);
+        while let Ok(f) = rx.recv_timeout(Duration::from_millis(1500)) {
+            match (
+                f["verdict"].as_str(),
+                f["direction"].as_str(),
+                f["src_port"].as_u64(),
+            ) {
+                (Some("allowed"), Some("ingress"), Some(20004)) => allowed = Some(f),
+                (Some("dropped"), _, Some(20005)) => dropped = Some(f),
+                _ => {}
+            }
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let allowed = allowed.expect("follow printed no allowed flow");
+    let dropped = dropped.expect("follow printed no drop");
+    assert_eq!(allowed["reason"], "policy");
+    assert_eq!(allowed["policies"], serde_json::json!(["x/allow-b"]));
+    assert_eq!(allowed["src_pod"], "x/b");
+    assert!(allowed["packets"].as_u64().unwrap() >= 1);
+    assert_eq!(dropped["reason"], "ingress-denied");
+    for f in [&allowed, &dropped] {
+        assert_eq!(f["node"], c.nodes[0].name.as_str());
+    }
+    // Only allowed flows when asked: drops of the same ports stay out.
+    let child = flows_cmd(&c, 0)
+        .args([
+            "-f",
+            "-o",
+            "jsonl",
+            "--verdict",
+            "allowed",
+            "--port",
+            "20005",
+            "--port",
+            "20004",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (mut child, rx) = follow_lines(child);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut seen = Vec::new();
+    while !seen.iter().any(|f: &Value| f["src_port"] == 20004) && Instant::now() < deadline {
+        flood(&c, "x/c", 20005, "x/a", 81, 1);
+        flood(&c, "x/b", 20004, "x/a", 80, 1);
+        seen.extend(rx.recv_timeout(Duration::from_millis(1500)));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        seen.iter().any(|f| f["src_port"] == 20004),
+        "no allowed flow: {seen:?}"
+    );
+    assert!(seen.iter().all(|f| f["verdict"] == "allowed"), "{seen:?}");
+}
+
+/// A stand-in for kubectl that knows the simulated cluster: `get pod` answers each pod's node,
+/// `get pods` lists one agent pod per node, `exec` runs the command in that node's namespace with
+/// its directories. Every call is appended to `calls`.
+fn fake_kubectl(c: &Cluster, dir: &Path) -> PathBuf {
+    let mut pods = String::new();
+    for ns in ["x", "y", "z"] {
+        for name in ["a", "b", "c"] {
+            let node = &c.nodes[c.pod(&format!("{ns}/{name}")).node].name;
+            pods.push_str(&format!(
+                "  {ns}/{name}) echo '{{\"metadata\":{{\"name\":\"{name}\",\"namespace\":\"{ns}\"}},\"spec\":{{\"nodeName\":\"{node}\"}}}}' ;;\n"
+            ));
+        }
+    }
+    let items: Vec<Value> = c
+        .nodes
+        .iter()
+        .map(|n| {
+            serde_json::json!({
+                "metadata": {"name": format!("agent-{}", n.name), "namespace": "netpol-system"},
+                "spec": {"nodeName": n.name},
+                "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}
+            })
+        })
+        .collect();
+    let mut execs = String::new();
+    for n in &c.nodes {
+        execs.push_str(&format!(
+            "  agent-{0}) exec ip netns exec {0} {1} \"$1\" --pin-dir {2} --state-dir {3} \"${{@:2}}\" ;;\n",
+            n.name,
+            default_agent_bin().display(),
+            n.pin_dir.display(),
+            n.state_dir.display()
+        ));
+    }
+    let script = format!(
+        "#!/bin/bash\necho \"$*\" >> {calls}\nns=default\n\
+         while [[ $1 == --* ]]; do [[ $1 == --namespace=* ]] && ns=${{1#--namespace=}}; shift; done\n\
+         if [[ $1 == get && $2 == pod ]]; then\ncase $ns/$3 in\n{pods}esac\nexit 0\nfi\n\
+         if [[ $1 == get && $2 == pods ]]; then echo '{agents}'; exit 0; fi\n\
+         agent=$2; shift 6\ncase $agent in\n{execs}esac\nexit 3\n",
+        calls = dir.join("calls").display(),
+        agents = serde_json::json!({ "items": items }),
+    );
+    let path = dir.join("kubectl");
+    std::fs::write(&path, script).unwrap();
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    path
+}
+
+#[test]
+fn kubectl_plugin_asks_the_agent_on_the_node_of_the_pod() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(c) = cluster("kubectl_plugin_asks_the_agent_on_the_node_of_the_pod") else {
+        return;
+    };
+    let dir = c.tmp_dir.join("kubectl-plugin");
+    std::fs::create_dir_all(&dir).unwrap();
+    let kubectl = fake_kubectl(&c, &dir);
+    let plugin = dir.join("kubectl-netpol");
+    std::os::unix::fs::symlink(default_agent_bin(), &plugin).unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(&plugin)
+            .arg("flows")
+            .args(args)
+            .env("KUBECTL", &kubectl)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr,
+        )
+    };
+    let json = |args: &[&str]| -> Vec<Value> {
+        let (ok, out, err) = run(&[args, &["-o", "json", "--port", "20006"]].concat());
+        assert!(ok, "{err}");
+        serde_json::from_str::<Value>(&out)
+            .unwrap()
+            .as_array()
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(flood(&c, "x/b", 20006, "x/a", 80, 5), 5);
+    let (n0, n1) = (c.nodes[0].name.as_str(), c.nodes[1].name.as_str());
+    // x/a is on n0: its agent answers, with x/a's side of the flow.
+    let got = json(&["--context", "sim", "--pod", "x/a"]);
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert!(got.iter().all(|f| f["node"] == n0), "{got:?}");
+    let calls = std::fs::read_to_string(dir.join("calls")).unwrap();
+    assert!(
+        calls.contains("--context=sim --namespace=x get pod a -o json"),
+        "{calls}"
+    );
+    assert!(
+        calls.contains(&format!(
+            "exec agent-{n0} -c agent -- /usr/local/bin/netpol-agent flows"
+        )),
+        "{calls}"
+    );
+    // x/b (by -n) is on n1.
+    let got = json(&["-n", "x", "--from", "b"]);
+    assert!(
+        !got.is_empty() && got.iter().all(|f| f["node"] == n1),
+        "{got:?}"
+    );
+    // Both: each node's agent, merged by time.
+    let got = json(&["--pod", "x/a", "--pod", "x/b"]);
+    let nodes: std::collections::BTreeSet<&str> =
+        got.iter().filter_map(|f| f["node"].as_str()).collect();
+    assert_eq!(nodes, [n0, n1].into());
+    let times: Vec<&str> = got.iter().filter_map(|f| f["time"].as_str()).collect();
+    assert!(times.is_sorted(), "{times:?}");
+    // No pod to locate, or a bad filter: a clear error before any exec.
+    let (ok, _, err) = run(&["--port", "1"]);
+    assert!(!ok && err.contains("which node?"), "{err}");
+    let (ok, _, err) = run(&["--pod", "x/a", "--reason", "nope"]);
+    assert!(!ok && err.contains("--reason \"nope\""), "{err}");
 }
 
 /// `curl` in the network namespace `netns`.

@@ -1,4 +1,4 @@
-//! Developer tasks: `cargo xtask setup | test | demo | bench | manifests | image`.
+//! Developer tasks: `cargo xtask setup | test | demo | bench | manifests | image | man`.
 
 mod image;
 mod manifests;
@@ -50,6 +50,9 @@ enum Task {
     /// target/image/netpol-agent-<version>-<arch>.oci.tar (for `k3s ctr images import` or K3s's
     /// images directory), reproducible from the commit.
     Image,
+    /// Write the man pages of netpol-agent and its subcommands into docs/man (from its clap
+    /// definitions; a test fails while they are stale).
+    Man,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -61,6 +64,7 @@ fn main() -> anyhow::Result<()> {
         Task::Bench { quick } => bench(quick),
         Task::Manifests => manifests::run(&workspace_root()),
         Task::Image => image::run(),
+        Task::Man => man(),
     }
 }
 
@@ -106,6 +110,25 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     }
     cmd.args(args);
     check(&mut cmd)
+}
+
+/// `netpol-agent man docs/man`, run from a debug build.
+fn man() -> anyhow::Result<()> {
+    setup::install_ebpf_toolchain()?;
+    let dir = workspace_root().join("docs/man");
+    check(
+        cargo()
+            .args([
+                "run",
+                "--locked",
+                "--quiet",
+                "-p",
+                "netpol-agent",
+                "--",
+                "man",
+            ])
+            .arg(&dir),
+    )
 }
 
 /// The workspace root.

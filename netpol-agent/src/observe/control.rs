@@ -134,11 +134,15 @@ async fn answer(
     cni: Option<mpsc::Sender<CniRequest>>,
 ) -> anyhow::Result<()> {
     let (read, mut write) = stream.into_split();
+    let mut read = BufReader::new(read);
     let mut line = String::new();
-    BufReader::new(read).read_line(&mut line).await?;
+    read.read_line(&mut line).await?;
     let (verb, arg) = line.trim().split_once(' ').unwrap_or((line.trim(), ""));
     if let ("flows" | "follow", Some(observer)) = (verb, &observer) {
-        return crate::observe::answer_flows(verb == "follow", arg, observer.clone(), write).await;
+        let node = status.lock().map(|s| s.node.clone()).unwrap_or_default();
+        let follow = verb == "follow";
+        let observer = observer.clone();
+        return crate::observe::answer_flows(follow, arg, observer, node, read, write).await;
     }
     if verb == cni::ADD_VERB || verb == cni::DEL_VERB {
         let answer = answer_cni(verb, arg, cni).await;

@@ -8,16 +8,15 @@
 pub mod control;
 pub mod explain;
 pub mod flows;
+mod flows_answer;
+pub mod follow;
 pub mod health;
 pub mod metrics;
 pub mod policies;
 
 use std::{
     collections::{BTreeMap, HashMap},
-    sync::{
-        Arc, Mutex, RwLock,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::{Arc, Mutex, RwLock, atomic::AtomicU64},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -33,8 +32,10 @@ use tokio::{io::unix::AsyncFd, sync::broadcast};
 use crate::{
     datapath::PinLayout,
     model::{ClusterState, PodKey},
-    observe::flows::{Clock, RawFlow, Resolver},
+    observe::flows::{Clock, Filter, Flow, RawFlow, Resolver},
 };
+
+pub use flows_answer::answer_flows;
 
 /// How long the drop counters (and metric series) of a pod that is gone are kept.
 pub const GONE_GRACE: Duration = Duration::from_secs(60);
@@ -370,85 +371,11 @@ pub async fn run(observer: Arc<Observer>) {
     }
 }
 
-/// Answers a `flows` or `follow` request on the control socket. The argument is a JSON
-/// [`flows::Filter`] (empty: no filter). `flows` answers `{"flows": [...]}` (or `{"error": ...}`);
-/// `follow` streams one JSON [`flows::Flow`] per line, for every new drop that matches, until the
-/// client goes away.
-pub async fn answer_flows(
-    follow: bool,
-    arg: &str,
-    observer: Arc<Observer>,
-    mut write: tokio::net::unix::OwnedWriteHalf,
-) -> anyhow::Result<()> {
-    use tokio::io::AsyncWriteExt as _;
-    let filter: flows::Filter = if arg.trim().is_empty() {
-        flows::Filter::default()
-    } else {
-        match serde_json::from_str(arg) {
-            Ok(f) => f,
-            Err(e) => flows::Filter {
-                // Reported below through validate().
-                from: Some(format!("bad filter: {e}")),
-                ..flows::Filter::default()
-            },
-        }
-    };
-    let valid = if follow {
-        filter.validate_follow()
-    } else {
-        filter.validate()
-    };
-    if let Err(e) = valid {
-        let body = serde_json::json!({ "error": e });
-        write.write_all(body.to_string().as_bytes()).await?;
-        write.write_all(b"\n").await?;
-        return Ok(());
-    }
-    if !follow {
-        let obs = observer.clone();
-        let result = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<flows::Flow>> {
-            let maps = ObserveMaps::open(obs.layout())?;
-            Ok(flows::select(
-                &maps.flows(),
-                &obs.resolver(),
-                &clock(),
-                &filter,
-            ))
-        })
-        .await?;
-        let body = match result {
-            Ok(f) => serde_json::json!({ "flows": f }),
-            Err(e) => serde_json::json!({ "error": format!("{e:#}") }),
-        };
-        write.write_all(body.to_string().as_bytes()).await?;
-        write.shutdown().await?;
-        return Ok(());
-    }
-    let mut rx = observer.subscribe();
-    loop {
-        match rx.recv().await {
-            Ok(event) => {
-                let flow =
-                    flows::resolve(&flows::from_event(&event), &observer.resolver(), &clock());
-                if filter.matches(&flow, Duration::ZERO) {
-                    let mut line = serde_json::to_vec(&flow)?;
-                    line.push(b'\n');
-                    write.write_all(&line).await?;
-                }
-            }
-            Err(broadcast::error::RecvError::Lagged(n)) => {
-                observer.follow_lost.fetch_add(n, Ordering::Relaxed);
-            }
-            Err(broadcast::error::RecvError::Closed) => return Ok(()),
-        }
-    }
-}
-
 /// Client side of `flows`: the agent's flows matching `filter`.
 pub async fn request_flows(
     state_dir: &std::path::Path,
-    filter: &flows::Filter,
-) -> anyhow::Result<Vec<flows::Flow>> {
+    filter: &Filter,
+) -> anyhow::Result<Vec<Flow>> {
     let req = format!("flows {}", serde_json::to_string(filter)?);
     request_answer(state_dir, &req, "flows").await
 }
@@ -482,11 +409,11 @@ async fn request_answer<T: serde::de::DeserializeOwned>(
     }
 }
 
-/// Client side of `flows --follow`: calls `each` for every new matching drop until the agent goes.
+/// Client side of `flows --follow`: calls `each` for every new matching flow until the agent goes.
 pub async fn follow_flows(
     state_dir: &std::path::Path,
-    filter: &flows::Filter,
-    mut each: impl FnMut(flows::Flow) -> anyhow::Result<()>,
+    filter: &Filter,
+    mut each: impl FnMut(Flow) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
     let stream = connect(state_dir).await?;
@@ -496,7 +423,7 @@ pub async fn follow_flows(
     let mut lines = tokio::io::BufReader::new(read).lines();
     while let Some(line) = lines.next_line().await? {
         let v: serde_json::Value = serde_json::from_str(&line)?;
-        if let Some(e) = v.get("error") {
+        if let Some(e) = v.get("error").and_then(serde_json::Value::as_str) {
             anyhow::bail!("{e}");
         }
         each(serde_json::from_value(v)?)?;
@@ -504,22 +431,66 @@ pub async fn follow_flows(
     anyhow::bail!("the agent closed the stream")
 }
 
-/// Without an agent: follows the EVENTS ring buffer directly (raw addresses).
+/// Without an agent: follows the pinned EVENTS ring buffer and flow table directly (raw
+/// addresses, no policy names), as node `node`.
 pub async fn follow_pinned(
     layout: &PinLayout,
-    filter: &flows::Filter,
-    mut each: impl FnMut(flows::Flow) -> anyhow::Result<()>,
+    node: &str,
+    filter: &Filter,
+    mut each: impl FnMut(Flow) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
+    let matcher = filter.compile()?;
     let mut ring = open_events(layout)?;
-    let resolver = Resolver::default();
-    loop {
-        for e in next_events(&mut ring).await? {
-            let flow = flows::resolve(&flows::from_event(&e), &resolver, &clock());
-            if filter.matches(&flow, Duration::ZERO) {
-                each(flow)?;
+    let (tx, drops) = broadcast::channel(4096);
+    let drain = tokio::spawn(async move {
+        while let Ok(events) = next_events(&mut ring).await {
+            for e in events {
+                if tx.send(e).is_err() {
+                    return;
+                }
             }
         }
+    });
+    let lost = AtomicU64::new(0);
+    let sources = follow::Sources {
+        drops,
+        layout,
+        resolver: || Arc::new(Resolver::default()),
+        node,
+        lost: &lost,
+    };
+    let result = async {
+        let mut follow = follow::Follow::start(sources, filter).await?;
+        while let Some(batch) = follow.next(&matcher).await? {
+            batch.into_iter().try_for_each(&mut each)?;
+        }
+        anyhow::bail!("the drop events ended")
     }
+    .await;
+    drain.abort();
+    result
+}
+
+/// The name of this node when no agent answers: `NODE_NAME` (the DaemonSet sets it), else the
+/// node the saved cluster state was written by, else the host name.
+pub fn node_name_without_agent(state_dir: &std::path::Path) -> String {
+    #[derive(serde::Deserialize)]
+    struct Saved {
+        node: String,
+    }
+    let saved = || {
+        let path = state_dir.join(crate::sources::persisted::FILE_NAME);
+        let bytes = std::fs::read(path).ok()?;
+        serde_json::from_slice::<Saved>(&bytes).ok().map(|s| s.node)
+    };
+    let host = || std::fs::read_to_string("/proc/sys/kernel/hostname").ok();
+    std::env::var("NODE_NAME")
+        .ok()
+        .filter(|n| !n.is_empty())
+        .or_else(saved)
+        .or_else(host)
+        .map(|n| n.trim().to_owned())
+        .unwrap_or_default()
 }
 
 async fn connect(state_dir: &std::path::Path) -> anyhow::Result<tokio::net::UnixStream> {

@@ -192,6 +192,7 @@ mod tests {
     fn flow(src: &str, dst: &str, sport: u16, dport: u16, direction: &str) -> Flow {
         Flow {
             time: "2026-11-30T10:00:00.000Z".into(),
+            node: "n0".into(),
             src_ip: src.into(),
             src_port: sport,
             dst_ip: dst.into(),

@@ -2,20 +2,24 @@
 //! entries and drop events) to resolved, filtered and formatted flows. Reading the maps is
 //! [`crate::observe`]'s job; nothing here touches the kernel.
 
+pub mod activity;
+pub mod args;
+pub mod filter;
+pub mod render;
+pub mod selector;
+
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    fmt::Write as _,
     net::{IpAddr, Ipv6Addr},
-    time::Duration,
 };
 
-use ipnetwork::IpNetwork;
 use netpol_common::{Direction, DropEvent, FlowKey, FlowValue, IpKey, Reason, proto, verdict};
 use serde::{Deserialize, Serialize};
 
+pub use self::filter::{DirectionFilter, Filter, FilterError, FlowFilter, Matcher, VerdictFilter};
 use crate::{
     compiler::policy_id,
-    model::{ClusterState, PodKey, mode::Mode},
+    model::{ClusterState, Labels, PodKey, mode::Mode},
 };
 
 /// A flow record with its per-CPU values merged, or one drop event. Times are CLOCK_MONOTONIC ns.
@@ -91,6 +95,8 @@ impl Clock {
 #[derive(Clone, Debug, Default)]
 pub struct Resolver {
     pods_by_ip: HashMap<IpAddr, PodKey>,
+    /// `namespace/name` -> labels, for the label filters.
+    labels: HashMap<String, Labels>,
     endpoints: BTreeMap<u32, PodKey>,
     policies: HashMap<u32, String>,
     /// (endpoint, direction) -> `namespace/name` of the policies that isolate it that way.
@@ -135,6 +141,11 @@ impl Resolver {
             .keys()
             .map(|k| (policy_id(k), k.to_string()))
             .collect();
+        let labels = state
+            .pods
+            .values()
+            .map(|p| (p.key.to_string(), p.labels.clone()))
+            .collect();
         let isolating = isolating
             .iter()
             .map(|((ifindex, dir), keys)| {
@@ -144,6 +155,7 @@ impl Resolver {
             .collect();
         Resolver {
             pods_by_ip,
+            labels,
             endpoints: endpoints.iter().map(|(k, v)| (*v, k.clone())).collect(),
             policies,
             isolating,
@@ -199,6 +211,12 @@ impl Resolver {
     }
 }
 
+impl filter::PodLabels for Resolver {
+    fn labels_of(&self, pod: &str) -> Option<&Labels> {
+        self.labels.get(pod)
+    }
+}
+
 /// Every policy of `state` with its mode, rule counts and the local pods it decides for.
 fn catalog(
     state: &ClusterState,
@@ -231,6 +249,9 @@ fn catalog(
 pub struct Flow {
     /// RFC 3339 (UTC, milliseconds) of the last packet.
     pub time: String,
+    /// The node whose datapath saw the flow (empty from an agent older than this field).
+    #[serde(default)]
+    pub node: String,
     pub src_ip: String,
     pub src_port: u16,
     pub dst_ip: String,
@@ -302,30 +323,21 @@ pub fn direction_name(code: u8) -> &'static str {
 
 /// RFC 3339 (UTC, milliseconds) of a Unix time in ns.
 pub fn rfc3339(unix_ns: u64) -> String {
-    let secs = unix_ns / 1_000_000_000;
-    let millis = (unix_ns / 1_000_000) % 1000;
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{millis:03}Z",
-        rem / 3600,
-        (rem / 60) % 60,
-        rem % 60
-    )
+    let t = chrono::DateTime::from_timestamp_nanos(i64::try_from(unix_ns).unwrap_or(i64::MAX));
+    t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// What resolving a record needs besides the record: names, the clock, and the node's name.
+#[derive(Clone, Copy, Debug)]
+pub struct View<'a> {
+    pub resolver: &'a Resolver,
+    pub clock: Clock,
+    pub node: &'a str,
 }
 
 /// Resolves a raw flow into what `flows` shows.
-pub fn resolve(raw: &RawFlow, resolver: &Resolver, clock: &Clock) -> Flow {
+pub fn resolve(raw: &RawFlow, view: &View) -> Flow {
+    let resolver = view.resolver;
     let (src, dst) = (ip_of(&raw.key.src), ip_of(&raw.key.dst));
     let policies = match Reason::from_code(u32::from(raw.reason)) {
         Some(Reason::AllowedPolicy) if raw.policy != 0 => vec![resolver.policy(raw.policy)],
@@ -340,7 +352,8 @@ pub fn resolve(raw: &RawFlow, resolver: &Resolver, clock: &Clock) -> Flow {
         _ => Vec::new(),
     };
     Flow {
-        time: rfc3339(clock.unix_ns(raw.last_seen_ns)),
+        time: rfc3339(view.clock.unix_ns(raw.last_seen_ns)),
+        node: view.node.to_owned(),
         src_ip: src.to_string(),
         src_port: raw.key.src_port,
         dst_ip: dst.to_string(),
@@ -357,167 +370,6 @@ pub fn resolve(raw: &RawFlow, resolver: &Resolver, clock: &Clock) -> Flow {
     }
 }
 
-/// `--verdict`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum VerdictFilter {
-    Allowed,
-    Dropped,
-    /// Would-be drops of audit mode.
-    Audit,
-}
-
-/// The filters of `flows`. Every set filter must match.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Filter {
-    /// Either side is a pod of this namespace.
-    pub namespace: Option<String>,
-    /// Either side is this pod: `namespace/name`, or `name` (in `namespace` when set).
-    pub pod: Option<String>,
-    /// The source: a pod (as `pod`) or a CIDR / address.
-    pub from: Option<String>,
-    /// The destination: a pod (as `pod`) or a CIDR / address.
-    pub to: Option<String>,
-    /// Either port.
-    pub port: Option<u16>,
-    /// Protocol name or number.
-    pub protocol: Option<String>,
-    pub verdict: Option<VerdictFilter>,
-    /// Only flows seen in the last this many milliseconds.
-    pub since_ms: Option<u64>,
-    /// Only the last N flows (by time of the last packet).
-    pub last: Option<usize>,
-}
-
-/// A peer given to `--from`/`--to`.
-enum PeerMatch {
-    Net(IpNetwork),
-    Pod(String),
-}
-
-impl Filter {
-    /// Checks the filter's syntax (CIDRs, protocol names) without matching anything.
-    pub fn validate(&self) -> Result<(), String> {
-        for peer in [&self.from, &self.to].into_iter().flatten() {
-            if looks_like_address(peer) {
-                peer.parse::<IpNetwork>()
-                    .map_err(|e| format!("bad CIDR or address {peer:?}: {e}"))?;
-            }
-        }
-        if let Some(p) = &self.protocol {
-            parse_protocol(p).ok_or_else(|| format!("unknown protocol {p:?}"))?;
-        }
-        Ok(())
-    }
-
-    /// The filter of `flows --follow`, which streams the drop events: drops and would-be drops
-    /// (audit), never allowed packets. Asking it for allowed ones is an error, not silence.
-    pub fn validate_follow(&self) -> Result<(), String> {
-        self.validate()?;
-        if self.verdict == Some(VerdictFilter::Allowed) {
-            return Err(
-                "--follow streams drops and would-be drops (audit) only: allowed packets send no \
-                 events; use `flows --verdict allowed` (without --follow) for the recent ones"
-                    .to_owned(),
-            );
-        }
-        Ok(())
-    }
-
-    fn peer(&self, s: &str) -> PeerMatch {
-        if looks_like_address(s)
-            && let Ok(net) = s.parse::<IpNetwork>()
-        {
-            return PeerMatch::Net(net);
-        }
-        PeerMatch::Pod(self.qualify(s))
-    }
-
-    fn qualify(&self, pod: &str) -> String {
-        match (&self.namespace, pod.contains('/')) {
-            (Some(ns), false) => format!("{ns}/{pod}"),
-            _ => pod.to_owned(),
-        }
-    }
-
-    fn pod_matches(&self, want: &str, pod: Option<&String>) -> bool {
-        let Some(pod) = pod else { return false };
-        if want.contains('/') {
-            pod == want
-        } else {
-            pod.rsplit('/').next() == Some(want)
-        }
-    }
-
-    fn peer_matches(&self, want: &str, ip: &str, pod: Option<&String>) -> bool {
-        match self.peer(want) {
-            PeerMatch::Net(net) => ip.parse::<IpAddr>().is_ok_and(|ip| net.contains(ip)),
-            PeerMatch::Pod(p) => self.pod_matches(&p, pod),
-        }
-    }
-
-    /// Whether `flow`, last seen `age` ago, passes every filter but `last`.
-    pub fn matches(&self, flow: &Flow, age: Duration) -> bool {
-        let (sp, dp) = (flow.src_pod.as_ref(), flow.dst_pod.as_ref());
-        if let Some(ns) = &self.namespace {
-            let in_ns = |p: Option<&String>| p.is_some_and(|p| p.split('/').next() == Some(ns));
-            if !in_ns(sp) && !in_ns(dp) {
-                return false;
-            }
-        }
-        if let Some(pod) = &self.pod {
-            let pod = self.qualify(pod);
-            if !self.pod_matches(&pod, sp) && !self.pod_matches(&pod, dp) {
-                return false;
-            }
-        }
-        if let Some(from) = &self.from
-            && !self.peer_matches(from, &flow.src_ip, sp)
-        {
-            return false;
-        }
-        if let Some(to) = &self.to
-            && !self.peer_matches(to, &flow.dst_ip, dp)
-        {
-            return false;
-        }
-        if let Some(port) = self.port
-            && flow.src_port != port
-            && flow.dst_port != port
-        {
-            return false;
-        }
-        if let Some(p) = &self.protocol
-            && parse_protocol(p).map(protocol_name).as_deref() != Some(flow.protocol.as_str())
-        {
-            return false;
-        }
-        if let Some(v) = self.verdict {
-            let want = match v {
-                VerdictFilter::Allowed => "allowed",
-                VerdictFilter::Dropped => "dropped",
-                VerdictFilter::Audit => "audit",
-            };
-            if flow.verdict != want {
-                return false;
-            }
-        }
-        if let Some(ms) = self.since_ms
-            && age > Duration::from_millis(ms)
-        {
-            return false;
-        }
-        true
-    }
-}
-
-fn looks_like_address(s: &str) -> bool {
-    s.contains(':')
-        || s.split('/')
-            .next()
-            .is_some_and(|a| a.parse::<IpAddr>().is_ok())
-}
-
 /// A protocol given by name or number.
 pub fn parse_protocol(s: &str) -> Option<u8> {
     match s.to_ascii_lowercase().as_str() {
@@ -530,123 +382,23 @@ pub fn parse_protocol(s: &str) -> Option<u8> {
     }
 }
 
-/// Resolves, filters and orders raw flows: oldest first, the last `filter.last` of them.
-pub fn select(raw: &[RawFlow], resolver: &Resolver, clock: &Clock, filter: &Filter) -> Vec<Flow> {
+/// Resolves, filters and orders raw flows: oldest first, then the `--first` or `--last` N.
+pub fn select(raw: &[RawFlow], view: &View, matcher: &Matcher) -> Vec<Flow> {
     let mut picked: Vec<(u64, Flow)> = raw
         .iter()
-        .map(|r| (r.last_seen_ns, resolve(r, resolver, clock)))
-        .filter(|(t, f)| {
-            let age = Duration::from_nanos(clock.mono_ns.saturating_sub(*t));
-            filter.matches(f, age)
-        })
+        .map(|r| (r.last_seen_ns, resolve(r, view)))
+        .filter(|(t, f)| matcher.matches(f, view.clock.unix_ns(*t), view.resolver))
         .collect();
     picked.sort_by(|a, b| (a.0, &a.1.src_ip, a.1.src_port).cmp(&(b.0, &b.1.src_ip, b.1.src_port)));
-    if let Some(n) = filter.last {
+    let (first, last) = matcher.counts();
+    if let Some(n) = first {
+        picked.truncate(n);
+    }
+    if let Some(n) = last {
         let skip = picked.len().saturating_sub(n);
         picked.drain(..skip);
     }
     picked.into_iter().map(|(_, f)| f).collect()
-}
-
-/// Output format of `flows`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Format {
-    Table,
-    Json,
-    Jsonl,
-}
-
-fn endpoint_label(pod: Option<&String>, ip: &str, port: u16, protocol: &str) -> String {
-    let host = match pod {
-        Some(p) => p.clone(),
-        None if ip.contains(':') => format!("[{ip}]"),
-        None => ip.to_owned(),
-    };
-    if port == 0 && !matches!(protocol, "tcp" | "udp" | "sctp") {
-        host
-    } else {
-        format!("{host}:{port}")
-    }
-}
-
-/// The header line of the table format.
-pub fn table_header() -> String {
-    format!(
-        "{:<24} {:<30} {:<30} {:<6} {:<9} {:<8} {:<16} {:<30} {:>8} {:>10}",
-        "TIME",
-        "SOURCE",
-        "DESTINATION",
-        "PROTO",
-        "DIRECTION",
-        "VERDICT",
-        "REASON",
-        "POLICY",
-        "PACKETS",
-        "BYTES"
-    )
-}
-
-/// One row of the table format.
-pub fn table_row(f: &Flow) -> String {
-    let policies: BTreeSet<&str> = f.policies.iter().map(String::as_str).collect();
-    let policies = if policies.is_empty() {
-        "-".to_owned()
-    } else {
-        policies.into_iter().collect::<Vec<_>>().join(",")
-    };
-    format!(
-        "{:<24} {:<30} {:<30} {:<6} {:<9} {:<8} {:<16} {:<30} {:>8} {:>10}",
-        f.time,
-        endpoint_label(f.src_pod.as_ref(), &f.src_ip, f.src_port, &f.protocol),
-        endpoint_label(f.dst_pod.as_ref(), &f.dst_ip, f.dst_port, &f.protocol),
-        f.protocol,
-        f.direction,
-        f.verdict,
-        f.reason,
-        policies,
-        f.packets,
-        f.bytes
-    )
-}
-
-/// Renders flows in `format` (table with a header line; JSON array; one JSON object per line).
-pub fn render(flows: &[Flow], format: Format) -> String {
-    let mut out = String::new();
-    match format {
-        Format::Table => {
-            let _ = writeln!(out, "{}", table_header());
-            for f in flows {
-                let _ = writeln!(out, "{}", table_row(f));
-            }
-        }
-        Format::Json => {
-            out = serde_json::to_string_pretty(flows).unwrap_or_default();
-            out.push('\n');
-        }
-        Format::Jsonl => {
-            for f in flows {
-                let _ = writeln!(out, "{}", serde_json::to_string(f).unwrap_or_default());
-            }
-        }
-    }
-    out
-}
-
-/// Parses `--since` durations: `30s`, `5m`, `2h`, `1d`, `500ms`, or plain seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (n, unit) = s.split_at(split);
-    let n: u64 = n.parse().map_err(|_| format!("bad duration {s:?}"))?;
-    let ms = match unit {
-        "ms" => n,
-        "" | "s" => n * 1000,
-        "m" => n * 60_000,
-        "h" => n * 3_600_000,
-        "d" => n * 86_400_000,
-        _ => return Err(format!("bad duration unit in {s:?} (use ms, s, m, h or d)")),
-    };
-    Ok(Duration::from_millis(ms))
 }
 
 #[cfg(test)]
@@ -741,24 +493,6 @@ mod tests {
     }
 
     #[test]
-    fn follow_refuses_to_wait_for_allowed_packets() {
-        let allowed = Filter {
-            verdict: Some(VerdictFilter::Allowed),
-            ..Filter::default()
-        };
-        assert!(allowed.validate().is_ok());
-        let e = allowed.validate_follow().unwrap_err();
-        assert!(e.contains("drops and would-be drops"), "{e}");
-        for v in [VerdictFilter::Dropped, VerdictFilter::Audit] {
-            let f = Filter {
-                verdict: Some(v),
-                ..Filter::default()
-            };
-            assert!(f.validate_follow().is_ok());
-        }
-    }
-
-    #[test]
     fn resolves_pods_policies_and_isolation() {
         let s = state();
         let endpoints = BTreeMap::from([(PodKey::new("x", "a"), 7)]);
@@ -788,8 +522,14 @@ mod tests {
             matched: 0,
             policy: 0,
         };
-        let f = resolve(&raw, &r, &clock);
+        let view = View {
+            resolver: &r,
+            clock,
+            node: "n0",
+        };
+        let f = resolve(&raw, &view);
         assert_eq!(f.time, "2023-11-14T22:13:19.500Z");
+        assert_eq!(f.node, "n0");
         assert_eq!(f.src_ip, "10.42.1.11");
         assert_eq!(f.src_pod.as_deref(), Some("x/b"));
         assert_eq!(f.dst_pod.as_deref(), Some("x/a"));
@@ -802,7 +542,7 @@ mod tests {
             policy: policy_id(&PodKey::new("x", "deny-a")),
             ..raw
         };
-        assert_eq!(resolve(&allowed, &r, &clock).policies, vec!["x/deny-a"]);
+        assert_eq!(resolve(&allowed, &view).policies, vec!["x/deny-a"]);
         let json = serde_json::to_value(&f).unwrap();
         let fields: Vec<&str> = json
             .as_object()
@@ -812,6 +552,7 @@ mod tests {
             .collect();
         let mut want = vec![
             "time",
+            "node",
             "src_ip",
             "src_port",
             "dst_ip",
@@ -832,105 +573,73 @@ mod tests {
         assert_eq!(fields, want);
     }
 
+    /// Three dropped flows from x/b to x/a, 100 ms apart (source ports 1, 2, 3).
+    fn three_flows() -> Vec<RawFlow> {
+        (1..=3u16)
+            .map(|i| RawFlow {
+                key: key([10, 42, 1, 11], [10, 42, 0, 10], i, 80, Direction::Ingress),
+                packets: 1,
+                bytes: 60,
+                first_seen_ns: u64::from(i) * 100_000_000,
+                last_seen_ns: u64::from(i) * 100_000_000,
+                reason: Reason::DroppedIngressDenied as u8,
+                verdict: verdict::DROPPED,
+                matched: 0,
+                policy: 0,
+            })
+            .collect()
+    }
+
     #[test]
-    fn filters() {
-        let f = Flow {
-            time: String::new(),
-            src_ip: "10.42.1.11".into(),
-            src_port: 4000,
-            dst_ip: "10.42.0.10".into(),
-            dst_port: 80,
-            protocol: "tcp".into(),
-            direction: "ingress".into(),
-            verdict: "dropped".into(),
-            reason: "ingress-denied".into(),
-            policies: vec![],
-            packets: 1,
-            bytes: 1,
-            src_pod: Some("x/b".into()),
-            dst_pod: Some("y/a".into()),
+    fn select_orders_windows_counts_and_filters_by_label() {
+        let r = Resolver::new(&state(), &BTreeMap::new(), &BTreeMap::new(), Mode::Enforce);
+        let clock = Clock {
+            mono_ns: 1_000_000_000,
+            unix_ns: 1_700_000_000_000_000_000,
         };
-        let age = Duration::from_secs(10);
-        let m = |filter: Filter| filter.matches(&f, age);
-        assert!(m(Filter::default()));
-        assert!(m(Filter {
-            namespace: Some("y".into()),
+        let view = View {
+            resolver: &r,
+            clock,
+            node: "n0",
+        };
+        let ports = |filter: Filter| -> Vec<u16> {
+            let mut raw = three_flows();
+            raw.reverse();
+            select(&raw, &view, &filter.compile().unwrap())
+                .iter()
+                .map(|f| f.src_port)
+                .collect()
+        };
+        assert_eq!(ports(Filter::default()), [1, 2, 3], "oldest first");
+        let unix_ms = |mono_ms: u64| (clock.unix_ns(mono_ms * 1_000_000)) / 1_000_000;
+        let window = Filter {
+            since_unix_ms: Some(unix_ms(200)),
+            until_unix_ms: Some(unix_ms(200)),
             ..Filter::default()
-        }));
-        assert!(!m(Filter {
-            namespace: Some("z".into()),
+        };
+        assert_eq!(ports(window), [2], "both ends of the window are in it");
+        let first = Filter {
+            first: Some(2),
             ..Filter::default()
-        }));
-        assert!(m(Filter {
-            pod: Some("a".into()),
+        };
+        assert_eq!(ports(first), [1, 2]);
+        let last = Filter {
+            last: Some(2),
             ..Filter::default()
-        }));
-        assert!(m(Filter {
-            pod: Some("x/b".into()),
+        };
+        assert_eq!(ports(last), [2, 3]);
+        let labelled = |from: &str, to: &str| Filter {
+            include: FlowFilter {
+                from_label: vec![from.into()],
+                to_label: vec![to.into()],
+                ..FlowFilter::default()
+            },
             ..Filter::default()
-        }));
-        assert!(!m(Filter {
-            namespace: Some("x".into()),
-            pod: Some("a".into()),
-            ..Filter::default()
-        }));
-        assert!(m(Filter {
-            from: Some("10.42.1.0/24".into()),
-            ..Filter::default()
-        }));
-        assert!(!m(Filter {
-            to: Some("10.42.1.0/24".into()),
-            ..Filter::default()
-        }));
-        assert!(m(Filter {
-            to: Some("y/a".into()),
-            ..Filter::default()
-        }));
-        assert!(!m(Filter {
-            from: Some("y/a".into()),
-            ..Filter::default()
-        }));
-        assert!(m(Filter {
-            port: Some(4000),
-            ..Filter::default()
-        }));
-        assert!(!m(Filter {
-            port: Some(81),
-            ..Filter::default()
-        }));
-        assert!(m(Filter {
-            protocol: Some("6".into()),
-            ..Filter::default()
-        }));
-        assert!(!m(Filter {
-            protocol: Some("udp".into()),
-            ..Filter::default()
-        }));
-        assert!(m(Filter {
-            verdict: Some(VerdictFilter::Dropped),
-            ..Filter::default()
-        }));
-        assert!(!m(Filter {
-            verdict: Some(VerdictFilter::Allowed),
-            ..Filter::default()
-        }));
-        assert!(m(Filter {
-            since_ms: Some(60_000),
-            ..Filter::default()
-        }));
-        assert!(!m(Filter {
-            since_ms: Some(5_000),
-            ..Filter::default()
-        }));
+        };
+        assert_eq!(ports(labelled("pod=b", "pod in (a, z)")), [1, 2, 3]);
         assert!(
-            Filter {
-                from: Some("10.0.0.0/99".into()),
-                ..Filter::default()
-            }
-            .validate()
-            .is_err()
+            ports(labelled("pod=a", "pod=a")).is_empty(),
+            "x/a is not the source"
         );
-        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
-        assert!(parse_duration("5x").is_err());
     }
 }
