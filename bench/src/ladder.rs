@@ -28,7 +28,10 @@ pub struct Loaded {
 impl Loaded {
     pub fn new(spec: MixSpec) -> Self {
         let mix = Mix::new(spec);
-        let state = state_from_objects(mix.objects());
+        let mut state = ClusterState::default();
+        mix.each_object(|value| {
+            merge(&mut state, state_from_objects(vec![value]));
+        });
         assert!(
             state.errors.is_empty(),
             "the mix does not convert: {:?}",
@@ -135,8 +138,14 @@ pub struct Rung {
 /// Runs one rung in this process (the caller runs each in a child, for its own peak RSS).
 pub fn run(spec: MixSpec, changes: usize) -> anyhow::Result<Rung> {
     let mut loaded = Loaded::new(spec);
-    // The peak from here on: the generator's JSON is not the agent's.
+    // The peak from here on: the generator's JSON is not the agent's (freed, and handed back to the
+    // system so that the reset peak starts from what is live).
+    // SAFETY: malloc_trim only releases free heap memory.
+    unsafe { libc::malloc_trim(0) };
     std::fs::write("/proc/self/clear_refs", "5").context("resetting the peak RSS")?;
+    if std::env::var_os("NETPOL_LADDER_DEBUG").is_some() {
+        eprintln!("after generation: HWM {} KiB", bpf::vm_hwm_kib());
+    }
     let scratch = Scratch::new("ladder")?;
     let caps = capacities();
     let mut dp = Datapath::open(PinLayout::new(scratch.dir.join("pins")), &caps)
@@ -150,6 +159,9 @@ pub fn run(spec: MixSpec, changes: usize) -> anyhow::Result<Rung> {
         bail!("{} map writes failed, first: {:?}", errors.len(), errors[0]);
     }
     let maps = map_use(&compiled, &caps);
+    if std::env::var_os("NETPOL_LADDER_DEBUG").is_some() {
+        eprintln!("after ready: HWM {} KiB", bpf::vm_hwm_kib());
+    }
     let shortfalls = compiled.shortfalls.len();
     drop(compiled);
     let cpu_before = cpu_ms();
@@ -255,8 +267,7 @@ impl Loaded {
     fn apply(&mut self, value: serde_json::Value) {
         let one = state_from_objects(vec![value]);
         assert!(one.errors.is_empty(), "{:?}", one.errors);
-        self.state.pods.extend(one.pods);
-        self.state.policies.extend(one.policies);
+        merge(&mut self.state, one);
     }
 
     /// The namespace of the `n`-th local pod.
@@ -311,4 +322,14 @@ pub fn table(rungs: &[Rung]) -> String {
     }
     o.push('\n');
     o
+}
+
+/// Adds the objects of `one` to `state`.
+fn merge(state: &mut ClusterState, one: ClusterState) {
+    state.namespaces.extend(one.namespaces);
+    state.pods.extend(one.pods);
+    state.policies.extend(one.policies);
+    state.services.extend(one.services);
+    state.endpoint_slices.extend(one.endpoint_slices);
+    state.errors.extend(one.errors);
 }

@@ -85,25 +85,35 @@ impl Mix {
 
     /// Every object of the cluster, namespaces first.
     pub fn objects(&self) -> Vec<Value> {
-        let mut out = system_objects();
+        let mut out = Vec::new();
+        self.each_object(|v| out.push(v));
+        out
+    }
+
+    /// Every object of the cluster, namespaces first, one at a time (no cluster-sized JSON).
+    pub fn each_object(&self, mut sink: impl FnMut(Value)) {
+        system_objects().into_iter().for_each(&mut sink);
         for n in 0..self.namespaces {
-            out.push(namespace(
+            sink(namespace(
                 &tenant_ns(n),
                 json!({"team": format!("team-{}", n % 20)}),
             ));
         }
         for index in 0..self.tenant_pods() {
-            out.push(self.pod(index, 0));
+            sink(self.pod(index, 0));
         }
         for (ns, deployment, pods) in self.services() {
-            out.extend(service_objects(ns, deployment, &pods));
+            service_objects(ns, deployment, &pods)
+                .into_iter()
+                .for_each(&mut sink);
         }
         for n in 0..self.namespaces {
-            out.extend((0..5).map(|k| policy(n, k, 0)));
+            (0..5).for_each(|k| sink(policy(n, k, 0)));
         }
         let extra = self.spec.policies - 5 * self.namespaces;
-        out.extend((0..extra).map(|k| policy(k % self.namespaces, 5 + k / self.namespaces, 0)));
-        out
+        for k in 0..extra {
+            sink(policy(k % self.namespaces, 5 + k / self.namespaces, 0));
+        }
     }
 
     /// The deployments with a Service: (namespace, deployment, their pods' indices).

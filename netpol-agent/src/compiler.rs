@@ -221,10 +221,10 @@ struct Rule {
     ports: Vec<PortMatch>,
 }
 
-/// A validated policy.
-#[derive(Clone, Debug)]
-struct ParsedPolicy<'a> {
-    policy: &'a Policy,
+/// What a policy object validates to, whatever the rest of the state (so [`Compiler`] keeps it
+/// while the object does not change).
+#[derive(Debug)]
+struct Parsed {
     id: u32,
     /// `None` when the pod selector is invalid: the policy then isolates its whole namespace.
     selector: Option<Selector>,
@@ -233,10 +233,26 @@ struct ParsedPolicy<'a> {
     /// Empty when the policy has an error.
     rules: Vec<Rule>,
     valid: bool,
+    errors: Vec<CompileError>,
+}
+
+/// A validated policy, with the mode it is compiled in.
+#[derive(Clone, Debug)]
+struct ParsedPolicy<'a> {
+    policy: &'a Policy,
+    parsed: Arc<Parsed>,
     mode: Mode,
 }
 
-impl ParsedPolicy<'_> {
+impl std::ops::Deref for ParsedPolicy<'_> {
+    type Target = Parsed;
+
+    fn deref(&self) -> &Parsed {
+        &self.parsed
+    }
+}
+
+impl Parsed {
     fn isolates(&self, direction: Direction) -> bool {
         match direction {
             Direction::Ingress => self.ingress,
@@ -262,7 +278,7 @@ impl Errors<'_> {
     }
 }
 
-fn parse_policy(policy: &Policy) -> (ParsedPolicy<'_>, Vec<CompileError>) {
+fn parse_policy(policy: &Policy) -> Parsed {
     let mut errs = Errors {
         policy,
         out: Vec::new(),
@@ -331,17 +347,15 @@ fn parse_policy(policy: &Policy) -> (ParsedPolicy<'_>, Vec<CompileError>) {
     if !valid {
         rules.clear();
     }
-    let parsed = ParsedPolicy {
-        policy,
+    Parsed {
         id: policy_id(&policy.key),
         selector,
         ingress,
         egress,
         rules,
         valid,
-        mode: Mode::Enforce,
-    };
-    (parsed, errs.out)
+        errors: errs.out,
+    }
 }
 
 fn parse_peers(
@@ -542,7 +556,7 @@ pub fn compile(input: &CompileInput<'_>) -> Compiled {
     let keys = input.state.peer_pods().map(PodIdentityKey::of).collect();
     let numbers = Arc::new(crate::model::identity::number_pods(keys));
     let ipcache = pod_ipcache(input, &numbers);
-    compile_with(input, &numbers, ipcache)
+    compile_with(input, &mut |p| Arc::new(parse_policy(p)), &numbers, ipcache)
 }
 
 /// The compiler with what it keeps between compilations: the pod-wide stage ([`pods::PodStage`]),
@@ -550,19 +564,34 @@ pub fn compile(input: &CompileInput<'_>) -> Compiled {
 #[derive(Clone, Debug, Default)]
 pub struct Compiler {
     pods: pods::PodStage,
+    /// Each policy as last parsed, with the object it was parsed from.
+    policies: BTreeMap<PodKey, (Policy, Arc<Parsed>)>,
 }
 
 impl Compiler {
     /// Compiles `input`, reusing what did not change since the last call.
     pub fn compile(&mut self, input: &CompileInput<'_>) -> Compiled {
         self.pods.update(input.state, input.endpoints);
-        compile_with(input, self.pods.numbers(), self.pods.ipcache().clone())
+        let policies = &input.state.policies;
+        self.policies
+            .retain(|key, (old, _)| policies.get(key) == Some(old));
+        let kept = &mut self.policies;
+        let mut parse = |p: &Policy| {
+            let (_, parsed) = kept
+                .entry(p.key.clone())
+                .or_insert_with(|| (p.clone(), Arc::new(parse_policy(p))));
+            parsed.clone()
+        };
+        let pod_ipcache = self.pods.ipcache().clone();
+        compile_with(input, &mut parse, self.pods.numbers(), pod_ipcache)
     }
 }
 
-/// The compilation given the pod identities and the IPCACHE entries of the pods' addresses.
+/// The compilation given how to parse a policy, the pod identities and the IPCACHE entries of the
+/// pods' addresses.
 fn compile_with(
     input: &CompileInput<'_>,
+    parse: &mut dyn FnMut(&Policy) -> Arc<Parsed>,
     pod_numbers: &Arc<BTreeMap<PodIdentityKey, u32>>,
     pod_ipcache: BTreeMap<IpKey, IpInfo>,
 ) -> Compiled {
@@ -572,13 +601,16 @@ fn compile_with(
         .policies
         .values()
         .map(|policy| {
-            let (mut p, errors) = parse_policy(policy);
-            out.errors.extend(errors);
+            let parsed = parse(policy);
+            out.errors.extend(parsed.errors.iter().cloned());
             let resolved = state.policy_mode(policy, input.default_mode);
-            p.mode = resolved.mode;
             out.errors
                 .extend(resolved.error.map(|e| mode_error(policy, e)));
-            p
+            ParsedPolicy {
+                policy,
+                parsed,
+                mode: resolved.mode,
+            }
         })
         .collect();
     let identities = Identities {

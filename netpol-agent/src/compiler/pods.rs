@@ -34,6 +34,12 @@ impl Member {
     }
 }
 
+/// A difference between the members and the state's peer pods.
+enum Change<'s> {
+    Gone(PodKey),
+    New(&'s Pod),
+}
+
 /// Peer pods' identities and the IPCACHE entries of their addresses, kept up to date.
 #[derive(Clone, Debug, Default)]
 pub struct PodStage {
@@ -60,33 +66,25 @@ impl PodStage {
         &self.ipcache
     }
 
-    /// Brings the stage to `state` and `endpoints`: one pass over the pods and the members side by
-    /// side (both in name order), with work only for the pods that changed.
+    /// Brings the stage to `state` and `endpoints`: one read-only pass over the pods and the
+    /// members side by side (both in name order) finds what changed; only that is worked on.
     pub fn update(&mut self, state: &ClusterState, endpoints: &BTreeMap<PodKey, u32>) {
         let mut touched = BTreeSet::new();
         let keys_before = self.keys.len();
         let mut keys_changed = false;
-        let mut old = std::mem::take(&mut self.members).into_iter().peekable();
-        let mut kept = Vec::new();
-        for pod in state.peer_pods() {
-            while let Some((key, member)) = old.next_if(|(k, _)| *k < pod.key) {
-                keys_changed |= self.forget(&key, member, &mut touched);
-            }
-            if let Some((key, member)) = old.next_if(|(k, _)| *k == pod.key) {
-                if member.matches(pod) {
-                    kept.push((key, member));
-                    continue;
+        for change in self.changes(state) {
+            match change {
+                Change::Gone(key) => {
+                    let member = self.members.remove(&key).expect("a member goes once");
+                    keys_changed |= self.forget(&key, member, &mut touched);
                 }
-                keys_changed |= self.forget(&key, member, &mut touched);
+                Change::New(pod) => {
+                    let (member, new_key) = self.learn(pod, &mut touched);
+                    keys_changed |= new_key;
+                    self.members.insert(pod.key.clone(), member);
+                }
             }
-            let (member, new_key) = self.learn(pod, &mut touched);
-            keys_changed |= new_key;
-            kept.push((pod.key.clone(), member));
         }
-        for (key, member) in old {
-            keys_changed |= self.forget(&key, member, &mut touched);
-        }
-        self.members = kept.into_iter().collect();
         self.endpoints_changed(endpoints, &mut touched);
         let renumbered = (keys_changed || self.keys.len() != keys_before) && self.renumber();
         if renumbered {
@@ -95,6 +93,25 @@ impl PodStage {
         for addr in touched {
             self.refresh(addr);
         }
+    }
+
+    /// The members that are gone or changed (a changed pod is gone, then new) and the new pods.
+    fn changes<'s>(&self, state: &'s ClusterState) -> Vec<Change<'s>> {
+        let mut out = Vec::new();
+        let mut old = self.members.iter().peekable();
+        for pod in state.peer_pods() {
+            while let Some((key, _)) = old.next_if(|(k, _)| **k < pod.key) {
+                out.push(Change::Gone(key.clone()));
+            }
+            match old.next_if(|(k, _)| **k == pod.key) {
+                Some((_, member)) if member.matches(pod) => continue,
+                Some((key, _)) => out.push(Change::Gone(key.clone())),
+                None => {}
+            }
+            out.push(Change::New(pod));
+        }
+        out.extend(old.map(|(key, _)| Change::Gone(key.clone())));
+        out
     }
 
     /// Drops the claims and key use of `key`'s old member; true when that was its identity key's

@@ -1,7 +1,7 @@
 //! The incremental compiler gives what the full one gives: over generated sequences of changes
 //! (pods added, removed, relabelled, readdressed, given ports, finished or moved to the host
 //! network, attached or not; addresses claimed twice; policies added, edited and removed; namespace
-//! labels changed), one [`Compiler`] kept across the sequence must, after every change, produce
+//! labels and modes changed), one [`Compiler`] kept across the sequence must, after every change, produce
 //! exactly [`compile`]'s output for the same input. Seeded: a failure names its seed and step.
 
 use fastrand::Rng;
@@ -68,7 +68,11 @@ fn change(rng: &mut Rng, c: &mut Cluster) -> String {
         7 => {
             let team = pick(rng, &["a", "b"]);
             c.namespace(ns, &[("team", team)]);
-            format!("namespace {ns} team={team}")
+            let mode = pick(rng, &["audit", "enforce", "bogus"]);
+            if rng.bool() {
+                c.namespace_mode(ns, mode);
+            }
+            format!("namespace {ns} team={team}, maybe mode {mode}")
         }
         8 => {
             let name = format!("np{}", rng.u8(0..3));
@@ -142,6 +146,7 @@ fn a_stale_stage_is_caught() {
         .insert("app".into(), "cache".into());
     let stale = compile_with(
         &input(&c),
+        &mut |p| Arc::new(parse_policy(p)),
         compiler.pods.numbers(),
         compiler.pods.ipcache().clone(),
     );
