@@ -45,6 +45,10 @@ enum Internal {
     ApiMemory {
         #[arg(long)]
         quick: bool,
+        /// Another cluster size (pods; policies a fifth of them, 50 pods per namespace, 110 per
+        /// node).
+        #[arg(long)]
+        pods: Option<usize>,
     },
     /// Only the time-to-first-packet part (simulated cluster, agents on the manifest source); prints
     /// its table, then its JSON.
@@ -89,14 +93,22 @@ fn main() -> anyhow::Result<()> {
             println!("{}", serde_json::to_string(&part)?);
             return Ok(());
         }
-        Some(Internal::ApiMemory { quick }) => {
+        Some(Internal::ApiMemory { quick, pods }) => {
             let dir = std::env::current_exe()?
                 .parent()
                 .map(PathBuf::from)
                 .unwrap_or_default();
             let agent = cli.agent_bin.unwrap_or_else(|| dir.join("netpol-agent"));
-            let part =
-                netpol_bench::api_memory::run(&agent, netpol_bench::api_memory::Spec::new(quick))?;
+            let spec = match pods {
+                Some(pods) => netpol_bench::api_memory::Spec {
+                    pods,
+                    policies: pods / 5,
+                    namespaces: pods / 50,
+                    nodes: pods / 110,
+                },
+                None => netpol_bench::api_memory::Spec::new(quick),
+            };
+            let part = netpol_bench::api_memory::run(&agent, spec)?;
             println!("{}", serde_json::to_string_pretty(&part)?);
             return Ok(());
         }
