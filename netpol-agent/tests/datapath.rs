@@ -354,3 +354,57 @@ fn the_conntrack_entries_of_the_v1_layout_are_adopted_then_unpinned() {
     };
     assert_eq!(entries, [(key, want)]);
 }
+
+/// A buffer whose mirror is unknown (here: the agent found an ENDPOINTS entry there that its mirror
+/// lacked) is read back whole before it is switched to: a stale allow left in a map the update has
+/// nothing to write to is found and deleted, never switched live.
+#[test]
+fn a_buffer_the_mirror_does_not_know_is_read_back_whole_before_a_switch() {
+    use aya::maps::{HashMap, LpmTrie, Map, MapData, lpm_trie::Key};
+    use netpol_common::{POLICY_PREFIX_ANY_PROTOCOL, PolicyKey, PolicyValue, buffer, identity};
+    if !common::privileged("the datapath test") {
+        return;
+    }
+    let dir = PinDir::new("unknown");
+    let layout = PinLayout::new(&dir.0);
+    let mut dp = Datapath::open(layout.clone(), &Default::default()).expect("open");
+    assert!(dp.apply(&one_endpoint()).is_empty());
+    let idle = 1 - buffer::of(dp.generation());
+    let maps = layout.maps_dir();
+    let open = |name: &str| MapData::from_pin(maps.join(name)).expect("pinned");
+    // Left in the idle buffer, unknown to the mirror: endpoint 9 and an allow-everything for 7.
+    let info = EndpointInfo::new(0, [2, 0, 0, 0, 0, 9], [0; 16]);
+    let mut endpoints: HashMap<_, u32, EndpointInfo> =
+        HashMap::try_from(Map::HashMap(open(map_names::ENDPOINTS[idle]))).unwrap();
+    endpoints.insert(9, info, 0).unwrap();
+    let stale = PolicyKey {
+        endpoint: 7,
+        identity: identity::ANY,
+        direction: 0,
+        protocol: 0,
+        port_be: [0, 0],
+    };
+    let mut policy: LpmTrie<_, PolicyKey, PolicyValue> =
+        LpmTrie::try_from(Map::LpmTrie(open(map_names::POLICY[idle]))).unwrap();
+    let key = Key::new(POLICY_PREFIX_ANY_PROTOCOL, stale);
+    policy.insert(&key, PolicyValue::default(), 0).unwrap();
+    // The agent meets endpoint 9 in the idle buffer: that buffer's mirror is no longer trusted.
+    dp.add_endpoint_if_absent(9, info).expect("add endpoint 9");
+    // The next policy isolates endpoint 7 (a write to ENDPOINTS only; POLICY stays empty).
+    let mut desired = Contents::default();
+    let isolated = netpol_common::endpoint_flags::ISOLATED_INGRESS;
+    desired
+        .endpoints
+        .insert(7, EndpointInfo::new(isolated, [2, 0, 0, 0, 0, 7], [0; 16]));
+    desired.endpoints.insert(9, info);
+    let generation = dp.generation();
+    let errors = dp.apply(&desired);
+    assert!(!errors.is_empty(), "the stale allow must be found");
+    assert_eq!(dp.generation(), generation, "and not switched to");
+    assert!(dp.apply(&desired).is_empty(), "the retry deletes it");
+    assert_eq!(buffer::of(dp.generation()), idle);
+    assert!(
+        policy.get(&key, 0).is_err(),
+        "the live buffer has no stale allow"
+    );
+}

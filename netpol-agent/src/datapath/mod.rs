@@ -256,6 +256,21 @@ struct Written {
 }
 
 impl Written {
+    /// Every map, when the mirror cannot be trusted (`unknown`); else what was written.
+    fn or_all(self, unknown: bool) -> Written {
+        if !unknown {
+            return self;
+        }
+        Written {
+            endpoints: true,
+            ipcache: true,
+            cidrs: true,
+            policy: true,
+            services: true,
+            frontends: true,
+        }
+    }
+
     fn note(&mut self, write: &Write<'_>) {
         match write {
             Write::Endpoint(..) => self.endpoints = true,
@@ -292,6 +307,9 @@ pub struct Datapath {
     /// killed between writing a buffer and switching to it), cleared only once a switch
     /// succeeded, so revoked flows always get re-checked.
     switch_pending: bool,
+    /// Per buffer: the mirror may lack what the kernel holds (a read failed, or an entry was found
+    /// there that the mirror did not have), so the next read-back reads every map.
+    mirror_unknown: [bool; 2],
 }
 
 fn take_map<T: TryFrom<aya::maps::Map, Error = MapError>>(
@@ -356,6 +374,7 @@ impl Datapath {
             pending_grace: None,
             grace_owed: false,
             switch_pending: true,
+            mirror_unknown: [false; 2],
         };
         let read_err = |source| DatapathError::Map {
             name: map_names::CONFIG,
@@ -493,13 +512,19 @@ impl Datapath {
     /// Re-reads the maps of buffer `b` that were `written` into the mirror rather than assume: an
     /// entry the kernel refused is not there. (A map not written holds what was read back last
     /// time: reading back 100,000 unchanged IPCACHE entries on every policy edit was a third of its
-    /// cost.) Contents it cannot read whole are unknown: the next update rewrites all of it, and
-    /// so reads all of it back.
+    /// cost.) Contents it cannot read whole are unknown: the next update rewrites all of it and
+    /// reads every map back, also those with nothing to write (a map desired empty would otherwise
+    /// keep, unseen, what an earlier attempt left in it).
     fn reread(&mut self, b: usize, written: Written, errors: &mut Vec<WriteError>) {
-        match self.buffers[b].read_written(written, &self.mirror.contents[b]) {
-            Ok(c) => self.mirror.contents[b] = c,
+        let to_read = written.or_all(self.mirror_unknown[b]);
+        match self.buffers[b].read_written(to_read, &self.mirror.contents[b]) {
+            Ok(c) => {
+                self.mirror.contents[b] = c;
+                self.mirror_unknown[b] = false;
+            }
             Err(e) => {
                 self.mirror.contents[b] = Contents::default();
+                self.mirror_unknown[b] = true;
                 errors.push(WriteError::new(map_names::POLICY[b], e));
             }
         }
@@ -564,6 +589,8 @@ impl Datapath {
                 Err(MapError::SyscallError(e))
                     if e.io_error.raw_os_error() == Some(libc::EEXIST) =>
                 {
+                    // The kernel has an entry the mirror lacks: read all of it back next time.
+                    self.mirror_unknown[b] = true;
                     continue;
                 }
                 Err(e) => return Err(e),

@@ -50,20 +50,24 @@ fn change(rng: &mut Rng, c: &mut Cluster) -> String {
         }
         5 => {
             if let Some(p) = c.state.pods.get_mut(&key) {
-                match rng.u8(0..3) {
+                match rng.u8(0..5) {
                     0 => p.phase = Some("Succeeded".into()),
                     1 => p.host_network = !p.host_network,
+                    2 => p.ips.clear(),
+                    3 => p.ips.extend(p.ips.first().copied()),
                     _ => p.ips.reverse(),
                 }
             }
-            format!("{key} finished, host network or reordered")
+            format!("{key} finished, host network, no address, an address twice or reordered")
         }
         6 => {
-            // Attached or detached: the endpoint comes and goes with the veth.
-            if c.endpoints.remove(&key).is_none() && c.state.pods.contains_key(&key) {
-                c.endpoints.insert(key.clone(), 100 + rng.u32(0..50));
-            }
-            format!("toggle endpoint of {key}")
+            // Attached, detached or moved to another veth; also for a pod the state lacks.
+            match c.endpoints.get(&key) {
+                Some(_) if rng.bool() => c.endpoints.insert(key.clone(), 100 + rng.u32(0..50)),
+                Some(_) => c.endpoints.remove(&key),
+                None => c.endpoints.insert(key.clone(), 100 + rng.u32(0..50)),
+            };
+            format!("endpoint of {key} attached, moved or detached")
         }
         7 => {
             let team = pick(rng, &["a", "b"]);
@@ -152,4 +156,61 @@ fn a_stale_stage_is_caught() {
     );
     assert!(stale != compile(&input(&c)), "a relabel renumbers the pod");
     assert!(compiler.compile(&input(&c)) == compile(&input(&c)));
+}
+
+/// Two values of `app` whose identity keys (a pod of namespace `a`, no ports) have the same home
+/// number: a birthday search over the numbering of single keys (a hostile namespace owner can do
+/// the same to move another key's number).
+fn colliding_apps() -> (String, String) {
+    let key = |app: &str| crate::model::identity::PodIdentityKey {
+        namespace: "a".into(),
+        labels: labels(&[("app", app)]),
+        ports: Default::default(),
+    };
+    let mut homes = std::collections::HashMap::new();
+    for i in 0.. {
+        let app = format!("x{i}");
+        let k = key(&app);
+        let home = crate::model::identity::number_pods([k.clone()].into())[&k];
+        if let Some(other) = homes.insert(home, app.clone()) {
+            return (other, app);
+        }
+    }
+    unreachable!("the search ends")
+}
+
+/// When two identity keys collide, the one numbered second moves when the first goes (or comes):
+/// the kept compiler renumbers and refreshes every address, as the full one computes it.
+#[test]
+fn a_hash_collision_renumbers_like_the_full_compile() {
+    let (first, second) = colliding_apps();
+    let mut c = Cluster::new();
+    c.local("a", "web", &[("app", "web")], &["10.0.0.2"]);
+    c.policy(
+        "a",
+        "np",
+        &format!("podSelector: {{}}\ningress:\n- from: [{{podSelector: {{matchLabels: {{app: {second}}}}}}}]"),
+    );
+    let mut compiler = Compiler::default();
+    let mut check = |c: &Cluster, step: &str| {
+        assert!(compiler.compile(&input(c)) == compile(&input(c)), "{step}");
+    };
+    check(&c, "start");
+    c.remote("a", "p2", &[("app", &second)], &["10.0.1.2"]);
+    check(&c, "second alone");
+    c.remote("a", "p1", &[("app", &first)], &["10.0.1.1"]);
+    check(&c, "both: one of them probes past the other");
+    let p2 = |c: &Compiled| c.ipcache[&ip_key(ip("10.0.1.2"))].identity;
+    let with_both = p2(&compile(&input(&c)));
+    c.state.pods.remove(&PodKey::new("a", "p1"));
+    check(&c, "first gone");
+    let alone = p2(&compile(&input(&c)));
+    assert_eq!(
+        with_both != alone,
+        first < second,
+        "the key numbered second moves home when the other goes"
+    );
+    c.remote("a", "p1", &[("app", &first)], &["10.0.1.1"]);
+    c.state.pods.remove(&PodKey::new("a", "p2"));
+    check(&c, "swapped");
 }
