@@ -186,11 +186,6 @@ impl Identities {
             cidrs: number_cidrs(cidrs.into_iter().collect()),
         }
     }
-
-    /// The identity of a pod, if it was allocated.
-    pub fn pod(&self, pod: &Pod) -> Option<u32> {
-        self.pods.get(&PodIdentityKey::of(pod)).copied()
-    }
 }
 
 /// The numbers of a set of pod identity keys ([`Identities::allocate`]).
