@@ -353,7 +353,7 @@ impl ApiServerDouble {
     /// Applies every document of a (multi-document) YAML string.
     pub fn apply_yaml(&self, yaml: &str) -> Result<usize> {
         let mut n = 0;
-        for doc in serde_yaml::Deserializer::from_str(yaml) {
+        for doc in serde_yaml_ng::Deserializer::from_str(yaml) {
             let v: Value = serde::Deserialize::deserialize(doc).context("parsing YAML")?;
             if v.is_null() {
                 continue;

@@ -33,14 +33,14 @@ fn promtool(dir: &std::path::Path, args: &[&str]) {
 
 #[test]
 fn the_alert_rules_load_and_fire() {
-    let rule: serde_yaml::Value = serde_yaml::from_str(
+    let rule: serde_yaml_ng::Value = serde_yaml_ng::from_str(
         &std::fs::read_to_string(repo().join("deploy/prometheusrule.yaml")).unwrap(),
     )
     .expect("deploy/prometheusrule.yaml parses");
     assert_eq!(rule["kind"], "PrometheusRule");
     let dir = Dir(std::env::temp_dir().join(format!("netpol-alerts-{}", std::process::id())));
     std::fs::create_dir_all(&dir.0).unwrap();
-    let rules = serde_yaml::to_string(&rule["spec"]).unwrap();
+    let rules = serde_yaml_ng::to_string(&rule["spec"]).unwrap();
     std::fs::write(dir.0.join("rules.yaml"), rules).unwrap();
     std::fs::copy(
         repo().join("tests/data/alerts-test.yaml"),

@@ -80,9 +80,9 @@ fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-fn read_yaml(file: &str) -> serde_yaml::Value {
+fn read_yaml(file: &str) -> serde_yaml_ng::Value {
     let text = std::fs::read_to_string(repo().join(file)).unwrap();
-    serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{file}: {e}"))
+    serde_yaml_ng::from_str(&text).unwrap_or_else(|e| panic!("{file}: {e}"))
 }
 
 #[test]
@@ -326,7 +326,7 @@ fn variables(dashboard: &Value) -> Vec<(String, String, String)> {
 /// default time range. A selected value goes in as itself (node names have no regex characters).
 fn substitutions(
     dashboard: &Value,
-    podmonitor: &serde_yaml::Value,
+    podmonitor: &serde_yaml_ng::Value,
     sel: &Selection,
 ) -> Vec<(String, String)> {
     let interval = seconds(podmonitor["spec"]["podMetricsEndpoints"][0]["interval"].as_str());
@@ -378,7 +378,7 @@ fn substitute(expr: &str, subs: &[(String, String)]) -> String {
 fn check_dashboard(
     prom: &Prometheus,
     dashboard: &Value,
-    podmonitor: &serde_yaml::Value,
+    podmonitor: &serde_yaml_ng::Value,
     truth: &Truth,
 ) -> Vec<String> {
     let mut failures = check_variables(prom, dashboard, truth);
@@ -691,7 +691,7 @@ const AGENT_NAMESPACE: &str = "netpol-system";
 const AGENT_POD_PREFIX: &str = "netpol-agent-";
 
 /// The `job` label prometheus-operator gives a PodMonitor's targets: `<namespace>/<name>`.
-fn job(pm: &serde_yaml::Value) -> String {
+fn job(pm: &serde_yaml_ng::Value) -> String {
     format!(
         "{}/{}",
         pm["metadata"]["namespace"].as_str().unwrap(),
@@ -709,7 +709,7 @@ struct Target {
 /// The scrape job prometheus-operator generates for the PodMonitor's first endpoint, with the
 /// static `targets` standing in for Kubernetes pod discovery (their `__meta_kubernetes_*` labels
 /// are what discovery would give the agent pods).
-fn scrape_job(pm: &serde_yaml::Value, targets: &[Target]) -> Value {
+fn scrape_job(pm: &serde_yaml_ng::Value, targets: &[Target]) -> Value {
     let spec = &pm["spec"];
     let endpoint = &spec["podMetricsEndpoints"][0];
     let port = endpoint["port"].as_str().expect("the endpoint's port name");
@@ -753,7 +753,7 @@ fn scrape_job(pm: &serde_yaml::Value, targets: &[Target]) -> Value {
 }
 
 /// One agent pod as discovery would describe it.
-fn static_target(t: &Target, pod_labels: &serde_yaml::Mapping, port: &str) -> Value {
+fn static_target(t: &Target, pod_labels: &serde_yaml_ng::Mapping, port: &str) -> Value {
     let mut labels = serde_json::Map::new();
     for (k, v) in [
         ("__meta_kubernetes_namespace", AGENT_NAMESPACE),
@@ -780,7 +780,7 @@ fn static_target(t: &Target, pod_labels: &serde_yaml::Mapping, port: &str) -> Va
 
 /// A PodMonitor relabeling (camelCase) as Prometheus configuration (snake_case), as the operator
 /// writes it.
-fn relabeling(r: &serde_yaml::Value) -> Value {
+fn relabeling(r: &serde_yaml_ng::Value) -> Value {
     let mut out = serde_json::Map::new();
     for (k, v) in r.as_mapping().expect("a relabeling") {
         let key = match k.as_str().unwrap() {
@@ -834,7 +834,7 @@ struct Prometheus {
 }
 
 impl Prometheus {
-    fn start(c: &Cluster, podmonitor: &serde_yaml::Value) -> Prometheus {
+    fn start(c: &Cluster, podmonitor: &serde_yaml_ng::Value) -> Prometheus {
         let netns = c.nodes[0].name.clone();
         let targets: Vec<Target> = c
             .nodes

@@ -60,17 +60,17 @@ fn render() -> Option<String> {
     }
 }
 
-fn docs(yaml: &str) -> Vec<serde_yaml::Value> {
-    serde_yaml::Deserializer::from_str(yaml)
-        .map(|d| serde_yaml::Value::deserialize(d).unwrap())
+fn docs(yaml: &str) -> Vec<serde_yaml_ng::Value> {
+    serde_yaml_ng::Deserializer::from_str(yaml)
+        .map(|d| serde_yaml_ng::Value::deserialize(d).unwrap())
         .filter(|v| !v.is_null())
         .collect()
 }
 
-fn of_kind<T: serde::de::DeserializeOwned>(docs: &[serde_yaml::Value], kind: &str) -> Vec<T> {
+fn of_kind<T: serde::de::DeserializeOwned>(docs: &[serde_yaml_ng::Value], kind: &str) -> Vec<T> {
     docs.iter()
         .filter(|d| d["kind"].as_str() == Some(kind))
-        .map(|d| serde_yaml::from_value(d.clone()).unwrap_or_else(|e| panic!("{kind}: {e}")))
+        .map(|d| serde_yaml_ng::from_value(d.clone()).unwrap_or_else(|e| panic!("{kind}: {e}")))
         .collect()
 }
 
@@ -373,13 +373,13 @@ fn security_fields() {
 /// on.
 #[test]
 fn podmonitor_scrapes_the_agents_metrics_port() {
-    let read = |f: &str| -> serde_yaml::Value {
+    let read = |f: &str| -> serde_yaml_ng::Value {
         let text = std::fs::read_to_string(root().join("deploy").join(f)).unwrap();
-        serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{f}: {e}"))
+        serde_yaml_ng::from_str(&text).unwrap_or_else(|e| panic!("{f}: {e}"))
     };
     let pm = read("podmonitor.yaml");
     let kustomization = read("kustomization.yaml");
-    let ds: DaemonSet = serde_yaml::from_value(read("daemonset.yaml")).unwrap();
+    let ds: DaemonSet = serde_yaml_ng::from_value(read("daemonset.yaml")).unwrap();
     assert_eq!(pm["kind"].as_str(), Some("PodMonitor"));
     let namespace = kustomization["namespace"].as_str().expect("namespace");
     assert_eq!(namespace, "netpol-system");
@@ -484,7 +484,7 @@ fn install_yaml_is_the_current_base_in_one_self_contained_file() {
 /// (no kustomize construct left, images resolved), only built-in kinds (K3s retries the whole file
 /// while one of its kinds is unknown), and each Namespace before the objects in it (`kubectl apply
 /// -f` creates in file order).
-fn assert_self_contained(file: &str, d: &[serde_yaml::Value]) {
+fn assert_self_contained(file: &str, d: &[serde_yaml_ng::Value]) {
     let built_in = ["v1", "apps/v1", "rbac.authorization.k8s.io/v1"];
     let mut namespaces = BTreeSet::new();
     for doc in d {

@@ -1621,8 +1621,8 @@ fn a_node_without_pins_enforces_the_saved_state_while_the_api_is_unreachable() {
 /// The capabilities `deploy/daemonset.yaml` adds to the agent's container, lower case.
 fn daemonset_capabilities() -> Vec<String> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/daemonset.yaml");
-    let yaml: serde_yaml::Value =
-        serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let yaml: serde_yaml_ng::Value =
+        serde_yaml_ng::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     let add = &yaml["spec"]["template"]["spec"]["containers"][0]["securityContext"]["capabilities"]
         ["add"];
     add.as_sequence()

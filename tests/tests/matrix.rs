@@ -133,10 +133,12 @@ fn apply(c: &Cluster, policies: &str) {
     c.apply_policies(policies).unwrap();
 }
 
-fn yaml_docs(s: &str) -> Vec<serde_yaml::Value> {
+fn yaml_docs(s: &str) -> Vec<serde_yaml_ng::Value> {
     use serde::Deserialize as _;
-    serde_yaml::Deserializer::from_str(s)
-        .map(|d| serde_yaml::Value::deserialize(d).unwrap_or_else(|e| panic!("bad YAML: {e}\n{s}")))
+    serde_yaml_ng::Deserializer::from_str(s)
+        .map(|d| {
+            serde_yaml_ng::Value::deserialize(d).unwrap_or_else(|e| panic!("bad YAML: {e}\n{s}"))
+        })
         .filter(|v| !v.is_null())
         .collect()
 }
@@ -145,7 +147,7 @@ fn yaml_docs(s: &str) -> Vec<serde_yaml::Value> {
 fn validate_policies(policies: &str) {
     use k8s_openapi::api::networking::v1::NetworkPolicy;
     for doc in yaml_docs(policies) {
-        let p: NetworkPolicy = serde_yaml::from_value(doc.clone())
+        let p: NetworkPolicy = serde_yaml_ng::from_value(doc.clone())
             .unwrap_or_else(|e| panic!("not a NetworkPolicy: {e}\n{doc:?}"));
         assert!(p.metadata.namespace.is_some() && p.metadata.name.is_some());
     }
@@ -1147,7 +1149,7 @@ fn validate_objects(c: &Cluster) {
     for doc in yaml_docs(&text) {
         match doc["kind"].as_str() {
             Some("Namespace") => {
-                let ns: Namespace = serde_yaml::from_value(doc).unwrap();
+                let ns: Namespace = serde_yaml_ng::from_value(doc).unwrap();
                 let labels = ns.metadata.labels.unwrap();
                 assert_eq!(
                     labels.get("kubernetes.io/metadata.name"),
@@ -1156,7 +1158,7 @@ fn validate_objects(c: &Cluster) {
                 namespaces += 1;
             }
             Some("Pod") => {
-                let pod: Pod = serde_yaml::from_value(doc).unwrap();
+                let pod: Pod = serde_yaml_ng::from_value(doc).unwrap();
                 let id = format!(
                     "{}/{}",
                     pod.metadata.namespace.unwrap(),

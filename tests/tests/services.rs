@@ -142,16 +142,18 @@ fn start_agents(c: &mut Cluster) {
 fn apply(c: &Cluster, policies: &str) {
     use k8s_openapi::api::networking::v1::NetworkPolicy;
     for doc in yaml_docs(policies) {
-        let _: NetworkPolicy = serde_yaml::from_value(doc.clone())
+        let _: NetworkPolicy = serde_yaml_ng::from_value(doc.clone())
             .unwrap_or_else(|e| panic!("not a NetworkPolicy: {e}\n{doc:?}"));
     }
     c.apply_policies(policies).unwrap();
 }
 
-fn yaml_docs(s: &str) -> Vec<serde_yaml::Value> {
+fn yaml_docs(s: &str) -> Vec<serde_yaml_ng::Value> {
     use serde::Deserialize as _;
-    serde_yaml::Deserializer::from_str(s)
-        .map(|d| serde_yaml::Value::deserialize(d).unwrap_or_else(|e| panic!("bad YAML: {e}\n{s}")))
+    serde_yaml_ng::Deserializer::from_str(s)
+        .map(|d| {
+            serde_yaml_ng::Value::deserialize(d).unwrap_or_else(|e| panic!("bad YAML: {e}\n{s}"))
+        })
         .filter(|v| !v.is_null())
         .collect()
 }
@@ -519,12 +521,12 @@ fn validate_services_yaml(c: &Cluster) {
     for doc in yaml_docs(&text) {
         match doc["kind"].as_str() {
             Some("Service") => {
-                let _: K8sService = serde_yaml::from_value(doc.clone())
+                let _: K8sService = serde_yaml_ng::from_value(doc.clone())
                     .unwrap_or_else(|e| panic!("bad Service: {e}\n{doc:?}"));
                 services += 1;
             }
             Some("EndpointSlice") => {
-                let _: EndpointSlice = serde_yaml::from_value(doc.clone())
+                let _: EndpointSlice = serde_yaml_ng::from_value(doc.clone())
                     .unwrap_or_else(|e| panic!("bad EndpointSlice: {e}\n{doc:?}"));
                 slices += 1;
             }

@@ -120,7 +120,7 @@ impl Cluster {
         self.state.insert(Object::Policy(Policy {
             key: PodKey::new(ns, name),
             origin: Origin::Api,
-            spec: serde_yaml::from_str(spec).unwrap(),
+            spec: serde_yaml_ng::from_str(spec).unwrap(),
             mode: None,
         }));
     }
@@ -1293,14 +1293,15 @@ use netpol_common::{SvcKey, service};
 
 impl Cluster {
     fn service(&mut self, yaml: &str) {
-        let svc: k8s_openapi::api::core::v1::Service = serde_yaml::from_str(yaml).unwrap();
+        let svc: k8s_openapi::api::core::v1::Service = serde_yaml_ng::from_str(yaml).unwrap();
         self.state.insert(Object::Service(
             crate::model::service::Service::from_k8s(&svc).unwrap(),
         ));
     }
 
     fn endpoint_slice(&mut self, yaml: &str) {
-        let s: k8s_openapi::api::discovery::v1::EndpointSlice = serde_yaml::from_str(yaml).unwrap();
+        let s: k8s_openapi::api::discovery::v1::EndpointSlice =
+            serde_yaml_ng::from_str(yaml).unwrap();
         self.state.insert(Object::EndpointSlice(
             crate::model::service::EndpointSlice::from_k8s(&s).unwrap(),
         ));

@@ -437,7 +437,7 @@ mod tests {
         Object::Policy(Policy {
             key: PodKey::new(ns, name),
             origin: Origin::Api,
-            spec: serde_yaml::from_str(spec).unwrap(),
+            spec: serde_yaml_ng::from_str(spec).unwrap(),
             mode: None,
         })
     }

@@ -177,7 +177,7 @@ mod tests {
         s.insert(Object::Policy(Policy {
             key: PodKey::new("x", "p"),
             origin: crate::model::Origin::Api,
-            spec: serde_yaml::from_str(spec).unwrap(),
+            spec: serde_yaml_ng::from_str(spec).unwrap(),
             mode: Some("audit".into()),
         }));
         let isolating = BTreeMap::from([((7, Direction::Ingress), vec![PodKey::new("x", "p")])]);

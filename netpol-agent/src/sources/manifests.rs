@@ -268,7 +268,7 @@ fn read_file(path: &Path) -> (FileContents, Vec<SourceError>) {
 /// The documents before the first syntax error, and that error with its document number.
 fn yaml_documents(text: &str) -> (Vec<Value>, Option<(usize, String)>) {
     let mut docs = Vec::new();
-    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+    for (i, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
         match Value::deserialize(doc) {
             Ok(v) => docs.push(v),
             // The parser cannot resynchronise after an error.

@@ -380,7 +380,7 @@ mod tests {
     const NODE: &str = "node-a";
 
     fn k8s<T: DeserializeOwned>(yaml: &str) -> T {
-        serde_yaml::from_str(yaml).unwrap()
+        serde_yaml_ng::from_str(yaml).unwrap()
     }
 
     /// A state as the API source builds it, from objects as the API returns them, with a bit of

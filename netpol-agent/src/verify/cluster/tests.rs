@@ -293,7 +293,7 @@ fn conversions_from_api_objects() {
 #[test]
 fn agent_namespace_and_label_match_deploy() {
     let ds: DaemonSet =
-        serde_yaml::from_str(include_str!("../../../../deploy/daemonset.yaml")).unwrap();
+        serde_yaml_ng::from_str(include_str!("../../../../deploy/daemonset.yaml")).unwrap();
     assert_eq!(ds.metadata.namespace.as_deref(), Some(AGENT_NAMESPACE));
     let spec = ds.spec.unwrap();
     let (key, value) = AGENT_POD_LABEL;
@@ -318,7 +318,7 @@ fn agent_namespace_and_label_match_deploy() {
         "the pod template's labels"
     );
     let ns: core::Namespace =
-        serde_yaml::from_str(include_str!("../../../../deploy/namespace.yaml")).unwrap();
+        serde_yaml_ng::from_str(include_str!("../../../../deploy/namespace.yaml")).unwrap();
     assert_eq!(ns.metadata.name.as_deref(), Some(AGENT_NAMESPACE));
     assert_eq!(
         agent_label_selector(),
