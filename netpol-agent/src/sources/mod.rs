@@ -105,10 +105,6 @@ impl Counts {
 /// [`spawn_manifests`], keeping `counts` of its work.
 fn spawn_counted(dir: PathBuf, counts: Arc<Counts>) -> anyhow::Result<watch::Receiver<Snapshot>> {
     let mut source = ManifestSource::new();
-    let state = source
-        .load(&dir)
-        .with_context(|| format!("reading the manifest directory {}", dir.display()))?;
-    counts.note(&source);
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         // The agent's own reads are events too (inotify reports opens and closes): only changes
@@ -121,6 +117,12 @@ fn spawn_counted(dir: PathBuf, counts: Arc<Counts>) -> anyhow::Result<watch::Rec
     watcher
         .watch(&dir, notify::RecursiveMode::NonRecursive)
         .with_context(|| format!("watching {}", dir.display()))?;
+    // Read only once the watch is on: a change written between a first read and the watch would
+    // otherwise go unseen until the next one (a change before the read costs one extra load).
+    let state = source
+        .load(&dir)
+        .with_context(|| format!("reading the manifest directory {}", dir.display()))?;
+    counts.note(&source);
     let (tx, rx) = watch::channel(Snapshot {
         state: Some(Arc::new(state)),
         problem: None,
