@@ -143,9 +143,6 @@ pub fn run(spec: MixSpec, changes: usize) -> anyhow::Result<Rung> {
     // SAFETY: malloc_trim only releases free heap memory.
     unsafe { libc::malloc_trim(0) };
     std::fs::write("/proc/self/clear_refs", "5").context("resetting the peak RSS")?;
-    if std::env::var_os("NETPOL_LADDER_DEBUG").is_some() {
-        eprintln!("after generation: HWM {} KiB", bpf::vm_hwm_kib());
-    }
     let scratch = Scratch::new("ladder")?;
     let caps = capacities();
     let mut dp = Datapath::open(PinLayout::new(scratch.dir.join("pins")), &caps)
@@ -159,9 +156,6 @@ pub fn run(spec: MixSpec, changes: usize) -> anyhow::Result<Rung> {
         bail!("{} map writes failed, first: {:?}", errors.len(), errors[0]);
     }
     let maps = map_use(&compiled, &caps);
-    if std::env::var_os("NETPOL_LADDER_DEBUG").is_some() {
-        eprintln!("after ready: HWM {} KiB", bpf::vm_hwm_kib());
-    }
     let shortfalls = compiled.shortfalls.len();
     drop(compiled);
     let cpu_before = cpu_ms();
