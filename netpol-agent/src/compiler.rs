@@ -32,6 +32,7 @@ mod pods;
 mod services;
 #[cfg(test)]
 mod tests;
+pub mod tiers;
 
 pub use capacity::Shortfall;
 pub use pending::{ISOLATED_BOTH, Pending, PendingEndpoints, PendingReason, PendingRule};
@@ -80,9 +81,19 @@ impl EndpointLink {
 }
 
 /// A problem with one policy. The policy then allows nothing (see the module docs).
+/// Which kind of policy object an error is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum PolicyKind {
+    #[default]
+    NetworkPolicy,
+    /// Cluster-scoped: its [`CompileError::policy`] has an empty namespace.
+    ClusterNetworkPolicy,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("NetworkPolicy {policy} ({origin}): {field}: {reason}")]
+#[error("{} ({origin}): {field}: {reason}", policy_ref(*kind, policy))]
 pub struct CompileError {
+    pub kind: PolicyKind,
     pub policy: PodKey,
     pub origin: Origin,
     /// Path of the offending field, such as `spec.ingress[0].from[1].ipBlock.cidr`.
@@ -134,6 +145,14 @@ pub struct Compiled {
 }
 
 pub use crate::datapath::lookup::ip_key;
+
+/// `NetworkPolicy ns/name` or `ClusterNetworkPolicy name`.
+pub fn policy_ref(kind: PolicyKind, key: &PodKey) -> String {
+    match kind {
+        PolicyKind::NetworkPolicy => format!("NetworkPolicy {key}"),
+        PolicyKind::ClusterNetworkPolicy => format!("ClusterNetworkPolicy {}", key.name),
+    }
+}
 
 /// The id stored in [`PolicyValue::policy`] for the policy `key`.
 pub fn policy_id(key: &PodKey) -> u32 {
@@ -270,6 +289,7 @@ struct Errors<'a> {
 impl Errors<'_> {
     fn push(&mut self, field: impl Into<String>, reason: impl Into<String>) {
         self.out.push(CompileError {
+            kind: PolicyKind::NetworkPolicy,
             policy: self.policy.key.clone(),
             origin: self.policy.origin.clone(),
             field: field.into(),
@@ -613,16 +633,24 @@ fn compile_with(
             }
         })
         .collect();
+    let clusters: Vec<tiers::ParsedCluster> =
+        state.cluster_policies.values().map(tiers::parse).collect();
+    for c in &clusters {
+        out.errors.extend(c.errors.iter().cloned());
+    }
     let identities = Identities {
         pods: pod_numbers.clone(),
-        cidrs: cidr_identities(state, &parsed),
+        cidrs: cidr_identities(state, &parsed, tiers::network_prefixes(&clusters)),
     };
     for (prefix, id) in &identities.cidrs {
         out.cidrs.insert((prefix.addr(), prefix.prefix_len()), *id);
     }
     out.ipcache = pod_ipcache;
     add_host_addrs(input, &mut out.ipcache);
-    let host_ports = host_ports(state, &identities);
+    let emit_ctx = EmitContext {
+        identities: &identities,
+        host_ports: host_ports(state, &identities),
+    };
     let peers = PeerIndex::new(state, &identities);
     let by_namespace = policies_by_namespace(&parsed);
     // Only the policies of namespaces with a local endpoint can select one: the others' peers are
@@ -638,32 +666,41 @@ fn compile_with(
             if local { peers.rules(p) } else { Vec::new() }
         })
         .collect();
+    let tier_rules = peers.tier_rules(&clusters);
+    let mut tier_entries = BTreeMap::new();
     for (key, &endpoint) in input.endpoints {
         let pod = state.pods.get(key);
         let in_namespace = by_namespace
             .get(key.namespace.as_str())
             .map_or(&[][..], Vec::as_slice);
         let candidates = in_namespace.iter().map(|&i| (&parsed[i], &resolved[i]));
-        let (flags, isolating) = endpoint_flags_and_rules(key, pod, candidates, |rule, policy| {
-            let to = Emit {
-                endpoint,
-                direction: rule.direction,
-                rule: PolicyValue {
-                    policy,
-                    rule: rule.code,
-                },
-                local_pod: pod,
-            };
-            let (targets, ports) = (&rule.targets, rule.ports);
-            emit_rule(
-                &mut out.policy,
-                to,
-                targets,
-                ports,
-                &identities,
-                &host_ports,
-            );
-        });
+        let (mut flags, isolating) =
+            endpoint_flags_and_rules(key, pod, candidates, |rule, policy| {
+                let to = Emit {
+                    endpoint,
+                    direction: rule.direction,
+                    key_direction: rule.direction as u8,
+                    rule: PolicyValue {
+                        policy,
+                        rule: rule.code,
+                    },
+                    local_pod: pod,
+                };
+                let (targets, ports) = (&rule.targets, rule.ports);
+                emit_rule(
+                    &mut |key, value| {
+                        out.policy.entry(key).or_insert(value);
+                    },
+                    to,
+                    targets,
+                    ports,
+                    &emit_ctx,
+                );
+            });
+        if let Some(pod) = pod {
+            let at = EndpointAt { endpoint, pod };
+            flags |= emit_tier_rules(&mut tier_entries, at, state, &tier_rules, &emit_ctx);
+        }
         for (dir, policies) in [Direction::Ingress, Direction::Egress]
             .into_iter()
             .zip(isolating)
@@ -676,6 +713,8 @@ fn compile_with(
         let link = input.links.get(&endpoint).copied().unwrap_or_default();
         out.endpoints.insert(endpoint, link.info(flags));
     }
+    tiers::fold(&mut tier_entries);
+    out.policy.extend(tier_entries);
     pending::compile(input, &parsed, &mut out);
     out.shortfalls = capacity::fit_rules(&mut out, &input.capacities);
     fill_stats(&mut out, &parsed, &identities);
@@ -692,6 +731,7 @@ fn mode_error(policy: &Policy, (on_namespace, e): (bool, mode::ModeError)) -> Co
         mode::FIELD.to_owned()
     };
     CompileError {
+        kind: PolicyKind::NetworkPolicy,
         policy: policy.key.clone(),
         origin: policy.origin.clone(),
         field,
@@ -873,52 +913,85 @@ impl<'a> PeerIndex<'a> {
         for peer in peers {
             match peer {
                 Peer::Pods {
-                    namespaces: NamespaceMatch::Selector(ns),
-                    pods,
-                } if ns.is_empty() && pods.is_empty() => {
-                    targets.insert(identity::ALL_PODS, Target::AllPods);
-                }
-                Peer::Pods {
-                    namespaces: ns,
+                    namespaces: NamespaceMatch::Same,
                     pods,
                 } => {
-                    let in_scope: Vec<&NamespaceIdentities<'_>> = match ns {
-                        NamespaceMatch::Same => self
-                            .namespaces
-                            .get(policy.policy.key.namespace.as_str())
-                            .into_iter()
-                            .collect(),
-                        NamespaceMatch::Selector(s) => self
-                            .namespaces
-                            .values()
-                            .filter(|n| s.matches(&n.labels))
-                            .collect(),
-                    };
-                    for (id, key) in in_scope.into_iter().flat_map(|n| &n.pods) {
+                    let own = self.namespaces.get(policy.policy.key.namespace.as_str());
+                    for (id, key) in own.into_iter().flat_map(|n| &n.pods) {
                         if pods.matches(&key.labels) {
                             targets.insert(*id, Target::Pod(*id, key));
                         }
                     }
                 }
-                Peer::IpBlock { cidr, except } => {
-                    for (prefix, id) in &self.identities.cidrs {
-                        if prefix.is_v4() == cidr.is_v4()
-                            && cidr.contains(prefix)
-                            && !except.iter().any(|e| e.contains(prefix))
-                        {
-                            targets.insert(*id, Target::Cidr(*id));
-                        }
-                    }
-                }
+                Peer::Pods {
+                    namespaces: NamespaceMatch::Selector(ns),
+                    pods,
+                } => targets.extend(self.pods_matching(ns, pods)),
+                Peer::IpBlock { cidr, except } => targets.extend(self.in_block(cidr, except)),
             }
         }
         targets.into_values().collect()
     }
+
+    /// The pods of the namespaces `namespaces` selects that `pods` selects: [`Target::AllPods`]
+    /// when both select everything.
+    fn pods_matching(&self, namespaces: &Selector, pods: &Selector) -> Vec<(u32, Target<'a>)> {
+        if namespaces.is_empty() && pods.is_empty() {
+            return vec![(identity::ALL_PODS, Target::AllPods)];
+        }
+        self.namespaces
+            .values()
+            .filter(|n| namespaces.matches(&n.labels))
+            .flat_map(|n| &n.pods)
+            .filter(|(_, key)| pods.matches(&key.labels))
+            .map(|(id, key)| (*id, Target::Pod(*id, key)))
+            .collect()
+    }
+
+    /// The CIDR identities inside `cidr` and outside `except`.
+    fn in_block(&self, cidr: &Prefix, except: &[Prefix]) -> Vec<(u32, Target<'a>)> {
+        self.identities
+            .cidrs
+            .iter()
+            .filter(|(prefix, _)| {
+                prefix.is_v4() == cidr.is_v4()
+                    && cidr.contains(prefix)
+                    && !except.iter().any(|e| e.contains(prefix))
+            })
+            .map(|(_, id)| (*id, Target::Cidr(*id)))
+            .collect()
+    }
+
+    /// The ClusterNetworkPolicy rules, ranked, with their peers resolved.
+    fn tier_rules<'p>(
+        &self,
+        clusters: &'p [tiers::ParsedCluster],
+    ) -> Vec<tiers::ResolvedTierRule<'a>>
+    where
+        'p: 'a,
+    {
+        let targets = |found: Vec<(u32, Target<'a>)>| found.into_iter().map(|(_, t)| t).collect();
+        tiers::resolve(
+            tiers::rank(clusters),
+            |ns, pods| targets(self.pods_matching(ns, pods)),
+            |networks| {
+                let mut found = BTreeMap::new();
+                for n in networks {
+                    found.extend(self.in_block(n, &[]));
+                }
+                found.into_values().collect()
+            },
+        )
+    }
 }
 
 /// The ipBlock prefixes of every policy, numbered.
-fn cidr_identities(state: &ClusterState, parsed: &[ParsedPolicy<'_>]) -> BTreeMap<Prefix, u32> {
-    let mut prefixes = BTreeSet::new();
+fn cidr_identities(
+    state: &ClusterState,
+    parsed: &[ParsedPolicy<'_>],
+    networks: impl Iterator<Item = Prefix>,
+) -> BTreeMap<Prefix, u32> {
+    let mut prefixes: BTreeSet<Prefix> = networks.collect();
     for rule in parsed.iter().flat_map(|p| &p.rules) {
         let named = rule.ports.iter().any(|p| matches!(p, PortMatch::Named(..)));
         for peer in rule.peers.iter().flatten() {
@@ -980,10 +1053,54 @@ fn add_host_addrs(input: &CompileInput<'_>, ipcache: &mut BTreeMap<IpKey, IpInfo
     }
 }
 
+/// What every rule's emission reads.
+struct EmitContext<'a> {
+    identities: &'a Identities,
+    /// [`host_ports`].
+    host_ports: BTreeMap<u32, Option<Vec<NamedPort>>>,
+}
+
+/// A local endpoint whose pod is known.
+struct EndpointAt<'a> {
+    endpoint: u32,
+    pod: &'a Pod,
+}
+
+/// Writes the entries of the ClusterNetworkPolicy rules whose policies select the endpoint's pod
+/// (kept per key by precedence, folded later); returns the tier flags they set.
+fn emit_tier_rules(
+    entries: &mut BTreeMap<(PolicyKey, u32), PolicyValue>,
+    at: EndpointAt<'_>,
+    state: &ClusterState,
+    rules: &[tiers::ResolvedTierRule<'_>],
+    ctx: &EmitContext<'_>,
+) -> u32 {
+    let namespace_labels = state.namespace_labels(&at.pod.key.namespace);
+    let mut flags = 0;
+    for r in rules {
+        if !r.policy.subject.selects(at.pod, &namespace_labels) {
+            continue;
+        }
+        flags |= r.flag();
+        let to = Emit {
+            endpoint: at.endpoint,
+            direction: r.rule.direction,
+            key_direction: r.key_direction(),
+            rule: r.value,
+            local_pod: Some(at.pod),
+        };
+        let mut insert = |key, value| tiers::put_first(entries, key, value);
+        emit_rule(&mut insert, to, &r.targets, &r.rule.ports, ctx);
+    }
+    flags
+}
+
 /// What one rule is being emitted for.
 struct Emit<'a> {
     endpoint: u32,
     direction: Direction,
+    /// The `direction` byte of the keys: the direction, or a tier's (`netpol_common::tier`).
+    key_direction: u8,
     /// The rule the entries come from (their value).
     rule: PolicyValue,
     /// The endpoint's pod, whose named ports ingress rules resolve against.
@@ -1025,23 +1142,24 @@ fn host_ports(
     out
 }
 
+/// Writes the entries of one rule through `insert` (key, prefix length, value).
 fn emit_rule(
-    policy: &mut BTreeMap<(PolicyKey, u32), PolicyValue>,
+    insert: &mut dyn FnMut((PolicyKey, u32), PolicyValue),
     at: Emit<'_>,
     targets: &[Target<'_>],
     ports: &[PortMatch],
-    identities: &Identities,
-    host_ports: &BTreeMap<u32, Option<Vec<NamedPort>>>,
+    ctx: &EmitContext<'_>,
 ) {
+    let (identities, host_ports) = (ctx.identities, &ctx.host_ports);
     let mut put = |identity: u32, protocol: u8, port: u16, len: u32| {
         let key = PolicyKey {
             endpoint: at.endpoint,
             identity,
-            direction: at.direction as u8,
+            direction: at.key_direction,
             protocol,
             port_be: port.to_be_bytes(),
         };
-        policy.entry((key, len)).or_insert(at.rule);
+        insert((key, len), at.rule);
     };
     for port in ports {
         for target in targets {

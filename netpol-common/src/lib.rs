@@ -270,6 +270,23 @@ pub mod endpoint_flags {
     pub const AUDIT_INGRESS: u32 = 1 << 3;
     /// As [`AUDIT_INGRESS`], for egress ([`super::Reason::AuditedEgressDenied`]).
     pub const AUDIT_EGRESS: u32 = 1 << 4;
+    /// An Admin-tier ClusterNetworkPolicy with ingress rules selects the pod: POLICY holds its
+    /// [`super::tier`] entries for ingress, looked up before the NetworkPolicy tier.
+    pub const ADMIN_INGRESS: u32 = 1 << 5;
+    /// As [`ADMIN_INGRESS`], for egress.
+    pub const ADMIN_EGRESS: u32 = 1 << 6;
+    /// A Baseline-tier ClusterNetworkPolicy with ingress rules selects the pod: looked up when no
+    /// NetworkPolicy isolates it for ingress (and the Admin tier decided nothing).
+    pub const BASELINE_INGRESS: u32 = 1 << 7;
+    /// As [`BASELINE_INGRESS`], for egress.
+    pub const BASELINE_EGRESS: u32 = 1 << 8;
+    /// Some policy of some tier decides for the endpoint in some direction: its flows are tracked.
+    pub const POLICED: u32 = ISOLATED_INGRESS
+        | ISOLATED_EGRESS
+        | ADMIN_INGRESS
+        | ADMIN_EGRESS
+        | BASELINE_INGRESS
+        | BASELINE_EGRESS;
 
     /// The isolation bit of `direction`.
     pub const fn isolated(direction: super::Direction) -> u32 {
@@ -284,6 +301,91 @@ pub mod endpoint_flags {
         match direction {
             super::Direction::Ingress => AUDIT_INGRESS,
             super::Direction::Egress => AUDIT_EGRESS,
+        }
+    }
+
+    /// The bit of ClusterNetworkPolicy rules of `tier` ([`super::tier::ADMIN`] or
+    /// [`super::tier::BASELINE`]) in `direction`.
+    pub const fn tiered(direction: super::Direction, tier: u8) -> u32 {
+        let admin = tier == super::tier::ADMIN;
+        match direction {
+            super::Direction::Ingress if admin => ADMIN_INGRESS,
+            super::Direction::Egress if admin => ADMIN_EGRESS,
+            super::Direction::Ingress => BASELINE_INGRESS,
+            super::Direction::Egress => BASELINE_EGRESS,
+        }
+    }
+
+    /// Whether any ClusterNetworkPolicy tier has rules for the endpoint in `direction`.
+    pub const fn any_tier(flags: u32, direction: super::Direction) -> bool {
+        flags & (tiered(direction, super::tier::ADMIN) | tiered(direction, super::tier::BASELINE))
+            != 0
+    }
+}
+
+/// ClusterNetworkPolicy (policy.networking.k8s.io/v1alpha2) in the datapath. Its rules are POLICY
+/// entries too, apart from NetworkPolicy allows by the key's `direction` byte
+/// ([`key_direction`]); the value's `rule` packs the rule's precedence, action and
+/// [`super::rule_code`]. Per peer identity the compiler folds every rule that matches a port into
+/// the longest prefix (its value is the rule of least rank among all prefixes covering it), so one
+/// lookup per identity finds the first matching rule of that identity, and the least rank over the
+/// peer's identities (pod, every pod, CIDR, any) is the tier's first matching rule.
+pub mod tier {
+    /// The tier evaluated before NetworkPolicy.
+    pub const ADMIN: u8 = 1;
+    /// The tier evaluated after NetworkPolicy (for pods no NetworkPolicy isolates).
+    pub const BASELINE: u8 = 2;
+
+    /// Accept: allowed, with replies; no later rule or tier is asked.
+    pub const ACCEPT: u8 = 1;
+    /// Deny: dropped; no later rule or tier is asked.
+    pub const DENY: u8 = 2;
+    /// Pass: the rest of this tier is skipped; the next tier decides.
+    pub const PASS: u8 = 3;
+
+    /// Ranks past this one share it (ties are broken towards Deny).
+    pub const MAX_RANK: u32 = 0xffff;
+
+    /// The `direction` byte of a POLICY key of `tier`'s rules (NetworkPolicy allows use the bare
+    /// direction, 0 or 1).
+    pub const fn key_direction(direction: super::Direction, tier: u8) -> u8 {
+        (tier << 1) | direction as u8
+    }
+
+    /// The value's `rule` of a tier entry: rank (lower first) in the top 16 bits, the action in
+    /// bits 14-15, the [`super::rule_code`] below.
+    pub const fn pack(rank: u32, action: u8, code: u32) -> u32 {
+        let rank = if rank > MAX_RANK { MAX_RANK } else { rank };
+        (rank << 16) | (((action & 3) as u32) << 14) | (code & 0x3fff)
+    }
+
+    /// The action of a packed `rule`.
+    pub const fn action(rule: u32) -> u8 {
+        ((rule >> 14) & 3) as u8
+    }
+
+    /// The rank of a packed `rule`.
+    pub const fn rank(rule: u32) -> u32 {
+        rule >> 16
+    }
+
+    /// The [`super::rule_code`] of a packed `rule`.
+    pub const fn code(rule: u32) -> u32 {
+        rule & 0x3fff
+    }
+
+    /// Whether the packed rule `a` takes precedence over `b`: the lower rank; between equal ranks
+    /// (only past [`MAX_RANK`]) Deny, then Pass, then Accept, so a tie never opens anything.
+    pub const fn precedes(a: u32, b: u32) -> bool {
+        let (ra, rb) = (rank(a), rank(b));
+        ra < rb || (ra == rb && strength(action(a)) < strength(action(b)))
+    }
+
+    const fn strength(action: u8) -> u8 {
+        match action {
+            DENY => 0,
+            PASS => 1,
+            _ => 2,
         }
     }
 }
@@ -587,6 +689,8 @@ pub enum Reason {
     AuditedIngressDenied = 9,
     /// As [`Reason::AuditedIngressDenied`], for egress.
     AuditedEgressDenied = 10,
+    /// Allowed by an Accept rule of a ClusterNetworkPolicy (Admin or Baseline tier).
+    AllowedClusterPolicy = 11,
     /// Dropped: the pod is isolated for ingress and no rule allows it.
     DroppedIngressDenied = 16,
     /// Dropped: the pod is isolated for egress and no rule allows it.
@@ -612,6 +716,8 @@ pub enum Reason {
     /// Dropped: the veth belongs to a pod the agent has not identified yet (attached on sight), or
     /// no longer can (its pod is gone or two veths claim one address); only the node may talk to it.
     DroppedPending = 25,
+    /// Dropped by a Deny rule of a ClusterNetworkPolicy (Admin or Baseline tier).
+    DroppedClusterPolicy = 26,
 }
 
 /// Length of the COUNTERS array: one slot per [`Reason`] code.
@@ -619,7 +725,7 @@ pub const REASON_SLOTS: u32 = 32;
 
 impl Reason {
     /// Every reason, for userspace reporting.
-    pub const ALL: [Reason; 21] = [
+    pub const ALL: [Reason; 23] = [
         Reason::AllowedNotPoliced,
         Reason::AllowedNotIsolated,
         Reason::AllowedPolicy,
@@ -631,6 +737,7 @@ impl Reason {
         Reason::AllowedFragment,
         Reason::AuditedIngressDenied,
         Reason::AuditedEgressDenied,
+        Reason::AllowedClusterPolicy,
         Reason::DroppedIngressDenied,
         Reason::DroppedEgressDenied,
         Reason::DroppedSpoofedSource,
@@ -641,6 +748,7 @@ impl Reason {
         Reason::DroppedNotForPod,
         Reason::DroppedServiceUnresolved,
         Reason::DroppedPending,
+        Reason::DroppedClusterPolicy,
     ];
 
     /// True for the reasons that drop the packet.
@@ -685,6 +793,8 @@ impl Reason {
             Reason::DroppedNotForPod => "not-for-pod",
             Reason::DroppedServiceUnresolved => "service-unresolved",
             Reason::DroppedPending => "pending",
+            Reason::AllowedClusterPolicy => "cluster-policy",
+            Reason::DroppedClusterPolicy => "cluster-policy-denied",
         }
     }
 }

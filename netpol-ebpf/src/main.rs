@@ -28,7 +28,7 @@ use netpol_common::{
     DEFAULT_EVENT_RATE, Direction, DropEvent, DropKey, DropValue, EndpointInfo, FlowKey, FlowValue,
     FragKey, FragValue, IpKey, POLICY_PREFIX_ANY_PROTOCOL, POLICY_PREFIX_FULL, PolicyKey,
     PolicyMatch, PolicyValue, Reason, RuleHits, RuleKey, SvcKey, SvcValue, TokenBucket, ct_flags,
-    endpoint_flags, identity, lost, proto, rule_code, service, verdict, verdict_slot,
+    endpoint_flags, identity, lost, proto, rule_code, service, tier, verdict, verdict_slot,
 };
 
 use crate::{
@@ -206,9 +206,13 @@ fn try_classify(
         Parsed::Arp if egress => link::arp_from_pod(ctx, pkt, ifindex, ep)?,
         Parsed::Arp => Reason::AllowedNotPoliced,
         Parsed::Neighbour => link::neighbour(ctx, pkt, ifindex, ep, egress)?,
-        // NetworkPolicy speaks of IP only: a pod isolated in this direction gets nothing else.
+        // Policies speak of IP only: a pod isolated in this direction, or with ClusterNetworkPolicy
+        // rules for it, gets nothing else.
         Parsed::OtherEtherType if isolated(ep, dir) && audit(ep, dir) => audited(dir),
         Parsed::OtherEtherType if isolated(ep, dir) => Reason::DroppedEtherType,
+        Parsed::OtherEtherType if endpoint_flags::any_tier(ep.flags, dir) => {
+            Reason::DroppedEtherType
+        }
         Parsed::OtherEtherType => Reason::AllowedNotPoliced,
     };
     Ok(reason_only(reason))
@@ -820,13 +824,13 @@ fn revalidated(key: &CtKey, entry: *mut CtValue, decision: u64, generation: u32)
     decision
 }
 
-/// Whether an allowed first packet starts a tracked flow. Not at an endpoint isolated in neither
-/// direction (every packet passes there anyway: tracking would only let its flows crowd the shared
+/// Whether an allowed first packet starts a tracked flow. Not at an endpoint no policy of any
+/// tier decides for in either direction (every packet passes there anyway: tracking would only let its flows crowd the shared
 /// table), and not for a TCP RST (it ends what it belongs to; a lone one must not open anything).
 #[inline(always)]
 fn starts_flow(pkt: &Packet, ep_flags: u32) -> bool {
-    let isolated = endpoint_flags::ISOLATED_INGRESS | endpoint_flags::ISOLATED_EGRESS;
-    ep_flags & isolated != 0 && !(pkt.proto == proto::TCP && pkt.tcp_flags & parse::tcp::RST != 0)
+    ep_flags & endpoint_flags::POLICED != 0
+        && !(pkt.proto == proto::TCP && pkt.tcp_flags & parse::tcp::RST != 0)
 }
 
 /// The policy decision for the flow that a reply packet `pkt` answers: the same peer, in the other
@@ -976,7 +980,8 @@ fn reverse(key: &mut CtKey) {
 }
 
 /// What policy says about `pkt`, going `dir` at the local endpoint `ifindex` and read as `ask` says
-/// (conntrack aside), as a decision (see [`FLOW`]) with `DECIDED` set.
+/// (conntrack aside), as a decision (see [`FLOW`]) with `DECIDED` set: the Admin tier of
+/// ClusterNetworkPolicy first, then NetworkPolicy where it isolates the pod, then the Baseline tier.
 #[inline(never)]
 fn policy(pkt: &Packet, ifindex: u32, ep_flags: u32, dir: Direction, ask: Ask) -> u64 {
     let peer = peer_of(pkt, dir);
@@ -993,7 +998,7 @@ fn policy(pkt: &Packet, ifindex: u32, ep_flags: u32, dir: Direction, ask: Ask) -
     if dir == Direction::Ingress && peer_identity == identity::HOST {
         return reason_only(Reason::AllowedHost) | DECIDED;
     }
-    if !isolated {
+    if !isolated && !endpoint_flags::any_tier(ep_flags, dir) {
         return reason_only(Reason::AllowedNotIsolated) | DECIDED;
     }
     // A Service's virtual address is judged on its backends (SERVICES, by the caller), never by a
@@ -1001,7 +1006,6 @@ fn policy(pkt: &Packet, ifindex: u32, ep_flags: u32, dir: Direction, ask: Ask) -
     if dir == Direction::Egress && pkt.buffer.is_frontend(peer) {
         return refused(ep_flags, dir);
     }
-
     let mut key = Key::new(
         POLICY_PREFIX_FULL,
         PolicyKey {
@@ -1012,31 +1016,91 @@ fn policy(pkt: &Packet, ifindex: u32, ep_flags: u32, dir: Direction, ask: Ask) -
             port_be: port.to_be_bytes(),
         },
     );
-    if peer_identity != identity::NONE {
-        key.data.identity = peer_identity;
-        if let Some(v) = pkt.buffer.policy(&key) {
-            return allowed(pkt.buffer, &mut key, v);
+    let ids = peer_identities(pkt.buffer, peer, peer_identity);
+    if ep_flags & endpoint_flags::tiered(dir, tier::ADMIN) != 0 {
+        let decided = tier_decision(pkt.buffer, &mut key, &ids, tier::ADMIN);
+        if decided != UNDECIDED {
+            return decided;
         }
     }
-    // Only an address IPCACHE knows as a pod's matches a rule for every pod: the node, a pending
-    // endpoint and addresses outside the cluster never do.
-    if identity::is_pod(peer_identity) {
-        key.data.identity = identity::ALL_PODS;
-        if let Some(v) = pkt.buffer.policy(&key) {
-            return allowed(pkt.buffer, &mut key, v);
+    if isolated {
+        for id in ids {
+            if id == identity::NONE {
+                continue;
+            }
+            key.data.identity = id;
+            if let Some(v) = pkt.buffer.policy(&key) {
+                return allowed(pkt.buffer, &mut key, v);
+            }
+        }
+        return refused(ep_flags, dir);
+    }
+    if ep_flags & endpoint_flags::tiered(dir, tier::BASELINE) != 0 {
+        let decided = tier_decision(pkt.buffer, &mut key, &ids, tier::BASELINE);
+        if decided != UNDECIDED {
+            return decided;
         }
     }
-    if let Some(id) = pkt.buffer.cidr(peer) {
-        key.data.identity = id;
-        if let Some(v) = pkt.buffer.policy(&key) {
-            return allowed(pkt.buffer, &mut key, v);
+    reason_only(Reason::AllowedNotIsolated) | DECIDED
+}
+
+/// What [`tier_decision`] returns when its tier decides nothing (a decision always has `DECIDED`).
+const UNDECIDED: u64 = 0;
+
+/// The identities POLICY knows the peer `addr` by, most specific first ([`identity::NONE`] for
+/// none): its IPCACHE identity; [`identity::ALL_PODS`] when that is a pod's (the node, a pending
+/// endpoint and addresses outside the cluster never match a rule for every pod); its longest CIDR
+/// prefix; and [`identity::ANY`].
+#[inline(always)]
+fn peer_identities(buffer: Buffer, addr: &[u8; 16], peer_identity: u32) -> [u32; 4] {
+    let all_pods = if identity::is_pod(peer_identity) {
+        identity::ALL_PODS
+    } else {
+        identity::NONE
+    };
+    let cidr = buffer.cidr(addr).unwrap_or(identity::NONE);
+    [peer_identity, all_pods, cidr, identity::ANY]
+}
+
+/// The decision of ClusterNetworkPolicy `tier` for the key's endpoint, direction, protocol and
+/// port: its first matching rule over the peer's identities `ids` (the entry of least rank), or
+/// [`UNDECIDED`] when none matches or it is a Pass (the next tier decides). Leaves the key's
+/// direction as it found it.
+#[inline(never)]
+fn tier_decision(buffer: Buffer, key: &mut Key<PolicyKey>, ids: &[u32; 4], tier: u8) -> u64 {
+    let plain = key.data.direction;
+    let dir = if plain == Direction::Ingress as u8 {
+        Direction::Ingress
+    } else {
+        Direction::Egress
+    };
+    key.data.direction = tier::key_direction(dir, tier);
+    let mut first: Option<PolicyValue> = None;
+    for id in ids {
+        if *id == identity::NONE {
+            continue;
+        }
+        key.data.identity = *id;
+        if let Some(v) = buffer.policy(key) {
+            if first.is_none_or(|f| tier::precedes(v.rule, f.rule)) {
+                first = Some(v);
+            }
         }
     }
-    key.data.identity = identity::ANY;
-    if let Some(v) = pkt.buffer.policy(&key) {
-        return allowed(pkt.buffer, &mut key, v);
-    }
-    refused(ep_flags, dir)
+    key.data.direction = plain;
+    let Some(v) = first else {
+        return UNDECIDED;
+    };
+    let reason = match tier::action(v.rule) {
+        tier::ACCEPT => Reason::AllowedClusterPolicy,
+        tier::DENY => Reason::DroppedClusterPolicy,
+        _ => return UNDECIDED,
+    };
+    let rule = RuleKey {
+        policy: v.policy,
+        rule: tier::code(v.rule),
+    };
+    reason_only(reason) | ((PolicyMatch::L3L4 as u64) << 8) | DECIDED | rule_bits(rule)
 }
 
 /// A packet no rule allows in `dir`: passed as a would-be drop when the isolation of that direction

@@ -10,7 +10,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use netpol_common::{IpKey, identity, map_labels};
+use netpol_common::{Direction, IpKey, endpoint_flags, identity, map_labels};
 
 use super::Compiled;
 use crate::datapath::capacities::Capacities;
@@ -33,9 +33,13 @@ fn excess(len: usize, cap: u32) -> Option<usize> {
 }
 
 /// Fits ENDPOINTS, CIDRS, POLICY and IPCACHE (before the Service verdicts are computed from them).
+///
+/// ClusterNetworkPolicy rules are not allows: a Deny left out, or an identity its peers need, would
+/// open. So when anything is left out, every endpoint with ClusterNetworkPolicy rules is closed
+/// instead: all its entries removed, isolated both ways (its pod gets nothing but the node).
 pub fn fit_rules(out: &mut Compiled, caps: &Capacities) -> Vec<Shortfall> {
     prune_cidrs(out);
-    [
+    let mut shortfalls: Vec<Shortfall> = [
         fit_endpoints(out, caps.endpoints),
         fit_cidrs(out, caps.cidrs),
         fit_policy(out, caps.policy),
@@ -43,7 +47,44 @@ pub fn fit_rules(out: &mut Compiled, caps: &Capacities) -> Vec<Shortfall> {
     ]
     .into_iter()
     .flatten()
-    .collect()
+    .collect();
+    if !shortfalls.is_empty() {
+        shortfalls.extend(close_tiered(out));
+    }
+    shortfalls
+}
+
+/// Closes every endpoint with ClusterNetworkPolicy rules (see [`fit_rules`]).
+fn close_tiered(out: &mut Compiled) -> Option<Shortfall> {
+    let tiered: BTreeSet<u32> = out
+        .endpoints
+        .iter()
+        .filter(|(_, info)| {
+            [Direction::Ingress, Direction::Egress]
+                .into_iter()
+                .any(|d| endpoint_flags::any_tier(info.flags, d))
+        })
+        .map(|(id, _)| *id)
+        .collect();
+    if tiered.is_empty() {
+        return None;
+    }
+    let before = out.policy.len();
+    out.policy.retain(|(k, _), _| !tiered.contains(&k.endpoint));
+    for id in &tiered {
+        if let Some(info) = out.endpoints.get_mut(id) {
+            info.flags = endpoint_flags::ISOLATED_INGRESS | endpoint_flags::ISOLATED_EGRESS;
+        }
+    }
+    Some(Shortfall {
+        map: map_labels::POLICY,
+        dropped: before - out.policy.len(),
+        effect: format!(
+            "a map is full, so the {} endpoints with ClusterNetworkPolicy rules are closed (all their traffic denied) rather than enforced in part: {:?}",
+            tiered.len(),
+            tiered
+        ),
+    })
 }
 
 /// Fits SERVICES and FRONTENDS.
@@ -126,7 +167,8 @@ fn fit_cidrs(out: &mut Compiled, cap: u32) -> Option<Shortfall> {
 fn fit_policy(out: &mut Compiled, cap: u32) -> Option<Shortfall> {
     let excess = excess(out.policy.len(), cap)?;
     let mut groups: BTreeMap<(u32, u32), usize> = BTreeMap::new();
-    for ((k, _), v) in &out.policy {
+    // NetworkPolicy allows only: tier entries are never left out one by one ([`fit_rules`]).
+    for ((k, _), v) in out.policy.iter().filter(|((k, _), _)| k.direction < 2) {
         *groups.entry((k.endpoint, v.policy)).or_default() += 1;
     }
     let mut ranked: Vec<((u32, u32), usize)> = groups.into_iter().collect();
@@ -141,7 +183,7 @@ fn fit_policy(out: &mut Compiled, cap: u32) -> Option<Shortfall> {
         dropped.insert(group);
     }
     out.policy
-        .retain(|(k, _), v| !dropped.contains(&(k.endpoint, v.policy)));
+        .retain(|(k, _), v| k.direction >= 2 || !dropped.contains(&(k.endpoint, v.policy)));
     Some(Shortfall {
         map: map_labels::POLICY,
         dropped: freed,

@@ -60,48 +60,46 @@ impl PeerIds {
     }
 }
 
-/// The datapath's egress decision for a new connection to a peer with `ids`, computed on the
-/// compiled contents with exact lookups per prefix length (instead of [`Compiled::allows`]'s scan).
-/// Returns an allowing rule.
+/// The datapath's egress decision for a new connection to a peer with `ids` from an endpoint with
+/// `flags`, computed on the compiled contents with exact lookups per prefix length (instead of
+/// [`Compiled::allows`]'s scan). Returns an allowing rule.
 fn egress_allows(
     c: &Compiled,
-    endpoint: u32,
+    (endpoint, flags): (u32, u32),
     peer: PeerIds,
     protocol: u8,
     port: u16,
 ) -> Option<PolicyValue> {
     let ids = [peer.pod, peer.all_pods(), peer.cidr, Some(identity::ANY)];
+    let lookup = |id, direction| policy_lpm(c, endpoint, id, direction, protocol, port);
+    crate::datapath::lookup::decide(flags, Direction::Egress, ids, lookup)
+}
+
+/// POLICY's longest-prefix match of a full key, by exact lookups per prefix length.
+fn policy_lpm(
+    c: &Compiled,
+    endpoint: u32,
+    identity: u32,
+    direction: u8,
+    protocol: u8,
+    port: u16,
+) -> Option<PolicyValue> {
     let lens = std::iter::once(POLICY_PREFIX_FULL)
         .chain((POLICY_PREFIX_ANY_PORT + 1..POLICY_PREFIX_FULL).rev())
         .chain([POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTOCOL]);
-    for id in ids.into_iter().flatten() {
-        let full = PolicyKey {
+    let port_be = port.to_be_bytes();
+    for len in lens {
+        // Only direction, protocol and port (the last 32 bits) are ever cut by a prefix.
+        let tail = mask([direction, protocol, port_be[0], port_be[1]], len - 64);
+        let k = PolicyKey {
             endpoint,
-            identity: id,
-            direction: Direction::Egress as u8,
-            protocol,
-            port_be: port.to_be_bytes(),
+            identity,
+            direction: tail[0],
+            protocol: tail[1],
+            port_be: [tail[2], tail[3]],
         };
-        for len in lens.clone() {
-            // Only direction, protocol and port (the last 32 bits) are ever cut by a prefix.
-            let tail = mask(
-                [
-                    full.direction,
-                    full.protocol,
-                    full.port_be[0],
-                    full.port_be[1],
-                ],
-                len - 64,
-            );
-            let k = PolicyKey {
-                direction: tail[0],
-                protocol: tail[1],
-                port_be: [tail[2], tail[3]],
-                ..full
-            };
-            if let Some(v) = c.policy.get(&(k, len)) {
-                return Some(*v);
-            }
+        if let Some(v) = c.policy.get(&(k, len)) {
+            return Some(*v);
         }
     }
     None
@@ -215,7 +213,8 @@ pub(super) fn compile(
     }
     let mut egress_ids: BTreeMap<u32, BTreeSet<u32>> = BTreeMap::new();
     for (key, _) in c.policy.keys() {
-        if key.direction == Direction::Egress as u8 {
+        // Egress entries of NetworkPolicy and of either tier (the direction's bit).
+        if key.direction & 1 == Direction::Egress as u8 {
             egress_ids
                 .entry(key.endpoint)
                 .or_default()
@@ -225,13 +224,15 @@ pub(super) fn compile(
     let mut out = BTreeMap::new();
     for (&endpoint, info) in &c.endpoints {
         // A pending endpoint reaches no Service: nothing of its own opens a way through one.
-        if info.flags & endpoint_flags::ISOLATED_EGRESS == 0
-            || info.flags & endpoint_flags::PENDING != 0
-        {
+        let isolated = info.flags & endpoint_flags::ISOLATED_EGRESS != 0;
+        let tiered = endpoint_flags::any_tier(info.flags, Direction::Egress);
+        if !(isolated || tiered) || info.flags & endpoint_flags::PENDING != 0 {
             continue;
         }
         let named = egress_ids.get(&endpoint);
-        let candidates: BTreeSet<usize> = if named.is_some_and(|n| n.contains(&identity::ANY)) {
+        // Without NetworkPolicy isolation, what no tier denies is allowed: any frontend may be.
+        let every = !isolated || named.is_some_and(|n| n.contains(&identity::ANY));
+        let candidates: BTreeSet<usize> = if every {
             (0..judged.len()).collect()
         } else {
             named
@@ -243,7 +244,7 @@ pub(super) fn compile(
                 .collect()
         };
         let candidates = candidates.into_iter().map(|i| &judged[i]);
-        endpoint_services(c, endpoint, candidates, &mut out);
+        endpoint_services(c, (endpoint, info.flags), candidates, &mut out);
     }
     out
 }
@@ -259,7 +260,7 @@ fn cidr_lengths(c: &Compiled) -> Vec<u32> {
 /// identity).
 fn endpoint_services<'j, 'f: 'j>(
     c: &Compiled,
-    endpoint: u32,
+    (endpoint, flags): (u32, u32),
     candidates: impl Iterator<Item = &'j Judged<'f>>,
     out: &mut BTreeMap<SvcKey, SvcValue>,
 ) {
@@ -272,7 +273,7 @@ fn endpoint_services<'j, 'f: 'j>(
             .map(|&(ids, port)| {
                 *decided
                     .entry((ids, protocol, port))
-                    .or_insert_with(|| egress_allows(c, endpoint, ids, protocol, port))
+                    .or_insert_with(|| egress_allows(c, (endpoint, flags), ids, protocol, port))
             })
             .collect();
         let Some(verdict) = frontend_verdict(j.deferrable, &verdicts) else {

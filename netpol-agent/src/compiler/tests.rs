@@ -16,6 +16,7 @@ mod audit;
 mod capacity;
 mod incremental;
 mod rule_codes;
+mod tiers;
 mod updates;
 
 const NODE: &str = "node-a";

@@ -4,7 +4,9 @@
 
 use std::net::IpAddr;
 
-use netpol_common::{Direction, IpKey, PolicyKey, PolicyValue, SvcKey, endpoint_flags, identity};
+use netpol_common::{
+    Direction, IpKey, PolicyKey, PolicyValue, SvcKey, endpoint_flags, identity, tier,
+};
 
 use super::Contents;
 use crate::model::identity::Prefix;
@@ -37,7 +39,10 @@ impl Contents {
         let Some(info) = self.endpoints.get(&endpoint) else {
             return false;
         };
-        if info.flags & endpoint_flags::isolated(direction) == 0 {
+        let flags = info.flags;
+        if flags & endpoint_flags::isolated(direction) == 0
+            && !endpoint_flags::any_tier(flags, direction)
+        {
             return true;
         }
         let peer = ip_key(peer);
@@ -65,19 +70,18 @@ impl Contents {
         let all_pods = pod_identity
             .filter(|id| identity::is_pod(*id))
             .map(|_| identity::ALL_PODS);
-        [pod_identity, all_pods, cidr_identity, Some(identity::ANY)]
-            .into_iter()
-            .flatten()
-            .any(|identity| {
-                let key = PolicyKey {
-                    endpoint,
-                    identity,
-                    direction: direction as u8,
-                    protocol,
-                    port_be: port.to_be_bytes(),
-                };
-                self.policy_lookup(&key).is_some()
-            })
+        let ids = [pod_identity, all_pods, cidr_identity, Some(identity::ANY)];
+        let lookup = |identity, direction| {
+            let key = PolicyKey {
+                endpoint,
+                identity,
+                direction,
+                protocol,
+                port_be: port.to_be_bytes(),
+            };
+            self.policy_lookup(&key).copied()
+        };
+        decide(flags, direction, ids, lookup).is_some()
     }
 
     /// Whether `addr` is a frontend address or in a frontend range.
@@ -96,6 +100,48 @@ impl Contents {
             .max_by_key(|((_, len), _)| *len)
             .map(|(_, v)| v)
     }
+}
+
+/// The datapath's policy decision for a new connection in `direction` at an endpoint with `flags`
+/// (conntrack, the node and Service frontends aside): the Admin tier's first matching rule, then,
+/// where NetworkPolicy isolates the endpoint, its allows, else the Baseline tier's first matching
+/// rule, else allowed. `ids` are the peer's identities ([`identity::ANY`] included); `lookup` is
+/// POLICY's longest-prefix match for one identity and key direction. Returns the rule that allows
+/// (a default one when nothing decided), `None` when denied.
+pub fn decide(
+    flags: u32,
+    direction: Direction,
+    ids: [Option<u32>; 4],
+    lookup: impl Fn(u32, u8) -> Option<PolicyValue>,
+) -> Option<PolicyValue> {
+    let first_of = |t: u8| {
+        ids.iter()
+            .flatten()
+            .filter_map(|id| lookup(*id, tier::key_direction(direction, t)))
+            .reduce(|a, b| if tier::precedes(b.rule, a.rule) { b } else { a })
+    };
+    for t in [tier::ADMIN, tier::BASELINE] {
+        if t == tier::BASELINE && flags & endpoint_flags::isolated(direction) != 0 {
+            return ids
+                .iter()
+                .flatten()
+                .find_map(|id| lookup(*id, direction as u8));
+        }
+        if flags & endpoint_flags::tiered(direction, t) == 0 {
+            continue;
+        }
+        match first_of(t).map(|v| (tier::action(v.rule), v)) {
+            Some((tier::ACCEPT, v)) => {
+                return Some(PolicyValue {
+                    policy: v.policy,
+                    rule: tier::code(v.rule),
+                });
+            }
+            Some((tier::DENY, _)) => return None,
+            _ => {}
+        }
+    }
+    Some(PolicyValue::default())
 }
 
 /// The key's bytes in memory order, which is what the trie compares.

@@ -1,6 +1,7 @@
 //! The cluster state the compiler works on: namespaces, pods and NetworkPolicies, slimmed down to
 //! what policy needs, whatever source (manifest directory or API) they came from.
 
+pub mod cluster_policy;
 pub mod identity;
 pub mod mode;
 pub mod selector;
@@ -388,6 +389,7 @@ pub enum Object {
     Policy(Policy),
     Service(crate::model::service::Service),
     EndpointSlice(crate::model::service::EndpointSlice),
+    ClusterPolicy(cluster_policy::ClusterPolicy),
 }
 
 impl Object {
@@ -399,6 +401,7 @@ impl Object {
             Object::Policy(p) => ("NetworkPolicy", Some(&p.key.namespace), &p.key.name),
             Object::Service(svc) => ("Service", Some(&svc.key.namespace), &svc.key.name),
             Object::EndpointSlice(s) => ("EndpointSlice", Some(&s.key.namespace), &s.key.name),
+            Object::ClusterPolicy(p) => (cluster_policy::KIND, None, &p.name),
         };
         ObjectRef {
             kind: Some(kind.to_owned()),
@@ -430,6 +433,9 @@ pub struct ClusterState {
     pub services: BTreeMap<PodKey, crate::model::service::Service>,
     #[serde(with = "pairs")]
     pub endpoint_slices: BTreeMap<PodKey, crate::model::service::EndpointSlice>,
+    /// ClusterNetworkPolicies by name.
+    #[serde(default)]
+    pub cluster_policies: BTreeMap<String, cluster_policy::ClusterPolicy>,
     /// Objects and files that could not be used.
     pub errors: Vec<SourceError>,
     /// Objects of other kinds.
@@ -445,6 +451,7 @@ impl ClusterState {
             Object::Policy(p) => self.policies.insert(p.key.clone(), p).is_some(),
             Object::Service(svc) => self.services.insert(svc.key.clone(), svc).is_some(),
             Object::EndpointSlice(s) => self.endpoint_slices.insert(s.key.clone(), s).is_some(),
+            Object::ClusterPolicy(p) => self.cluster_policies.insert(p.name.clone(), p).is_some(),
         }
     }
 

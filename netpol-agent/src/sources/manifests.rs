@@ -14,6 +14,7 @@ use k8s_openapi::api::networking::v1 as networking;
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::model::cluster_policy::{ClusterNetworkPolicyObject, ClusterPolicy};
 use crate::model::{
     ClusterState, ConvertError, IgnoredObject, Namespace, Object, ObjectRef, Origin, Pod, Policy,
     SourceError,
@@ -35,9 +36,10 @@ pub enum ManifestError {
 struct FileContents {
     objects: Vec<(Origin, Object)>,
     ignored: Vec<IgnoredObject>,
-    /// Stand-ins for NetworkPolicies that do not parse: each isolates its namespace both ways and
-    /// allows nothing, since what it meant to isolate is unknown ([`isolating_stand_in`]).
-    broken_policies: Vec<(Origin, Policy)>,
+    /// Stand-ins for policies that do not parse: a NetworkPolicy isolates its namespace both ways
+    /// and allows nothing, since what it meant to isolate is unknown ([`isolating_stand_in`]); a
+    /// ClusterNetworkPolicy denies everything ([`ClusterPolicy::stand_in`]).
+    broken_policies: Vec<(Origin, Object)>,
 }
 
 /// What identifies one version of a file (through symlinks, as a mounted ConfigMap's files are):
@@ -383,6 +385,13 @@ fn read_object(
                     crate::model::service::EndpointSlice::from_k8s(&s)?,
                 ))
             }),
+        Some(crate::model::cluster_policy::KIND) => typed::<ClusterNetworkPolicyObject>(value)
+            .and_then(|p| {
+                Ok(Object::ClusterPolicy(ClusterPolicy::from_object(
+                    &p,
+                    origin.clone(),
+                )?))
+            }),
         Some(_) => {
             contents.ignored.push(IgnoredObject {
                 origin: origin.clone(),
@@ -401,10 +410,20 @@ fn read_object(
     match converted {
         Ok(obj) => contents.objects.push((origin.clone(), obj)),
         Err(e) => {
-            if object.kind.as_deref() == Some("NetworkPolicy") {
-                contents
-                    .broken_policies
-                    .push((origin.clone(), isolating_stand_in(&object, &origin)));
+            let stand_in = match object.kind.as_deref() {
+                Some("NetworkPolicy") => Some(Object::Policy(isolating_stand_in(&object, &origin))),
+                Some(crate::model::cluster_policy::KIND) => {
+                    let name = object.name.clone().filter(|n| !n.is_empty());
+                    let name = name.unwrap_or_else(|| format!("unparsed-{origin}"));
+                    Some(Object::ClusterPolicy(ClusterPolicy::stand_in(
+                        &name,
+                        origin.clone(),
+                    )))
+                }
+                _ => None,
+            };
+            if let Some(stand_in) = stand_in {
+                contents.broken_policies.push((origin.clone(), stand_in));
             }
             errors.push(error(Some(e.field).filter(|f| !f.is_empty()), e.reason));
         }
@@ -440,14 +459,12 @@ fn isolating_stand_in(object: &ObjectRef, origin: &Origin) -> Policy {
 
 /// Adds the stand-ins of `broken` policies that the file's objects in force (its last good load)
 /// do not already hold under the same name: a policy that was in force stays as it was.
-fn add_stand_ins(contents: &mut FileContents, broken: Vec<(Origin, Policy)>) {
+fn add_stand_ins(contents: &mut FileContents, broken: Vec<(Origin, Object)>) {
     for (origin, policy) in broken {
-        let known = contents.objects.iter().any(|(_, o)| match o {
-            Object::Policy(p) => p.key == policy.key,
-            _ => false,
-        });
+        let id = policy.object_ref();
+        let known = contents.objects.iter().any(|(_, o)| o.object_ref() == id);
         if !known {
-            contents.objects.push((origin, Object::Policy(policy)));
+            contents.objects.push((origin, policy));
         }
     }
 }

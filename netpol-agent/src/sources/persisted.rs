@@ -159,6 +159,7 @@ struct StateView<'a> {
     services: &'a BTreeMap<PodKey, Service>,
     #[serde(serialize_with = "pairs::serialize")]
     endpoint_slices: &'a BTreeMap<PodKey, EndpointSlice>,
+    cluster_policies: &'a BTreeMap<String, crate::model::cluster_policy::ClusterPolicy>,
     errors: &'a [SourceError],
     ignored: &'a [IgnoredObject],
 }
@@ -172,6 +173,7 @@ impl<'a> StateView<'a> {
             policies,
             services,
             endpoint_slices,
+            cluster_policies,
             errors,
             ignored: _,
         } = state;
@@ -181,6 +183,7 @@ impl<'a> StateView<'a> {
             policies,
             services,
             endpoint_slices,
+            cluster_policies,
             errors,
             ignored: &[],
         }
