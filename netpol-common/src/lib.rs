@@ -336,14 +336,15 @@ pub mod tier {
     /// The tier evaluated after NetworkPolicy (for pods no NetworkPolicy isolates).
     pub const BASELINE: u8 = 2;
 
-    /// Accept: allowed, with replies; no later rule or tier is asked.
-    pub const ACCEPT: u8 = 1;
-    /// Deny: dropped; no later rule or tier is asked.
-    pub const DENY: u8 = 2;
+    /// Deny: dropped; no later rule or tier is asked. (The action values order a tie between
+    /// equal ranks: Deny, then Pass, then Accept, so a tie never opens anything.)
+    pub const DENY: u8 = 0;
     /// Pass: the rest of this tier is skipped; the next tier decides.
-    pub const PASS: u8 = 3;
+    pub const PASS: u8 = 1;
+    /// Accept: allowed, with replies; no later rule or tier is asked.
+    pub const ACCEPT: u8 = 2;
 
-    /// Ranks past this one share it (ties are broken towards Deny).
+    /// Ranks past this one share it.
     pub const MAX_RANK: u32 = 0xffff;
 
     /// The `direction` byte of a POLICY key of `tier`'s rules (NetworkPolicy allows use the bare
@@ -353,7 +354,8 @@ pub mod tier {
     }
 
     /// The value's `rule` of a tier entry: rank (lower first) in the top 16 bits, the action in
-    /// bits 14-15, the [`super::rule_code`] below.
+    /// bits 14-15, the [`super::rule_code`] below. The number orders by precedence: the smaller
+    /// comes first ([`precedes`]), which the datapath compares with one instruction.
     pub const fn pack(rank: u32, action: u8, code: u32) -> u32 {
         let rank = if rank > MAX_RANK { MAX_RANK } else { rank };
         (rank << 16) | (((action & 3) as u32) << 14) | (code & 0x3fff)
@@ -375,18 +377,9 @@ pub mod tier {
     }
 
     /// Whether the packed rule `a` takes precedence over `b`: the lower rank; between equal ranks
-    /// (only past [`MAX_RANK`]) Deny, then Pass, then Accept, so a tie never opens anything.
+    /// (only past [`MAX_RANK`]) Deny, then Pass, then Accept.
     pub const fn precedes(a: u32, b: u32) -> bool {
-        let (ra, rb) = (rank(a), rank(b));
-        ra < rb || (ra == rb && strength(action(a)) < strength(action(b)))
-    }
-
-    const fn strength(action: u8) -> u8 {
-        match action {
-            DENY => 0,
-            PASS => 1,
-            _ => 2,
-        }
+        a < b
     }
 }
 

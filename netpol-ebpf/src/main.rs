@@ -18,7 +18,8 @@ mod parse;
 
 use aya_ebpf::{
     bindings::{BPF_ANY, TC_ACT_SHOT, TC_ACT_UNSPEC},
-    helpers::bpf_ktime_get_ns,
+    cty::c_void,
+    helpers::{bpf_ktime_get_ns, bpf_loop},
     macros::classifier,
     maps::lpm_trie::Key,
     programs::TcContext,
@@ -1018,7 +1019,7 @@ fn policy(pkt: &Packet, ifindex: u32, ep_flags: u32, dir: Direction, ask: Ask) -
     );
     let ids = peer_identities(pkt.buffer, peer, peer_identity);
     if ep_flags & endpoint_flags::tiered(dir, tier::ADMIN) != 0 {
-        let decided = tier_decision(pkt.buffer, &mut key, &ids, tier::ADMIN);
+        let decided = tier_decision(pkt.buffer, &key, &ids, tier::ADMIN);
         if decided != UNDECIDED {
             return decided;
         }
@@ -1036,7 +1037,7 @@ fn policy(pkt: &Packet, ifindex: u32, ep_flags: u32, dir: Direction, ask: Ask) -
         return refused(ep_flags, dir);
     }
     if ep_flags & endpoint_flags::tiered(dir, tier::BASELINE) != 0 {
-        let decided = tier_decision(pkt.buffer, &mut key, &ids, tier::BASELINE);
+        let decided = tier_decision(pkt.buffer, &key, &ids, tier::BASELINE);
         if decided != UNDECIDED {
             return decided;
         }
@@ -1064,43 +1065,100 @@ fn peer_identities(buffer: Buffer, addr: &[u8; 16], peer_identity: u32) -> [u32;
 
 /// The decision of ClusterNetworkPolicy `tier` for the key's endpoint, direction, protocol and
 /// port: its first matching rule over the peer's identities `ids` (the entry of least rank), or
-/// [`UNDECIDED`] when none matches or it is a Pass (the next tier decides). Leaves the key's
-/// direction as it found it.
+/// [`UNDECIDED`] when none matches or it is a Pass (the next tier decides).
 #[inline(never)]
-fn tier_decision(buffer: Buffer, key: &mut Key<PolicyKey>, ids: &[u32; 4], tier: u8) -> u64 {
-    let plain = key.data.direction;
-    let dir = if plain == Direction::Ingress as u8 {
+fn tier_decision(buffer: Buffer, key: &Key<PolicyKey>, ids: &[u32; 4], tier: u8) -> u64 {
+    let dir = if key.data.direction == Direction::Ingress as u8 {
         Direction::Ingress
     } else {
         Direction::Egress
     };
-    key.data.direction = tier::key_direction(dir, tier);
-    let mut first: Option<PolicyValue> = None;
-    for id in ids {
-        if *id == identity::NONE {
-            continue;
-        }
-        key.data.identity = *id;
-        if let Some(v) = buffer.policy(key) {
-            if first.is_none_or(|f| tier::precedes(v.rule, f.rule)) {
-                first = Some(v);
-            }
-        }
-    }
-    key.data.direction = plain;
-    let Some(v) = first else {
-        return UNDECIDED;
+    let mut scan = TierScan {
+        key: Key::new(
+            POLICY_PREFIX_FULL,
+            PolicyKey {
+                direction: tier::key_direction(dir, tier),
+                ..key.data
+            },
+        ),
+        ids: *ids,
+        buffer,
+        first: NO_TIER_ENTRY,
     };
-    let reason = match tier::action(v.rule) {
+    // The scan runs in `bpf_loop`: its callback is verified once, not once per identity and per
+    // path into this function (an unrolled scan took the verifier past its million instructions).
+    // SAFETY: the callback has the signature `bpf_loop` calls and reads `scan` as the `TierScan` it
+    // is; `scan` outlives the call.
+    unsafe {
+        bpf_loop(
+            SCANNED_IDENTITIES,
+            scan_identity as *mut c_void,
+            (&mut scan as *mut TierScan).cast(),
+            0,
+        );
+    }
+    let first = scan.first;
+    if first == NO_TIER_ENTRY {
+        return UNDECIDED;
+    }
+    let packed = (first >> 32) as u32;
+    let reason = match tier::action(packed) {
         tier::ACCEPT => Reason::AllowedClusterPolicy,
         tier::DENY => Reason::DroppedClusterPolicy,
         _ => return UNDECIDED,
     };
     let rule = RuleKey {
-        policy: v.policy,
-        rule: tier::code(v.rule),
+        policy: first as u32,
+        rule: tier::code(packed),
     };
     reason_only(reason) | ((PolicyMatch::L3L4 as u64) << 8) | DECIDED | rule_bits(rule)
+}
+
+/// What [`tier_entry`] returns for no entry: after every packed one.
+const NO_TIER_ENTRY: u64 = u64::MAX;
+
+/// How many identities a peer is looked up by ([`peer_identities`]).
+const SCANNED_IDENTITIES: u32 = 4;
+
+/// The state of a tier's scan of the peer's identities.
+#[repr(C)]
+struct TierScan {
+    key: Key<PolicyKey>,
+    ids: [u32; 4],
+    buffer: Buffer,
+    /// The least [`tier_entry`] so far.
+    first: u64,
+}
+
+/// One step of the scan: the entry of identity `index` ([`identity::NONE`] has none), kept when it
+/// comes first. Returns 0 (go on), as `bpf_loop` expects.
+extern "C" fn scan_identity(index: u32, ctx: *mut c_void) -> i64 {
+    // SAFETY: `ctx` is the `TierScan` that `tier_decision` handed to `bpf_loop`.
+    let scan = unsafe { &mut *ctx.cast::<TierScan>() };
+    let Some(id) = scan.ids.get(index as usize).copied() else {
+        return 1;
+    };
+    if id == identity::NONE {
+        return 0;
+    }
+    scan.key.data.identity = id;
+    let entry = tier_entry(scan.buffer, &scan.key);
+    // The packed rule is the high half: the smaller comes first (`tier::precedes`).
+    if entry < scan.first {
+        scan.first = entry;
+    }
+    0
+}
+
+/// The POLICY entry of `key` as one number, its packed rule in the high half and its policy in the
+/// low one, or [`NO_TIER_ENTRY`]. Out of line: the lookup's branches end here, so the caller's
+/// loop does not multiply them.
+#[inline(never)]
+fn tier_entry(buffer: Buffer, key: &Key<PolicyKey>) -> u64 {
+    match buffer.policy(key) {
+        Some(v) => (u64::from(v.rule) << 32) | u64::from(v.policy),
+        None => NO_TIER_ENTRY,
+    }
 }
 
 /// A packet no rule allows in `dir`: passed as a would-be drop when the isolation of that direction

@@ -63,6 +63,7 @@ static FRONTENDS_1: LpmTrie<IpKey, u32> =
 /// The decision maps one packet reads: the buffer its policy generation names, chosen once when its
 /// classification starts, so that a packet never mixes two policies.
 #[derive(Clone, Copy)]
+#[repr(C)]
 pub struct Buffer {
     /// The policy generation the packet is judged under.
     pub generation: u32,

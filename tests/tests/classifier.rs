@@ -24,7 +24,7 @@ use netpol_common::{
     EndpointInfo, FlowKey, FlowValue, IpInfo, IpKey, LOST_SLOTS, POLICY_PREFIX_ANY_PORT,
     POLICY_PREFIX_ANY_PROTOCOL, POLICY_PREFIX_FULL, PolicyKey, PolicyMatch, PolicyValue,
     REASON_SLOTS, Reason, RuleHits, RuleKey, V4_MAPPED_PREFIX, VERDICT_SLOTS, ct_flags,
-    endpoint_flags, identity, lost, map_names, program_names, proto, rule_code, verdict,
+    endpoint_flags, identity, lost, map_names, program_names, proto, rule_code, tier, verdict,
     verdict_slot,
 };
 use netpol_tests::packets::{self, Ext, L4, Packet};
@@ -167,6 +167,11 @@ impl Env {
             if let Err(e) = prog.load() {
                 panic!("verifier rejected {name}: {e:?}");
             }
+            let verified = prog
+                .info()
+                .ok()
+                .and_then(|i| i.verified_instruction_count());
+            eprintln!("{name}: verifier processed {verified:?} instructions (limit 1,000,000)");
         }
         let mut env = Env { ebpf, _fs: fs };
         env.base();
@@ -279,6 +284,22 @@ impl Env {
     fn allow_by(&mut self, rule: PolicyValue, (identity, dir, protocol, port, prefix): AllowKey) {
         let key = Self::policy_key(identity, dir, protocol, port, prefix);
         self.both_trie(map_names::POLICY, |m| m.insert(&key, rule, 0).unwrap());
+    }
+
+    /// A ClusterNetworkPolicy rule of `tier` with `action` and `rank` (its index in its direction is
+    /// the rank too), as the compiler writes it (folded entries are the caller's business).
+    fn tier_rule(&mut self, (t, action, rank): (u8, u8, u32), key: AllowKey) {
+        let (identity, dir, protocol, port, prefix) = key;
+        let data = PolicyKey {
+            direction: tier::key_direction(dir, t),
+            ..Self::policy_key(identity, dir, protocol, port, prefix).data()
+        };
+        let k = Key::new(prefix, data);
+        let v = PolicyValue {
+            policy: 9,
+            rule: tier::pack(rank, action, rule_code::of(dir, rank)),
+        };
+        self.both_trie(map_names::POLICY, |m| m.insert(&k, v, 0).unwrap());
     }
 
     /// RULE_HITS, summed over CPUs (the latest hit).
@@ -1278,6 +1299,161 @@ fn generation_bump_rechecks_established() {
         (entry.0.src_port, entry.0.dst_port, entry.0.protocol),
         (40000, 80, proto::TCP)
     );
+}
+
+/// ClusterNetworkPolicy tiers as a hostile peer meets them. Admin: rank 0 Accepts pod B on TCP 80,
+/// rank 1 Denies the whole pod range (a CIDR identity, which pod C and any address a pod could
+/// spoof into it fall in), rank 2 Passes everyone on UDP. NetworkPolicy isolates nothing, so a Pass
+/// goes to the Baseline tier, which Denies UDP 53 to all. Another EtherType is dropped where a
+/// tier has rules, a revoked Accept ends the established flow at the next generation, and the
+/// decision names the rule.
+#[test]
+fn cluster_policy_tiers_decide_in_order() {
+    let Some(mut env) = env!() else { return };
+    let flags = endpoint_flags::ADMIN_INGRESS | endpoint_flags::BASELINE_INGRESS;
+    env.endpoint(EP, flags);
+    env.cidr(Ipv4Addr::new(10, 42, 1, 0).into(), 24, ID_CIDR);
+    let accept_b = (tier::ADMIN, tier::ACCEPT, 0);
+    env.tier_rule(
+        accept_b,
+        (ID_B, Ingress, proto::TCP, 80, POLICY_PREFIX_FULL),
+    );
+    let deny_range = (tier::ADMIN, tier::DENY, 1);
+    env.tier_rule(
+        deny_range,
+        (ID_CIDR, Ingress, 0, 0, POLICY_PREFIX_ANY_PROTOCOL),
+    );
+    // Folded as the compiler does: B's port-80 entry already holds the Accept; B's other ports
+    // fall to the CIDR Deny (rank 1) across identities.
+    let pass_udp = (tier::ADMIN, tier::PASS, 2);
+    env.tier_rule(
+        pass_udp,
+        (
+            identity::ANY,
+            Ingress,
+            proto::UDP,
+            0,
+            POLICY_PREFIX_ANY_PORT,
+        ),
+    );
+    let base_deny = (tier::BASELINE, tier::DENY, 0);
+    env.tier_rule(
+        base_deny,
+        (identity::ANY, Ingress, proto::UDP, 53, POLICY_PREFIX_FULL),
+    );
+    env.ip(b(), ID_B, 0);
+    env.ip(POD_C.into(), ID_C, 0);
+    let cases = [
+        (
+            Packet::tcp(b(), a(), 40000, 80),
+            Reason::AllowedClusterPolicy,
+        ),
+        (
+            Packet::tcp(b(), a(), 40001, 81),
+            Reason::DroppedClusterPolicy,
+        ),
+        (
+            Packet::tcp(POD_C.into(), a(), 40002, 80),
+            Reason::DroppedClusterPolicy,
+        ),
+        // An address no pod holds inside the range: still the range's Deny.
+        (
+            Packet::tcp(Ipv4Addr::new(10, 42, 1, 99).into(), a(), 40003, 80),
+            Reason::DroppedClusterPolicy,
+        ),
+        // Outside the range: UDP is passed on; the baseline denies 53, not 54.
+        (
+            Packet::udp(EXTERNAL.into(), a(), 40004, 53),
+            Reason::DroppedClusterPolicy,
+        ),
+        (
+            Packet::udp(EXTERNAL.into(), a(), 40005, 54),
+            Reason::AllowedNotIsolated,
+        ),
+        (
+            Packet::tcp(EXTERNAL.into(), a(), 40006, 80),
+            Reason::AllowedNotIsolated,
+        ),
+        // The node always reaches its pods.
+        (
+            Packet::tcp(NODE.into(), a(), 40007, 81),
+            Reason::AllowedHost,
+        ),
+    ];
+    env.ip(NODE.into(), identity::HOST, 0);
+    for (pkt, reason) in cases {
+        env.expect(Ingress, &pkt.build(), reason);
+    }
+    // Replies of the accepted flow pass; the flow is established.
+    env.expect(
+        Egress,
+        &Packet::tcp(a(), b(), 80, 40000).build(),
+        Reason::AllowedReply,
+    );
+    env.expect(
+        Ingress,
+        &Packet::tcp(b(), a(), 40000, 80).build(),
+        Reason::AllowedEstablished,
+    );
+    let mut lldp = packets::ethernet(0x88cc);
+    lldp.extend_from_slice(&[0; 46]);
+    env.expect(Ingress, &lldp, Reason::DroppedEtherType);
+    env.expect(Egress, &lldp, Reason::AllowedNotPoliced);
+
+    // A Deny that now comes first ends the established flow at the next generation.
+    env.tier_rule(
+        (tier::ADMIN, tier::DENY, 0),
+        (ID_B, Ingress, proto::TCP, 80, POLICY_PREFIX_FULL),
+    );
+    env.set_generation(1);
+    env.expect(
+        Ingress,
+        &Packet::tcp(b(), a(), 40000, 80).build(),
+        Reason::DroppedClusterPolicy,
+    );
+}
+
+/// The Admin tier decides before NetworkPolicy isolation: an Accept opens what isolation denies, a
+/// Deny closes what a NetworkPolicy rule allows; a Pass leaves it to NetworkPolicy, whose isolation
+/// then keeps the Baseline tier out.
+#[test]
+fn admin_tier_comes_before_network_policy_and_baseline_after() {
+    let Some(mut env) = env!() else { return };
+    let flags = endpoint_flags::ISOLATED_EGRESS
+        | endpoint_flags::ADMIN_EGRESS
+        | endpoint_flags::BASELINE_EGRESS;
+    env.endpoint(EP, flags);
+    env.ip(b(), ID_B, 0);
+    env.ip(POD_C.into(), ID_C, 0);
+    env.allow(ID_B, Egress, proto::TCP, 443, POLICY_PREFIX_FULL);
+    env.allow(ID_C, Egress, proto::TCP, 443, POLICY_PREFIX_FULL);
+    env.tier_rule(
+        (tier::ADMIN, tier::ACCEPT, 0),
+        (ID_B, Egress, proto::TCP, 22, POLICY_PREFIX_FULL),
+    );
+    env.tier_rule(
+        (tier::ADMIN, tier::DENY, 1),
+        (ID_C, Egress, 0, 0, POLICY_PREFIX_ANY_PROTOCOL),
+    );
+    env.tier_rule(
+        (tier::ADMIN, tier::PASS, 2),
+        (identity::ALL_PODS, Egress, 0, 0, POLICY_PREFIX_ANY_PROTOCOL),
+    );
+    env.tier_rule(
+        (tier::BASELINE, tier::ACCEPT, 0),
+        (identity::ANY, Egress, 0, 0, POLICY_PREFIX_ANY_PROTOCOL),
+    );
+    let cases = [
+        (b(), 22, Reason::AllowedClusterPolicy),
+        (b(), 443, Reason::AllowedPolicy),
+        (b(), 80, Reason::DroppedEgressDenied),
+        (POD_C.into(), 443, Reason::DroppedClusterPolicy),
+        (EXTERNAL.into(), 80, Reason::DroppedEgressDenied),
+    ];
+    for (n, (dst, port, reason)) in cases.into_iter().enumerate() {
+        let pkt = Packet::tcp(a(), dst, 41000 + n as u16, port).build();
+        env.expect(Egress, &pkt, reason);
+    }
 }
 
 #[test]
