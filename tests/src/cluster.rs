@@ -415,6 +415,9 @@ pub struct Cluster {
     pub probe_timeout: Duration,
     /// How pod traffic crosses between the nodes.
     pub backend: Backend,
+    /// Container port names by (port, `TCP`/`UDP`) where not `serve-<port>-<proto>` (upstream's
+    /// ClusterNetworkPolicy suite names TCP 80 `web` and UDP 53 `dns`).
+    pub port_names: BTreeMap<(u16, String), String>,
 }
 
 /// The Flannel backends the simulated cluster can run (K3s's `--flannel-backend`).
@@ -485,6 +488,7 @@ impl Cluster {
             pod_services: BTreeMap::new(),
             probe_timeout: Duration::from_millis(1000),
             backend,
+            port_names: BTreeMap::new(),
         };
         // From here on, Drop cleans up whatever was made.
         fs::create_dir_all(&manifest_dir)?;
@@ -832,7 +836,12 @@ impl Cluster {
                     let lp = proto.to_ascii_lowercase();
                     let _ = writeln!(y, "  - name: cont-{port}-{lp}");
                     y.push_str("    image: netpol-probe\n    ports:\n");
-                    let _ = writeln!(y, "    - name: serve-{port}-{lp}");
+                    let name = self
+                        .port_names
+                        .get(&(port, proto.to_owned()))
+                        .cloned()
+                        .unwrap_or_else(|| format!("serve-{port}-{lp}"));
+                    let _ = writeln!(y, "    - name: {name}");
                     let _ = writeln!(y, "      containerPort: {port}");
                     let _ = writeln!(y, "      protocol: {proto}");
                 }

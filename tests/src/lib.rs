@@ -6,6 +6,7 @@
 pub mod agent_cli;
 pub mod apiserver_double;
 pub mod cluster;
+pub mod cnp_cases;
 pub mod first_packet;
 pub mod kube_proxy;
 pub mod packets;
