@@ -72,7 +72,7 @@ fn egress_allows(
 ) -> Option<PolicyValue> {
     let ids = [peer.pod, peer.all_pods(), peer.cidr, Some(identity::ANY)];
     let lookup = |id, direction| policy_lpm(c, endpoint, id, direction, protocol, port);
-    crate::datapath::lookup::decide(flags, Direction::Egress, ids, lookup)
+    crate::datapath::lookup::decide(flags, Direction::Egress, ids, lookup).allowed()
 }
 
 /// POLICY's longest-prefix match of a full key, by exact lookups per prefix length.

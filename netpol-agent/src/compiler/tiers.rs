@@ -67,7 +67,6 @@ pub(super) enum TierPeer {
 pub(super) struct TierRule {
     pub direction: Direction,
     pub index: u32,
-    pub name: String,
     pub action: u8,
     pub peers: Vec<TierPeer>,
     pub ports: Vec<PortMatch>,
@@ -94,6 +93,47 @@ pub fn cluster_key(name: &str) -> PodKey {
 /// The id of a ClusterNetworkPolicy in flow records and hit counters.
 pub fn cluster_policy_id(name: &str) -> u32 {
     policy_id(&cluster_key(name))
+}
+
+/// How observers name a ClusterNetworkPolicy where they name a NetworkPolicy `namespace/name`:
+/// `cnp:admin/<name>` or `cnp:baseline/<name>` (no namespace has a colon, so no NetworkPolicy is
+/// ever named so).
+pub fn display_key(policy: &ClusterPolicy) -> PodKey {
+    let tier = match policy.spec.tier.as_str() {
+        "Admin" => "admin",
+        "Baseline" => "baseline",
+        _ => "invalid",
+    };
+    PodKey::new(format!("cnp:{tier}"), policy.name.clone())
+}
+
+/// The names the rules of `policy` have, by [`rule_code`] (unnamed rules left out).
+pub fn rule_names(policy: &ClusterPolicy) -> BTreeMap<u32, String> {
+    let spec = &policy.spec;
+    [
+        (Direction::Ingress, &spec.ingress),
+        (Direction::Egress, &spec.egress),
+    ]
+    .into_iter()
+    .flat_map(|(d, rules)| {
+        rules
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| !r.name.is_empty())
+            .map(move |(i, r)| (rule_code::of(d, i as u32), r.name.clone()))
+    })
+    .collect()
+}
+
+/// The pods of `pods` (with their namespaces' labels from `state`) that `policy` selects.
+pub fn selected<'a>(
+    policy: &ClusterPolicy,
+    state: &crate::model::ClusterState,
+    pods: impl Iterator<Item = &'a Pod>,
+) -> usize {
+    let subject = parse(policy).subject;
+    pods.filter(|p| subject.selects(p, &state.namespace_labels(&p.key.namespace)))
+        .count()
 }
 
 struct Errors<'a> {
@@ -177,7 +217,6 @@ pub(super) fn parse(policy: &ClusterPolicy) -> ParsedCluster {
             .map(|direction| TierRule {
                 direction,
                 index: 0,
-                name: "invalid-object-deny-all".into(),
                 action: tier::DENY,
                 peers: vec![TierPeer::Everything],
                 ports: vec![PortMatch::AnyProtocol],
@@ -285,7 +324,6 @@ fn parse_rule(
     TierRule {
         direction,
         index,
-        name: rule.name.clone(),
         action,
         peers,
         ports,

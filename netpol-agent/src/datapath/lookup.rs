@@ -36,14 +36,25 @@ impl Contents {
         protocol: u8,
         port: u16,
     ) -> bool {
-        let Some(info) = self.endpoints.get(&endpoint) else {
-            return false;
-        };
-        let flags = info.flags;
+        self.decision(endpoint, peer, direction, protocol, port)
+            .is_some_and(|d| d.allowed().is_some())
+    }
+
+    /// What decides a new connection as [`Contents::allows`] describes, `None` for an unknown
+    /// endpoint (denied).
+    pub fn decision(
+        &self,
+        endpoint: u32,
+        peer: IpAddr,
+        direction: Direction,
+        protocol: u8,
+        port: u16,
+    ) -> Option<Decided> {
+        let flags = self.endpoints.get(&endpoint)?.flags;
         if flags & endpoint_flags::isolated(direction) == 0
             && !endpoint_flags::any_tier(flags, direction)
         {
-            return true;
+            return Some(Decided::Default);
         }
         let peer = ip_key(peer);
         if direction == Direction::Egress && self.is_frontend(peer) {
@@ -55,11 +66,15 @@ impl Contents {
                 protocol,
                 _pad: 0,
             };
-            return self.services.contains_key(&key);
+            let v = self.services.get(&key).map(|v| PolicyValue {
+                policy: v.policy,
+                rule: u32::from(v.rule),
+            });
+            return Some(Decided::Service(v));
         }
         let pod_identity = self.ipcache.get(&peer).map(|i| i.identity);
         if direction == Direction::Ingress && pod_identity == Some(identity::HOST) {
-            return true;
+            return Some(Decided::Default);
         }
         let cidr_identity = self
             .cidrs
@@ -81,7 +96,7 @@ impl Contents {
             };
             self.policy_lookup(&key).copied()
         };
-        decide(flags, direction, ids, lookup).is_some()
+        Some(decide(flags, direction, ids, lookup))
     }
 
     /// Whether `addr` is a frontend address or in a frontend range.
@@ -102,18 +117,46 @@ impl Contents {
     }
 }
 
+/// What decided a new connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decided {
+    /// A ClusterNetworkPolicy rule of `tier` (`netpol_common::tier`) with `action`; `rule` is its
+    /// policy and [`netpol_common::rule_code`].
+    Tier {
+        tier: u8,
+        action: u8,
+        rule: PolicyValue,
+    },
+    /// NetworkPolicy isolation: the allowing rule, `None` when none allows.
+    NetworkPolicy(Option<PolicyValue>),
+    /// A Service frontend's verdict: the rule it names, `None` when there is none (denied).
+    Service(Option<PolicyValue>),
+    /// Nothing decides: allowed.
+    Default,
+}
+
+impl Decided {
+    /// The rule that allows (a default one when nothing decided), `None` when denied.
+    pub fn allowed(&self) -> Option<PolicyValue> {
+        match *self {
+            Decided::Tier { action, rule, .. } => (action == tier::ACCEPT).then_some(rule),
+            Decided::NetworkPolicy(v) | Decided::Service(v) => v,
+            Decided::Default => Some(PolicyValue::default()),
+        }
+    }
+}
+
 /// The datapath's policy decision for a new connection in `direction` at an endpoint with `flags`
 /// (conntrack, the node and Service frontends aside): the Admin tier's first matching rule, then,
 /// where NetworkPolicy isolates the endpoint, its allows, else the Baseline tier's first matching
 /// rule, else allowed. `ids` are the peer's identities ([`identity::ANY`] included); `lookup` is
-/// POLICY's longest-prefix match for one identity and key direction. Returns the rule that allows
-/// (a default one when nothing decided), `None` when denied.
+/// POLICY's longest-prefix match for one identity and key direction.
 pub fn decide(
     flags: u32,
     direction: Direction,
     ids: [Option<u32>; 4],
     lookup: impl Fn(u32, u8) -> Option<PolicyValue>,
-) -> Option<PolicyValue> {
+) -> Decided {
     let first_of = |t: u8| {
         ids.iter()
             .flatten()
@@ -122,26 +165,29 @@ pub fn decide(
     };
     for t in [tier::ADMIN, tier::BASELINE] {
         if t == tier::BASELINE && flags & endpoint_flags::isolated(direction) != 0 {
-            return ids
+            let allow = ids
                 .iter()
                 .flatten()
                 .find_map(|id| lookup(*id, direction as u8));
+            return Decided::NetworkPolicy(allow);
         }
         if flags & endpoint_flags::tiered(direction, t) == 0 {
             continue;
         }
-        match first_of(t).map(|v| (tier::action(v.rule), v)) {
-            Some((tier::ACCEPT, v)) => {
-                return Some(PolicyValue {
-                    policy: v.policy,
-                    rule: tier::code(v.rule),
-                });
-            }
-            Some((tier::DENY, _)) => return None,
-            _ => {}
+        if let Some(v) = first_of(t).filter(|v| tier::action(v.rule) != tier::PASS) {
+            let rule = PolicyValue {
+                policy: v.policy,
+                rule: tier::code(v.rule),
+            };
+            let action = tier::action(v.rule);
+            return Decided::Tier {
+                tier: t,
+                action,
+                rule,
+            };
         }
     }
-    Some(PolicyValue::default())
+    Decided::Default
 }
 
 /// The key's bytes in memory order, which is what the trie compares.

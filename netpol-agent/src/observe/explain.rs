@@ -8,11 +8,13 @@ use std::net::IpAddr;
 
 use serde::Serialize;
 
+use crate::compiler::tiers;
 use crate::compiler::{self, CompileInput, PendingRule};
 use crate::datapath::Capacities;
+use crate::datapath::lookup::Decided;
 use crate::model::mode::Mode;
 use crate::model::{ClusterState, Pod, PodKey, Policy, Protocol};
-use netpol_common::{Direction, endpoint_flags};
+use netpol_common::{Direction, PolicyValue, endpoint_flags};
 
 /// The endpoint id the explained pod gets in its compilations.
 const ENDPOINT: u32 = 1;
@@ -227,7 +229,14 @@ fn resolve<'a>(
     family_of: Option<IpAddr>,
 ) -> Result<(Option<&'a Pod>, IpAddr), ExplainError> {
     let key = match party {
-        Party::Address(ip) => return Ok((None, *ip)),
+        // A pod's address is that pod (of the family the address picks).
+        Party::Address(ip) => {
+            let pod = state
+                .pods
+                .values()
+                .find(|p| p.is_policy_peer() && p.ips.contains(ip));
+            return Ok((pod, *ip));
+        }
         Party::Pod(key) => key,
     };
     let pod = state
@@ -278,6 +287,10 @@ fn side(state: &ClusterState, at: Probe<'_>) -> Side {
         (c, allowed)
     };
     let (compiled, allowed) = allows(state);
+    let decided = compiled.decision(ENDPOINT, at.peer, direction, at.protocol, at.port);
+    if let Some(Decided::Tier { tier, action, rule }) = decided {
+        return tier_side(state, at, (tier, action, rule));
+    }
     let audit = compiled.endpoints[&ENDPOINT].flags & endpoint_flags::audit(direction) != 0;
     let deciding: Vec<&Policy> = compiled.isolating[&(ENDPOINT, direction)]
         .iter()
@@ -318,6 +331,51 @@ fn side(state: &ClusterState, at: Probe<'_>) -> Side {
         audit,
         allowed_by,
         reason,
+        datapath: None,
+    }
+}
+
+/// The side a ClusterNetworkPolicy rule decided: `tier`, its `action` and `rule` (policy id and
+/// rule code).
+fn tier_side(
+    state: &ClusterState,
+    at: Probe<'_>,
+    (tier, action, rule): (u8, u8, PolicyValue),
+) -> Side {
+    let policy = state
+        .cluster_policies
+        .values()
+        .find(|p| tiers::cluster_policy_id(&p.name) == rule.policy);
+    let name = policy.map_or_else(
+        || format!("#{:08x}", rule.policy),
+        |p| tiers::display_key(p).to_string(),
+    );
+    let mut rule_label = crate::observe::policies::rule_name(rule.rule).unwrap_or_default();
+    if let Some(n) = policy.and_then(|p| tiers::rule_names(p).remove(&rule.rule)) {
+        rule_label = format!("{rule_label} ({n})");
+    }
+    let tier_name = if tier == netpol_common::tier::ADMIN {
+        "Admin"
+    } else {
+        "Baseline"
+    };
+    let accepted = action == netpol_common::tier::ACCEPT;
+    let what = format!("{name} {rule_label}");
+    Side {
+        pod: at.pod.key.to_string(),
+        direction: direction_name(at.direction),
+        verdict: Verdict::of(accepted),
+        isolated_by: vec![name.clone()],
+        audit: false,
+        allowed_by: if accepted {
+            vec![what.clone()]
+        } else {
+            Vec::new()
+        },
+        reason: format!(
+            "{} by {what}, the first matching rule of the ClusterNetworkPolicy {tier_name} tier",
+            if accepted { "accepted" } else { "denied" }
+        ),
         datapath: None,
     }
 }
@@ -464,6 +522,49 @@ mod tests {
     }
 
     const DENY_ALL: &str = "podSelector: {}\npolicyTypes: [Ingress, Egress]";
+
+    fn cnp(name: &str, spec: &str) -> Object {
+        let yaml = format!(
+            "apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {{name: {name}}}\nspec: {spec}"
+        );
+        let o: crate::model::cluster_policy::ClusterNetworkPolicyObject =
+            serde_yaml_ng::from_str(&yaml).unwrap();
+        Object::ClusterPolicy(
+            crate::model::cluster_policy::ClusterPolicy::from_object(&o, Origin::Api).unwrap(),
+        )
+    }
+
+    #[test]
+    fn names_the_cluster_policy_rule_that_decides() {
+        let s = state(vec![
+            pod("x", "a", "web", "10.42.0.5"),
+            pod("y", "b", "db", "10.42.1.6"),
+            policy(
+                "y",
+                "db-in",
+                "podSelector: {}\ningress:\n- ports: [{port: 80}]",
+            ),
+            cnp(
+                "guard",
+                "{tier: Admin, priority: 10, subject: {namespaces: {}}, ingress: [{name: pass-web, action: Pass, from: [{pods: {namespaceSelector: {}, podSelector: {matchLabels: {app: web}}}}], protocols: [{tcp: {destinationPort: {number: 80}}}]}, {name: no-web, action: Deny, from: [{namespaces: {matchLabels: {kubernetes.io/metadata.name: x}}}]}]}",
+            ),
+        ]);
+        let e = explain(&s, &query("x/a", "y/b", 5432)).unwrap();
+        assert_eq!(e.verdict, Verdict::Denied);
+        let inside = e.ingress.as_ref().unwrap();
+        assert_eq!(inside.isolated_by, vec!["cnp:admin/guard"]);
+        assert!(
+            inside
+                .reason
+                .contains("denied by cnp:admin/guard ingress[1] (no-web)"),
+            "{}",
+            inside.reason
+        );
+        // Passed on port 80: the NetworkPolicy decides, and allows.
+        let e = explain(&s, &query("x/a", "y/b", 80)).unwrap();
+        assert_eq!(e.verdict, Verdict::Allowed);
+        assert_eq!(e.ingress.unwrap().allowed_by, vec!["y/db-in ingress[0]"]);
+    }
 
     #[test]
     fn names_the_isolating_policies_and_the_rule_that_allows() {

@@ -12,7 +12,8 @@ use super::flows::{Clock, PolicyInfo, Resolver, direction_name, rfc3339};
 /// One rule of a policy and what it allowed on this node.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RuleReport {
-    /// `ingress[0]`, `egress[2]`: the rule's index in its policy, as Calico and Cilium name it.
+    /// `ingress[0]`, `egress[2]`: the rule's index in its policy, as Calico and Cilium name it;
+    /// followed by its name where it has one (ClusterNetworkPolicy).
     pub rule: String,
     /// Packets, both ways, of the connections it allowed.
     pub packets: u64,
@@ -26,7 +27,7 @@ pub struct RuleReport {
 /// One policy as `policies` prints it. The JSON fields are a stable interface.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PolicyReport {
-    /// `namespace/name`.
+    /// `namespace/name`, or `cnp:admin/name` and `cnp:baseline/name` for a ClusterNetworkPolicy.
     pub policy: String,
     /// `enforce` or `audit`.
     pub mode: String,
@@ -105,8 +106,12 @@ fn rules_of(p: &PolicyInfo, hits: &HashMap<RuleKey, RuleHits>, clock: &Clock) ->
                 rule: code,
             };
             let h = hits.get(&key).copied().unwrap_or_default();
+            let rule = match p.rule_names.get(&code) {
+                Some(name) => format!("{} {name}", rule_name(code)?),
+                None => rule_name(code)?,
+            };
             Some(RuleReport {
-                rule: rule_name(code)?,
+                rule,
                 packets: h.packets,
                 bytes: h.bytes,
                 connections: h.connections,

@@ -18,8 +18,8 @@ use serde::{Deserialize, Serialize};
 
 pub use self::filter::{DirectionFilter, Filter, FilterError, FlowFilter, Matcher, VerdictFilter};
 use crate::{
-    compiler::policy_id,
-    model::{ClusterState, Labels, PodKey, mode::Mode},
+    compiler::{policy_id, tiers},
+    model::{ClusterState, Labels, Pod, PodKey, mode::Mode},
 };
 
 /// A flow record with its per-CPU values merged, or one drop event. Times are CLOCK_MONOTONIC ns.
@@ -118,6 +118,8 @@ pub struct PolicyInfo {
     pub egress_rules: u32,
     /// Local pods it isolates and decides for, in either direction.
     pub local_pods: usize,
+    /// The names of its rules, by rule code (ClusterNetworkPolicy rules may have one).
+    pub rule_names: BTreeMap<u32, String>,
 }
 
 impl Resolver {
@@ -129,18 +131,15 @@ impl Resolver {
         isolating: &BTreeMap<(u32, Direction), Vec<PodKey>>,
         default_mode: Mode,
     ) -> Self {
-        let catalog = catalog(state, isolating, default_mode);
+        let local: Vec<&Pod> = endpoints.keys().filter_map(|k| state.pods.get(k)).collect();
+        let catalog = catalog(state, isolating, default_mode, &local);
         let pods_by_ip = state
             .pods
             .values()
             .filter(|p| !p.host_network)
             .flat_map(|p| p.ips.iter().map(move |ip| (*ip, p.key.clone())))
             .collect();
-        let policies = state
-            .policies
-            .keys()
-            .map(|k| (policy_id(k), k.to_string()))
-            .collect();
+        let policies = catalog.iter().map(|p| (p.id, p.key.to_string())).collect();
         let labels = state
             .pods
             .values()
@@ -222,6 +221,7 @@ fn catalog(
     state: &ClusterState,
     isolating: &BTreeMap<(u32, Direction), Vec<PodKey>>,
     default_mode: Mode,
+    local: &[&Pod],
 ) -> Vec<PolicyInfo> {
     let mut local_pods: HashMap<&PodKey, BTreeSet<u32>> = HashMap::new();
     for ((endpoint, _), keys) in isolating {
@@ -240,8 +240,27 @@ fn catalog(
             ingress_rules: count(p.spec.ingress.as_ref().map(Vec::len)),
             egress_rules: count(p.spec.egress.as_ref().map(Vec::len)),
             local_pods: local_pods.get(&p.key).map_or(0, BTreeSet::len),
+            rule_names: BTreeMap::new(),
         })
+        .chain(cluster_catalog(state, local))
         .collect()
+}
+
+/// Every ClusterNetworkPolicy of `state`, named as [`tiers::display_key`] says, with the `local`
+/// pods its subject selects.
+fn cluster_catalog<'a>(
+    state: &'a ClusterState,
+    local: &'a [&'a Pod],
+) -> impl Iterator<Item = PolicyInfo> + 'a {
+    state.cluster_policies.values().map(move |p| PolicyInfo {
+        key: tiers::display_key(p),
+        id: tiers::cluster_policy_id(&p.name),
+        mode: Mode::Enforce,
+        ingress_rules: p.spec.ingress.len() as u32,
+        egress_rules: p.spec.egress.len() as u32,
+        local_pods: tiers::selected(p, state, local.iter().copied()),
+        rule_names: tiers::rule_names(p),
+    })
 }
 
 /// One flow as `flows` prints it. The JSON fields are a stable interface.
