@@ -642,8 +642,8 @@ fn print_status(s: &Status) {
     }
     println!("generation:  {}", s.generation);
     println!(
-        "cluster:     {} namespaces, {} pods, {} policies",
-        s.namespaces, s.pods, s.policies
+        "cluster:     {} namespaces, {} pods, {} policies, {} cluster policies",
+        s.namespaces, s.pods, s.policies, s.cluster_policies
     );
     println!(
         "\nENDPOINT                        VETH             IFINDEX  IN-ISOLATED  EG-ISOLATED  ATTACHED  IPS"

@@ -50,18 +50,21 @@ pub enum Resource {
     NetworkPolicies,
     Services,
     EndpointSlices,
+    /// Cluster-scoped, from a CRD: a 404 until [`ApiServerDouble::set_installed`] installs it.
+    ClusterNetworkPolicies,
     /// Cluster-scoped; served for `verify --cluster`, not watched by the agent.
     Nodes,
 }
 
 impl Resource {
     /// What the agent watches (and its ClusterRole must allow).
-    pub const ALL: [Resource; 5] = [
+    pub const ALL: [Resource; 6] = [
         Resource::Namespaces,
         Resource::Pods,
         Resource::NetworkPolicies,
         Resource::Services,
         Resource::EndpointSlices,
+        Resource::ClusterNetworkPolicies,
     ];
 
     /// Served too, but not watched by the agent: read by `verify --cluster`.
@@ -80,6 +83,9 @@ impl Resource {
             Resource::NetworkPolicies => "/apis/networking.k8s.io/v1/networkpolicies",
             Resource::Services => "/api/v1/services",
             Resource::EndpointSlices => "/apis/discovery.k8s.io/v1/endpointslices",
+            Resource::ClusterNetworkPolicies => {
+                "/apis/policy.networking.k8s.io/v1alpha2/clusternetworkpolicies"
+            }
             Resource::Nodes => "/api/v1/nodes",
         }
     }
@@ -92,6 +98,7 @@ impl Resource {
             Resource::NetworkPolicies => "networkpolicies",
             Resource::Services => "services",
             Resource::EndpointSlices => "endpointslices",
+            Resource::ClusterNetworkPolicies => "clusternetworkpolicies",
             Resource::Nodes => "nodes",
         }
     }
@@ -103,6 +110,7 @@ impl Resource {
             Resource::NetworkPolicies => "NetworkPolicy",
             Resource::Services => "Service",
             Resource::EndpointSlices => "EndpointSlice",
+            Resource::ClusterNetworkPolicies => "ClusterNetworkPolicy",
             Resource::Nodes => "Node",
         }
     }
@@ -111,6 +119,7 @@ impl Resource {
         match self {
             Resource::NetworkPolicies => "networking.k8s.io/v1",
             Resource::EndpointSlices => "discovery.k8s.io/v1",
+            Resource::ClusterNetworkPolicies => "policy.networking.k8s.io/v1alpha2",
             _ => "v1",
         }
     }
@@ -123,7 +132,10 @@ impl Resource {
     }
 
     fn namespaced(self) -> bool {
-        !matches!(self, Resource::Namespaces | Resource::Nodes)
+        !matches!(
+            self,
+            Resource::Namespaces | Resource::Nodes | Resource::ClusterNetworkPolicies
+        )
     }
 
     /// The resource of a manifest's `kind`.
@@ -160,6 +172,8 @@ struct Collection {
     /// Watches from a version older than this get 410.
     compacted: u64,
     forbidden: bool,
+    /// A CRD's resource is served only once installed.
+    installed: bool,
 }
 
 #[derive(Default)]
@@ -431,6 +445,18 @@ impl ApiServerDouble {
         });
     }
 
+    /// Installs (or removes) the CRD of `resource`: until then its paths are a 404, as for a CRD
+    /// that is not installed. Only CRD resources ([`Resource::ClusterNetworkPolicies`]) need it.
+    pub fn set_installed(&self, resource: Resource, installed: bool) {
+        let _ = self.mutate(|s| {
+            s.collections.entry(resource).or_default().installed = installed;
+            if !installed {
+                s.cut += 1;
+            }
+            Ok(())
+        });
+    }
+
     /// RBAC: lists and watches of `resource` answer `403 Forbidden` (open watches are cut).
     pub fn set_forbidden(&self, resource: Resource, forbidden: bool) {
         let _ = self.mutate(|s| {
@@ -688,7 +714,16 @@ fn handle(mut stream: TcpStream, shared: &Shared) -> Result<()> {
             &status(405, "MethodNotAllowed", "the double only serves GET"),
         )?);
     }
-    let Some((resource, namespace)) = Resource::route(path) else {
+    let from_crd = |r: &(Resource, Option<String>)| r.0 == Resource::ClusterNetworkPolicies;
+    let installed = |r: &(Resource, Option<String>)| {
+        !from_crd(r)
+            || shared
+                .lock()
+                .collections
+                .get(&r.0)
+                .is_some_and(|c| c.installed)
+    };
+    let Some((resource, namespace)) = Resource::route(path).filter(installed) else {
         return Ok(respond(
             &mut stream,
             404,

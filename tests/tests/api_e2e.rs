@@ -418,3 +418,72 @@ fn dns_policy_through_kube_dns_with_services_from_the_api_double() {
     }
     expect(&mut c, "kube-dns deleted", &gone);
 }
+
+const DENY_Y_TO_X: &str = "\
+apiVersion: policy.networking.k8s.io/v1alpha2
+kind: ClusterNetworkPolicy
+metadata:
+  name: x-guard
+spec:
+  tier: Admin
+  priority: 5
+  subject:
+    namespaces:
+      matchLabels: {kubernetes.io/metadata.name: x}
+  ingress:
+  - name: no-y
+    action: Deny
+    from:
+    - namespaces:
+        matchLabels: {kubernetes.io/metadata.name: y}
+";
+
+/// Without the ClusterNetworkPolicy CRD the agents sync and are ready (there are none); once it is
+/// installed, a ClusterNetworkPolicy created through the API is enforced, and deleting it lifts it.
+#[test]
+fn cluster_network_policy_through_the_api_double_once_its_crd_is_installed() {
+    let test = "cluster_network_policy_through_the_api_double_once_its_crd_is_installed";
+    if !netpol_tests::privileged_or_skip(test, "needs root (network namespaces, bpffs, BPF)") {
+        return;
+    }
+    let mut c = Cluster::new(PROBE_BIN).unwrap_or_else(|e| panic!("cluster setup: {e:#}"));
+    let nodes: Vec<String> = c.nodes.iter().map(|n| n.name.clone()).collect();
+    let node_refs: Vec<&str> = nodes.iter().map(String::as_str).collect();
+    let double = ApiServerDouble::start_in_netns(&node_refs).expect("API server double");
+    load_manifest_file(&double, &c.manifest_dir.join("objects.yaml")).unwrap();
+    let bin = default_agent_bin();
+    for i in 0..nodes.len() {
+        let kc = double
+            .write_kubeconfig(i, &c.tmp_dir.join(format!("kubeconfig-n{i}")))
+            .unwrap();
+        c.start_agent_with_source(i, &bin, &[OsString::from("--kubeconfig"), kc.into()])
+            .unwrap_or_else(|e| panic!("starting agent {i}: {e:#}"));
+    }
+    for i in 0..nodes.len() {
+        wait_status(&mut c, i, "ready without the CRD", |s| {
+            s.ready && s.pods == 9 && s.errors.is_empty()
+        });
+    }
+    let all = c.reachability(true);
+    c.wait_for_matrix(&all, 80, Proto::Tcp, Family::V4, CONVERGE)
+        .unwrap_or_else(|e| panic!("{e:#}"));
+
+    double.set_installed(Resource::ClusterNetworkPolicies, true);
+    double.apply_yaml(DENY_Y_TO_X).unwrap();
+    let mut denied = c.reachability(true);
+    denied.expect_peer("y/*", "x/*", false);
+    // The watch of the missing CRD retries with kube-runtime's backoff (up to 30 s apart): the
+    // first probe gets that much more time.
+    let found = CONVERGE * 2;
+    c.wait_for_matrix(&denied, 80, Proto::Tcp, Family::V4, found)
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    c.wait_for_matrix(&denied, 81, Proto::Udp, Family::V6, CONVERGE)
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    assert!(
+        double
+            .delete(Resource::ClusterNetworkPolicies, "", "x-guard")
+            .unwrap()
+    );
+    c.wait_for_matrix(&all, 80, Proto::Tcp, Family::V4, CONVERGE)
+        .unwrap_or_else(|e| panic!("{e:#}"));
+}

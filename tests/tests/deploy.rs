@@ -317,13 +317,7 @@ fn security_fields() {
         }
     }
     // What sources/kube.rs watches (and the API server double serves for its tests).
-    let watched = [
-        Resource::Namespaces,
-        Resource::Pods,
-        Resource::NetworkPolicies,
-        Resource::Services,
-        Resource::EndpointSlices,
-    ];
+    let watched = Resource::ALL;
     let expected: BTreeSet<(String, String)> = watched
         .iter()
         .map(|r| (r.group().to_owned(), r.plural().to_owned()))
@@ -331,6 +325,10 @@ fn security_fields() {
     assert!(
         expected.contains(&("".to_owned(), "services".to_owned()))
             && expected.contains(&("discovery.k8s.io".to_owned(), "endpointslices".to_owned()))
+            && expected.contains(&(
+                "policy.networking.k8s.io".to_owned(),
+                "clusternetworkpolicies".to_owned()
+            ))
     );
     assert_eq!(
         granted, expected,

@@ -731,6 +731,7 @@ impl Sync {
         s.kube_router_chains = self.kube_router_reported;
         s.generation = self.datapath.generation();
         s.policies = state.policies.len();
+        s.cluster_policies = state.cluster_policies.len();
         s.pods = state.pods.len();
         s.namespaces = state.namespaces.len();
         s.endpoints = eps;

@@ -18,7 +18,10 @@ pub const KIND: &str = "ClusterNetworkPolicy";
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ClusterNetworkPolicyObject {
+    /// Empty in the items of a list from the API (the list names the type).
+    #[serde(default)]
     pub api_version: String,
+    #[serde(default)]
     pub kind: String,
     pub metadata: ObjectMeta,
     pub spec: Spec,
@@ -142,12 +145,14 @@ pub struct ClusterPolicy {
 }
 
 impl ClusterPolicy {
-    /// Converts an API object.
+    /// Converts an object (one from a manifest must say its `apiVersion`; the items of an API
+    /// list need not).
     pub fn from_object(
         object: &ClusterNetworkPolicyObject,
         origin: Origin,
     ) -> Result<Self, ConvertError> {
-        if object.api_version != API_VERSION {
+        let from_api = origin == Origin::Api;
+        if !(from_api && object.api_version.is_empty()) && object.api_version != API_VERSION {
             return Err(ConvertError::new(
                 "apiVersion",
                 format!(

@@ -89,6 +89,9 @@ pub struct Status {
     /// Policy generation in the datapath.
     pub generation: u32,
     pub policies: usize,
+    /// ClusterNetworkPolicies in the cluster state.
+    #[serde(default)]
+    pub cluster_policies: usize,
     pub pods: usize,
     pub namespaces: usize,
     pub endpoints: Vec<EndpointStatus>,

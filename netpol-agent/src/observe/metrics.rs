@@ -316,6 +316,11 @@ fn status_gauges(status: &Status, observed: &[(&'static str, usize)]) -> Vec<Gau
             one(status.policies as i64),
         ),
         (
+            "netpol_cluster_policies",
+            "ClusterNetworkPolicies in the cluster state",
+            one(status.cluster_policies as i64),
+        ),
+        (
             "netpol_endpoints",
             "Local pods enforced on this node",
             one((status.endpoints.len() - pending) as i64),

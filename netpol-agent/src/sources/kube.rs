@@ -1,4 +1,5 @@
-//! The Kubernetes API source: Namespaces, Pods, NetworkPolicies, Services and EndpointSlices
+//! The Kubernetes API source: Namespaces, Pods, NetworkPolicies, Services, EndpointSlices and
+//! ClusterNetworkPolicies (`policy.networking.k8s.io/v1alpha2`, when the CRD is installed)
 //! (`discovery.k8s.io/v1`) of the whole cluster, watched with kube-runtime watchers and published as
 //! [`ClusterState`] snapshots, like the manifest directory. Services and EndpointSlices give the
 //! compiler the ClusterIP frontends and their backends, so that egress through a Service (kube-dns
@@ -11,7 +12,8 @@
 //! conditions, endpoint topology) are dropped as soon as they are converted. No reflector store of
 //! full objects is kept.
 //!
-//! Start-up: nothing is published (`state: None`) until each of the five watches has listed once.
+//! Start-up: nothing is published (`state: None`) until each of the six watches has listed once
+//! (ClusterNetworkPolicies count as listed, empty, when their CRD is not installed).
 //! A relist (after `410 Gone` or any failed watch) is buffered and replaces the kind's objects only
 //! when complete, so objects deleted while the watch was down disappear, and the last good state
 //! stays in force while the relist is under way or failing.
@@ -51,6 +53,7 @@ use kube::{
 use tokio::sync::watch;
 
 use crate::{
+    model::cluster_policy::{self, ClusterNetworkPolicyObject, ClusterPolicy},
     model::service,
     model::{
         ClusterState, ConvertError, Namespace, ObjectRef, Origin, Pod, PodKey, Policy, SourceError,
@@ -103,10 +106,11 @@ enum Kind {
     NetworkPolicies,
     Services,
     EndpointSlices,
+    ClusterNetworkPolicies,
 }
 
 /// How many kinds the source watches.
-const KINDS: usize = 5;
+const KINDS: usize = 6;
 
 impl Kind {
     const ALL: [Kind; KINDS] = [
@@ -115,6 +119,7 @@ impl Kind {
         Kind::NetworkPolicies,
         Kind::Services,
         Kind::EndpointSlices,
+        Kind::ClusterNetworkPolicies,
     ];
 
     fn index(self) -> usize {
@@ -130,6 +135,7 @@ impl fmt::Display for Kind {
             Kind::NetworkPolicies => "networkpolicies",
             Kind::Services => "services",
             Kind::EndpointSlices => "endpointslices",
+            Kind::ClusterNetworkPolicies => "clusternetworkpolicies",
         })
     }
 }
@@ -141,6 +147,37 @@ enum Update {
     Policy(watcher::Result<watcher::Event<networking::NetworkPolicy>>),
     Service(Box<watcher::Result<watcher::Event<core::Service>>>),
     EndpointSlice(Box<watcher::Result<watcher::Event<discovery::EndpointSlice>>>),
+    ClusterPolicy(Box<watcher::Result<watcher::Event<ClusterNetworkPolicyObject>>>),
+}
+
+/// ClusterNetworkPolicy as a kube resource (no crate publishes its Rust types).
+impl kube::Resource for ClusterNetworkPolicyObject {
+    type DynamicType = ();
+    type Scope = kube::core::ClusterResourceScope;
+
+    fn kind(_: &()) -> std::borrow::Cow<'_, str> {
+        cluster_policy::KIND.into()
+    }
+
+    fn group(_: &()) -> std::borrow::Cow<'_, str> {
+        "policy.networking.k8s.io".into()
+    }
+
+    fn version(_: &()) -> std::borrow::Cow<'_, str> {
+        "v1alpha2".into()
+    }
+
+    fn plural(_: &()) -> std::borrow::Cow<'_, str> {
+        "clusternetworkpolicies".into()
+    }
+
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
 }
 
 type Updates = Pin<Box<dyn Stream<Item = Update> + Send>>;
@@ -162,15 +199,25 @@ fn watch_all(client: &Client) -> Updates {
     let services = watcher(Api::<core::Service>::all(client.clone()), config.clone())
         .default_backoff()
         .map(|u| Update::Service(Box::new(u)));
-    let slices = watcher(Api::<discovery::EndpointSlice>::all(client.clone()), config)
-        .default_backoff()
-        .map(|u| Update::EndpointSlice(Box::new(u)));
+    let slices = watcher(
+        Api::<discovery::EndpointSlice>::all(client.clone()),
+        config.clone(),
+    )
+    .default_backoff()
+    .map(|u| Update::EndpointSlice(Box::new(u)));
+    let cluster_policies = watcher(
+        Api::<ClusterNetworkPolicyObject>::all(client.clone()),
+        config,
+    )
+    .default_backoff()
+    .map(|u| Update::ClusterPolicy(Box::new(u)));
     Box::pin(futures::stream::select_all([
         namespaces.boxed(),
         pods.boxed(),
         policies.boxed(),
         services.boxed(),
         slices.boxed(),
+        cluster_policies.boxed(),
     ]))
 }
 
@@ -186,6 +233,9 @@ async fn probe(client: Client, kind: Kind) -> (Kind, Result<(), String>) {
             Kind::Services => list_and_watch(Api::<core::Service>::all(client)).await,
             Kind::EndpointSlices => {
                 list_and_watch(Api::<discovery::EndpointSlice>::all(client)).await
+            }
+            Kind::ClusterNetworkPolicies => {
+                list_and_watch(Api::<ClusterNetworkPolicyObject>::all(client)).await
             }
         }
     };
@@ -454,6 +504,7 @@ struct Store {
     policies: Objects<Policy>,
     services: Objects<service::Service>,
     endpoint_slices: Objects<service::EndpointSlice>,
+    cluster_policies: Objects<ClusterPolicy>,
     claims: u64,
 }
 
@@ -547,6 +598,7 @@ impl Store {
             && self.policies.synced
             && self.services.synced
             && self.endpoint_slices.synced
+            && self.cluster_policies.synced
     }
 
     fn apply(&mut self, update: Update) -> (Kind, Outcome) {
@@ -600,6 +652,26 @@ impl Store {
                     (Kind::Services, outcome)
                 }
             },
+            Update::ClusterPolicy(update) => match *update {
+                Err(e) => (
+                    Kind::ClusterNetworkPolicies,
+                    self.cluster_policies_failed(&e),
+                ),
+                Ok(event) => {
+                    let outcome = apply_event(
+                        &mut self.cluster_policies,
+                        event,
+                        |p: &ClusterNetworkPolicyObject| key_of(&p.metadata, false),
+                        |p, _| {
+                            ClusterPolicy::from_object(p, Origin::Api).map_err(|e| {
+                                source_error(cluster_policy::KIND, &key_of(&p.metadata, false), e)
+                            })
+                        },
+                        same_value,
+                    );
+                    (Kind::ClusterNetworkPolicies, outcome)
+                }
+            },
             Update::EndpointSlice(update) => match *update {
                 Err(e) => (Kind::EndpointSlices, classify(Kind::EndpointSlices, &e)),
                 Ok(event) => {
@@ -618,6 +690,32 @@ impl Store {
                 }
             },
         }
+    }
+
+    /// A failed list or watch of ClusterNetworkPolicies. `404 Not Found` means the CRD is not
+    /// installed: there are none (the watcher keeps retrying, so installing it later works);
+    /// anything else is a failure like any kind's (its last good objects stay, and before a
+    /// first list nothing is published: an admin guardrail the agent cannot read must not be
+    /// taken as absent).
+    fn cluster_policies_failed(&mut self, e: &watcher::Error) -> Outcome {
+        let not_installed = matches!(
+            e,
+            watcher::Error::InitialListFailed(kube::Error::Api(r)) if r.code == 404
+        );
+        if !not_installed {
+            return classify(Kind::ClusterNetworkPolicies, e);
+        }
+        let objects = &mut self.cluster_policies;
+        let changed = !objects.synced || !objects.live.is_empty();
+        if changed {
+            tracing::info!(
+                "the ClusterNetworkPolicy CRD (policy.networking.k8s.io/v1alpha2) is not installed: no ClusterNetworkPolicies"
+            );
+        }
+        objects.live.clear();
+        objects.relist = None;
+        objects.synced = true;
+        Outcome::Progress { changed }
     }
 
     fn apply_pod(&mut self, event: watcher::Event<core::Pod>) -> (Kind, Outcome) {
@@ -682,6 +780,16 @@ impl Store {
                 }
                 Err(e) => state.errors.push((**e).clone()),
             }
+        }
+        for (key, entry) in &self.cluster_policies.live {
+            // One that cannot be read is enforced as its stand-in: it denies everything.
+            let p = entry
+                .clone()
+                .unwrap_or_else(|_| ClusterPolicy::stand_in(&key.name, Origin::Api));
+            if let Err(e) = entry {
+                state.errors.push((**e).clone());
+            }
+            state.cluster_policies.insert(p.name.clone(), p);
         }
         // Address -> the pod holding it: the newest claim among pods that can be peers.
         let mut holder: BTreeMap<IpAddr, &PodEntry> = BTreeMap::new();
@@ -760,12 +868,20 @@ mod tests {
             Update::Service(Box::new(Ok(watcher::Event::Init))),
             Update::Service(Box::new(Ok(watcher::Event::InitDone))),
             Update::EndpointSlice(Box::new(Ok(watcher::Event::Init))),
+            Update::EndpointSlice(Box::new(Ok(watcher::Event::InitDone))),
         ] {
             s.apply(u);
             assert!(!s.synced(), "synced before every kind listed once");
         }
-        s.apply(Update::EndpointSlice(Box::new(Ok(
-            watcher::Event::InitDone,
+        // No CRD: the kind lists as empty.
+        let not_found = kube::core::ErrorResponse {
+            status: "Failure".into(),
+            message: "the server could not find the requested resource".into(),
+            reason: "NotFound".into(),
+            code: 404,
+        };
+        s.apply(Update::ClusterPolicy(Box::new(Err(
+            watcher::Error::InitialListFailed(kube::Error::Api(not_found)),
         ))));
         assert!(s.synced());
         s
