@@ -666,7 +666,12 @@ fn compile_with(
             if local { peers.rules(p) } else { Vec::new() }
         })
         .collect();
-    let tier_rules = peers.tier_rules(&clusters);
+    let ranked = tiers::rank(&clusters);
+    if let Some(p) = ranked.saturated {
+        let origin = state.cluster_policies[&p.name].origin.clone();
+        out.errors.push(tiers::saturation_error(p, origin));
+    }
+    let tier_rules = peers.tier_rules(ranked);
     let mut tier_entries = BTreeMap::new();
     for (key, &endpoint) in input.endpoints {
         let pod = state.pods.get(key);
@@ -962,17 +967,14 @@ impl<'a> PeerIndex<'a> {
             .collect()
     }
 
-    /// The ClusterNetworkPolicy rules, ranked, with their peers resolved.
-    fn tier_rules<'p>(
-        &self,
-        clusters: &'p [tiers::ParsedCluster],
-    ) -> Vec<tiers::ResolvedTierRule<'a>>
+    /// The ranked ClusterNetworkPolicy rules with their peers resolved.
+    fn tier_rules<'p>(&self, ranked: tiers::Ranked<'p>) -> Vec<tiers::ResolvedTierRule<'a>>
     where
         'p: 'a,
     {
         let targets = |found: Vec<(u32, Target<'a>)>| found.into_iter().map(|(_, t)| t).collect();
         tiers::resolve(
-            tiers::rank(clusters),
+            ranked,
             |ns, pods| targets(self.pods_matching(ns, pods)),
             |networks| {
                 let mut found = BTreeMap::new();

@@ -35,10 +35,15 @@ fn excess(len: usize, cap: u32) -> Option<usize> {
 /// Fits ENDPOINTS, CIDRS, POLICY and IPCACHE (before the Service verdicts are computed from them).
 ///
 /// ClusterNetworkPolicy rules are not allows: a Deny left out, or an identity its peers need, would
-/// open. So when anything is left out, every endpoint with ClusterNetworkPolicy rules is closed
-/// instead: all its entries removed, isolated both ways (its pod gets nothing but the node).
+/// open. What is left out is NetworkPolicy material first (tier entries are never dropped one by
+/// one); when that is not enough, or a CIDRS prefix or IPCACHE address that a tier entry's identity
+/// needs is left out, every endpoint with ClusterNetworkPolicy rules is closed instead: all its
+/// entries removed, isolated both ways (its pod gets nothing but the node).
 pub fn fit_rules(out: &mut Compiled, caps: &Capacities) -> Vec<Shortfall> {
     prune_cidrs(out);
+    let exposed = TierExposure::of(out);
+    let cidrs_needed = exposed.cidrs(out, caps.cidrs);
+    let addrs_needed = exposed.addrs(out, caps.ipcache);
     let mut shortfalls: Vec<Shortfall> = [
         fit_endpoints(out, caps.endpoints),
         fit_cidrs(out, caps.cidrs),
@@ -48,10 +53,63 @@ pub fn fit_rules(out: &mut Compiled, caps: &Capacities) -> Vec<Shortfall> {
     .into_iter()
     .flatten()
     .collect();
-    if !shortfalls.is_empty() {
+    let tiers_hit = out.policy.len() > caps.policy as usize
+        || cidrs_needed.iter().any(|k| !out.cidrs.contains_key(k))
+        || addrs_needed.iter().any(|k| !out.ipcache.contains_key(k));
+    if tiers_hit {
         shortfalls.extend(close_tiered(out));
     }
     shortfalls
+}
+
+/// The identities that ClusterNetworkPolicy entries name: leaving out a prefix or an address of
+/// one changes what a tier decides.
+struct TierExposure {
+    ids: BTreeSet<u32>,
+    all_pods: bool,
+}
+
+impl TierExposure {
+    fn of(out: &Compiled) -> Self {
+        let ids: BTreeSet<u32> = out
+            .policy
+            .keys()
+            .filter(|(k, _)| k.direction >= 2)
+            .map(|(k, _)| k.identity)
+            .collect();
+        TierExposure {
+            all_pods: ids.contains(&identity::ALL_PODS),
+            ids,
+        }
+    }
+
+    fn exposes(&self, id: u32) -> bool {
+        self.ids.contains(&id) || (self.all_pods && identity::is_pod(id))
+    }
+
+    /// The CIDRS prefixes of exposed identities, when CIDRS will not hold them all.
+    fn cidrs(&self, out: &Compiled, cap: u32) -> Vec<(IpKey, u32)> {
+        if out.cidrs.len() <= cap as usize {
+            return Vec::new();
+        }
+        out.cidrs
+            .iter()
+            .filter(|(_, id)| self.exposes(**id))
+            .map(|(k, _)| *k)
+            .collect()
+    }
+
+    /// The IPCACHE addresses of exposed identities, when IPCACHE will not hold them all.
+    fn addrs(&self, out: &Compiled, cap: u32) -> Vec<IpKey> {
+        if out.ipcache.len() <= cap as usize {
+            return Vec::new();
+        }
+        out.ipcache
+            .iter()
+            .filter(|(_, info)| self.exposes(info.identity))
+            .map(|(k, _)| *k)
+            .collect()
+    }
 }
 
 /// Closes every endpoint with ClusterNetworkPolicy rules (see [`fit_rules`]).

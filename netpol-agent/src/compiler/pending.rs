@@ -72,11 +72,18 @@ pub(super) fn compile(input: &CompileInput<'_>, parsed: &[ParsedPolicy<'_>], out
     if input.pending.is_empty() {
         return;
     }
+    // A ClusterNetworkPolicy may select the pod behind the veth, and its rules are always
+    // enforced: with any in the state, neither relaxation applies.
+    let guarded = !input.state.cluster_policies.is_empty();
     let relaxed = match input.pending_rule {
-        PendingRule::Drop => ISOLATED_BOTH,
-        PendingRule::AllowUnselected => unselected_isolation(input, parsed),
+        PendingRule::AllowUnselected if !guarded => unselected_isolation(input, parsed),
+        _ => ISOLATED_BOTH,
     };
-    let audit = audit_bits(input, parsed);
+    let audit = if guarded {
+        0
+    } else {
+        audit_bits(input, parsed)
+    };
     for (&endpoint, pending) in input.pending {
         // Only a veth that never had a pod can be a new one; any other stays closed.
         let isolation = match pending.reason {

@@ -75,6 +75,9 @@ pub(super) struct TierRule {
 /// A validated ClusterNetworkPolicy.
 #[derive(Clone, Debug)]
 pub(super) struct ParsedCluster {
+    /// Its tier, priority or subject is not understood: enforced as a Deny of everything, ahead
+    /// of every valid policy.
+    pub invalid: bool,
     pub id: u32,
     pub name: String,
     pub tier: u8,
@@ -190,6 +193,7 @@ pub(super) fn parse(policy: &ClusterPolicy) -> ParsedCluster {
     }
     let subject = parse_subject(&spec.subject, &mut errs);
     let mut parsed = ParsedCluster {
+        invalid: false,
         id: cluster_policy_id(&policy.name),
         name: policy.name.clone(),
         tier: tier.unwrap_or(tier::ADMIN),
@@ -210,6 +214,7 @@ pub(super) fn parse(policy: &ClusterPolicy) -> ParsedCluster {
     }
     if !object_ok {
         // Tier, priority or subject not understood: deny everything to what it may select.
+        parsed.invalid = true;
         parsed.tier = tier::ADMIN;
         parsed.priority = 0;
         parsed.rules = [Direction::Ingress, Direction::Egress]
@@ -315,12 +320,10 @@ fn parse_rule(
         }
     }
     let peers_ok = errs.out.len() == failing;
-    let ports = parse_protocols(
-        rule.protocols.as_deref(),
-        &format!("{field}.protocols"),
-        errs,
-    );
-    let (peers, ports) = fail_closed(action, peers_ok, parsed_peers, ports);
+    let at = format!("{field}.protocols");
+    let ports = parse_protocols(rule.protocols.as_deref(), &at, errs);
+    let ports = no_named_port_to_networks(ports, &parsed_peers, &at, errs);
+    let (action, peers, ports) = fail_closed(action, peers_ok, parsed_peers, ports);
     TierRule {
         direction,
         index,
@@ -330,25 +333,47 @@ fn parse_rule(
     }
 }
 
-/// What a rule with parts not understood is enforced as: an Accept matches nothing (no peers), a
-/// Deny or Pass every peer (`peers_ok` false) or every port (`ports` `None`).
+/// `ports`, or `None` (not understood) when they name a port by name and a peer is `networks`:
+/// an address range has no container ports (the API forbids it; a Deny must not quietly match
+/// nothing).
+fn no_named_port_to_networks(
+    ports: Option<Vec<PortMatch>>,
+    peers: &[TierPeer],
+    field: &str,
+    errs: &mut Errors<'_>,
+) -> Option<Vec<PortMatch>> {
+    let named = ports
+        .iter()
+        .flatten()
+        .any(|p| matches!(p, PortMatch::Named(..)));
+    let networks = peers.iter().any(|p| matches!(p, TierPeer::Networks(_)));
+    if named && networks {
+        errs.push(
+            field,
+            "destinationNamedPort cannot be used with networks peers: the rule fails closed",
+        );
+        return None;
+    }
+    ports
+}
+
+/// What a rule with parts not understood is enforced as, as the API says: an Accept matches
+/// nothing; a Deny or a Pass becomes a Deny of every peer on every port (a Pass of everything
+/// would skip the tier's later Denies).
 fn fail_closed(
     action: u8,
     peers_ok: bool,
     peers: Vec<TierPeer>,
     ports: Option<Vec<PortMatch>>,
-) -> (Vec<TierPeer>, Vec<PortMatch>) {
-    match (action, peers_ok, ports) {
-        (tier::ACCEPT, true, Some(ports)) => (peers, ports),
-        (tier::ACCEPT, _, _) => (Vec::new(), Vec::new()),
-        (_, peers_ok, ports) => {
-            let peers = if peers_ok {
-                peers
-            } else {
-                vec![TierPeer::Everything]
-            };
-            (peers, ports.unwrap_or_else(|| vec![PortMatch::AnyProtocol]))
-        }
+) -> (u8, Vec<TierPeer>, Vec<PortMatch>) {
+    match (peers_ok, ports) {
+        (true, Some(ports)) => (action, peers, ports),
+        _ if action == tier::ACCEPT => (action, Vec::new(), Vec::new()),
+        _ => (
+            tier::DENY,
+            vec![TierPeer::Everything],
+            vec![PortMatch::AnyProtocol],
+        ),
     }
 }
 
@@ -525,22 +550,45 @@ fn parse_protocol(
 pub(super) struct Ranked<'a> {
     /// (rank, policy, rule) per tier, best first.
     pub rules: Vec<(u32, &'a ParsedCluster, &'a TierRule)>,
+    /// The first policy whose rules went past the last rank (`tier::MAX_RANK`): from there on
+    /// rules share it.
+    pub saturated: Option<&'a ParsedCluster>,
 }
 
-/// Ranks the rules of `parsed`: by tier, priority, name, then rule order.
+/// Ranks the rules of `parsed`: invalid objects first, then by tier, priority, name, then rule
+/// order.
 pub(super) fn rank(parsed: &[ParsedCluster]) -> Ranked<'_> {
     let mut order: Vec<&ParsedCluster> = parsed.iter().collect();
-    order.sort_by(|a, b| (a.tier, a.priority, &a.name).cmp(&(b.tier, b.priority, &b.name)));
+    let order_key = |p: &&ParsedCluster| (p.tier, !p.invalid, p.priority, p.name.clone());
+    order.sort_by_key(order_key);
     let mut rules = Vec::new();
     let mut next = [0u32; 3];
+    let mut saturated = None;
     for p in order {
         for r in &p.rules {
             let n = &mut next[p.tier as usize];
+            if *n > tier::MAX_RANK {
+                saturated.get_or_insert(p);
+            }
             rules.push((*n, p, r));
             *n = n.saturating_add(1);
         }
     }
-    Ranked { rules }
+    Ranked { rules, saturated }
+}
+
+/// The error of a policy whose rules share the last rank.
+pub(super) fn saturation_error(p: &ParsedCluster, origin: crate::model::Origin) -> CompileError {
+    CompileError {
+        kind: PolicyKind::ClusterNetworkPolicy,
+        policy: cluster_key(&p.name),
+        origin,
+        field: "spec".into(),
+        reason: format!(
+            "its tier has more than {} rules before these: they share the last place (between them Deny, then Pass, then Accept)",
+            tier::MAX_RANK + 1
+        ),
+    }
 }
 
 /// The packed `rule` of a tier entry.

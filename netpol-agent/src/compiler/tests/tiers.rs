@@ -213,7 +213,10 @@ fn a_peer_not_understood_fails_closed_by_action() {
         "the Deny matches every peer"
     );
     assert!(!tcp_out(&out, web, "192.0.2.1", 22));
-    assert!(tcp_out(&out, web, "10.0.1.2", 80), "on its own ports only");
+    assert!(
+        !tcp_out(&out, web, "10.0.1.2", 80),
+        "a Deny of all, as the API says: not only its own ports"
+    );
 }
 
 #[test]
@@ -278,4 +281,119 @@ fn egress_through_a_service_is_judged_with_the_tiers() {
         "every backend denied"
     );
     assert!(tcp_out(&out, web, "10.43.0.11", 80));
+}
+
+#[test]
+fn a_pass_not_understood_is_a_deny_of_everything() {
+    let (mut c, web) = shop();
+    // Were it a Pass of everything, it would skip the Deny after it.
+    c.cnp(
+        "p",
+        &format!("tier: Admin\npriority: 1\n{SUBJECT_SHOP}\negress:\n- action: Pass\n  to:\n  - nodes: {{}}\n- action: Deny\n  to:\n  - networks: [169.254.169.254/32]"),
+    );
+    let out = c.compile();
+    assert_eq!(out.errors.len(), 1, "{:?}", out.errors);
+    assert!(!tcp_out(&out, web, "169.254.169.254", 80));
+    assert!(!tcp_out(&out, web, "10.0.1.2", 80), "a Deny of every peer");
+}
+
+#[test]
+fn a_named_port_with_networks_fails_closed() {
+    let (mut c, web) = shop();
+    c.ports("shop", "client", &[("metrics", Protocol::Tcp, 9100)]);
+    c.cnp(
+        "p",
+        &format!("tier: Admin\npriority: 1\n{SUBJECT_SHOP}\negress:\n- action: Deny\n  to:\n  - networks: [10.0.0.0/8]\n  protocols:\n  - destinationNamedPort: metrics"),
+    );
+    let out = c.compile();
+    assert_eq!(out.errors[0].field, "spec.egress[0].protocols");
+    assert!(!tcp_out(&out, web, "10.0.1.2", 9100));
+    assert!(
+        !tcp_out(&out, web, "192.0.2.1", 443),
+        "denies everything, not nothing"
+    );
+}
+
+#[test]
+fn subject_with_both_kinds_is_an_error_that_denies_everything() {
+    let (mut c, web) = shop();
+    c.cnp(
+        "both",
+        "tier: Baseline\npriority: 1\nsubject:\n  namespaces: {}\n  pods: {namespaceSelector: {}, podSelector: {}}\ningress:\n- action: Accept\n  from:\n  - namespaces: {}",
+    );
+    let out = c.compile();
+    assert_eq!(out.errors[0].field, "spec.subject");
+    assert!(!tcp_in(&out, web, "10.0.1.2", 80));
+}
+
+#[test]
+fn an_invalid_object_comes_before_every_valid_one() {
+    let (mut c, web) = shop();
+    c.cnp("a-accept", &format!("tier: Admin\npriority: 0\n{SUBJECT_SHOP}\ningress:\n- action: Accept\n  from:\n  - namespaces: {{}}"));
+    c.cnp("b-broken", "tier: Admin\npriority: 0\nsubject: {}\n");
+    let out = c.compile();
+    assert!(
+        !tcp_in(&out, web, "10.0.1.2", 80),
+        "the broken object's Deny first"
+    );
+}
+
+#[test]
+fn network_policy_overflow_leaves_the_tiers_alone() {
+    let (mut c, web) = shop();
+    let tenant = c.local("monitoring", "local-mon", &[("app", "prom")], &["10.0.0.3"]);
+    let blocks: String = (0..20)
+        .map(|i| format!("  - ipBlock: {{cidr: 198.51.100.{i}/32}}\n"))
+        .collect();
+    c.policy(
+        "monitoring",
+        "many",
+        &format!("podSelector: {{}}\npolicyTypes: [Egress]\negress:\n- to:\n{blocks}"),
+    );
+    c.cnp("p", &format!("tier: Admin\npriority: 1\n{SUBJECT_SHOP}\negress:\n- action: Deny\n  to:\n  - networks: [169.254.169.254/32]"));
+    c.capacities.cidrs = 16;
+    let out = c.compile();
+    assert!(!out.shortfalls.is_empty());
+    assert!(
+        out.shortfalls
+            .iter()
+            .all(|s| !s.effect.contains("ClusterNetworkPolicy")),
+        "{:?}",
+        out.shortfalls
+    );
+    assert_ne!(
+        flags(&out, web) & endpoint_flags::ADMIN_EGRESS,
+        0,
+        "not closed"
+    );
+    assert!(!tcp_out(&out, web, "169.254.169.254", 80), "the Deny holds");
+    assert!(tcp_out(&out, web, "10.0.1.2", 80));
+    assert!(
+        !tcp_out(&out, tenant, "198.51.100.0", 80) || !tcp_out(&out, tenant, "198.51.100.19", 80)
+    );
+}
+
+#[test]
+fn pending_endpoints_are_not_relaxed_when_cluster_policies_exist() {
+    let (mut c, _) = shop();
+    // A pod of this node whose veth the agent has not matched yet.
+    c.pod_on(NODE, "shop", "new", &[], &["10.0.0.9"]);
+    c.endpoints.remove(&PodKey::new("shop", "new"));
+    c.pending_rule = PendingRule::AllowUnselected;
+    c.pending.insert(
+        77,
+        Pending {
+            addrs: vec![ip("10.0.0.9")],
+            reason: PendingReason::UnknownPod,
+        },
+    );
+    let relaxed = c.compile();
+    assert_eq!(
+        flags(&relaxed, 77) & BOTH,
+        0,
+        "no policy: open as the rule says"
+    );
+    c.cnp("p", &format!("tier: Admin\npriority: 1\n{SUBJECT_SHOP}\negress:\n- action: Deny\n  to:\n  - networks: [169.254.169.254/32]"));
+    let out = c.compile();
+    assert_eq!(flags(&out, 77) & BOTH, BOTH);
 }
