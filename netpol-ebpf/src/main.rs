@@ -207,13 +207,13 @@ fn try_classify(
         Parsed::Arp if egress => link::arp_from_pod(ctx, pkt, ifindex, ep)?,
         Parsed::Arp => Reason::AllowedNotPoliced,
         Parsed::Neighbour => link::neighbour(ctx, pkt, ifindex, ep, egress)?,
-        // Policies speak of IP only: a pod isolated in this direction, or with ClusterNetworkPolicy
-        // rules for it, gets nothing else.
-        Parsed::OtherEtherType if isolated(ep, dir) && audit(ep, dir) => audited(dir),
-        Parsed::OtherEtherType if isolated(ep, dir) => Reason::DroppedEtherType,
+        // Policies speak of IP only: a pod with ClusterNetworkPolicy rules for this direction, or
+        // isolated in it, gets nothing else (audit mode lets it pass only without tier rules).
         Parsed::OtherEtherType if endpoint_flags::any_tier(ep.flags, dir) => {
             Reason::DroppedEtherType
         }
+        Parsed::OtherEtherType if isolated(ep, dir) && audit(ep, dir) => audited(dir),
+        Parsed::OtherEtherType if isolated(ep, dir) => Reason::DroppedEtherType,
         Parsed::OtherEtherType => Reason::AllowedNotPoliced,
     };
     Ok(reason_only(reason))
@@ -1005,6 +1005,11 @@ fn policy(pkt: &Packet, ifindex: u32, ep_flags: u32, dir: Direction, ask: Ask) -
     // A Service's virtual address is judged on its backends (SERVICES, by the caller), never by a
     // rule that happens to match the address itself.
     if dir == Direction::Egress && pkt.buffer.is_frontend(peer) {
+        // Where a tier has rules, only a SERVICES verdict passes: an audit-mode NetworkPolicy's
+        // would-be drop must not carry the packet past the tiers, to a backend they deny.
+        if endpoint_flags::any_tier(ep_flags, dir) {
+            return reason_only(Reason::DroppedEgressDenied) | DECIDED;
+        }
         return refused(ep_flags, dir);
     }
     let mut key = Key::new(

@@ -1456,6 +1456,23 @@ fn admin_tier_comes_before_network_policy_and_baseline_after() {
     }
 }
 
+/// A pod with tier rules whose NetworkPolicy egress isolation is in audit mode: a packet to a
+/// Service frontend without a SERVICES verdict (the tiers deny every backend) is dropped, not passed
+/// as a would-be drop that nothing would judge after DNAT.
+#[test]
+fn audit_mode_does_not_carry_a_tier_denied_service_connection() {
+    let Some(mut env) = env!() else { return };
+    let vip: IpAddr = Ipv4Addr::new(10, 43, 0, 10).into();
+    env.frontend(vip);
+    let pkt = Packet::tcp(a(), vip, 40000, 80).build();
+    let audit = endpoint_flags::ISOLATED_EGRESS | endpoint_flags::AUDIT_EGRESS;
+    env.endpoint(EP, audit);
+    env.expect(Egress, &pkt, Reason::AuditedEgressDenied);
+    env.endpoint(EP, audit | endpoint_flags::ADMIN_EGRESS);
+    let pkt = Packet::tcp(a(), vip, 40001, 80).build();
+    env.expect(Egress, &pkt, Reason::DroppedEgressDenied);
+}
+
 #[test]
 fn sctp_ports() {
     let Some(mut env) = env!() else { return };

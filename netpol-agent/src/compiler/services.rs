@@ -13,6 +13,7 @@ use netpol_common::{
 };
 
 use super::{Compiled, ip_key};
+use crate::datapath::lookup::Decided;
 use crate::model::service::Frontend;
 
 /// Zeroes every bit of `bytes` after the first `bits`.
@@ -72,7 +73,18 @@ fn egress_allows(
 ) -> Option<PolicyValue> {
     let ids = [peer.pod, peer.all_pods(), peer.cidr, Some(identity::ANY)];
     let lookup = |id, direction| policy_lpm(c, endpoint, id, direction, protocol, port);
-    crate::datapath::lookup::decide(flags, Direction::Egress, ids, lookup).allowed()
+    match crate::datapath::lookup::decide(flags, Direction::Egress, ids, lookup) {
+        // Audit mode at a pod with tier rules: what only the NetworkPolicy denies passes (the
+        // datapath drops a frontend without a verdict there, see `policy()`); after DNAT the
+        // backend's hook records the would-be drop.
+        Decided::NetworkPolicy(None)
+            if flags & endpoint_flags::AUDIT_EGRESS != 0
+                && endpoint_flags::any_tier(flags, Direction::Egress) =>
+        {
+            Some(PolicyValue::default())
+        }
+        decided => decided.allowed(),
+    }
 }
 
 /// POLICY's longest-prefix match of a full key, by exact lookups per prefix length.
@@ -230,8 +242,11 @@ pub(super) fn compile(
             continue;
         }
         let named = egress_ids.get(&endpoint);
-        // Without NetworkPolicy isolation, what no tier denies is allowed: any frontend may be.
-        let every = !isolated || named.is_some_and(|n| n.contains(&identity::ANY));
+        // Without NetworkPolicy isolation (or with audit-mode isolation where tiers have rules),
+        // what no tier denies is allowed: any frontend may be.
+        let audited = info.flags & endpoint_flags::AUDIT_EGRESS != 0;
+        let every =
+            !isolated || (tiered && audited) || named.is_some_and(|n| n.contains(&identity::ANY));
         let candidates: BTreeSet<usize> = if every {
             (0..judged.len()).collect()
         } else {

@@ -692,8 +692,9 @@ impl Store {
         }
     }
 
-    /// A failed list or watch of ClusterNetworkPolicies. `404 Not Found` means the CRD is not
-    /// installed: there are none (the watcher keeps retrying, so installing it later works);
+    /// A failed list or watch of ClusterNetworkPolicies. `404 Not Found` before any was seen means
+    /// the CRD is not installed: there are none (the watcher keeps retrying, so installing it later
+    /// works); after some were, it is a failure that keeps them;
     /// anything else is a failure like any kind's (its last good objects stay, and before a
     /// first list nothing is published: an admin guardrail the agent cannot read must not be
     /// taken as absent).
@@ -706,6 +707,14 @@ impl Store {
             return classify(Kind::ClusterNetworkPolicies, e);
         }
         let objects = &mut self.cluster_policies;
+        // Some were listed: a 404 now is a CRD removed or no longer serving v1alpha2, or a custom
+        // resource answering 404 while the API server restarts. Their guardrails stay.
+        if objects.synced && !objects.live.is_empty() {
+            return Outcome::Failed(format!(
+                "the list answered 404 Not Found (the CRD removed, or v1alpha2 no longer served?): the last {} ClusterNetworkPolicies stay enforced",
+                objects.live.len()
+            ));
+        }
         let changed = !objects.synced || !objects.live.is_empty();
         if changed {
             tracing::info!(
@@ -874,17 +883,45 @@ mod tests {
             assert!(!s.synced(), "synced before every kind listed once");
         }
         // No CRD: the kind lists as empty.
-        let not_found = kube::core::ErrorResponse {
+        s.apply(Update::ClusterPolicy(Box::new(Err(not_found()))));
+        assert!(s.synced());
+        s
+    }
+
+    fn not_found() -> watcher::Error {
+        watcher::Error::InitialListFailed(kube::Error::Api(kube::core::ErrorResponse {
             status: "Failure".into(),
             message: "the server could not find the requested resource".into(),
             reason: "NotFound".into(),
             code: 404,
-        };
-        s.apply(Update::ClusterPolicy(Box::new(Err(
-            watcher::Error::InitialListFailed(kube::Error::Api(not_found)),
-        ))));
-        assert!(s.synced());
-        s
+        }))
+    }
+
+    /// A 404 once ClusterNetworkPolicies were listed keeps them (and is a problem); before, it
+    /// means none.
+    #[test]
+    fn a_404_after_cluster_policies_were_listed_keeps_them() {
+        let mut s = synced_store();
+        assert!(s.cluster_state().cluster_policies.is_empty());
+        let cnp: ClusterNetworkPolicyObject = serde_json::from_value(serde_json::json!({
+            "apiVersion": "policy.networking.k8s.io/v1alpha2",
+            "kind": "ClusterNetworkPolicy",
+            "metadata": {"name": "guard"},
+            "spec": {"tier": "Admin", "priority": 1, "subject": {"namespaces": {}}},
+        }))
+        .unwrap();
+        for e in [
+            watcher::Event::Init,
+            watcher::Event::InitApply(cnp),
+            watcher::Event::InitDone,
+        ] {
+            s.apply(Update::ClusterPolicy(Box::new(Ok(e))));
+        }
+        assert_eq!(s.cluster_state().cluster_policies.len(), 1);
+        let (kind, outcome) = s.apply(Update::ClusterPolicy(Box::new(Err(not_found()))));
+        assert_eq!(kind, Kind::ClusterNetworkPolicies);
+        assert!(matches!(outcome, Outcome::Failed(m) if m.contains("stay enforced")));
+        assert_eq!(s.cluster_state().cluster_policies.len(), 1);
     }
 
     #[test]

@@ -397,3 +397,23 @@ fn pending_endpoints_are_not_relaxed_when_cluster_policies_exist() {
     let out = c.compile();
     assert_eq!(flags(&out, 77) & BOTH, BOTH);
 }
+
+#[test]
+fn audit_mode_egress_reaches_services_the_tiers_allow_only() {
+    let (mut c, web) = shop();
+    c.policy("shop", "quiet", "podSelector: {}\npolicyTypes: [Egress]");
+    c.policy_mode("shop", "quiet", "audit");
+    c.cnp("p", &format!("tier: Admin\npriority: 1\n{SUBJECT_SHOP}\negress:\n- action: Deny\n  to:\n  - namespaces: {{matchLabels: {{team: ops}}}}"));
+    c.service("{apiVersion: v1, kind: Service, metadata: {name: prom, namespace: monitoring}, spec: {clusterIP: 10.43.0.10, selector: {app: prom}, ports: [{port: 9090}]}}");
+    c.service("{apiVersion: v1, kind: Service, metadata: {name: api, namespace: shop}, spec: {clusterIP: 10.43.0.11, selector: {app: client}, ports: [{port: 80}]}}");
+    let out = c.compile();
+    assert_eq!(
+        svc_verdict(&out, web, "10.43.0.10", TCP, 9090),
+        None,
+        "the tier denies its backend"
+    );
+    assert!(
+        svc_verdict(&out, web, "10.43.0.11", TCP, 80).is_some(),
+        "only the audited policy denies it: it passes, judged again after DNAT"
+    );
+}
