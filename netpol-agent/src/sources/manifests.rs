@@ -548,6 +548,35 @@ status: {podIP: 10.0.0.2}
         );
     }
 
+    /// ClusterNetworkPolicies are read; one that does not parse is an error naming its field, and
+    /// is enforced as the stand-in that denies everything.
+    #[test]
+    fn cluster_network_policies_are_read_and_a_broken_one_fails_closed() {
+        let dir = TempDir::new("manifests");
+        let cnp = |name: &str, priority: &str| {
+            format!(
+                "apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {{name: {name}}}\nspec: {{tier: Admin, priority: {priority}, subject: {{namespaces: {{}}}}}}\n"
+            )
+        };
+        dir.write("a.yaml", &cnp("good", "5"));
+        dir.write("b.yaml", &cnp("broken", "high"));
+        let state = ManifestSource::new().load(&dir.0).unwrap();
+        assert_eq!(state.cluster_policies["good"].spec.priority, 5);
+        let broken = &state.cluster_policies["broken"];
+        assert_eq!(broken.spec.ingress[0].action, "Deny");
+        assert_eq!(broken.spec.egress[0].action, "Deny");
+        let error = state
+            .errors
+            .iter()
+            .find(|e| e.object.as_ref().and_then(|o| o.name.as_deref()) == Some("broken"))
+            .unwrap_or_else(|| panic!("{:?}", state.errors));
+        assert_eq!(error.field.as_deref(), Some("spec.priority"), "{error}");
+        assert!(
+            error.to_string().contains("ClusterNetworkPolicy broken"),
+            "{error}"
+        );
+    }
+
     #[test]
     fn missing_directory_is_an_error_naming_it() {
         let dir = std::env::temp_dir().join("netpol-manifests-does-not-exist");
