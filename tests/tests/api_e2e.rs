@@ -56,6 +56,17 @@ fn wait_status(c: &mut Cluster, node: usize, what: &str, f: impl Fn(&Status) -> 
     }
 }
 
+/// Starts an agent on every node with a kubeconfig for `double`.
+fn start_on_double(c: &mut Cluster, double: &ApiServerDouble, bin: &std::path::Path) {
+    for i in 0..c.nodes.len() {
+        let kc = double
+            .write_kubeconfig(i, &c.tmp_dir.join(format!("kubeconfig-n{i}")))
+            .unwrap();
+        c.start_agent_with_source(i, bin, &[OsString::from("--kubeconfig"), kc.into()])
+            .unwrap_or_else(|e| panic!("starting agent {i}: {e:#}"));
+    }
+}
+
 fn health(c: &Cluster, node: usize, path: &str) -> (u16, String) {
     let addr: SocketAddr = HEALTH.parse().unwrap();
     http_get_in_netns(&c.nodes[node].name, addr, path)
@@ -97,13 +108,7 @@ fn policy_created_through_the_api_double_is_enforced() {
         assert!(st.success(), "iptables -N {chain}");
     }
     let bin = default_agent_bin();
-    for i in 0..nodes.len() {
-        let kc = double
-            .write_kubeconfig(i, &c.tmp_dir.join(format!("kubeconfig-n{i}")))
-            .unwrap();
-        c.start_agent_with_source(i, &bin, &[OsString::from("--kubeconfig"), kc.into()])
-            .unwrap_or_else(|e| panic!("starting agent {i}: {e:#}"));
-    }
+    start_on_double(&mut c, &double, &bin);
     for i in 0..nodes.len() {
         // Node 1's kube-router chains are a problem of its own, and only that.
         let chains = if i == 1 { 2 } else { 0 };
@@ -339,13 +344,7 @@ fn dns_policy_through_kube_dns_with_services_from_the_api_double() {
     );
     assert_eq!(double.apply_yaml(DNS_POLICIES).unwrap(), 2);
     let bin = default_agent_bin();
-    for i in 0..nodes.len() {
-        let kc = double
-            .write_kubeconfig(i, &c.tmp_dir.join(format!("kubeconfig-n{i}")))
-            .unwrap();
-        c.start_agent_with_source(i, &bin, &[OsString::from("--kubeconfig"), kc.into()])
-            .unwrap_or_else(|e| panic!("starting agent {i}: {e:#}"));
-    }
+    start_on_double(&mut c, &double, &bin);
     for i in 0..nodes.len() {
         let s = wait_status(&mut c, i, "ready", |s| s.ready && s.pods == 10);
         assert!(s.errors.is_empty(), "{:?}", s.errors);
@@ -452,13 +451,7 @@ fn cluster_network_policy_through_the_api_double_once_its_crd_is_installed() {
     let double = ApiServerDouble::start_in_netns(&node_refs).expect("API server double");
     load_manifest_file(&double, &c.manifest_dir.join("objects.yaml")).unwrap();
     let bin = default_agent_bin();
-    for i in 0..nodes.len() {
-        let kc = double
-            .write_kubeconfig(i, &c.tmp_dir.join(format!("kubeconfig-n{i}")))
-            .unwrap();
-        c.start_agent_with_source(i, &bin, &[OsString::from("--kubeconfig"), kc.into()])
-            .unwrap_or_else(|e| panic!("starting agent {i}: {e:#}"));
-    }
+    start_on_double(&mut c, &double, &bin);
     for i in 0..nodes.len() {
         wait_status(&mut c, i, "ready without the CRD", |s| {
             s.ready && s.pods == 9 && s.errors.is_empty()
