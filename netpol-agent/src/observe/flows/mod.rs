@@ -284,7 +284,8 @@ pub struct Flow {
     pub verdict: String,
     /// The reason code's name (`policy`, `established`, `ingress-denied`, ...).
     pub reason: String,
-    /// For an allow by policy: the policy that allowed it. For a denial (dropped or audit): the
+    /// For an allow by policy: the policy that allowed it. For a ClusterNetworkPolicy's Accept or
+    /// Deny: that policy (`cnp:admin/<name>`). For a denial by isolation (dropped or audit): the
     /// policies that isolate the pod in that direction (in audit mode for an audit). Otherwise empty.
     pub policies: Vec<String>,
     pub packets: u64,
@@ -359,7 +360,13 @@ pub fn resolve(raw: &RawFlow, view: &View) -> Flow {
     let resolver = view.resolver;
     let (src, dst) = (ip_of(&raw.key.src), ip_of(&raw.key.dst));
     let policies = match Reason::from_code(u32::from(raw.reason)) {
-        Some(Reason::AllowedPolicy) if raw.policy != 0 => vec![resolver.policy(raw.policy)],
+        // The rule that decided: a NetworkPolicy's allow, a ClusterNetworkPolicy's Accept or Deny
+        // (`cnp:admin/<name>`, `cnp:baseline/<name>`).
+        Some(
+            Reason::AllowedPolicy | Reason::AllowedClusterPolicy | Reason::DroppedClusterPolicy,
+        ) if raw.policy != 0 => {
+            vec![resolver.policy(raw.policy)]
+        }
         Some(
             Reason::DroppedIngressDenied
             | Reason::DroppedEgressDenied
@@ -513,7 +520,21 @@ mod tests {
 
     #[test]
     fn resolves_pods_policies_and_isolation() {
-        let s = state();
+        let mut s = state();
+        let guard: crate::model::cluster_policy::ClusterNetworkPolicyObject =
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "policy.networking.k8s.io/v1alpha2",
+                "kind": "ClusterNetworkPolicy",
+                "metadata": {"name": "guard"},
+                "spec": {"tier": "Baseline", "priority": 3, "subject": {"namespaces": {}}},
+            }))
+            .unwrap();
+        let guard = crate::model::cluster_policy::ClusterPolicy::from_object(
+            &guard,
+            crate::model::Origin::Api,
+        )
+        .unwrap();
+        s.cluster_policies.insert("guard".into(), guard);
         let endpoints = BTreeMap::from([(PodKey::new("x", "a"), 7)]);
         let isolating = BTreeMap::from([
             ((7, Direction::Ingress), vec![PodKey::new("x", "deny-a")]),
@@ -562,6 +583,15 @@ mod tests {
             ..raw
         };
         assert_eq!(resolve(&allowed, &view).policies, vec!["x/deny-a"]);
+        let denied_by_tier = RawFlow {
+            reason: Reason::DroppedClusterPolicy as u8,
+            policy: crate::compiler::tiers::cluster_policy_id("guard"),
+            ..raw
+        };
+        assert_eq!(
+            resolve(&denied_by_tier, &view).policies,
+            vec!["cnp:baseline/guard"]
+        );
         let json = serde_json::to_value(&f).unwrap();
         let fields: Vec<&str> = json
             .as_object()
