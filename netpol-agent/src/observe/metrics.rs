@@ -231,9 +231,11 @@ impl DatapathCollector {
         let policies: HashMap<u32, &PolicyInfo> =
             resolver.catalog().iter().map(|p| (p.id, p)).collect();
         for (key, hits) in maps.rule_hits() {
-            let (Some(policy), Some(rule), Some((dir, _))) = (
-                policies.get(&key.policy),
-                super::policies::rule_name(key.rule),
+            let Some(policy) = policies.get(&key.policy) else {
+                continue;
+            };
+            let (Some(rule), Some((dir, _))) = (
+                policy.rule_label(key.rule),
                 netpol_common::rule_code::parse(key.rule),
             ) else {
                 continue;

@@ -106,12 +106,8 @@ fn rules_of(p: &PolicyInfo, hits: &HashMap<RuleKey, RuleHits>, clock: &Clock) ->
                 rule: code,
             };
             let h = hits.get(&key).copied().unwrap_or_default();
-            let rule = match p.rule_names.get(&code) {
-                Some(name) => format!("{} {name}", rule_name(code)?),
-                None => rule_name(code)?,
-            };
             Some(RuleReport {
-                rule,
+                rule: p.rule_label(code)?,
                 packets: h.packets,
                 bytes: h.bytes,
                 connections: h.connections,

@@ -122,6 +122,18 @@ pub struct PolicyInfo {
     pub rule_names: BTreeMap<u32, String>,
 }
 
+impl PolicyInfo {
+    /// How reports and metrics name one of its rules: `ingress[0]`, followed by the rule's name
+    /// where it has one (`ingress[0] monitoring-may-scrape`); `None` for no rule code.
+    pub fn rule_label(&self, code: u32) -> Option<String> {
+        let index = super::policies::rule_name(code)?;
+        Some(match self.rule_names.get(&code) {
+            Some(name) => format!("{index} {name}"),
+            None => index,
+        })
+    }
+}
+
 impl Resolver {
     /// A resolver for `state`, with the local `endpoints` (pod -> host veth ifindex) and the
     /// policies that isolate them as compiled ([`crate::compiler::Compiled::isolating`]).
