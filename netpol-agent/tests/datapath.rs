@@ -408,3 +408,46 @@ fn a_buffer_the_mirror_does_not_know_is_read_back_whole_before_a_switch() {
         "the live buffer has no stale allow"
     );
 }
+
+/// IPCACHE is read back key by key for the addresses an update wrote. An address the kernel
+/// refused (the map is full) is not in the mirror: no switch, and the next update writes it again;
+/// once it fits, the live buffer holds exactly what was asked, deletions included.
+#[test]
+fn written_addresses_are_read_back_one_by_one_and_a_refused_one_is_retried() {
+    use netpol_agent::datapath::Capacities;
+    use netpol_agent::datapath::pinned_read::read_live;
+    use netpol_common::{IpInfo, IpKey, identity};
+    if !common::privileged("the datapath test") {
+        return;
+    }
+    let dir = PinDir::new("addresses");
+    let layout = PinLayout::new(&dir.0);
+    let caps = Capacities {
+        ipcache: 16,
+        ..Capacities::default()
+    };
+    let mut dp = Datapath::open(layout.clone(), &caps).expect("open");
+    let with = |hosts: std::ops::Range<u8>| {
+        let mut c = one_endpoint();
+        for h in hosts {
+            let info = IpInfo {
+                identity: identity::FIRST_POD + u32::from(h),
+                endpoint: 0,
+            };
+            c.ipcache.insert(IpKey::from_v4([10, 42, 1, h]), info);
+        }
+        c
+    };
+    assert!(dp.apply(&with(0..10)).is_empty());
+    // Both buffers hold the ten (an update writes the idle one; the next, the other).
+    assert!(dp.apply(&with(0..10)).is_empty());
+    let generation = dp.generation();
+    let errors = dp.apply(&with(3..20));
+    assert!(!errors.is_empty(), "17 addresses do not fit in 16");
+    assert_eq!(dp.generation(), generation, "not switched to");
+    for _ in 0..2 {
+        assert!(dp.apply(&with(4..20)).is_empty(), "16 fit");
+    }
+    let (_, live) = read_live(&layout.maps_dir()).expect("read the live buffer");
+    assert_eq!(live.ipcache, with(4..20).ipcache);
+}

@@ -149,10 +149,11 @@ impl BufferMaps {
     }
 
     /// The maps that were `written`, read back, and the others as `last` has them.
-    fn read_written(&self, written: Written, last: &Contents) -> Result<Contents, MapError> {
+    fn read_written(&self, written: &Written, last: &Contents) -> Result<Contents, MapError> {
+        let addresses = written.addresses.as_deref();
         Ok(Contents {
             endpoints: hash_or(written.endpoints, &self.endpoints, &last.endpoints)?,
-            ipcache: hash_or(written.ipcache, &self.ipcache, &last.ipcache)?,
+            ipcache: addresses_or(written.ipcache, addresses, &self.ipcache, &last.ipcache)?,
             cidrs: trie_or(written.cidrs, &self.cidrs, &last.cidrs)?,
             policy: trie_or(written.policy, &self.policy, &last.policy)?,
             services: hash_or(written.services, &self.services, &last.services)?,
@@ -245,7 +246,7 @@ fn read_trie<K: aya::Pod + Ord, V: aya::Pod>(
 }
 
 /// Which maps of a buffer an update wrote to.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 struct Written {
     endpoints: bool,
     ipcache: bool,
@@ -253,10 +254,12 @@ struct Written {
     policy: bool,
     services: bool,
     frontends: bool,
+    /// The IPCACHE keys written (upserted or deleted), `None` when the whole map is to be read.
+    addresses: Option<Vec<IpKey>>,
 }
 
 impl Written {
-    /// Every map, when the mirror cannot be trusted (`unknown`); else what was written.
+    /// Every map, whole, when the mirror cannot be trusted (`unknown`); else what was written.
     fn or_all(self, unknown: bool) -> Written {
         if !unknown {
             return self;
@@ -268,13 +271,17 @@ impl Written {
             policy: true,
             services: true,
             frontends: true,
+            addresses: None,
         }
     }
 
     fn note(&mut self, write: &Write<'_>) {
         match write {
             Write::Endpoint(..) => self.endpoints = true,
-            Write::Address(..) => self.ipcache = true,
+            Write::Address(k, _) => {
+                self.ipcache = true;
+                self.addresses.get_or_insert_default().push(**k);
+            }
             Write::Cidr(..) => self.cidrs = true,
             Write::Policy(..) => self.policy = true,
             Write::Service(..) => self.services = true,
@@ -282,6 +289,35 @@ impl Written {
             Write::Switch(_) => {}
         }
     }
+}
+
+/// IPCACHE as `last` has it with the `written` keys read back one by one (present: the kernel's
+/// value; absent: removed), or read whole when `written` is `None`. A relabel writes a few of its
+/// 100,000 entries at 50,000 pods: reading those back costs a lookup each, not a walk of the map.
+fn addresses_or(
+    read: bool,
+    written: Option<&[IpKey]>,
+    map: &HashMap<MapData, IpKey, IpInfo>,
+    last: &BTreeMap<IpKey, IpInfo>,
+) -> Result<BTreeMap<IpKey, IpInfo>, MapError> {
+    let keys = match (read, written) {
+        (false, _) => return Ok(last.clone()),
+        (true, None) => return map.iter().collect(),
+        (true, Some(keys)) => keys,
+    };
+    let mut out = last.clone();
+    for k in keys {
+        match map.get(k, 0) {
+            Ok(v) => {
+                out.insert(*k, v);
+            }
+            Err(MapError::KeyNotFound) => {
+                out.remove(k);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(out)
 }
 
 /// The loaded programs and the pinned maps of one agent.
@@ -488,7 +524,7 @@ impl Datapath {
         let mut written = Written::default();
         for write in update.writes() {
             if let Write::Switch(generation) = write {
-                self.reread(b, written, &mut errors);
+                self.reread(b, std::mem::take(&mut written), &mut errors);
                 if errors.is_empty() && self.mirror.contents[b] != *desired {
                     // Keys a failed read had hidden: the next update deletes them.
                     errors.push(WriteError::new(
@@ -517,7 +553,7 @@ impl Datapath {
     /// keep, unseen, what an earlier attempt left in it).
     fn reread(&mut self, b: usize, written: Written, errors: &mut Vec<WriteError>) {
         let to_read = written.or_all(self.mirror_unknown[b]);
-        match self.buffers[b].read_written(to_read, &self.mirror.contents[b]) {
+        match self.buffers[b].read_written(&to_read, &self.mirror.contents[b]) {
             Ok(c) => {
                 self.mirror.contents[b] = c;
                 self.mirror_unknown[b] = false;
