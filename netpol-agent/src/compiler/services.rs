@@ -29,6 +29,19 @@ fn mask<const N: usize>(mut bytes: [u8; N], bits: u32) -> [u8; N] {
     bytes
 }
 
+/// `key` cut to its first `len` bits (at least the endpoint, identity and direction), as the trie
+/// stores a prefix: only protocol and port are ever cut.
+pub(super) fn key_prefix(key: &PolicyKey, len: u32) -> PolicyKey {
+    let tail = [key.direction, key.protocol, key.port_be[0], key.port_be[1]];
+    let tail = mask(tail, len - 64);
+    PolicyKey {
+        direction: tail[0],
+        protocol: tail[1],
+        port_be: [tail[2], tail[3]],
+        ..*key
+    }
+}
+
 /// The identities the datapath looks a peer address up by: its IPCACHE identity and the identity
 /// of its longest CIDR prefix. The egress decision depends on the address through these alone.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -99,17 +112,15 @@ fn policy_lpm(
     let lens = std::iter::once(POLICY_PREFIX_FULL)
         .chain((POLICY_PREFIX_ANY_PORT + 1..POLICY_PREFIX_FULL).rev())
         .chain([POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTOCOL]);
-    let port_be = port.to_be_bytes();
+    let full = PolicyKey {
+        endpoint,
+        identity,
+        direction,
+        protocol,
+        port_be: port.to_be_bytes(),
+    };
     for len in lens {
-        // Only direction, protocol and port (the last 32 bits) are ever cut by a prefix.
-        let tail = mask([direction, protocol, port_be[0], port_be[1]], len - 64);
-        let k = PolicyKey {
-            endpoint,
-            identity,
-            direction: tail[0],
-            protocol: tail[1],
-            port_be: [tail[2], tail[3]],
-        };
+        let k = key_prefix(&full, len);
         if let Some(v) = c.policy.get(&(k, len)) {
             return Some(*v);
         }

@@ -618,31 +618,13 @@ pub(super) fn fold(entries: &mut BTreeMap<(PolicyKey, u32), PolicyValue>) {
     let snapshot = entries.clone();
     for ((key, len), value) in entries.iter_mut() {
         for shorter in POLICY_PREFIX_ANY_PROTOCOL..*len {
-            let covering = (mask_key(key, shorter), shorter);
+            let covering = (super::services::key_prefix(key, shorter), shorter);
             if let Some(v) = snapshot.get(&covering)
                 && tier::precedes(v.rule, value.rule)
             {
                 *value = *v;
             }
         }
-    }
-}
-
-/// `key` with every bit past the first `len` cleared (only protocol and port are ever cut).
-fn mask_key(key: &PolicyKey, len: u32) -> PolicyKey {
-    let tail = u32::from_be_bytes([key.direction, key.protocol, key.port_be[0], key.port_be[1]]);
-    let keep = len.saturating_sub(64).min(32);
-    let masked = if keep == 0 {
-        0
-    } else {
-        tail & (u32::MAX << (32 - keep))
-    };
-    let [direction, protocol, p0, p1] = masked.to_be_bytes();
-    PolicyKey {
-        direction,
-        protocol,
-        port_be: [p0, p1],
-        ..*key
     }
 }
 
