@@ -1,6 +1,6 @@
 //! `netpol-agent`: the node agent and its CLI.
 
-use std::{path::PathBuf, time::Duration};
+use std::{io::IsTerminal as _, path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use clap::{
@@ -41,14 +41,14 @@ enum LogFormat {
 
 /// Logs to stderr in `format`, filtered by `RUST_LOG` (default: info, and quieter where noted).
 fn init_logging(format: LogFormat) {
-    // netlink-packet-route warns on every dump about attributes newer kernels add; kube's client
-    // and watchers log every failed request and retry, while the API source reports faults itself,
-    // once per change.
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        "info,netlink_packet_route=error,kube_client=off,kube_runtime=off".into()
-    });
+    // kube's client and watchers log every failed request and retry, while the API source reports
+    // faults itself, once per change.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info,kube_client=off,kube_runtime=off".into());
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        // Colours only on a terminal: `kubectl logs` and log collectors get plain lines.
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => logs.init(),

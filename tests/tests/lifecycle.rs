@@ -636,6 +636,17 @@ fn follows_pod_veths_and_polices_unknown_ones_as_pending() {
             && s.endpoints.iter().all(|e| e.ifindex != stray_ifindex);
         Ok(gone.then_some(()))
     });
+    // Every scan above parsed the kernel's link and address dumps (IPv6 addresses included): the
+    // netlink crates must understand what this kernel sends, not log a complaint per scan.
+    let log = c.agent_log(0);
+    let complaints: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("netlink_packet"))
+        .collect();
+    assert!(
+        complaints.is_empty(),
+        "netlink parse complaints: {complaints:#?}"
+    );
 }
 
 /// A probe server in a netns, killed when dropped (a process would keep a deleted netns alive).

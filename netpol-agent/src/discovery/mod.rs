@@ -24,14 +24,10 @@ use netlink_packet_route::{
     address::{AddressAttribute, AddressMessage},
     link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage},
 };
-use netlink_packet_utils::nla::DefaultNla;
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 use thiserror::Error;
 
 use crate::compiler::EndpointLink;
-
-/// `IFA_TARGET_NETNSID` from `linux/if_addr.h` (netlink-packet-route has no variant for it).
-const IFA_TARGET_NETNSID: u16 = 10;
 
 /// Errors of discovery.
 #[derive(Debug, Error)]
@@ -283,10 +279,7 @@ impl Discovery {
             msg.header.index = index;
         }
         if let Some(id) = netnsid {
-            msg.attributes.push(AddressAttribute::Other(DefaultNla::new(
-                IFA_TARGET_NETNSID,
-                id.to_ne_bytes().to_vec(),
-            )));
+            msg.attributes.push(AddressAttribute::TargetNetNsId(id));
         }
         let replies = self.dump("address", RouteNetlinkMessage::GetAddress(msg))?;
         let mut records = Vec::new();
