@@ -147,7 +147,7 @@ fn security_fields() {
     let Some(rendered) = render() else { return };
     let d = docs(&rendered);
     let ds: DaemonSet = of_kind(&d, "DaemonSet").pop().expect("a DaemonSet");
-    let spec = ds.spec.as_ref().unwrap();
+    let spec = &ds.spec;
     let pod = spec.template.spec.as_ref().unwrap();
     assert_eq!(pod.host_network, Some(true));
     assert_eq!(
@@ -396,7 +396,7 @@ fn podmonitor_scrapes_the_agents_metrics_port() {
     );
 
     // The pod selector matches the DaemonSet's pod template.
-    let spec = ds.spec.unwrap();
+    let spec = ds.spec;
     let pod_labels = spec.template.metadata.unwrap().labels.unwrap_or_default();
     let selector = pm["spec"]["selector"]["matchLabels"]
         .as_mapping()
@@ -504,7 +504,7 @@ fn assert_self_contained(file: &str, d: &[serde_yaml_ng::Value]) {
     }
     assert_eq!(d[0]["kind"].as_str(), Some("Namespace"), "{file}: first");
     for ds in of_kind::<DaemonSet>(d, "DaemonSet") {
-        let pod = ds.spec.unwrap().template.spec.unwrap();
+        let pod = ds.spec.template.spec.unwrap();
         for c in pod
             .containers
             .iter()
@@ -551,7 +551,7 @@ fn installed_agent() -> k8s_openapi::api::core::v1::Container {
     let ds: DaemonSet = of_kind(&docs(&rendered_file("install.yaml")), "DaemonSet")
         .pop()
         .expect("install.yaml has a DaemonSet");
-    ds.spec.unwrap().template.spec.unwrap().containers.remove(0)
+    ds.spec.template.spec.unwrap().containers.remove(0)
 }
 
 /// The value of `--flag=VALUE` in `args`.
@@ -578,7 +578,7 @@ fn cleanup_yaml_cleans_what_the_agent_pins_on_every_node() {
         ns, "netpol-system",
         "install.yaml's namespace is being deleted when the cleanup runs"
     );
-    let pod = ds.spec.unwrap().template.spec.unwrap();
+    let pod = ds.spec.template.spec.unwrap();
     assert!(
         pod.tolerations
             .iter()
@@ -651,14 +651,7 @@ fn the_cleanup_command_lifts_enforcement_without_capabilities() {
         return;
     }
     let ds = cleanup_daemonset();
-    let args = ds
-        .spec
-        .unwrap()
-        .template
-        .spec
-        .unwrap()
-        .init_containers
-        .unwrap()[0]
+    let args = ds.spec.template.spec.unwrap().init_containers.unwrap()[0]
         .args
         .clone()
         .unwrap();

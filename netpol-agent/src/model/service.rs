@@ -140,7 +140,7 @@ impl EndpointSlice {
                 ConvertError::new(format!("metadata.labels.{SERVICE_NAME_LABEL}"), "missing")
             })?;
         let mut addresses = Vec::new();
-        for (i, ep) in slice.endpoints.iter().enumerate() {
+        for (i, ep) in slice.endpoints.iter().flatten().enumerate() {
             // Not-ready endpoints get no traffic from kube-proxy; unknown readiness counts as ready.
             if ep.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
                 continue;

@@ -889,12 +889,14 @@ mod tests {
     }
 
     fn not_found() -> watcher::Error {
-        watcher::Error::InitialListFailed(kube::Error::Api(kube::core::ErrorResponse {
-            status: "Failure".into(),
-            message: "the server could not find the requested resource".into(),
-            reason: "NotFound".into(),
-            code: 404,
-        }))
+        watcher::Error::InitialListFailed(kube::Error::Api(
+            kube::core::Status::failure(
+                "the server could not find the requested resource",
+                "NotFound",
+            )
+            .with_code(404)
+            .boxed(),
+        ))
     }
 
     /// A 404 once ClusterNetworkPolicies were listed keeps them (and is a problem); before, it
@@ -1079,17 +1081,12 @@ mod tests {
 
     #[test]
     fn errors_are_classified() {
-        let forbidden = kube::core::ErrorResponse {
-            status: "Failure".into(),
-            message: "pods is forbidden".into(),
-            reason: "Forbidden".into(),
-            code: 403,
-        };
-        let gone = kube::core::ErrorResponse {
-            code: 410,
-            reason: "Expired".into(),
-            ..forbidden.clone()
-        };
+        let forbidden = kube::core::Status::failure("pods is forbidden", "Forbidden")
+            .with_code(403)
+            .boxed();
+        let gone = kube::core::Status::failure("pods is forbidden", "Expired")
+            .with_code(410)
+            .boxed();
         assert!(matches!(
             classify(
                 Kind::Pods,

@@ -295,7 +295,7 @@ fn agent_namespace_and_label_match_deploy() {
     let ds: DaemonSet =
         serde_yaml_ng::from_str(include_str!("../../../../deploy/daemonset.yaml")).unwrap();
     assert_eq!(ds.metadata.namespace.as_deref(), Some(AGENT_NAMESPACE));
-    let spec = ds.spec.unwrap();
+    let spec = ds.spec;
     let (key, value) = AGENT_POD_LABEL;
     assert_eq!(
         spec.selector
