@@ -32,6 +32,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::ops::Bound;
 use std::os::fd::AsRawFd as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -878,39 +879,47 @@ fn serve_list(
     let limit = query_param(query, "limit")
         .and_then(|l| l.parse::<usize>().ok())
         .filter(|l| *l > 0);
-    let offset = query_param(query, "continue")
-        .and_then(|c| c.parse::<usize>().ok())
-        .unwrap_or(0);
+    // The continue token is the last key served ("namespace/name"); the next page starts after it.
+    let after = query_param(query, "continue")
+        .map(percent_decode)
+        .and_then(|c| {
+            c.split_once('/')
+                .map(|(ns, n)| (ns.to_owned(), n.to_owned()))
+        });
     let s = shared.lock();
     let version = s.version;
-    let items: Vec<Value> = s
+    // Only the page's objects are cloned (with one more to tell whether a page follows): cloning
+    // the whole collection for every page made a paginated list quadratic in the cluster's size.
+    let start = after.map_or(Bound::Unbounded, Bound::Excluded);
+    let mut page: Vec<(Key, Value)> = s
         .collections
         .get(&resource)
         .map(|c| {
             c.objects
-                .values()
-                .filter(|o| filter.keeps(o))
-                .cloned()
+                .range((start, Bound::Unbounded))
+                .filter(|(_, o)| filter.keeps(o))
+                .take(limit.map_or(usize::MAX, |l| l + 1))
+                .map(|(k, o)| (k.clone(), o.clone()))
                 .collect()
         })
         .unwrap_or_default();
     drop(s);
-    let end = limit.map_or(items.len(), |l| (offset + l).min(items.len()));
-    let page: Vec<Value> = items[offset.min(items.len())..end]
-        .iter()
-        .cloned()
-        .map(|mut o| {
-            // List items carry no type fields in the real API.
-            if let Some(m) = o.as_object_mut() {
-                m.remove("kind");
-                m.remove("apiVersion");
-            }
-            o
-        })
-        .collect();
+    let more = limit.is_some_and(|l| page.len() > l);
+    if let Some(l) = limit {
+        page.truncate(l);
+    }
+    let last = page.last().map(|((ns, n), _)| format!("{ns}/{n}"));
+    let mut page: Vec<Value> = page.into_iter().map(|(_, o)| o).collect();
+    for o in &mut page {
+        // List items carry no type fields in the real API.
+        if let Some(m) = o.as_object_mut() {
+            m.remove("kind");
+            m.remove("apiVersion");
+        }
+    }
     let mut metadata = json!({"resourceVersion": version.to_string()});
-    if end < items.len() {
-        metadata["continue"] = json!(end.to_string());
+    if more && let Some(last) = last {
+        metadata["continue"] = json!(last);
     }
     let body = json!({
         "kind": format!("{}List", resource.kind()),
