@@ -90,12 +90,9 @@ pub fn probe(spec: MixSpec) {
     );
 }
 
-/// Map sizes for the ladder's largest cluster (IPCACHE: 50,000 dual-stack pods, as the README says).
+/// Map sizes of the ladder: the agent's defaults, which take its largest cluster.
 pub fn capacities() -> netpol_agent::datapath::capacities::Capacities {
-    netpol_agent::datapath::capacities::Capacities {
-        ipcache: 131_072,
-        ..Default::default()
-    }
+    netpol_agent::datapath::capacities::Capacities::default()
 }
 
 /// The rungs: the three sizes, or one small one for `--quick`; 110 local pods each.

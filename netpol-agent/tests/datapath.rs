@@ -215,7 +215,7 @@ fn the_decision_maps_of_the_unbuffered_layout_are_adopted_then_unpinned() {
 /// another size is refused with the map and both sizes named, rather than adopting a map whose
 /// size the compiler would not fit into.
 #[test]
-fn map_sizes_come_from_the_flags_and_are_checked_on_adoption() {
+fn map_sizes_come_from_the_flags_and_other_sizes_are_adopted_by_copy() {
     if !common::privileged("the datapath test") {
         return;
     }
@@ -227,7 +227,7 @@ fn map_sizes_come_from_the_flags_and_are_checked_on_adoption() {
         policy: 4096,
         ..Capacities::default()
     };
-    let dp = Datapath::open(layout.clone(), &caps).expect("open");
+    let mut dp = Datapath::open(layout.clone(), &caps).expect("open");
     for name in map_names::POLICY {
         let info = aya::maps::MapInfo::from_pin(layout.maps_dir().join(name)).expect("pinned");
         assert_eq!(info.max_entries(), 4096, "{name}");
@@ -238,16 +238,46 @@ fn map_sizes_come_from_the_flags_and_are_checked_on_adoption() {
         .find(|u| u.name == netpol_common::map_labels::POLICY)
         .unwrap();
     assert_eq!(policy.capacity, 4096);
-    drop(dp);
-    let err = match Datapath::open(layout, &Capacities::default()) {
-        Ok(_) => panic!("a map of another size was adopted"),
-        Err(e) => e.to_string(),
-    };
-    assert!(err.contains("NP_POLICY0_V2"), "{err}");
-    assert!(
-        err.contains("max entries 4096, this agent asks for 262144"),
-        "{err}"
+    let mut contents = one_endpoint();
+    contents.ipcache.insert(
+        netpol_common::IpKey::from_v4([10, 42, 0, 7]),
+        netpol_common::IpInfo {
+            identity: 3,
+            endpoint: 7,
+        },
     );
+    let key = netpol_common::PolicyKey {
+        endpoint: 7,
+        identity: 3,
+        direction: 0,
+        protocol: 6,
+        port_be: 80u16.to_be_bytes(),
+    };
+    contents.policy.insert((key, 96), Default::default());
+    assert!(dp.apply(&contents).is_empty());
+    let generation = dp.generation();
+    drop(dp);
+
+    // Another size for POLICY and IPCACHE: the maps are made anew with the entries copied.
+    let bigger = Capacities {
+        policy: 8192,
+        ipcache: 2048,
+        ..Capacities::default()
+    };
+    let dp = Datapath::open(layout.clone(), &bigger).expect("adopt with other sizes");
+    assert_eq!(dp.contents(), &contents, "the entries were copied");
+    assert_eq!(dp.generation(), generation);
+    let maps = layout.maps_dir();
+    for (names, size) in [(map_names::POLICY, 8192), (map_names::IPCACHE, 2048)] {
+        for name in names {
+            let info = aya::maps::MapInfo::from_pin(maps.join(name)).expect("pinned");
+            assert_eq!(info.max_entries(), size, "{name}");
+            assert!(
+                !maps.join(format!("{name}_RESIZED")).exists(),
+                "{name} left aside"
+            );
+        }
+    }
 }
 
 /// Flows that went quiet are collected by the agent: the entries past their timeout go, the live

@@ -140,11 +140,14 @@ pub mod program_names {
     pub const TUNNEL_EGRESS: &str = "tunnel_egress";
 }
 
-/// Capacities of the maps (max_entries). Sized for 5,000 cluster pods (dual-stack), 110 local pods and
-/// 1,000 policies on one node; see the README for what happens at capacity.
+/// Capacities of the maps (max_entries), the defaults of the agent's `--max-*` flags. Sized for
+/// 50,000 cluster pods (dual-stack), 110 local pods and 10,000 policies; docs/datapath.md says what
+/// happens at capacity.
 pub mod capacity {
     pub const ENDPOINTS: u32 = 1024;
-    pub const IPCACHE: u32 = 32_768;
+    /// Every pod address of the cluster (two per dual-stack pod) and the nodes'. Not preallocated:
+    /// kernel memory follows the entries written, not this bound.
+    pub const IPCACHE: u32 = 131_072;
     pub const CIDRS: u32 = 16_384;
     pub const POLICY: u32 = 262_144;
     pub const CONNTRACK: u32 = 262_144;

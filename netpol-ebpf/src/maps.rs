@@ -28,9 +28,9 @@ static ENDPOINTS_1: HashMap<u32, EndpointInfo> = HashMap::pinned(capacity::ENDPO
 
 /// Known addresses: identity and owning local endpoint.
 #[map(name = "NP_IPCACHE0_V2")]
-static IPCACHE_0: HashMap<IpKey, IpInfo> = HashMap::pinned(capacity::IPCACHE, 0);
+static IPCACHE_0: HashMap<IpKey, IpInfo> = HashMap::pinned(capacity::IPCACHE, BPF_F_NO_PREALLOC);
 #[map(name = "NP_IPCACHE1_V2")]
-static IPCACHE_1: HashMap<IpKey, IpInfo> = HashMap::pinned(capacity::IPCACHE, 0);
+static IPCACHE_1: HashMap<IpKey, IpInfo> = HashMap::pinned(capacity::IPCACHE, BPF_F_NO_PREALLOC);
 
 /// ipBlock prefixes to CIDR identities.
 #[map(name = "NP_CIDRS0_V2")]

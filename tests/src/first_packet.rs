@@ -36,7 +36,17 @@ impl Running {
 
     /// `netpol-probe count` on [`COUNT_PORT`] in `netns` for `for_ms`, once it listens.
     pub fn counter(probe_bin: &Path, netns: &str, for_ms: u64) -> anyhow::Result<Running> {
-        let (port, ms) = (COUNT_PORT.to_string(), for_ms.to_string());
+        Running::counter_on(probe_bin, netns, COUNT_PORT, for_ms)
+    }
+
+    /// `netpol-probe count` on UDP `port` in `netns` for `for_ms`, once it listens.
+    pub fn counter_on(
+        probe_bin: &Path,
+        netns: &str,
+        port: u16,
+        for_ms: u64,
+    ) -> anyhow::Result<Running> {
+        let (port, ms) = (port.to_string(), for_ms.to_string());
         let mut r = Running::spawn(
             probe_bin,
             netns,
@@ -58,7 +68,19 @@ impl Running {
         every_ms: u64,
         for_ms: u64,
     ) -> anyhow::Result<Running> {
-        let to = format!("udp/{}/{COUNT_PORT}", target.ipv4);
+        Running::ticker_to(probe_bin, pod, target, COUNT_PORT, every_ms, for_ms)
+    }
+
+    /// `netpol-probe ticker` from `pod` to UDP `port` of `target`, every `every_ms` for `for_ms`.
+    pub fn ticker_to(
+        probe_bin: &Path,
+        pod: &Pod,
+        target: &Pod,
+        port: u16,
+        every_ms: u64,
+        for_ms: u64,
+    ) -> anyhow::Result<Running> {
+        let to = format!("udp/{}/{port}", target.ipv4);
         let (every, ms) = (every_ms.to_string(), for_ms.to_string());
         Running::spawn(
             probe_bin,

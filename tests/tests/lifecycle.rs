@@ -380,6 +380,86 @@ fn sigterm_keeps_enforcement_and_restart_adopts_pins() {
     }
 }
 
+/// An agent restarted with other map sizes (`--max-*`, or a build that allocates a map otherwise)
+/// replaces the pinned decision maps without a gap: while it copies the entries into maps of the
+/// new size and swaps its programs into the pinned links, a denied peer's datagrams never arrive
+/// and an allowed peer's, allowed through the resized IPCACHE and POLICY, all do.
+#[test]
+fn restart_with_other_map_sizes_resizes_without_a_gap() {
+    let Some(mut c) = cluster("restart_with_other_map_sizes_resizes_without_a_gap") else {
+        return;
+    };
+    let from_z = np(
+        "from-z",
+        "x",
+        "podSelector: {}\npolicyTypes: [Ingress]\ningress:\n- from:\n  - namespaceSelector: {matchLabels: {ns: z}}",
+    );
+    // First everything open, then only z into x: the buffer not in use keeps the open state, which
+    // programs still reading the old maps would switch to when the new agent first switches.
+    start(&mut c);
+    let open = c.reachability(true);
+    expect(&mut c, &open, &[UDP81], CONVERGE);
+    c.apply_policies(&from_z).unwrap();
+    let mut only_z = c.reachability(true);
+    only_z
+        .expect_all_ingress("x/*", false)
+        .expect_peer("z/*", "x/*", true);
+    expect(&mut c, &only_z, CASES, CONVERGE);
+    let before = wait_synced(&c, 0);
+    let target = c
+        .pods
+        .iter()
+        .find(|p| p.node == 0 && p.namespace == "x")
+        .expect("a pod of x on node 0")
+        .clone();
+    let (attacker, friend) = (c.pod("y/a").clone(), c.pod("z/a").clone());
+    let for_ms = 12_000;
+    let probe = Path::new(PROBE_BIN);
+    // One port per sender, so each counter counts one peer.
+    let rx = |port| Running::counter_on(probe, &target.netns, port, for_ms + 3_000).unwrap();
+    let (denied_rx, allowed_rx) = (rx(9097), rx(9098));
+    let tx = |from, port| Running::ticker_to(probe, from, &target, port, 10, for_ms).unwrap();
+    let (denied_tx, allowed_tx) = (tx(&attacker, 9097), tx(&friend, 9098));
+
+    let log_len = c.agent_log(0).len();
+    let maps = c.nodes[0].pin_dir.join("maps");
+    let mut args = os(&["--manifests", c.manifest_dir.to_str().unwrap()]);
+    args.extend(os(&[
+        "--max-addresses",
+        "4096",
+        "--max-policy-entries",
+        "8192",
+    ]));
+    c.start_agent_with_source(0, &agent_bin(), &args)
+        .unwrap_or_else(|e| panic!("restarting the agent: {e:#}"));
+    let after = wait_synced(&c, 0);
+    assert!(after.generation > before.generation);
+    let log = c.agent_log(0)[log_len..].to_owned();
+    assert!(log.contains("resized decision maps"), "log:\n{log}");
+    for (name, size) in [("NP_IPCACHE0_V2", 4096), ("NP_POLICY1_V2", 8192)] {
+        let info = aya::maps::MapInfo::from_pin(maps.join(name)).expect("pinned");
+        assert_eq!(info.max_entries(), size, "{name}");
+        assert!(
+            !maps.join(format!("{name}_RESIZED")).exists(),
+            "{name} left aside"
+        );
+    }
+
+    let (sent, received, got) = tick_results(denied_tx, denied_rx);
+    assert!(sent > 500, "the attacker sent only {sent} datagrams");
+    assert_eq!(
+        received, 0,
+        "denied datagrams arrived during the resize: {got}"
+    );
+    let (sent, received, got) = tick_results(allowed_tx, allowed_rx);
+    assert!(sent > 500, "the allowed peer sent only {sent} datagrams");
+    assert_eq!(
+        received, sent,
+        "allowed datagrams were lost during the resize: {got}"
+    );
+    expect(&mut c, &only_z, CASES, CONVERGE);
+}
+
 // ------------------------------------------------------------------------------------------------
 // 2. `cleanup`: refused while the agent runs; afterwards every pin is gone and nothing is enforced.
 // ------------------------------------------------------------------------------------------------

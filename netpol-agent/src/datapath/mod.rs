@@ -370,6 +370,7 @@ impl Datapath {
             .into_iter()
             .flat_map(|(names, _, n)| names.map(|name| (name, n)))
             .collect();
+        pinned_maps::set_aside_resized(&maps_dir, EBPF_OBJECT, &sizes)?;
         pinned_maps::check(&maps_dir, EBPF_OBJECT, &sizes)?;
         let mut loader = EbpfLoader::new();
         loader.default_map_pin_directory(&maps_dir);
@@ -426,6 +427,7 @@ impl Datapath {
                 datapath.buffers[1].read().map_err(read_err)?,
             ],
         };
+        datapath.adopt_resized(&maps_dir, &sizes)?;
         datapath.adopt_v1(&maps_dir)?;
         datapath.adopt_conntrack_v1(&maps_dir);
         // A previous agent may have died between its switch and its grace period.
@@ -452,6 +454,92 @@ impl Datapath {
         }
     }
 
+    /// Decision maps moved aside because this agent asks for another size or flags: copies their
+    /// entries into the new maps (both buffers), moves every pinned link to this agent's programs,
+    /// which read the new maps, then removes the old pins. Until the swap the old programs enforce
+    /// the old maps; after it the new programs enforce the same entries: no gap, no change.
+    fn adopt_resized(
+        &mut self,
+        maps_dir: &std::path::Path,
+        sizes: &[(&str, u32)],
+    ) -> Result<(), DatapathError> {
+        let aside = |name: &str| format!("{name}{}", pinned_maps::ASIDE);
+        let resized: Vec<&str> = sizes
+            .iter()
+            .map(|(name, _)| *name)
+            .filter(|name| maps_dir.join(aside(name)).exists())
+            .collect();
+        if resized.is_empty() {
+            return Ok(());
+        }
+        for b in 0..buffer::COUNT {
+            let pin = |name: &'static str| match resized.contains(&name) {
+                true => aside(name),
+                false => name.to_owned(),
+            };
+            let old = pinned_read::read_buffer(maps_dir, b, pin).map_err(|source| {
+                DatapathError::Map {
+                    name: "a decision map moved aside to be resized",
+                    source,
+                }
+            })?;
+            self.fill_buffer(b, &old, "copying a resized decision map")?;
+        }
+        self.relink_pinned();
+        for name in &resized {
+            let path = maps_dir.join(aside(name));
+            std::fs::remove_file(&path).map_err(|source| DatapathError::LinkPin {
+                path: path.display().to_string(),
+                source,
+            })?;
+        }
+        tracing::info!(maps = ?resized, "resized decision maps: entries copied, programs swapped in");
+        Ok(())
+    }
+
+    /// Writes into buffer `b` what it lacks of `target`, then reads it back. Entries that do not
+    /// fit are counted in one warning: the first compile fits the whole state to the capacities.
+    fn fill_buffer(
+        &mut self,
+        b: usize,
+        target: &Contents,
+        what: &str,
+    ) -> Result<(), DatapathError> {
+        let plan = Plan::new(&self.mirror.contents[b], target);
+        let mut failed = 0usize;
+        let mut last = None;
+        for write in plan.writes() {
+            if let (map, Err(e)) = self.buffers[b].write(b, write) {
+                failed += 1;
+                last = Some((map, e));
+            }
+        }
+        if let Some((map, e)) = last {
+            tracing::warn!(failed, map, error = %e, "{what}: entries left out until the first compile");
+        }
+        self.mirror.contents[b] = self.buffers[b]
+            .read()
+            .map_err(|source| DatapathError::Map {
+                name: "a decision map buffer",
+                source,
+            })?;
+        Ok(())
+    }
+
+    /// Moves every pinned link to this agent's program for its hook, each an atomic replace. A
+    /// link that cannot be moved (its device gone) is logged and left to the sync.
+    fn relink_pinned(&mut self) {
+        for (ifindex, hook) in self.pinned_links() {
+            let Ok(pinned) = PinnedLink::from_pin(self.layout.link(ifindex, hook)) else {
+                continue;
+            };
+            let ifname = format!("ifindex {ifindex}");
+            if let Err(e) = self.swap_into(pinned, ifindex, &ifname, hook) {
+                tracing::warn!(ifindex, hook = hook.name(), error = %e, "could not move a pinned link to this agent's program");
+            }
+        }
+    }
+
     /// Takes over the decision maps an agent of the V1 layout pinned (into both buffers, when they
     /// are new), then unpins them; the old programs keep them until they are replaced.
     fn adopt_v1(&mut self, maps_dir: &std::path::Path) -> Result<(), DatapathError> {
@@ -467,14 +555,8 @@ impl Datapath {
         if let Some(v1) = pinned_read::read_v1(maps_dir).map_err(read_err)?
             && fresh
         {
-            let plan = Plan::new(&Contents::default(), &v1);
             for b in 0..buffer::COUNT {
-                for write in plan.writes() {
-                    if let (map, Err(e)) = self.buffers[b].write(b, write) {
-                        tracing::warn!(map, error = %e, "adopting a V1 entry failed");
-                    }
-                }
-                self.mirror.contents[b] = self.buffers[b].read().map_err(read_err)?;
+                self.fill_buffer(b, &v1, "adopting the V1 decision maps")?;
             }
             tracing::info!(
                 endpoints = v1.endpoints.len(),
@@ -814,32 +896,54 @@ impl Datapath {
             ifindex,
             source,
         };
-        let prog = program_mut(&mut self.ebpf, program)?;
-        match PinnedLink::from_pin(&path) {
-            Ok(pinned) => {
-                let link = SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(link_err)?;
-                let id = prog.attach_to_link(link).map_err(attach_err)?;
-                // The pin keeps the link; our fd can go.
-                drop(prog.take_link(id).map_err(attach_err)?);
-            }
-            Err(_) => {
-                let id = prog
-                    .attach_with_options(
-                        ifname,
-                        hook.tc_attach_type(),
-                        // First in the chain: policy decides before any other TCX program;
-                        // allowed packets go on to the rest (TCX_NEXT).
-                        TcAttachOptions::TcxOrder(LinkOrder::first()),
-                    )
-                    .map_err(attach_err)?;
-                let link = prog.take_link(id).map_err(attach_err)?;
-                let fd_link = FdLink::try_from(link).map_err(link_err)?;
-                fd_link.pin(&path).map_err(|e| DatapathError::LinkPin {
-                    path: path.display().to_string(),
-                    source: io::Error::other(e),
-                })?;
-            }
+        if let Ok(pinned) = PinnedLink::from_pin(&path) {
+            return self.swap_into(pinned, ifindex, ifname, hook);
         }
+        let prog = program_mut(&mut self.ebpf, program)?;
+        let id = prog
+            .attach_with_options(
+                ifname,
+                hook.tc_attach_type(),
+                // First in the chain: policy decides before any other TCX program; allowed
+                // packets go on to the rest (TCX_NEXT).
+                TcAttachOptions::TcxOrder(LinkOrder::first()),
+            )
+            .map_err(attach_err)?;
+        let link = prog.take_link(id).map_err(attach_err)?;
+        let fd_link = FdLink::try_from(link).map_err(link_err)?;
+        fd_link.pin(&path).map_err(|e| DatapathError::LinkPin {
+            path: path.display().to_string(),
+            source: io::Error::other(e),
+        })?;
+        Ok(())
+    }
+
+    /// Puts this agent's program for `hook` into the `pinned` link (an atomic replace).
+    fn swap_into(
+        &mut self,
+        pinned: PinnedLink,
+        ifindex: u32,
+        ifname: &str,
+        hook: Hook,
+    ) -> Result<(), DatapathError> {
+        let program = hook.program();
+        let attach_err = |source| DatapathError::Attach {
+            program,
+            ifname: ifname.to_owned(),
+            ifindex,
+            source,
+        };
+        let link = SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(|source| {
+            DatapathError::Link {
+                ifname: ifname.to_owned(),
+                ifindex,
+                source,
+            }
+        })?;
+        let prog = program_mut(&mut self.ebpf, program)?;
+        let id = prog.attach_to_link(link).map_err(attach_err)?;
+        // The pin keeps the link; our fd can go.
+        drop(prog.take_link(id).map_err(attach_err)?);
         Ok(())
     }
 

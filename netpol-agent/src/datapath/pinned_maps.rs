@@ -111,6 +111,51 @@ pub fn check(maps_dir: &Path, object: &[u8], sizes: &[(&str, u32)]) -> Result<()
     Ok(())
 }
 
+/// The suffix of a decision map's pin while it is being replaced by one of another size or flags
+/// (bpffs refuses names with a dot).
+pub const ASIDE: &str = "_RESIZED";
+
+/// Whether only the size or the flags differ: the entries fit the new map as they are, so the map
+/// can be replaced (copied) instead of refused.
+fn resizable(want: &MapShape, have: &MapShape) -> bool {
+    want.map_type == have.map_type
+        && want.key_size == have.key_size
+        && want.value_size == have.value_size
+}
+
+/// Moves aside (renames to `<name>`[`ASIDE`]) the pins of the maps in `sizes` (the decision maps)
+/// that differ from this build's definition, sized as `sizes` says, only in max entries or flags.
+/// The loader then creates them anew; the agent copies the old entries over and swaps its programs
+/// in before it removes the old pins. Returns the names moved.
+pub fn set_aside_resized(
+    maps_dir: &Path,
+    object: &[u8],
+    sizes: &[(&str, u32)],
+) -> Result<Vec<String>, PinnedMapError> {
+    let mut moved = Vec::new();
+    for (name, mut want) in expected(object)? {
+        let Some((_, n)) = sizes.iter().find(|(s, _)| *s == name) else {
+            continue;
+        };
+        want.max_entries = *n;
+        let path = maps_dir.join(&name);
+        if !path.exists() {
+            continue;
+        }
+        let have = pinned_shape(&path)?;
+        if have == want || !resizable(&want, &have) {
+            continue;
+        }
+        let aside = maps_dir.join(format!("{name}{ASIDE}"));
+        std::fs::rename(&path, &aside).map_err(|e| PinnedMapError::Read {
+            path: path.clone(),
+            reason: format!("moving it aside to be resized: {e}"),
+        })?;
+        moved.push(name);
+    }
+    Ok(moved)
+}
+
 /// Unpins the maps of older layouts ([`map_names::OBSOLETE`], [`map_names::RETIRED`]) under
 /// `maps_dir`; returns the names removed. Programs still attached keep those maps alive until they
 /// are replaced.

@@ -50,12 +50,12 @@ pub fn read_v1(maps_dir: &Path) -> Result<Option<Contents>, MapError> {
     Ok(Some(c))
 }
 
-/// The policy generation and the contents of the buffer it names, as pinned in `maps_dir` by a
-/// running (or stopped) agent of this build.
-pub fn read_live(maps_dir: &Path) -> Result<(u32, Contents), MapError> {
-    let config: Array<_, u32> = Array::try_from(Map::Array(open(maps_dir, map_names::CONFIG)?))?;
-    let generation = config.get(&CONFIG_GENERATION, 0)?;
-    let b = buffer::of(generation);
+/// The decision maps of buffer `b`, each read from the pin `pin(name)` names.
+pub fn read_buffer(
+    maps_dir: &Path,
+    b: usize,
+    pin: impl Fn(&'static str) -> String,
+) -> Result<Contents, MapError> {
     let names = [
         map_names::ENDPOINTS[b],
         map_names::IPCACHE[b],
@@ -63,11 +63,24 @@ pub fn read_live(maps_dir: &Path) -> Result<(u32, Contents), MapError> {
         map_names::POLICY[b],
         service::MAP_NAME[b],
     ];
-    let mut c = read_common(maps_dir, names)?;
+    let names = names.map(&pin);
+    let mut c = read_common(
+        maps_dir,
+        [&names[0], &names[1], &names[2], &names[3], &names[4]],
+    )?;
     let frontends: LpmTrie<_, IpKey, u32> = LpmTrie::try_from(Map::LpmTrie(open(
         maps_dir,
-        service::FRONTENDS_MAP_NAME[b],
+        &pin(service::FRONTENDS_MAP_NAME[b]),
     )?))?;
     c.frontends = read_trie(&frontends)?;
+    Ok(c)
+}
+
+/// The policy generation and the contents of the buffer it names, as pinned in `maps_dir` by a
+/// running (or stopped) agent of this build.
+pub fn read_live(maps_dir: &Path) -> Result<(u32, Contents), MapError> {
+    let config: Array<_, u32> = Array::try_from(Map::Array(open(maps_dir, map_names::CONFIG)?))?;
+    let generation = config.get(&CONFIG_GENERATION, 0)?;
+    let c = read_buffer(maps_dir, buffer::of(generation), str::to_owned)?;
     Ok((generation, c))
 }
