@@ -280,6 +280,123 @@ fn map_sizes_come_from_the_flags_and_other_sizes_are_adopted_by_copy() {
     }
 }
 
+/// The contents the resize tests pin: an endpoint, a peer address and an allow.
+fn pinned_example() -> Contents {
+    let mut contents = one_endpoint();
+    contents.ipcache.insert(
+        netpol_common::IpKey::from_v4([10, 42, 0, 7]),
+        netpol_common::IpInfo {
+            identity: 3,
+            endpoint: 7,
+        },
+    );
+    for port in [80u16, 443] {
+        let key = netpol_common::PolicyKey {
+            endpoint: 7,
+            identity: 3,
+            direction: 0,
+            protocol: 6,
+            port_be: port.to_be_bytes(),
+        };
+        contents.policy.insert((key, 96), Default::default());
+    }
+    contents
+}
+
+/// A size too small for what the pinned maps hold is refused before anything is swapped: the old
+/// maps keep their names (and stay what the attached programs read), nothing is left aside.
+#[test]
+fn a_size_too_small_for_the_pinned_entries_is_refused_and_the_old_maps_stay() {
+    if !common::privileged("the datapath test") {
+        return;
+    }
+    use netpol_agent::datapath::Capacities;
+
+    let dir = PinDir::new("toosmall");
+    let layout = PinLayout::new(&dir.0);
+    let small = Capacities {
+        policy: 16,
+        ipcache: 16,
+        ..Capacities::default()
+    };
+    // Fill POLICY past 16 entries first.
+    let mut many = pinned_example();
+    for port in 1000..1020u16 {
+        let key = netpol_common::PolicyKey {
+            endpoint: 7,
+            identity: 3,
+            direction: 0,
+            protocol: 17,
+            port_be: port.to_be_bytes(),
+        };
+        many.policy.insert((key, 96), Default::default());
+    }
+    let mut dp = Datapath::open(layout.clone(), &Capacities::default()).expect("open");
+    assert!(dp.apply(&many).is_empty());
+    drop(dp);
+    let err = match Datapath::open(layout.clone(), &small) {
+        Ok(_) => panic!("the entries were cut to fit"),
+        Err(e) => e,
+    };
+    assert!(matches!(err, DatapathError::Resize(_)), "{err:?}");
+    assert!(err.to_string().contains("NP_POLICY"), "{err}");
+    let maps = layout.maps_dir();
+    for name in map_names::POLICY.into_iter().chain(map_names::IPCACHE) {
+        let info = aya::maps::MapInfo::from_pin(maps.join(name)).expect("the old pin is back");
+        assert_ne!(info.max_entries(), 16, "{name}");
+        assert!(
+            !maps.join(format!("{name}_RESIZED")).exists(),
+            "{name} left aside"
+        );
+    }
+    let dp = Datapath::open(layout, &Capacities::default()).expect("the old sizes still open");
+    assert_eq!(dp.contents(), &many);
+}
+
+/// An agent stopped mid-resize leaves the old maps aside and, perhaps, a half-made new map under
+/// the name. The next agent copies from the aside (what the old programs read), not the half-made
+/// map, whatever size it asks for.
+#[test]
+fn a_resize_stopped_midway_is_finished_from_the_maps_set_aside() {
+    if !common::privileged("the datapath test") {
+        return;
+    }
+    use netpol_agent::datapath::Capacities;
+
+    let dir = PinDir::new("midway");
+    let layout = PinLayout::new(&dir.0);
+    let mut dp = Datapath::open(layout.clone(), &Capacities::default()).expect("open");
+    assert!(dp.apply(&pinned_example()).is_empty());
+    drop(dp);
+    let maps = layout.maps_dir();
+    let value = size_of::<netpol_common::PolicyValue>().to_string();
+    for name in map_names::POLICY {
+        std::fs::rename(maps.join(name), maps.join(format!("{name}_RESIZED"))).unwrap();
+        // The new map the stopped agent had made, still empty.
+        bpftool_map(
+            &maps.join(name),
+            name,
+            &[
+                "type", "lpm_trie", "key", "16", "value", &value, "entries", "1024", "flags", "1",
+            ],
+        );
+    }
+    let other = Capacities {
+        policy: 4096,
+        ..Capacities::default()
+    };
+    let dp = Datapath::open(layout.clone(), &other).expect("finish the resize");
+    assert_eq!(dp.contents(), &pinned_example(), "copied from the aside");
+    for name in map_names::POLICY {
+        let info = aya::maps::MapInfo::from_pin(maps.join(name)).expect("pinned");
+        assert_eq!(info.max_entries(), 4096, "{name}");
+        assert!(
+            !maps.join(format!("{name}_RESIZED")).exists(),
+            "{name} left aside"
+        );
+    }
+}
+
 /// Flows that went quiet are collected by the agent: the entries past their timeout go, the live
 /// ones stay.
 #[test]

@@ -8,7 +8,8 @@
 use std::collections::BTreeMap;
 
 use netpol_common::{
-    EndpointInfo, IpInfo, IpKey, PolicyKey, PolicyValue, SvcKey, SvcValue, buffer,
+    EndpointInfo, IpInfo, IpKey, PolicyKey, PolicyValue, SvcKey, SvcValue, buffer, map_names,
+    service,
 };
 
 /// The content of the policy maps. Trie keys carry their prefix length in bits.
@@ -21,6 +22,20 @@ pub struct Contents {
     pub services: BTreeMap<SvcKey, SvcValue>,
     /// Service frontend addresses or ranges, with their prefix length (value unused, 1).
     pub frontends: BTreeMap<(IpKey, u32), u32>,
+}
+
+impl Contents {
+    /// How many entries each map of buffer `b` holds, by the map's pinned name.
+    pub fn entries_by_map(&self, b: usize) -> [(&'static str, usize); 6] {
+        [
+            (map_names::ENDPOINTS[b], self.endpoints.len()),
+            (map_names::IPCACHE[b], self.ipcache.len()),
+            (map_names::CIDRS[b], self.cidrs.len()),
+            (map_names::POLICY[b], self.policy.len()),
+            (service::MAP_NAME[b], self.services.len()),
+            (service::FRONTENDS_MAP_NAME[b], self.frontends.len()),
+        ]
+    }
 }
 
 /// Changes to one map: entries to write (new or changed) and keys to delete.

@@ -44,6 +44,11 @@ pub enum DatapathError {
     Pins(#[from] pins::PinError),
     #[error(transparent)]
     PinnedMap(#[from] pinned_maps::PinnedMapError),
+    #[error(
+        "resizing the decision maps: {0}; the old maps stay pinned and in force (raise the --max-* \
+         flag, or run `netpol-agent cleanup` first)"
+    )]
+    Resize(String),
     #[error("loading the eBPF object with maps pinned under {dir}")]
     Load {
         dir: String,
@@ -370,8 +375,8 @@ impl Datapath {
             .into_iter()
             .flat_map(|(names, _, n)| names.map(|name| (name, n)))
             .collect();
-        pinned_maps::set_aside_resized(&maps_dir, EBPF_OBJECT, &sizes)?;
         pinned_maps::check(&maps_dir, EBPF_OBJECT, &sizes)?;
+        pinned_maps::set_aside_resized(&maps_dir, EBPF_OBJECT, &sizes)?;
         let mut loader = EbpfLoader::new();
         loader.default_map_pin_directory(&maps_dir);
         for (name, n) in &sizes {
@@ -457,11 +462,13 @@ impl Datapath {
     /// Decision maps moved aside because this agent asks for another size or flags: copies their
     /// entries into the new maps (both buffers), moves every pinned link to this agent's programs,
     /// which read the new maps, then removes the old pins. Until the swap the old programs enforce
-    /// the old maps; after it the new programs enforce the same entries: no gap, no change.
+    /// the old maps; after it the new programs enforce the same entries: no gap, no change. When
+    /// the entries do not fit or a step fails, the old pins are put back before the error: the old
+    /// programs go on with the old maps.
     fn adopt_resized(
         &mut self,
         maps_dir: &std::path::Path,
-        sizes: &[(&str, u32)],
+        sizes: &[(&'static str, u32)],
     ) -> Result<(), DatapathError> {
         let aside = |name: &str| format!("{name}{}", pinned_maps::ASIDE);
         let resized: Vec<&str> = sizes
@@ -472,20 +479,11 @@ impl Datapath {
         if resized.is_empty() {
             return Ok(());
         }
-        for b in 0..buffer::COUNT {
-            let pin = |name: &'static str| match resized.contains(&name) {
-                true => aside(name),
-                false => name.to_owned(),
-            };
-            let old = pinned_read::read_buffer(maps_dir, b, pin).map_err(|source| {
-                DatapathError::Map {
-                    name: "a decision map moved aside to be resized",
-                    source,
-                }
-            })?;
-            self.fill_buffer(b, &old, "copying a resized decision map")?;
+        if let Err(e) = self.copy_resized(maps_dir, &resized, sizes) {
+            pinned_maps::restore_aside(maps_dir, &resized)
+                .map_err(|e| DatapathError::Resize(format!("putting the old pins back: {e}")))?;
+            return Err(e);
         }
-        self.relink_pinned();
         for name in &resized {
             let path = maps_dir.join(aside(name));
             std::fs::remove_file(&path).map_err(|source| DatapathError::LinkPin {
@@ -497,14 +495,54 @@ impl Datapath {
         Ok(())
     }
 
-    /// Writes into buffer `b` what it lacks of `target`, then reads it back. Entries that do not
-    /// fit are counted in one warning: the first compile fits the whole state to the capacities.
+    /// The copy and the swap of [`Self::adopt_resized`]: every entry of both old buffers must fit
+    /// and be written, and every link of a device that still exists must take the new program.
+    fn copy_resized(
+        &mut self,
+        maps_dir: &std::path::Path,
+        resized: &[&str],
+        sizes: &[(&'static str, u32)],
+    ) -> Result<(), DatapathError> {
+        let pin = |name: &'static str| match resized.contains(&name) {
+            true => format!("{name}{}", pinned_maps::ASIDE),
+            false => name.to_owned(),
+        };
+        let mut old = Vec::new();
+        for b in 0..buffer::COUNT {
+            let c = pinned_read::read_buffer(maps_dir, b, pin)
+                .map_err(|e| DatapathError::Resize(format!("reading buffer {b}: {e}")))?;
+            for (name, entries) in c.entries_by_map(b) {
+                let capacity = sizes
+                    .iter()
+                    .find(|(n, _)| *n == name)
+                    .map_or(0, |(_, n)| *n);
+                if entries > capacity as usize {
+                    return Err(DatapathError::Resize(format!(
+                        "{name} holds {entries} entries, more than the {capacity} asked for"
+                    )));
+                }
+            }
+            old.push(c);
+        }
+        for (b, c) in old.iter().enumerate() {
+            let failed = self.fill_buffer(b, c, "copying a resized decision map")?;
+            if failed > 0 {
+                return Err(DatapathError::Resize(format!(
+                    "{failed} entries of buffer {b} could not be written"
+                )));
+            }
+        }
+        self.relink_pinned()
+    }
+
+    /// Writes into buffer `b` what it lacks of `target`, then reads it back; returns how many
+    /// writes failed (counted in one warning).
     fn fill_buffer(
         &mut self,
         b: usize,
         target: &Contents,
         what: &str,
-    ) -> Result<(), DatapathError> {
+    ) -> Result<usize, DatapathError> {
         let plan = Plan::new(&self.mirror.contents[b], target);
         let mut failed = 0usize;
         let mut last = None;
@@ -515,7 +553,7 @@ impl Datapath {
             }
         }
         if let Some((map, e)) = last {
-            tracing::warn!(failed, map, error = %e, "{what}: entries left out until the first compile");
+            tracing::warn!(failed, map, error = %e, "{what}: entries left out");
         }
         self.mirror.contents[b] = self.buffers[b]
             .read()
@@ -523,21 +561,26 @@ impl Datapath {
                 name: "a decision map buffer",
                 source,
             })?;
-        Ok(())
+        Ok(failed)
     }
 
     /// Moves every pinned link to this agent's program for its hook, each an atomic replace. A
-    /// link that cannot be moved (its device gone) is logged and left to the sync.
-    fn relink_pinned(&mut self) {
+    /// link whose device is gone is left to the sync; any other failure is an error.
+    fn relink_pinned(&mut self) -> Result<(), DatapathError> {
         for (ifindex, hook) in self.pinned_links() {
-            let Ok(pinned) = PinnedLink::from_pin(self.layout.link(ifindex, hook)) else {
-                continue;
-            };
-            let ifname = format!("ifindex {ifindex}");
-            if let Err(e) = self.swap_into(pinned, ifindex, &ifname, hook) {
-                tracing::warn!(ifindex, hook = hook.name(), error = %e, "could not move a pinned link to this agent's program");
+            let path = self.layout.link(ifindex, hook);
+            let swapped = PinnedLink::from_pin(&path)
+                .map_err(|e| DatapathError::Resize(format!("opening {}: {e}", path.display())))
+                .and_then(|pinned| {
+                    self.swap_into(pinned, ifindex, &format!("ifindex {ifindex}"), hook)
+                });
+            match swapped {
+                Ok(()) => {}
+                Err(_) if !device_exists(ifindex) => {}
+                Err(e) => return Err(e),
             }
         }
+        Ok(())
     }
 
     /// Takes over the decision maps an agent of the V1 layout pinned (into both buffers, when they
@@ -979,6 +1022,13 @@ fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
         Err(MapError::SyscallError(e)) if e.io_error.kind() == io::ErrorKind::NotFound => Ok(()),
         other => other,
     }
+}
+
+/// Whether a network device with `ifindex` exists in this network namespace.
+fn device_exists(ifindex: u32) -> bool {
+    let mut name = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: `name` has the IF_NAMESIZE bytes if_indextoname writes at most.
+    !unsafe { libc::if_indextoname(ifindex, name.as_mut_ptr()) }.is_null()
 }
 
 /// Removes everything an agent pinned under `layout`: links (which detaches the programs from every

@@ -88,10 +88,12 @@ pub fn differences(expected: &MapShape, pinned: &MapShape) -> Vec<String> {
 }
 
 /// Checks every map pinned under `maps_dir` that this build would adopt, with the sizes the agent
-/// asks for (`sizes`, by name) instead of the object's.
+/// asks for (`sizes`, by name) instead of the object's. A map of `sizes` (a decision map) whose
+/// size or flags differ passes: [`set_aside_resized`] replaces it.
 pub fn check(maps_dir: &Path, object: &[u8], sizes: &[(&str, u32)]) -> Result<(), PinnedMapError> {
     for (name, mut want) in expected(object)? {
-        if let Some((_, n)) = sizes.iter().find(|(s, _)| *s == name) {
+        let decision = sizes.iter().find(|(s, _)| *s == name);
+        if let Some((_, n)) = decision {
             want.max_entries = *n;
         }
         let path = maps_dir.join(&name);
@@ -100,7 +102,8 @@ pub fn check(maps_dir: &Path, object: &[u8], sizes: &[(&str, u32)]) -> Result<()
         }
         let have = pinned_shape(&path)?;
         let diff = differences(&want, &have);
-        if !diff.is_empty() {
+        let replaced = decision.is_some() && resizable(&want, &have);
+        if !diff.is_empty() && !replaced {
             return Err(PinnedMapError::Incompatible {
                 name,
                 path,
@@ -126,7 +129,9 @@ fn resizable(want: &MapShape, have: &MapShape) -> bool {
 /// Moves aside (renames to `<name>`[`ASIDE`]) the pins of the maps in `sizes` (the decision maps)
 /// that differ from this build's definition, sized as `sizes` says, only in max entries or flags.
 /// The loader then creates them anew; the agent copies the old entries over and swaps its programs
-/// in before it removes the old pins. Returns the names moved.
+/// in before it removes the old pins. An aside already there (an agent stopped mid-way) is the map
+/// the old programs read: it is kept, and the pin beside it (a new map, perhaps half-filled) goes.
+/// Returns the names moved.
 pub fn set_aside_resized(
     maps_dir: &Path,
     object: &[u8],
@@ -138,22 +143,41 @@ pub fn set_aside_resized(
             continue;
         };
         want.max_entries = *n;
-        let path = maps_dir.join(&name);
+        let (path, aside) = (
+            maps_dir.join(&name),
+            maps_dir.join(format!("{name}{ASIDE}")),
+        );
+        let io_err = |what: &str, e: std::io::Error| PinnedMapError::Read {
+            path: path.clone(),
+            reason: format!("{what}: {e}"),
+        };
         if !path.exists() {
+            continue;
+        }
+        if aside.exists() {
+            std::fs::remove_file(&path).map_err(|e| io_err("unpinning a half-made map", e))?;
             continue;
         }
         let have = pinned_shape(&path)?;
         if have == want || !resizable(&want, &have) {
             continue;
         }
-        let aside = maps_dir.join(format!("{name}{ASIDE}"));
-        std::fs::rename(&path, &aside).map_err(|e| PinnedMapError::Read {
-            path: path.clone(),
-            reason: format!("moving it aside to be resized: {e}"),
-        })?;
+        std::fs::rename(&path, &aside).map_err(|e| io_err("moving it aside to be resized", e))?;
         moved.push(name);
     }
     Ok(moved)
+}
+
+/// Undoes [`set_aside_resized`] for `names`: the new pins go and the old maps take their names
+/// back, for an agent that could not copy or swap (the old programs still read the old maps).
+pub fn restore_aside(maps_dir: &Path, names: &[&str]) -> std::io::Result<()> {
+    for name in names {
+        let aside = maps_dir.join(format!("{name}{ASIDE}"));
+        if aside.exists() {
+            std::fs::rename(&aside, maps_dir.join(name))?;
+        }
+    }
+    Ok(())
 }
 
 /// Unpins the maps of older layouts ([`map_names::OBSOLETE`], [`map_names::RETIRED`]) under
