@@ -55,7 +55,9 @@ impl Synthetic {
             if i < spec.local_pods {
                 s.endpoints.insert(pod.key.clone(), i as u32 + 1);
             }
-            s.state.pods.insert(pod.key.clone(), pod);
+            s.state
+                .pods
+                .insert(pod.key.clone(), std::sync::Arc::new(pod));
         }
         for k in 0..spec.policies {
             let p = s.policy(k);
@@ -167,7 +169,9 @@ impl Synthetic {
     /// old label stop allowing it).
     pub fn change_pod_labels(&mut self, i: usize, revision: usize) {
         let pod = self.pod(i, Some(revision));
-        self.state.pods.insert(pod.key.clone(), pod);
+        self.state
+            .pods
+            .insert(pod.key.clone(), std::sync::Arc::new(pod));
     }
 
     /// Runs the real compiler.

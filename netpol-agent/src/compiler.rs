@@ -674,7 +674,7 @@ fn compile_with(
     let tier_rules = peers.tier_rules(ranked);
     let mut tier_entries = BTreeMap::new();
     for (key, &endpoint) in input.endpoints {
-        let pod = state.pods.get(key);
+        let pod = state.pods.get(key).map(Arc::as_ref);
         let in_namespace = by_namespace
             .get(key.namespace.as_str())
             .map_or(&[][..], Vec::as_slice);

@@ -90,7 +90,7 @@ impl Cluster {
             self.endpoints.insert(key.clone(), next);
         }
         self.state.insert(Object::Pod(pod));
-        self.state.pods.get_mut(&key).unwrap()
+        Arc::make_mut(self.state.pods.get_mut(&key).unwrap())
     }
 
     /// A pod on this node; returns its endpoint id.
@@ -105,7 +105,7 @@ impl Cluster {
     }
 
     fn ports(&mut self, ns: &str, name: &str, ports: &[(&str, Protocol, u16)]) {
-        let pod = self.state.pods.get_mut(&PodKey::new(ns, name)).unwrap();
+        let pod = Arc::make_mut(self.state.pods.get_mut(&PodKey::new(ns, name)).unwrap());
         pod.ports = ports
             .iter()
             .map(|(n, protocol, port)| NamedPort {
@@ -1733,11 +1733,8 @@ fn allow_unselected_opens_only_the_directions_no_policy_isolates_for_any_candida
     // One candidate (on this node, no endpoint yet) in a namespace without policy: open.
     c.namespace("free", &[]);
     c.pod_on("node-b", "free", "new", &[("app", "new")], &[]);
-    c.state
-        .pods
-        .get_mut(&PodKey::new("free", "new"))
-        .unwrap()
-        .node_name = Some(NODE.into());
+    Arc::make_mut(c.state.pods.get_mut(&PodKey::new("free", "new")).unwrap()).node_name =
+        Some(NODE.into());
     assert_eq!(c.compile().endpoints[&99].flags & both, 0);
 
     // A policy that isolates the candidate for ingress only: ingress closed, egress open.
@@ -1765,11 +1762,13 @@ fn allow_unselected_opens_only_the_directions_no_policy_isolates_for_any_candida
     // A second candidate whose namespace denies egress: both closed.
     c.namespace("locked", &[]);
     c.pod_on("node-b", "locked", "other", &[], &[]);
-    c.state
-        .pods
-        .get_mut(&PodKey::new("locked", "other"))
-        .unwrap()
-        .node_name = Some(NODE.into());
+    Arc::make_mut(
+        c.state
+            .pods
+            .get_mut(&PodKey::new("locked", "other"))
+            .unwrap(),
+    )
+    .node_name = Some(NODE.into());
     c.policy(
         "locked",
         "deny-out",

@@ -8,6 +8,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 pub use crate::compiler::{Pending, PendingReason};
 use crate::discovery::{NodeView, PodVeth};
@@ -174,6 +175,7 @@ fn owners<'a>(
     let local: Vec<&Pod> = state
         .pods
         .values()
+        .map(Arc::as_ref)
         .filter(|p| p.can_own_veth_on(node_name))
         .collect();
     for pod in &local {
@@ -206,7 +208,7 @@ pub fn with_claimed<'a>(
     let mut state = state.clone();
     for (key, ips) in claimed {
         if let Some(pod) = state.pods.get_mut(key) {
-            pod.ips = ips.clone();
+            Arc::make_mut(pod).ips = ips.clone();
         }
     }
     std::borrow::Cow::Owned(state)

@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::networking::v1 as networking;
@@ -425,8 +426,10 @@ pub struct IgnoredObject {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct ClusterState {
     pub namespaces: BTreeMap<String, Namespace>,
+    /// Shared with the source's store and earlier states: a new state costs a pointer per pod,
+    /// not a copy of it.
     #[serde(with = "pairs")]
-    pub pods: BTreeMap<PodKey, Pod>,
+    pub pods: BTreeMap<PodKey, Arc<Pod>>,
     #[serde(with = "pairs")]
     pub policies: BTreeMap<PodKey, Policy>,
     #[serde(with = "pairs")]
@@ -447,7 +450,7 @@ impl ClusterState {
     pub fn insert(&mut self, object: Object) -> bool {
         match object {
             Object::Namespace(ns) => self.namespaces.insert(ns.name.clone(), ns).is_some(),
-            Object::Pod(pod) => self.pods.insert(pod.key.clone(), pod).is_some(),
+            Object::Pod(pod) => self.pods.insert(pod.key.clone(), Arc::new(pod)).is_some(),
             Object::Policy(p) => self.policies.insert(p.key.clone(), p).is_some(),
             Object::Service(svc) => self.services.insert(svc.key.clone(), svc).is_some(),
             Object::EndpointSlice(s) => self.endpoint_slices.insert(s.key.clone(), s).is_some(),
@@ -475,7 +478,10 @@ impl ClusterState {
 
     /// The pods that policies can see as peers ([`Pod::is_policy_peer`]).
     pub fn peer_pods(&self) -> impl Iterator<Item = &Pod> {
-        self.pods.values().filter(|p| p.is_policy_peer())
+        self.pods
+            .values()
+            .map(Arc::as_ref)
+            .filter(|p| p.is_policy_peer())
     }
 }
 

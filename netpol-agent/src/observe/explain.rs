@@ -5,6 +5,7 @@
 //! isolate the pod) and for each of their rules alone (which ones allow the connection).
 
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use serde::Serialize;
 
@@ -235,7 +236,7 @@ fn resolve<'a>(
                 .pods
                 .values()
                 .find(|p| p.is_policy_peer() && p.ips.contains(ip));
-            return Ok((pod, *ip));
+            return Ok((pod.map(Arc::as_ref), *ip));
         }
         Party::Pod(key) => key,
     };

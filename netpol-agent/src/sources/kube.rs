@@ -469,7 +469,7 @@ fn classify(kind: Kind, e: &watcher::Error) -> Outcome {
 /// A pod with what is needed to settle address conflicts.
 #[derive(Clone, Debug)]
 struct PodEntry {
-    pod: Pod,
+    pod: Arc<Pod>,
     created: Option<Time>,
     /// Order in which the source saw the pod claim its current addresses.
     claimed: u64,
@@ -745,7 +745,7 @@ impl Store {
                     }
                 };
                 Ok(PodEntry {
-                    pod,
+                    pod: Arc::new(pod),
                     created: p.metadata.creation_timestamp.clone(),
                     claimed,
                 })
@@ -822,12 +822,14 @@ impl Store {
             match entry {
                 Ok(entry) => {
                     let mut pod = entry.pod.clone();
-                    if pod.is_policy_peer() {
-                        pod.ips
-                            .retain(|ip| holder.get(ip).is_some_and(|h| h.pod.key == pod.key));
-                        if pod.ips.len() != entry.pod.ips.len() {
-                            tracing::debug!(pod = %pod.key, "address reused by a newer pod: dropped from the older one");
-                        }
+                    let holds = |ip: &IpAddr| holder.get(ip).is_some_and(|h| h.pod.key == pod.key);
+                    if pod.is_policy_peer() && !pod.ips.iter().all(holds) {
+                        // Copied only when an address went to a newer pod.
+                        let key = pod.key.clone();
+                        Arc::make_mut(&mut pod)
+                            .ips
+                            .retain(|ip| holder.get(ip).is_some_and(|h| h.pod.key == key));
+                        tracing::debug!(pod = %key, "address reused by a newer pod: dropped from the older one");
                     }
                     state.pods.insert(pod.key.clone(), pod);
                 }

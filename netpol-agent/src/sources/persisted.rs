@@ -16,6 +16,7 @@ use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -87,7 +88,7 @@ impl Persisted {
         }
         for pod in state.pods.values_mut() {
             if pod.node_name.as_deref() == Some(self.node.as_str()) {
-                pod.ips.clear();
+                Arc::make_mut(pod).ips.clear();
             }
         }
         (state, Vec::new(), true)
@@ -152,7 +153,7 @@ struct Saving<'a> {
 struct StateView<'a> {
     namespaces: &'a BTreeMap<String, Namespace>,
     #[serde(serialize_with = "pairs::serialize")]
-    pods: &'a BTreeMap<PodKey, Pod>,
+    pods: &'a BTreeMap<PodKey, Arc<Pod>>,
     #[serde(serialize_with = "pairs::serialize")]
     policies: &'a BTreeMap<PodKey, Policy>,
     #[serde(serialize_with = "pairs::serialize")]

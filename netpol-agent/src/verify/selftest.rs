@@ -48,7 +48,7 @@ use crate::{
     compiler::{self, CompileInput, EndpointLink},
     datapath::{self, Contents, Datapath, Hook, PinLayout, pins},
     discovery::Discovery,
-    model::{ClusterState, Namespace, Origin, Pod, PodKey, Policy},
+    model::{ClusterState, Namespace, Object, Origin, Pod, PodKey, Policy},
     verify::links::{Links, ifindex},
 };
 
@@ -559,18 +559,15 @@ fn policy_contents(ifindex: u32, link: EndpointLink) -> anyhow::Result<Contents>
     state
         .namespaces
         .insert(NAMESPACE.to_owned(), Namespace::implicit(NAMESPACE));
-    state.pods.insert(
-        key.clone(),
-        Pod {
-            key: key.clone(),
-            labels: BTreeMap::from([("app".to_owned(), "probe".to_owned())]),
-            node_name: Some(NODE.to_owned()),
-            host_network: false,
-            phase: Some("Running".to_owned()),
-            ips: vec![IpAddr::V4(POD_V4), IpAddr::V6(POD_V6)],
-            ports: Vec::new(),
-        },
-    );
+    state.insert(Object::Pod(Pod {
+        key: key.clone(),
+        labels: BTreeMap::from([("app".to_owned(), "probe".to_owned())]),
+        node_name: Some(NODE.to_owned()),
+        host_network: false,
+        phase: Some("Running".to_owned()),
+        ips: vec![IpAddr::V4(POD_V4), IpAddr::V6(POD_V6)],
+        ports: Vec::new(),
+    }));
     let origin = Origin::File {
         path: PathBuf::from("<self-test>"),
         document: None,

@@ -36,7 +36,7 @@ fn change(rng: &mut Rng, c: &mut Cluster) -> String {
         }
         3 => {
             let app = pick(rng, &APPS);
-            if let Some(p) = c.state.pods.get_mut(&key) {
+            if let Some(p) = c.state.pods.get_mut(&key).map(Arc::make_mut) {
                 p.labels.insert("app".into(), app.into());
             }
             format!("relabel {key} app={app}")
@@ -49,7 +49,7 @@ fn change(rng: &mut Rng, c: &mut Cluster) -> String {
             format!("{key} http={port}")
         }
         5 => {
-            if let Some(p) = c.state.pods.get_mut(&key) {
+            if let Some(p) = c.state.pods.get_mut(&key).map(Arc::make_mut) {
                 match rng.u8(0..5) {
                     0 => p.phase = Some("Succeeded".into()),
                     1 => p.host_network = !p.host_network,
@@ -142,10 +142,7 @@ fn a_stale_stage_is_caught() {
     let mut compiler = Compiler::default();
     compiler.compile(&input(&c));
     let db = PodKey::new("a", "db");
-    c.state
-        .pods
-        .get_mut(&db)
-        .unwrap()
+    Arc::make_mut(c.state.pods.get_mut(&db).unwrap())
         .labels
         .insert("app".into(), "cache".into());
     let stale = compile_with(

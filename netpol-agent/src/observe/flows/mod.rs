@@ -11,6 +11,7 @@ pub mod selector;
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::{IpAddr, Ipv6Addr},
+    sync::Arc,
 };
 
 use netpol_common::{Direction, DropEvent, FlowKey, FlowValue, IpKey, Reason, proto, verdict};
@@ -143,7 +144,10 @@ impl Resolver {
         isolating: &BTreeMap<(u32, Direction), Vec<PodKey>>,
         default_mode: Mode,
     ) -> Self {
-        let local: Vec<&Pod> = endpoints.keys().filter_map(|k| state.pods.get(k)).collect();
+        let local: Vec<&Pod> = endpoints
+            .keys()
+            .filter_map(|k| state.pods.get(k).map(Arc::as_ref))
+            .collect();
         let catalog = catalog(state, isolating, default_mode, &local);
         let pods_by_ip = state
             .pods
@@ -463,7 +467,7 @@ mod tests {
             let key = PodKey::new("x", name);
             s.pods.insert(
                 key.clone(),
-                Pod {
+                Arc::new(Pod {
                     key,
                     labels: [("pod".to_owned(), name.to_owned())].into(),
                     node_name: Some("n0".into()),
@@ -471,7 +475,7 @@ mod tests {
                     phase: Some("Running".into()),
                     ips: vec![IpAddr::from(ip)],
                     ports: Vec::new(),
-                },
+                }),
             );
         }
         let policy: k8s_openapi::api::networking::v1::NetworkPolicySpec =
