@@ -1,5 +1,5 @@
-//! The toolchain that builds the eBPF programs, pinned in one place, and the check of what is
-//! missing from this machine.
+//! The toolchains that build the eBPF programs and the image's agent binary, pinned in one place,
+//! and the check of what the eBPF build is missing from this machine.
 //!
 //! The agent's build script calls [`missing`] before it builds `netpol-ebpf`, and stops with one
 //! line naming what is missing and `cargo xtask setup`; `cargo xtask setup` calls it to decide what
@@ -11,6 +11,11 @@ use std::{fmt, path::PathBuf, process::Command};
 /// The nightly toolchain that builds the eBPF programs (`-Z build-std=core` needs nightly and its
 /// `rust-src`). A dated nightly, so the build does not change under us when `nightly` moves.
 pub const EBPF_NIGHTLY: &str = "nightly-2026-05-20";
+
+/// The stable Rust that builds the agent binary of the image (`cargo xtask image` builds with
+/// exactly this one, installing it with rustup when it is missing): an exact release, so the image's
+/// digest does not change when the machine's `stable` moves.
+pub const IMAGE_STABLE: &str = "1.95.0";
 
 /// The bpf-linker version whose default features use the Rust toolchain's own LLVM (newer ones
 /// need a system LLVM that Debian 12 does not ship).
@@ -123,6 +128,16 @@ mod tests {
             "{line}"
         );
         assert!(!line.contains('\n'), "one line: {line}");
+    }
+
+    #[test]
+    fn pinned_stable_is_an_exact_release() {
+        let parts: Vec<&str> = IMAGE_STABLE.split('.').collect();
+        assert_eq!(parts.len(), 3, "{IMAGE_STABLE}: MAJOR.MINOR.PATCH");
+        assert!(
+            parts.iter().all(|p| p.parse::<u32>().is_ok()),
+            "{IMAGE_STABLE}"
+        );
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! Developer tasks: `cargo xtask setup | test | demo | bench | manifests | image | man`.
 
+mod containerd;
 mod image;
 mod manifests;
+mod repro;
 mod setup;
 
 use std::{
@@ -48,8 +50,19 @@ enum Task {
     Manifests,
     /// Build the agent as a static binary in an OCI image from scratch, for amd64 and arm64:
     /// target/image/netpol-agent-<version>-<arch>.oci.tar (for `k3s ctr images import` or K3s's
-    /// images directory), reproducible from the commit.
-    Image,
+    /// images directory), with the pinned stable Rust; as root, import each archive into a private
+    /// containerd and run the image of this machine's architecture.
+    Image {
+        /// Also build amd64 a second time, from a copy of the checkout into a fresh target
+        /// directory (other absolute paths), and fail unless binary and image digest are the same
+        /// (a cold build: several minutes).
+        #[arg(long)]
+        check_reproducible: bool,
+        /// Do not import the archives into a private containerd (which needs root, runc and a
+        /// kernel that can run containers).
+        #[arg(long)]
+        skip_containerd: bool,
+    },
     /// Write the man pages of netpol-agent and its subcommands into docs/man (from its clap
     /// definitions; a test fails while they are stale).
     Man,
@@ -63,7 +76,13 @@ fn main() -> anyhow::Result<()> {
         Task::Test { args } => test(&args),
         Task::Bench { quick } => bench(quick),
         Task::Manifests => manifests::run(&workspace_root()),
-        Task::Image => image::run(),
+        Task::Image {
+            check_reproducible,
+            skip_containerd,
+        } => image::run(&image::Options {
+            check_reproducible,
+            skip_containerd,
+        }),
         Task::Man => man(),
     }
 }

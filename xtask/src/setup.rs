@@ -4,7 +4,7 @@ use std::process::Command;
 
 use anyhow::Context as _;
 
-use netpol_toolchain::{BPF_LINKER_VERSION, EBPF_NIGHTLY, Missing};
+use netpol_toolchain::{BPF_LINKER_VERSION, EBPF_NIGHTLY, IMAGE_STABLE, Missing};
 
 use crate::check;
 
@@ -87,6 +87,82 @@ pub fn install_ebpf_toolchain() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Makes sure rustup has the pinned stable [`IMAGE_STABLE`] with `targets` (installing what is
+/// missing, without updating rustup itself); returns its `rustc -V`. Fails with one line when it
+/// cannot be installed, or when the toolchain of that name is another release (a hand-made link).
+pub fn install_image_toolchain(targets: &[&str]) -> anyhow::Result<String> {
+    install_image_toolchain_with(targets, |cmd| cmd)
+}
+
+/// [`install_image_toolchain`] with every rustup command passed through `env` first (the tests
+/// point `RUSTUP_HOME` and the download server elsewhere).
+pub fn install_image_toolchain_with(
+    targets: &[&str],
+    env: impl Fn(&mut Command) -> &mut Command,
+) -> anyhow::Result<String> {
+    let rustup = |args: &[&str]| {
+        let mut cmd = Command::new("rustup");
+        cmd.args(args)
+            .env("RUSTUP_AUTO_INSTALL", "0")
+            .env("RUST_BACKTRACE", "0");
+        env(&mut cmd);
+        cmd.output()
+    };
+    let installed = rustup(&["run", IMAGE_STABLE, "rustc", "-V"]);
+    let version = match installed {
+        Err(e) => {
+            anyhow::bail!("rustup is needed to install Rust {IMAGE_STABLE} for the image: {e}")
+        }
+        Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+        Ok(_) => {
+            eprintln!(
+                "xtask: Rust {IMAGE_STABLE} (pinned for the image) is missing: installing it"
+            );
+            let mut args = vec!["toolchain", "install", IMAGE_STABLE, "--profile", "minimal"];
+            args.push("--no-self-update");
+            for t in targets {
+                args.extend(["--target", t]);
+            }
+            let out = rustup(&args).context("running rustup toolchain install")?;
+            anyhow::ensure!(
+                out.status.success(),
+                "cannot install the pinned Rust {IMAGE_STABLE} that builds the image: `rustup {}` failed: {}",
+                args.join(" "),
+                error_line(&out.stderr)
+            );
+            let out = rustup(&["run", IMAGE_STABLE, "rustc", "-V"])?;
+            String::from_utf8_lossy(&out.stdout).trim().to_owned()
+        }
+    };
+    anyhow::ensure!(
+        version.starts_with(&format!("rustc {IMAGE_STABLE} ")),
+        "the toolchain named {IMAGE_STABLE} is `{version}`, not Rust {IMAGE_STABLE}: remove it (`rustup toolchain uninstall {IMAGE_STABLE}`) and run again"
+    );
+    let mut args = vec!["target", "add", "--toolchain", IMAGE_STABLE];
+    args.extend(targets);
+    let out = rustup(&args).context("running rustup target add")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "cannot add {targets:?} to Rust {IMAGE_STABLE}: {}",
+        error_line(&out.stderr)
+    );
+    Ok(version)
+}
+
+/// rustup's first `error:` line (else the last line it printed), for a one-line message.
+fn error_line(out: &[u8]) -> String {
+    let text = String::from_utf8_lossy(out);
+    let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+    let error = text
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("error:"));
+    error
+        .or_else(|| lines.next_back())
+        .unwrap_or("(no output)")
+        .to_owned()
+}
+
 fn install_debian_packages() -> anyhow::Result<()> {
     let mut wanted = DEBIAN_PACKAGES.to_vec();
     if output(Command::new("kubectl").args(["version", "--client"])).is_none() {
@@ -129,6 +205,11 @@ pub fn install_packages(wanted: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The installed version of a Debian package (for reports), if it is installed.
+pub fn debian_version(package: &str) -> Option<String> {
+    output(Command::new("dpkg-query").args(["-W", "-f=${Version}", package]))
+}
+
 /// The venv holding kubernetes-validate: `<target dir>/tools/venv` (the deploy tests look there).
 pub fn tools_venv() -> std::path::PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
@@ -155,4 +236,74 @@ fn install_kubernetes_validate() -> anyhow::Result<()> {
         KUBERNETES_VALIDATE,
     ]))
     .context("pip install kubernetes-validate")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A rustup home of its own under the system's temporary directory, removed afterwards.
+    struct RustupHome(std::path::PathBuf);
+
+    impl RustupHome {
+        fn new(name: &str) -> Self {
+            let dir = std::env::temp_dir().join(format!("{name}.{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            Self(dir)
+        }
+    }
+
+    impl Drop for RustupHome {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[test]
+    fn an_image_toolchain_that_cannot_be_installed_fails_in_one_line() {
+        let home = RustupHome::new("netpol-xtask-rustup-unreachable");
+        // Nothing listens on port 9 of loopback: the download fails at once.
+        let err = install_image_toolchain_with(&["x86_64-unknown-linux-musl"], |cmd| {
+            cmd.env("RUSTUP_HOME", &home.0)
+                .env("RUSTUP_DIST_SERVER", "http://127.0.0.1:9")
+                .env("RUSTUP_UPDATE_ROOT", "http://127.0.0.1:9/rustup")
+        })
+        .expect_err("nothing to install from");
+        let line = format!("{err:#}");
+        assert!(
+            line.contains(&format!("Rust {IMAGE_STABLE}")),
+            "names the toolchain: {line}"
+        );
+        assert!(
+            line.contains(&format!("rustup toolchain install {IMAGE_STABLE}")),
+            "names the command: {line}"
+        );
+        assert!(
+            line.contains("failed: error:"),
+            "carries rustup's error: {line}"
+        );
+        assert!(!line.contains('\n'), "one line: {line}");
+    }
+
+    /// Downloads the pinned stable (about 80 MB) into an empty rustup home: the install does not
+    /// depend on what this machine's rustup already has. `cargo test -p xtask -- --ignored`.
+    #[test]
+    #[ignore = "downloads a toolchain"]
+    fn the_image_toolchain_installs_into_an_empty_rustup_home() {
+        let home = RustupHome::new("netpol-xtask-rustup-empty");
+        let version = install_image_toolchain_with(&["x86_64-unknown-linux-musl"], |cmd| {
+            cmd.env("RUSTUP_HOME", &home.0)
+        })
+        .unwrap();
+        assert!(
+            version.starts_with(&format!("rustc {IMAGE_STABLE} ")),
+            "{version}"
+        );
+        let host = format!("{}-unknown-linux-gnu", std::env::consts::ARCH);
+        let musl = home.0.join(format!(
+            "toolchains/{IMAGE_STABLE}-{host}/lib/rustlib/x86_64-unknown-linux-musl"
+        ));
+        assert!(musl.is_dir(), "{} is missing", musl.display());
+    }
 }
