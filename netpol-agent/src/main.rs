@@ -187,6 +187,11 @@ enum Command {
         /// default, for Prometheus to scrape the node (hostNetwork); 9102 is free on K3s nodes.
         #[arg(long, default_value = metrics::DEFAULT_METRICS_ADDR)]
         metrics_addr: String,
+        /// Whether the drop metrics name the pod (`pod`) or only its namespace (`none`: fewer
+        /// series where pods come and go by the thousand; the dashboard's per-pod panels then
+        /// show namespaces only).
+        #[arg(long, value_enum, default_value = "pod")]
+        metrics_pod_label: metrics::PodLabel,
         #[command(flatten)]
         ct: CtTimeoutArgs,
         #[command(flatten)]
@@ -465,6 +470,7 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
                 kubeconfig,
                 health_addr,
                 metrics_addr,
+                metrics_pod_label,
                 dirs,
                 ct,
                 sizes,
@@ -493,6 +499,7 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
                     layout: PinLayout::new(dirs.pin_dir),
                     state_dir: dirs.state_dir,
                     metrics_addr,
+                    metrics_pod_label,
                     ct_timeouts: ct.timeouts()?,
                     ct_quota: ct.ct_quota_per_endpoint,
                     pending_rule: pending,

@@ -45,6 +45,8 @@ pub struct AgentConfig {
     pub health_addr: Option<std::net::SocketAddr>,
     /// Where `/metrics` is served (`--metrics-addr`); None: not served.
     pub metrics_addr: Option<SocketAddr>,
+    /// Whether per-pod series carry the pod's name (`--metrics-pod-label`).
+    pub metrics_pod_label: metrics::PodLabel,
     /// How long the datapath keeps idle flows, by state.
     pub ct_timeouts: netpol_common::CtTimeouts,
     /// Most conntrack entries one endpoint may hold.
@@ -141,7 +143,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         )),
     ]);
     if let Some(addr) = cfg.metrics_addr {
-        let registry = metrics::registry(observer.clone(), status.clone());
+        let registry = metrics::registry(observer.clone(), status.clone(), cfg.metrics_pod_label);
         servers
             .0
             .push(tokio::spawn(metrics::bind(addr, registry).await?));

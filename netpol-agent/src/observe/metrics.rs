@@ -22,7 +22,9 @@ use anyhow::Context as _;
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode, body::Bytes, server::conn::http1, service::service_fn};
 use hyper_util::rt::TokioIo;
-use netpol_common::{Direction, PolicyMatch, capacity, lost, map_names, verdict, verdict_slot};
+use netpol_common::{
+    Direction, DropKey, PolicyMatch, capacity, lost, map_names, verdict, verdict_slot,
+};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric as _},
@@ -32,6 +34,7 @@ use prometheus_client::{
 use tokio::net::TcpListener;
 
 use crate::{
+    model::PodKey,
     observe::control::{MapStatus, SharedStatus, Status},
     observe::flows::{PolicyInfo, direction_name, protocol_name, reason_name},
     observe::{ObserveMaps, Observer},
@@ -41,14 +44,18 @@ use crate::{
 pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:9102";
 
 /// The registry: the implementation-delay histogram, and a collector reading the maps and status.
-pub fn registry(observer: Arc<Observer>, status: SharedStatus) -> Registry {
+pub fn registry(observer: Arc<Observer>, status: SharedStatus, pod_label: PodLabel) -> Registry {
     let mut registry = Registry::default();
     registry.register(
         "netpol_policy_implementation_delay_seconds",
         "Time from a change seen by the cluster-state source to the datapath programmed with it",
         observer.implementation_delay.clone(),
     );
-    registry.register_collector(Box::new(DatapathCollector { observer, status }));
+    registry.register_collector(Box::new(DatapathCollector {
+        observer,
+        status,
+        pod_label,
+    }));
     registry
 }
 
@@ -65,9 +72,35 @@ pub fn render(registry: &Registry) -> String {
 struct DatapathCollector {
     observer: Arc<Observer>,
     status: SharedStatus,
+    pod_label: PodLabel,
+}
+
+/// Whether the per-pod series carry the pod's name (`--metrics-pod-label`): one series per pod,
+/// or, for clusters where that is too many, per namespace (the pods' counts summed).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum PodLabel {
+    /// `namespace` and `pod` labels.
+    #[default]
+    Pod,
+    /// Only `namespace`: the pods of a namespace are summed.
+    None,
 }
 
 type Labels = Vec<(&'static str, String)>;
+
+/// The labels of a pod's drop series: `reason`, `protocol`, `direction`, then where it happened.
+fn drop_labels(k: &DropKey, pod: &PodKey, pod_label: PodLabel) -> Labels {
+    let mut labels = vec![
+        ("reason", reason_name(k.reason)),
+        ("protocol", protocol_name(k.protocol)),
+        ("direction", direction_name(k.direction).to_owned()),
+        ("namespace", pod.namespace.clone()),
+    ];
+    if pod_label == PodLabel::Pod {
+        labels.push(("pod", pod.name.clone()));
+    }
+    labels
+}
 
 fn counter_family(
     encoder: &mut DescriptorEncoder,
@@ -206,13 +239,7 @@ impl DatapathCollector {
             let Some(pod) = self.observer.endpoint_name(k.endpoint) else {
                 continue;
             };
-            let labels = vec![
-                ("reason", reason_name(k.reason)),
-                ("protocol", protocol_name(k.protocol)),
-                ("direction", direction_name(k.direction).to_owned()),
-                ("namespace", pod.namespace.clone()),
-                ("pod", pod.name.clone()),
-            ];
+            let labels = drop_labels(&k, &pod, self.pod_label);
             if verdict::of(k.reason) == verdict::AUDIT {
                 *c.audits.entry(labels).or_default() += v.packets;
                 continue;
@@ -413,5 +440,34 @@ async fn serve(listener: TcpListener, registry: Arc<Registry>) {
             let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
             let _ = tokio::time::timeout(Duration::from_secs(30), conn).await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use netpol_common::{Direction, DropKey, Reason, proto};
+
+    use super::*;
+
+    #[test]
+    fn drop_series_name_the_pod_unless_told_not_to() {
+        let k = DropKey {
+            endpoint: 7,
+            direction: Direction::Ingress as u8,
+            reason: Reason::DroppedIngressDenied as u8,
+            protocol: proto::UDP,
+            ..DropKey::default()
+        };
+        let pod = PodKey::new("shop", "cart-7d9f");
+        let with = drop_labels(&k, &pod, PodLabel::Pod);
+        assert_eq!(with.last(), Some(&("pod", "cart-7d9f".to_owned())));
+        assert!(with.contains(&("namespace", "shop".to_owned())));
+        let without = drop_labels(&k, &pod, PodLabel::None);
+        assert!(
+            without.iter().all(|(name, _)| *name != "pod"),
+            "{without:?}"
+        );
+        assert_eq!(without.last(), Some(&("namespace", "shop".to_owned())));
+        assert_eq!(with.len(), without.len() + 1);
     }
 }
