@@ -8,10 +8,12 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use netpol_tests::apiserver_double::{ApiServerDouble, generated_cluster};
+use netpol_tests::apiserver_double::{ApiServerDouble, generated_cluster, http_get_in_netns};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -58,6 +60,50 @@ pub struct Part {
     /// VmRSS at the end.
     pub rss_end_mib: f64,
     pub churn_changes: usize,
+    /// `/healthz` asked every 100 ms while the changes were compiled: how often, the slowest
+    /// answer and the 99th percentile, and how many got no 200 within 5 s.
+    #[serde(default)]
+    pub health: HealthPolls,
+}
+
+/// Answers of `/healthz` during the churn.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct HealthPolls {
+    pub polls: usize,
+    pub max_ms: f64,
+    pub p99_ms: f64,
+    pub failures: usize,
+}
+
+/// Where the measured agent serves `/healthz` (inside the node's network namespace).
+const HEALTH_ADDR: &str = "127.0.0.1:9101";
+
+/// Asks `/healthz` in `netns` every 100 ms until `stop` is set; returns what it saw.
+fn poll_health(netns: String, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<HealthPolls> {
+    std::thread::spawn(move || {
+        let addr: std::net::SocketAddr = HEALTH_ADDR.parse().expect("a socket address");
+        let mut times = Vec::new();
+        let mut failures = 0;
+        while !stop.load(Ordering::Relaxed) {
+            let t = Instant::now();
+            match http_get_in_netns(&netns, addr, "/healthz") {
+                Ok((200, _)) => times.push(t.elapsed().as_secs_f64() * 1000.0),
+                _ => failures += 1,
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        times.sort_by(f64::total_cmp);
+        let p99 = times
+            .get((times.len() * 99 / 100).min(times.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or_default();
+        HealthPolls {
+            polls: times.len() + failures,
+            max_ms: times.last().copied().unwrap_or_default(),
+            p99_ms: p99,
+            failures,
+        }
+    })
 }
 
 fn proc_status_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
@@ -209,7 +255,7 @@ pub fn run(agent_bin: &Path, spec: Spec) -> anyhow::Result<Part> {
         .arg(&setup.pin_dir)
         .arg("--state-dir")
         .arg(&setup.state_dir)
-        .args(["--health-addr", "off", "--metrics-addr", "off"])
+        .args(["--health-addr", HEALTH_ADDR, "--metrics-addr", "off"])
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -240,6 +286,8 @@ pub fn run(agent_bin: &Path, spec: Spec) -> anyhow::Result<Part> {
     std::thread::sleep(Duration::from_millis(500));
     let after_sync = proc_status_kib(pid, "VmHWM:")?;
 
+    let stop_health = Arc::new(AtomicBool::new(false));
+    let poller = poll_health(node.clone(), stop_health.clone());
     // Churn: relabel pods and change policies through the API, then let the agent settle.
     let churn = 50;
     for i in 0..churn {
@@ -259,6 +307,10 @@ pub fn run(agent_bin: &Path, spec: Spec) -> anyhow::Result<Part> {
         std::thread::sleep(Duration::from_millis(20));
     }
     std::thread::sleep(Duration::from_secs(2));
+    stop_health.store(true, Ordering::Relaxed);
+    let health = poller
+        .join()
+        .map_err(|_| anyhow::anyhow!("the /healthz poller panicked"))?;
     let after_churn = proc_status_kib(pid, "VmHWM:")?;
     let rss_end = proc_status_kib(pid, "VmRSS:")?;
     Ok(Part {
@@ -269,5 +321,6 @@ pub fn run(agent_bin: &Path, spec: Spec) -> anyhow::Result<Part> {
         peak_rss_after_churn_mib: after_churn as f64 / 1024.0,
         rss_end_mib: rss_end as f64 / 1024.0,
         churn_changes: churn * 2,
+        health,
     })
 }

@@ -754,7 +754,12 @@ impl Report {
                 "| peak RSS (VmHWM) after {} changes | {:.1} MiB |",
                 a.churn_changes, a.peak_rss_after_churn_mib
             );
-            let _ = writeln!(o, "| RSS at the end (VmRSS) | {:.1} MiB |\n", a.rss_end_mib);
+            let _ = writeln!(o, "| RSS at the end (VmRSS) | {:.1} MiB |", a.rss_end_mib);
+            let _ = writeln!(
+                o,
+                "| `/healthz` during the changes: answers, slowest, p99, failed | {}, {:.1} ms, {:.1} ms, {} |\n",
+                a.health.polls, a.health.max_ms, a.health.p99_ms, a.health.failures
+            );
         }
         if let Some(f) = &self.first_packet {
             o.push_str(&f.table());
