@@ -189,6 +189,9 @@ struct State {
     /// Requests seen: `GET <path>?<query>`.
     requests: Vec<String>,
     open_watches: usize,
+    /// Plain-text answers of the pod proxy (`/api/v1/namespaces/NS/pods/NAME:PORT/proxy/PATH`), by
+    /// path, as a kubelet-proxied container would give them.
+    proxied: BTreeMap<String, String>,
 }
 
 struct Shared {
@@ -469,6 +472,14 @@ impl ApiServerDouble {
         });
     }
 
+    /// Answers GET `path` (a pod proxy path) with `text`, as the proxied container would.
+    pub fn set_proxied(&self, path: &str, text: &str) {
+        let _ = self.mutate(|s| {
+            s.proxied.insert(path.to_owned(), text.to_owned());
+            Ok(())
+        });
+    }
+
     /// Unreachable: every connection is reset as soon as it is accepted, open watches too.
     pub fn set_unreachable(&self, unreachable: bool) {
         let _ = self.mutate(|s| {
@@ -663,6 +674,15 @@ fn respond(stream: &mut TcpStream, code: u16, body: &Value) -> std::io::Result<(
     stream.flush()
 }
 
+fn respond_text(stream: &mut TcpStream, body: &str) -> std::io::Result<()> {
+    write!(
+        stream,
+        "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    stream.flush()
+}
+
 /// Resets the connection (RST, not FIN): SO_LINGER with a zero timeout, then close.
 fn reset(stream: TcpStream) {
     let linger = libc::linger {
@@ -714,6 +734,10 @@ fn handle(mut stream: TcpStream, shared: &Shared) -> Result<()> {
             405,
             &status(405, "MethodNotAllowed", "the double only serves GET"),
         )?);
+    }
+    let proxied = shared.lock().proxied.get(path).cloned();
+    if let Some(text) = proxied {
+        return Ok(respond_text(&mut stream, &text)?);
     }
     let from_crd = |r: &(Resource, Option<String>)| r.0 == Resource::ClusterNetworkPolicies;
     let installed = |r: &(Resource, Option<String>)| {

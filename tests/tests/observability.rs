@@ -725,6 +725,12 @@ fn drop_counters_are_exact_under_a_flood_and_prometheus_scrapes_them() {
 
     // Counted exactly: the drop counter, the flow record.
     let metrics = curl(&node, &format!("http://{METRICS}/metrics")).expect("scraping /metrics");
+    // `verify --cluster` reads this gauge off the real exposition: no kube-router here.
+    assert_eq!(
+        netpol_agent::verify::cluster::kube_router_chains(&metrics),
+        Ok(0),
+        "{metrics}"
+    );
     assert_eq!(
         sample(&metrics, "netpol_drop_total", &labels),
         Some((base + FLOOD) as f64),

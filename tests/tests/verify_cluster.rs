@@ -326,6 +326,58 @@ fn every_agent_ready_passes() {
     );
 }
 
+/// Each Ready agent is asked, through the API server's pod proxy, whether kube-router's rules are
+/// on its node: a node where they are fails; one where the agent cannot be asked is judged on the
+/// agent's readiness alone.
+#[test]
+fn a_node_with_kube_router_rules_fails() {
+    let d = three_nodes();
+    d.apply_yaml(DENY_WEB).unwrap();
+    for (name, node) in [
+        ("netpol-agent-bbbbb", "node-b"),
+        ("netpol-agent-ccccc", "node-c"),
+    ] {
+        let mut p = agent_pod(name, node, true);
+        p["spec"]["containers"][0]["ports"] = json!([{"name": "metrics", "containerPort": 9102}]);
+        d.apply(p).unwrap();
+    }
+    let proxy =
+        |name: &str| format!("/api/v1/namespaces/{AGENT_NAMESPACE}/pods/{name}:9102/proxy/metrics");
+    let gauge = |n: u32| {
+        format!(
+            "# HELP netpol_kube_router_chains kube-router chains.\n# TYPE netpol_kube_router_chains gauge\nnetpol_kube_router_chains {n}\n"
+        )
+    };
+    d.set_proxied(&proxy("netpol-agent-bbbbb"), &gauge(0));
+    d.set_proxied(&proxy("netpol-agent-ccccc"), &gauge(2));
+    let tmp = TempDir::new(&d, "kube-router");
+    let (code, report) = run_json(&tmp.kubeconfig());
+    assert_eq!(code, 1, "{report:#}");
+    assert_eq!(
+        outcomes(&report),
+        pairs(&[
+            ("cluster.policies", "PASS"),
+            ("node/node-a", "PASS"),
+            ("node/node-b", "PASS"),
+            ("node/node-c", "FAIL"),
+        ])
+    );
+    let c = check(&report, "node/node-c");
+    assert!(
+        c["summary"]
+            .as_str()
+            .unwrap()
+            .contains("kube-router's NetworkPolicy rules are on this node too (2 chains)"),
+        "{c:#}"
+    );
+    assert!(
+        d.requests()
+            .iter()
+            .any(|r| r == &format!("GET {}", proxy("netpol-agent-ccccc"))),
+        "the agent on node-c was not asked"
+    );
+}
+
 #[test]
 fn an_api_that_refuses_is_a_failure() {
     let d = three_nodes();

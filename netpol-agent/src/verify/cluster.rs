@@ -137,6 +137,11 @@ pub struct AgentPod {
     pub not_ready_reason: Option<String>,
     /// `metadata.deletionTimestamp` is set.
     pub terminating: bool,
+    /// The container port named `metrics`, where `/metrics` is served.
+    pub metrics_port: Option<i32>,
+    /// kube-router NetworkPolicy chains the agent finds on its node (`netpol_kube_router_chains`,
+    /// read through the API server's pod proxy): `None` when not asked (not Ready, no port).
+    pub kube_router_chains: Option<Result<u64, String>>,
 }
 
 impl AgentPod {
@@ -187,8 +192,51 @@ impl AgentPod {
             ready: is_ready,
             not_ready_reason,
             terminating: pod.metadata.deletion_timestamp.is_some(),
+            metrics_port: pod
+                .spec
+                .iter()
+                .flat_map(|s| &s.containers)
+                .flat_map(|c| c.ports.iter().flatten())
+                .find(|p| p.name.as_deref() == Some("metrics"))
+                .map(|p| p.container_port),
+            kube_router_chains: None,
         }
     }
+}
+
+/// The value of `netpol_kube_router_chains` in a Prometheus text exposition.
+pub fn kube_router_chains(metrics: &str) -> Result<u64, String> {
+    metrics
+        .lines()
+        .find_map(|l| {
+            let rest = l.strip_prefix("netpol_kube_router_chains")?;
+            rest.strip_prefix("{} ").or_else(|| rest.strip_prefix(' '))
+        })
+        .ok_or_else(|| "no netpol_kube_router_chains in the agent's metrics".to_owned())?
+        .trim()
+        .parse::<f64>()
+        .map(|v| v as u64)
+        .map_err(|e| format!("netpol_kube_router_chains: {e}"))
+}
+
+/// Asks a Ready agent pod's `/metrics`, through the API server's pod proxy, how many kube-router
+/// chains are on its node.
+async fn ask_kube_router(client: &Client, agent: &AgentPod) -> Option<Result<u64, String>> {
+    let port = agent.metrics_port.filter(|_| agent.ready)?;
+    let path = format!(
+        "/api/v1/namespaces/{AGENT_NAMESPACE}/pods/{}:{port}/proxy/metrics",
+        agent.name
+    );
+    let request = match hyper::Request::get(&path).body(Vec::new()) {
+        Ok(r) => r,
+        Err(e) => return Some(Err(e.to_string())),
+    };
+    let answer = tokio::time::timeout(Duration::from_secs(10), client.request_text(request)).await;
+    Some(match answer {
+        Ok(Ok(text)) => kube_router_chains(&text),
+        Ok(Err(e)) => Err(format!("reading {path}: {}", error_chain(&e))),
+        Err(_) => Err(format!("reading {path}: no answer in 10 s")),
+    })
 }
 
 /// A NetworkPolicy: where it is and which pods of its namespace it selects.
@@ -270,6 +318,15 @@ pub async fn gather(client: &Client, api: String) -> ClusterEvidence {
     )
     .await
     .map(|l| l.iter().map(AgentPod::from_k8s).collect::<Vec<_>>());
+    let agent_pods = match agent_pods {
+        Ok(mut agents) => {
+            for a in &mut agents {
+                a.kube_router_chains = ask_kube_router(client, a).await;
+            }
+            Ok(agents)
+        }
+        Err(e) => Err(e),
+    };
     let policies = list(
         Api::<networking::NetworkPolicy>::all(client.clone()),
         ListParams::default(),
@@ -506,7 +563,11 @@ pub fn node(
         .iter()
         .map(|a| {
             json!({"pod": format!("{AGENT_NAMESPACE}/{}", a.name), "ready": a.ready,
-                   "terminating": a.terminating, "reason": a.not_ready_reason})
+            "terminating": a.terminating, "reason": a.not_ready_reason,
+            "kube_router_chains": a.kube_router_chains.as_ref().map(|c| match c {
+                Ok(n) => json!(n),
+                Err(e) => json!({"unknown": e}),
+            })})
         })
         .collect();
     let mut data = json!({
@@ -526,6 +587,20 @@ pub fn node(
     let node_reporting = n.ready == NodeReady::True;
 
     if let Some(a) = ready_agent {
+        if let Some(Ok(chains @ 1..)) = a.kube_router_chains {
+            return Check::fail(
+                name,
+                format!(
+                    "agent pod {} Ready, but kube-router's NetworkPolicy rules are on this node too ({}){node_state}",
+                    describe(a),
+                    count(chains as usize, "chain", "chains")
+                ),
+            )
+            .with_details(vec![
+                "two engines judge each packet, and the stale rules kube-router leaves behind keep enforcing the policies of the moment it stopped: turn its controller off (--disable-network-policy) and remove its chains and ipsets (README, K3s quick start, step 3)".to_owned(),
+            ])
+            .with_data(data);
+        }
         let summary = format!("agent pod {} Ready{node_state}", describe(a));
         let check = if node_reporting {
             Check::pass(name, summary)

@@ -21,6 +21,8 @@ fn agent(name: &str, node: &str, ready: bool) -> AgentPod {
         not_ready_reason: (!ready)
             .then(|| "phase Running, Ready=False (ContainersNotReady)".into()),
         terminating: false,
+        metrics_port: Some(9102),
+        kube_router_chains: None,
     }
 }
 
@@ -179,6 +181,42 @@ fn all_ready_passes() {
             .render_text()
             .contains("a Ready netpol-agent enforces NetworkPolicy on every node")
     );
+}
+
+/// An agent that finds kube-router's chains on its node fails the node: two engines judge each
+/// packet and the stale rules keep the policies of the moment kube-router stopped.
+#[test]
+fn kube_router_rules_next_to_a_ready_agent_fail_the_node() {
+    let n = node_info("n");
+    let mut a = agent("p", "n", true);
+    a.kube_router_chains = Some(Ok(3));
+    let c = node(&n, &[&a], 1, None);
+    assert_eq!(c.outcome, Outcome::Fail, "{c:#?}");
+    assert!(
+        c.summary.contains("kube-router's NetworkPolicy rules"),
+        "{c:#?}"
+    );
+    assert!(c.summary.contains("3 chains"), "{c:#?}");
+    // None found, or not readable (a proxy refused): the agent's readiness decides.
+    for chains in [Some(Ok(0)), Some(Err("forbidden".to_owned())), None] {
+        a.kube_router_chains = chains.clone();
+        assert_eq!(
+            node(&n, &[&a], 1, None).outcome,
+            Outcome::Pass,
+            "{chains:?}"
+        );
+    }
+}
+
+#[test]
+fn the_kube_router_gauge_is_read_from_the_metrics_text() {
+    let text = "# HELP netpol_kube_router_chains kube-router chains\n\
+                # TYPE netpol_kube_router_chains gauge\n\
+                netpol_kube_router_chains 4\n\
+                netpol_ready 1\n";
+    assert_eq!(kube_router_chains(text), Ok(4));
+    assert_eq!(kube_router_chains("netpol_kube_router_chains{} 2\n"), Ok(2));
+    assert!(kube_router_chains("netpol_ready 1\n").is_err());
 }
 
 #[test]
