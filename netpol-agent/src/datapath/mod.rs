@@ -928,12 +928,7 @@ impl Datapath {
     ) -> Result<(), DatapathError> {
         let path = self.layout.link(ifindex, hook);
         let program = hook.program();
-        let attach_err = |source| DatapathError::Attach {
-            program,
-            ifname: ifname.to_owned(),
-            ifindex,
-            source,
-        };
+        let attach_err = attach_error(hook, ifname, ifindex);
         let link_err = |source| DatapathError::Link {
             ifname: ifname.to_owned(),
             ifindex,
@@ -951,8 +946,8 @@ impl Datapath {
                 // packets go on to the rest (TCX_NEXT).
                 TcAttachOptions::TcxOrder(LinkOrder::first()),
             )
-            .map_err(attach_err)?;
-        let link = prog.take_link(id).map_err(attach_err)?;
+            .map_err(&attach_err)?;
+        let link = prog.take_link(id).map_err(&attach_err)?;
         let fd_link = FdLink::try_from(link).map_err(link_err)?;
         fd_link.pin(&path).map_err(|e| DatapathError::LinkPin {
             path: path.display().to_string(),
@@ -969,13 +964,7 @@ impl Datapath {
         ifname: &str,
         hook: Hook,
     ) -> Result<(), DatapathError> {
-        let program = hook.program();
-        let attach_err = |source| DatapathError::Attach {
-            program,
-            ifname: ifname.to_owned(),
-            ifindex,
-            source,
-        };
+        let attach_err = attach_error(hook, ifname, ifindex);
         let link = SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(|source| {
             DatapathError::Link {
                 ifname: ifname.to_owned(),
@@ -983,8 +972,8 @@ impl Datapath {
                 source,
             }
         })?;
-        let prog = program_mut(&mut self.ebpf, program)?;
-        let id = prog.attach_to_link(link).map_err(attach_err)?;
+        let prog = program_mut(&mut self.ebpf, hook.program())?;
+        let id = prog.attach_to_link(link).map_err(&attach_err)?;
         // The pin keeps the link; our fd can go.
         drop(prog.take_link(id).map_err(attach_err)?);
         Ok(())
@@ -1021,6 +1010,17 @@ fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
         Err(MapError::KeyNotFound) => Ok(()),
         Err(MapError::SyscallError(e)) if e.io_error.kind() == io::ErrorKind::NotFound => Ok(()),
         other => other,
+    }
+}
+
+/// The error of attaching `hook`'s program to `ifname`/`ifindex`.
+fn attach_error(hook: Hook, ifname: &str, ifindex: u32) -> impl Fn(ProgramError) -> DatapathError {
+    let ifname = ifname.to_owned();
+    move |source| DatapathError::Attach {
+        program: hook.program(),
+        ifname: ifname.clone(),
+        ifindex,
+        source,
     }
 }
 
