@@ -361,26 +361,30 @@ fn probe(args: &[String]) -> Result<()> {
         .into_iter()
         .map(|t| std::thread::spawn(move || probe_one(t, timeout)))
         .collect();
-    let results: Vec<ProbeResult> = handles
+    // Each UDP socket stays open until every probe is done: a port freed by a quick answer could
+    // be bound again by a later probe, and the two would share one conntrack entry (one DNAT
+    // choice for two "connections").
+    let (results, _sockets): (Vec<ProbeResult>, Vec<Option<UdpSocket>>) = handles
         .into_iter()
         .map(|h| h.join().expect("probe thread panicked"))
-        .collect();
+        .unzip();
     println!("{}", serde_json::to_string(&results)?);
     Ok(())
 }
 
-fn probe_one(t: Target, timeout: Duration) -> ProbeResult {
+fn probe_one(t: Target, timeout: Duration) -> (ProbeResult, Option<UdpSocket>) {
     let start = Instant::now();
+    let mut socket = None;
     let outcome = if t.proto == "tcp" {
         probe_tcp(&t, timeout)
     } else {
-        probe_udp(&t, timeout)
+        udp_socket(&t).and_then(|s| probe_udp(socket.insert(s), timeout))
     };
     let (ok, detail, reply) = match outcome {
         Ok(reply) => (true, String::new(), reply.trim().to_string()),
         Err(e) => (false, format!("{e:#}"), String::new()),
     };
-    ProbeResult {
+    let result = ProbeResult {
         addr: t.addr,
         port: t.port,
         proto: t.proto,
@@ -388,7 +392,8 @@ fn probe_one(t: Target, timeout: Duration) -> ProbeResult {
         detail,
         millis: start.elapsed().as_millis(),
         reply,
-    }
+    };
+    (result, socket)
 }
 
 /// Ok with what the server sent after its first byte.
@@ -421,15 +426,20 @@ fn probe_tcp(t: &Target, timeout: Duration) -> Result<String> {
     Ok(if text == "x" { String::new() } else { text })
 }
 
-/// Ok with what followed the nonce in the echo.
-fn probe_udp(t: &Target, timeout: Duration) -> Result<String> {
-    let deadline = Instant::now() + timeout;
+/// A UDP socket on an ephemeral port, connected to `t`.
+fn udp_socket(t: &Target) -> Result<UdpSocket> {
     let bind: SocketAddr = match t.addr {
         IpAddr::V4(_) => "0.0.0.0:0".parse()?,
         IpAddr::V6(_) => "[::]:0".parse()?,
     };
     let s = UdpSocket::bind(bind)?;
     s.connect(SocketAddr::new(t.addr, t.port))?;
+    Ok(s)
+}
+
+/// Ok with what followed the nonce in the echo.
+fn probe_udp(s: &UdpSocket, timeout: Duration) -> Result<String> {
+    let deadline = Instant::now() + timeout;
     let nonce = format!(
         "{} {} {:?}",
         std::str::from_utf8(PROBE_NONCE_PREFIX).unwrap_or_default(),
