@@ -93,14 +93,10 @@ fn poll_health(netns: String, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<
             std::thread::sleep(Duration::from_millis(100));
         }
         times.sort_by(f64::total_cmp);
-        let p99 = times
-            .get((times.len() * 99 / 100).min(times.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or_default();
         HealthPolls {
             polls: times.len() + failures,
             max_ms: times.last().copied().unwrap_or_default(),
-            p99_ms: p99,
+            p99_ms: crate::control::pct(&times, 99.0),
             failures,
         }
     })

@@ -42,7 +42,8 @@ pub struct Part {
     pub method: String,
 }
 
-fn pct(sorted: &[f64], p: f64) -> f64 {
+/// The `p`th percentile of `sorted` (nearest rank); 0 when empty.
+pub fn pct(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }

@@ -67,22 +67,22 @@ impl Remap {
 
     /// `CARGO_ENCODED_RUSTFLAGS` for rustc: `--remap-path-prefix` for each path.
     pub fn rustflags(&self) -> String {
-        let flags: Vec<String> = self
-            .pairs
-            .iter()
-            .map(|(from, to)| format!("--remap-path-prefix={}={to}", from.display()))
-            .collect();
-        flags.join("\x1f")
+        self.joined("--remap-path-prefix", "\x1f")
     }
 
     /// C flags for cc-rs: `-ffile-prefix-map` for each path (`__FILE__`, debug info).
     pub fn c_flags(&self) -> String {
+        self.joined("-ffile-prefix-map", " ")
+    }
+
+    /// `FLAG=FROM=TO` for each path, joined by `separator`.
+    fn joined(&self, flag: &str, separator: &str) -> String {
         let flags: Vec<String> = self
             .pairs
             .iter()
-            .map(|(from, to)| format!("-ffile-prefix-map={}={to}", from.display()))
+            .map(|(from, to)| format!("{flag}={}={to}", from.display()))
             .collect();
-        flags.join(" ")
+        flags.join(separator)
     }
 }
 

@@ -470,7 +470,7 @@ impl Datapath {
         maps_dir: &std::path::Path,
         sizes: &[(&'static str, u32)],
     ) -> Result<(), DatapathError> {
-        let aside = |name: &str| format!("{name}{}", pinned_maps::ASIDE);
+        let aside = pinned_maps::aside_name;
         let resized: Vec<&str> = sizes
             .iter()
             .map(|(name, _)| *name)
@@ -504,7 +504,7 @@ impl Datapath {
         sizes: &[(&'static str, u32)],
     ) -> Result<(), DatapathError> {
         let pin = |name: &'static str| match resized.contains(&name) {
-            true => format!("{name}{}", pinned_maps::ASIDE),
+            true => pinned_maps::aside_name(name),
             false => name.to_owned(),
         };
         let mut old = Vec::new();

@@ -118,6 +118,11 @@ pub fn check(maps_dir: &Path, object: &[u8], sizes: &[(&str, u32)]) -> Result<()
 /// (bpffs refuses names with a dot).
 pub const ASIDE: &str = "_RESIZED";
 
+/// The pin name of map `name` while it is set aside.
+pub fn aside_name(name: &str) -> String {
+    format!("{name}{ASIDE}")
+}
+
 /// Whether only the size or the flags differ: the entries fit the new map as they are, so the map
 /// can be replaced (copied) instead of refused.
 fn resizable(want: &MapShape, have: &MapShape) -> bool {
@@ -143,10 +148,7 @@ pub fn set_aside_resized(
             continue;
         };
         want.max_entries = *n;
-        let (path, aside) = (
-            maps_dir.join(&name),
-            maps_dir.join(format!("{name}{ASIDE}")),
-        );
+        let (path, aside) = (maps_dir.join(&name), maps_dir.join(aside_name(&name)));
         let io_err = |what: &str, e: std::io::Error| PinnedMapError::Read {
             path: path.clone(),
             reason: format!("{what}: {e}"),
@@ -172,7 +174,7 @@ pub fn set_aside_resized(
 /// back, for an agent that could not copy or swap (the old programs still read the old maps).
 pub fn restore_aside(maps_dir: &Path, names: &[&str]) -> std::io::Result<()> {
     for name in names {
-        let aside = maps_dir.join(format!("{name}{ASIDE}"));
+        let aside = maps_dir.join(aside_name(name));
         if aside.exists() {
             std::fs::rename(&aside, maps_dir.join(name))?;
         }

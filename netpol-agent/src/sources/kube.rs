@@ -822,13 +822,11 @@ impl Store {
             match entry {
                 Ok(entry) => {
                     let mut pod = entry.pod.clone();
-                    let holds = |ip: &IpAddr| holder.get(ip).is_some_and(|h| h.pod.key == pod.key);
+                    let key = pod.key.clone();
+                    let holds = |ip: &IpAddr| holder.get(ip).is_some_and(|h| h.pod.key == key);
                     if pod.is_policy_peer() && !pod.ips.iter().all(holds) {
                         // Copied only when an address went to a newer pod.
-                        let key = pod.key.clone();
-                        Arc::make_mut(&mut pod)
-                            .ips
-                            .retain(|ip| holder.get(ip).is_some_and(|h| h.pod.key == key));
+                        Arc::make_mut(&mut pod).ips.retain(holds);
                         tracing::debug!(pod = %key, "address reused by a newer pod: dropped from the older one");
                     }
                     state.pods.insert(pod.key.clone(), pod);

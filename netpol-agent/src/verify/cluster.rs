@@ -312,21 +312,15 @@ pub async fn gather(client: &Client, api: String) -> ClusterEvidence {
     )
     .await
     .map(|l| l.iter().map(NodeInfo::from_k8s).collect::<Vec<_>>());
-    let agent_pods = list(
+    let mut agent_pods = list(
         Api::<core::Pod>::namespaced(client.clone(), AGENT_NAMESPACE),
         ListParams::default().labels(&agent_label_selector()),
     )
     .await
     .map(|l| l.iter().map(AgentPod::from_k8s).collect::<Vec<_>>());
-    let agent_pods = match agent_pods {
-        Ok(mut agents) => {
-            for a in &mut agents {
-                a.kube_router_chains = ask_kube_router(client, a).await;
-            }
-            Ok(agents)
-        }
-        Err(e) => Err(e),
-    };
+    for a in agent_pods.iter_mut().flatten() {
+        a.kube_router_chains = ask_kube_router(client, a).await;
+    }
     let policies = list(
         Api::<networking::NetworkPolicy>::all(client.clone()),
         ListParams::default(),
