@@ -573,7 +573,10 @@ struct ResolvedRule<'a> {
 /// Compiles the state into map contents, from scratch: the reference that [`Compiler`], which keeps
 /// what it can between compilations, must always agree with.
 pub fn compile(input: &CompileInput<'_>) -> Compiled {
-    let keys = input.state.peer_pods().map(PodIdentityKey::of).collect();
+    let keys = input
+        .state
+        .peer_pods()
+        .map(|p| Arc::new(PodIdentityKey::of(p)));
     let numbers = Arc::new(crate::model::identity::number_pods(keys));
     let ipcache = pod_ipcache(input, &numbers);
     compile_with(input, &mut |p| Arc::new(parse_policy(p)), &numbers, ipcache)
@@ -612,7 +615,7 @@ impl Compiler {
 fn compile_with(
     input: &CompileInput<'_>,
     parse: &mut dyn FnMut(&Policy) -> Arc<Parsed>,
-    pod_numbers: &Arc<BTreeMap<PodIdentityKey, u32>>,
+    pod_numbers: &Arc<BTreeMap<Arc<PodIdentityKey>, u32>>,
     pod_ipcache: BTreeMap<IpKey, IpInfo>,
 ) -> Compiled {
     let state = input.state;
@@ -1020,7 +1023,7 @@ fn cidr_identities(
 /// IPCACHE entries of every peer pod address, in one pass over the pods in name order.
 fn pod_ipcache(
     input: &CompileInput<'_>,
-    numbers: &BTreeMap<PodIdentityKey, u32>,
+    numbers: &BTreeMap<Arc<PodIdentityKey>, u32>,
 ) -> BTreeMap<IpKey, IpInfo> {
     let mut ipcache = BTreeMap::new();
     for pod in input.state.peer_pods() {

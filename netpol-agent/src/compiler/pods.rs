@@ -46,9 +46,9 @@ pub struct PodStage {
     members: BTreeMap<PodKey, Member>,
     /// Every identity key in use, with how many members have it.
     keys: BTreeMap<Arc<PodIdentityKey>, usize>,
-    numbers: Arc<BTreeMap<PodIdentityKey, u32>>,
-    /// The members claiming each address.
-    claims: BTreeMap<IpKey, BTreeSet<PodKey>>,
+    numbers: Arc<BTreeMap<Arc<PodIdentityKey>, u32>>,
+    /// The members claiming each address, in name order.
+    claims: BTreeMap<IpKey, Vec<PodKey>>,
     /// The endpoints of the last update.
     endpoints: BTreeMap<PodKey, u32>,
     ipcache: BTreeMap<IpKey, IpInfo>,
@@ -56,7 +56,7 @@ pub struct PodStage {
 
 impl PodStage {
     /// The pod identities, by key.
-    pub fn numbers(&self) -> &Arc<BTreeMap<PodIdentityKey, u32>> {
+    pub fn numbers(&self) -> &Arc<BTreeMap<Arc<PodIdentityKey>, u32>> {
         &self.numbers
     }
 
@@ -121,7 +121,9 @@ impl PodStage {
             let addr = ip_key(*ip);
             touched.insert(addr);
             if let Some(claimants) = self.claims.get_mut(&addr) {
-                claimants.remove(key);
+                if let Ok(i) = claimants.binary_search(key) {
+                    claimants.remove(i);
+                }
                 if claimants.is_empty() {
                     self.claims.remove(&addr);
                 }
@@ -150,7 +152,14 @@ impl PodStage {
         for ip in &pod.ips {
             let addr = ip_key(*ip);
             touched.insert(addr);
-            self.claims.entry(addr).or_default().insert(pod.key.clone());
+            // Nearly always one claimant: a one-slot vector, not a set's 11-slot node.
+            let claimants = self
+                .claims
+                .entry(addr)
+                .or_insert_with(|| Vec::with_capacity(1));
+            if let Err(i) = claimants.binary_search(&pod.key) {
+                claimants.insert(i, pod.key.clone());
+            }
         }
         let ips = pod.ips.clone();
         (Member { key, ips }, new)
@@ -186,8 +195,7 @@ impl PodStage {
     /// Numbers the keys in use again; true when a key that had a number got another (a hash
     /// collision moved it), so every entry must be refreshed.
     fn renumber(&mut self) -> bool {
-        let keys: BTreeSet<PodIdentityKey> = self.keys.keys().map(|k| (**k).clone()).collect();
-        let numbers = number_pods(keys);
+        let numbers = number_pods(self.keys.keys().cloned());
         let moved = numbers
             .iter()
             .any(|(k, n)| self.numbers.get(k).is_some_and(|old| old != n));

@@ -170,7 +170,8 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
 /// keeps it between compilations.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Identities {
-    pub pods: Arc<BTreeMap<PodIdentityKey, u32>>,
+    /// Keys shared with the compiler's pod stage, which holds one of each.
+    pub pods: Arc<BTreeMap<Arc<PodIdentityKey>, u32>>,
     pub cidrs: BTreeMap<Prefix, u32>,
 }
 
@@ -182,16 +183,18 @@ impl Identities {
         cidrs: impl IntoIterator<Item = Prefix>,
     ) -> Self {
         Identities {
-            pods: Arc::new(number_pods(pods.into_iter().collect())),
+            pods: Arc::new(number_pods(pods.into_iter().map(Arc::new))),
             cidrs: number_cidrs(cidrs.into_iter().collect()),
         }
     }
 }
 
-/// The numbers of a set of pod identity keys ([`Identities::allocate`]).
-pub fn number_pods(keys: BTreeSet<PodIdentityKey>) -> BTreeMap<PodIdentityKey, u32> {
+/// The numbers of a set of pod identity keys ([`Identities::allocate`]); duplicates count once.
+pub fn number_pods(
+    keys: impl IntoIterator<Item = Arc<PodIdentityKey>>,
+) -> BTreeMap<Arc<PodIdentityKey>, u32> {
     let range = identity::FIRST_POD..=identity::FIRST_CIDR - 1;
-    number(keys, range, PodIdentityKey::encode)
+    number(keys.into_iter().collect(), range, |k| k.encode())
 }
 
 /// The numbers of a set of prefixes ([`Identities::allocate`]).

@@ -168,7 +168,7 @@ fn colliding_apps() -> (String, String) {
     for i in 0.. {
         let app = format!("x{i}");
         let k = key(&app);
-        let home = crate::model::identity::number_pods([k.clone()].into())[&k];
+        let home = crate::model::identity::number_pods([Arc::new(k.clone())])[&k];
         if let Some(other) = homes.insert(home, app.clone()) {
             return (other, app);
         }

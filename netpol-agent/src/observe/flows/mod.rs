@@ -95,9 +95,10 @@ impl Clock {
 /// Names for addresses, endpoints and policy ids, from the cluster state the agent enforces.
 #[derive(Clone, Debug, Default)]
 pub struct Resolver {
-    pods_by_ip: HashMap<IpAddr, PodKey>,
-    /// `namespace/name` -> labels, for the label filters.
-    labels: HashMap<String, Labels>,
+    /// Shared with the cluster state: an address costs a pointer, not a copy of the pod.
+    pods_by_ip: HashMap<IpAddr, Arc<Pod>>,
+    /// Every pod by name, for the label filters.
+    pods: BTreeMap<PodKey, Arc<Pod>>,
     endpoints: BTreeMap<u32, PodKey>,
     policies: HashMap<u32, String>,
     /// (endpoint, direction) -> `namespace/name` of the policies that isolate it that way.
@@ -153,14 +154,9 @@ impl Resolver {
             .pods
             .values()
             .filter(|p| !p.host_network)
-            .flat_map(|p| p.ips.iter().map(move |ip| (*ip, p.key.clone())))
+            .flat_map(|p| p.ips.iter().map(move |ip| (*ip, p.clone())))
             .collect();
         let policies = catalog.iter().map(|p| (p.id, p.key.to_string())).collect();
-        let labels = state
-            .pods
-            .values()
-            .map(|p| (p.key.to_string(), p.labels.clone()))
-            .collect();
         let isolating = isolating
             .iter()
             .map(|((ifindex, dir), keys)| {
@@ -170,7 +166,7 @@ impl Resolver {
             .collect();
         Resolver {
             pods_by_ip,
-            labels,
+            pods: state.pods.clone(),
             endpoints: endpoints.iter().map(|(k, v)| (*v, k.clone())).collect(),
             policies,
             isolating,
@@ -196,7 +192,7 @@ impl Resolver {
 
     /// The pod that has `ip`, if any.
     pub fn pod(&self, ip: IpAddr) -> Option<&PodKey> {
-        self.pods_by_ip.get(&ip)
+        self.pods_by_ip.get(&ip).map(|p| &p.key)
     }
 
     /// The local pod of an endpoint id.
@@ -228,7 +224,9 @@ impl Resolver {
 
 impl filter::PodLabels for Resolver {
     fn labels_of(&self, pod: &str) -> Option<&Labels> {
-        self.labels.get(pod)
+        let (namespace, name) = pod.split_once('/')?;
+        let pod = self.pods.get(&PodKey::new(namespace, name))?;
+        Some(&pod.labels)
     }
 }
 
