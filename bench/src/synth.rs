@@ -61,7 +61,9 @@ impl Synthetic {
         }
         for k in 0..spec.policies {
             let p = s.policy(k);
-            s.state.policies.insert(p.key.clone(), p);
+            s.state
+                .policies
+                .insert(p.key.clone(), std::sync::Arc::new(p));
         }
         s
     }
@@ -96,7 +98,7 @@ impl Synthetic {
         }
         Pod {
             key: self.pod_key(i),
-            labels,
+            labels: std::sync::Arc::new(labels),
             node_name: Some(if i < self.spec.local_pods {
                 NODE.to_owned()
             } else {
@@ -162,7 +164,9 @@ impl Synthetic {
     pub fn change_policy(&mut self, k: usize, port: u16) {
         self.ports.insert(k, port);
         let p = self.policy(k);
-        self.state.policies.insert(p.key.clone(), p);
+        self.state
+            .policies
+            .insert(p.key.clone(), std::sync::Arc::new(p));
     }
 
     /// A pod label change: pod `i` gets a new `app` label (a new identity; policies that named the

@@ -588,7 +588,7 @@ pub fn compile(input: &CompileInput<'_>) -> Compiled {
 pub struct Compiler {
     pods: pods::PodStage,
     /// Each policy as last parsed, with the object it was parsed from.
-    policies: BTreeMap<PodKey, (Policy, Arc<Parsed>)>,
+    policies: BTreeMap<PodKey, (Arc<Policy>, Arc<Parsed>)>,
 }
 
 impl Compiler {
@@ -596,10 +596,13 @@ impl Compiler {
     pub fn compile(&mut self, input: &CompileInput<'_>) -> Compiled {
         self.pods.update(input.state, input.endpoints);
         let policies = &input.state.policies;
-        self.policies
-            .retain(|key, (old, _)| policies.get(key) == Some(old));
+        self.policies.retain(|key, (old, _)| {
+            policies
+                .get(key)
+                .is_some_and(|new| Arc::ptr_eq(new, old) || new == old)
+        });
         let kept = &mut self.policies;
-        let mut parse = |p: &Policy| {
+        let mut parse = |p: &Arc<Policy>| {
             let (_, parsed) = kept
                 .entry(p.key.clone())
                 .or_insert_with(|| (p.clone(), Arc::new(parse_policy(p))));
@@ -614,7 +617,7 @@ impl Compiler {
 /// pods' addresses.
 fn compile_with(
     input: &CompileInput<'_>,
-    parse: &mut dyn FnMut(&Policy) -> Arc<Parsed>,
+    parse: &mut dyn FnMut(&Arc<Policy>) -> Arc<Parsed>,
     pod_numbers: &Arc<BTreeMap<Arc<PodIdentityKey>, u32>>,
     pod_ipcache: BTreeMap<IpKey, IpInfo>,
 ) -> Compiled {

@@ -78,7 +78,7 @@ impl Cluster {
         let key = PodKey::new(ns, name);
         let pod = Pod {
             key: key.clone(),
-            labels: labels(l),
+            labels: Arc::new(labels(l)),
             node_name: Some(node.into()),
             host_network: false,
             phase: Some("Running".into()),
@@ -129,7 +129,7 @@ impl Cluster {
     /// Sets the mode annotation of a policy.
     fn policy_mode(&mut self, ns: &str, name: &str, mode: &str) {
         let key = PodKey::new(ns, name);
-        self.state.policies.get_mut(&key).unwrap().mode = Some(mode.into());
+        Arc::make_mut(self.state.policies.get_mut(&key).unwrap()).mode = Some(mode.into());
     }
 
     /// Sets the mode annotation of a namespace.

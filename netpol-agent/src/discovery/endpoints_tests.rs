@@ -14,7 +14,7 @@ fn ip(s: &str) -> IpAddr {
 fn pod(name: &str, node: &str, ips: &[&str]) -> Pod {
     Pod {
         key: PodKey::new("x", name),
-        labels: BTreeMap::from([("pod".to_owned(), name.to_owned())]),
+        labels: Arc::new(BTreeMap::from([("pod".to_owned(), name.to_owned())])),
         node_name: Some(node.to_owned()),
         host_network: false,
         phase: Some("Running".into()),

@@ -227,7 +227,8 @@ fn namespace_labels(name: &str, mut labels: Labels) -> Labels {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Pod {
     pub key: PodKey,
-    pub labels: Labels,
+    /// Shared with the pod's identity key, which the compiler keeps for every peer pod.
+    pub labels: Arc<Labels>,
     pub node_name: Option<String>,
     pub host_network: bool,
     /// `status.phase`: `Pending`, `Running`, `Succeeded`, `Failed`, `Unknown`.
@@ -299,7 +300,7 @@ impl Pod {
         ports.dedup();
         Ok(Pod {
             key,
-            labels: pod.metadata.labels.clone().unwrap_or_default(),
+            labels: Arc::new(pod.metadata.labels.clone().unwrap_or_default()),
             node_name: spec.and_then(|s| s.node_name.clone()),
             host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
             phase: status.and_then(|s| s.phase.clone()),
@@ -430,8 +431,9 @@ pub struct ClusterState {
     /// not a copy of it.
     #[serde(with = "pairs")]
     pub pods: BTreeMap<PodKey, Arc<Pod>>,
+    /// Shared like the pods: the compiler keeps each as it last parsed it.
     #[serde(with = "pairs")]
-    pub policies: BTreeMap<PodKey, Policy>,
+    pub policies: BTreeMap<PodKey, Arc<Policy>>,
     #[serde(with = "pairs")]
     pub services: BTreeMap<PodKey, crate::model::service::Service>,
     #[serde(with = "pairs")]
@@ -451,7 +453,7 @@ impl ClusterState {
         match object {
             Object::Namespace(ns) => self.namespaces.insert(ns.name.clone(), ns).is_some(),
             Object::Pod(pod) => self.pods.insert(pod.key.clone(), Arc::new(pod)).is_some(),
-            Object::Policy(p) => self.policies.insert(p.key.clone(), p).is_some(),
+            Object::Policy(p) => self.policies.insert(p.key.clone(), Arc::new(p)).is_some(),
             Object::Service(svc) => self.services.insert(svc.key.clone(), svc).is_some(),
             Object::EndpointSlice(s) => self.endpoint_slices.insert(s.key.clone(), s).is_some(),
             Object::ClusterPolicy(p) => self.cluster_policies.insert(p.name.clone(), p).is_some(),

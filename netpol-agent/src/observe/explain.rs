@@ -295,7 +295,7 @@ fn side(state: &ClusterState, at: Probe<'_>) -> Side {
     let audit = compiled.endpoints[&ENDPOINT].flags & endpoint_flags::audit(direction) != 0;
     let deciding: Vec<&Policy> = compiled.isolating[&(ENDPOINT, direction)]
         .iter()
-        .filter_map(|k| state.policies.get(k))
+        .filter_map(|k| state.policies.get(k).map(Arc::as_ref))
         .collect();
     let allowed_by = deciding
         .iter()
@@ -412,7 +412,7 @@ fn only(state: &ClusterState, policy: &Policy, rule: Option<(Direction, usize)>)
         keep_rule(&mut p.spec.ingress, (d == Direction::Ingress).then_some(i));
         keep_rule(&mut p.spec.egress, (d == Direction::Egress).then_some(i));
     }
-    s.policies = [(p.key.clone(), p)].into_iter().collect();
+    s.policies = [(p.key.clone(), Arc::new(p))].into_iter().collect();
     s
 }
 
@@ -483,7 +483,7 @@ mod tests {
     fn pod(ns: &str, name: &str, app: &str, ip: &str) -> Object {
         Object::Pod(Pod {
             key: PodKey::new(ns, name),
-            labels: [("app".to_owned(), app.to_owned())].into_iter().collect(),
+            labels: Arc::new([("app".to_owned(), app.to_owned())].into_iter().collect()),
             node_name: Some("n1".into()),
             host_network: false,
             phase: Some("Running".into()),

@@ -501,7 +501,7 @@ impl<V> Default for Objects<V> {
 struct Store {
     namespaces: Objects<Namespace>,
     pods: Objects<PodEntry>,
-    policies: Objects<Policy>,
+    policies: Objects<Arc<Policy>>,
     services: Objects<service::Service>,
     endpoint_slices: Objects<service::EndpointSlice>,
     cluster_policies: Objects<ClusterPolicy>,
@@ -628,7 +628,7 @@ impl Store {
                     event,
                     |p: &networking::NetworkPolicy| key_of(&p.metadata, true),
                     |p, _| {
-                        Policy::from_k8s(p, Origin::Api).map_err(|e| {
+                        Policy::from_k8s(p, Origin::Api).map(Arc::new).map_err(|e| {
                             source_error("NetworkPolicy", &key_of(&p.metadata, true), e)
                         })
                     },
@@ -818,22 +818,26 @@ impl Store {
                     .or_insert(entry);
             }
         }
+        let mut pods = Vec::with_capacity(self.pods.live.len());
         for entry in self.pods.live.values() {
             match entry {
                 Ok(entry) => {
                     let mut pod = entry.pod.clone();
-                    let key = pod.key.clone();
-                    let holds = |ip: &IpAddr| holder.get(ip).is_some_and(|h| h.pod.key == key);
+                    let holds = |ip: &IpAddr| holder.get(ip).is_some_and(|h| h.pod.key == pod.key);
                     if pod.is_policy_peer() && !pod.ips.iter().all(holds) {
                         // Copied only when an address went to a newer pod.
-                        Arc::make_mut(&mut pod).ips.retain(holds);
-                        tracing::debug!(pod = %key, "address reused by a newer pod: dropped from the older one");
+                        let kept = pod.ips.iter().copied().filter(holds).collect();
+                        Arc::make_mut(&mut pod).ips = kept;
+                        tracing::debug!(pod = %pod.key, "address reused by a newer pod: dropped from the older one");
                     }
-                    state.pods.insert(pod.key.clone(), pod);
+                    pods.push((pod.key.clone(), pod));
                 }
                 Err(e) => state.errors.push((**e).clone()),
             }
         }
+        // In key order already: built in bulk, with full nodes (one insert at a time leaves them
+        // half empty).
+        state.pods = pods.into_iter().collect();
         state
     }
 }

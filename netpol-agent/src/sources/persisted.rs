@@ -155,7 +155,7 @@ struct StateView<'a> {
     #[serde(serialize_with = "pairs::serialize")]
     pods: &'a BTreeMap<PodKey, Arc<Pod>>,
     #[serde(serialize_with = "pairs::serialize")]
-    policies: &'a BTreeMap<PodKey, Policy>,
+    policies: &'a BTreeMap<PodKey, Arc<Policy>>,
     #[serde(serialize_with = "pairs::serialize")]
     services: &'a BTreeMap<PodKey, Service>,
     #[serde(serialize_with = "pairs::serialize")]
@@ -552,10 +552,12 @@ ports: [{name: http, port: 8080, protocol: TCP}]",
         let dir = TempDir::new("persisted");
         let mut state = realistic();
         let path = PathBuf::from(std::ffi::OsStr::from_bytes(b"/etc/netpol/\xff.yaml"));
-        let policy = state
-            .policies
-            .get_mut(&PodKey::new("shop", "deny-egress"))
-            .unwrap();
+        let policy = Arc::make_mut(
+            state
+                .policies
+                .get_mut(&PodKey::new("shop", "deny-egress"))
+                .unwrap(),
+        );
         policy.origin = Origin::File {
             path,
             document: None,

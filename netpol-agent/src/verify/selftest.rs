@@ -561,7 +561,7 @@ fn policy_contents(ifindex: u32, link: EndpointLink) -> anyhow::Result<Contents>
         .insert(NAMESPACE.to_owned(), Namespace::implicit(NAMESPACE));
     state.insert(Object::Pod(Pod {
         key: key.clone(),
-        labels: BTreeMap::from([("app".to_owned(), "probe".to_owned())]),
+        labels: Arc::new(BTreeMap::from([("app".to_owned(), "probe".to_owned())])),
         node_name: Some(NODE.to_owned()),
         host_network: false,
         phase: Some("Running".to_owned()),
@@ -591,12 +591,12 @@ fn policy_contents(ifindex: u32, link: EndpointLink) -> anyhow::Result<Contents>
         let key = PodKey::new(NAMESPACE, name);
         state.policies.insert(
             key.clone(),
-            Policy {
+            Arc::new(Policy {
                 key,
                 origin: origin.clone(),
                 spec: serde_json::from_value(spec)?,
                 mode: None,
-            },
+            }),
         );
     }
     let endpoints = BTreeMap::from([(key, ifindex)]);

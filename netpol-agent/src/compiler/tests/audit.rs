@@ -101,11 +101,13 @@ fn a_bad_mode_is_enforced_and_reported_with_its_object_and_field() {
     );
     assert!(e.to_string().contains("\"Audit\" is not a mode"), "{e}");
 
-    c.state
-        .policies
-        .get_mut(&PodKey::new("default", "p"))
-        .unwrap()
-        .mode = None;
+    Arc::make_mut(
+        c.state
+            .policies
+            .get_mut(&PodKey::new("default", "p"))
+            .unwrap(),
+    )
+    .mode = None;
     c.namespace_mode("default", "dry-run");
     let out = c.compile();
     assert_eq!(flags(&out, web), endpoint_flags::ISOLATED_INGRESS);

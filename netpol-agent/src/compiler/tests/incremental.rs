@@ -37,7 +37,7 @@ fn change(rng: &mut Rng, c: &mut Cluster) -> String {
         3 => {
             let app = pick(rng, &APPS);
             if let Some(p) = c.state.pods.get_mut(&key).map(Arc::make_mut) {
-                p.labels.insert("app".into(), app.into());
+                Arc::make_mut(&mut p.labels).insert("app".into(), app.into());
             }
             format!("relabel {key} app={app}")
         }
@@ -142,8 +142,7 @@ fn a_stale_stage_is_caught() {
     let mut compiler = Compiler::default();
     compiler.compile(&input(&c));
     let db = PodKey::new("a", "db");
-    Arc::make_mut(c.state.pods.get_mut(&db).unwrap())
-        .labels
+    Arc::make_mut(&mut Arc::make_mut(c.state.pods.get_mut(&db).unwrap()).labels)
         .insert("app".into(), "cache".into());
     let stale = compile_with(
         &input(&c),
@@ -161,7 +160,7 @@ fn a_stale_stage_is_caught() {
 fn colliding_apps() -> (String, String) {
     let key = |app: &str| crate::model::identity::PodIdentityKey {
         namespace: "a".into(),
-        labels: labels(&[("app", app)]),
+        labels: Arc::new(labels(&[("app", app)])),
         ports: Default::default(),
     };
     let mut homes = std::collections::HashMap::new();

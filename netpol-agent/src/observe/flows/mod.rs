@@ -467,7 +467,7 @@ mod tests {
                 key.clone(),
                 Arc::new(Pod {
                     key,
-                    labels: [("pod".to_owned(), name.to_owned())].into(),
+                    labels: Arc::new([("pod".to_owned(), name.to_owned())].into()),
                     node_name: Some("n0".into()),
                     host_network: false,
                     phase: Some("Running".into()),
@@ -485,12 +485,12 @@ mod tests {
         let key = PodKey::new("x", "deny-a");
         s.policies.insert(
             key.clone(),
-            Policy {
+            Arc::new(Policy {
                 key,
                 origin: crate::model::Origin::Api,
                 spec: policy,
                 mode: None,
-            },
+            }),
         );
         s
     }
