@@ -83,6 +83,9 @@ pub(super) struct Sync {
     /// The source's state not saved yet, and when the last save was.
     unsaved: bool,
     last_save: Option<Instant>,
+    /// The save under way, on a thread of its own: encoding a 50,000-pod state takes longer than
+    /// the loop may stall.
+    saving: Option<std::thread::JoinHandle<Result<(), persisted::PersistError>>>,
     /// The compiler, with what it keeps between compilations.
     compiler: compiler::Compiler,
 }
@@ -122,6 +125,7 @@ impl Sync {
             kube_router_reported: 0,
             unsaved: false,
             last_save: None,
+            saving: None,
             compiler: compiler::Compiler::default(),
         }
     }
@@ -165,20 +169,48 @@ impl Sync {
     }
 
     /// Saves the source's state when it changed, at most every [`SAVE_INTERVAL`] unless `now`.
+    /// With `now`, waits for the save to be on disk.
     pub(super) fn save_state(&mut self, now: bool) {
-        if !self.unsaved || self.persisted_note.is_some() {
+        if let Some(done) = self.saving.take_if(|h| now || h.is_finished()) {
+            self.finish_save(done);
+        }
+        if self.saving.is_some() || !self.unsaved || self.persisted_note.is_some() {
             return;
         }
-        let Some(state) = &self.state else { return };
+        let Some(state) = self.state.clone() else {
+            return;
+        };
         if !now && self.last_save.is_some_and(|t| t.elapsed() < SAVE_INTERVAL) {
             return;
         }
         self.last_save = Some(Instant::now());
+        // A state that arrives during the save sets it again.
+        self.unsaved = false;
         let bindings = self.bindings();
-        match persisted::save(&self.cfg.state_dir, &self.cfg.node_name, state, &bindings) {
-            Ok(()) => self.unsaved = false,
-            Err(e) => tracing::warn!(error = %e, "saving the cluster state"),
+        let (dir, node) = (self.cfg.state_dir.clone(), self.cfg.node_name.clone());
+        let save = move || persisted::save(&dir, &node, &state, &bindings);
+        match std::thread::Builder::new()
+            .name("save-state".into())
+            .spawn(save)
+        {
+            Ok(handle) if now => self.finish_save(handle),
+            Ok(handle) => self.saving = Some(handle),
+            Err(e) => {
+                tracing::warn!(error = %e, "starting the thread that saves the cluster state");
+                self.unsaved = true;
+            }
         }
+    }
+
+    /// Waits for a save; one that failed is tried again at the next interval.
+    fn finish_save(&mut self, save: std::thread::JoinHandle<Result<(), persisted::PersistError>>) {
+        let failed = match save.join() {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "the saving thread panicked".to_owned(),
+        };
+        tracing::warn!(error = %failed, "saving the cluster state");
+        self.unsaved = true;
     }
 
     /// The veth of every matched local pod, as saved with the state.

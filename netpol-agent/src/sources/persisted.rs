@@ -206,18 +206,14 @@ pub fn save(
     let saved_unix = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let bytes = serde_json::to_vec(&Saving {
+    let saving = Saving {
         version: FORMAT_VERSION,
         node,
         saved_unix,
         boot_id: current_boot_id(),
         bindings,
         state: StateView::of(state),
-    })
-    .map_err(|source| PersistError::Encode {
-        path: path.clone(),
-        source,
-    })?;
+    };
     DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -225,7 +221,7 @@ pub fn save(
         .map_err(io_at(dir))?;
     let temp = dir.join(TEMP_NAME);
     let written =
-        write_synced(&temp, &bytes).and_then(|()| fs::rename(&temp, &path).map_err(io_at(&path)));
+        write_synced(&temp, &saving).and_then(|()| fs::rename(&temp, &path).map_err(io_at(&path)));
     if written.is_err() {
         let _ = fs::remove_file(&temp);
     }
@@ -235,23 +231,32 @@ pub fn save(
         .map_err(io_at(dir))
 }
 
-/// Writes `bytes` to a new file at `temp` (mode 0600) and flushes it to disk.
-fn write_synced(temp: &Path, bytes: &[u8]) -> Result<(), PersistError> {
+/// Writes `saving` as JSON to a new file at `temp` (mode 0600) and flushes it to disk. Encoded
+/// straight into the file: a 50,000-pod state is tens of megabytes that need not be in memory.
+fn write_synced(temp: &Path, saving: &Saving<'_>) -> Result<(), PersistError> {
     // A leftover is removed rather than opened, so that its mode (or a symlink there) does not carry
     // over: `create_new` neither follows links nor reuses a file.
     match fs::remove_file(temp) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(io_at(temp)(e)),
         _ => {}
     }
-    let mut file = OpenOptions::new()
+    let file = OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(temp)
         .map_err(io_at(temp))?;
-    file.write_all(bytes)
-        .and_then(|()| file.sync_all())
-        .map_err(io_at(temp))
+    let mut out = io::BufWriter::new(&file);
+    serde_json::to_writer(&mut out, saving).map_err(|source| match source.io_error_kind() {
+        Some(_) => io_at(temp)(source.into()),
+        None => PersistError::Encode {
+            path: temp.to_owned(),
+            source,
+        },
+    })?;
+    out.flush().map_err(io_at(temp))?;
+    drop(out);
+    file.sync_all().map_err(io_at(temp))
 }
 
 /// Reads `dir`/[`FILE_NAME`]. `None` when there is no file; an error (naming the path) when it
