@@ -25,8 +25,10 @@ use crate::model::identity::{Identities, PodIdentityKey, Prefix, fnv1a32};
 use crate::model::mode::{self, Mode};
 use crate::model::selector::Selector;
 use crate::model::{ClusterState, NamedPort, Origin, Pod, PodKey, Policy, Protocol};
+use label_index::LabelIndex;
 
 pub mod capacity;
+mod label_index;
 mod pending;
 mod pods;
 mod services;
@@ -579,7 +581,12 @@ pub fn compile(input: &CompileInput<'_>) -> Compiled {
         .map(|p| Arc::new(PodIdentityKey::of(p)));
     let numbers = Arc::new(crate::model::identity::number_pods(keys));
     let ipcache = pod_ipcache(input, &numbers);
-    compile_with(input, &mut |p| Arc::new(parse_policy(p)), &numbers, ipcache)
+    let labels = LabelIndex::new(&numbers);
+    let pods = PodIdentities {
+        numbers: &numbers,
+        labels: &labels,
+    };
+    compile_with(input, &mut |p| Arc::new(parse_policy(p)), pods, ipcache)
 }
 
 /// The compiler with what it keeps between compilations: the pod-wide stage ([`pods::PodStage`]),
@@ -589,6 +596,15 @@ pub struct Compiler {
     pods: pods::PodStage,
     /// Each policy as last parsed, with the object it was parsed from.
     policies: BTreeMap<PodKey, (Arc<Policy>, Arc<Parsed>)>,
+    /// The pod identities by label, for the stage's current numbering.
+    labels: LabelIndex,
+}
+
+/// The pod identities a compilation resolves peers to.
+#[derive(Clone, Copy)]
+struct PodIdentities<'a> {
+    numbers: &'a label_index::Numbers,
+    labels: &'a LabelIndex,
 }
 
 impl Compiler {
@@ -609,7 +625,15 @@ impl Compiler {
             parsed.clone()
         };
         let pod_ipcache = self.pods.ipcache().clone();
-        compile_with(input, &mut parse, self.pods.numbers(), pod_ipcache)
+        let numbers = self.pods.numbers();
+        if !self.labels.is_for(numbers) {
+            self.labels = LabelIndex::new(numbers);
+        }
+        let pods = PodIdentities {
+            numbers,
+            labels: &self.labels,
+        };
+        compile_with(input, &mut parse, pods, pod_ipcache)
     }
 }
 
@@ -618,7 +642,7 @@ impl Compiler {
 fn compile_with(
     input: &CompileInput<'_>,
     parse: &mut dyn FnMut(&Arc<Policy>) -> Arc<Parsed>,
-    pod_numbers: &Arc<BTreeMap<Arc<PodIdentityKey>, u32>>,
+    pods: PodIdentities<'_>,
     pod_ipcache: BTreeMap<IpKey, IpInfo>,
 ) -> Compiled {
     let state = input.state;
@@ -645,7 +669,7 @@ fn compile_with(
         out.errors.extend(c.errors.iter().cloned());
     }
     let identities = Identities {
-        pods: pod_numbers.clone(),
+        pods: pods.numbers.clone(),
         cidrs: cidr_identities(state, &parsed, tiers::network_prefixes(&clusters)),
     };
     for (prefix, id) in &identities.cidrs {
@@ -657,7 +681,7 @@ fn compile_with(
         identities: &identities,
         host_ports: host_ports(state, &identities),
     };
-    let peers = PeerIndex::new(state, &identities);
+    let peers = PeerIndex::new(state, &identities, pods.labels);
     let by_namespace = policies_by_namespace(&parsed);
     // Only the policies of namespaces with a local endpoint can select one: the others' peers are
     // never resolved (their rules cannot decide for this node).
@@ -870,6 +894,9 @@ fn compile_services(input: &CompileInput<'_>, out: &mut Compiled) {
 struct PeerIndex<'a> {
     namespaces: BTreeMap<&'a str, NamespaceIdentities<'a>>,
     identities: &'a Identities,
+    /// Every pod identity, in key order: the positions [`LabelIndex`] gives.
+    all: Vec<(u32, &'a PodIdentityKey)>,
+    labels: &'a LabelIndex,
 }
 
 /// The pod identities of one namespace.
@@ -879,9 +906,11 @@ struct NamespaceIdentities<'a> {
 }
 
 impl<'a> PeerIndex<'a> {
-    fn new(state: &'a ClusterState, identities: &'a Identities) -> Self {
+    fn new(state: &'a ClusterState, identities: &'a Identities, labels: &'a LabelIndex) -> Self {
         let mut namespaces: BTreeMap<&str, NamespaceIdentities<'_>> = BTreeMap::new();
-        for (key, id) in identities.pods.iter() {
+        let all: Vec<(u32, &PodIdentityKey)> =
+            identities.pods.iter().map(|(k, id)| (*id, &**k)).collect();
+        for &(id, key) in &all {
             let ns = key.namespace.as_str();
             namespaces
                 .entry(ns)
@@ -890,11 +919,13 @@ impl<'a> PeerIndex<'a> {
                     pods: Vec::new(),
                 })
                 .pods
-                .push((*id, key));
+                .push((id, key));
         }
         PeerIndex {
             namespaces,
             identities,
+            all,
+            labels,
         }
     }
 
@@ -950,12 +981,26 @@ impl<'a> PeerIndex<'a> {
         if namespaces.is_empty() && pods.is_empty() {
             return vec![(identity::ALL_PODS, Target::AllPods)];
         }
-        self.namespaces
-            .values()
-            .filter(|n| namespaces.matches(&n.labels))
-            .flat_map(|n| &n.pods)
-            .filter(|(_, key)| pods.matches(&key.labels))
-            .map(|(id, key)| (*id, Target::Pod(*id, key)))
+        let admits = |ns: &str| {
+            self.namespaces
+                .get(ns)
+                .is_some_and(|n| namespaces.matches(&n.labels))
+        };
+        let Some(candidates) = self.labels.candidates(pods) else {
+            return self
+                .namespaces
+                .values()
+                .filter(|n| namespaces.matches(&n.labels))
+                .flat_map(|n| &n.pods)
+                .filter(|(_, key)| pods.matches(&key.labels))
+                .map(|(id, key)| (*id, Target::Pod(*id, key)))
+                .collect();
+        };
+        candidates
+            .into_iter()
+            .map(|position| self.all[position as usize])
+            .filter(|(_, key)| pods.matches(&key.labels) && admits(&key.namespace))
+            .map(|(id, key)| (id, Target::Pod(id, key)))
             .collect()
     }
 

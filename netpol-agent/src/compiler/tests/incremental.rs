@@ -147,7 +147,10 @@ fn a_stale_stage_is_caught() {
     let stale = compile_with(
         &input(&c),
         &mut |p| Arc::new(parse_policy(p)),
-        compiler.pods.numbers(),
+        PodIdentities {
+            numbers: compiler.pods.numbers(),
+            labels: &LabelIndex::new(compiler.pods.numbers()),
+        },
         compiler.pods.ipcache().clone(),
     );
     assert!(stale != compile(&input(&c)), "a relabel renumbers the pod");
