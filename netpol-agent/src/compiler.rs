@@ -8,7 +8,8 @@
 //!
 //! Fail closed: a policy with any invalid field allows nothing but still isolates what it selects.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -897,6 +898,9 @@ struct PeerIndex<'a> {
     /// Every pod identity, in key order: the positions [`LabelIndex`] gives.
     all: Vec<(u32, &'a PodIdentityKey)>,
     labels: &'a LabelIndex,
+    /// Peers resolved so far, by namespace selector then pod selector: policies of many
+    /// namespaces repeat the same peers (DNS, monitoring).
+    resolved: RefCell<HashMap<Selector, HashMap<Selector, Vec<(u32, Target<'a>)>>>>,
 }
 
 /// The pod identities of one namespace.
@@ -926,6 +930,7 @@ impl<'a> PeerIndex<'a> {
             identities,
             all,
             labels,
+            resolved: RefCell::default(),
         }
     }
 
@@ -978,30 +983,52 @@ impl<'a> PeerIndex<'a> {
     /// The pods of the namespaces `namespaces` selects that `pods` selects: [`Target::AllPods`]
     /// when both select everything.
     fn pods_matching(&self, namespaces: &Selector, pods: &Selector) -> Vec<(u32, Target<'a>)> {
+        let known = self
+            .resolved
+            .borrow()
+            .get(namespaces)
+            .and_then(|m| m.get(pods))
+            .cloned();
+        if let Some(found) = known {
+            return found;
+        }
+        let found = self.resolve_pods(namespaces, pods);
+        let mut resolved = self.resolved.borrow_mut();
+        let by_pods = resolved.entry(namespaces.clone()).or_default();
+        by_pods.insert(pods.clone(), found.clone());
+        found
+    }
+
+    /// [`Self::pods_matching`], worked out: through the label index when the identities with the
+    /// pod selector's rarest label are fewer than those of the admitted namespaces.
+    fn resolve_pods(&self, namespaces: &Selector, pods: &Selector) -> Vec<(u32, Target<'a>)> {
         if namespaces.is_empty() && pods.is_empty() {
             return vec![(identity::ALL_PODS, Target::AllPods)];
         }
-        let admits = |ns: &str| {
-            self.namespaces
-                .get(ns)
-                .is_some_and(|n| namespaces.matches(&n.labels))
-        };
-        let Some(candidates) = self.labels.candidates(pods) else {
-            return self
-                .namespaces
+        let admitted: BTreeMap<&str, &NamespaceIdentities<'a>> = self
+            .namespaces
+            .iter()
+            .filter(|(_, n)| namespaces.matches(&n.labels))
+            .map(|(name, n)| (*name, n))
+            .collect();
+        let in_admitted: usize = admitted.values().map(|n| n.pods.len()).sum();
+        let target = |&(id, key): &(u32, &'a PodIdentityKey)| (id, Target::Pod(id, key));
+        match self.labels.candidates(pods) {
+            Some(candidates) if candidates.len() < in_admitted => candidates
+                .into_iter()
+                .map(|position| self.all[position as usize])
+                .filter(|(_, key)| {
+                    pods.matches(&key.labels) && admitted.contains_key(key.namespace.as_str())
+                })
+                .map(|p| target(&p))
+                .collect(),
+            _ => admitted
                 .values()
-                .filter(|n| namespaces.matches(&n.labels))
                 .flat_map(|n| &n.pods)
                 .filter(|(_, key)| pods.matches(&key.labels))
-                .map(|(id, key)| (*id, Target::Pod(*id, key)))
-                .collect();
-        };
-        candidates
-            .into_iter()
-            .map(|position| self.all[position as usize])
-            .filter(|(_, key)| pods.matches(&key.labels) && admits(&key.namespace))
-            .map(|(id, key)| (id, Target::Pod(id, key)))
-            .collect()
+                .map(target)
+                .collect(),
+        }
     }
 
     /// The CIDR identities inside `cidr` and outside `except`.

@@ -8,7 +8,6 @@
 //! compiler's property test checks it against [`crate::compiler::compile`]).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::IpAddr;
 use std::sync::Arc;
 
 use netpol_common::{IpInfo, IpKey};
@@ -17,17 +16,22 @@ use super::ip_key;
 use crate::model::identity::{PodIdentityKey, number_pods};
 use crate::model::{ClusterState, Pod, PodKey};
 
-/// What the stage remembers of one peer pod.
+/// What the stage remembers of one peer pod: the pod as learned (shared with the state it came
+/// from) and its identity key.
 #[derive(Clone, Debug)]
 struct Member {
     key: Arc<PodIdentityKey>,
-    ips: Vec<IpAddr>,
+    pod: Arc<Pod>,
 }
 
 impl Member {
-    /// Whether `pod` still has this identity key and these addresses.
-    fn matches(&self, pod: &Pod) -> bool {
-        self.ips == pod.ips
+    /// Whether `pod` still has this identity key and these addresses: at once when it is the
+    /// same object (the source shares unchanged pods between states).
+    fn matches(&self, pod: &Arc<Pod>) -> bool {
+        if Arc::ptr_eq(&self.pod, pod) {
+            return true;
+        }
+        self.pod.ips == pod.ips
             && self.key.labels == pod.labels
             && pod.ports.iter().all(|p| self.key.ports.contains(p))
             && self.key.ports.iter().all(|p| pod.ports.contains(p))
@@ -37,7 +41,7 @@ impl Member {
 /// A difference between the members and the state's peer pods.
 enum Change<'s> {
     Gone(PodKey),
-    New(&'s Pod),
+    New(&'s Arc<Pod>),
 }
 
 /// Peer pods' identities and the IPCACHE entries of their addresses, kept up to date.
@@ -99,7 +103,7 @@ impl PodStage {
     fn changes<'s>(&self, state: &'s ClusterState) -> Vec<Change<'s>> {
         let mut out = Vec::new();
         let mut old = self.members.iter().peekable();
-        for pod in state.peer_pods() {
+        for pod in state.pods.values().filter(|p| p.is_policy_peer()) {
             while let Some((key, _)) = old.next_if(|(k, _)| **k < pod.key) {
                 out.push(Change::Gone(key.clone()));
             }
@@ -117,7 +121,7 @@ impl PodStage {
     /// Drops the claims and key use of `key`'s old member; true when that was its identity key's
     /// last use.
     fn forget(&mut self, key: &PodKey, member: Member, touched: &mut BTreeSet<IpKey>) -> bool {
-        for ip in &member.ips {
+        for ip in &member.pod.ips {
             let addr = ip_key(*ip);
             touched.insert(addr);
             if let Some(claimants) = self.claims.get_mut(&addr) {
@@ -142,7 +146,7 @@ impl PodStage {
     }
 
     /// `pod` as a member, its claims and key use counted; true when its identity key is new.
-    fn learn(&mut self, pod: &Pod, touched: &mut BTreeSet<IpKey>) -> (Member, bool) {
+    fn learn(&mut self, pod: &Arc<Pod>, touched: &mut BTreeSet<IpKey>) -> (Member, bool) {
         let wanted = PodIdentityKey::of(pod);
         let (key, new) = match self.keys.get_key_value(&wanted) {
             Some((k, _)) => (k.clone(), false),
@@ -161,8 +165,8 @@ impl PodStage {
                 claimants.insert(i, pod.key.clone());
             }
         }
-        let ips = pod.ips.clone();
-        (Member { key, ips }, new)
+        let pod = pod.clone();
+        (Member { key, pod }, new)
     }
 
     /// Notes the addresses of pods whose endpoint changed.
@@ -186,7 +190,7 @@ impl PodStage {
             .collect();
         for key in changed {
             if let Some(member) = self.members.get(key) {
-                touched.extend(member.ips.iter().map(|ip| ip_key(*ip)));
+                touched.extend(member.pod.ips.iter().map(|ip| ip_key(*ip)));
             }
         }
         self.endpoints = endpoints.clone();

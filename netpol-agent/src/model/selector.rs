@@ -16,7 +16,7 @@ pub struct SelectorError {
 }
 
 /// One requirement on one label key.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Requirement {
     /// The label is present with one of the values.
     In {
@@ -50,7 +50,7 @@ impl Requirement {
 
 /// A validated label selector: every requirement must hold (`matchLabels` become `In` with one
 /// value). No requirement at all matches everything.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Selector {
     requirements: Vec<Requirement>,
 }
