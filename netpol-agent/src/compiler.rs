@@ -1210,6 +1210,10 @@ fn host_ports(
     identities: &Identities,
 ) -> BTreeMap<u32, Option<Vec<NamedPort>>> {
     let mut out: BTreeMap<u32, Option<Vec<NamedPort>>> = BTreeMap::new();
+    // Rarely any: a pass over every pod's addresses only when a policy names a host prefix.
+    if !identities.cidrs.keys().any(Prefix::is_host) {
+        return out;
+    }
     for pod in state.peer_pods() {
         for ip in &pod.ips {
             if let Some(id) = identities.cidrs.get(&Prefix::host(ip_key(*ip))) {

@@ -115,6 +115,11 @@ impl Prefix {
         Prefix::new(addr, 128)
     }
 
+    /// Whether the prefix is one address (`/32` of IPv4, `/128` of IPv6).
+    pub fn is_host(&self) -> bool {
+        self.prefix_len() == 128
+    }
+
     /// The IPv4-mapped space `::ffff:0:0/96`, which is IPv4's `0.0.0.0/0`.
     pub fn all_v4() -> Self {
         let mut addr = [0u8; 16];
