@@ -900,8 +900,11 @@ struct PeerIndex<'a> {
     labels: &'a LabelIndex,
     /// Peers resolved so far, by namespace selector then pod selector: policies of many
     /// namespaces repeat the same peers (DNS, monitoring).
-    resolved: RefCell<HashMap<Selector, HashMap<Selector, Vec<(u32, Target<'a>)>>>>,
+    resolved: RefCell<HashMap<Selector, HashMap<Selector, Found<'a>>>>,
 }
+
+/// Resolved peers: identity and target.
+type Found<'a> = Vec<(u32, Target<'a>)>;
 
 /// The pod identities of one namespace.
 struct NamespaceIdentities<'a> {
