@@ -149,9 +149,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             .push(tokio::spawn(metrics::bind(addr, registry).await?));
     }
     if let Some(addr) = cfg.health_addr {
-        servers.0.push(tokio::spawn(
-            crate::observe::health::bind(addr, status.clone(), heartbeat.clone()).await?,
-        ));
+        crate::observe::health::spawn(addr, status.clone(), heartbeat.clone())?;
     }
     // kube-router's rules on the node, looked for again every minute, off the sync loop's thread.
     let kube_router_chains = Arc::new(std::sync::atomic::AtomicUsize::new(0));

@@ -754,6 +754,14 @@ impl Sync {
             e.isolated_egress = flags & endpoint_flags::ISOLATED_EGRESS != 0;
         }
         eps.extend(pending);
+        let maps = self.map_status(compiled);
+        let counters = self
+            .datapath
+            .counters()
+            .into_iter()
+            .map(|(r, n)| (r.name().to_owned(), n))
+            .collect();
+        // Held briefly: the probes' thread reads this status.
         let Ok(mut s) = self.status.lock() else {
             return;
         };
@@ -767,8 +775,13 @@ impl Sync {
         s.pods = state.pods.len();
         s.namespaces = state.namespaces.len();
         s.endpoints = eps;
-        s.maps = self
-            .datapath
+        s.maps = maps;
+        s.counters = counters;
+    }
+
+    /// Each map's use and capacity, with the entries the compile left out of it.
+    fn map_status(&self, compiled: &Compiled) -> Vec<MapStatus> {
+        self.datapath
             .usage()
             .into_iter()
             .map(|u| MapStatus {
@@ -782,13 +795,7 @@ impl Sync {
                     .map(|s| s.dropped)
                     .sum(),
             })
-            .collect();
-        s.counters = self
-            .datapath
-            .counters()
-            .into_iter()
-            .map(|(r, n)| (r.name().to_owned(), n))
-            .collect();
+            .collect()
     }
 }
 

@@ -66,16 +66,31 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Binds `addr` (so a bad address fails start-up) and returns the server task to spawn.
-pub async fn bind(
-    addr: SocketAddr,
-    status: SharedStatus,
-    heartbeat: Heartbeat,
-) -> anyhow::Result<impl Future<Output = ()>> {
-    let listener = TcpListener::bind(addr)
-        .await
+/// Binds `addr` (so a bad address fails start-up) and serves it on a thread of its own with its own
+/// runtime: the probes then answer while the shared runtime's workers are busy (the API source
+/// decoding and publishing a 50,000-pod cluster), within the kubelet's timeout.
+pub fn spawn(addr: SocketAddr, status: SharedStatus, heartbeat: Heartbeat) -> anyhow::Result<()> {
+    let listener = std::net::TcpListener::bind(addr)
         .with_context(|| format!("binding the health address {addr} (--health-addr)"))?;
-    Ok(serve(listener, status, heartbeat))
+    listener
+        .set_nonblocking(true)
+        .context("making the health listener non-blocking")?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the health server's runtime")?;
+    std::thread::Builder::new()
+        .name("health".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                match TcpListener::from_std(listener) {
+                    Ok(listener) => serve(listener, status, heartbeat).await,
+                    Err(e) => tracing::error!(error = %e, "health server: not serving"),
+                }
+            })
+        })
+        .context("starting the health server's thread")?;
+    Ok(())
 }
 
 async fn serve(listener: TcpListener, status: SharedStatus, heartbeat: Heartbeat) {
