@@ -689,12 +689,7 @@ impl Sync {
 
     /// Counters change with traffic, not with state: refreshed on every tick.
     fn refresh_counters(&self) {
-        let counters = self
-            .datapath
-            .counters()
-            .into_iter()
-            .map(|(r, n)| (r.name().to_owned(), n))
-            .collect();
+        let counters = self.counters_by_name();
         if let Ok(mut s) = self.status.lock() {
             s.counters = counters;
         }
@@ -755,12 +750,7 @@ impl Sync {
         }
         eps.extend(pending);
         let maps = self.map_status(compiled);
-        let counters = self
-            .datapath
-            .counters()
-            .into_iter()
-            .map(|(r, n)| (r.name().to_owned(), n))
-            .collect();
+        let counters = self.counters_by_name();
         // Held briefly: the probes' thread reads this status.
         let Ok(mut s) = self.status.lock() else {
             return;
@@ -777,6 +767,15 @@ impl Sync {
         s.endpoints = eps;
         s.maps = maps;
         s.counters = counters;
+    }
+
+    /// The datapath's drop and pass counters, by reason name.
+    fn counters_by_name(&self) -> Vec<(String, u64)> {
+        self.datapath
+            .counters()
+            .into_iter()
+            .map(|(r, n)| (r.name().to_owned(), n))
+            .collect()
     }
 
     /// Each map's use and capacity, with the entries the compile left out of it.
