@@ -582,10 +582,11 @@ pub fn compile(input: &CompileInput<'_>) -> Compiled {
         .map(|p| Arc::new(PodIdentityKey::of(p)));
     let numbers = Arc::new(crate::model::identity::number_pods(keys));
     let ipcache = pod_ipcache(input, &numbers);
-    let labels = LabelIndex::new(&numbers);
+    // Peers by plain scan, so that the label index and the memo of [`Compiler`] are checked
+    // against it.
     let pods = PodIdentities {
         numbers: &numbers,
-        labels: &labels,
+        labels: None,
     };
     compile_with(input, &mut |p| Arc::new(parse_policy(p)), pods, ipcache)
 }
@@ -601,11 +602,12 @@ pub struct Compiler {
     labels: LabelIndex,
 }
 
-/// The pod identities a compilation resolves peers to.
+/// The pod identities a compilation resolves peers to, with their label index (`None`: every
+/// peer by a plain scan, as the reference does).
 #[derive(Clone, Copy)]
 struct PodIdentities<'a> {
     numbers: &'a label_index::Numbers,
-    labels: &'a LabelIndex,
+    labels: Option<&'a LabelIndex>,
 }
 
 impl Compiler {
@@ -628,11 +630,13 @@ impl Compiler {
         let pod_ipcache = self.pods.ipcache().clone();
         let numbers = self.pods.numbers();
         if !self.labels.is_for(numbers) {
+            // The old one goes first: two at once at 50,000 identities is a peak for nothing.
+            self.labels = LabelIndex::default();
             self.labels = LabelIndex::new(numbers);
         }
         let pods = PodIdentities {
             numbers,
-            labels: &self.labels,
+            labels: Some(&self.labels),
         };
         compile_with(input, &mut parse, pods, pod_ipcache)
     }
@@ -897,7 +901,8 @@ struct PeerIndex<'a> {
     identities: &'a Identities,
     /// Every pod identity, in key order: the positions [`LabelIndex`] gives.
     all: Vec<(u32, &'a PodIdentityKey)>,
-    labels: &'a LabelIndex,
+    /// `None`: no index and no memo, every peer by a scan.
+    labels: Option<&'a LabelIndex>,
     /// Peers resolved so far, by namespace selector then pod selector: policies of many
     /// namespaces repeat the same peers (DNS, monitoring).
     resolved: RefCell<HashMap<Selector, HashMap<Selector, Found<'a>>>>,
@@ -913,7 +918,11 @@ struct NamespaceIdentities<'a> {
 }
 
 impl<'a> PeerIndex<'a> {
-    fn new(state: &'a ClusterState, identities: &'a Identities, labels: &'a LabelIndex) -> Self {
+    fn new(
+        state: &'a ClusterState,
+        identities: &'a Identities,
+        labels: Option<&'a LabelIndex>,
+    ) -> Self {
         let mut namespaces: BTreeMap<&str, NamespaceIdentities<'_>> = BTreeMap::new();
         let all: Vec<(u32, &PodIdentityKey)> =
             identities.pods.iter().map(|(k, id)| (*id, &**k)).collect();
@@ -986,6 +995,9 @@ impl<'a> PeerIndex<'a> {
     /// The pods of the namespaces `namespaces` selects that `pods` selects: [`Target::AllPods`]
     /// when both select everything.
     fn pods_matching(&self, namespaces: &Selector, pods: &Selector) -> Vec<(u32, Target<'a>)> {
+        let Some(labels) = self.labels else {
+            return self.scan_pods(namespaces, pods);
+        };
         let known = self
             .resolved
             .borrow()
@@ -995,7 +1007,7 @@ impl<'a> PeerIndex<'a> {
         if let Some(found) = known {
             return found;
         }
-        let found = self.resolve_pods(namespaces, pods);
+        let found = self.resolve_pods(labels, namespaces, pods);
         let mut resolved = self.resolved.borrow_mut();
         let by_pods = resolved.entry(namespaces.clone()).or_default();
         by_pods.insert(pods.clone(), found.clone());
@@ -1004,7 +1016,12 @@ impl<'a> PeerIndex<'a> {
 
     /// [`Self::pods_matching`], worked out: through the label index when the identities with the
     /// pod selector's rarest label are fewer than those of the admitted namespaces.
-    fn resolve_pods(&self, namespaces: &Selector, pods: &Selector) -> Vec<(u32, Target<'a>)> {
+    fn resolve_pods(
+        &self,
+        labels: &LabelIndex,
+        namespaces: &Selector,
+        pods: &Selector,
+    ) -> Vec<(u32, Target<'a>)> {
         if namespaces.is_empty() && pods.is_empty() {
             return vec![(identity::ALL_PODS, Target::AllPods)];
         }
@@ -1016,7 +1033,7 @@ impl<'a> PeerIndex<'a> {
             .collect();
         let in_admitted: usize = admitted.values().map(|n| n.pods.len()).sum();
         let target = |&(id, key): &(u32, &'a PodIdentityKey)| (id, Target::Pod(id, key));
-        match self.labels.candidates(pods) {
+        match labels.candidates(pods) {
             Some(candidates) if candidates.len() < in_admitted => candidates
                 .into_iter()
                 .map(|position| self.all[position as usize])
@@ -1032,6 +1049,20 @@ impl<'a> PeerIndex<'a> {
                 .map(target)
                 .collect(),
         }
+    }
+
+    /// [`Self::pods_matching`] by a scan of every identity of the admitted namespaces.
+    fn scan_pods(&self, namespaces: &Selector, pods: &Selector) -> Vec<(u32, Target<'a>)> {
+        if namespaces.is_empty() && pods.is_empty() {
+            return vec![(identity::ALL_PODS, Target::AllPods)];
+        }
+        self.namespaces
+            .values()
+            .filter(|n| namespaces.matches(&n.labels))
+            .flat_map(|n| &n.pods)
+            .filter(|(_, key)| pods.matches(&key.labels))
+            .map(|(id, key)| (*id, Target::Pod(*id, key)))
+            .collect()
     }
 
     /// The CIDR identities inside `cidr` and outside `except`.

@@ -15,6 +15,7 @@ use crate::model::{NamedPort, Namespace, Object};
 mod audit;
 mod capacity;
 mod incremental;
+mod peers;
 mod rule_codes;
 mod tiers;
 mod updates;

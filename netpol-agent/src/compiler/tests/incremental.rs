@@ -149,7 +149,7 @@ fn a_stale_stage_is_caught() {
         &mut |p| Arc::new(parse_policy(p)),
         PodIdentities {
             numbers: compiler.pods.numbers(),
-            labels: &LabelIndex::new(compiler.pods.numbers()),
+            labels: Some(&LabelIndex::new(compiler.pods.numbers())),
         },
         compiler.pods.ipcache().clone(),
     );
