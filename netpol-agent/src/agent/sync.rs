@@ -31,6 +31,15 @@ const REPAIR_SHOWN_FOR: Duration = Duration::from_secs(300);
 /// Least time between two saves of the cluster state (each change is saved, at most this often).
 const SAVE_INTERVAL: Duration = Duration::from_secs(5);
 
+/// A save that runs this long is reported as a problem, and the agent stops without waiting for it.
+const SAVE_STALLED: Duration = Duration::from_secs(60);
+
+/// The save under way, on its own thread.
+struct Saving {
+    thread: std::thread::JoinHandle<Result<(), persisted::PersistError>>,
+    since: Instant,
+}
+
 fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -85,7 +94,9 @@ pub(super) struct Sync {
     last_save: Option<Instant>,
     /// The save under way, on a thread of its own: encoding a 50,000-pod state takes longer than
     /// the loop may stall.
-    saving: Option<std::thread::JoinHandle<Result<(), persisted::PersistError>>>,
+    saving: Option<Saving>,
+    /// Whether a stalled save is among the reported problems.
+    save_stalled: bool,
     /// The compiler, with what it keeps between compilations.
     compiler: compiler::Compiler,
 }
@@ -126,6 +137,7 @@ impl Sync {
             unsaved: false,
             last_save: None,
             saving: None,
+            save_stalled: false,
             compiler: compiler::Compiler::default(),
         }
     }
@@ -169,11 +181,15 @@ impl Sync {
     }
 
     /// Saves the source's state when it changed, at most every [`SAVE_INTERVAL`] unless `now`.
-    /// With `now`, waits for the save to be on disk.
+    /// With `now`, waits for the save to be on disk (for [`SAVE_STALLED`] at most).
     pub(super) fn save_state(&mut self, now: bool) {
-        if let Some(done) = self.saving.take_if(|h| now || h.is_finished()) {
-            self.finish_save(done);
+        if now {
+            self.wait_for_save();
         }
+        if let Some(done) = self.saving.take_if(|s| s.thread.is_finished()) {
+            self.finish_save(done.thread);
+        }
+        self.note_stalled_save();
         if self.saving.is_some() || !self.unsaved || self.persisted_note.is_some() {
             return;
         }
@@ -193,12 +209,58 @@ impl Sync {
             .name("save-state".into())
             .spawn(save)
         {
-            Ok(handle) if now => self.finish_save(handle),
-            Ok(handle) => self.saving = Some(handle),
+            Ok(thread) => {
+                self.saving = Some(Saving {
+                    thread,
+                    since: Instant::now(),
+                });
+                if now {
+                    self.wait_for_save();
+                    if let Some(done) = self.saving.take_if(|s| s.thread.is_finished()) {
+                        self.finish_save(done.thread);
+                    }
+                }
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "starting the thread that saves the cluster state");
                 self.unsaved = true;
             }
+        }
+    }
+
+    /// Waits until the save under way ends, or has run for [`SAVE_STALLED`] (a hung disk must not
+    /// hang the agent's stop).
+    fn wait_for_save(&self) {
+        let Some(saving) = &self.saving else { return };
+        while !saving.thread.is_finished() && saving.since.elapsed() < SAVE_STALLED {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// A save running for longer than [`SAVE_STALLED`], as a problem: the saved state (what a
+    /// rebooted node enforces before the API answers) is getting older meanwhile.
+    fn stalled_save(&self) -> Option<String> {
+        let since = self.saving.as_ref()?.since;
+        (since.elapsed() >= SAVE_STALLED).then(|| {
+            format!(
+                "saving the cluster state to {} has not finished in {}s (a hung disk?): the saved state grows old",
+                self.cfg.state_dir.display(),
+                since.elapsed().as_secs()
+            )
+        })
+    }
+
+    /// Logs a save that stalls (or recovers) once, and has the next pass report it.
+    fn note_stalled_save(&mut self) {
+        let stalled = self.stalled_save();
+        if stalled.is_some() == self.save_stalled {
+            return;
+        }
+        self.save_stalled = stalled.is_some();
+        self.state_changed = true;
+        match stalled {
+            Some(problem) => tracing::error!(problem, "saving the cluster state stalls"),
+            None => tracing::info!("the stalled save of the cluster state ended"),
         }
     }
 
@@ -483,6 +545,7 @@ impl Sync {
         errors.extend(self.persisted_note.iter().cloned());
         errors.extend(self.tcx_order_problems.iter().cloned());
         errors.extend(self.repairs.iter().map(|(_, note)| note.clone()));
+        errors.extend(self.stalled_save());
         if self.kube_router_reported > 0 {
             errors.push(format!(
                 "kube-router's NetworkPolicy rules are on this node ({} chains): traffic passes only where both engines allow it; disable K3s's network policy controller and remove them (README, section K3s)",

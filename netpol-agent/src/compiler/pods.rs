@@ -42,6 +42,9 @@ impl Member {
 enum Change<'s> {
     Gone(PodKey),
     New(&'s Arc<Pod>),
+    /// Equal to its member but another object: the member takes it, so that the next pass finds
+    /// the same object (and the old one is freed).
+    Equal(&'s Arc<Pod>),
 }
 
 /// Peer pods' identities and the IPCACHE entries of their addresses, kept up to date.
@@ -82,6 +85,11 @@ impl PodStage {
                     let member = self.members.remove(&key).expect("a member goes once");
                     keys_changed |= self.forget(&key, member, &mut touched);
                 }
+                Change::Equal(pod) => {
+                    if let Some(member) = self.members.get_mut(&pod.key) {
+                        member.pod = pod.clone();
+                    }
+                }
                 Change::New(pod) => {
                     let (member, new_key) = self.learn(pod, &mut touched);
                     keys_changed |= new_key;
@@ -108,7 +116,11 @@ impl PodStage {
                 out.push(Change::Gone(key.clone()));
             }
             match old.next_if(|(k, _)| **k == pod.key) {
-                Some((_, member)) if member.matches(pod) => continue,
+                Some((_, member)) if Arc::ptr_eq(&member.pod, pod) => continue,
+                Some((_, member)) if member.matches(pod) => {
+                    out.push(Change::Equal(pod));
+                    continue;
+                }
                 Some((key, _)) => out.push(Change::Gone(key.clone())),
                 None => {}
             }

@@ -16,10 +16,10 @@
 use std::{
     net::SocketAddr,
     sync::{
-        Arc,
+        Arc, OnceLock,
         atomic::{AtomicU64, Ordering},
     },
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
@@ -40,7 +40,7 @@ pub const MAX_PROBLEMS: usize = 20;
 /// `/healthz` fails when the sync loop has not ticked for this long.
 pub const STALL_AFTER: Duration = Duration::from_secs(30);
 
-/// The sync loop's heartbeat: milliseconds since the Unix epoch of its last tick.
+/// The sync loop's heartbeat: the [`now_ms`] of its last tick.
 #[derive(Clone, Debug, Default)]
 pub struct Heartbeat(Arc<AtomicU64>);
 
@@ -59,11 +59,12 @@ impl Heartbeat {
     }
 }
 
+/// Milliseconds on the monotonic clock, from an hour before the process first asked (so that 0
+/// means "never" and a test can step back). Not the wall clock: one stepped back would make a
+/// stalled loop look fresh.
 fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 3_600_000
 }
 
 /// Binds `addr` (so a bad address fails start-up) and serves it on a thread of its own with its own
