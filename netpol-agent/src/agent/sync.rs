@@ -183,12 +183,7 @@ impl Sync {
     /// Saves the source's state when it changed, at most every [`SAVE_INTERVAL`] unless `now`.
     /// With `now`, waits for the save to be on disk (for [`SAVE_STALLED`] at most).
     pub(super) fn save_state(&mut self, now: bool) {
-        if now {
-            self.wait_for_save();
-        }
-        if let Some(done) = self.saving.take_if(|s| s.thread.is_finished()) {
-            self.finish_save(done.thread);
-        }
+        self.settle_save(now);
         self.note_stalled_save();
         if self.saving.is_some() || !self.unsaved || self.persisted_note.is_some() {
             return;
@@ -215,10 +210,7 @@ impl Sync {
                     since: Instant::now(),
                 });
                 if now {
-                    self.wait_for_save();
-                    if let Some(done) = self.saving.take_if(|s| s.thread.is_finished()) {
-                        self.finish_save(done.thread);
-                    }
+                    self.settle_save(true);
                 }
             }
             Err(e) => {
@@ -228,12 +220,15 @@ impl Sync {
         }
     }
 
-    /// Waits until the save under way ends, or has run for [`SAVE_STALLED`] (a hung disk must not
-    /// hang the agent's stop).
-    fn wait_for_save(&self) {
+    /// Collects the save under way if it has ended. With `wait`, waits for it first until it ends
+    /// or has run for [`SAVE_STALLED`] (a hung disk must not hang the agent's stop).
+    fn settle_save(&mut self, wait: bool) {
         let Some(saving) = &self.saving else { return };
-        while !saving.thread.is_finished() && saving.since.elapsed() < SAVE_STALLED {
+        while wait && !saving.thread.is_finished() && saving.since.elapsed() < SAVE_STALLED {
             std::thread::sleep(Duration::from_millis(10));
+        }
+        if let Some(done) = self.saving.take_if(|s| s.thread.is_finished()) {
+            self.finish_save(done.thread);
         }
     }
 

@@ -25,12 +25,8 @@ struct Member {
 }
 
 impl Member {
-    /// Whether `pod` still has this identity key and these addresses: at once when it is the
-    /// same object (the source shares unchanged pods between states).
-    fn matches(&self, pod: &Arc<Pod>) -> bool {
-        if Arc::ptr_eq(&self.pod, pod) {
-            return true;
-        }
+    /// Whether `pod` still has this identity key and these addresses.
+    fn matches(&self, pod: &Pod) -> bool {
         self.pod.ips == pod.ips
             && self.key.labels == pod.labels
             && pod.ports.iter().all(|p| self.key.ports.contains(p))
@@ -116,6 +112,7 @@ impl PodStage {
                 out.push(Change::Gone(key.clone()));
             }
             match old.next_if(|(k, _)| **k == pod.key) {
+                // The same object: the source shares unchanged pods between states.
                 Some((_, member)) if Arc::ptr_eq(&member.pod, pod) => continue,
                 Some((_, member)) if member.matches(pod) => {
                     out.push(Change::Equal(pod));
