@@ -152,6 +152,13 @@ fn check<'a>(report: &'a Value, name: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no check {name} in {report:#}"))
 }
 
+/// Asserts that the summary of check `name` contains `text`.
+fn assert_summary_has(report: &Value, name: &str, text: &str) {
+    let c = check(report, name);
+    let summary = c["summary"].as_str().unwrap_or_default();
+    assert!(summary.contains(text), "{c:#}");
+}
+
 fn outcomes(report: &Value) -> Vec<(String, String)> {
     report["checks"]
         .as_array()
@@ -315,14 +322,11 @@ fn every_agent_ready_passes() {
     d.apply(b).unwrap();
     let (code, report) = run_json(&tmp.kubeconfig());
     assert_eq!(code, 2, "{report:#}");
-    let b = check(&report, "node/node-b");
-    assert_eq!(b["outcome"], "WARN");
-    assert!(
-        b["summary"]
-            .as_str()
-            .unwrap()
-            .contains("node Ready=Unknown (NodeStatusUnknown)"),
-        "{b:#}"
+    assert_eq!(check(&report, "node/node-b")["outcome"], "WARN");
+    assert_summary_has(
+        &report,
+        "node/node-b",
+        "node Ready=Unknown (NodeStatusUnknown)",
     );
 }
 
@@ -362,13 +366,10 @@ fn a_node_with_kube_router_rules_fails() {
             ("node/node-c", "FAIL"),
         ])
     );
-    let c = check(&report, "node/node-c");
-    assert!(
-        c["summary"]
-            .as_str()
-            .unwrap()
-            .contains("kube-router's NetworkPolicy rules are on this node too (2 chains)"),
-        "{c:#}"
+    assert_summary_has(
+        &report,
+        "node/node-c",
+        "kube-router's NetworkPolicy rules are on this node too (2 chains)",
     );
     assert!(
         d.requests()
@@ -385,15 +386,8 @@ fn an_api_that_refuses_is_a_failure() {
     let tmp = TempDir::new(&d, "forbidden");
     let (code, report) = run_json(&tmp.kubeconfig());
     assert_eq!(code, 1, "{report:#}");
-    let api = check(&report, "cluster.api");
-    assert_eq!(api["outcome"], "FAIL");
-    assert!(
-        api["summary"]
-            .as_str()
-            .unwrap()
-            .contains("listing nodes: forbidden (403)"),
-        "{api:#}"
-    );
+    assert_eq!(check(&report, "cluster.api")["outcome"], "FAIL");
+    assert_summary_has(&report, "cluster.api", "listing nodes: forbidden (403)");
     drop(d);
     // Nothing listening any more: refused at once, still a FAIL with exit 1.
     let (code, report) = run_json(&tmp.kubeconfig());
